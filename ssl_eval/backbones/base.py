@@ -1,0 +1,168 @@
+"""A Backbone: a model in eval mode, its preprocessing, how features are read from it, and
+where its weights came from."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.transforms import Preprocessing
+from ..errors import UserError
+from ..registry import Registry
+
+# ---------------------------------------------------------------- feature kinds
+
+
+def _tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model.forward_features(x)
+    if isinstance(out, dict):  # some timm models return dicts
+        out = out.get("x", next(iter(out.values())))
+    return out
+
+
+def _patch_mean(model: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    if out.ndim == 4:  # CNN: N C H W
+        return out.mean(dim=(2, 3))
+    n_prefix = getattr(model, "num_prefix_tokens", 1)
+    return out[:, n_prefix:].mean(dim=1)
+
+
+def _cls(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = _tokens(model, x)
+    if out.ndim != 3:
+        raise UserError("feature kind 'cls' needs a transformer with a class token; use 'avgpool'")
+    return out[:, 0]
+
+
+def _avgpool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _patch_mean(model, _tokens(model, x))
+
+
+def _cls_avgpool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = _tokens(model, x)
+    if out.ndim != 3:
+        raise UserError("feature kind 'cls+avgpool' needs a transformer; use 'avgpool'")
+    return torch.cat([out[:, 0], _patch_mean(model, out)], dim=1)
+
+
+def _last_blocks(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """Class tokens of the last ``n`` blocks (normed) and the mean patch token of the last
+    block, concatenated: DINOv2's linear-evaluation features."""
+
+    def read(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(model, "forward_intermediates"):
+            raise UserError(f"feature kind 'last{n}' needs a timm ViT with forward_intermediates")
+        inter = model.forward_intermediates(
+            x, indices=n, return_prefix_tokens=True, norm=True, intermediates_only=True,
+            output_fmt="NLC",
+        )
+        cls = [prefix[:, 0] for _, prefix in inter]
+        return torch.cat(cls + [inter[-1][0].mean(dim=1)], dim=1)
+
+    return read
+
+
+def _model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out.flatten(1)
+
+
+FEATURE_KINDS: Registry[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = Registry("feature kind")
+FEATURE_KINDS.register("model", _model_output, "the model's own output (its pooled embedding)")
+FEATURE_KINDS.register("cls", _cls, "class token after the final norm")
+FEATURE_KINDS.register("avgpool", _avgpool, "mean of patch tokens / spatial positions")
+FEATURE_KINDS.register("cls+avgpool", _cls_avgpool, "class token and mean patch token")
+
+
+def _last_factory(n: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    if not n.isdigit() or int(n) < 1:
+        raise UserError(f"feature kind 'last:{n}' needs a positive block count, e.g. 'last:4'")
+    return _last_blocks(int(n))
+
+
+FEATURE_KINDS.register_prefix(
+    "last", _last_factory, "last:N: class tokens of the last N blocks + mean patch token"
+)
+
+
+# ---------------------------------------------------------------- backbone
+
+
+@dataclass
+class WeightsInfo:
+    """Provenance of the parameters: a file (with its sha256) or a seeded initialisation."""
+
+    source: str  # "file", "random-init", "none", "plugin"
+    sha256: str
+    path: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "sha256": self.sha256, "path": self.path}
+
+
+@dataclass
+class Backbone:
+    tag: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    feature_kind: str = "model"
+    weights: WeightsInfo | None = None
+    load_report: dict = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self._read = FEATURE_KINDS.get(self.feature_kind)
+        self.model.eval()
+        if self.weights is None:
+            self.weights = WeightsInfo("plugin", state_dict_sha256(self.model))
+
+    @torch.inference_mode()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed float batch -> (N, D) features. Always eval mode (BatchNorm and
+        dropout frozen), whatever a caller did to the module in between."""
+        if self.model.training:
+            self.model.eval()
+        return self._read(self.model, x).float()
+
+    def embed_dim(self) -> int:
+        size = self.preprocessing.crop or 32
+        p = next(self.model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        return self.embed(torch.zeros(1, 3, size, size, device=device)).shape[1]
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """A content hash of a module's parameters and buffers, for weights not read from a file."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a user may say about a backbone when building it."""
+
+    weights: Path | None = None
+    image_size: int | None = None
+    feature_kind: str | None = None
+    offline: bool = False
+    seed: int = 0  # initialisation seed of random:<arch>
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A registered backbone: ``build(options)`` returns a ready Backbone; ``status()`` tells
+    whether its weights are present, downloadable or missing, without building it."""
+
+    name: str
+    build: Callable[[BuildOptions], Backbone]
+    status: Callable[[], str]
+    description: str = ""

@@ -1,0 +1,107 @@
+"""Where weights come from, in order: ``--weights FILE``, the ssl-eval weights folder
+($SSL_EVAL_WEIGHTS_DIR, default ~/.cache/ssl-eval/weights), the Hugging Face and torch.hub
+caches, then a download when online. Otherwise a clear error says which file to put where."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def weights_dir() -> Path:
+    env = os.environ.get("SSL_EVAL_WEIGHTS_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ssl-eval" / "weights"
+
+
+def torch_hub_checkpoints() -> Path:
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Every place a backbone's weights may be found."""
+
+    filenames: tuple[str, ...]  # accepted names in the weights folder
+    hf_repo: str | None = None  # Hugging Face repo id (timm's hub copies)
+    hf_filenames: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+    url: str | None = None  # official download address (torch.hub cache uses its basename)
+    notes: list[str] = field(default_factory=list, compare=False)
+
+    def _hf_cached(self) -> Path | None:
+        if not self.hf_repo:
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        for fn in self.hf_filenames:
+            hit = try_to_load_from_cache(self.hf_repo, fn)
+            if isinstance(hit, str) and Path(hit).is_file():
+                return Path(hit)
+        return None
+
+    def _hub_cached(self) -> Path | None:
+        if not self.url:
+            return None
+        p = torch_hub_checkpoints() / os.path.basename(self.url)
+        return p if p.is_file() else None
+
+    def find_local(self) -> Path | None:
+        for fn in self.filenames:
+            p = weights_dir() / fn
+            if p.is_file():
+                return p
+        return self._hf_cached() or self._hub_cached()
+
+    def status(self) -> str:
+        local = self.find_local()
+        if local is not None:
+            return f"present ({local})"
+        return "downloadable" if (self.hf_repo or self.url) else "missing"
+
+    def download(self) -> Path:
+        errors = []
+        if self.hf_repo:
+            try:
+                from huggingface_hub import hf_hub_download
+
+                return Path(hf_hub_download(self.hf_repo, self.hf_filenames[0]))
+            except Exception as e:  # network errors come in many types
+                errors.append(f"{self.hf_repo}: {type(e).__name__}")
+        if self.url:
+            import torch.hub
+
+            dest = torch_hub_checkpoints() / os.path.basename(self.url)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(self.url, str(dest), progress=True)
+                return dest
+            except Exception as e:
+                errors.append(f"{self.url}: {type(e).__name__}")
+        raise UserError(self.missing_message(f"download failed ({'; '.join(errors)})"))
+
+    def missing_message(self, why: str) -> str:
+        where = weights_dir()
+        msg = f"weights not found: {why}. Place {self.filenames[0]}"
+        if self.url:
+            msg += f" (the official file {self.url})"
+        msg += f" in {where} (set SSL_EVAL_WEIGHTS_DIR to move that folder), or pass --weights FILE"
+        return msg
+
+    def resolve(self, explicit: Path | None, offline: bool) -> Path:
+        if explicit is not None:
+            p = Path(explicit).expanduser()
+            if not p.is_file():
+                raise UserError(f"--weights {p}: no such file")
+            return p
+        local = self.find_local()
+        if local is not None:
+            return local
+        if offline or os.environ.get("SSL_EVAL_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"):
+            raise UserError(self.missing_message("offline mode and no local copy"))
+        return self.download()

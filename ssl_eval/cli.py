@@ -1,0 +1,156 @@
+"""The ``ssl-eval`` command. argparse lives here only: each subcommand builds a config and
+calls the library; no Namespace travels further."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _add_results_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results-dir", type=Path, default=Path("results"),
+                   help="where result records and leaderboards live (default: results/)")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .config import RunConfig, load_card
+    from .data.datasets import DEFAULT_DATASET
+    from .evaluate import run
+
+    cards = tuple(load_card(p, a.set or []) for p in a.protocol)
+    cfg = RunConfig(
+        backbones=a.backbone, datasets=a.dataset or (DEFAULT_DATASET,), protocols=cards,
+        results_dir=a.results_dir, cache_dir=a.cache_dir, weights=a.weights, data_root=a.data_root,
+        download=a.download, device=a.device, batch_size=a.batch_size, seed=a.seed,
+        image_size=a.image_size, feature_kind=a.feature_kind, feature_dtype=a.feature_dtype,
+        val_fraction=a.val_fraction, split_seed=a.split_seed, force=a.force, offline=a.offline,
+        num_workers=a.num_workers, progress=not a.no_progress,
+    )
+    if cfg.weights is not None and len(cfg.backbones) > 1:
+        raise UserError("--weights applies to one backbone; name a single --backbone with it")
+    if cfg.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise UserError("--val-fraction must be between 0 and 1")
+    outcomes = run(cfg)
+    done = [o for o in outcomes if o.status == "done"]
+    for o in done:
+        print(f"{o.backbone}\t{o.dataset}\t{o.protocol}\ttop1={o.metrics.get('top1', float('nan')):.4f}"
+              f"\ttop5={o.metrics.get('top5', float('nan')):.4f}")
+    skipped = len(outcomes) - len(done)
+    if skipped:
+        print(f"({skipped} unit(s) already in {cfg.results_dir}, skipped; --force redoes them)")
+    if not a.no_leaderboard:
+        from .leaderboard import write_leaderboard
+
+        csv_path, md_path = write_leaderboard(cfg.results_dir)
+        print(f"leaderboard: {md_path}")
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    what = a.what
+    if what in ("backbones", "all"):
+        from .backbones import list_backbones
+
+        print("backbones (name, weights, description):")
+        for name, status, desc in list_backbones():
+            print(f"  {name:28s} {status:34s} {desc}")
+    if what in ("datasets", "all"):
+        from .data.datasets import DATASETS, DEFAULT_DATASET
+
+        print("datasets:")
+        for e in DATASETS.entries():
+            mark = " (default)" if e.name == DEFAULT_DATASET else ""
+            print(f"  {e.name:28s} {e.obj.description}{mark}")
+        for e in DATASETS.prefixes():
+            print(f"  {e.name + ':<...>':28s} {e.help}")
+    if what in ("protocols", "all"):
+        from .config import load_card, shipped_cards
+
+        print("protocols (shipped cards):")
+        for name in shipped_cards():
+            c = load_card(name)
+            print(f"  {name:28s} type={c.type} version={c.version}")
+    return 0
+
+
+def cmd_leaderboard(a: argparse.Namespace) -> int:
+    from .leaderboard import write_leaderboard
+
+    csv_path, md_path = write_leaderboard(a.results_dir, a.metric)
+    print(md_path.read_text())
+    print(f"wrote {csv_path} and {md_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ssl-eval", description="Evaluate vision representations honestly.")
+    parser.add_argument("--version", action="version", version=f"ssl-eval {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="evaluate backbones on datasets under protocols")
+    r.add_argument("--backbone", type=_csv, required=True, help="comma-separated backbone names")
+    r.add_argument("--protocol", type=_csv, default=("knn", "linear"),
+                   help="comma-separated protocol card names or YAML paths (default: knn,linear)")
+    r.add_argument("--dataset", type=_csv, default=None, help="comma-separated datasets (default: shapes)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a protocol param (recorded)")
+    r.add_argument("--weights", type=Path, help="weights file for the (single) backbone")
+    r.add_argument("--data-root", type=Path, help="root folder of torchvision datasets")
+    r.add_argument("--download", action="store_true", help="download torchvision datasets if missing")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    r.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--image-size", type=int, help="evaluate at this resolution instead of the backbone's")
+    r.add_argument("--feature-kind", help="override the backbone's feature kind (cls, avgpool, cls+avgpool, last:4, model)")
+    r.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
+    r.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for selection")
+    r.add_argument("--split-seed", type=int, default=0)
+    r.add_argument("--cache-dir", type=Path, help="feature cache (default $SSL_EVAL_CACHE or ~/.cache/ssl-eval)")
+    r.add_argument("--force", action="store_true", help="redo units already in the results store")
+    r.add_argument("--offline", action="store_true", help="never download weights")
+    r.add_argument("--num-workers", type=int, help="data-loading workers")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-leaderboard", action="store_true", help="do not rebuild the leaderboard afterwards")
+    _add_results_dir(r)
+    r.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="list backbones, datasets or protocols")
+    lst.add_argument("what", nargs="?", default="all", choices=["backbones", "datasets", "protocols", "all"])
+    _add_results_dir(lst)
+    lst.set_defaults(func=cmd_list)
+
+    lb = sub.add_parser("leaderboard", help="build leaderboard.csv and leaderboard.md from the records")
+    lb.add_argument("--metric", default="top1")
+    _add_results_dir(lb)
+    lb.set_defaults(func=cmd_leaderboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"ssl-eval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ssl-eval: interrupted; completed results and cache entries are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The single orchestrator: for each dataset x backbone x protocol -> features -> protocol ->
+records. Units already in the results store are skipped unless ``force``."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import BuildOptions, build_backbone
+from .backbones.base import Backbone
+from .config import ProtocolCard, RunConfig
+from .data.datasets import DatasetBundle, DatasetOptions, get_dataset
+from .data.splits import stratified_val_split
+from .errors import UserError
+from .features import default_cache_dir, extract
+from .fsutil import sha256_json
+from .protocols import PROTOCOL_TYPES, ProtocolInputs
+from .results import (
+    SCHEMA_VERSION,
+    ResultRecord,
+    code_version,
+    new_run_id,
+    package_versions,
+    peak_memory_mb,
+    unit_done,
+    utc_now,
+    write_unit,
+)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a device torch knows (use auto, cpu, cuda)") from e
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class UnitOutcome:
+    backbone: str
+    dataset: str
+    protocol: str
+    status: str  # "done", "skipped"
+    metrics: dict
+    path: Path | None = None
+
+
+def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg: RunConfig) -> str:
+    return sha256_json({
+        "schema": SCHEMA_VERSION,
+        "backbone": backbone.tag,
+        "weights": backbone.weights.sha256,
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "feature_kind": backbone.feature_kind,
+        "feature_dtype": cfg.feature_dtype,
+        "dataset": bundle.name,
+        "fingerprint": bundle.fingerprint,
+        "protocol": card.to_record() | {"source": None},
+        "split": [cfg.val_fraction, cfg.split_seed],
+        "seed": cfg.seed,
+    })[:20]
+
+
+def run(cfg: RunConfig) -> list[UnitOutcome]:
+    """Evaluate every backbone on every dataset under every protocol in ``cfg``."""
+    device = resolve_device(cfg.device)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    run_id = new_run_id()
+    outcomes: list[UnitOutcome] = []
+    opts = BuildOptions(cfg.weights, cfg.image_size, cfg.feature_kind, cfg.offline, seed=0)
+    backbones: dict[str, Backbone] = {}
+    for ds_name in cfg.datasets:
+        bundle = get_dataset(ds_name, DatasetOptions(cfg.data_root, cfg.download))
+        for bb_name in cfg.backbones:
+            if bb_name not in backbones:
+                log(f"building backbone {bb_name}")
+                backbones[bb_name] = build_backbone(bb_name, opts)
+            bb = backbones[bb_name]
+            todo = []
+            for card in cfg.protocols:
+                key = unit_key(bb, bundle, card, cfg)
+                if not cfg.force and unit_done(cfg.results_dir, key):
+                    log(f"[skip] {bb.tag} x {bundle.name} x {card.name}: already in {cfg.results_dir} (use --force to redo)")
+                    outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
+                else:
+                    todo.append((card, key))
+            if todo:
+                outcomes += _evaluate(bb, bundle, todo, cfg, device, cache_dir, run_id)
+    return outcomes
+
+
+def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> list[UnitOutcome]:
+    feats = {
+        split: extract(
+            bb, bundle, split, cache_dir=cache_dir, device=device, batch_size=cfg.batch_size,
+            dtype=cfg.feature_dtype, num_workers=cfg.num_workers, progress=cfg.progress,
+        )
+        for split in ("train", "test")
+    }
+    train_idx, val_idx = stratified_val_split(feats["train"].labels, cfg.val_fraction, cfg.split_seed)
+    out = []
+    for card, key in todo:
+        seed_everything(cfg.seed)
+        inputs = ProtocolInputs(
+            feats["train"].features, feats["train"].labels, feats["test"].features, feats["test"].labels,
+            train_idx, val_idx, bundle.num_classes, device, cfg.seed,
+        )
+        t0 = time.perf_counter()
+        result = PROTOCOL_TYPES.get(card.type).run(inputs, card.params)
+        wall = time.perf_counter() - t0
+        dataset_info = {
+            "name": bundle.name,
+            "fingerprint": bundle.fingerprint,
+            "num_classes": bundle.num_classes,
+            "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(feats["test"].labels)},
+        }
+        common = dict(
+            schema_version=SCHEMA_VERSION, run_id=run_id, time=utc_now(), unit=key,
+            backbone=bb.tag, weights=bb.weights.to_dict(), load_report=bb.load_report,
+            preprocessing=bb.preprocessing.to_dict(), feature_kind=bb.feature_kind,
+            protocol=card.to_record(), dataset=dataset_info,
+            split={"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed},
+            seed=cfg.seed, wall_time_s=round(wall, 3), peak_memory_mb=round(peak_memory_mb(device.type), 1),
+            device=_device_name(device), packages=package_versions(), code_version=code_version(),
+            details=result.details | {
+                "feature_cache": {s: f.key for s, f in feats.items()},
+                "feature_dtype": cfg.feature_dtype,
+                "feature_seconds": {s: round(f.seconds, 2) for s, f in feats.items()},
+            },
+        )
+        records = [ResultRecord(metric=m, value=float(v), **common) for m, v in result.metrics.items()]
+        path = write_unit(cfg.results_dir, key, run_id, records)
+        log(
+            f"[done] {bb.tag} x {bundle.name} x {card.name}: "
+            + ", ".join(f"{m}={result.metrics[m]:.4f}" for m in ("top1", "top5") if m in result.metrics)
+            + f" ({wall:.1f}s) -> {path}"
+        )
+        out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", result.metrics, path))
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    import platform
+
+    return f"cpu:{platform.processor() or platform.machine()}x{torch.get_num_threads()}threads"

@@ -1,0 +1,161 @@
+"""Feature extraction with a content-addressed on-disk cache.
+
+A cache entry is a folder named by a hash of everything that determines the features: the
+weights' sha256, backbone tag, preprocessing, feature kind, dataset fingerprint, split and
+storage dtype. It holds ``features.npy`` (memory-mapped on read), ``labels.npy`` and
+``meta.json``, and appears in one rename: a killed run leaves no half-written entry.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones.base import Backbone
+from .data.datasets import DatasetBundle, ImageSplit
+from .data.transforms import Preprocessing
+from .errors import UserError
+from .fsutil import atomic_directory, atomic_write_json, sha256_json
+
+FEATURE_FORMAT_VERSION = 1
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SSL_EVAL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ssl-eval"
+
+
+@dataclass
+class FeatureSet:
+    features: np.ndarray  # (N, D), memory-mapped
+    labels: np.ndarray  # (N,)
+    key: str
+    path: Path
+    cache_hit: bool
+    seconds: float = 0.0
+
+
+class _Images(Dataset):
+    """uint8 CHW images, resized and cropped; normalisation happens per batch."""
+
+    def __init__(self, split: ImageSplit, pre: Preprocessing):
+        self.split, self.pre = split, pre
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = torch.from_numpy(np.ascontiguousarray(self.split.load(i))).permute(2, 0, 1)
+        return self.pre.geometric(img).contiguous()
+
+
+def cache_key(backbone: Backbone, bundle: DatasetBundle, split: str, dtype: str) -> dict:
+    return {
+        "format": FEATURE_FORMAT_VERSION,
+        "weights_sha256": backbone.weights.sha256,
+        "backbone": backbone.tag,
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "feature_kind": backbone.feature_kind,
+        "dataset": bundle.name,
+        "dataset_fingerprint": bundle.fingerprint,
+        "split": split,
+        "dtype": dtype,
+    }
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def extract(
+    backbone: Backbone,
+    bundle: DatasetBundle,
+    split: str,
+    *,
+    cache_dir: Path,
+    device: torch.device,
+    batch_size: int = 256,
+    dtype: str = "float16",
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Features of ``bundle``'s ``split`` under ``backbone``, from the cache when present."""
+    if dtype not in DTYPES:
+        raise UserError(f"feature dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    key_obj = cache_key(backbone, bundle, split, dtype)
+    key = sha256_json(key_obj)[:32]
+    entry = Path(cache_dir) / "features" / key
+    if (entry / "meta.json").is_file():
+        _log(f"[cache] reusing {backbone.tag} features for {bundle.name}/{split} ({entry})")
+        return _open(entry, key, hit=True)
+
+    t0 = time.perf_counter()
+    images = _Images(bundle.split(split), backbone.preprocessing)
+    if num_workers is None:
+        num_workers = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    backbone.model.to(device).eval()
+    n = len(images)
+    amp = device.type == "cuda"
+    with atomic_directory(entry) as tmp:
+        out = None
+        done = 0
+        bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress)
+        for batch in loader:
+            x = backbone.preprocessing.normalise(batch.to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                f = backbone.embed(x)
+            f = f.float().cpu().numpy()
+            if out is None:
+                out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
+                                                dtype=DTYPES[dtype], shape=(n, f.shape[1]))
+            out[done : done + len(f)] = f
+            if not np.isfinite(out[done : done + len(f)]).all():
+                raise UserError(
+                    f"{backbone.tag} features overflow {dtype} (or are NaN) on {bundle.name}/{split};"
+                    " rerun with --feature-dtype float32"
+                )
+            done += len(f)
+            bar.update(len(f))
+        bar.close()
+        if out is None:
+            raise UserError(f"{bundle.name}/{split} is empty")
+        out.flush()
+        del out
+        np.save(tmp / "labels.npy", np.asarray(images.split.labels, dtype=np.int64))
+        seconds = time.perf_counter() - t0
+        atomic_write_json(tmp / "meta.json", {"key": key_obj, "n": n, "seconds": seconds})
+    _log(f"[cache] wrote {backbone.tag} features for {bundle.name}/{split} in {seconds:.1f}s")
+    fs = _open(entry, key, hit=False)
+    fs.seconds = seconds
+    return fs
+
+
+def _open(entry: Path, key: str, hit: bool) -> FeatureSet:
+    feats = np.load(entry / "features.npy", mmap_mode="r")
+    labels = np.load(entry / "labels.npy")
+    return FeatureSet(feats, labels, key, entry, hit)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None)

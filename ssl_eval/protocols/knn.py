@@ -1,0 +1,183 @@
+"""Weighted k-NN on L2-normalised features (cosine similarity), as in Wu et al. 2018 and DINO:
+each of the k nearest training examples votes for its class with weight exp(sim / T).
+
+All k values are answered from ONE search for the largest k. The search runs on FAISS (a GPU
+index when a GPU and a faiss GPU build are present) or on plain torch matmul + top-k, with
+queries and bank chunked so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..registry import Registry
+from .base import (
+    PROTOCOL_TYPES,
+    ProtocolInputs,
+    ProtocolOutput,
+    ProtocolType,
+    as_tensor,
+    topk_correct,
+)
+
+
+@dataclass(frozen=True)
+class KnnParams:
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+    backend: str = "auto"  # auto | faiss | torch
+    select_k: str = "val"  # "val": the reported k is the best on the validation split; or an int as a string
+    memory_mb: int = 512  # bound on the similarity block of the torch backend
+
+
+# ---------------------------------------------------------------- search backends
+
+
+def _search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, memory_mb: int):
+    q_chunk = 1024
+    b_chunk = max(k, (memory_mb << 20) // (4 * q_chunk))
+    sims_out, idx_out = [], []
+    for qs in range(0, len(queries), q_chunk):
+        q = queries[qs : qs + q_chunk]
+        best_s = best_i = None
+        for bs in range(0, len(bank), b_chunk):
+            s = q @ bank[bs : bs + b_chunk].T
+            s, i = s.topk(min(k, s.shape[1]), dim=1)
+            i += bs
+            if best_s is not None:
+                s, j = torch.cat([best_s, s], 1).topk(k, dim=1)
+                i = torch.cat([best_i, i], 1).gather(1, j)
+            best_s, best_i = s, i
+        sims_out.append(best_s)
+        idx_out.append(best_i)
+    return torch.cat(sims_out), torch.cat(idx_out)
+
+
+def _faiss_gpu_available() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int, memory_mb: int):
+    try:
+        import faiss
+    except ImportError as e:
+        raise UserError("k-NN backend 'faiss' needs faiss: pip install faiss-cpu (or the [gpu] extra)") from e
+    b = np.ascontiguousarray(bank.cpu().numpy(), dtype=np.float32)
+    index = faiss.IndexFlatIP(b.shape[1])
+    if queries.device.type == "cuda" and _faiss_gpu_available():
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.cuda.current_device(), index)
+    index.add(b)
+    q_chunk = max(1024, (memory_mb << 20) // (8 * max(k, 1) * 2))
+    sims, idx = [], []
+    for qs in range(0, len(queries), q_chunk):
+        q = np.ascontiguousarray(queries[qs : qs + q_chunk].cpu().numpy(), dtype=np.float32)
+        s, i = index.search(q, k)
+        sims.append(torch.from_numpy(s))
+        idx.append(torch.from_numpy(i))
+    dev = queries.device
+    return torch.cat(sims).to(dev), torch.cat(idx).to(dev)
+
+
+SEARCH_BACKENDS: Registry = Registry("k-NN backend")
+SEARCH_BACKENDS.register("torch", _search_torch, "plain torch matmul + top-k")
+SEARCH_BACKENDS.register("faiss", _search_faiss, "FAISS exact inner-product index")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name != "auto":
+        SEARCH_BACKENDS.get(name)
+        return name
+    if device.type == "cuda":
+        return "faiss" if _faiss_gpu_available() else "torch"
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "faiss"
+
+
+def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, backend: str = "auto", memory_mb: int = 512):
+    """Top-``k`` cosine neighbours of every query. Inputs must be L2-normalised.
+    Returns (similarities (Q, k) float32, indices (Q, k) int64), best first."""
+    k = min(k, len(bank))
+    name = resolve_backend(backend, queries.device)
+    return SEARCH_BACKENDS.get(name)(bank, queries, k, memory_mb)
+
+
+def knn_vote(
+    sims: torch.Tensor, idx: torch.Tensor, bank_labels: torch.Tensor, ks, temperature: float, num_classes: int
+) -> dict[int, torch.Tensor]:
+    """Class scores (Q, C) for each k, from neighbours sorted best-first."""
+    weights = (sims / temperature).exp()
+    neighbour_labels = bank_labels[idx]
+    out = {}
+    for k in ks:
+        kk = min(k, sims.shape[1])
+        scores = torch.zeros(len(sims), num_classes, device=sims.device)
+        scores.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+        out[k] = scores
+    return out
+
+
+def knn_classify(bank_x, bank_y, query_x, ks, temperature, num_classes, backend="auto", memory_mb=512):
+    """Normalise, search once for max(ks), vote for every k. Returns {k: scores (Q, C)}."""
+    bank = F.normalize(bank_x, dim=1)
+    queries = F.normalize(query_x, dim=1)
+    sims, idx = knn_search(bank, queries, max(ks), backend, memory_mb)
+    return knn_vote(sims, idx, bank_y, ks, temperature, num_classes)
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
+    dev = inp.device
+    ks = tuple(sorted(set(p.ks)))
+    if not ks or min(ks) < 1:
+        raise UserError(f"knn: ks must be positive integers, got {p.ks}")
+    train_x, train_y = as_tensor(inp.train_x, dev), torch.from_numpy(inp.train_y).to(dev)
+    test_x, test_y = as_tensor(inp.test_x, dev), torch.from_numpy(inp.test_y).to(dev)
+    C = inp.num_classes
+    backend = resolve_backend(p.backend, dev)
+
+    # choose k on the validation split (bank = train minus val)
+    tr, va = torch.from_numpy(inp.train_idx).to(dev), torch.from_numpy(inp.val_idx).to(dev)
+    val_acc = {}
+    if p.select_k == "val":
+        if len(inp.val_idx) == 0:
+            raise UserError("knn: the validation split is empty; raise --val-fraction")
+        val_scores = knn_classify(train_x[tr], train_y[tr], train_x[va], ks, p.temperature, C, backend, p.memory_mb)
+        val_acc = {k: topk_correct(s, train_y[va], (1,))[1] / len(va) for k, s in val_scores.items()}
+        best_k = max(ks, key=lambda k: (val_acc[k], -k))  # ties -> smaller k
+    else:
+        try:
+            best_k = int(p.select_k)
+        except ValueError as e:
+            raise UserError(f"knn: select_k must be 'val' or an integer, got {p.select_k!r}") from e
+        ks = tuple(sorted(set(ks) | {best_k}))
+
+    scores = knn_classify(train_x, train_y, test_x, ks, p.temperature, C, backend, p.memory_mb)
+    metrics = {}
+    for k, s in scores.items():
+        c = topk_correct(s, test_y)
+        metrics[f"top1@k{k}"] = c[1] / len(test_y)
+        metrics[f"top5@k{k}"] = c[5] / len(test_y)
+    metrics["top1"] = metrics[f"top1@k{best_k}"]
+    metrics["top5"] = metrics[f"top5@k{best_k}"]
+    return ProtocolOutput(
+        metrics,
+        {"selected_k": best_k, "val_top1": {str(k): v for k, v in val_acc.items()},
+         "backend": backend, "bank_size": len(train_y)},
+    )
+
+
+PROTOCOL_TYPES.register("knn", ProtocolType("knn", KnnParams, run_knn))

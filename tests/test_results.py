@@ -1,0 +1,48 @@
+import json
+import os
+
+import pytest
+
+from ssl_eval.fsutil import atomic_write_json
+from ssl_eval.leaderboard import write_leaderboard
+from ssl_eval.results import load_records
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+    p = tmp_path / "r.json"
+    atomic_write_json(p, {"a": 1})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_json(p, {"a": 2})
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def _rec(backbone, dataset, protocol, value, time="2026-01-01T00:00:00+00:00", run_id="r1"):
+    return {"backbone": backbone, "dataset": {"name": dataset}, "protocol": {"name": protocol},
+            "metric": "top1", "value": value, "time": time, "run_id": run_id}
+
+
+def test_leaderboard_marks_best_and_uses_newest(tmp_path):
+    recs = [
+        _rec("a", "d", "knn", 0.5), _rec("b", "d", "knn", 0.7),
+        _rec("a", "d", "knn", 0.9, time="2026-02-01T00:00:00+00:00", run_id="r2"),
+        _rec("b", "d", "linear", 0.6),
+    ]
+    atomic_write_json(tmp_path / "records" / "x-r1.json", {"schema_version": 1, "records": recs})
+    csv_path, md_path = write_leaderboard(tmp_path)
+    md = md_path.read_text()
+    assert "| a | **90.00** |  |" in md and "| b | 70.00 | **60.00** |" in md
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "backbone,d / knn,d / linear" and lines[-1] == "best,a,b"
+
+
+def test_unreadable_record_file_is_skipped(tmp_path, capsys):
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "bad.json").write_text("{not json")
+    assert load_records(tmp_path) == []
+    assert "skipping" in capsys.readouterr().err
