@@ -166,6 +166,7 @@ class RunConfig:
     seed: int = 0
     image_size: int | None = None
     feature_kind: str | None = None
+    family: str | None = None
     feature_dtype: str = "float16"
     val_fraction: float = 0.1
     split_seed: int = 0

@@ -87,7 +87,7 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     run_id = new_run_id()
     outcomes: list[UnitOutcome] = []
-    opts = BuildOptions(cfg.weights, cfg.image_size, cfg.feature_kind, cfg.offline, seed=0)
+    opts = BuildOptions(cfg.weights, cfg.image_size, cfg.feature_kind, cfg.offline, seed=0, family=cfg.family)
     backbones: dict[str, Backbone] = {}
     for ds_name in cfg.datasets:
         bundle = get_dataset(ds_name, DatasetOptions(cfg.data_root, cfg.download))

@@ -155,6 +155,7 @@ class BuildOptions:
     feature_kind: str | None = None
     offline: bool = False
     seed: int = 0  # initialisation seed of random:<arch>
+    family: str | None = None  # checkpoint family override for ckpt:PATH (auto-detected if None)
 
 
 @dataclass(frozen=True)
