@@ -17,21 +17,35 @@ def _csv(value: str) -> tuple[str, ...]:
     return items
 
 
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from e
+
+
 def _add_results_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-dir", type=Path, default=Path("results"),
                    help="where result records and leaderboards live (default: results/)")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .config import RunConfig, load_card
+    from .config import RunConfig, load_cards
     from .data.datasets import DEFAULT_DATASET
     from .evaluate import run
 
-    cards = tuple(load_card(p, a.set or []) for p in a.protocol)
+    names = list(a.protocol or ())
+    if a.suite:
+        from .config import load_suite
+
+        names += [p for p in load_suite(a.suite).protocols if p not in names]
+    if not names:
+        names = ["knn", "linear"]
+    cards = load_cards(names, a.set or [])
     cfg = RunConfig(
         backbones=a.backbone, datasets=a.dataset or (DEFAULT_DATASET,), protocols=cards,
         results_dir=a.results_dir, cache_dir=a.cache_dir, weights=a.weights, data_root=a.data_root,
-        download=a.download, device=a.device, batch_size=a.batch_size, seed=a.seed,
+        download=a.download, device=a.device, batch_size=a.batch_size, seeds=a.seed,
         image_size=a.image_size, feature_kind=a.feature_kind, family=a.family, feature_dtype=a.feature_dtype,
         val_fraction=a.val_fraction, split_seed=a.split_seed, force=a.force, offline=a.offline,
         num_workers=a.num_workers, progress=not a.no_progress,
@@ -85,6 +99,45 @@ def cmd_list(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(a: argparse.Namespace) -> int:
+    from .config import load_card, validate_all
+
+    for line in validate_all():
+        print(line)
+    for path in a.cards or ():
+        c = load_card(path)
+        print(f"card  {path}: ok (type={c.type}, version={c.version})")
+    return 0
+
+
+def cmd_suite(a: argparse.Namespace) -> int:
+    from .config import load_suite, shipped_suites
+
+    for name in [a.name] if a.name else shipped_suites():
+        s = load_suite(name)
+        print(f"{s.name}: {', '.join(s.protocols)}" + (f"  - {s.description}" if s.description else ""))
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .leaderboard import compare
+
+    rows = compare(a.results_dir, a.a, a.b, seed=a.seed)
+    print(f"top-1 of {a.b} minus {a.a} (percentage points), paired on the same test images")
+    for r in rows:
+        line = f"{r['column']} (seed {r['seed']}): {100 * r['a']:.2f} -> {100 * r['b']:.2f}, diff {100 * r['diff']:+.2f}"
+        if "paired_bootstrap" in r:
+            pb, mc = r["paired_bootstrap"], r["mcnemar"]
+            lo, hi = pb["ci95"]
+            verdict = "significant" if mc["p_value"] < 0.05 else "not significant"
+            line += (f", 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}], paired-bootstrap p={pb['p_value']:.3g}, "
+                     f"McNemar p={mc['p_value']:.3g} ({mc['a_only']} vs {mc['b_only']} discordant): {verdict}")
+        else:
+            line += " (no per-image results to pair: protocol reports a spread over seeds/episodes)"
+        print(line)
+    return 0
+
+
 def cmd_leaderboard(a: argparse.Namespace) -> int:
     from .leaderboard import write_leaderboard
 
@@ -103,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="evaluate backbones on datasets under protocols")
     r.add_argument("--backbone", type=_csv, required=True, help="comma-separated backbone names")
-    r.add_argument("--protocol", type=_csv, default=("knn", "linear"),
+    r.add_argument("--protocol", type=_csv, default=None,
                    help="comma-separated protocol card names or YAML paths (default: knn,linear)")
+    r.add_argument("--suite", help="a named collection of protocols (e.g. standard, frozen)")
     r.add_argument("--dataset", type=_csv, default=None, help="comma-separated datasets (default: shapes)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a protocol param (recorded)")
     r.add_argument("--weights", type=Path, help="weights file for the (single) backbone")
@@ -112,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--download", action="store_true", help="download torchvision datasets if missing")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     r.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_ints, default=(0,), help="seed, or comma-separated seeds to run each (default 0)")
     r.add_argument("--image-size", type=int, help="evaluate at this resolution instead of the backbone's")
     r.add_argument("--feature-kind", help="override the backbone's feature kind (cls, avgpool, cls+avgpool, last:4, model)")
     r.add_argument("--family", help="checkpoint family for ckpt:PATH when detection should be overridden")
@@ -137,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--metric", default="top1")
     _add_results_dir(lb)
     lb.set_defaults(func=cmd_leaderboard)
+    v = sub.add_parser("validate", help="check every shipped protocol card and suite (and given cards)")
+    v.add_argument("cards", nargs="*", help="extra card files to check")
+    v.set_defaults(func=cmd_validate)
+
+    su = sub.add_parser("suite", help="show the shipped suites (named collections of protocols)")
+    su.add_argument("name", nargs="?")
+    su.set_defaults(func=cmd_suite)
+
+    cp = sub.add_parser("compare", help="difference and paired significance test between two backbones")
+    cp.add_argument("a")
+    cp.add_argument("b")
+    cp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    _add_results_dir(cp)
+    cp.set_defaults(func=cmd_compare)
     return parser
 
 

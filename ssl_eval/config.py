@@ -149,6 +149,81 @@ def load_card(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Protoco
     return parse_card(raw, source, overrides)
 
 
+def load_cards(specs: list[str], overrides: list[str] | tuple[str, ...] = ()) -> tuple[ProtocolCard, ...]:
+    """Load several cards and route ``--set`` overrides: ``card.key=value`` goes to that card;
+    a plain ``key=value`` goes to every card whose params have ``key`` (an error if none does)."""
+    plain = [load_card(s) for s in specs]
+    routed: list[list[str]] = [[] for _ in specs]
+    for o in overrides:
+        key = o.partition("=")[0].strip()
+        head, dot, rest = key.partition(".")
+        targets = [i for i, c in enumerate(plain) if dot and head == c.name]
+        if targets:
+            o = rest + "=" + o.partition("=")[2]
+        else:
+            field_name = key.removeprefix("params.")
+            targets = [i for i, c in enumerate(plain)
+                       if field_name in {f.name for f in dataclasses.fields(c.params)}]
+        if not targets:
+            raise UserError(f"--set {o!r}: no selected protocol has a param {key!r} "
+                            f"(protocols: {', '.join(c.name for c in plain)}); use card.key=value")
+        for i in targets:
+            routed[i].append(o)
+    return tuple(load_card(s, r) if r else c for s, c, r in zip(specs, plain, routed))
+
+
+SUITE_KEYS = {"name", "description", "protocols"}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    protocols: tuple[str, ...]
+    description: str = ""
+
+
+def shipped_suites() -> list[str]:
+    return sorted(p.stem for p in (cards_dir() / "suites").glob("*.yaml"))
+
+
+def load_suite(spec: str) -> Suite:
+    """A named collection of protocol cards: a shipped suite's name or a YAML path."""
+    path = Path(spec)
+    if not (spec.endswith((".yaml", ".yml")) or path.is_file()):
+        path = cards_dir() / "suites" / f"{spec}.yaml"
+        if not path.is_file():
+            close = difflib.get_close_matches(spec, shipped_suites(), n=2)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise UserError(f"unknown suite {spec!r}.{hint} Shipped: {', '.join(shipped_suites())}")
+    if not path.is_file():
+        raise UserError(f"suite {spec} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({e})") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("protocols"), list) or not raw["protocols"]:
+        raise UserError(f"{path}: a suite is a mapping with a non-empty 'protocols' list")
+    for k in raw:
+        if k not in SUITE_KEYS:
+            raise UserError(f"{path}: unknown key {k!r}; allowed: {sorted(SUITE_KEYS)}")
+    return Suite(str(raw.get("name", path.stem)), tuple(map(str, raw["protocols"])), str(raw.get("description", "")))
+
+
+def validate_all() -> list[str]:
+    """Load every shipped card and suite (and each suite's cards); return one line per item.
+    Raises UserError on the first invalid one."""
+    lines = []
+    for name in shipped_cards():
+        c = load_card(name)
+        lines.append(f"card  {name}: ok (type={c.type}, version={c.version})")
+    for name in shipped_suites():
+        s = load_suite(name)
+        for card in s.protocols:
+            load_card(card)
+        lines.append(f"suite {name}: ok ({', '.join(s.protocols)})")
+    return lines
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything ``ssl-eval run`` needs; built by the CLI, read by evaluate.run()."""
@@ -163,7 +238,8 @@ class RunConfig:
     download: bool = False
     device: str = "auto"
     batch_size: int = 256
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    bootstrap_resamples: int = 1000
     image_size: int | None = None
     feature_kind: str | None = None
     family: str | None = None

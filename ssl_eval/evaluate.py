@@ -20,7 +20,7 @@ from .data.splits import stratified_val_split
 from .errors import UserError
 from .features import default_cache_dir, extract
 from .fsutil import sha256_json
-from .protocols import PROTOCOL_TYPES, ProtocolInputs
+from .protocols import PROTOCOL_TYPES, ImageInputs, ProtocolInputs
 from .results import (
     SCHEMA_VERSION,
     ResultRecord,
@@ -32,6 +32,7 @@ from .results import (
     utc_now,
     write_unit,
 )
+from .stats import bootstrap_ci, mean_ci, pack_bits
 
 
 def log(msg: str) -> None:
@@ -65,7 +66,7 @@ class UnitOutcome:
     path: Path | None = None
 
 
-def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg: RunConfig) -> str:
+def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg: RunConfig, seed: int) -> str:
     return sha256_json({
         "schema": SCHEMA_VERSION,
         "backbone": backbone.tag,
@@ -77,7 +78,7 @@ def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg:
         "fingerprint": bundle.fingerprint,
         "protocol": card.to_record() | {"source": None},
         "split": [cfg.val_fraction, cfg.split_seed],
-        "seed": cfg.seed,
+        "seed": seed,
     })[:20]
 
 
@@ -98,65 +99,96 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
             bb = backbones[bb_name]
             todo = []
             for card in cfg.protocols:
-                key = unit_key(bb, bundle, card, cfg)
-                if not cfg.force and unit_done(cfg.results_dir, key):
-                    log(f"[skip] {bb.tag} x {bundle.name} x {card.name}: already in {cfg.results_dir} (use --force to redo)")
-                    outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
-                else:
-                    todo.append((card, key))
+                for seed in cfg.seeds:
+                    key = unit_key(bb, bundle, card, cfg, seed)
+                    if not cfg.force and unit_done(cfg.results_dir, key):
+                        log(f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): already in "
+                            f"{cfg.results_dir} (use --force to redo)")
+                        outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
+                    else:
+                        todo.append((card, key, seed))
             if todo:
                 outcomes += _evaluate(bb, bundle, todo, cfg, device, cache_dir, run_id)
     return outcomes
 
 
 def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> list[UnitOutcome]:
-    feats = {
-        split: extract(
-            bb, bundle, split, cache_dir=cache_dir, device=device, batch_size=cfg.batch_size,
-            dtype=cfg.feature_dtype, num_workers=cfg.num_workers, progress=cfg.progress,
-        )
-        for split in ("train", "test")
-    }
-    train_idx, val_idx = stratified_val_split(feats["train"].labels, cfg.val_fraction, cfg.split_seed)
+    feats: dict = {}
+
+    def features(split: str):
+        if split not in feats:
+            feats[split] = extract(
+                bb, bundle, split, cache_dir=cache_dir, device=device, batch_size=cfg.batch_size,
+                dtype=cfg.feature_dtype, num_workers=cfg.num_workers, progress=cfg.progress,
+            )
+        return feats[split]
+
+    train_idx, val_idx = stratified_val_split(bundle.train.labels, cfg.val_fraction, cfg.split_seed)
     out = []
-    for card, key in todo:
-        seed_everything(cfg.seed)
-        inputs = ProtocolInputs(
-            feats["train"].features, feats["train"].labels, feats["test"].features, feats["test"].labels,
-            train_idx, val_idx, bundle.num_classes, device, cfg.seed,
-        )
+    for card, key, seed in todo:
+        seed_everything(seed)
+        ptype = PROTOCOL_TYPES.get(card.type)
+        if ptype.inputs == "images":
+            inputs = ImageInputs(bb, bundle, train_idx, val_idx, device, seed,
+                                 cache_dir / "train_state" / key, cfg.num_workers)
+        else:
+            tr, te = features("train"), features("test")
+            inputs = ProtocolInputs(tr.features, tr.labels, te.features, te.labels,
+                                    train_idx, val_idx, bundle.num_classes, device, seed)
         t0 = time.perf_counter()
-        result = PROTOCOL_TYPES.get(card.type).run(inputs, card.params)
+        result = ptype.run(inputs, card.params)
         wall = time.perf_counter() - t0
-        dataset_info = {
-            "name": bundle.name,
-            "fingerprint": bundle.fingerprint,
-            "num_classes": bundle.num_classes,
-            "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(feats["test"].labels)},
-        }
-        common = dict(
-            schema_version=SCHEMA_VERSION, run_id=run_id, time=utc_now(), unit=key,
-            backbone=bb.tag, weights=bb.weights.to_dict(), load_report=bb.load_report,
-            preprocessing=bb.preprocessing.to_dict(), feature_kind=bb.feature_kind,
-            protocol=card.to_record(), dataset=dataset_info,
-            split={"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed},
-            seed=cfg.seed, wall_time_s=round(wall, 3), peak_memory_mb=round(peak_memory_mb(device.type), 1),
-            device=_device_name(device), packages=package_versions(), code_version=code_version(),
-            details=result.details | {
-                "feature_cache": {s: f.key for s, f in feats.items()},
-                "feature_dtype": cfg.feature_dtype,
-                "feature_seconds": {s: round(f.seconds, 2) for s, f in feats.items()},
-            },
-        )
-        records = [ResultRecord(metric=m, value=float(v), **common) for m, v in result.metrics.items()]
+        records = _records(bb, bundle, card, key, seed, cfg, result, wall, device, run_id,
+                           (len(train_idx), len(val_idx)), feats)
         path = write_unit(cfg.results_dir, key, run_id, records)
         log(
-            f"[done] {bb.tag} x {bundle.name} x {card.name}: "
+            f"[done] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): "
             + ", ".join(f"{m}={result.metrics[m]:.4f}" for m in ("top1", "top5") if m in result.metrics)
             + f" ({wall:.1f}s) -> {path}"
         )
         out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", result.metrics, path))
     return out
+
+
+def _records(bb, bundle, card, key, seed, cfg, result, wall, device, run_id, sizes, feats) -> list[ResultRecord]:
+    details = dict(result.details)
+    if feats:
+        details["feature_cache"] = {s: f.key for s, f in feats.items()}
+        details["feature_dtype"] = cfg.feature_dtype
+        details["feature_seconds"] = {s: round(f.seconds, 2) for s, f in feats.items()}
+    dataset_info = {
+        "name": bundle.name,
+        "fingerprint": bundle.fingerprint,
+        "num_classes": bundle.num_classes,
+        "sizes": {"train": sizes[0], "val": sizes[1], "test": len(bundle.test)},
+    }
+    common = dict(
+        schema_version=SCHEMA_VERSION, run_id=run_id, time=utc_now(), unit=key,
+        backbone=bb.tag, weights=bb.weights.to_dict(), load_report=bb.load_report,
+        preprocessing=bb.preprocessing.to_dict(), feature_kind=bb.feature_kind,
+        protocol=card.to_record(), dataset=dataset_info,
+        split={"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed},
+        seed=seed, wall_time_s=round(wall, 3), peak_memory_mb=round(peak_memory_mb(device.type), 1),
+        device=_device_name(device), packages=package_versions(), code_version=code_version(),
+    )
+    records = []
+    for metric, value in result.metrics.items():
+        ci, method, spread, extra = None, "", None, {}
+        if metric in result.spread:
+            m, sd, lo, hi = mean_ci(result.spread[metric])
+            n = len(result.spread[metric])
+            ci, method = [lo, hi], result.details.get("spread_over", "t-seeds")
+            spread = {"mean": m, "std": sd, "n": n}
+        elif metric in result.per_sample:
+            correct = result.per_sample[metric]
+            ci, method = list(bootstrap_ci(correct, cfg.bootstrap_resamples, seed)), "bootstrap-test"
+            if metric == "top1":
+                extra = {"per_sample_correct": pack_bits(correct), "n_test": len(correct)}
+        records.append(ResultRecord(
+            metric=metric, value=float(value), ci95=ci, ci_method=method, spread=spread,
+            details=details | extra, **common,
+        ))
+    return records
 
 
 def _device_name(device: torch.device) -> str:

@@ -1,46 +1,74 @@
-"""Result records -> leaderboard tables (CSV and markdown), never edited by hand.
+"""Result records -> leaderboard tables (CSV and markdown), never edited by hand; and the
+paired comparison of two backbones.
 
 Rows are backbones, columns are ``dataset / protocol`` with the headline metric (top-1, in
-percent). Where a unit was run more than once, the newest record counts. The best value in
-each column is marked (bold in markdown; the ``best`` row in CSV names it).
+percent) and the half-width of its 95% interval: the bootstrap over test images for one seed,
+the t interval over seeds when several seeds were run. Where a unit was run more than once,
+the newest record counts. The best value in each column is marked (bold in markdown; the
+``best`` row in CSV names it).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
 from .fsutil import atomic_write_text
 from .results import load_records
+from .stats import mcnemar, mean_ci, paired_bootstrap, unpack_bits
 
 HEADLINE = "top1"
 
 
-def latest_headline(records: list[dict], metric: str = HEADLINE) -> dict[tuple[str, str], dict]:
-    """{(backbone, 'dataset / protocol'): newest record of ``metric``}."""
-    best: dict[tuple[str, str], dict] = {}
+def column(r: dict) -> str:
+    return f"{r['dataset']['name']} / {r['protocol']['name']}"
+
+
+def latest(records: list[dict], metric: str = HEADLINE) -> dict[tuple[str, str, int], dict]:
+    """{(backbone, column, seed): newest record of ``metric``}."""
+    best: dict[tuple[str, str, int], dict] = {}
     for r in records:
         if r.get("metric") != metric:
             continue
-        col = f"{r['dataset']['name']} / {r['protocol']['name']}"
-        key = (r["backbone"], col)
+        key = (r["backbone"], column(r), r.get("seed", 0))
         if key not in best or (r["time"], r["run_id"]) > (best[key]["time"], best[key]["run_id"]):
             best[key] = r
     return best
 
 
-def build_table(records: list[dict], metric: str = HEADLINE):
-    cells = latest_headline(records, metric)
-    rows = sorted({b for b, _ in cells})
-    cols = sorted({c for _, c in cells})
-    values = {k: 100.0 * r["value"] for k, r in cells.items()}
-    best = {}
-    for c in cols:
-        col_vals = [(values[(b, c)], b) for b in rows if (b, c) in values]
-        best[c] = max(v for v, _ in col_vals)
-    return rows, cols, values, best
+@dataclass
+class Cell:
+    value: float  # percent
+    half_width: float | None  # percent
+    n_seeds: int
+
+
+def cells(records: list[dict], metric: str = HEADLINE) -> dict[tuple[str, str], Cell]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for (b, c, _), r in latest(records, metric).items():
+        groups.setdefault((b, c), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        if len(rs) >= 2:
+            m, _, lo, hi = mean_ci([r["value"] for r in rs])
+            out[key] = Cell(100 * m, 100 * (hi - lo) / 2, len(rs))
+        else:
+            ci = rs[0].get("ci95")
+            hw = 100 * (ci[1] - ci[0]) / 2 if ci else None
+            out[key] = Cell(100 * rs[0]["value"], hw, 1)
+    return out
+
+
+def _fmt(c: Cell) -> str:
+    s = f"{c.value:.2f}"
+    if c.half_width is not None:
+        s += f" ± {c.half_width:.2f}"
+    if c.n_seeds > 1:
+        s += f" (n={c.n_seeds})"
+    return s
 
 
 def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, Path]:
@@ -48,23 +76,30 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
     records = load_records(results_dir)
     if not records:
         raise UserError(f"no result records under {results_dir / 'records'}; run `ssl-eval run` first")
-    rows, cols, values, best = build_table(records, metric)
-    if not rows:
+    table = cells(records, metric)
+    if not table:
         raise UserError(f"no records carry the metric {metric!r}")
+    rows = sorted({b for b, _ in table})
+    cols = sorted({c for _, c in table})
+    best = {c: max(table[(b, c)].value for b in rows if (b, c) in table) for c in cols}
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["backbone"] + cols)
+    w.writerow(["backbone"] + [x for c in cols for x in (c, f"{c} ±")])
     for b in rows:
-        w.writerow([b] + [f"{values[(b, c)]:.2f}" if (b, c) in values else "" for c in cols])
-    w.writerow(["best"] + [
-        ";".join(b for b in rows if values.get((b, c)) == best[c]) for c in cols
-    ])
+        row = [b]
+        for c in cols:
+            cell = table.get((b, c))
+            row += ["", ""] if cell is None else [
+                f"{cell.value:.2f}", "" if cell.half_width is None else f"{cell.half_width:.2f}"]
+        w.writerow(row)
+    w.writerow(["best"] + [x for c in cols for x in (
+        ";".join(b for b in rows if (b, c) in table and table[(b, c)].value == best[c]), "")])
     csv_path = results_dir / "leaderboard.csv"
     atomic_write_text(csv_path, buf.getvalue())
 
     lines = [
-        f"# Leaderboard ({metric}, %)",
+        f"# Leaderboard ({metric}, %, ± half-width of the 95% interval)",
         "",
         f"Generated by `ssl-eval leaderboard` from {len(records)} records in `records/`; "
         "do not edit by hand. Best per column in **bold**. See README.md for the columns.",
@@ -73,11 +108,38 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
         "|---|" + "---:|" * len(cols),
     ]
     for b in rows:
-        cells = []
+        out = []
         for c in cols:
-            v = values.get((b, c))
-            cells.append("" if v is None else (f"**{v:.2f}**" if v == best[c] else f"{v:.2f}"))
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+            cell = table.get((b, c))
+            out.append("" if cell is None else (f"**{_fmt(cell)}**" if cell.value == best[c] else _fmt(cell)))
+        lines.append(f"| {b} | " + " | ".join(out) + " |")
     md_path = results_dir / "leaderboard.md"
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def compare(results_dir: Path, a: str, b: str, seed: int = 0) -> list[dict]:
+    """For every (dataset, protocol) both backbones have, the top-1 difference (b - a) with a
+    paired bootstrap interval and McNemar's test on the same test images."""
+    recs = latest(load_records(results_dir))
+    known = {k[0] for k in recs}
+    for name in (a, b):
+        if name not in known:
+            raise UserError(f"no results for backbone {name!r} in {results_dir}; have: {sorted(known)}")
+    out = []
+    for (bb, col, s), ra in sorted(recs.items()):
+        if bb != a or (b, col, s) not in recs:
+            continue
+        rb = recs[(b, col, s)]
+        row = {"column": col, "seed": s, "a": ra["value"], "b": rb["value"], "diff": rb["value"] - ra["value"]}
+        da, db = ra.get("details", {}), rb.get("details", {})
+        if "per_sample_correct" in da and "per_sample_correct" in db and da.get("n_test") == db.get("n_test"):
+            if ra["dataset"].get("fingerprint") != rb["dataset"].get("fingerprint"):
+                raise UserError(f"{col}: the two backbones were evaluated on different data; cannot pair")
+            ca = unpack_bits(da["per_sample_correct"], da["n_test"])
+            cb = unpack_bits(db["per_sample_correct"], db["n_test"])
+            row |= {"paired_bootstrap": paired_bootstrap(ca, cb, seed=seed), "mcnemar": mcnemar(ca, cb)}
+        out.append(row)
+    if not out:
+        raise UserError(f"{a!r} and {b!r} share no (dataset, protocol) with top-1 results")
+    return out

@@ -46,6 +46,9 @@ class ResultRecord:
     device: str
     packages: dict
     code_version: str
+    ci95: list[float] | None = None  # 95% interval of ``value``
+    ci_method: str = ""  # "bootstrap-test" (resampling test images) or "t-seeds" / "t-episodes"
+    spread: dict | None = None  # mean/std/n over seeds or episodes where the protocol ran several
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

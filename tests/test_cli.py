@@ -3,11 +3,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, cli_env
 
 from ssl_eval.cli import main
 from ssl_eval.results import load_records
-
-from conftest import ROOT, cli_env
 
 
 def _run(args, tmp_path):
@@ -72,7 +71,7 @@ def test_results_dir_and_leaderboard_command(tmp_path, capsys):
         (["run", "--backbone", "dinov2", "--offline"], "dinov2_vits14_pretrain.pth"),
         (["run", "--backbone", "pixels", "--dataset", "cifar10"], "--data-root"),
         (["run", "--backbone", "pixels", "--device", "cuda:0"], "no CUDA GPU"),
-        (["run", "--backbone", "pixels", "--set", "linear_lr=3"], "unknown key"),
+        (["run", "--backbone", "pixels", "--set", "linear_lr=3"], "no selected protocol has a param"),
         (["run", "--backbone", "timm:resnet10t", "--weights", "nope.pth"], "no such file"),
         (["leaderboard", "--results-dir", "empty"], "no result records"),
     ],
@@ -96,3 +95,37 @@ def test_list(tmp_path, capsys):
     for name in ("pixels", "dinov2_vits14", "random:<...>", "digits", "shapes", "folder:<...>", "knn", "linear"):
         assert name in out
     json.dumps(out)
+
+
+def test_validate_and_suite(capsys, tmp_path):
+    assert main(["validate"]) == 0
+    out = capsys.readouterr().out
+    for name in ("knn", "linear", "fewshot", "fewshot_episodic", "finetune", "standard"):
+        assert f" {name}: ok" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nversion: 1\ntype: knn\nparams:\n  kk: [1]\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "unknown key 'kk'" in capsys.readouterr().err
+    assert main(["suite", "standard"]) == 0
+    assert "knn, linear, fewshot, finetune" in capsys.readouterr().out
+
+
+def test_compare_two_backbones_paired(tmp_path, capsys):
+    r = str(tmp_path / "r")
+    for bb in ("pixels", "random:resnet10t"):
+        assert main(["run", "--backbone", bb, "--image-size", "16", "--dataset", "digits", "--protocol", "knn",
+                     "--results-dir", r, "--no-progress", "--no-leaderboard"]) == 0
+    capsys.readouterr()
+    assert main(["compare", "pixels", "random:resnet10t", "--results-dir", r]) == 0
+    out = capsys.readouterr().out
+    assert "digits / knn" in out and "McNemar p=" in out and "95% CI" in out
+    assert main(["compare", "pixels", "nobody", "--results-dir", r]) == 2
+
+
+def test_multiple_seeds_give_a_spread_in_the_leaderboard(tmp_path, capsys):
+    r = tmp_path / "r"
+    assert main(["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "linear", "--seed", "0,1",
+                 "--set", "epochs=3", "--results-dir", str(r), "--no-progress"]) == 0
+    recs = [x for x in load_records(r) if x["metric"] == "top1"]
+    assert sorted(x["seed"] for x in recs) == [0, 1] and all(x["ci95"] for x in recs)
+    assert "(n=2)" in (r / "leaderboard.md").read_text()

@@ -3,17 +3,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, cli_env
 
 from ssl_eval.backbones import BuildOptions, build_backbone
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
 from ssl_eval.features import extract
-
-from conftest import ROOT, cli_env
 
 
 def _digits_pixels():

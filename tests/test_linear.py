@@ -4,7 +4,6 @@ import torch
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.linear import LinearParams, run_linear, train_heads
 
-
 W_TRUE = np.random.default_rng(123).normal(size=(20, 5))
 
 

@@ -38,7 +38,20 @@ def test_leaderboard_marks_best_and_uses_newest(tmp_path):
     md = md_path.read_text()
     assert "| a | **90.00** |  |" in md and "| b | 70.00 | **60.00** |" in md
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "backbone,d / knn,d / linear" and lines[-1] == "best,a,b"
+    assert lines[0] == "backbone,d / knn,d / knn ±,d / linear,d / linear ±" and lines[-1] == "best,a,,b,"
+
+
+def test_leaderboard_shows_interval_and_aggregates_seeds(tmp_path):
+    recs = [
+        _rec("a", "d", "knn", 0.80) | {"ci95": [0.78, 0.82]},
+        _rec("b", "d", "knn", 0.70, run_id="s0") | {"seed": 0, "ci95": [0.68, 0.72]},
+        _rec("b", "d", "knn", 0.72, run_id="s1") | {"seed": 1, "ci95": [0.70, 0.74]},
+    ]
+    atomic_write_json(tmp_path / "records" / "x-r1.json", {"schema_version": 1, "records": recs})
+    _, md_path = write_leaderboard(tmp_path)
+    md = md_path.read_text()
+    assert "| a | **80.00 ± 2.00** |" in md
+    assert "| b | 71.00 ± 12.71 (n=2) |" in md  # t interval over the two seeds (t_0.975,1 = 12.71)
 
 
 def test_unreadable_record_file_is_skipped(tmp_path, capsys):

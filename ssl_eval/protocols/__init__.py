@@ -1,4 +1,4 @@
 """Evaluation protocols on frozen features (k-NN, linear probe)."""
 
-from . import knn, linear  # noqa: F401,E402  (register themselves)
-from .base import PROTOCOL_TYPES, ProtocolInputs, ProtocolOutput, ProtocolType  # noqa: F401
+from . import fewshot, finetune, knn, linear  # noqa: F401,E402  (register themselves)
+from .base import PROTOCOL_TYPES, ImageInputs, ProtocolInputs, ProtocolOutput, ProtocolType  # noqa: F401

@@ -29,28 +29,56 @@ class ProtocolInputs:
 
 @dataclass
 class ProtocolOutput:
-    metrics: dict[str, float]  # headline metrics: top1, top5, ... (fractions in [0, 1])
+    """``metrics`` are fractions in [0, 1]. For each metric, a protocol gives either
+    ``per_sample`` (0/1 per test image, for bootstrap intervals and paired tests) or
+    ``spread`` (the values over seeds or episodes, for a t interval)."""
+
+    metrics: dict[str, float]
     details: dict = field(default_factory=dict)  # selected hyperparameters, per-setting scores
+    per_sample: dict[str, np.ndarray] = field(default_factory=dict)
+    spread: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class ImageInputs:
+    """What protocols that train the backbone itself (fine-tuning) receive."""
+
+    backbone: object  # ssl_eval.backbones.Backbone
+    bundle: object  # ssl_eval.data.datasets.DatasetBundle
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    device: torch.device
+    seed: int
+    state_dir: object  # pathlib.Path: where training state is checkpointed for resume
+    num_workers: int | None = None
 
 
 @dataclass(frozen=True)
 class ProtocolType:
-    """A protocol implementation: its parameter dataclass and ``run(inputs, params)``."""
+    """A protocol implementation: its parameter dataclass and ``run(inputs, params)``.
+    ``inputs`` says what it runs on: cached "features" (ProtocolInputs) or "images"
+    (ImageInputs, for protocols that train the backbone)."""
 
     name: str
     params: type
-    run: Callable[[ProtocolInputs, object], ProtocolOutput]
+    run: Callable[[object, object], ProtocolOutput]
+    inputs: str = "features"
 
 
 PROTOCOL_TYPES: Registry[ProtocolType] = Registry("protocol type")
 
 
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
-    """Number of rows whose label is among the ``k`` highest scores, for each k."""
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, np.ndarray]:
+    """Per row, whether its label is among the ``k`` highest scores (bool array), for each k."""
     kmax = min(max(ks), scores.shape[1])
     top = scores.topk(kmax, dim=1).indices
     hit = top == labels.view(-1, 1)
-    return {k: int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks}
+    return {k: hit[:, : min(k, kmax)].any(dim=1).cpu().numpy() for k in ks}
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    """Number of rows whose label is among the ``k`` highest scores, for each k."""
+    return {k: int(v.sum()) for k, v in topk_hits(scores, labels, ks).items()}
 
 
 def as_tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:

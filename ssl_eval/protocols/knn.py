@@ -23,6 +23,7 @@ from .base import (
     ProtocolType,
     as_tensor,
     topk_correct,
+    topk_hits,
 )
 
 
@@ -166,17 +167,17 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
         ks = tuple(sorted(set(ks) | {best_k}))
 
     scores = knn_classify(train_x, train_y, test_x, ks, p.temperature, C, backend, p.memory_mb)
-    metrics = {}
+    per_sample = {}
     for k, s in scores.items():
-        c = topk_correct(s, test_y)
-        metrics[f"top1@k{k}"] = c[1] / len(test_y)
-        metrics[f"top5@k{k}"] = c[5] / len(test_y)
-    metrics["top1"] = metrics[f"top1@k{best_k}"]
-    metrics["top5"] = metrics[f"top5@k{best_k}"]
+        hits = topk_hits(s, test_y)
+        per_sample[f"top1@k{k}"], per_sample[f"top5@k{k}"] = hits[1], hits[5]
+    per_sample["top1"], per_sample["top5"] = per_sample[f"top1@k{best_k}"], per_sample[f"top5@k{best_k}"]
+    metrics = {m: float(v.mean()) for m, v in per_sample.items()}
     return ProtocolOutput(
         metrics,
         {"selected_k": best_k, "val_top1": {str(k): v for k, v in val_acc.items()},
          "backend": backend, "bank_size": len(train_y)},
+        per_sample=per_sample,
     )
 
 

@@ -21,7 +21,7 @@ from .base import (
     ProtocolOutput,
     ProtocolType,
     as_tensor,
-    topk_correct,
+    topk_hits,
 )
 
 
@@ -120,16 +120,17 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
     test_x = as_tensor(inp.test_x, dev)
     test_y = torch.from_numpy(np.asarray(inp.test_y)).to(dev)
     test_scores = heads.logits(test_x)[:, best]
-    c = topk_correct(test_scores, test_y)
+    hits = topk_hits(test_scores, test_y)
     lr, wd = heads.settings[best]
     return ProtocolOutput(
-        {"top1": c[1] / len(test_y), "top5": c[5] / len(test_y)},
+        {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
         {
             "selected": {"lr": lr, "weight_decay": wd},
             "val_top1": {f"lr={a},wd={b}": float(v) for (a, b), v in zip(heads.settings, val_acc, strict=False)},
             "train_size": len(tr),
             "val_size": len(va),
         },
+        per_sample={"top1": hits[1], "top5": hits[5]},
     )
 
 

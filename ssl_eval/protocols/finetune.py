@@ -1,0 +1,294 @@
+"""Fine-tuning: the whole backbone trained with a new linear head.
+
+AdamW; layer-wise learning-rate decay for ViTs (MAE uses 0.65 / 0.75) or a lower learning rate
+for the encoder; warmup then cosine, counted in training samples, so the schedule does not
+depend on the number of devices or the batch size; label smoothing; optional mixup / cutmix
+and drop path; selection and early stopping on the validation split; bf16 autocast on GPU.
+The training state is checkpointed atomically after every epoch, and a rerun of the same unit
+resumes from it and ends where an uninterrupted run ends: all randomness is drawn from
+generators seeded by (seed, epoch, index), never from global state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from ..backbones.base import FEATURE_KINDS
+from ..errors import UserError
+from ..fsutil import sha256_json
+from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3  # peak learning rate of the head (and of the last layer with layer decay)
+    encoder_lr_scale: float = 0.1  # encoder lr = lr * this, when layer_decay is off
+    layer_decay: float = 0.0  # e.g. 0.65 (ViT-B) / 0.75 (ViT-L) as MAE; 0 = off
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # 0 = off (MAE fine-tune uses 0.8)
+    cutmix_alpha: float = 0.0  # 0 = off (MAE fine-tune uses 1.0)
+    drop_path: float = 0.0  # stochastic depth rate on timm blocks that support it
+    crop_scale: tuple[float, ...] = (0.8, 1.0)  # random-resized-crop area range
+    hflip: bool = True
+    patience: int = 0  # early stop after this many epochs without a better val top-1; 0 = off
+    eval_batch_size: int = 256
+
+
+# ---------------------------------------------------------------- data
+
+
+class _TrainImages(Dataset):
+    """Augmented uint8 CHW crops; randomness from a generator seeded by (seed, epoch, index)."""
+
+    def __init__(self, split, indices, pre, p: FinetuneParams, seed: int, augment: bool):
+        self.split, self.indices, self.pre, self.p = split, indices, pre, p
+        self.seed, self.augment, self.epoch = seed, augment, 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        img = self.pre.geometric(torch.from_numpy(np.ascontiguousarray(self.split.load(j))).permute(2, 0, 1))
+        if self.augment:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31))
+            img = _random_resized_crop(img, self.p.crop_scale, g)
+            if self.p.hflip and torch.rand(1, generator=g).item() < 0.5:
+                img = TF.horizontal_flip(img)
+        return img.contiguous(), int(self.split.labels[j])
+
+
+def _random_resized_crop(img: torch.Tensor, scale, g: torch.Generator) -> torch.Tensor:
+    lo, hi = (float(scale[0]), float(scale[-1]))
+    if lo >= 1.0:
+        return img
+    H, W = img.shape[-2:]
+    for _ in range(10):
+        area = H * W * (lo + (hi - lo) * torch.rand(1, generator=g).item())
+        logr = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(1, generator=g).item()
+        w = round(math.sqrt(area * math.exp(logr)))
+        h = round(math.sqrt(area / math.exp(logr)))
+        if 0 < w <= W and 0 < h <= H:
+            top = int(torch.randint(0, H - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, W - w + 1, (1,), generator=g))
+            return TF.resized_crop(img, top, left, h, w, [H, W], antialias=True)
+    return img
+
+
+def _mix(x, y_soft, p: FinetuneParams, rng: np.random.Generator):
+    """Mixup or cutmix (one of them per batch when both are on)."""
+    use_mix, use_cut = p.mixup_alpha > 0, p.cutmix_alpha > 0
+    if not (use_mix or use_cut):
+        return x, y_soft
+    cut = use_cut and (not use_mix or rng.random() < 0.5)
+    lam = float(rng.beta(*(2 * [p.cutmix_alpha if cut else p.mixup_alpha])))
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    if cut:
+        H, W = x.shape[-2:]
+        rh, rw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(0, H)), int(rng.integers(0, W))
+        y0, y1 = max(cy - rh // 2, 0), min(cy + rh // 2, H)
+        x0, x1 = max(cx - rw // 2, 0), min(cx + rw // 2, W)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * y_soft + (1 - lam) * y_soft[perm]
+
+
+# ---------------------------------------------------------------- model and optimiser
+
+
+class _Classifier(nn.Module):
+    def __init__(self, backbone_model: nn.Module, read, dim: int, num_classes: int):
+        super().__init__()
+        self.encoder, self.read = backbone_model, read
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        return self.head(self.read(self.encoder, x).float())
+
+
+def _set_drop_path(model: nn.Module, rate: float) -> int:
+    """Stochastic depth rising linearly to ``rate`` over the residual blocks. timm blocks keep
+    a ``drop_path*`` attribute (Identity or None when built without it); each is replaced by a
+    DropPath of its block's rate. Returns the number of blocks changed."""
+    from timm.layers import DropPath
+
+    slots = []
+    for module in model.modules():
+        names = [n for n in ("drop_path", "drop_path1", "drop_path2") if hasattr(module, n)]
+        if names and all(getattr(module, n) is None or isinstance(getattr(module, n), nn.Identity | DropPath)
+                         for n in names):
+            slots.append((module, names))
+    for i, (module, names) in enumerate(slots):
+        r = rate * i / max(len(slots) - 1, 1)
+        for n in names:
+            setattr(module, n, DropPath(r) if r > 0 else nn.Identity())
+    return len(slots)
+
+
+def _param_groups(clf: _Classifier, p: FinetuneParams) -> list[dict]:
+    def decays(name: str, t: torch.Tensor) -> bool:
+        return t.ndim > 1 and not name.endswith((".bias", "pos_embed", "cls_token", "reg_token"))
+
+    groups = [{"params": list(clf.head.parameters()), "lr_scale": 1.0, "weight_decay": p.weight_decay}]
+    enc = clf.encoder
+    if p.layer_decay > 0:
+        if not hasattr(enc, "group_matcher"):
+            raise UserError("fine-tune: layer_decay needs a timm model with block structure; set layer_decay=0")
+        from timm.optim import param_groups_layer_decay
+
+        nwd = enc.no_weight_decay() if hasattr(enc, "no_weight_decay") else set()
+        for g in param_groups_layer_decay(enc, p.weight_decay, no_weight_decay_list=nwd, layer_decay=p.layer_decay):
+            groups.append(g)
+        return groups
+    named = [(n, t) for n, t in enc.named_parameters() if t.requires_grad]
+    groups.append({"params": [t for n, t in named if decays(n, t)], "lr_scale": p.encoder_lr_scale,
+                   "weight_decay": p.weight_decay})
+    groups.append({"params": [t for n, t in named if not decays(n, t)], "lr_scale": p.encoder_lr_scale,
+                   "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def _lr_at(samples: int, total: int, warmup: int, base: float) -> float:
+    if samples < warmup:
+        return base * samples / max(warmup, 1)
+    return base * 0.5 * (1 + math.cos(math.pi * (samples - warmup) / max(total - warmup, 1)))
+
+
+# ---------------------------------------------------------------- training
+
+
+def _evaluate(clf, loader, pre, device, amp) -> tuple[torch.Tensor, torch.Tensor]:
+    clf.eval()
+    scores, labels = [], []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        for x, y in loader:
+            scores.append(clf(pre.normalise(x.to(device))).float().cpu())
+            labels.append(y)
+    return torch.cat(scores), torch.cat(labels)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _after_epoch(epoch: int) -> None:
+    """Hook called after each epoch's checkpoint is on disk (tests interrupt here)."""
+
+
+def run_finetune(inp: ImageInputs, p: FinetuneParams) -> ProtocolOutput:
+    if p.epochs < 1 or p.batch_size < 1:
+        raise UserError("fine-tune: epochs and batch_size must be at least 1")
+    bb, bundle, device = inp.backbone, inp.bundle, inp.device
+    amp = device.type == "cuda"
+    torch.manual_seed(inp.seed)
+    read = FEATURE_KINDS.get(bb.feature_kind)
+    encoder = copy.deepcopy(bb.model).to(device)  # the shared backbone stays untouched
+    if p.drop_path > 0 and _set_drop_path(encoder, p.drop_path) == 0:
+        raise UserError(f"fine-tune: {bb.tag} has no drop-path layers; set drop_path=0")
+    dim = bb.embed_dim()
+    clf = _Classifier(encoder, read, dim, bundle.num_classes).to(device)
+    opt = torch.optim.AdamW(_param_groups(clf, p), lr=p.lr)
+
+    pre = bb.preprocessing
+    train_ds = _TrainImages(bundle.train, inp.train_idx, pre, p, inp.seed, augment=True)
+    workers = 0 if inp.num_workers is None else inp.num_workers
+    val_loader = DataLoader(_TrainImages(bundle.train, inp.val_idx, pre, p, inp.seed, augment=False),
+                            batch_size=p.eval_batch_size, num_workers=workers)
+    n = len(train_ds)
+    total, warmup = p.epochs * n, int(p.warmup_epochs * n)
+
+    state_path = Path(inp.state_dir) / "state.pt"
+    fingerprint = sha256_json({"params": asdict(p), "seed": inp.seed, "n": n, "backbone": bb.weights.sha256})
+    start, best = 0, {"val": -1.0, "epoch": -1, "model": None}
+    history: list[dict] = []
+    if state_path.is_file():
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        if st.get("fingerprint") == fingerprint:
+            clf.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            start, best, history = st["epoch"] + 1, st["best"], st["history"]
+            print(f"[resume] fine-tune from epoch {start} of {p.epochs} ({state_path})", flush=True)
+
+    stale = 0 if not history else history[-1].get("stale", 0)
+    for epoch in range(start, p.epochs):
+        if p.patience and stale >= p.patience:
+            break
+        clf.train()
+        torch.manual_seed(inp.seed * 1000 + epoch)  # drop path / dropout: reproducible on resume
+        train_ds.epoch = epoch
+        loader = DataLoader(train_ds, batch_size=p.batch_size, shuffle=True, drop_last=n > p.batch_size,
+                            num_workers=workers, generator=torch.Generator().manual_seed(inp.seed * 1000 + epoch))
+        rng = np.random.default_rng([inp.seed, epoch, 1])
+        seen, loss_sum, steps = epoch * n, 0.0, 0
+        for x, y in loader:
+            lr = _lr_at(seen, total, warmup, p.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            x = pre.normalise(x.to(device))
+            target = F.one_hot(y.to(device), bundle.num_classes).float()
+            target = target * (1 - p.label_smoothing) + p.label_smoothing / bundle.num_classes
+            x, target = _mix(x, target, p, rng)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = clf(x)
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+            if not torch.isfinite(loss):
+                raise UserError(f"fine-tune diverged (loss {loss.item()}) at epoch {epoch}; lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(x)
+            loss_sum += loss.item()
+            steps += 1
+        scores, labels = _evaluate(clf, val_loader, pre, device, amp)
+        val = float((scores.argmax(1) == labels).float().mean())
+        if val > best["val"]:
+            best = {"val": val, "epoch": epoch, "model": {k: v.detach().cpu().clone() for k, v in clf.state_dict().items()}}
+            stale = 0
+        else:
+            stale += 1
+        history.append({"epoch": epoch, "loss": loss_sum / max(steps, 1), "val_top1": val, "stale": stale})
+        _save_state(state_path, {"fingerprint": fingerprint, "epoch": epoch, "model": clf.state_dict(),
+                                 "optimizer": opt.state_dict(), "best": best, "history": history})
+        _after_epoch(epoch)
+
+    clf.load_state_dict(best["model"])
+    test_loader = DataLoader(_TrainImages(bundle.test, np.arange(len(bundle.test)), pre, p, inp.seed, augment=False),
+                             batch_size=p.eval_batch_size, num_workers=workers)
+    scores, labels = _evaluate(clf, test_loader, pre, device, amp)
+    hits = topk_hits(scores, labels)
+    state_path.unlink(missing_ok=True)  # the unit is finished; its result is deterministic
+    return ProtocolOutput(
+        {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
+        {"best_epoch": best["epoch"], "best_val_top1": best["val"], "history": history,
+         "epochs_run": len(history), "train_size": n, "val_size": len(inp.val_idx)},
+        per_sample={"top1": hits[1], "top5": hits[5]},
+    )
+
+
+PROTOCOL_TYPES.register("finetune", ProtocolType("finetune", FinetuneParams, run_finetune, inputs="images"))

@@ -1,0 +1,86 @@
+"""Uncertainty for every number: bootstrap confidence intervals on the test set, t intervals
+across seeds or episodes, and paired tests between two backbones on the same test images."""
+
+from __future__ import annotations
+
+import base64
+import math
+
+import numpy as np
+
+DEFAULT_RESAMPLES = 1000
+
+
+def bootstrap_ci(
+    correct: np.ndarray, resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-image scores (e.g. 0/1 correctness)."""
+    x = np.asarray(correct, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, (1 << 24) // n)  # bound the index matrix to ~128 MB
+    for s in range(0, resamples, chunk):
+        b = min(chunk, resamples - s)
+        means[s : s + b] = x[rng.integers(0, n, size=(b, n))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def _t_quantile(df: int, level: float = 0.95) -> float:
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.5 + level / 2, df))
+    except ImportError:  # scipy comes with scikit-learn; normal approximation otherwise
+        return 1.959963984540054
+
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float, float, float]:
+    """(mean, std, lo, hi): a t interval for the mean of independent runs (seeds, episodes)."""
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, 0.0, m, m
+    sd = float(v.std(ddof=1))
+    h = _t_quantile(len(v) - 1, level) * sd / math.sqrt(len(v))
+    return m, sd, m - h, m + h
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """Exact McNemar test on paired 0/1 outcomes: two-sided binomial test on discordant pairs."""
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    n01 = int((~a & b).sum())  # b right, a wrong
+    n10 = int((a & ~b).sum())
+    n = n01 + n10
+    if n == 0:
+        p = 1.0
+    else:
+        from scipy.stats import binomtest
+
+        p = float(binomtest(min(n01, n10), n, 0.5).pvalue)
+    return {"a_only": n10, "b_only": n01, "p_value": p}
+
+
+def paired_bootstrap(correct_a, correct_b, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """Difference of means (b - a) with a paired bootstrap interval and a two-sided p-value."""
+    d = np.asarray(correct_b, dtype=np.float64) - np.asarray(correct_a, dtype=np.float64)
+    lo, hi = bootstrap_ci(d, resamples, seed)
+    rng = np.random.default_rng(seed + 1)
+    n = len(d)
+    centred = d - d.mean()
+    means = np.array([centred[rng.integers(0, n, n)].mean() for _ in range(resamples)])
+    p = float((np.abs(means) >= abs(d.mean())).mean())
+    return {"diff": float(d.mean()), "ci95": [lo, hi], "p_value": max(p, 1.0 / resamples)}
+
+
+def pack_bits(correct: np.ndarray) -> str:
+    """0/1 vector -> compact base64 (1 bit per test image), stored in result records."""
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode()
+
+
+def unpack_bits(s: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(s), dtype=np.uint8))[:n].astype(bool)
