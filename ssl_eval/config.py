@@ -169,7 +169,7 @@ def load_cards(specs: list[str], overrides: list[str] | tuple[str, ...] = ()) ->
                             f"(protocols: {', '.join(c.name for c in plain)}); use card.key=value")
         for i in targets:
             routed[i].append(o)
-    return tuple(load_card(s, r) if r else c for s, c, r in zip(specs, plain, routed))
+    return tuple(load_card(s, r) if r else c for s, c, r in zip(specs, plain, routed, strict=True))
 
 
 SUITE_KEYS = {"name", "description", "protocols"}
