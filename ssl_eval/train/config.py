@@ -1,0 +1,155 @@
+"""Training configuration: one ``TrainConfig`` dataclass holding the augmentation pipeline,
+the method's own settings and the optimisation schedule. Every field has a default per
+method, and the whole thing round-trips through YAML, so an ablation is a change of config,
+not of code."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+
+@dataclass
+class ViewAug:
+    """One view's augmentation. Each operation has its probability and its strength; a
+    probability of 0 switches the operation off."""
+
+    size: int = 32  # output side in pixels
+    crop_p: float = 1.0  # random resized crop (else the whole image resized)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # area fraction
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels of the output view (BYOL at 224: 0.1-2.0)
+    solarize_p: float = 0.0
+
+
+@dataclass
+class AugConfig:
+    """The views of one training step: global views (each its own ``ViewAug``) and optional
+    multi-crop local views (DINO, SwAV)."""
+
+    global_views: list[ViewAug] = field(default_factory=lambda: [ViewAug(), ViewAug()])
+    local_views: int = 0
+    local: ViewAug = field(default_factory=lambda: ViewAug(size=16, crop_scale=(0.05, 0.4)))
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule. The learning rate is ``base_lr * global_batch / 256``; warmup
+    and cosine decay count epochs (fractions of the dataset seen), never steps."""
+
+    name: str = "adamw"  # adamw | sgd
+    base_lr: float = 1e-3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class MonitorConfig:
+    """Per-epoch diagnostics on held-out images (eval mode)."""
+
+    knn_bank: int = 2000  # training images in the k-NN bank
+    knn_queries: int = 1000  # test images queried
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    collapse_std_ratio: float = 0.1  # collapsed when mean std of L2-normalised features < ratio / sqrt(d)
+    every: int = 1  # epochs between k-NN evaluations (diagnostics run every epoch)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "simclr"
+    arch: str | None = None  # None: the method's default for the image size
+    arch_kwargs: dict = field(default_factory=dict)
+    dataset: str = "shapes"
+    data_root: str | None = None
+    train_subset: int | None = None  # first N of a seeded permutation of the train split
+    image_size: int = 32
+    epochs: int = 10
+    batch_size: int = 256  # global, across all processes
+    seed: int = 0
+    method_cfg: dict = field(default_factory=dict)  # overrides of the method's own dataclass
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Dict -> dataclass, recursively, with a UserError naming unknown keys."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {data!r}")
+    names = {f.name: f for f in fields(cls)}
+    bad = sorted(set(data) - set(names))
+    if bad:
+        raise UserError(f"{where}: unknown key(s) {bad}; known: {sorted(names)}")
+    kw = {}
+    for k, v in data.items():
+        sub = {"aug": AugConfig, "optim": OptimConfig, "monitor": MonitorConfig, "local": ViewAug}.get(k)
+        if k == "global_views":
+            v = [_build(ViewAug, x, f"{where}.global_views") for x in v]
+        elif sub is not None:
+            v = _build(sub, v, f"{where}.{k}")
+        elif isinstance(v, list) and isinstance(names[k].default, tuple):
+            v = tuple(v)
+        kw[k] = v
+    return cls(**kw)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    return _build(TrainConfig, d, "train config")
+
+
+def load_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read training config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"training config {path} must be a mapping of settings")
+    return data
+
+
+def deep_update(base: dict, upd: dict) -> dict:
+    """``base`` with ``upd`` merged in, nested dicts merged key by key."""
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(d: dict, assignment: str) -> dict:
+    """``a.b.c=value`` (value parsed as YAML) applied to the nested dict ``d``."""
+    import yaml
+
+    key, sep, raw = assignment.partition("=")
+    if not sep:
+        raise UserError(f"--set expects key=value, got {assignment!r}")
+    value = yaml.safe_load(raw)
+    node: dict = {}
+    parts = key.strip().split(".")
+    cur = node
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return deep_update(d, node)
