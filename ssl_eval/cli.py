@@ -216,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     lb.set_defaults(func=cmd_leaderboard)
     v = sub.add_parser("validate", help="check every shipped protocol card and suite (and given cards)")
     v.add_argument("cards", nargs="*", help="extra card files to check")
+    _add_results_dir(v)
     v.set_defaults(func=cmd_validate)
 
     su = sub.add_parser("suite", help="show the shipped suites (named collections of protocols)")
     su.add_argument("name", nargs="?")
+    _add_results_dir(su)
     su.set_defaults(func=cmd_suite)
 
     cp = sub.add_parser("compare", help="difference and paired significance test between two backbones")
