@@ -31,18 +31,22 @@ class WeightsSource:
     hf_filenames: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
     url: str | None = None  # official download address (torch.hub cache uses its basename)
     notes: list[str] = field(default_factory=list, compare=False)
+    extra_hf_repos: tuple[str, ...] = ()  # other Hugging Face copies in the same layout
+    how: str = ""  # how to obtain the file when there is no plain download (e.g. a converter)
 
     def _hf_cached(self) -> Path | None:
-        if not self.hf_repo:
+        repos = ((self.hf_repo,) if self.hf_repo else ()) + self.extra_hf_repos
+        if not repos:
             return None
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
             return None
-        for fn in self.hf_filenames:
-            hit = try_to_load_from_cache(self.hf_repo, fn)
-            if isinstance(hit, str) and Path(hit).is_file():
-                return Path(hit)
+        for repo in repos:
+            for fn in self.hf_filenames:
+                hit = try_to_load_from_cache(repo, fn)
+                if isinstance(hit, str) and Path(hit).is_file():
+                    return Path(hit)
         return None
 
     def _hub_cached(self) -> Path | None:
@@ -90,7 +94,12 @@ class WeightsSource:
         msg = f"weights not found: {why}. Place {self.filenames[0]}"
         if self.url:
             msg += f" (the official file {self.url})"
-        msg += f" in {where} (set SSL_EVAL_WEIGHTS_DIR to move that folder), or pass --weights FILE"
+        msg += f" in {where} (set SSL_EVAL_WEIGHTS_DIR to move that folder)"
+        if self.url:
+            msg += f", or at {torch_hub_checkpoints() / os.path.basename(self.url)} (torch.hub's cache)"
+        msg += ", or pass --weights FILE"
+        if self.how:
+            msg += f". {self.how}"
         return msg
 
     def resolve(self, explicit: Path | None, offline: bool) -> Path:
