@@ -1,43 +1,119 @@
-"""DINOv2 ViTs through timm, evaluated the way DINOv2 evaluates: resize 256 (bicubic), centre
-crop 224, ImageNet mean/std; the 518-pixel position embeddings resampled to 224."""
+"""DINOv2 (Oquab et al. 2023): ViT-S/B/L/g 14, with and without registers.
+
+Hub releases (``dinov2_vits14_pretrain.pth``, ``dinov2_vits14_reg4_pretrain.pth`` ...) are flat
+state dicts in timm-like names plus ``mask_token`` (pre-training only, dropped), layer scale
+``ls1.gamma``/``ls2.gamma``, position embeddings for 518 pixels (37x37 patches, resampled to the
+evaluation size) and, for the register models, ``register_tokens``. ViT-g uses a fused SwiGLU
+MLP, ``mlp.w12`` (both halves, gate first) and ``mlp.w3``: timm's packed SwiGLU with
+``fc1``/``fc2`` computes the same ``silu(x1) * x2``.
+
+Training checkpoints (``eval/<iter>/teacher_checkpoint.pth``) are ``{"teacher": ...}`` with
+``backbone.*``, ``dino_head.*`` and ``ibot_head.*``; with ``block_chunks > 0`` the blocks are
+chunked as ``blocks.<chunk>.<i>`` where ``i`` is the global block index (each chunk pads its
+start with Identity modules), so un-chunking just drops the chunk number.
+
+Conversion to timm (written here): register models become timm's ``reg_token`` with
+``no_embed_class`` (the class token's position embedding is folded into ``cls_token``);
+``w12``/``w3`` become ``fc1``/``fc2``. Evaluation as DINOv2's: resize 256 bicubic, centre crop
+224, ImageNet mean/std; feature: the class token after the final norm (k-NN protocol;
+``--feature-kind last:4`` gives the linear protocol's concatenation).
+"""
 
 from __future__ import annotations
 
+import re
+
+import torch
+
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from .base import BackboneSpec, BuildOptions
-from .builtin import timm_backbone
+from ..errors import UserError
+from .checkpoints import Checkpoint
+from .families import Family, Loaded, finish_report, register_family, register_tag
 from .registry import BACKBONES
+from .vit import create_timm, load_vit, split_keys, vit_shape
 from .weights import WeightsSource
 
 DINOV2_EVAL = Preprocessing(
     resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic"
 )
 _SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+_WIDTHS = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
+_ROOTS = ("teacher.backbone.", "model.teacher.backbone.", "teacher.module.backbone.",
+          "student.backbone.", "model.student.backbone.")
 _URL = "https://dl.fbaipublicfiles.com/dinov2/{n}/{n}{r}_pretrain.pth"
+_CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
-def _spec(size: str, registers: bool) -> BackboneSpec:
-    tag = f"dinov2_vit{size}14" + ("_reg" if registers else "")
-    arch = f"vit_{_SIZES[size]}_patch14_{'reg4_' if registers else ''}dinov2.lvd142m"
-    official = _URL.format(n=f"dinov2_vit{size}14", r="_reg4" if registers else "")
-    source = WeightsSource(
-        filenames=(official.rsplit("/", 1)[1], f"{arch}.safetensors"),
-        hf_repo=f"timm/{arch}",
-        url=official,
+def _prefix(ckpt: Checkpoint) -> str | None:
+    for p in _ROOTS + ("",):
+        if not ckpt.has(p + "cls_token", p + "pos_embed"):
+            continue
+        if (p + "mask_token" in ckpt.flat or ckpt.any_prefix(p + "blocks.0.ls1.")
+                or ckpt.any_prefix(p + "blocks.0.0.")):
+            return p
+    return None
+
+
+def to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official DINOv2 names -> timm's (un-chunk, registers, SwiGLU); timm names pass."""
+    out = {}
+    for k, v in sd.items():
+        k = _CHUNKED.sub(r"blocks.\1.", k)
+        k = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", k)
+        out[re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)] = v
+    if "register_tokens" in out:
+        pos = out.pop("pos_embed")
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    return out
+
+
+def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
+    prefix = _prefix(ckpt)
+    if prefix is None:
+        raise UserError(f"{ckpt.path.name} holds no DINOv2 ViT (cls_token, pos_embed, ls1)")
+    sd, dropped = split_keys(ckpt.section(prefix), r"^mask_token$")
+    others = [k for k in ckpt.flat if not k.startswith(prefix)]  # heads, student, optimiser
+    sd = to_timm(sd)
+    shape = vit_shape(sd)
+    kw: dict = {}
+    if variant is None:
+        if shape.embed_dim not in _WIDTHS:
+            raise UserError(f"no DINOv2 ViT is {shape.embed_dim} wide (384, 768, 1024, 1536)")
+        reg = "reg4_" if shape.registers else ""
+        variant = f"vit_{_WIDTHS[shape.embed_dim]}_patch14_{reg}dinov2"
+        kw = {"depth": shape.depth, "patch_size": shape.patch}
+    model = create_timm(variant, opt.image_size or 224, **kw)
+    report = load_vit(model, sd, "dinov2")
+    chunked = any(_CHUNKED.match(k) for k in ckpt.section(prefix))
+    fmt = f"dinov2 ({prefix.rstrip('.') or 'flat'}{', chunked blocks' if chunked else ''})"
+    return Loaded(
+        model, finish_report(report, fmt, others + [prefix + k for k in dropped], prefix),
+        DINOV2_EVAL, "cls", f"DINOv2 ViT ({model.embed_dim}-d class token)",
     )
 
-    def build(opt: BuildOptions):
-        return timm_backbone(
-            tag, arch, opt, source,
-            preprocessing=DINOV2_EVAL, feature_kind="cls", img_size=224,
-            description=f"DINOv2 ViT-{size.upper()}/14{' with registers' if registers else ''}",
-        )
 
-    return BackboneSpec(tag, build, source.status, f"DINOv2 ViT-{size.upper()}/14" + (" +reg" if registers else ""))
+register_family(Family(
+    "dinov2", lambda ckpt: _prefix(ckpt) is not None, _build,
+    "DINOv2: flat hub files (mask_token, ls1) or training checkpoints (teacher.backbone.*)",
+))
+
+
+def _register(size: str, registers: bool) -> None:
+    tag = f"dinov2_vit{size}14" + ("_reg" if registers else "")
+    arch = f"vit_{_SIZES[size]}_patch14_{'reg4_' if registers else ''}dinov2"
+    official = _URL.format(n=f"dinov2_vit{size}14", r="_reg4" if registers else "")
+    source = WeightsSource(
+        filenames=(official.rsplit("/", 1)[1], f"{arch}.lvd142m.safetensors"),
+        hf_repo=f"timm/{arch}.lvd142m",
+        url=official,
+    )
+    desc = f"DINOv2 ViT-{size.upper() if size != 'g' else 'g'}/14{' with 4 registers' if registers else ''} (class token)"
+    register_tag(tag, "dinov2", arch, source, desc)
 
 
 for _s in _SIZES:
     for _r in (False, True):
-        _sp = _spec(_s, _r)
-        BACKBONES.register(_sp.name, _sp)
+        _register(_s, _r)
 BACKBONES.register("dinov2", BACKBONES.get("dinov2_vits14"), "alias of dinov2_vits14")

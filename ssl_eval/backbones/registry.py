@@ -15,7 +15,20 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import builtin, dinov2, plugins  # noqa: F401  (they register themselves)
+    # each module registers its family, tags or prefix on import
+    from . import (  # noqa: F401
+        builtin,
+        cifar,
+        dino,
+        dinov2,
+        dinov3,
+        families,
+        mae,
+        mocov3,
+        plugins,
+        simclr,
+        supervised,
+    )
 
     plugins.register_entry_points()
 
