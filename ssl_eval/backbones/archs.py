@@ -76,7 +76,7 @@ def _vit(embed_dim: int, depth: int, num_heads: int, img_size: int = 32, patch_s
 
     model = VisionTransformer(
         img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-        num_classes=0, global_pool="token", **kw,
+        num_classes=0, global_pool="token", **{"dynamic_img_size": True, **kw},
     )
     model.embed_dim = embed_dim
     return model

@@ -8,6 +8,7 @@ CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -19,6 +20,7 @@ from torch import nn
 
 from .. import __version__
 from ..backbones.archs import build_arch
+from ..backbones.base import FEATURE_KINDS
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
 from . import dist
@@ -62,32 +64,38 @@ def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, images: torch.Tensor, device: torch.device, bs: int = 512) -> torch.Tensor:
-    """Eval-mode embeddings of uint8 images, normalised as in training."""
+def embed(backbone: nn.Module, images: torch.Tensor, device: torch.device, bs: int = 512,
+          kind: str = "model") -> torch.Tensor:
+    """Eval-mode embeddings of uint8 images, normalised as in training, read as the evaluator
+    will read them (``kind``: the method's feature kind)."""
+    read = FEATURE_KINDS.get(kind)
     was = backbone.training
     backbone.eval()
     m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     s = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    out = [backbone(((images[i : i + bs].float() / 255 - m) / s).to(device)).float().cpu()
+    out = [read(backbone, ((images[i : i + bs].float() / 255 - m) / s).to(device)).float().cpu()
            for i in range(0, len(images), bs)]
     backbone.train(was)
     return torch.cat(out)
 
 
-def monitor_epoch(backbone: nn.Module, data: TrainData, cfg: TrainConfig, epoch: int, device) -> dict:
+def monitor_epoch(backbone: nn.Module, data: TrainData, cfg: TrainConfig, epoch: int, device, kind: str) -> dict:
     mc = cfg.monitor
-    bank = embed(backbone, data.bank_images, device)
+    read = FEATURE_KINDS.get(kind)
+    bank = embed(backbone, data.bank_images, device, kind=kind)
     sub = data.bank_images[:512]
     g = step_generator(cfg.seed, epoch, 0, stream=7)
-    v1, v2 = make_views(sub, cfg.aug, g, IMAGENET_MEAN, IMAGENET_STD)[:2]
+    one = dataclasses.replace(cfg.aug, global_views=cfg.aug.global_views[:1], local_views=0)
+    v1 = make_views(sub, one, g, IMAGENET_MEAN, IMAGENET_STD)[0]  # two independent draws of view 1,
+    v2 = make_views(sub, one, g, IMAGENET_MEAN, IMAGENET_STD)[0]  # so one-view methods (MAE) work too
     was = backbone.training
     backbone.eval()
     with torch.no_grad():
-        z1, z2 = backbone(v1.to(device)).float().cpu(), backbone(v2.to(device)).float().cpu()
+        z1, z2 = read(backbone, v1.to(device)).float().cpu(), read(backbone, v2.to(device)).float().cpu()
     backbone.train(was)
     out = diagnostics(bank, z1, z2, mc.collapse_std_ratio)
     if mc.every > 0 and ((epoch + 1) % mc.every == 0 or epoch + 1 == cfg.epochs):
-        q = embed(backbone, data.query_images, device)
+        q = embed(backbone, data.query_images, device, kind=kind)
         out["knn_top1"] = knn_accuracy(bank, data.bank_labels, q, data.query_labels,
                                        mc.knn_k, mc.knn_temperature, data.num_classes)
     return out
@@ -169,7 +177,7 @@ def train(
         if di.main:
             rec = {"epoch": epoch + 1, "loss": ep_loss, "lr": lr_at(cfg.optim, base_lr, epoch + 1, cfg.epochs),
                    "images_per_s": steps * cfg.batch_size / wall, "wall_s": wall}
-            rec.update(monitor_epoch(method.backbone, data, cfg, epoch, device))
+            rec.update(monitor_epoch(method.backbone, data, cfg, epoch, device, spec.feature_kind))
             history.append(rec)
             flag = "  COLLAPSED" if rec["collapsed"] else ""
             knn = f" knn@{cfg.monitor.knn_k}={rec['knn_top1']:.4f}" if "knn_top1" in rec else ""
