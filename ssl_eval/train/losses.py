@@ -4,6 +4,8 @@ tensors from ``dist.gather_with_grad``; on one process they are the local ones."
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -70,15 +72,12 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     """Sinkhorn-Knopp equal-partition assignment (SwAV): Q = exp(scores / eps) rescaled so every
     prototype receives B/K of the batch and every sample a total of 1. Returns (B, K) rows
     summing to 1. Pass the globally gathered scores to partition the global batch."""
-    q = torch.exp((scores - scores.max()) / eps).T  # (K, B)
-    q /= q.sum()
-    k, b = q.shape
+    log_q = scores.float() / eps  # (B, K), in the log domain so large scores cannot underflow
+    b, k = log_q.shape
     for _ in range(iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    return (q * b).T
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)  # prototypes: 1/K each
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(b)  # samples: 1/B each
+    return log_q.exp() * b
 
 
 def swapped_prediction(logits: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
