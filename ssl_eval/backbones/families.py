@@ -17,6 +17,7 @@ from torch import nn
 from ..data.transforms import Preprocessing
 from ..errors import UserError
 from ..registry import Registry
+from . import trained
 from .base import Backbone, BackboneSpec, BuildOptions, WeightsInfo
 from .checkpoints import Checkpoint, read_checkpoint, summarise_keys
 from .registry import BACKBONES
@@ -148,8 +149,10 @@ def _ckpt_spec(rest: str) -> BackboneSpec:
     def build(opt: BuildOptions) -> Backbone:
         if opt.weights is not None:
             raise UserError(f"{name} already names its weights file; drop --weights")
+        if trained.is_training_dir(path):  # a folder written by `ssl-eval train`
+            return trained.build_from_training_dir(path, opt)
         if not path.is_file():
-            raise UserError(f"{name}: no such file {path}")
+            raise UserError(f"{name}: no such file {path} (nor an `ssl-eval train` output folder)")
         ckpt = read_checkpoint(path)
         family = get_family(opt.family) if opt.family else detect_family(ckpt)
         bb = backbone_from_checkpoint(name, ckpt, family, None, opt)
@@ -157,13 +160,14 @@ def _ckpt_spec(rest: str) -> BackboneSpec:
         return bb
 
     def status() -> str:
-        return f"present ({path})" if path.is_file() else f"missing ({path})"
+        found = path.is_file() or trained.is_training_dir(path)
+        return f"present ({path})" if found else f"missing ({path})"
 
     return BackboneSpec(name, build, status, f"checkpoint {path.name}, family detected from keys")
 
 
 BACKBONES.register_prefix(
     "ckpt", _ckpt_spec,
-    "ckpt:PATH, a checkpoint whose family (supervised, simclr, mocov3, mae, dino, dinov2, "
+    "ckpt:PATH, an `ssl-eval train` output folder, or a checkpoint whose family (supervised, simclr, mocov3, mae, dino, dinov2, "
     "dinov3, cifar_resnet) is detected from its keys; --family overrides",
 )
