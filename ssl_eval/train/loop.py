@@ -130,8 +130,10 @@ def train(
     method = spec.cls(backbone, spec.make_config(cfg.method_cfg)).to(device)
     model: nn.Module = method
     if di.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        method = model
+        if device.type == "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        elif di.main:
+            log("CPU data-parallel: BatchNorm statistics stay per process (SyncBatchNorm needs GPUs)")
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[di.local_rank] if device.type == "cuda" else None)
     opt = build_optimizer(method, cfg.optim)
