@@ -79,3 +79,12 @@ def test_user_errors(tmp_path):
         build_from_training_dir(tmp_path)
     with pytest.raises(UserError, match="needs a ViT"):
         train(resolve_config("mae", settings={**SETTINGS, "arch": "cifar_resnet_tiny"}), tmp_path / "m")
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
+    from ssl_eval.cli import main
+
+    assert main(["train", "--method", "simclar", "--out", str(tmp_path / "x")]) == 2
+    assert "Did you mean 'simclr'" in capsys.readouterr().err
+    assert main(["train", "--method", "dino", "--print-config", "--out", str(tmp_path / "x")]) == 0
+    assert "vit_tiny_p4" in capsys.readouterr().out

@@ -10,13 +10,29 @@ from .config import TrainConfig, apply_override, config_from_dict, deep_update, 
 from .methods import METHODS
 
 
+def get_method(name: str):
+    """The registered method, or a UserError listing the choices."""
+    import difflib
+
+    from ..errors import UserError
+
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS.names(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown training method {name!r}.{hint} Choose one of: {', '.join(METHODS.names())}")
+    return METHODS.get(name)
+
+
 def default_config(method: str, image_size: int = 32) -> TrainConfig:
     """The method's own defaults: its augmentation, optimiser, method settings and, at 32x32,
     its small architecture (for bigger inputs pick ``--arch timm:<name>``)."""
-    spec = METHODS.get(method)
+    spec = get_method(method)
+    vit = spec.default_arch.startswith("vit")
+    big = "timm:vit_small_patch16_224" if vit else "timm:resnet18"
     return TrainConfig(
         method=method,
-        arch=spec.default_arch if image_size <= 64 else "timm:resnet18",
+        arch=spec.default_arch if image_size <= 64 else big,
+        arch_kwargs={"dynamic_img_size": True, "img_size": image_size} if vit and image_size > 64 else {},
         image_size=image_size,
         aug=spec.aug(image_size),
         optim=dataclasses.replace(spec.optim),
@@ -35,7 +51,7 @@ def resolve_config(
     for o in overrides or []:
         d = apply_override(d, o)
     cfg = config_from_dict(d)
-    METHODS.get(cfg.method).make_config(cfg.method_cfg)  # unknown method keys fail here, early
+    get_method(cfg.method).make_config(cfg.method_cfg)  # unknown method keys fail here, early
     return cfg
 
 
