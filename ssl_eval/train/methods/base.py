@@ -25,6 +25,7 @@ class SSLMethod(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+        self.rng: torch.Generator | None = None  # set by the loop each step, keyed by (seed, epoch, step)
 
     def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
         raise NotImplementedError

@@ -82,7 +82,7 @@ class MAE(SSLMethod):
     def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
         x = views[0]
         target = patchify(x, self.patch)
-        keep, mask, restore = random_mask(len(x), target.shape[1], self.cfg.mask_ratio, getattr(self, "rng", None))
+        keep, mask, restore = random_mask(len(x), target.shape[1], self.cfg.mask_ratio, self.rng)
         keep, mask, restore = keep.to(x.device), mask.to(x.device), restore.to(x.device)
         pred = self.decode(self.encode(x, keep), restore)
         return mae_loss(pred, target, mask, self.cfg.norm_pix)
