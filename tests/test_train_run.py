@@ -14,7 +14,7 @@ from ssl_eval.errors import UserError
 from ssl_eval.features import extract
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.knn import KnnParams, run_knn
-from ssl_eval.train.api import resolve_config
+from ssl_eval.train.api import default_config, resolve_config
 from ssl_eval.train.data import load_train_data
 from ssl_eval.train.loop import train
 
@@ -28,7 +28,8 @@ def data():
 
 
 def _cfg(method="simclr", **kw):
-    small = [f"method_cfg.{k}=32" for k in ("proj_hidden", "pred_hidden", "proj_dim")]
+    known = default_config(method).method_cfg
+    small = [f"method_cfg.{k}=32" for k in ("proj_hidden", "pred_hidden", "proj_dim") if k in known]
     return resolve_config(method, 32, settings={**SETTINGS, **kw}, overrides=small)
 
 
