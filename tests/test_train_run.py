@@ -18,13 +18,13 @@ from ssl_eval.train.api import default_config, resolve_config
 from ssl_eval.train.data import load_train_data
 from ssl_eval.train.loop import train
 
-SETTINGS = {"arch": "cifar_resnet_tiny", "dataset": "digits", "epochs": 2, "batch_size": 64, "train_subset": 128,
-            "monitor": {"knn_bank": 128, "knn_queries": 64}}
+SETTINGS = {"arch": "cifar_resnet_tiny", "dataset": "digits", "epochs": 2, "batch_size": 32, "train_subset": 64,
+            "monitor": {"knn_bank": 64, "knn_queries": 64}}
 
 
 @pytest.fixture(scope="module")
 def data():
-    return load_train_data("digits", 32, 0, 128, 128, 64)
+    return load_train_data("digits", 32, 0, 64, 64, 64)
 
 
 def _cfg(method="simclr", **kw):
