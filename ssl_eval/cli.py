@@ -4,6 +4,7 @@ calls the library; no Namespace travels further."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -163,6 +164,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(dump_yaml(cfg))
         return 0
     side = train(cfg, a.out, resume=a.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only the first process reports
+        return 0
     d = side.get("final_diagnostics", {})
     flag = "  (COLLAPSED)" if side.get("collapsed") else ""
     print(f"{a.out}: {cfg.method} {side['architecture']['name']} {side['epochs_done']} epochs, "
