@@ -63,45 +63,59 @@ def train_heads(
         raise UserError("linear: lrs and weight_decays must each list at least one value")
     dev = x.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    (N, D), C = x.shape, num_classes
+    # Work on [features, 1, 0...]: the bias is row D of the weight and gets exactly the bias's
+    # gradient (the batch sum of the logit gradients), weight decay and momentum. The width is
+    # padded to a multiple of 8 with zero features, whose weights stay exactly zero.
+    Da = D + 1 + (-(D + 1)) % 8
+    xa = torch.zeros(N, Da, device=dev)
     mean = std = None
     if p.batchnorm:
         mean = x.mean(0, keepdim=True)
-        std = x.std(0, keepdim=True).clamp_min(1e-6)
-        x = (x - mean) / std
+        xc = xa[:, :D].copy_(x).sub_(mean)
+        # = x.std(0) (unbiased), but torch's column-wise std is several times slower on CPU
+        std = (torch.linalg.vector_norm(xc, dim=0, keepdim=True) / math.sqrt(max(N - 1, 1))).clamp_min(1e-6)
+        xc.div_(std)
+    else:
+        xa[:, :D].copy_(x)
+    xa[:, D] = 1.0
     settings = [(lr, wd) for lr in p.lrs for wd in p.weight_decays]
-    H, (N, D), C = len(settings), x.shape, num_classes
+    H = len(settings)
     lr0 = torch.tensor([s[0] for s in settings], device=dev).view(1, H, 1)
     wd = torch.tensor([s[1] for s in settings], device=dev).view(1, H, 1)
-    W = torch.zeros(D, H, C, device=dev)
-    b = torch.zeros(H, C, device=dev)
-    mW, mb = torch.zeros_like(W), torch.zeros_like(b)
+    decay = any(s[1] != 0 for s in settings)
+    W = torch.zeros(Da, H, C, device=dev)
+    mW = torch.zeros_like(W)
+    W2, mW2 = W.view(Da, H * C), mW.view(Da, H * C)
+    bs = min(p.batch_size, N)
+    # per-batch buffers, reused: the batch's features and one-hot labels, and the logits
+    xb_buf = torch.empty(bs, Da, device=dev)
+    onehot = torch.zeros(bs, C, device=dev)
+    logits = torch.empty(bs, H * C, device=dev)
     steps_per_epoch = math.ceil(N / p.batch_size)
     total = p.epochs * steps_per_epoch
     step = 0
     for _ in range(p.epochs):
         perm = torch.randperm(N, generator=gen).to(dev)
-        for s in range(0, N, p.batch_size):
-            idx = perm[s : s + p.batch_size]
-            xb, yb = x[idx], y[idx]
+        for s in range(0, N, bs):
+            idx = perm[s : s + bs]
             B = len(idx)
-            logits = (xb @ W.view(D, H * C)).view(B, H, C) + b
-            g = torch.softmax(logits, dim=2)
-            g[torch.arange(B, device=dev), :, yb] -= 1.0
-            g /= B  # gradient of the mean cross-entropy w.r.t. the logits
-            gW = (xb.T @ g.view(B, H * C)).view(D, H, C) + wd * W
-            gb = g.sum(0) + wd[0] * b
+            xb = torch.index_select(xa, 0, idx, out=xb_buf[:B])
+            tb = onehot[:B].zero_().scatter_(1, y[idx].view(B, 1).long(), 1.0)
+            g = torch.softmax(torch.mm(xb, W2, out=logits[:B]).view(B, H, C), dim=2)
+            g.sub_(tb.unsqueeze(1))  # B x the gradient of the mean cross-entropy w.r.t. the logits
+            # momentum buffer <- momentum * buffer + gradient (data term, then weight decay)
+            mW2.addmm_(xb.T, g.view(B, H * C), beta=p.momentum, alpha=1.0 / B)
+            if decay:
+                mW.addcmul_(W, wd)
             lr = lr0 * (0.5 * (1 + math.cos(math.pi * step / total)))
-            mW.mul_(p.momentum).add_(gW)
-            mb.mul_(p.momentum).add_(gb)
-            W.sub_(lr * mW)
-            b.sub_(lr[0] * mb)
+            W.addcmul_(mW, lr, value=-1.0)
             step += 1
-    if not torch.isfinite(W).all():
+    bad = ~torch.isfinite(W).all(dim=0).all(dim=1)
+    if bad.any():
         # a diverged head (too high a learning rate) is zeroed, so it loses the selection
-        bad = ~torch.isfinite(W).all(dim=(0, 2))
         W[:, bad] = 0.0
-        b[bad] = 0.0
-    return HeadGrid(W, b, settings, mean, std)
+    return HeadGrid(W[:D], W[D], settings, mean, std)
 
 
 def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
