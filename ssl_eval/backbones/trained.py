@@ -88,12 +88,3 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
                                                                         "collapsed", "code_version")}},
         description=desc,
     )
-
-
-def from_dir(weights: Path | None = None, image_size: int | None = None) -> Backbone:
-    """Stop-gap until ``ckpt:DIR`` dispatches here:
-    ``--backbone py:ssl_eval.backbones.trained:from_dir --weights DIR`` (or SSL_EVAL_TRAINED_DIR=DIR)."""
-    d = weights or os.environ.get("SSL_EVAL_TRAINED_DIR")
-    if not d:
-        raise UserError("pass --weights DIR (an `ssl-eval train` output folder) or set SSL_EVAL_TRAINED_DIR")
-    return build_from_training_dir(d, BuildOptions(image_size=image_size))
