@@ -15,10 +15,15 @@ torch on a (1024 x D) @ (D x N) product). The neighbour sets are compared with s
 on a subset of queries.
 
 Linear probe: ``run_linear`` with the card protocols/linear.yaml (every head of its lr x wd grid
-trained at once, the best on a validation split carved from the bank, reported on test) against
-scikit-learn's ``LogisticRegression`` (lbfgs on standardised features) over a grid of C values;
-the timing target compares the sweep with ONE scikit-learn fit (the C scikit-learn's own grid
-selects on the same validation split, fitted from scratch).
+trained at once, the best on a validation split carved from the bank, reported on test;
+``--set key=value`` tries other params) against scikit-learn's ``LogisticRegression`` (lbfgs,
+max_iter 1000, on StandardScaler features) over a grid of C = 1 / (wd * n_train): the card's
+weight decays, 1e-2 and 1e-1, refined by factors of 3 around the best. The best C is chosen on
+the same validation split. The timing target compares the whole sweep with ONE scikit-learn fit
+(StandardScaler + the fit at the C scikit-learn selects, from scratch).
+
+Targets: k-NN >= 4x faster than scikit-learn and <= 1.5x the matmul limit; linear sweep faster
+than one scikit-learn fit, test top-1 no more than 0.5 points below scikit-learn's best.
 
 Timings are the best of ``--reps`` interleaved repetitions where a method is repeated (k-NN);
 the GEMM rate is re-measured next to every repetition and its best is used, so a busy machine
@@ -184,7 +189,7 @@ def self_check() -> str:
     N, D, C = 600, 10, 4
     x = torch.from_numpy(rng.normal(size=(N, D)).astype(np.float32) * 2 + 1)
     y = torch.from_numpy(rng.integers(0, C, N))
-    p = LinearParams(lrs=(0.05, 0.5), weight_decays=(0.0, 1e-2), epochs=3, batch_size=128)
+    p = LinearParams(lrs=(0.05, 0.5), weight_decays=(0.0, 1e-2), epochs=3, batch_size=128, min_steps=0)
     grid = train_heads(x, y, C, p, seed=11)
     xs = (x - x.mean(0)) / x.std(0)
     steps = 3 * math.ceil(N / 128)
@@ -331,11 +336,11 @@ def bench_knn(name, bank_x, bank_y, query_x, query_y, classes, reps, n_check) ->
 
 
 def sklearn_grid(ssl_wds) -> list[float]:
-    """Weight decays for scikit-learn (C = 1 / (wd * n_train), the same penalty (wd / 2) |W|^2 on
-    the mean loss): the card's non-zero ones plus stronger ones. The grid is then extended by
-    factors of 3 while its best is at an end, so scikit-learn's best is genuinely tuned. (wd = 0,
-    no penalty, is left out: lbfgs then runs to max_iter on this data.)"""
-    return sorted({w for w in ssl_wds if w > 0} | {1e-1, 3e-2, 1e-2, 3e-3, 1e-3}, reverse=True)
+    """Starting weight decays for scikit-learn, C = 1 / (wd * n_train) (the same penalty
+    (wd / 2) |W|^2 on the mean loss): the card's non-zero ones plus 1e-2 and 1e-1. ``wd = 0``
+    (no penalty) is left out: lbfgs then runs to max_iter on this data. The grid is refined by
+    factors of 3 around its best afterwards, so scikit-learn's best is genuinely tuned."""
+    return sorted({w for w in ssl_wds if w > 0} | {1e-1, 1e-2}, reverse=True)
 
 
 def bench_linear(name, bank_x, bank_y, query_x, query_y, classes, params: LinearParams, seed,
@@ -386,15 +391,22 @@ def bench_linear(name, bank_x, bank_y, query_x, query_y, classes, params: Linear
     log(f"  sklearn StandardScaler fit + transform: {ts.wall:.2f} s; features {xtr.dtype}")
     for wd in sklearn_grid(params.weight_decays):
         fit(wd)
-    for _ in range(3):  # extend the grid while its best is at an end
-        order = sorted(fits, key=lambda f: -f["wd"])
-        top = max(order, key=lambda f: f["val_top1"])
-        if top is order[0]:
-            fit(order[0]["wd"] * 3)
-        elif top is order[-1]:
-            fit(order[-1]["wd"] / 3)
-        else:
-            break
+
+    def best_fit():
+        return max(sorted(fits, key=lambda f: -f["wd"]), key=lambda f: f["val_top1"])  # stronger on ties
+
+    extra = 0
+    for step in (3.0, 1 / 3):  # refine: stronger, then weaker, while validation improves
+        cur = best_fit()
+        while extra < 4:
+            wd = cur["wd"] * step
+            if any(abs(math.log(wd / f["wd"])) < math.log(1.5) for f in fits):
+                break  # already tried (about) this value
+            fit(wd)
+            extra += 1
+            if fits[-1]["val_top1"] <= cur["val_top1"]:
+                break
+            cur = fits[-1]
     fits.sort(key=lambda f: -f["wd"])
     best = max(fits, key=lambda f: f["val_top1"])  # the strongest penalty among ties
     single = ts.wall + best["fit_s"]

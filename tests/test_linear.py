@@ -1,8 +1,10 @@
+import math
+
 import numpy as np
 import torch
 
 from ssl_eval.protocols.base import ProtocolInputs
-from ssl_eval.protocols.linear import LinearParams, run_linear, train_heads
+from ssl_eval.protocols.linear import LinearParams, feature_stats, run_linear, schedule, train_heads
 
 W_TRUE = np.random.default_rng(123).normal(size=(20, 5))
 
@@ -51,3 +53,66 @@ def test_diverged_heads_lose_the_selection():
     inp = ProtocolInputs(x * 1e4, y, x[:100] * 1e4, y[:100], np.arange(700), np.arange(700, 800), 5)
     out = run_linear(inp, LinearParams(lrs=(1e6, 0.1), weight_decays=(0.0,), epochs=3, batchnorm=False))
     assert np.isfinite(out.metrics["top1"])
+
+
+def _sgd_reference(xs, y, C, lr, wd, epochs, bs, seed, steps, rows=None):
+    """One head with autograd and torch.optim.SGD (momentum 0.9, weight decay on weight and
+    bias) under a per-step cosine schedule, on already standardised features ``xs``."""
+    import torch.nn.functional as F
+
+    n = len(rows) if rows is not None else len(xs)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.zeros(xs.shape[1], C, requires_grad=True)
+    b = torch.zeros(C, requires_grad=True)
+    opt = torch.optim.SGD([w, b], lr=lr, momentum=0.9, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        if rows is not None:
+            order = rows[order]
+        for s in range(0, n, bs):
+            i = order[s : s + bs]
+            opt.zero_grad()
+            F.cross_entropy(xs[i] @ w + b, y[i]).backward()
+            opt.step()
+            sched.step()
+    return w.detach(), b.detach()
+
+
+def test_every_head_equals_torch_sgd_on_standardised_rows():
+    """The fused grid equals plain autograd + torch.optim.SGD for each (lr, wd), on a subset of
+    rows standardised with that subset's statistics, with min_steps raising the epochs."""
+    rng = np.random.default_rng(5)
+    N, D, C = 700, 12, 4
+    x = torch.from_numpy((rng.normal(size=(N, D)) * rng.uniform(0.5, 3, D) + rng.normal(size=D) * 4).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, C, N))
+    rows = torch.from_numpy(np.sort(rng.choice(N, 600, replace=False)))
+    p = LinearParams(lrs=(0.05, 0.5), weight_decays=(0.0, 1e-2), epochs=2, batch_size=128, min_steps=20)
+    epochs, per_epoch = schedule(600, p)
+    assert (epochs, per_epoch) == (4, 5)  # 2 epochs = 10 steps < 20: raised to 4 epochs
+    grid = train_heads(x, y, C, p, seed=11, rows=rows)
+    assert (grid.epochs, grid.steps) == (4, 20)
+    sub = x[rows].double()
+    xs = ((x.double() - sub.mean(0)) / sub.std(0)).float()
+    for h, (lr, wd) in enumerate(grid.settings):
+        w, b = _sgd_reference(xs, y, C, lr, wd, epochs, 128, 11, epochs * per_epoch, rows=rows)
+        torch.testing.assert_close(grid.weight[:, h], w, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(grid.bias[h], b, rtol=1e-4, atol=2e-5)
+
+
+def test_feature_stats_match_numpy_on_a_row_subset():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(5000, 9)) * rng.uniform(0.1, 10, 9) + rng.normal(size=9) * 50).astype(np.float32)
+    rows = rng.choice(5000, 3001, replace=False)
+    mean, inv_std = feature_stats(torch.from_numpy(x), torch.from_numpy(rows), chunk=777)
+    ref = x[rows].astype(np.float64)
+    np.testing.assert_allclose(mean.numpy()[0], ref.mean(0), rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(1 / inv_std.numpy()[0], ref.std(0, ddof=1), rtol=1e-5)
+
+
+def test_small_datasets_get_min_steps_and_the_record_says_so():
+    x, y = _separable(400)
+    inp = ProtocolInputs(x, y, x[:50], y[:50], np.arange(350), np.arange(350, 400), 5)
+    out = run_linear(inp, LinearParams(epochs=3, batch_size=128, min_steps=30))
+    assert out.details["epochs_run"] == 10 and out.details["steps"] == 30  # 3 steps an epoch
+    assert schedule(45000, LinearParams())[0] == 3  # CIFAR-size: the card's 3 epochs (264 steps)

@@ -1,9 +1,15 @@
 """Linear probe on frozen features: a grid of learning rates x weight decays trained at once.
 
-All heads share each mini-batch: one GEMM computes every head's logits, one GEMM every
-head's gradient (softmax cross-entropy has a closed-form gradient, so no autograd). Each head
-has its own learning rate and weight decay; SGD with momentum and a cosine schedule counted
-in epochs. The head with the best validation top-1 is reported on test.
+All heads share each mini-batch: one GEMM computes every head's logits (the bias added inside
+it), one GEMM every head's gradient (softmax cross-entropy has a closed-form gradient, so no
+autograd). Each head has its own learning rate and weight decay; SGD with momentum (the
+update of ``torch.optim.SGD``, weight decay on weights and bias) and a cosine schedule counted
+in steps. Features are standardised with the training rows' mean and standard deviation
+(BatchNorm without affine, as MAE), one mini-batch at a time, so the training matrix is never
+copied. The head with the best validation top-1 is reported on test.
+
+Small datasets get at least ``min_steps`` optimiser steps (more epochs), so a 1,000-image
+dataset is not probed with a handful of updates.
 """
 
 from __future__ import annotations
@@ -27,95 +33,151 @@ from .base import (
 
 @dataclass(frozen=True)
 class LinearParams:
-    lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3)
-    epochs: int = 20
+    lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
+    weight_decays: tuple[float, ...] = (0.0, 0.01)
+    epochs: int = 3
+    min_steps: int = 200  # at least this many optimiser steps: small datasets get more epochs
     batch_size: int = 512
     momentum: float = 0.9
     batchnorm: bool = True  # standardise features with train statistics (BatchNorm without affine, as MAE)
 
 
+def schedule(n: int, p: LinearParams) -> tuple[int, int]:
+    """(epochs, steps per epoch) for ``n`` training rows: ``p.epochs``, raised to reach ``p.min_steps``."""
+    per_epoch = math.ceil(n / p.batch_size)
+    return max(p.epochs, math.ceil(p.min_steps / per_epoch)), per_epoch
+
+
 @dataclass
 class HeadGrid:
-    """Trained heads: weight (D, H, C), bias (H, C), settings [(lr, wd)], feature statistics."""
+    """Trained heads: weight (D, H, C), bias (H, C), settings [(lr, wd)], feature statistics,
+    and how long they trained."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     settings: list[tuple[float, float]]
     mean: torch.Tensor | None
-    std: torch.Tensor | None
+    inv_std: torch.Tensor | None
+    epochs: int = 0
+    steps: int = 0
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, H, C)."""
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
+    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std if self.mean is not None else x
+
+    def logits(self, x: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        """(N, D) -> (N, H, C), or (N, C) for one ``head``."""
+        x = self._standardise(x)
+        if head is not None:
+            return torch.addmm(self.bias[head], x, self.weight[:, head])
         D, H, C = self.weight.shape
-        return (x @ self.weight.view(D, H * C)).view(-1, H, C) + self.bias
+        return torch.addmm(self.bias.reshape(H * C), x, self.weight.reshape(D, H * C)).view(-1, H, C)
+
+    def top1_per_head(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Top-1 accuracy of every head on (x, y), in chunks (bounded memory)."""
+        correct = torch.zeros(self.weight.shape[1], device=x.device)
+        for s in range(0, len(x), chunk):
+            correct += (self.logits(x[s : s + chunk]).argmax(2) == y[s : s + chunk].view(-1, 1)).sum(0)
+        return correct / max(len(x), 1)
+
+
+def feature_stats(x: torch.Tensor, rows: torch.Tensor | None, chunk: int = 4096):
+    """Mean and 1 / (unbiased std) of ``x[rows]`` per feature, without gathering or copying the
+    matrix: each pass multiplies a 0/1 row-weight vector into row chunks (a GEMV), and chunk
+    sums accumulate in float64; the variance is taken around the mean (two passes). A constant
+    feature gets std 1e-6."""
+    N, D = x.shape
+    if rows is None:
+        w = torch.ones(N, dtype=x.dtype, device=x.device)
+    else:
+        w = torch.zeros(N, dtype=x.dtype, device=x.device).index_add_(
+            0, rows, torch.ones(len(rows), dtype=x.dtype, device=x.device))
+    n = float(w.sum())
+    total = torch.zeros(D, dtype=torch.float64, device=x.device)
+    for s in range(0, N, chunk):
+        total += (w[s : s + chunk] @ x[s : s + chunk]).double()
+    mean = (total / n).to(x.dtype)
+    buf = torch.empty(min(chunk, N), D, dtype=x.dtype, device=x.device)
+    sq = torch.zeros_like(total)
+    for s in range(0, N, chunk):
+        d = torch.sub(x[s : s + chunk], mean, out=buf[: min(chunk, N - s)])
+        sq += (w[s : s + chunk] @ d.mul_(d)).double()
+    std = (sq / max(n - 1, 1)).sqrt().clamp_min(1e-6).to(x.dtype)
+    return mean.view(1, -1), (1.0 / std).view(1, -1)
 
 
 def train_heads(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, p: LinearParams, seed: int = 0
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    p: LinearParams,
+    seed: int = 0,
+    rows: torch.Tensor | None = None,
 ) -> HeadGrid:
-    """Train one linear head per (lr, wd) in ``p``'s grid on features ``x`` and labels ``y``."""
-    if p.epochs < 1 or p.batch_size < 1:
-        raise UserError("linear: epochs and batch_size must be at least 1")
+    """Train one linear head per (lr, wd) in ``p``'s grid on features ``x`` and labels ``y``
+    (all rows, or the rows listed in ``rows``: the matrix is read in place, never copied)."""
+    if p.epochs < 1 or p.batch_size < 1 or p.min_steps < 0:
+        raise UserError("linear: epochs and batch_size must be at least 1, min_steps at least 0")
     if not p.lrs or not p.weight_decays:
         raise UserError("linear: lrs and weight_decays must each list at least one value")
     dev = x.device
+    n = len(rows) if rows is not None else len(x)
+    if n == 0:
+        raise UserError("linear: no training rows")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    (N, D), C = x.shape, num_classes
-    # Work on [features, 1, 0...]: the bias is row D of the weight and gets exactly the bias's
-    # gradient (the batch sum of the logit gradients), weight decay and momentum. The width is
-    # padded to a multiple of 8 with zero features, whose weights stay exactly zero.
-    Da = D + 1 + (-(D + 1)) % 8
-    xa = torch.zeros(N, Da, device=dev)
-    mean = std = None
+    D, C = x.shape[1], num_classes
+    mean = inv_std = None
     if p.batchnorm:
-        mean = x.mean(0, keepdim=True)
-        xc = xa[:, :D].copy_(x).sub_(mean)
-        # = x.std(0) (unbiased), but torch's column-wise std is several times slower on CPU
-        std = (torch.linalg.vector_norm(xc, dim=0, keepdim=True) / math.sqrt(max(N - 1, 1))).clamp_min(1e-6)
-        xc.div_(std)
-    else:
-        xa[:, :D].copy_(x)
-    xa[:, D] = 1.0
+        mean, inv_std = feature_stats(x, rows)
     settings = [(lr, wd) for lr in p.lrs for wd in p.weight_decays]
     H = len(settings)
-    lr0 = torch.tensor([s[0] for s in settings], device=dev).view(1, H, 1)
-    wd = torch.tensor([s[1] for s in settings], device=dev).view(1, H, 1)
+    lr0 = torch.tensor([s[0] for s in settings], device=dev).repeat_interleave(C).view(1, H * C)
+    wd = torch.tensor([s[1] for s in settings], device=dev).repeat_interleave(C).view(1, H * C)
     decay = any(s[1] != 0 for s in settings)
-    W = torch.zeros(Da, H, C, device=dev)
-    mW = torch.zeros_like(W)
-    W2, mW2 = W.view(Da, H * C), mW.view(Da, H * C)
-    bs = min(p.batch_size, N)
-    # per-batch buffers, reused: the batch's features and one-hot labels, and the logits
-    xb_buf = torch.empty(bs, Da, device=dev)
+    W = torch.zeros(D, H * C, device=dev)
+    b = torch.zeros(1, H * C, device=dev)
+    mW, mb = torch.zeros_like(W), torch.zeros_like(b)
+    bs = min(p.batch_size, n)
+    # per-batch buffers, reused: the batch's features, one-hot labels, logits
+    xb_buf = torch.empty(bs, D, device=dev)
     onehot = torch.zeros(bs, C, device=dev)
     logits = torch.empty(bs, H * C, device=dev)
-    steps_per_epoch = math.ceil(N / p.batch_size)
-    total = p.epochs * steps_per_epoch
+    lr_t = torch.empty_like(lr0)
+    epochs, per_epoch = schedule(n, p)
+    total = epochs * per_epoch
     step = 0
-    for _ in range(p.epochs):
-        perm = torch.randperm(N, generator=gen).to(dev)
-        for s in range(0, N, bs):
-            idx = perm[s : s + bs]
+    y = y.to(dev)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(dev)
+        if rows is not None:
+            order = rows[order]
+        for s in range(0, n, bs):
+            idx = order[s : s + bs]
             B = len(idx)
-            xb = torch.index_select(xa, 0, idx, out=xb_buf[:B])
+            xb = torch.index_select(x, 0, idx, out=xb_buf[:B])
+            if mean is not None:
+                xb.sub_(mean).mul_(inv_std)
             tb = onehot[:B].zero_().scatter_(1, y[idx].view(B, 1).long(), 1.0)
-            g = torch.softmax(torch.mm(xb, W2, out=logits[:B]).view(B, H, C), dim=2)
+            z = torch.addmm(b, xb, W, out=logits[:B]).view(B, H, C)
+            g = torch.softmax(z, dim=2)
             g.sub_(tb.unsqueeze(1))  # B x the gradient of the mean cross-entropy w.r.t. the logits
+            g2 = g.view(B, H * C)
             # momentum buffer <- momentum * buffer + gradient (data term, then weight decay)
-            mW2.addmm_(xb.T, g.view(B, H * C), beta=p.momentum, alpha=1.0 / B)
+            mW.addmm_(xb.T, g2, beta=p.momentum, alpha=1.0 / B)
+            mb.mul_(p.momentum).add_(g2.sum(0, keepdim=True), alpha=1.0 / B)
             if decay:
                 mW.addcmul_(W, wd)
-            lr = lr0 * (0.5 * (1 + math.cos(math.pi * step / total)))
-            W.addcmul_(mW, lr, value=-1.0)
+                mb.addcmul_(b, wd)
+            torch.mul(lr0, 0.5 * (1 + math.cos(math.pi * step / total)), out=lr_t)
+            W.addcmul_(mW, lr_t, value=-1.0)
+            b.addcmul_(mb, lr_t, value=-1.0)
             step += 1
-    bad = ~torch.isfinite(W).all(dim=0).all(dim=1)
+    W3, b2 = W.view(D, H, C), b.view(H, C)
+    bad = ~(torch.isfinite(W3).all(dim=0).all(dim=1) & torch.isfinite(b2).all(dim=1))
     if bad.any():
         # a diverged head (too high a learning rate) is zeroed, so it loses the selection
-        W[:, bad] = 0.0
-    return HeadGrid(W[:D], W[D], settings, mean, std)
+        W3[:, bad] = 0.0
+        b2[bad] = 0.0
+    return HeadGrid(W3, b2, settings, mean, inv_std, epochs, step)
 
 
 def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
@@ -126,15 +188,13 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
     tr, va = torch.from_numpy(inp.train_idx).to(dev), torch.from_numpy(inp.val_idx).to(dev)
     if len(va) == 0:
         raise UserError("linear: the validation split is empty; raise --val-fraction")
-    heads = train_heads(x_all[tr], y_all[tr], inp.num_classes, p, seed=inp.seed)
+    heads = train_heads(x_all, y_all, inp.num_classes, p, seed=inp.seed, rows=tr)
 
-    val_logits = heads.logits(x_all[va])  # (Nv, H, C)
-    val_acc = (val_logits.argmax(2) == y_all[va].view(-1, 1)).float().mean(0)  # (H,)
+    val_acc = heads.top1_per_head(x_all[va], y_all[va])  # (H,)
     best = int(torch.argmax(val_acc))  # first best in grid order on ties
     test_x = as_tensor(inp.test_x, dev)
     test_y = torch.from_numpy(np.asarray(inp.test_y)).to(dev)
-    test_scores = heads.logits(test_x)[:, best]
-    hits = topk_hits(test_scores, test_y)
+    hits = topk_hits(heads.logits(test_x, head=best), test_y)
     lr, wd = heads.settings[best]
     return ProtocolOutput(
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
@@ -143,6 +203,8 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
             "val_top1": {f"lr={a},wd={b}": float(v) for (a, b), v in zip(heads.settings, val_acc, strict=False)},
             "train_size": len(tr),
             "val_size": len(va),
+            "epochs_run": heads.epochs,
+            "steps": heads.steps,
         },
         per_sample={"top1": hits[1], "top5": hits[5]},
     )
