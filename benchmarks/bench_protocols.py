@@ -10,8 +10,10 @@ the same labels at both sizes. Every method runs on the same arrays in one proce
 
 k-NN: ``knn_classify`` (ks 10/20/100/200, T = 0.07: one top-200 search answers every k) with
 each backend, against scikit-learn's brute-force cosine ``KNeighborsClassifier`` (fit +
-predict, one k) and against the matmul limit 2*N*M*D / (float32 GEMM FLOP/s measured here with
-torch on a (1024 x D) @ (D x N) product). The neighbour sets are compared with scikit-learn's
+predict, one k) and against the matmul limit 2*N*M*D / (float32 GEMM FLOP/s measured here on a
+(1024 x D) @ (D x N) product, the best of torch's BLAS and numpy's BLAS: on AMD CPUs numpy's
+OpenBLAS runs this product up to 1.5x faster than torch's MKL, and the limit is the machine's,
+not one library's). The neighbour sets are compared with scikit-learn's
 on a subset of queries.
 
 Linear probe: ``run_linear`` with the card protocols/linear.yaml (every head of its lr x wd grid
@@ -291,8 +293,8 @@ def bench_knn(name, bank_x, bank_y, query_x, query_y, classes, reps, n_check) ->
     limit_any = 2 * N * M * D / max(rate, np_rate)
     res["gemm_gflops_torch"] = rate / 1e9
     res["gemm_gflops_numpy"] = np_rate / 1e9
-    res["matmul_limit_s"] = limit
-    res["matmul_limit_best_blas_s"] = limit_any
+    res["matmul_limit_s"] = limit_any  # at the best float32 GEMM rate measured (torch's or numpy's BLAS)
+    res["matmul_limit_torch_s"] = limit
     res["knn_top1"] = acc["faiss"]
 
     skl = KNeighborsClassifier(n_neighbors=200, metric="cosine", algorithm="brute")
@@ -324,8 +326,8 @@ def bench_knn(name, bank_x, bank_y, query_x, query_y, classes, reps, n_check) ->
         res[backend] = {
             "best_s": best, "all_s": times[backend], "cpu_s": min(cpus[backend]),
             "speedup_vs_sklearn": res["sklearn_s"] / best,
-            "x_matmul_limit": best / limit,
-            "x_matmul_limit_best_blas": best / limit_any,
+            "x_matmul_limit": best / limit_any,  # the target's reference: the fastest GEMM measured here
+            "x_torch_gemm_limit": best / limit,
         }
         res[backend]["pass_speedup"] = res[backend]["speedup_vs_sklearn"] >= KNN_SPEEDUP_TARGET
         res[backend]["pass_limit"] = res[backend]["x_matmul_limit"] <= KNN_LIMIT_TARGET
@@ -358,7 +360,7 @@ def bench_linear(name, bank_x, bank_y, query_x, query_y, classes, params: Linear
     inp = ProtocolInputs(bank_x, bank_y, query_x, query_y, tr, va, classes, seed=seed)
     with Timer() as t:
         out = run_linear(inp, params)
-    flops = 4 * params.epochs * len(tr) * (D + 1) * H * classes
+    flops = 4 * out.details["epochs_run"] * len(tr) * (D + 1) * H * classes
     res = {"size": name, "dim": D, "train": len(tr), "val": len(va), "test": len(query_x), "heads": H,
            "params": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(params).items()},
            "ssl_eval": {"sweep_s": t.wall, "cpu_s": t.cpu, "gemm_gflops_effective": flops / t.wall / 1e9,
@@ -432,7 +434,7 @@ def summary(knn: list[dict], lin: list[dict]) -> str:
         lines += [
             "k-NN (ks 10/20/100/200 from one top-200 search, T=0.07) vs sklearn brute cosine (k=200) and the matmul limit",
             f"{'size':4s} {'dim':>5s} {'backend':7s} {'time s':>8s} {'sklearn s':>9s} {'speed-up':>8s} {'target>=4':>9s} "
-            f"{'limit s':>8s} {'x limit':>7s} {'target<=1.5':>11s} {'x best-BLAS':>11s} {'top1@k20':>8s} {'nbr sets':>8s}",
+            f"{'limit s':>8s} {'x limit':>7s} {'target<=1.5':>11s} {'x torch-GEMM':>12s} {'top1@k20':>8s} {'nbr sets':>8s}",
         ]
         for r in knn:
             for b in ("faiss", "torch"):
@@ -441,7 +443,7 @@ def summary(knn: list[dict], lin: list[dict]) -> str:
                 lines.append(
                     f"{r['size']:4s} {r['dim']:5d} {b:7s} {x['best_s']:8.2f} {r['sklearn_s']:9.2f} "
                     f"{x['speedup_vs_sklearn']:7.1f}x {verdict(x['pass_speedup']):>9s} {r['matmul_limit_s']:8.2f} "
-                    f"{x['x_matmul_limit']:6.2f}x {verdict(x['pass_limit']):>11s} {x['x_matmul_limit_best_blas']:10.2f}x "
+                    f"{x['x_matmul_limit']:6.2f}x {verdict(x['pass_limit']):>11s} {x['x_torch_gemm_limit']:11.2f}x "
                     f"{r['knn_top1'][20]:8.4f} {100 * ag['mean_overlap']:7.2f}%")
         for r in knn:
             ag = r["agreement"]

@@ -15,14 +15,14 @@ from ssl_eval.results import load_records
 def test_finetuned_random_backbone_beats_its_linear_probe_on_digits(tmp_path):
     r = tmp_path / "r"
     rc = main(["run", "--backbone", "random:resnet10t", "--image-size", "32", "--dataset", "digits",
-               "--protocol", "linear,finetune", "--set", "finetune.epochs=4", "--set", "finetune.hflip=false",
+               "--protocol", "linear,finetune", "--set", "finetune.epochs=8", "--set", "finetune.hflip=false",
                "--results-dir", str(r), "--no-progress"])
     assert rc == 0
     top1 = {x["protocol"]["name"]: x for x in load_records(r) if x["metric"] == "top1"}
     assert top1["finetune"]["value"] > top1["linear"]["value"] + 0.01, {k: v["value"] for k, v in top1.items()}
-    assert top1["finetune"]["protocol"]["overrides"] == {"epochs": 4, "hflip": False}
+    assert top1["finetune"]["protocol"]["overrides"] == {"epochs": 8, "hflip": False}
     assert top1["finetune"]["ci_method"] == "bootstrap-test"
-    assert top1["finetune"]["details"]["epochs_run"] == 4
+    assert top1["finetune"]["details"]["epochs_run"] == 8
 
 
 def _inputs(tmp_path, seed=0):
