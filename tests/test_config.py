@@ -40,3 +40,11 @@ def test_unknown_protocol_suggests():
 def test_unknown_dataset_suggests():
     with pytest.raises(UserError, match="Did you mean 'digits'"):
         DATASETS.get("digts")
+
+
+@pytest.mark.parametrize("override,message", [("min_steps=-1", "min_steps at least 0"),
+                                              ("lrs=[]", "at least one value"),
+                                              ("epochs=0", "at least 1")])
+def test_bad_linear_params_fail_when_the_card_loads(override, message):
+    with pytest.raises(UserError, match=message):
+        load_card("linear", [override])

@@ -41,6 +41,12 @@ class LinearParams:
     momentum: float = 0.9
     batchnorm: bool = True  # standardise features with train statistics (BatchNorm without affine, as MAE)
 
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0:
+            raise UserError("linear: epochs and batch_size must be at least 1, min_steps at least 0")
+        if not self.lrs or not self.weight_decays:
+            raise UserError("linear: lrs and weight_decays must each list at least one value")
+
 
 def schedule(n: int, p: LinearParams) -> tuple[int, int]:
     """(epochs, steps per epoch) for ``n`` training rows: ``p.epochs``, raised to reach ``p.min_steps``."""
@@ -115,10 +121,6 @@ def train_heads(
 ) -> HeadGrid:
     """Train one linear head per (lr, wd) in ``p``'s grid on features ``x`` and labels ``y``
     (all rows, or the rows listed in ``rows``: the matrix is read in place, never copied)."""
-    if p.epochs < 1 or p.batch_size < 1 or p.min_steps < 0:
-        raise UserError("linear: epochs and batch_size must be at least 1, min_steps at least 0")
-    if not p.lrs or not p.weight_decays:
-        raise UserError("linear: lrs and weight_decays must each list at least one value")
     dev = x.device
     n = len(rows) if rows is not None else len(x)
     if n == 0:
