@@ -80,17 +80,22 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     return log_q.exp() * b
 
 
+def _cross_view_ce(targets: list[torch.Tensor], logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Mean over ordered view pairs (i, j), i != j, of the cross-entropy
+    -sum targets[i] * log softmax(logits[j] / T), averaged over the batch."""
+    total, terms = 0.0, 0
+    for i, q in enumerate(targets):
+        for j, p in enumerate(logits):
+            if j != i:
+                total = total - (q * F.log_softmax(p / temperature, dim=1)).sum(1).mean()
+                terms += 1
+    return total / terms
+
+
 def swapped_prediction(logits: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """SwAV: the code of each global view is predicted from every other view's prototype
     scores: mean of -sum q log softmax(p / T)."""
-    total, terms = 0.0, 0
-    for i, q in enumerate(codes):
-        for j, p in enumerate(logits):
-            if j == i:
-                continue
-            total = total - (q * F.log_softmax(p / temperature, dim=1)).sum(1).mean()
-            terms += 1
-    return total / terms
+    return _cross_view_ce(codes, logits, temperature)
 
 
 def dino_loss(
@@ -99,14 +104,7 @@ def dino_loss(
     """DINO: cross-entropy between the centred, sharpened teacher distribution of each global
     view and the student distribution of every other view."""
     targets = [F.softmax((t - center) / t_teacher, dim=1).detach() for t in teacher]
-    total, terms = 0.0, 0
-    for i, q in enumerate(targets):
-        for j, s in enumerate(student):
-            if j == i:
-                continue
-            total = total - (q * F.log_softmax(s / t_student, dim=1)).sum(1).mean()
-            terms += 1
-    return total / terms
+    return _cross_view_ce(targets, student, t_student)
 
 
 def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float) -> torch.Tensor:
