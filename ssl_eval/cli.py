@@ -31,13 +31,14 @@ def _add_results_dir(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .config import RunConfig, load_cards
+    from .config import RunConfig
     from .data.datasets import DEFAULT_DATASET
     from .evaluate import run
+    from .protocols.cards import load_cards
 
     names = list(a.protocol or ())
     if a.suite:
-        from .config import load_suite
+        from .protocols.cards import load_suite
 
         names += [p for p in load_suite(a.suite).protocols if p not in names]
     if not names:
@@ -51,12 +52,6 @@ def cmd_run(a: argparse.Namespace) -> int:
         val_fraction=a.val_fraction, split_seed=a.split_seed, force=a.force, offline=a.offline,
         num_workers=a.num_workers, progress=not a.no_progress,
     )
-    if cfg.weights is not None and len(cfg.backbones) > 1:
-        raise UserError("--weights applies to one backbone; name a single --backbone with it")
-    if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise UserError("--val-fraction must be between 0 and 1")
     outcomes = run(cfg)
     done = [o for o in outcomes if o.status == "done"]
     for o in done:
@@ -91,7 +86,7 @@ def cmd_list(a: argparse.Namespace) -> int:
         for e in DATASETS.prefixes():
             print(f"  {e.name + ':<...>':28s} {e.help}")
     if what in ("protocols", "all"):
-        from .config import load_card, shipped_cards
+        from .protocols.cards import load_card, shipped_cards
 
         print("protocols (shipped cards):")
         for name in shipped_cards():
@@ -101,7 +96,7 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
-    from .config import load_card, validate_all
+    from .protocols.cards import load_card, validate_all
 
     for line in validate_all():
         print(line)
@@ -112,7 +107,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 
 def cmd_suite(a: argparse.Namespace) -> int:
-    from .config import load_suite, shipped_suites
+    from .protocols.cards import load_suite, shipped_suites
 
     for name in [a.name] if a.name else shipped_suites():
         s = load_suite(name)

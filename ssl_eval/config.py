@@ -1,73 +1,95 @@
-"""Run configuration and protocol cards.
+"""Configuration plumbing shared by every YAML-configured object, and the run's own config.
 
-A protocol card is a YAML file (name, version, type, selection split, params) validated into
-frozen dataclasses: an unknown key is an error naming the key, a value of the wrong type is
-an error naming the field. ``--set key=value`` overrides a param and is recorded.
+* ``from_mapping(cls, data, where)``: the one YAML-to-dataclass loader. Nested dataclasses,
+  lists of dataclasses, tuples, optionals and scalars are checked field by field; an unknown
+  key is an error naming the key (with a close match), a value of the wrong type names the
+  field. Protocol cards (protocols/cards.py) and trainer configs (train/config.py) both use it.
+* ``parse_set`` / ``apply_set``: the one ``--set key.sub=value`` parser (values read as YAML).
+* ``RunConfig``: everything ``ssl-eval run`` needs; it validates itself when built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from .errors import UserError
-from .protocols import PROTOCOL_TYPES
-
-CARD_KEYS = {"name", "version", "type", "description", "selection_split", "params"}
 
 
-def cards_dir() -> Path:
-    """Shipped cards: inside the installed package, or protocols/ in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for d in (here / "_cards", here.parent / "protocols"):
-        if d.is_dir():
-            return d
-    raise UserError("ssl-eval's protocol cards are missing from this installation; reinstall it")
+def read_yaml(path: Path, what: str) -> object:
+    """The YAML document in ``path``; unreadable or invalid YAML is a UserError naming ``what``."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({e})") from e
 
 
-def shipped_cards() -> list[str]:
-    return sorted(p.stem for p in cards_dir().glob("*.yaml"))
+def check_keys(data: dict, allowed, where: str) -> None:
+    """Every key of ``data`` is in ``allowed``, else a UserError with the closest match."""
+    allowed = set(allowed)
+    for k in data:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{where}: unknown key {k!r}{hint}; allowed: {sorted(allowed)}")
 
 
-@dataclass(frozen=True)
-class ProtocolCard:
-    name: str
-    version: int
-    type: str
-    params: object  # the protocol type's frozen params dataclass
-    description: str = ""
-    selection_split: str = "val"
-    source: str = ""
-    overrides: tuple[tuple[str, object], ...] = ()
-
-    def params_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.params).items()}
-
-    def to_record(self) -> dict:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "type": self.type,
-            "selection_split": self.selection_split,
-            "params": self.params_dict(),
-            "overrides": {k: v for k, v in self.overrides},
-            "source": self.source,
-        }
+def from_mapping(cls: type, data: object, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, recursively, checking keys and types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    check_keys(data, names, where)
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
 
 
-def _coerce(cls: type, name: str, value: object, where: str) -> object:
-    hint = typing.get_type_hints(cls)[name]
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        item = typing.get_args(hint)[0]
-        seq = value if isinstance(value, list | tuple) else [value]
-        return tuple(_coerce_scalar(item, v, f"{where}.{name}") for v in seq)
-    return _coerce_scalar(hint, value, f"{where}.{name}")
+def _coerce(tp: Any, v: object, where: str) -> object:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return v
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, v, where)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for a in options:
+            try:
+                return _coerce(a, v, where)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple or tp is tuple:
+        seq = list(v) if isinstance(v, list | tuple) else [v]
+        if args and args[-1] is not Ellipsis:
+            if len(seq) != len(args):
+                raise UserError(f"{where}: expected {len(args)} values, got {v!r}")
+            return tuple(_coerce(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, seq, strict=True)))
+        item = args[0] if args else Any
+        return tuple(_coerce(item, x, f"{where}[{i}]") for i, x in enumerate(seq))
+    if origin is list or tp is list:
+        if not isinstance(v, list | tuple):
+            raise UserError(f"{where}: expected a list, got {v!r}")
+        item = args[0] if args else Any
+        return [_coerce(item, x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if origin is dict or tp is dict:
+        if not isinstance(v, dict):
+            raise UserError(f"{where}: expected a mapping, got {v!r}")
+        return dict(v)
+    return _coerce_scalar(tp, v, where)
 
 
 def _coerce_scalar(tp: type, v: object, where: str) -> object:
@@ -77,160 +99,53 @@ def _coerce_scalar(tp: type, v: object, where: str) -> object:
         return v
     if tp is bool and isinstance(v, bool):
         return v
-    if tp is str:
+    if tp is str and isinstance(v, str | int | float) and not isinstance(v, bool):
         return str(v)
-    raise UserError(f"{where}: expected {tp.__name__}, got {v!r}")
+    name = getattr(tp, "__name__", str(tp))
+    raise UserError(f"{where}: expected {name}, got {v!r}")
 
 
-def _build_params(cls: type, raw: dict, where: str) -> object:
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"{where}: unknown key {k!r}{hint}; allowed: {sorted(names)}")
-    return cls(**{k: _coerce(cls, k, v, where) for k, v in raw.items()})
-
-
-def parse_card(raw: object, source: str, overrides: list[str] | tuple[str, ...] = ()) -> ProtocolCard:
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: a protocol card must be a YAML mapping")
-    for k in raw:
-        if k not in CARD_KEYS:
-            raise UserError(f"{source}: unknown key {k!r}; allowed: {sorted(CARD_KEYS)}")
-    for k in ("name", "version", "type"):
-        if k not in raw:
-            raise UserError(f"{source}: missing required key {k!r}")
-    if not isinstance(raw["version"], int) or isinstance(raw["version"], bool):
-        raise UserError(f"{source}: version must be an integer")
-    ptype = PROTOCOL_TYPES.get(str(raw["type"]))
-    params = dict(raw.get("params") or {})
-    applied = []
-    for o in overrides:
-        key, sep, value = o.partition("=")
-        key = key.strip().removeprefix("params.")
-        if not sep or not key:
-            raise UserError(f"--set {o!r}: use key=value, e.g. --set epochs=50")
-        params[key] = yaml.safe_load(value)
-        applied.append((key, params[key]))
-    return ProtocolCard(
-        name=str(raw["name"]),
-        version=raw["version"],
-        type=ptype.name,
-        params=_build_params(ptype.params, params, f"{source} params"),
-        description=str(raw.get("description", "")),
-        selection_split=str(raw.get("selection_split", "val")),
-        source=source,
-        overrides=tuple(applied),
-    )
-
-
-def load_card(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ProtocolCard:
-    """``spec`` is a shipped card's name (``linear``) or a path to a YAML card."""
-    path = Path(spec)
-    if spec.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise UserError(f"protocol card {spec} does not exist")
-        source = str(path)
-    else:
-        path = cards_dir() / f"{spec}.yaml"
-        if not path.is_file():
-            close = difflib.get_close_matches(spec, shipped_cards(), n=2)
-            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise UserError(
-                f"unknown protocol {spec!r}.{hint} Shipped: {', '.join(shipped_cards())}; "
-                "or pass a path to your own card (.yaml)"
-            )
-        source = f"shipped:{spec}"
+def parse_set(assignment: str) -> tuple[str, object]:
+    """``key=value`` -> (key, value parsed as YAML); the key may be dotted (``aug.local_views``)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {assignment!r}: use key=value, e.g. --set epochs=50")
     try:
-        raw = yaml.safe_load(path.read_text())
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML ({e})") from e
-    return parse_card(raw, source, overrides)
+        raise UserError(f"--set {assignment!r}: the value is not valid YAML ({e})") from e
+    return key, value
 
 
-def load_cards(specs: list[str], overrides: list[str] | tuple[str, ...] = ()) -> tuple[ProtocolCard, ...]:
-    """Load several cards and route ``--set`` overrides: ``card.key=value`` goes to that card;
-    a plain ``key=value`` goes to every card whose params have ``key`` (an error if none does)."""
-    plain = [load_card(s) for s in specs]
-    routed: list[list[str]] = [[] for _ in specs]
-    for o in overrides:
-        key = o.partition("=")[0].strip()
-        head, dot, rest = key.partition(".")
-        targets = [i for i, c in enumerate(plain) if dot and head == c.name]
-        if targets:
-            o = rest + "=" + o.partition("=")[2]
-        else:
-            field_name = key.removeprefix("params.")
-            targets = [i for i, c in enumerate(plain)
-                       if field_name in {f.name for f in dataclasses.fields(c.params)}]
-        if not targets:
-            raise UserError(f"--set {o!r}: no selected protocol has a param {key!r} "
-                            f"(protocols: {', '.join(c.name for c in plain)}); use card.key=value")
-        for i in targets:
-            routed[i].append(o)
-    return tuple(load_card(s, r) if r else c for s, c, r in zip(specs, plain, routed, strict=True))
+def deep_update(base: dict, upd: dict) -> dict:
+    """``base`` with ``upd`` merged in, nested dicts merged key by key."""
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
-SUITE_KEYS = {"name", "description", "protocols"}
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    protocols: tuple[str, ...]
-    description: str = ""
-
-
-def shipped_suites() -> list[str]:
-    return sorted(p.stem for p in (cards_dir() / "suites").glob("*.yaml"))
-
-
-def load_suite(spec: str) -> Suite:
-    """A named collection of protocol cards: a shipped suite's name or a YAML path."""
-    path = Path(spec)
-    if not (spec.endswith((".yaml", ".yml")) or path.is_file()):
-        path = cards_dir() / "suites" / f"{spec}.yaml"
-        if not path.is_file():
-            close = difflib.get_close_matches(spec, shipped_suites(), n=2)
-            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise UserError(f"unknown suite {spec!r}.{hint} Shipped: {', '.join(shipped_suites())}")
-    if not path.is_file():
-        raise UserError(f"suite {spec} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML ({e})") from e
-    if not isinstance(raw, dict) or not isinstance(raw.get("protocols"), list) or not raw["protocols"]:
-        raise UserError(f"{path}: a suite is a mapping with a non-empty 'protocols' list")
-    for k in raw:
-        if k not in SUITE_KEYS:
-            raise UserError(f"{path}: unknown key {k!r}; allowed: {sorted(SUITE_KEYS)}")
-    return Suite(str(raw.get("name", path.stem)), tuple(map(str, raw["protocols"])), str(raw.get("description", "")))
-
-
-def validate_all() -> list[str]:
-    """Load every shipped card and suite (and each suite's cards); return one line per item.
-    Raises UserError on the first invalid one."""
-    lines = []
-    for name in shipped_cards():
-        c = load_card(name)
-        lines.append(f"card  {name}: ok (type={c.type}, version={c.version})")
-    for name in shipped_suites():
-        s = load_suite(name)
-        for card in s.protocols:
-            load_card(card)
-        lines.append(f"suite {name}: ok ({', '.join(s.protocols)})")
-    return lines
+def apply_set(d: dict, assignment: str) -> dict:
+    """``d`` with one ``a.b.c=value`` assignment applied to its nested mapping."""
+    key, value = parse_set(assignment)
+    node: dict = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return deep_update(d, node)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything ``ssl-eval run`` needs; built by the CLI, read by evaluate.run()."""
+    """Everything ``ssl-eval run`` needs; built by the CLI, read by evaluate.run(). It checks
+    itself when built, so a bad combination fails before any work starts."""
 
     backbones: tuple[str, ...]
     datasets: tuple[str, ...]
-    protocols: tuple[ProtocolCard, ...]
+    protocols: tuple  # of protocols.cards.ProtocolCard
     results_dir: Path = Path("results")
     cache_dir: Path | None = None
     weights: Path | None = None
@@ -251,3 +166,15 @@ class RunConfig:
     num_workers: int | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.backbones:
+            raise UserError("name at least one --backbone")
+        if not self.protocols:
+            raise UserError("name at least one --protocol")
+        if self.weights is not None and len(self.backbones) > 1:
+            raise UserError("--weights applies to one backbone; name a single --backbone with it")
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError("--val-fraction must be between 0 and 1")

@@ -3,24 +3,21 @@ records. Units already in the results store are skipped unless ``force``."""
 
 from __future__ import annotations
 
-import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .backbones import BuildOptions, build_backbone
 from .backbones.base import Backbone
-from .config import ProtocolCard, RunConfig
+from .config import RunConfig
 from .data.datasets import DatasetBundle, DatasetOptions, get_dataset
 from .data.splits import stratified_val_split
-from .errors import UserError
 from .features import default_cache_dir, extract
 from .fsutil import sha256_json
-from .protocols import PROTOCOL_TYPES, ImageInputs, ProtocolInputs
+from .protocols import ImageInputs, ProtocolInputs
+from .protocols.cards import ProtocolCard
 from .results import (
     SCHEMA_VERSION,
     ResultRecord,
@@ -32,28 +29,8 @@ from .results import (
     utc_now,
     write_unit,
 )
+from .runtime import log, resolve_device, seed_everything
 from .stats import bootstrap_ci, mean_ci, pack_bits
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a device torch knows (use auto, cpu, cuda)") from e
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -127,7 +104,7 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
     out = []
     for card, key, seed in todo:
         seed_everything(seed)
-        ptype = PROTOCOL_TYPES.get(card.type)
+        ptype = card.protocol
         if ptype.inputs == "images":
             inputs = ImageInputs(bb, bundle, train_idx, val_idx, device, seed,
                                  cache_dir / "train_state" / key, cfg.num_workers)

@@ -1,6 +1,6 @@
 import pytest
 
-from ssl_eval.config import load_card, shipped_cards
+from ssl_eval.protocols.cards import load_card, shipped_cards
 from ssl_eval.data.datasets import DATASETS
 from ssl_eval.errors import UserError
 
