@@ -20,17 +20,14 @@ from .protocols import ImageInputs, ProtocolInputs
 from .protocols.cards import ProtocolCard
 from .results import (
     SCHEMA_VERSION,
-    ResultRecord,
-    code_version,
+    Unit,
+    build_records,
     new_run_id,
-    package_versions,
     peak_memory_mb,
     unit_done,
-    utc_now,
     write_unit,
 )
 from .runtime import log, resolve_device, seed_everything
-from .stats import bootstrap_ci, mean_ci, pack_bits
 
 
 @dataclass
@@ -115,8 +112,19 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
         t0 = time.perf_counter()
         result = ptype.run(inputs, card.params)
         wall = time.perf_counter() - t0
-        records = _records(bb, bundle, card, key, seed, cfg, result, wall, device, run_id,
-                           (len(train_idx), len(val_idx)), feats)
+        unit = Unit(
+            key=key, run_id=run_id, seed=seed,
+            split={"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed},
+            sizes={"train": len(train_idx), "val": len(val_idx), "test": len(bundle.test)},
+            device=_device_name(device),
+            features={
+                "feature_cache": {s: f.key for s, f in feats.items()},
+                "feature_dtype": cfg.feature_dtype,
+                "feature_seconds": {s: round(f.seconds, 2) for s, f in feats.items()},
+            } if feats else None,
+        )
+        records = build_records(unit, bb, bundle, card, result, wall, peak_memory_mb(device.type),
+                                cfg.bootstrap_resamples)
         path = write_unit(cfg.results_dir, key, run_id, records)
         log(
             f"[done] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): "
@@ -125,47 +133,6 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
         )
         out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", result.metrics, path))
     return out
-
-
-def _records(bb, bundle, card, key, seed, cfg, result, wall, device, run_id, sizes, feats) -> list[ResultRecord]:
-    details = dict(result.details)
-    if feats:
-        details["feature_cache"] = {s: f.key for s, f in feats.items()}
-        details["feature_dtype"] = cfg.feature_dtype
-        details["feature_seconds"] = {s: round(f.seconds, 2) for s, f in feats.items()}
-    dataset_info = {
-        "name": bundle.name,
-        "fingerprint": bundle.fingerprint,
-        "num_classes": bundle.num_classes,
-        "sizes": {"train": sizes[0], "val": sizes[1], "test": len(bundle.test)},
-    }
-    common = dict(
-        schema_version=SCHEMA_VERSION, run_id=run_id, time=utc_now(), unit=key,
-        backbone=bb.tag, weights=bb.weights.to_dict(), load_report=bb.load_report,
-        preprocessing=bb.preprocessing.to_dict(), feature_kind=bb.feature_kind,
-        protocol=card.to_record(), dataset=dataset_info,
-        split={"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed},
-        seed=seed, wall_time_s=round(wall, 3), peak_memory_mb=round(peak_memory_mb(device.type), 1),
-        device=_device_name(device), packages=package_versions(), code_version=code_version(),
-    )
-    records = []
-    for metric, value in result.metrics.items():
-        ci, method, spread, extra = None, "", None, {}
-        if metric in result.spread:
-            m, sd, lo, hi = mean_ci(result.spread[metric])
-            n = len(result.spread[metric])
-            ci, method = [lo, hi], result.details.get("spread_over", "t-seeds")
-            spread = {"mean": m, "std": sd, "n": n}
-        elif metric in result.per_sample:
-            correct = result.per_sample[metric]
-            ci, method = list(bootstrap_ci(correct, cfg.bootstrap_resamples, seed)), "bootstrap-test"
-            if metric == "top1":
-                extra = {"per_sample_correct": pack_bits(correct), "n_test": len(correct)}
-        records.append(ResultRecord(
-            metric=metric, value=float(value), ci95=ci, ci_method=method, spread=spread,
-            details=details | extra, **common,
-        ))
-    return records
 
 
 def _device_name(device: torch.device) -> str:

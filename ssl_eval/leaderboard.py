@@ -17,24 +17,24 @@ from pathlib import Path
 
 from .errors import UserError
 from .fsutil import atomic_write_text
-from .results import load_records
+from .results import ResultRecord, load_records
 from .stats import mcnemar, mean_ci, paired_bootstrap, unpack_bits
 
 HEADLINE = "top1"
 
 
-def column(r: dict) -> str:
-    return f"{r['dataset']['name']} / {r['protocol']['name']}"
+def column(r: ResultRecord) -> str:
+    return f"{r.dataset['name']} / {r.protocol['name']}"
 
 
-def latest(records: list[dict], metric: str = HEADLINE) -> dict[tuple[str, str, int], dict]:
+def latest(records: list[ResultRecord], metric: str = HEADLINE) -> dict[tuple[str, str, int], ResultRecord]:
     """{(backbone, column, seed): newest record of ``metric``}."""
-    best: dict[tuple[str, str, int], dict] = {}
+    best: dict[tuple[str, str, int], ResultRecord] = {}
     for r in records:
-        if r.get("metric") != metric:
+        if r.metric != metric:
             continue
-        key = (r["backbone"], column(r), r.get("seed", 0))
-        if key not in best or (r["time"], r["run_id"]) > (best[key]["time"], best[key]["run_id"]):
+        key = (r.backbone, column(r), r.seed)
+        if key not in best or (r.time, r.run_id) > (best[key].time, best[key].run_id):
             best[key] = r
     return best
 
@@ -46,19 +46,19 @@ class Cell:
     n_seeds: int
 
 
-def cells(records: list[dict], metric: str = HEADLINE) -> dict[tuple[str, str], Cell]:
-    groups: dict[tuple[str, str], list[dict]] = {}
+def cells(records: list[ResultRecord], metric: str = HEADLINE) -> dict[tuple[str, str], Cell]:
+    groups: dict[tuple[str, str], list[ResultRecord]] = {}
     for (b, c, _), r in latest(records, metric).items():
         groups.setdefault((b, c), []).append(r)
     out = {}
     for key, rs in groups.items():
         if len(rs) >= 2:
-            m, _, lo, hi = mean_ci([r["value"] for r in rs])
+            m, _, lo, hi = mean_ci([r.value for r in rs])
             out[key] = Cell(100 * m, 100 * (hi - lo) / 2, len(rs))
         else:
-            ci = rs[0].get("ci95")
+            ci = rs[0].ci95
             hw = 100 * (ci[1] - ci[0]) / 2 if ci else None
-            out[key] = Cell(100 * rs[0]["value"], hw, 1)
+            out[key] = Cell(100 * rs[0].value, hw, 1)
     return out
 
 
@@ -131,10 +131,10 @@ def compare(results_dir: Path, a: str, b: str, seed: int = 0) -> list[dict]:
         if bb != a or (b, col, s) not in recs:
             continue
         rb = recs[(b, col, s)]
-        row = {"column": col, "seed": s, "a": ra["value"], "b": rb["value"], "diff": rb["value"] - ra["value"]}
-        da, db = ra.get("details", {}), rb.get("details", {})
+        row = {"column": col, "seed": s, "a": ra.value, "b": rb.value, "diff": rb.value - ra.value}
+        da, db = ra.details, rb.details
         if "per_sample_correct" in da and "per_sample_correct" in db and da.get("n_test") == db.get("n_test"):
-            if ra["dataset"].get("fingerprint") != rb["dataset"].get("fingerprint"):
+            if ra.dataset.get("fingerprint") != rb.dataset.get("fingerprint"):
                 raise UserError(f"{col}: the two backbones were evaluated on different data; cannot pair")
             ca = unpack_bits(da["per_sample_correct"], da["n_test"])
             cb = unpack_bits(db["per_sample_correct"], db["n_test"])

@@ -1,8 +1,10 @@
-"""The result record schema, atomic writing and reading the store.
+"""The result record: its schema, its builder, atomic writing and reading the store.
 
 One record per (backbone, dataset, protocol, metric). Each evaluation unit (backbone x dataset
-x protocol) writes one JSON file ``<results>/records/<unit>-<run_id>.json`` in one rename, so
-concurrent runs never collide and a killed run leaves either the whole file or nothing.
+x protocol x seed) writes one JSON file ``<results>/records/<unit>-<run_id>.json`` in one
+rename, so concurrent runs never collide and a killed run leaves either the whole file or
+nothing. Readers get typed records (``ResultRecord.from_dict``), so a schema change touches
+this file and its docs (results/README.md).
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ import platform
 import secrets
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .fsutil import atomic_write_json
+from .stats import bootstrap_ci, mean_ci, pack_bits
+
+if TYPE_CHECKING:  # types only: the builder reads these objects, it does not import their layers
+    from .backbones.base import Backbone
+    from .data.datasets import DatasetBundle
+    from .protocols.base import ProtocolOutput
+    from .protocols.cards import ProtocolCard
 
 SCHEMA_VERSION = 1
 
@@ -53,6 +63,77 @@ class ResultRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ResultRecord:
+        """A record from its JSON form; a missing required field or a non-mapping is a
+        ValueError naming it. Fields this version does not know are ignored."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a record must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as e:
+            raise ValueError(str(e)) from e
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What every record of one evaluation unit shares, besides the protocol's output."""
+
+    key: str
+    run_id: str
+    seed: int
+    split: dict  # val_fraction, split_seed
+    sizes: dict  # train, val, test
+    device: str
+    features: dict | None = None  # feature cache keys, dtype and extraction seconds (frozen protocols)
+
+
+def build_records(
+    unit: Unit,
+    backbone: Backbone,
+    bundle: DatasetBundle,
+    card: ProtocolCard,
+    output: ProtocolOutput,
+    wall_s: float,
+    peak_mb: float,
+    bootstrap_resamples: int = 1000,
+) -> list[ResultRecord]:
+    """One record per metric of ``output``, each with the unit's full provenance and a 95%
+    interval: the t interval over the protocol's own repetitions where it reports a spread,
+    else the bootstrap over test images (whose per-image correctness top-1 keeps, packed)."""
+    details = dict(output.details)
+    if unit.features:
+        details.update(unit.features)
+    common = dict(
+        schema_version=SCHEMA_VERSION, run_id=unit.run_id, time=utc_now(), unit=unit.key,
+        backbone=backbone.tag, weights=backbone.weights.to_dict(), load_report=backbone.load_report,
+        preprocessing=backbone.preprocessing.to_dict(), feature_kind=backbone.feature_kind,
+        protocol=card.to_record(),
+        dataset={"name": bundle.name, "fingerprint": bundle.fingerprint,
+                 "num_classes": bundle.num_classes, "sizes": dict(unit.sizes)},
+        split=dict(unit.split), seed=unit.seed, wall_time_s=round(wall_s, 3),
+        peak_memory_mb=round(peak_mb, 1), device=unit.device, packages=package_versions(),
+        code_version=code_version(),
+    )
+    records = []
+    for metric, value in output.metrics.items():
+        ci, method, spread, extra = None, "", None, {}
+        if metric in output.spread:
+            m, sd, lo, hi = mean_ci(output.spread[metric])
+            ci, method = [lo, hi], output.details.get("spread_over", "t-seeds")
+            spread = {"mean": m, "std": sd, "n": len(output.spread[metric])}
+        elif metric in output.per_sample:
+            correct = output.per_sample[metric]
+            ci, method = list(bootstrap_ci(correct, bootstrap_resamples, unit.seed)), "bootstrap-test"
+            if metric == "top1":
+                extra = {"per_sample_correct": pack_bits(correct), "n_test": len(correct)}
+        records.append(ResultRecord(
+            metric=metric, value=float(value), ci95=ci, ci_method=method, spread=spread,
+            details=details | extra, **common,
+        ))
+    return records
 
 
 def new_run_id() -> str:
@@ -120,14 +201,14 @@ def write_unit(results_dir: Path, unit: str, run_id: str, records: list[ResultRe
     return path
 
 
-def load_records(results_dir: Path) -> list[dict]:
-    """Every record under ``results_dir``; files that are not valid records are skipped with a
-    warning (they can only come from outside ssl-eval, since writes are atomic)."""
+def load_records(results_dir: Path) -> list[ResultRecord]:
+    """Every record under ``results_dir``, typed; files that are not valid records are skipped
+    with a warning (they can only come from outside ssl-eval, since writes are atomic)."""
     out = []
     for p in sorted(records_dir(results_dir).glob("*.json")):
         try:
             data = json.loads(p.read_text())
-            out.extend(data["records"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            out.extend(ResultRecord.from_dict(r) for r in data["records"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             print(f"warning: skipping unreadable record file {p} ({e})", file=sys.stderr)
     return out

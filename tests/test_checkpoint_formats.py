@@ -357,6 +357,6 @@ def test_load_report_reaches_the_result_record(tmp_path):
                "digits", "--protocol", "knn", "--image-size", "8", "--num-workers", "0",
                "--results-dir", str(tmp_path / "res"), "--no-progress", "--no-leaderboard"])
     assert rc == 0
-    rec = next(r for r in load_records(tmp_path / "res") if r["metric"] == "top1")
-    assert rec["load_report"]["family"] == "cifar_resnet" and rec["load_report"]["family_from"] == "--family"
-    assert rec["weights"]["sha256"] == sha256_file(tmp_path / "r20.th")
+    rec = next(r for r in load_records(tmp_path / "res") if r.metric == "top1")
+    assert rec.load_report["family"] == "cifar_resnet" and rec.load_report["family_from"] == "--family"
+    assert rec.weights["sha256"] == sha256_file(tmp_path / "r20.th")

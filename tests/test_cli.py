@@ -23,14 +23,14 @@ def test_embedded_default_end_to_end(tmp_path):
     md = (tmp_path / "results" / "leaderboard.md").read_text()
     assert "shapes / knn" in md and "shapes / linear" in md
     recs = load_records(tmp_path / "results")
-    top1 = {r["protocol"]["name"]: r["value"] for r in recs if r["metric"] == "top1"}
+    top1 = {r.protocol["name"]: r.value for r in recs if r.metric == "top1"}
     assert set(top1) == {"knn", "linear"} and all(v > 1 / 6 for v in top1.values())  # above chance
-    rec = next(r for r in recs if r["metric"] == "top1")
+    rec = next(r for r in recs if r.metric == "top1")
     for field in ("schema_version", "run_id", "time", "weights", "load_report", "protocol", "dataset",
                   "seed", "wall_time_s", "peak_memory_mb", "device", "packages", "code_version"):
         assert field in rec
-    assert rec["dataset"]["sizes"] == {"train": 9000, "val": 1000, "test": 2000}
-    assert rec["protocol"]["version"] == 1 and "params" in rec["protocol"]
+    assert rec.dataset["sizes"] == {"train": 9000, "val": 1000, "test": 2000}
+    assert rec.protocol["version"] == 1 and "params" in rec.protocol
 
     again = _run(["run", "--backbone", "pixels", "--no-progress"], tmp_path)
     assert again.returncode == 0 and "skipped" in again.stdout
@@ -38,8 +38,8 @@ def test_embedded_default_end_to_end(tmp_path):
 
     forced = _run(["run", "--backbone", "pixels", "--protocol", "knn", "--force", "--no-progress"], tmp_path)
     assert forced.returncode == 0 and "[cache] reusing pixels features for shapes/train" in forced.stderr
-    new = [r for r in load_records(tmp_path / "results") if r["metric"] == "top1" and r["protocol"]["name"] == "knn"]
-    assert len(new) == 2 and new[0]["value"] == new[1]["value"]  # same seed, same number
+    new = [r for r in load_records(tmp_path / "results") if r.metric == "top1" and r.protocol["name"] == "knn"]
+    assert len(new) == 2 and new[0].value == new[1].value  # same seed, same number
 
 
 def test_digits_pixels_linear_at_least_093(tmp_path, capsys):
@@ -47,7 +47,7 @@ def test_digits_pixels_linear_at_least_093(tmp_path, capsys):
                "--results-dir", str(tmp_path / "r"), "--no-progress"])
     assert rc == 0
     recs = load_records(tmp_path / "r")
-    top1 = next(r["value"] for r in recs if r["metric"] == "top1")
+    top1 = next(r.value for r in recs if r.metric == "top1")
     assert top1 >= 0.93
 
 
@@ -126,6 +126,6 @@ def test_multiple_seeds_give_a_spread_in_the_leaderboard(tmp_path, capsys):
     r = tmp_path / "r"
     assert main(["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "linear", "--seed", "0,1",
                  "--set", "epochs=3", "--results-dir", str(r), "--no-progress"]) == 0
-    recs = [x for x in load_records(r) if x["metric"] == "top1"]
-    assert sorted(x["seed"] for x in recs) == [0, 1] and all(x["ci95"] for x in recs)
+    recs = [x for x in load_records(r) if x.metric == "top1"]
+    assert sorted(x.seed for x in recs) == [0, 1] and all(x.ci95 for x in recs)
     assert "(n=2)" in (r / "leaderboard.md").read_text()

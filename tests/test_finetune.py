@@ -18,11 +18,11 @@ def test_finetuned_random_backbone_beats_its_linear_probe_on_digits(tmp_path):
                "--protocol", "linear,finetune", "--set", "finetune.epochs=8", "--set", "finetune.hflip=false",
                "--results-dir", str(r), "--no-progress"])
     assert rc == 0
-    top1 = {x["protocol"]["name"]: x for x in load_records(r) if x["metric"] == "top1"}
-    assert top1["finetune"]["value"] > top1["linear"]["value"] + 0.01, {k: v["value"] for k, v in top1.items()}
-    assert top1["finetune"]["protocol"]["overrides"] == {"epochs": 8, "hflip": False}
-    assert top1["finetune"]["ci_method"] == "bootstrap-test"
-    assert top1["finetune"]["details"]["epochs_run"] == 8
+    top1 = {x.protocol["name"]: x for x in load_records(r) if x.metric == "top1"}
+    assert top1["finetune"].value > top1["linear"].value + 0.01, {k: v.value for k, v in top1.items()}
+    assert top1["finetune"].protocol["overrides"] == {"epochs": 8, "hflip": False}
+    assert top1["finetune"].ci_method == "bootstrap-test"
+    assert top1["finetune"].details["epochs_run"] == 8
 
 
 def _inputs(tmp_path, seed=0):

@@ -5,7 +5,7 @@ import pytest
 
 from ssl_eval.fsutil import atomic_write_json
 from ssl_eval.leaderboard import write_leaderboard
-from ssl_eval.results import load_records
+from ssl_eval.results import ResultRecord, load_records
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -23,8 +23,14 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
 
 
 def _rec(backbone, dataset, protocol, value, time="2026-01-01T00:00:00+00:00", run_id="r1"):
-    return {"backbone": backbone, "dataset": {"name": dataset}, "protocol": {"name": protocol},
-            "metric": "top1", "value": value, "time": time, "run_id": run_id}
+    """A complete record (every schema field) with the given identity and value."""
+    return {
+        "schema_version": 1, "run_id": run_id, "time": time, "unit": f"{backbone}-{protocol}",
+        "backbone": backbone, "weights": {}, "load_report": {}, "preprocessing": {},
+        "feature_kind": "model", "protocol": {"name": protocol}, "dataset": {"name": dataset},
+        "split": {}, "metric": "top1", "value": value, "seed": 0, "wall_time_s": 0.0,
+        "peak_memory_mb": 0.0, "device": "cpu", "packages": {}, "code_version": "test",
+    }
 
 
 def test_leaderboard_marks_best_and_uses_newest(tmp_path):
@@ -59,3 +65,14 @@ def test_unreadable_record_file_is_skipped(tmp_path, capsys):
     (tmp_path / "records" / "bad.json").write_text("{not json")
     assert load_records(tmp_path) == []
     assert "skipping" in capsys.readouterr().err
+
+
+def test_record_reader_is_typed_and_skips_records_missing_fields(tmp_path, capsys):
+    good = _rec("a", "d", "knn", 0.5)
+    broken = {k: v for k, v in good.items() if k != "value"}
+    atomic_write_json(tmp_path / "records" / "good-r1.json", {"schema_version": 1, "records": [good]})
+    atomic_write_json(tmp_path / "records" / "bad-r1.json", {"schema_version": 1, "records": [broken]})
+    recs = load_records(tmp_path)
+    assert [(r.backbone, r.value) for r in recs] == [("a", 0.5)]
+    assert isinstance(recs[0], ResultRecord)
+    assert "bad-r1.json" in capsys.readouterr().err
