@@ -6,7 +6,14 @@ import torch.nn.functional as F
 from ssl_eval.errors import UserError
 from ssl_eval.protocols import fewshot
 from ssl_eval.protocols.base import ProtocolInputs
-from ssl_eval.protocols.fewshot import FewShotParams, _logreg, run_fewshot, sample_support
+from ssl_eval.protocols.fewshot import (
+    EpisodicParams,
+    FewShotParams,
+    _logreg,
+    run_episodic,
+    run_fewshot,
+    sample_support,
+)
 
 
 def _blobs(n, seed, c=5, d=12, scale=2.5):
@@ -43,9 +50,9 @@ def test_support_comes_from_train_only(monkeypatch):
         return real(labels, *a, **k)
 
     monkeypatch.setattr(fewshot, "sample_support", spy)
-    for mode in ("standard", "episodic"):
-        inp = ProtocolInputs(x, y, xt, yt, np.arange(360), np.arange(360, 400), 5)
-        run_fewshot(inp, FewShotParams(mode=mode, shots=(1, 5), seeds=2, episodes=20, queries=5))
+    inp = ProtocolInputs(x, y, xt, yt, np.arange(360), np.arange(360, 400), 5)
+    run_fewshot(inp, FewShotParams(shots=(1, 5), seeds=2))
+    run_episodic(inp, EpisodicParams(episodes=20, queries=5))
     assert seen and all(lab is y for lab in seen)  # the train labels, never the test ones
 
 
@@ -62,8 +69,8 @@ def test_fewshot_reports_mean_and_interval_over_seeds():
 def test_episodic_mode():
     x, y = _blobs(600, 0, c=10)
     xt, yt = _blobs(400, 1, c=10)
-    out = run_fewshot(ProtocolInputs(x, y, xt, yt, np.arange(600), np.arange(0), 10),
-                      FewShotParams(mode="episodic", episodes=50, headline="prototype"))
+    out = run_episodic(ProtocolInputs(x, y, xt, yt, np.arange(600), np.arange(0), 10),
+                       EpisodicParams(episodes=50, headline="prototype"))
     assert len(out.spread["top1@prototype/5way5shot"]) == 50
     assert out.metrics["top1"] == out.metrics["top1@prototype/5way5shot"] > 0.9
     assert out.details["spread_over"] == "t-episodes"

@@ -1,10 +1,10 @@
-"""Few-shot evaluation on frozen features.
+"""Few-shot evaluation on frozen features: two protocol types sharing the classifiers.
 
-Standard mode: for each K in ``shots`` and each of ``seeds`` draws, take exactly K labelled
+``fewshot``: for each K in ``shots`` and each of ``seeds`` draws, take exactly K labelled
 training images per class, fit each classifier (logistic regression, nearest class mean,
-weighted k-NN) and score it on the whole test split. Episodic mode: N-way K-shot episodes,
-support from train, queries from test. Either way: the mean and a 95% t interval over draws
-or episodes. Nothing is selected: the classifiers' settings are fixed in the card, so the
+weighted k-NN) and score it on the whole test split. ``fewshot_episodic``: N-way K-shot
+episodes, support from train, queries from test. Either way: the mean and a 95% t interval
+over draws or episodes. Nothing is selected: the classifiers' settings are fixed in the card, so the
 test split only reports, and the support is sampled from the train split only.
 """
 
@@ -23,19 +23,59 @@ from .base import PROTOCOL_TYPES, ProtocolInputs, ProtocolOutput, ProtocolType
 
 @dataclass(frozen=True)
 class FewShotParams:
-    mode: str = "standard"  # standard | episodic
-    shots: tuple[int, ...] = (1, 2, 5, 10, 25)  # standard mode
-    seeds: int = 5  # support draws per K (standard mode)
+    """``fewshot``: K labelled training images per class, scored on the whole test split."""
+
+    shots: tuple[int, ...] = (1, 2, 5, 10, 25)
+    seeds: int = 5  # support draws per K
     classifiers: tuple[str, ...] = ("logreg", "prototype", "knn")
     logreg_c: float = 1.0  # inverse L2 strength of logistic regression on L2-normalised features
     knn_k: int = 20  # clamped to the support size
     knn_temperature: float = 0.07
     on_small_class: str = "error"  # error | cap (use all a class has; recorded)
-    ways: int = 5  # episodic mode
+    headline: str = "logreg@5"  # classifier@K reported as top1
+
+    def __post_init__(self):
+        _check_classifiers(self)
+        if self.seeds < 1 or not self.shots or min(self.shots) < 1:
+            raise UserError("few-shot: seeds and every K in shots must be at least 1")
+        if self.on_small_class not in ("error", "cap"):
+            raise UserError(f"few-shot: on_small_class must be 'error' or 'cap', not {self.on_small_class!r}")
+        clf, _, k = self.headline.partition("@")
+        if clf not in self.classifiers or not k.isdigit() or int(k) not in self.shots:
+            raise UserError(f"few-shot: headline {self.headline!r} names no classifier@K that is run "
+                            f"(classifiers {list(self.classifiers)}, shots {list(self.shots)})")
+
+
+@dataclass(frozen=True)
+class EpisodicParams:
+    """``fewshot_episodic``: ``ways``-way ``episode_shots``-shot episodes, queries from test."""
+
+    ways: int = 5
     episode_shots: int = 5
-    queries: int = 15
+    queries: int = 15  # per class and episode
     episodes: int = 600
-    headline: str = "logreg@5"  # classifier@K reported as top1 (standard); classifier (episodic)
+    classifiers: tuple[str, ...] = ("prototype", "logreg", "knn")
+    logreg_c: float = 1.0
+    knn_k: int = 5  # clamped to the support size
+    knn_temperature: float = 0.07
+    headline: str = "prototype"  # the classifier reported as top1
+
+    def __post_init__(self):
+        _check_classifiers(self)
+        if min(self.ways, self.episode_shots, self.queries, self.episodes) < 1 or self.ways < 2:
+            raise UserError("few-shot: ways >= 2 and episode_shots, queries, episodes >= 1")
+        if self.headline.partition("@")[0] not in self.classifiers:
+            raise UserError(f"few-shot: headline {self.headline!r} names no classifier that is run "
+                            f"({list(self.classifiers)})")
+
+
+def _check_classifiers(p) -> None:
+    if not p.classifiers:
+        raise UserError("few-shot: list at least one classifier")
+    for c in p.classifiers:
+        CLASSIFIERS.get(c)
+    if p.logreg_c <= 0 or p.knn_temperature <= 0 or p.knn_k < 1:
+        raise UserError("few-shot: logreg_c and knn_temperature must be > 0, knn_k >= 1")
 
 
 def sample_support(labels: np.ndarray, k: int, rng: np.random.Generator, classes=None,
@@ -118,24 +158,15 @@ CLASSIFIERS.register("knn", _knn, "weighted k-NN")
 # ---------------------------------------------------------------- the protocol
 
 
-def run_fewshot(inp: ProtocolInputs, p: FewShotParams) -> ProtocolOutput:
-    if p.on_small_class not in ("error", "cap"):
-        raise UserError(f"few-shot: on_small_class must be 'error' or 'cap', not {p.on_small_class!r}")
-    for c in p.classifiers:
-        CLASSIFIERS.get(c)
+def _normalised(inp: ProtocolInputs) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
     train_x = F.normalize(torch.from_numpy(np.asarray(inp.train_x, dtype=np.float32)), dim=1)
     test_x = F.normalize(torch.from_numpy(np.asarray(inp.test_x, dtype=np.float32)), dim=1)
-    train_y, test_y = np.asarray(inp.train_y), np.asarray(inp.test_y)
-    if p.mode == "standard":
-        return _standard(train_x, train_y, test_x, torch.from_numpy(test_y), inp, p)
-    if p.mode == "episodic":
-        return _episodic(train_x, train_y, test_x, test_y, inp, p)
-    raise UserError(f"few-shot: mode must be 'standard' or 'episodic', not {p.mode!r}")
+    return train_x, np.asarray(inp.train_y), test_x, np.asarray(inp.test_y)
 
 
-def _standard(train_x, train_y, test_x, test_y, inp, p) -> ProtocolOutput:
-    if p.seeds < 1 or not p.shots or min(p.shots) < 1:
-        raise UserError("few-shot: seeds and every K in shots must be at least 1")
+def run_fewshot(inp: ProtocolInputs, p: FewShotParams) -> ProtocolOutput:
+    train_x, train_y, test_x, test_y = _normalised(inp)
+    test_y = torch.from_numpy(test_y)
     spread: dict[str, list[float]] = {}
     capped_all = {}
     for k in p.shots:
@@ -150,17 +181,14 @@ def _standard(train_x, train_y, test_x, test_y, inp, p) -> ProtocolOutput:
                 spread.setdefault(f"top1@{name}/{k}shot", []).append(_accuracy(scores, test_y))
     clf, _, k = p.headline.partition("@")
     head = f"top1@{clf}/{k}shot"
-    if head not in spread:
-        raise UserError(f"few-shot: headline {p.headline!r} names no classifier@K that was run")
     spread["top1"] = spread[head]
     metrics = {m: float(np.mean(v)) for m, v in spread.items()}
     return ProtocolOutput(metrics, {"spread_over": "t-seeds", "capped_classes": capped_all,
                                     "headline": p.headline}, spread=spread)
 
 
-def _episodic(train_x, train_y, test_x, test_y, inp, p) -> ProtocolOutput:
-    if min(p.ways, p.episode_shots, p.queries, p.episodes) < 1 or p.ways < 2:
-        raise UserError("few-shot: ways >= 2 and episode_shots, queries, episodes >= 1")
+def run_episodic(inp: ProtocolInputs, p: EpisodicParams) -> ProtocolOutput:
+    train_x, train_y, test_x, test_y = _normalised(inp)
     eligible = [c for c in np.unique(train_y)
                 if (train_y == c).sum() >= p.episode_shots and (test_y == c).sum() >= p.queries]
     if len(eligible) < p.ways:
@@ -187,8 +215,6 @@ def _episodic(train_x, train_y, test_x, test_y, inp, p) -> ProtocolOutput:
         scores = CLASSIFIERS.get(name)(xs, ys, xq, p, p.ways)
         spread[f"top1@{name}/{tag}"] = (scores.argmax(2) == yq).float().mean(1).tolist()
     head = f"top1@{p.headline.partition('@')[0]}/{tag}"
-    if head not in spread:
-        raise UserError(f"few-shot: headline {p.headline!r} names no classifier that was run")
     spread["top1"] = spread[head]
     metrics = {m: float(np.mean(v)) for m, v in spread.items()}
     return ProtocolOutput(metrics, {"spread_over": "t-episodes", "headline": head}, spread=spread)
@@ -199,3 +225,4 @@ def _accuracy(scores: torch.Tensor, y: torch.Tensor) -> float:
 
 
 PROTOCOL_TYPES.register("fewshot", ProtocolType("fewshot", FewShotParams, run_fewshot))
+PROTOCOL_TYPES.register("fewshot_episodic", ProtocolType("fewshot_episodic", EpisodicParams, run_episodic))

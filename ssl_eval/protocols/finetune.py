@@ -12,8 +12,8 @@ generators seeded by (seed, epoch, index), never from global state.
 from __future__ import annotations
 
 import copy
+import io
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..backbones.base import FEATURE_KINDS
 from ..errors import UserError
-from ..fsutil import sha256_json
+from ..fsutil import atomic_write_bytes, sha256_json
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
 
@@ -47,6 +47,21 @@ class FinetuneParams:
     hflip: bool = True
     patience: int = 0  # early stop after this many epochs without a better val top-1; 0 = off
     eval_batch_size: int = 256
+
+    def __post_init__(self):
+        if min(self.epochs, self.batch_size, self.eval_batch_size) < 1:
+            raise UserError("fine-tune: epochs, batch_size and eval_batch_size must be at least 1")
+        if self.lr <= 0 or self.encoder_lr_scale < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise UserError("fine-tune: lr must be > 0; encoder_lr_scale, weight_decay, warmup_epochs >= 0")
+        if not 0 <= self.layer_decay <= 1:
+            raise UserError(f"fine-tune: layer_decay is in (0, 1] (0 = off), not {self.layer_decay}")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_path < 1:
+            raise UserError("fine-tune: label_smoothing and drop_path are in [0, 1)")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0 or self.patience < 0:
+            raise UserError("fine-tune: mixup_alpha, cutmix_alpha and patience must be >= 0")
+        lo_hi = self.crop_scale
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise UserError(f"fine-tune: crop_scale is [min, max] with 0 < min <= max <= 1, not {list(lo_hi)}")
 
 
 # ---------------------------------------------------------------- data
@@ -189,12 +204,9 @@ def _evaluate(clf, loader, pre, device, amp) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _save_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _after_epoch(epoch: int) -> None:
@@ -202,8 +214,6 @@ def _after_epoch(epoch: int) -> None:
 
 
 def run_finetune(inp: ImageInputs, p: FinetuneParams) -> ProtocolOutput:
-    if p.epochs < 1 or p.batch_size < 1:
-        raise UserError("fine-tune: epochs and batch_size must be at least 1")
     bb, bundle, device = inp.backbone, inp.bundle, inp.device
     amp = device.type == "cuda"
     torch.manual_seed(inp.seed)

@@ -46,6 +46,8 @@ class LinearParams:
             raise UserError("linear: epochs and batch_size must be at least 1, min_steps at least 0")
         if not self.lrs or not self.weight_decays:
             raise UserError("linear: lrs and weight_decays must each list at least one value")
+        if min(self.lrs) <= 0 or min(self.weight_decays) < 0 or not 0 <= self.momentum < 1:
+            raise UserError("linear: every lr must be > 0, every weight decay >= 0, momentum in [0, 1)")
 
 
 def schedule(n: int, p: LinearParams) -> tuple[int, int]:
