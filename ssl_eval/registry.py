@@ -28,8 +28,12 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Maps names to objects; unknown names raise a UserError with close matches."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, listing: str | None = None):
+        """``kind`` names an entry in messages (``backbone``); ``listing`` is the command that
+        lists them (``ssl-eval list backbones``), where one exists; otherwise an unknown name's
+        message lists the known names itself."""
         self.kind = kind
+        self.listing = listing
         self._exact: dict[str, Entry[T]] = {}
         self._prefix: dict[str, Entry[Callable[[str], T]]] = {}
 
@@ -76,5 +80,8 @@ class Registry(Generic[T]):
         msg = f"unknown {self.kind} {name!r}."
         if close:
             msg += " Did you mean " + " or ".join(repr(c) for c in close) + "?"
-        msg += f" Run `ssl-eval list {self.kind}s` to see all of them."
+        if self.listing:
+            msg += f" Run `{self.listing}` to see all of them."
+        else:
+            msg += f" Known: {', '.join(candidates)}."
         return msg

@@ -77,7 +77,7 @@ class DatasetSpec:
     description: str
 
 
-DATASETS: Registry[DatasetSpec] = Registry("dataset")
+DATASETS: Registry[DatasetSpec] = Registry("dataset", listing="ssl-eval list datasets")
 
 
 def get_dataset(name: str, options: DatasetOptions) -> DatasetBundle:
