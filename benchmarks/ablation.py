@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_eval.backbones.trained import build_from_training_dir
+from ssl_eval.backbones.families.trained import build_from_training_dir
 from ssl_eval.data.datasets import DatasetBundle, ImageSplit
 from ssl_eval.data.splits import stratified_val_split
 from ssl_eval.features import extract

@@ -1,11 +1,25 @@
+import json
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+from conftest import cli_env
 
-from ssl_eval.backbones import BuildOptions, build_backbone, list_backbones
-from ssl_eval.backbones.registry import get_spec
+from ssl_eval.backbones import (
+    BACKBONES,
+    BuildOptions,
+    build_backbone,
+    catalog,
+    families,
+    list_backbones,
+)
+from ssl_eval.backbones.adapters import FAMILIES, TAGS
+from ssl_eval.backbones.catalog import get_spec
+from ssl_eval.data.transforms import Preprocessing
 from ssl_eval.errors import UserError
 
 
@@ -123,7 +137,7 @@ def test_python_plugin_and_entry_point(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[ssl_eval.backbones]\nmy_backbone = my_plugin:backbone_factory\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import ssl_eval.backbones.registry as reg
+    import ssl_eval.backbones.catalog as reg
     from ssl_eval.backbones.plugins import register_entry_points
 
     reg._ensure_loaded()
@@ -140,3 +154,98 @@ def test_python_plugin_and_entry_point(tmp_path, monkeypatch):
 def test_list_shows_weight_status():
     rows = {name: status for name, status, _ in list_backbones()}
     assert rows["pixels"] == "none needed" and rows["dinov2_vitb14"] in ("downloadable", "missing")
+
+
+# ------------------------------------------- the registries, read from themselves (no lists)
+
+_loaded = catalog._ensure_loaded()  # at collection: the parametrisations below see everything
+FAMILIES_DIR = Path(families.__file__).parent
+
+
+@pytest.mark.parametrize("tag", sorted(TAGS))
+def test_every_tag_names_a_family_and_describes_itself(tag):
+    family, variant = TAGS[tag]
+    assert family in FAMILIES and isinstance(variant, str) and variant
+    spec = BACKBONES.get(tag)
+    assert spec.name == tag and spec.description.strip()
+    status = spec.status()
+    assert isinstance(status, str) and status
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_every_backbone_name_has_a_spec_that_describes_itself(name):
+    spec = BACKBONES.get(name)
+    assert spec.name == name or spec.name in BACKBONES  # an alias names another entry's spec
+    assert callable(spec.build) and spec.description.strip()
+    status = spec.status()
+    assert isinstance(status, str) and status
+
+
+@pytest.mark.parametrize("prefix", [e.name for e in BACKBONES.prefixes()])
+def test_every_prefix_says_what_follows_the_colon(prefix):
+    entry = next(e for e in BACKBONES.prefixes() if e.name == prefix)
+    assert callable(entry.obj) and entry.help.strip()
+
+
+@pytest.mark.parametrize("name", FAMILIES.names())
+def test_every_family_detects_builds_and_describes_itself(name):
+    fam = FAMILIES.get(name)
+    assert fam.name == name and callable(fam.detect) and callable(fam.build) and fam.description.strip()
+
+
+# Run in a fresh interpreter: here other tests import family modules themselves. Prints the
+# modules imported after the public listing alone, and the modules owning a registration (a
+# family, an exact name, a prefix, a folder reader).
+DISCOVERY_PROBE = """
+import json, sys
+from ssl_eval.backbones import BACKBONES, list_backbones
+from ssl_eval.backbones.adapters import FAMILIES, FOLDER_READERS
+list_backbones()
+owners = {e.obj.build.__module__ for e in [*FAMILIES.entries(), *BACKBONES.entries()]}
+owners |= {e.obj.__module__ for e in BACKBONES.prefixes()} | {r.build.__module__ for r in FOLDER_READERS}
+print(json.dumps({"imported": sorted(sys.modules), "owners": sorted(owners)}))
+"""
+
+
+def test_every_file_in_families_is_discovered_and_registers_something(tmp_path):
+    """Dropping a module file in backbones/families/ is all a new family needs: the listing
+    imports it, and it registers something."""
+    on_disk = {f"{families.__name__}.{p.stem}" for p in FAMILIES_DIR.glob("*.py") if p.stem != "__init__"}
+    on_disk |= {f"{families.__name__}.{p.parent.name}" for p in FAMILIES_DIR.glob("*/__init__.py")}
+    assert len(on_disk) >= 10 and set(catalog.family_modules()) == on_disk
+    out = subprocess.run([sys.executable, "-c", DISCOVERY_PROBE], capture_output=True, text=True,
+                         env=cli_env(tmp_path), check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert on_disk <= set(seen["imported"]), f"not discovered: {sorted(on_disk - set(seen['imported']))}"
+    assert on_disk <= set(seen["owners"]), f"register nothing: {sorted(on_disk - set(seen['owners']))}"
+
+
+# ------------------------------------------------------- preprocessing travels as plain data
+
+def _every_preprocessing() -> dict[str, Preprocessing]:
+    """Every Preprocessing a family module defines (its papers' evaluation settings)."""
+    found = {"default": Preprocessing(), "sized": Preprocessing(resize=36, crop=32, interpolation="nearest")}
+    for name in _loaded:
+        for attr, value in vars(sys.modules[name]).items():
+            if isinstance(value, Preprocessing):
+                found[f"{name.rpartition('.')[2]}.{attr}"] = value
+    return found
+
+
+@pytest.mark.parametrize("key", sorted(_every_preprocessing()))
+def test_preprocessing_round_trips_through_a_dict_and_json(key):
+    pre = _every_preprocessing()[key]
+    d = pre.to_dict()
+    assert Preprocessing.from_dict(d) == pre
+    assert Preprocessing.from_dict(json.loads(json.dumps(d))) == pre
+    assert Preprocessing.from_dict(d).to_dict() == d
+
+
+def test_preprocessing_from_dict_refuses_unknown_and_missing_settings():
+    d = Preprocessing(resize=36, crop=32).to_dict()
+    with pytest.raises(UserError, match="unknown preprocessing setting.*antialias"):
+        Preprocessing.from_dict({**d, "antialias": False})
+    with pytest.raises(UserError, match="lacks.*std"):
+        Preprocessing.from_dict({k: v for k, v in d.items() if k != "std"})
+    short = Preprocessing.from_dict({"mean": [0.5] * 3, "std": [0.25] * 3})
+    assert short == Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3)

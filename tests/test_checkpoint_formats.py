@@ -5,6 +5,7 @@ Plus the failure modes: wrong architecture, extra keys, truncated files, code-ru
 (ViT layouts: tests/test_ckpt_vits.py.)"""
 
 import argparse
+import json
 import re
 
 import pytest
@@ -13,9 +14,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ssl_eval.backbones import BuildOptions, build_backbone, list_backbones
+from ssl_eval.backbones import BuildOptions, build_backbone, get_spec, list_backbones
 from ssl_eval.backbones.checkpoints import uninitialised
 from ssl_eval.backbones.resnet import ResNet, resnet_shape
+from ssl_eval.data.transforms import Preprocessing
 from ssl_eval.errors import UserError
 from ssl_eval.fsutil import sha256_file
 
@@ -360,3 +362,86 @@ def test_load_report_reaches_the_result_record(tmp_path):
     rec = next(r for r in load_records(tmp_path / "res") if r.metric == "top1")
     assert rec.load_report["family"] == "cifar_resnet" and rec.load_report["family_from"] == "--family"
     assert rec.weights["sha256"] == sha256_file(tmp_path / "r20.th")
+
+
+# ------------------------------------------- folders written by `ssl-eval train` (one format)
+
+# backbone.json exactly as `ssl-eval train` wrote it before the format had its own module
+OLD_SIDECAR = {
+    "format": "ssl-eval-trained-backbone", "format_version": 1, "method": "simclr",
+    "architecture": {"name": "cifar_resnet_tiny", "kwargs": {}},
+    "preprocessing": {"resize": 32, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                      "interpolation": "bilinear"},
+    "feature_kind": "model", "train_config": {}, "dataset": {"name": "digits", "fingerprint": "x"},
+    "epochs": 2, "epochs_done": 2, "complete": True, "seed": 0, "code_version": "0", "collapsed": False,
+    "final_diagnostics": {}, "history": [],
+}
+
+
+def _old_training_folder(path):
+    from safetensors.torch import save_file
+
+    from ssl_eval.backbones.archs import build_arch
+
+    model = randomize(build_arch("cifar_resnet_tiny"), 7)
+    path.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "backbone.safetensors"))
+    (path / "backbone.json").write_text(json.dumps(OLD_SIDECAR))
+    return model
+
+
+def test_training_folder_written_before_still_loads(tmp_path):
+    ref = _old_training_folder(tmp_path / "run")
+    assert get_spec(f"ckpt:{tmp_path / 'run'}").status().startswith("present")
+    bb = build_backbone(f"ckpt:{tmp_path / 'run'}", BuildOptions())
+    assert bb.preprocessing == Preprocessing(resize=32, crop=32) and bb.feature_kind == "model"
+    assert bb.load_report["format"] == "ssl-eval-trained-backbone" and bb.load_report["training"]["epochs"] == 2
+    assert bb.weights.sha256 == sha256_file(tmp_path / "run" / "backbone.safetensors")
+    with torch.no_grad():
+        close(bb.embed(X32), ref(X32))
+
+
+def test_trained_format_writes_weights_first_and_reads_back(tmp_path, monkeypatch):
+    from ssl_eval.backbones import trained_format as tf
+    from ssl_eval.backbones.archs import build_arch
+
+    model = randomize(build_arch("cifar_resnet_tiny"), 8)
+    real = tf.atomic_write_json
+
+    def sidecar_after_weights(path, obj):
+        assert (path.parent / tf.WEIGHTS).is_file()  # a sidecar always describes weights that exist
+        real(path, obj)
+
+    monkeypatch.setattr(tf, "atomic_write_json", sidecar_after_weights)
+    side = {k: v for k, v in OLD_SIDECAR.items() if k not in ("format", "format_version")}
+    tf.write_trained_backbone(tmp_path, model.state_dict(), side)
+    assert json.loads((tmp_path / "backbone.json").read_text()) == OLD_SIDECAR
+    assert tf.is_training_dir(tmp_path) and tf.sidecar_preprocessing(tf.read_sidecar(tmp_path)) == Preprocessing(
+        resize=32, crop=32)
+    sd = tf.read_weights(tmp_path)
+    assert sd.keys() == model.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format_version": 2}, "format version 2"),
+    ({"format": "other"}, "not an ssl-eval training sidecar"),
+    ({"architecture": {}}, "names no architecture"),
+    ({"preprocessing": None}, "no 'preprocessing'"),
+    ({"preprocessing": {**OLD_SIDECAR["preprocessing"], "antialias": True}}, "unknown preprocessing setting"),
+])
+def test_damaged_or_foreign_training_folders_are_user_errors(tmp_path, change, message):
+    _old_training_folder(tmp_path / "run")
+    (tmp_path / "run" / "backbone.json").write_text(json.dumps({**OLD_SIDECAR, **change}))
+    with pytest.raises(UserError, match=message):
+        build_backbone(f"ckpt:{tmp_path / 'run'}", BuildOptions())
+
+
+def test_training_folder_without_or_with_damaged_weights(tmp_path):
+    _old_training_folder(tmp_path / "run")
+    w = tmp_path / "run" / "backbone.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(UserError, match="damaged"):
+        build_backbone(f"ckpt:{tmp_path / 'run'}", BuildOptions())
+    w.unlink()
+    with pytest.raises(UserError, match="has not finished an epoch"):
+        build_backbone(f"ckpt:{tmp_path / 'run'}", BuildOptions())

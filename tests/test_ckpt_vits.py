@@ -18,9 +18,9 @@ import torch
 from test_checkpoint_formats import _one_thread, close, mlp_keys, randomize  # noqa: F401
 
 from ssl_eval.backbones import BuildOptions, build_backbone, list_backbones
+from ssl_eval.backbones.adapters import TAGS
 from ssl_eval.backbones.checkpoints import uninitialised
-from ssl_eval.backbones.families import TAGS
-from ssl_eval.backbones.mocov3 import VIT_VARIANTS
+from ssl_eval.backbones.families.mocov3 import VIT_VARIANTS
 from ssl_eval.errors import UserError
 
 X16 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))

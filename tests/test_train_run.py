@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_eval.backbones.trained import build_from_training_dir, is_training_dir
+from ssl_eval.backbones.families.trained import build_from_training_dir, is_training_dir
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
 from ssl_eval.data.splits import stratified_val_split
 from ssl_eval.errors import UserError

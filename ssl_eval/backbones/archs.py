@@ -47,9 +47,10 @@ class _Block(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    """ResNet with the CIFAR stem: a 3x3 stride-1 conv and no max-pool, so a 32x32 image keeps
-    its resolution in the first stage (the ImageNet stem would shrink it to 8x8 at once)."""
+class CifarStemResNet(nn.Module):
+    """The trainer's ResNet with the CIFAR stem: a 3x3 stride-1 conv and no max-pool, so a 32x32
+    image keeps its resolution in the first stage (the ImageNet stem would shrink it to 8x8 at
+    once); 1x1 projection shortcuts. Not the akamaster option-A ResNet of families/cifar.py."""
 
     def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), widths: tuple[int, ...] = (64, 128, 256, 512)):
         super().__init__()
@@ -96,15 +97,15 @@ def _timm(name: str) -> ArchBuilder:
     return build
 
 
-ARCHS.register("cifar_resnet18", lambda **kw: CifarResNet(**kw), "ResNet-18, CIFAR stem, 512-d (11M params)")
+ARCHS.register("cifar_resnet18", lambda **kw: CifarStemResNet(**kw), "ResNet-18, CIFAR stem, 512-d (11M params)")
 ARCHS.register(
     "cifar_resnet_small",
-    lambda **kw: CifarResNet(**{"blocks": (1, 1, 1, 1), "widths": (32, 64, 128, 256), **kw}),
+    lambda **kw: CifarStemResNet(**{"blocks": (1, 1, 1, 1), "widths": (32, 64, 128, 256), **kw}),
     "ResNet-10 at half width, CIFAR stem, 256-d (1.2M params): the CPU ablation's backbone",
 )
 ARCHS.register(
     "cifar_resnet_tiny",
-    lambda **kw: CifarResNet(**{"blocks": (1, 1, 1), "widths": (8, 16, 32), **kw}),
+    lambda **kw: CifarStemResNet(**{"blocks": (1, 1, 1), "widths": (8, 16, 32), **kw}),
     "three stages of one block, 8-32 channels, 32-d: tests only",
 )
 ARCHS.register("vit_tiny_p4", lambda **kw: _vit(**{"embed_dim": 192, "depth": 9, "num_heads": 3, **kw}),

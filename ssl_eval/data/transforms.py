@@ -7,7 +7,7 @@ backbones with equal ``Preprocessing`` see identical pixels.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torchvision.transforms import InterpolationMode
@@ -48,9 +48,31 @@ class Preprocessing:
         return replace(self, resize=size, crop=size)
 
     def to_dict(self) -> dict:
+        """Plain JSON data (lists for mean and std); ``from_dict`` reads it back."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """The inverse of ``to_dict``. ``mean`` and ``std`` are required (a silent ImageNet
+        default would feed a backbone the wrong pixels); ``resize``, ``crop`` and
+        ``interpolation`` default as in the class. Unknown keys are refused: a setting this
+        version cannot apply must not be dropped silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown preprocessing setting(s) {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("mean", "std") if k not in d]
+        if missing:
+            raise UserError(f"preprocessing lacks {missing}")
+        return cls(
+            resize=d.get("resize"),
+            crop=d.get("crop"),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=d.get("interpolation", "bilinear"),
+        )
 
     def geometric(self, img: torch.Tensor) -> torch.Tensor:
         """uint8 CHW -> uint8 CHW, resized and cropped."""

@@ -1,7 +1,7 @@
 """What a run writes into its output folder, each file atomically:
 
   * ``backbone.safetensors`` + ``backbone.json``: the backbone's weights and the sidecar the
-    evaluator rebuilds it from (ssl_eval.backbones.trained), rewritten every epoch;
+    evaluator rebuilds it from (format: ssl_eval.backbones.trained_format), rewritten every epoch;
   * ``train_state.pt``: everything ``--resume`` needs (model with targets/teachers, optimiser,
     epoch, monitor history); loaded with ``weights_only=True``.
 """
@@ -14,14 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# the trained-backbone format is defined once, on the reading side; re-exported for the trainer
+from ..backbones.trained_format import (  # noqa: F401
+    FORMAT,
+    FORMAT_VERSION,
+    SIDECAR,
+    WEIGHTS,
+    write_trained_backbone,
+)
 from ..errors import UserError
-from ..fsutil import atomic_write_bytes, atomic_write_json
+from ..fsutil import atomic_write_bytes
 
-FORMAT = "ssl-eval-trained-backbone"
-FORMAT_VERSION = 1
 STATE = "train_state.pt"
-WEIGHTS = "backbone.safetensors"
-SIDECAR = "backbone.json"
 
 
 def save_state(out: Path, state: dict) -> None:
@@ -39,10 +43,6 @@ def load_state(out: Path) -> dict:
 
 
 def export_backbone(out: Path, backbone: nn.Module, sidecar: dict) -> None:
-    """Weights as safetensors (contiguous CPU copies), then the sidecar: a reader that finds the
-    sidecar always finds the weights it describes."""
-    from safetensors.torch import save
-
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
-    atomic_write_bytes(Path(out) / WEIGHTS, save(sd))
-    atomic_write_json(Path(out) / SIDECAR, {"format": FORMAT, "format_version": FORMAT_VERSION, **sidecar})
+    """The backbone's weights, then the sidecar, in the one format the evaluator reads
+    (``ssl_eval.backbones.trained_format``)."""
+    write_trained_backbone(out, backbone.state_dict(), sidecar)

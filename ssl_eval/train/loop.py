@@ -21,7 +21,7 @@ from torch import nn
 from .. import __version__
 from ..backbones.archs import build_arch
 from ..backbones.base import FEATURE_KINDS
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ..errors import UserError
 from . import dist
 from .augment import make_views, step_generator
@@ -202,8 +202,8 @@ def make_sidecar(cfg: TrainConfig, arch: str, spec, data: TrainData, epochs_done
     return {
         "method": cfg.method,
         "architecture": {"name": arch, "kwargs": cfg.arch_kwargs},
-        "preprocessing": {"resize": cfg.image_size, "crop": cfg.image_size, "mean": list(IMAGENET_MEAN),
-                          "std": list(IMAGENET_STD), "interpolation": "bilinear"},
+        "preprocessing": Preprocessing(resize=cfg.image_size, crop=cfg.image_size, mean=IMAGENET_MEAN,
+                                       std=IMAGENET_STD).to_dict(),
         "feature_kind": spec.feature_kind,
         "train_config": cfg.to_dict(),
         "dataset": {"name": data.name, "fingerprint": data.fingerprint},

@@ -25,12 +25,12 @@ import re
 
 import torch
 
-from ..data.transforms import Preprocessing
-from ..errors import UserError
-from .checkpoints import Checkpoint
-from .families import Family, Loaded, finish_report, register_family, register_tag
-from .resnet import RESNET50, RESNET50_2X, RESNET50_4X, find_torchvision_resnet, load_resnet
-from .weights import WeightsSource
+from ...data.transforms import Preprocessing
+from ...errors import UserError
+from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..checkpoints import Checkpoint
+from ..resnet import RESNET50, RESNET50_2X, RESNET50_4X, find_torchvision_resnet, load_resnet
+from ..weights import WeightsSource
 
 SIMCLR_EVAL = Preprocessing(resize=256, crop=224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 VARIANTS = {"r50x1": RESNET50, "r50x2": RESNET50_2X, "r50x4": RESNET50_4X}

@@ -10,12 +10,12 @@ ImageNet mean/std. ``supervised_r50`` is V2, torchvision's current default (80.9
 
 from __future__ import annotations
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ..errors import UserError
-from .checkpoints import Checkpoint
-from .families import Family, Loaded, finish_report, register_family, register_tag
-from .resnet import RESNET50, find_torchvision_resnet, load_resnet
-from .weights import WeightsSource
+from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ...errors import UserError
+from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..checkpoints import Checkpoint
+from ..resnet import RESNET50, find_torchvision_resnet, load_resnet
+from ..weights import WeightsSource
 
 V1_EVAL = Preprocessing(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 V2_EVAL = Preprocessing(resize=232, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)

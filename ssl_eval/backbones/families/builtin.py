@@ -7,12 +7,12 @@ import sys
 import torch
 from torch import nn
 
-from ..data.transforms import Preprocessing
-from ..errors import UserError
-from .base import Backbone, BackboneSpec, BuildOptions, WeightsInfo, state_dict_sha256
-from .checkpoints import read_state_dict, strict_load
-from .registry import BACKBONES
-from .weights import WeightsSource
+from ...data.transforms import Preprocessing
+from ...errors import UserError
+from ..base import Backbone, BackboneSpec, BuildOptions, WeightsInfo, state_dict_sha256
+from ..checkpoints import read_state_dict, strict_load
+from ..registry import BACKBONES
+from ..weights import WeightsSource
 
 # Keys a classification checkpoint may carry that a feature extractor does not use.
 HEAD_KEYS = (r"^head\.", r"^fc\.", r"^classifier\.", r"^head_dist\.", r"^last_linear\.")
@@ -109,7 +109,7 @@ def timm_backbone(
         weights = WeightsInfo(f"random-init(seed={opt.seed})", state_dict_sha256(model))
         report = {"format": "random-init", "kept": len(model.state_dict())}
     else:
-        from ..fsutil import sha256_file
+        from ...fsutil import sha256_file
 
         path = source.resolve(opt.weights, opt.offline)
         report = load_timm_weights(model, path)

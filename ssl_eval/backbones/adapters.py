@@ -1,9 +1,12 @@
-"""Checkpoint families: a registry of adapters, each recognising its official layout from the
-keys (``detect``) and building a model from it (``build``).
+"""The checkpoint-family framework: a registry of adapters, each recognising its official
+layout from the keys (``detect``) and building a model from it (``build``). The adapters
+themselves live in ``families/``, one file per family; this module knows none of them.
 
 Tagged backbones (``mocov3_vitb16``, ``simclr_r50`` ...) name a family and a variant;
 ``ckpt:PATH`` detects the family from the file (or takes ``--family``) and infers the variant
-from the tensor shapes. Both paths end in the same strict load and the same load report.
+from the tensor shapes. Both paths end in the same strict load and the same load report. A ``ckpt:`` path that is a
+folder goes to the folder reader that accepts it (``register_folder_reader``; the
+``ssl-eval train`` output folder is one, in ``families/trained.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from torch import nn
 from ..data.transforms import Preprocessing
 from ..errors import UserError
 from ..registry import Registry
-from . import trained
 from .base import Backbone, BackboneSpec, BuildOptions, WeightsInfo
 from .checkpoints import Checkpoint, read_checkpoint, summarise_keys
 from .registry import BACKBONES
@@ -50,9 +52,30 @@ FAMILIES: Registry[Family] = Registry("checkpoint family")
 TAGS: dict[str, tuple[str, str]] = {}  # tag -> (family, variant), for listings and tests
 
 
+@dataclass(frozen=True)
+class FolderReader:
+    """Reads ``ckpt:DIR`` for a folder layout that ``accepts(path)`` recognises."""
+
+    name: str
+    accepts: Callable[[Path], bool]
+    build: Callable[[Path, BuildOptions], Backbone]
+
+
+FOLDER_READERS: list[FolderReader] = []
+
+
 def register_family(family: Family) -> Family:
     FAMILIES.register(family.name, family, family.description)
     return family
+
+
+def register_folder_reader(reader: FolderReader) -> FolderReader:
+    FOLDER_READERS.append(reader)
+    return reader
+
+
+def _folder_reader(path: Path) -> FolderReader | None:
+    return next((r for r in FOLDER_READERS if r.accepts(path)), None)
 
 
 def get_family(name: str) -> Family:
@@ -149,8 +172,9 @@ def _ckpt_spec(rest: str) -> BackboneSpec:
     def build(opt: BuildOptions) -> Backbone:
         if opt.weights is not None:
             raise UserError(f"{name} already names its weights file; drop --weights")
-        if trained.is_training_dir(path):  # a folder written by `ssl-eval train`
-            return trained.build_from_training_dir(path, opt)
+        reader = _folder_reader(path)  # e.g. a folder written by `ssl-eval train`
+        if reader is not None:
+            return reader.build(path, opt)
         if not path.is_file():
             raise UserError(f"{name}: no such file {path} (nor an `ssl-eval train` output folder)")
         ckpt = read_checkpoint(path)
@@ -160,7 +184,7 @@ def _ckpt_spec(rest: str) -> BackboneSpec:
         return bb
 
     def status() -> str:
-        found = path.is_file() or trained.is_training_dir(path)
+        found = path.is_file() or _folder_reader(path) is not None
         return f"present ({path})" if found else f"missing ({path})"
 
     return BackboneSpec(name, build, status, f"checkpoint {path.name}, family detected from keys")

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ..errors import UserError
-from .checkpoints import Checkpoint, strict_load, uninitialised
-from .families import Family, Loaded, finish_report, register_family, register_tag
-from .weights import WeightsSource
+from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ...errors import UserError
+from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..checkpoints import Checkpoint, strict_load, uninitialised
+from ..weights import WeightsSource
 
 CIFAR_EVAL = Preprocessing(resize=32, crop=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 _PREFIXES = ("state_dict.module.", "state_dict.", "module.", "", "model.")
@@ -51,8 +51,9 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs; forward returns the 64-d average-pooled embedding."""
+class CifarResNetOptionA(nn.Module):
+    """He et al.'s ResNet-(6n+2) for 32x32 inputs with parameter-free option-A shortcuts (the
+    akamaster checkpoints); forward returns the 64-d average-pooled embedding."""
 
     def __init__(self, depth: int):
         super().__init__()
@@ -95,7 +96,7 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     sd = ckpt.section(prefix)
     n = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layer1\.(\d+)\.", k)))
     depth = int(variant) if variant else 6 * n + 2
-    model = uninitialised(lambda: CifarResNet(depth))
+    model = uninitialised(lambda: CifarResNetOptionA(depth))
     report = strict_load(model, sd, droppable=(r"^linear\.",), fmt="cifar-resnet")
     return Loaded(
         model, finish_report(report, f"cifar resnet-{depth} ({prefix.rstrip('.') or 'flat'})",

@@ -19,12 +19,12 @@ mean/std.
 
 from __future__ import annotations
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ..errors import UserError
-from .checkpoints import Checkpoint
-from .families import Family, Loaded, finish_report, register_family, register_tag
-from .vit import create_timm, load_vit, split_keys, vit_kwargs, vit_shape
-from .weights import WeightsSource
+from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ...errors import UserError
+from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..checkpoints import Checkpoint
+from ..vit import create_timm, load_vit, split_keys, vit_kwargs, vit_shape
+from ..weights import WeightsSource
 
 MAE_EVAL = Preprocessing(
     resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic"

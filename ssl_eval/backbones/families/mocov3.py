@@ -15,13 +15,13 @@ preprocessing (main_lincls.py): resize 256, centre crop 224, bilinear, ImageNet 
 
 from __future__ import annotations
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ..errors import UserError
-from .checkpoints import Checkpoint
-from .families import Family, Loaded, finish_report, register_family, register_tag
-from .resnet import RESNET50, load_resnet
-from .vit import HEADS, create_timm, load_vit, split_keys, vit_kwargs, vit_shape
-from .weights import WeightsSource
+from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ...errors import UserError
+from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..checkpoints import Checkpoint
+from ..resnet import RESNET50, load_resnet
+from ..vit import HEADS, create_timm, load_vit, split_keys, vit_kwargs, vit_shape
+from ..weights import WeightsSource
 
 MOCO_EVAL = Preprocessing(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 MOCO_HEADS = {**HEADS, 384: 12}

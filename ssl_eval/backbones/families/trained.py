@@ -1,0 +1,66 @@
+"""Backbones trained by ``ssl-eval train``: ``ckpt:DIR`` on its output folder (the format is
+defined once, in ``trained_format.py``, which the trainer writes through).
+
+The evaluator needs no extra flags: the sidecar says how to rebuild the module (through the
+architecture registry in ``archs.py``, never through the trainer) and how to feed it. Weights
+load with safetensors (no unpickling) and strictly: every key must match.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ...errors import UserError
+from ...fsutil import sha256_file
+from ..adapters import FolderReader, register_folder_reader
+from ..archs import build_arch
+from ..base import Backbone, BuildOptions, WeightsInfo
+from ..checkpoints import strict_load
+from ..trained_format import (
+    FORMAT,
+    SIDECAR,
+    WEIGHTS,
+    is_training_dir,
+    read_sidecar,
+    read_weights,
+    sidecar_preprocessing,
+)
+
+__all__ = ["build_from_training_dir", "is_training_dir"]
+
+
+def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = None) -> Backbone:
+    """Rebuild the trained backbone in folder ``path``. ``opt.image_size`` and
+    ``opt.feature_kind`` override the sidecar's preprocessing size and feature kind."""
+    opt = opt or BuildOptions()
+    root = Path(path).expanduser()
+    if not is_training_dir(root):
+        raise UserError(f"{root} is not a training folder: expected {root / SIDECAR} (written by `ssl-eval train`)")
+    meta = read_sidecar(root)
+    sd = read_weights(root)
+    arch = meta["architecture"]
+    model = build_arch(arch["name"], arch.get("kwargs") or {})
+    report = strict_load(model, sd, fmt=FORMAT)
+    model.eval()
+    pre = sidecar_preprocessing(meta)
+    if opt.image_size:
+        pre = pre.with_size(opt.image_size)
+    done, total = meta.get("epochs_done"), meta.get("epochs")
+    desc = f"{meta.get('method')} {arch['name']} trained {done}/{total} epochs on {meta.get('dataset', {}).get('name')}"
+    if meta.get("collapsed"):
+        desc += " (COLLAPSED during training)"
+    wpath = root / WEIGHTS
+    return Backbone(
+        tag=f"ckpt:{root}",
+        model=model,
+        preprocessing=pre,
+        feature_kind=opt.feature_kind or meta.get("feature_kind", "model"),
+        weights=WeightsInfo("file", sha256_file(wpath), str(wpath)),
+        load_report={**report, "training": {k: meta.get(k) for k in ("method", "epochs", "epochs_done", "seed",
+                                                                        "collapsed", "code_version")}},
+        description=desc,
+    )
+
+
+register_folder_reader(FolderReader("ssl-eval train output", is_training_dir, build_from_training_dir))

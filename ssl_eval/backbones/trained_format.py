@@ -1,0 +1,93 @@
+"""The one contract between the trainer, which writes a trained backbone, and the evaluator,
+which reads it back: an output folder of ``ssl-eval train`` holding
+
+  * ``backbone.safetensors``: the backbone's state dict (safetensors: no unpickling);
+  * ``backbone.json``, the sidecar: ``format`` and ``format_version`` (below), then what the
+    trainer adds: ``architecture`` (``name`` in ``archs.ARCHS``, ``kwargs``), ``preprocessing``
+    (``Preprocessing.to_dict``), ``feature_kind`` and the training record (method, epochs,
+    epochs_done, seed, dataset, history, ...).
+
+Both files are written atomically, weights first, so a reader that finds the sidecar always
+finds the weights it describes. ``train/`` imports this module; it imports nothing from
+``train/`` (data flows one way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..data.transforms import Preprocessing
+from ..errors import UserError
+from ..fsutil import atomic_write_bytes, atomic_write_json
+
+FORMAT = "ssl-eval-trained-backbone"
+FORMAT_VERSION = 1  # what this ssl-eval writes
+SUPPORTED_VERSIONS = (1,)  # what it reads
+WEIGHTS = "backbone.safetensors"
+SIDECAR = "backbone.json"
+
+
+def is_training_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by ``ssl-eval train`` (it has the sidecar)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and (p / SIDECAR).is_file()
+
+
+def write_trained_backbone(out: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], sidecar: dict) -> None:
+    """Weights as safetensors (contiguous CPU copies), then the sidecar stamped with the format:
+    a reader that finds the sidecar always finds the weights it describes."""
+    from safetensors.torch import save
+
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    atomic_write_bytes(Path(out) / WEIGHTS, save(sd))
+    atomic_write_json(Path(out) / SIDECAR, {"format": FORMAT, "format_version": FORMAT_VERSION, **sidecar})
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The sidecar of folder ``path``, checked: this format, a version this ssl-eval reads, and
+    the fields the evaluator rebuilds the backbone from."""
+    p = Path(path).expanduser() / SIDECAR
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {p}: {e}. Is this an `ssl-eval train` output folder?") from e
+    if not isinstance(meta, dict):
+        raise UserError(f"{p} is not an ssl-eval training sidecar (a JSON {type(meta).__name__}, not an object)")
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{p} is not an ssl-eval training sidecar (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("format_version") not in SUPPORTED_VERSIONS:
+        raise UserError(
+            f"{p} has format version {meta.get('format_version')}; this ssl-eval reads {SUPPORTED_VERSIONS}. "
+            "Upgrade ssl-eval or re-export the checkpoint."
+        )
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict) or not arch.get("name"):
+        raise UserError(f"{p} names no architecture ('architecture': {{'name': ...}}); the file is damaged")
+    if not isinstance(meta.get("preprocessing"), dict):
+        raise UserError(f"{p} has no 'preprocessing'; the file is damaged")
+    return meta
+
+
+def sidecar_preprocessing(meta: dict) -> Preprocessing:
+    """The preprocessing the backbone was trained with, as the sidecar records it."""
+    return Preprocessing.from_dict(meta["preprocessing"])
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in folder ``path``, read with safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(path).expanduser()
+    wpath = root / WEIGHTS
+    if not wpath.is_file():
+        raise UserError(f"{wpath} is missing; the run in {root} has not finished an epoch yet")
+    try:
+        return load_file(str(wpath))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read {wpath}: {e}. The file is damaged; retrain or restore it.") from e
