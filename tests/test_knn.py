@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from ssl_eval.errors import UserError
+from ssl_eval.knn_search import knn_classify
 from ssl_eval.protocols.base import ProtocolInputs
-from ssl_eval.protocols.knn import KnnParams, knn_classify, run_knn
+from ssl_eval.protocols.cards import load_card, parse_card
+from ssl_eval.protocols.knn import KnnParams, run_knn
 
 
 def reference_knn(bank, bank_y, queries, k, T, C):
@@ -71,3 +74,37 @@ def test_run_knn_selects_k_on_val_and_reports_all_k():
         assert 0.0 <= out.metrics[f"top1@k{k}"] <= 1.0
     assert out.metrics["top1"] == out.metrics[f"top1@k{out.details['selected_k']}"]
     assert out.metrics["top1"] > 0.9
+
+
+BAD_PARAMS = [
+    ({"ks": []}, "ks"),
+    ({"ks": [10, 0]}, "ks"),
+    ({"ks": [-5]}, "ks"),
+    ({"temperature": 0}, "temperature"),
+    ({"temperature": -0.07}, "temperature"),
+    ({"backend": "annoy"}, "backend"),
+    ({"select_k": "best"}, "select_k"),
+    ({"select_k": "7"}, "select_k"),  # an integer, but not one of ks
+    ({"select_k": 7}, "select_k"),
+    ({"memory_mb": 0}, "memory_mb"),
+]
+
+
+@pytest.mark.parametrize("bad,param", BAD_PARAMS)
+def test_bad_knn_params_fail_when_the_card_is_parsed(bad, param):
+    raw = {"name": "mine", "version": 1, "type": "knn", "params": {"ks": [10, 20], "select_k": "val", **bad}}
+    with pytest.raises(UserError, match=rf"^knn: {param} "):
+        parse_card(raw, "mine.yaml")
+
+
+@pytest.mark.parametrize("bad,param", BAD_PARAMS)
+def test_bad_knn_override_fails_when_the_card_loads(bad, param):
+    [(key, value)] = bad.items()
+    with pytest.raises(UserError, match=rf"^knn: {param} "):
+        load_card("knn", [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("good", ["select_k=20", "select_k='200'", "backend=torch", "backend=faiss",
+                                  "ks=[5]", "temperature=1", "memory_mb=1"])
+def test_good_knn_overrides_load(good):
+    assert isinstance(load_card("knn", [good]).params, KnnParams)  # the shipped ks: 10, 20, 100, 200

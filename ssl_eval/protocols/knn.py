@@ -1,22 +1,19 @@
-"""Weighted k-NN on L2-normalised features (cosine similarity), as in Wu et al. 2018 and DINO:
-each of the k nearest training examples votes for its class with weight exp(sim / T).
+"""The k-NN protocol: weighted k-NN on L2-normalised features (cosine similarity), as in Wu et
+al. 2018 and DINO: each of the k nearest training examples votes for its class with weight
+exp(sim / T). The reported k is chosen on the validation split carved from train.
 
-All k values are answered from ONE search for the largest k. The search runs on FAISS (a GPU
-index when a GPU and a faiss GPU build are present) or on plain torch matmul + top-k, with
-queries and bank chunked so memory stays bounded.
+The search and the vote live in ssl_eval/knn_search.py (shared with the trainer's online
+monitor); this file holds the card's params, the k selection and the protocol's registration.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
-from ..registry import Registry
+from ..knn_search import SEARCH_BACKENDS, knn_classify, resolve_backend
 from .base import (
     PROTOCOL_TYPES,
     ProtocolInputs,
@@ -36,154 +33,25 @@ class KnnParams:
     select_k: str = "val"  # "val": the reported k is the best on the validation split; or an int as a string
     memory_mb: int = 512  # bound on the similarity block of the torch backend
 
-
-# ---------------------------------------------------------------- search backends
-
-
-def _block_topk(q: torch.Tensor, blk: torch.Tensor, k: int, buf: torch.Tensor):
-    """Exact top-``k`` of each row of ``q @ blk.T`` (best first), the product written into ``buf``.
-
-    A plain top-k over a wide row costs several times a pass over it, so wide blocks are
-    searched in two stages: columns are dealt into ``g`` interleaved groups, and only the ``k``
-    groups with the largest maxima are searched exactly. That is exact: each of the k best
-    entries is at most its group's maximum, so its group is among the k best groups.
-    """
-    nq, nb = len(q), len(blk)
-    s = torch.mm(q, blk.T, out=buf[: nq * nb].view(nq, nb))
-    g = int(math.sqrt(nb / k))  # balances the two stages: nb / g maxima, then g * k candidates
-    if g < 4:
-        return s.topk(k, dim=1)
-    m = nb // g  # group c holds columns c, c + m, ..., c + (g - 1) m; the nb - g m left over are candidates too
-    main = g * m
-    v = s[:, :main].view(nq, g, m)
-    top_groups = v.amax(1).topk(k, dim=1, sorted=False).indices  # (nq, k)
-    cand = v.gather(2, top_groups.unsqueeze(1).expand(nq, g, k)).view(nq, g * k)
-    if main < nb:
-        cand = torch.cat([cand, s[:, main:]], 1)
-    sims, j = cand.topk(k, dim=1)
-    idx = (j // k) * m + top_groups.gather(1, (j % k).clamp_max_(k - 1))
-    if main < nb:
-        idx = torch.where(j >= g * k, j - g * k + main, idx)
-    return sims, idx
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise UserError(f"knn: ks must list at least one k, each at least 1, got {list(self.ks)}")
+        if not self.temperature > 0:
+            raise UserError(f"knn: temperature must be > 0, got {self.temperature}")
+        backends = ("auto", *SEARCH_BACKENDS.names())
+        if self.backend not in backends:
+            raise UserError(f"knn: backend must be one of {', '.join(backends)}, got {self.backend!r}")
+        if self.select_k != "val" and _as_int(self.select_k) not in self.ks:
+            raise UserError(f"knn: select_k must be 'val' or one of ks {list(self.ks)}, got {self.select_k!r}")
+        if self.memory_mb < 1:
+            raise UserError(f"knn: memory_mb must be at least 1, got {self.memory_mb}")
 
 
-def _search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, memory_mb: int):
-    q_chunk = 1024
-    b_chunk = min(len(bank), max(k, (memory_mb << 20) // (4 * q_chunk)))
-    # one similarity buffer for the whole search (a fresh block per chunk costs page faults)
-    buf = torch.empty(min(q_chunk, len(queries)) * b_chunk, dtype=queries.dtype, device=queries.device)
-    sims_out, idx_out = [], []
-    for qs in range(0, len(queries), q_chunk):
-        q = queries[qs : qs + q_chunk]
-        best_s = best_i = None
-        for bs in range(0, len(bank), b_chunk):
-            blk = bank[bs : bs + b_chunk]
-            s, i = _block_topk(q, blk, min(k, len(blk)), buf)
-            if bs:
-                i += bs
-            if best_s is not None:
-                s, j = torch.cat([best_s, s], 1).topk(k, dim=1)
-                i = torch.cat([best_i, i], 1).gather(1, j)
-            best_s, best_i = s, i
-        sims_out.append(best_s)
-        idx_out.append(best_i)
-    return torch.cat(sims_out), torch.cat(idx_out)
-
-
-def _faiss_gpu_available() -> bool:
+def _as_int(s: object) -> int | None:
     try:
-        import faiss
-    except ImportError:
-        return False
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def _search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int, memory_mb: int):
-    try:
-        import faiss
-    except ImportError as e:
-        raise UserError("k-NN backend 'faiss' needs faiss: pip install faiss-cpu (or the [gpu] extra)") from e
-    b = np.ascontiguousarray(bank.cpu().numpy(), dtype=np.float32)
-    if queries.device.type == "cuda" and _faiss_gpu_available():
-        index = faiss.index_cpu_to_gpu(
-            faiss.StandardGpuResources(), torch.cuda.current_device(), faiss.IndexFlatIP(b.shape[1])
-        )
-        index.add(b)
-        search = index.search
-    else:
-        # exact search straight on the bank's memory (an IndexFlatIP would first copy the bank)
-        def search(q, k):
-            return faiss.knn(q, b, k, faiss.METRIC_INNER_PRODUCT)
-
-    q_chunk = max(1024, (memory_mb << 20) // (8 * max(k, 1) * 2))
-    sims, idx = [], []
-    # The CPU index multiplies blocks of (query_bs x database_bs); faiss's default database
-    # block (1024) leaves the GEMM well short of the machine's rate: use up to 8192 columns
-    # (128 MiB with the default 4096 queries), within memory_mb. Restored afterwards.
-    cv = faiss.cvar
-    saved = cv.distance_compute_blas_database_bs
-    cv.distance_compute_blas_database_bs = max(
-        saved, min(8192, (memory_mb << 20) // (4 * max(1, cv.distance_compute_blas_query_bs)))
-    )
-    try:
-        for qs in range(0, len(queries), q_chunk):
-            q = np.ascontiguousarray(queries[qs : qs + q_chunk].cpu().numpy(), dtype=np.float32)
-            s, i = search(q, k)
-            sims.append(torch.from_numpy(s))
-            idx.append(torch.from_numpy(i))
-    finally:
-        cv.distance_compute_blas_database_bs = saved
-    dev = queries.device
-    return torch.cat(sims).to(dev), torch.cat(idx).to(dev)
-
-
-SEARCH_BACKENDS: Registry = Registry("k-NN backend")
-SEARCH_BACKENDS.register("torch", _search_torch, "plain torch matmul + top-k")
-SEARCH_BACKENDS.register("faiss", _search_faiss, "FAISS exact inner-product index")
-
-
-def resolve_backend(name: str, device: torch.device) -> str:
-    if name != "auto":
-        SEARCH_BACKENDS.get(name)
-        return name
-    if device.type == "cuda":
-        return "faiss" if _faiss_gpu_available() else "torch"
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "faiss"
-
-
-def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, backend: str = "auto", memory_mb: int = 512):
-    """Top-``k`` cosine neighbours of every query. Inputs must be L2-normalised.
-    Returns (similarities (Q, k) float32, indices (Q, k) int64), best first."""
-    k = min(k, len(bank))
-    name = resolve_backend(backend, queries.device)
-    return SEARCH_BACKENDS.get(name)(bank, queries, k, memory_mb)
-
-
-def knn_vote(
-    sims: torch.Tensor, idx: torch.Tensor, bank_labels: torch.Tensor, ks, temperature: float, num_classes: int
-) -> dict[int, torch.Tensor]:
-    """Class scores (Q, C) for each k, from neighbours sorted best-first."""
-    weights = (sims / temperature).exp()
-    neighbour_labels = bank_labels[idx]
-    out = {}
-    for k in ks:
-        kk = min(k, sims.shape[1])
-        scores = torch.zeros(len(sims), num_classes, device=sims.device)
-        scores.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-        out[k] = scores
-    return out
-
-
-def knn_classify(bank_x, bank_y, query_x, ks, temperature, num_classes, backend="auto", memory_mb=512):
-    """Normalise, search once for max(ks), vote for every k. Returns {k: scores (Q, C)}."""
-    bank = F.normalize(bank_x, dim=1)
-    queries = F.normalize(query_x, dim=1)
-    sims, idx = knn_search(bank, queries, max(ks), backend, memory_mb)
-    return knn_vote(sims, idx, bank_y, ks, temperature, num_classes)
+        return int(s)
+    except (TypeError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- the protocol
@@ -191,9 +59,7 @@ def knn_classify(bank_x, bank_y, query_x, ks, temperature, num_classes, backend=
 
 def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
     dev = inp.device
-    ks = tuple(sorted(set(p.ks)))
-    if not ks or min(ks) < 1:
-        raise UserError(f"knn: ks must be positive integers, got {p.ks}")
+    ks = tuple(sorted(set(p.ks)))  # KnnParams checked them: non-empty, each >= 1
     train_x, train_y = as_tensor(inp.train_x, dev), torch.from_numpy(inp.train_y).to(dev)
     test_x, test_y = as_tensor(inp.test_x, dev), torch.from_numpy(inp.test_y).to(dev)
     C = inp.num_classes
@@ -209,11 +75,7 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
         val_acc = {k: topk_correct(s, train_y[va], (1,))[1] / len(va) for k, s in val_scores.items()}
         best_k = max(ks, key=lambda k: (val_acc[k], -k))  # ties -> smaller k
     else:
-        try:
-            best_k = int(p.select_k)
-        except ValueError as e:
-            raise UserError(f"knn: select_k must be 'val' or an integer, got {p.select_k!r}") from e
-        ks = tuple(sorted(set(ks) | {best_k}))
+        best_k = int(p.select_k)  # one of ks (KnnParams checked it)
 
     scores = knn_classify(train_x, train_y, test_x, ks, p.temperature, C, backend, p.memory_mb)
     per_sample = {}
