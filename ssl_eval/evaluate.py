@@ -40,14 +40,16 @@ class UnitOutcome:
     path: Path | None = None
 
 
-def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg: RunConfig, seed: int) -> str:
+def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg: RunConfig,
+             seed: int | None) -> str:
+    """The identity of one unit of work; ``seed`` is None where the unit does not depend on it."""
     return sha256_json({
         "schema": SCHEMA_VERSION,
         "backbone": backbone.tag,
         "weights": backbone.weights.sha256,
         "preprocessing": backbone.preprocessing.to_dict(),
         "feature_kind": backbone.feature_kind,
-        "feature_dtype": cfg.feature_dtype,
+        "feature_options": _feature_options(cfg),
         "dataset": bundle.name,
         "fingerprint": bundle.fingerprint,
         "protocol": card.to_record() | {"source": None},
@@ -56,34 +58,66 @@ def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg:
     })[:20]
 
 
+def _feature_options(cfg: RunConfig) -> dict:
+    return {"dtype": cfg.feature_dtype, "image_size": cfg.image_size, "feature_kind": cfg.feature_kind}
+
+
+def _seeded_backbone(bb: Backbone) -> bool:
+    """A seeded random initialisation: each seed of the run is another network."""
+    return bb.weights.source.startswith("random-init")
+
+
 def run(cfg: RunConfig) -> list[UnitOutcome]:
-    """Evaluate every backbone on every dataset under every protocol in ``cfg``."""
+    """Evaluate every backbone on every dataset under every protocol in ``cfg``.
+
+    Each seed of ``cfg.seeds`` seeds the protocol and, for ``random:<arch>``, the
+    initialisation. A unit that depends on neither (k-NN on pretrained weights) runs once and
+    serves every seed."""
     device = resolve_device(cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     run_id = new_run_id()
     outcomes: list[UnitOutcome] = []
-    opts = BuildOptions(cfg.weights, cfg.image_size, cfg.feature_kind, cfg.offline, seed=0, family=cfg.family)
-    backbones: dict[str, Backbone] = {}
+    backbones: dict[tuple[str, int], Backbone] = {}
+
+    def backbone(name: str, seed: int) -> Backbone:
+        first = (name, cfg.seeds[0])
+        if first not in backbones:
+            log(f"building backbone {name}")
+            backbones[first] = build_backbone(name, _build_options(cfg, cfg.seeds[0]))
+        if not _seeded_backbone(backbones[first]):
+            return backbones[first]
+        if (name, seed) not in backbones:
+            log(f"building backbone {name} (initialisation seed {seed})")
+            backbones[(name, seed)] = build_backbone(name, _build_options(cfg, seed))
+        return backbones[(name, seed)]
+
     for ds_name in cfg.datasets:
         bundle = get_dataset(ds_name, DatasetOptions(cfg.data_root, cfg.download))
         for bb_name in cfg.backbones:
-            if bb_name not in backbones:
-                log(f"building backbone {bb_name}")
-                backbones[bb_name] = build_backbone(bb_name, opts)
-            bb = backbones[bb_name]
-            todo = []
-            for card in cfg.protocols:
-                for seed in cfg.seeds:
-                    key = unit_key(bb, bundle, card, cfg, seed)
+            todo: dict[int, list] = {}
+            for seed in cfg.seeds:
+                bb = backbone(bb_name, seed)
+                for card in cfg.protocols:
+                    dependent = card.protocol.seeded or _seeded_backbone(bb)
+                    if not dependent and seed != cfg.seeds[0]:
+                        continue  # one run serves every seed
+                    if not dependent and len(cfg.seeds) > 1 and seed == cfg.seeds[0]:
+                        log(f"{card.name} on {bb.tag} does not depend on the seed: one run serves "
+                            f"seeds {', '.join(map(str, cfg.seeds))}")
+                    key = unit_key(bb, bundle, card, cfg, seed if dependent else None)
                     if not cfg.force and unit_done(cfg.results_dir, key):
                         log(f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): already in "
                             f"{cfg.results_dir} (use --force to redo)")
                         outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
                     else:
-                        todo.append((card, key, seed))
-            if todo:
-                outcomes += _evaluate(bb, bundle, todo, cfg, device, cache_dir, run_id)
+                        todo.setdefault(id(bb), [bb, []])[1].append((card, key, seed, dependent))
+            for bb, units in todo.values():
+                outcomes += _evaluate(bb, bundle, units, cfg, device, cache_dir, run_id)
     return outcomes
+
+
+def _build_options(cfg: RunConfig, seed: int) -> BuildOptions:
+    return BuildOptions(cfg.weights, cfg.image_size, cfg.feature_kind, cfg.offline, seed=seed, family=cfg.family)
 
 
 def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> list[UnitOutcome]:
@@ -99,7 +133,7 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
 
     train_idx, val_idx = stratified_val_split(bundle.train.labels, cfg.val_fraction, cfg.split_seed)
     out = []
-    for card, key, seed in todo:
+    for card, key, seed, dependent in todo:
         seed_everything(seed)
         ptype = card.protocol
         if ptype.inputs == "images":
@@ -116,7 +150,7 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
             key=key, run_id=run_id, seed=seed,
             split={"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed},
             sizes={"train": len(train_idx), "val": len(val_idx), "test": len(bundle.test)},
-            device=_device_name(device),
+            device=_device_name(device), feature_options=_feature_options(cfg), seed_dependent=dependent,
             features={
                 "feature_cache": {s: f.key for s, f in feats.items()},
                 "feature_dtype": cfg.feature_dtype,

@@ -1,17 +1,27 @@
 """Result records -> leaderboard tables (CSV and markdown), never edited by hand; and the
 paired comparison of two backbones.
 
-Rows are backbones, columns are ``dataset / protocol`` with the headline metric (top-1, in
-percent) and the half-width of its 95% interval: the bootstrap over test images for one seed,
-the t interval over seeds when several seeds were run. Where a unit was run more than once,
-the newest record counts. The best value in each column is marked (bold in markdown; the
-``best`` row in CSV names it).
+One cell holds the records of one setting (results.make_setting): rows are backbones (the row
+side of the setting), columns are ``dataset / protocol`` (the column side). Records of the
+same protocol under another setting (other params, another image size, another split) get a
+column of their own, labelled with what differs from the column most records share
+(``linear [lrs=30]``, ``knn @64px``); a footnote lists every column's full setting. A newer
+record of the same setting and seed replaces the older one.
+
+The interval of a cell is one of (and the markdown marks which):
+  * ``t-seeds``: the t interval over seeds, where the setting depends on the seed and at least
+    two seeds ran (the value is then the mean over seeds);
+  * otherwise the newest record's own interval: the bootstrap over test images
+    (``bootstrap-test``), or for protocols that repeat themselves, the t interval over their
+    draws (few-shot) or episodes.
+An interval is clipped to the metric's range [0, 100].
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,54 +31,226 @@ from .results import ResultRecord, load_records
 from .stats import mcnemar, mean_ci, paired_bootstrap, unpack_bits
 
 HEADLINE = "top1"
+KIND_MARK = {"bootstrap": "ᵇ", "t-seeds": "ˢ", "t-draws": "ᵈ", "t-episodes": "ᵉ"}
+KIND_TEXT = {
+    "bootstrap": "95% bootstrap interval over test images (one run)",
+    "t-seeds": "95% t interval over seeds (mean over seeds)",
+    "t-draws": "95% t interval over the protocol's support draws",
+    "t-episodes": "95% t interval over the protocol's episodes",
+}
 
 
-def column(r: ResultRecord) -> str:
-    return f"{r.dataset['name']} / {r.protocol['name']}"
+# ---------------------------------------------------------------- labels
 
 
-def latest(records: list[ResultRecord], metric: str = HEADLINE) -> dict[tuple[str, str, int], ResultRecord]:
-    """{(backbone, column, seed): newest record of ``metric``}."""
-    best: dict[tuple[str, str, int], ResultRecord] = {}
-    for r in records:
-        if r.metric != metric:
+def _flat(d: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _short(v: object) -> str:
+    if isinstance(v, list | tuple):
+        return ",".join(_short(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _describe(path: str, v: object) -> str:
+    """One difference of a setting, readably: ``lrs=30``, ``@64px``, ``v1``."""
+    leaf = path.rsplit(".", 1)[-1]
+    if path == "features.image_size":
+        return f"@{v}px" if isinstance(v, int) else f"size {v}"
+    if path == "features.feature_kind":
+        return f"feature={v}"
+    if path == "features.dtype":
+        return str(v)
+    if path == "protocol.version":
+        return f"v{v}"
+    if path == "split.val_fraction":
+        return f"val={_short(v)}"
+    if path == "weights":
+        return f"weights {str(v)[:8]}"
+    return f"{leaf}={_short(v)}"
+
+
+def difference_labels(summaries: dict[str, dict], weights: Counter) -> dict[str, str]:
+    """{key: label of how its summary differs from the reference}; the reference (the one with
+    the most records, then the smallest key) gets the empty label."""
+    if len(summaries) < 2:
+        return {k: "" for k in summaries}
+    ref = min(summaries, key=lambda k: (-weights[k], k))
+    flat_ref = _flat(summaries[ref])
+    labels = {}
+    for k, s in summaries.items():
+        if k == ref:
+            labels[k] = ""
             continue
-        key = (r.backbone, column(r), r.seed)
-        if key not in best or (r.time, r.run_id) > (best[key].time, best[key].run_id):
-            best[key] = r
-    return best
+        flat = _flat(s)
+        diffs = [_describe(p, flat.get(p)) for p in sorted(set(flat) | set(flat_ref))
+                 if flat.get(p) != flat_ref.get(p)]
+        labels[k] = " ".join(diffs) or k[:8]
+    seen = Counter(labels.values())
+    return {k: (f"{v} #{k[:6]}" if v and seen[v] > 1 else v) for k, v in labels.items()}
+
+
+# ---------------------------------------------------------------- cells
 
 
 @dataclass
 class Cell:
     value: float  # percent
-    half_width: float | None  # percent
-    n_seeds: int
+    lo: float | None  # percent, clipped to [0, 100]
+    hi: float | None
+    kind: str  # bootstrap | t-seeds | t-draws | t-episodes | "" (no interval)
+    n: int  # seeds averaged (t-seeds), draws / episodes, else 1
+    records: list[ResultRecord]
+
+    @property
+    def half_width(self) -> float | None:
+        return None if self.lo is None else (self.hi - self.lo) / 2
+
+    def text(self) -> str:
+        s = f"{self.value:.2f}"
+        if self.lo is not None:
+            if abs((self.value - self.lo) - (self.hi - self.value)) < 0.005:
+                s += f" ± {self.half_width:.2f}"
+            else:  # clipped at the range: asymmetric
+                s += f" [{self.lo:.2f}, {self.hi:.2f}]"
+        if self.kind == "t-seeds":
+            s += f" (n={self.n})"
+        return s + KIND_MARK.get(self.kind, "")
 
 
-def cells(records: list[ResultRecord], metric: str = HEADLINE) -> dict[tuple[str, str], Cell]:
-    groups: dict[tuple[str, str], list[ResultRecord]] = {}
-    for (b, c, _), r in latest(records, metric).items():
-        groups.setdefault((b, c), []).append(r)
+def _record_kind(r: ResultRecord) -> str:
+    if r.ci95 is None:
+        return ""
+    if r.ci_method == "bootstrap-test":
+        return "bootstrap"
+    return "t-episodes" if "episode" in r.ci_method else "t-draws"
+
+
+def _clip(lo: float, hi: float) -> tuple[float, float]:
+    return max(lo, 0.0), min(hi, 1.0)
+
+
+def make_cell(records: list[ResultRecord]) -> Cell:
+    """The cell of one setting's records (any seeds): newest record per seed, then the t
+    interval over seeds where the setting depends on the seed, else the newest record's own."""
+    newest: dict[object, ResultRecord] = {}
+    for r in records:
+        k = r.seed if r.seed_dependent else None
+        if k not in newest or (r.time, r.run_id) > (newest[k].time, newest[k].run_id):
+            newest[k] = r
+    rs = sorted(newest.values(), key=lambda r: (r.seed, r.time))
+    if len(rs) >= 2:
+        m, _, lo, hi = mean_ci([r.value for r in rs])
+        lo, hi = _clip(lo, hi)
+        return Cell(100 * m, 100 * lo, 100 * hi, "t-seeds", len(rs), rs)
+    r = rs[0]
+    kind = _record_kind(r)
+    if r.ci95 is None:
+        return Cell(100 * r.value, None, None, "", 1, rs)
+    lo, hi = _clip(*r.ci95)
+    n = (r.spread or {}).get("n", 1)
+    return Cell(100 * r.value, 100 * lo, 100 * hi, kind, n, rs)
+
+
+@dataclass
+class Table:
+    rows: list[str]  # row keys, in display order
+    cols: list[str]  # column keys
+    row_label: dict[str, str]
+    col_label: dict[str, str]
+    col_summary: dict[str, dict]
+    row_summary: dict[str, dict]
+    cells: dict[tuple[str, str], Cell]
+
+    def best(self, col: str) -> float:
+        return max(c.value for (_, k), c in self.cells.items() if k == col)
+
+
+def _rows(recs: list[ResultRecord]) -> dict[int, str]:
+    """{id(record): row key}. A row is a backbone (tag and weights); its preprocessing and
+    feature kind split it into several rows only where records disagree on them. A record run
+    with an ``--image-size`` or ``--feature-kind`` override (whose column says so) joins the row
+    of its backbone's own preprocessing."""
+    from .fsutil import sha256_json
+
+    base: dict[int, str] = {}
+    variant: dict[int, str | None] = {}
+    for r in recs:
+        row = r.setting["summary"]["row"]
+        base[id(r)] = sha256_json({k: row.get(k) for k in ("backbone", "weights")})[:16]
+        own = {k: row[k] for k in ("preprocessing", "feature_kind") if k in row}
+        variant[id(r)] = sha256_json(own)[:16] if len(own) == 2 else None
     out = {}
-    for key, rs in groups.items():
-        if len(rs) >= 2:
-            m, _, lo, hi = mean_ci([r.value for r in rs])
-            out[key] = Cell(100 * m, 100 * (hi - lo) / 2, len(rs))
-        else:
-            ci = rs[0].ci95
-            hw = 100 * (ci[1] - ci[0]) / 2 if ci else None
-            out[key] = Cell(100 * rs[0].value, hw, 1)
+    for b in set(base.values()):
+        ids = [i for i in base if base[i] == b]
+        seen = Counter(variant[i] for i in ids if variant[i] is not None)
+        common = seen.most_common(1)[0][0] if seen else None
+        for i in ids:
+            v = variant[i] if variant[i] is not None else common
+            out[i] = b if len(seen) <= 1 else f"{b}:{v}"
     return out
 
 
-def _fmt(c: Cell) -> str:
-    s = f"{c.value:.2f}"
-    if c.half_width is not None:
-        s += f" ± {c.half_width:.2f}"
-    if c.n_seeds > 1:
-        s += f" (n={c.n_seeds})"
-    return s
+def build_table(records: list[ResultRecord], metric: str = HEADLINE) -> Table:
+    recs = [r for r in records if r.metric == metric]
+    row_of = _rows(recs)
+    by_cell: dict[tuple[str, str], list[ResultRecord]] = {}
+    row_summary, col_summary = {}, {}
+    row_tag = {}
+    for r in recs:
+        rk = row_of[id(r)]
+        by_cell.setdefault((rk, r.column_key), []).append(r)
+        if rk not in row_summary or len(r.setting["summary"]["row"]) > len(row_summary[rk]):
+            row_summary[rk] = r.setting["summary"]["row"]
+        col_summary[r.column_key] = r.setting["summary"]["column"]
+        row_tag[rk] = r.backbone
+    counts_row = Counter(row_of[id(r)] for r in recs)
+    counts_col = Counter(r.column_key for r in recs)
+
+    # datasets: one name with several contents gets the content hash in its label
+    fps: dict[str, set] = {}
+    for s in col_summary.values():
+        fps.setdefault(s["dataset"]["name"], set()).add(s["dataset"]["fingerprint"])
+
+    def ds_label(s: dict) -> str:
+        name = s["dataset"]["name"]
+        return f"{name}#{str(s['dataset']['fingerprint'])[:6]}" if len(fps[name]) > 1 else name
+
+    col_label = {}
+    groups: dict[tuple, list[str]] = {}
+    for k, s in col_summary.items():
+        groups.setdefault((ds_label(s), s["protocol"]["name"]), []).append(k)
+    for (ds, proto), keys in groups.items():
+        labels = difference_labels({k: _without_dataset(col_summary[k]) for k in keys}, counts_col)
+        for k in keys:
+            col_label[k] = f"{ds} / {proto}" + (f" [{labels[k]}]" if labels[k] else "")
+    row_label = {}
+    tags: dict[str, list[str]] = {}
+    for k, tag in row_tag.items():
+        tags.setdefault(tag, []).append(k)
+    for tag, keys in tags.items():
+        labels = difference_labels({k: row_summary[k] for k in keys}, counts_row)
+        for k in keys:
+            row_label[k] = tag + (f" [{labels[k]}]" if labels[k] else "")
+    cells = {key: make_cell(rs) for key, rs in by_cell.items()}
+    rows = sorted(row_label, key=lambda k: row_label[k])
+    cols = sorted(col_label, key=lambda k: col_label[k])
+    return Table(rows, cols, row_label, col_label, col_summary, row_summary, cells)
+
+
+def _without_dataset(s: dict) -> dict:
+    return {k: v for k, v in s.items() if k != "dataset"}
+
+
+# ---------------------------------------------------------------- files
 
 
 def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, Path]:
@@ -76,66 +258,142 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
     records = load_records(results_dir)
     if not records:
         raise UserError(f"no result records under {results_dir / 'records'}; run `ssl-eval run` first")
-    table = cells(records, metric)
-    if not table:
+    t = build_table(records, metric)
+    if not t.cells:
         raise UserError(f"no records carry the metric {metric!r}")
-    rows = sorted({b for b, _ in table})
-    cols = sorted({c for _, c in table})
-    best = {c: max(table[(b, c)].value for b in rows if (b, c) in table) for c in cols}
+    best = {c: t.best(c) for c in t.cols}
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["backbone"] + [x for c in cols for x in (c, f"{c} ±")])
-    for b in rows:
-        row = [b]
-        for c in cols:
-            cell = table.get((b, c))
-            row += ["", ""] if cell is None else [
-                f"{cell.value:.2f}", "" if cell.half_width is None else f"{cell.half_width:.2f}"]
+    w.writerow(["backbone"] + [x for c in t.cols for x in (t.col_label[c], f"{t.col_label[c]} ±",
+                                                          f"{t.col_label[c]} interval")])
+    for b in t.rows:
+        row = [t.row_label[b]]
+        for c in t.cols:
+            cell = t.cells.get((b, c))
+            row += ["", "", ""] if cell is None else [
+                f"{cell.value:.2f}", "" if cell.half_width is None else f"{cell.half_width:.2f}", cell.kind]
         w.writerow(row)
-    w.writerow(["best"] + [x for c in cols for x in (
-        ";".join(b for b in rows if (b, c) in table and table[(b, c)].value == best[c]), "")])
+    w.writerow(["best"] + [x for c in t.cols for x in (
+        ";".join(t.row_label[b] for b in t.rows if (b, c) in t.cells and t.cells[(b, c)].value == best[c]),
+        "", "")])
     csv_path = results_dir / "leaderboard.csv"
     atomic_write_text(csv_path, buf.getvalue())
 
+    kinds = sorted({cell.kind for cell in t.cells.values() if cell.kind})
     lines = [
         f"# Leaderboard ({metric}, %, ± half-width of the 95% interval)",
         "",
         f"Generated by `ssl-eval leaderboard` from {len(records)} records in `records/`; "
         "do not edit by hand. Best per column in **bold**. See README.md for the columns.",
         "",
-        "| backbone | " + " | ".join(cols) + " |",
-        "|---|" + "---:|" * len(cols),
+        "| backbone | " + " | ".join(_md(t.col_label[c]) for c in t.cols) + " |",
+        "|---|" + "---:|" * len(t.cols),
     ]
-    for b in rows:
+    for b in t.rows:
         out = []
-        for c in cols:
-            cell = table.get((b, c))
-            out.append("" if cell is None else (f"**{_fmt(cell)}**" if cell.value == best[c] else _fmt(cell)))
-        lines.append(f"| {b} | " + " | ".join(out) + " |")
+        for c in t.cols:
+            cell = t.cells.get((b, c))
+            out.append("" if cell is None else (f"**{cell.text()}**" if cell.value == best[c] else cell.text()))
+        lines.append(f"| {_md(t.row_label[b])} | " + " | ".join(out) + " |")
+    lines += ["", "Intervals: " + "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in kinds) + "."]
+    lines += ["", "## Settings", "",
+              "Every column is one setting: the protocol card with its resolved params, the data, the "
+              "split and the feature options. Columns that share a protocol are labelled with what "
+              "differs.", ""]
+    for c in t.cols:
+        lines.append(f"- `{c}` **{_md(t.col_label[c])}**: {_md(_summary_text(t.col_summary[c]))}")
+    labelled = [b for b in t.rows if t.row_label[b] != t.row_summary[b]["backbone"]]
+    if labelled:
+        lines += ["", "Rows of one backbone under several settings:", ""]
+        lines += [f"- `{b}` **{_md(t.row_label[b])}**: {_md(_summary_text(t.row_summary[b]))}" for b in labelled]
     md_path = results_dir / "leaderboard.md"
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
-def compare(results_dir: Path, a: str, b: str, seed: int = 0) -> list[dict]:
-    """For every (dataset, protocol) both backbones have, the top-1 difference (b - a) with a
-    paired bootstrap interval and McNemar's test on the same test images."""
-    recs = latest(load_records(results_dir))
-    known = {k[0] for k in recs}
+def _summary_text(s: dict) -> str:
+    return "; ".join(f"{k}={_short(v)}" for k, v in _flat(s).items())
+
+
+def _md(text: str) -> str:
+    """A table-safe markdown string: pipes and backticks escaped, no newlines."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("\n", " ")
+
+
+# ---------------------------------------------------------------- compare
+
+
+def compare(results_dir: Path, a: str, b: str, seed: int = 0,
+            allow_different_settings: bool = False) -> list[dict]:
+    """For every column both backbones have, the top-1 difference (b - a) with a paired
+    bootstrap interval and McNemar's test on the same test images. Records are paired only
+    under the same setting; where the two backbones ran the same protocol under different
+    settings, that is an error naming what differs, unless ``allow_different_settings`` (then
+    the row says so)."""
+    recs = [r for r in load_records(results_dir) if r.metric == HEADLINE]
+    known = sorted({r.backbone for r in recs})
     for name in (a, b):
         if name not in known:
-            raise UserError(f"no results for backbone {name!r} in {results_dir}; have: {sorted(known)}")
+            raise UserError(f"no results for backbone {name!r} in {results_dir}; have: {known}")
+    table = build_table(recs)
+
+    def newest(tag: str) -> dict[tuple[str, object], ResultRecord]:
+        out: dict[tuple[str, object], ResultRecord] = {}
+        for r in recs:
+            if r.backbone != tag:
+                continue
+            k = (r.column_key, r.seed if r.seed_dependent else None)
+            if k not in out or (r.time, r.run_id) > (out[k].time, out[k].run_id):
+                out[k] = r
+        return out
+
+    ra_all, rb_all = newest(a), newest(b)
+
+    def partner(k: tuple[str, object], pool: dict) -> tuple | None:
+        """The same setting at the same seed; a seed-independent record serves every seed."""
+        col, s = k
+        for kb in sorted(pool, key=str):
+            if kb[0] == col and (s is None or kb[1] is None or s == kb[1]):
+                return kb
+        return None
+
+    pairs, lone_a = [], []
+    for ka in sorted(ra_all, key=str):
+        kb = partner(ka, rb_all)
+        if kb is None:
+            lone_a.append(ka)
+        else:
+            pairs.append((ka, ra_all[ka], rb_all[kb], ""))
+    paired_b = {partner(k, rb_all) for k, *_ in pairs}
+    lone_b = [k for k in rb_all if k not in paired_b]
+    # the same dataset and protocol under different settings
+    group = {k: (r.dataset.get("name"), r.protocol.get("name")) for k, r in (ra_all | rb_all).items()}
+    for ka in lone_a:
+        for kb in lone_b:
+            if group[ka] != group[kb] or (ka[1] is not None and kb[1] is not None and ka[1] != kb[1]):
+                continue
+            diff = difference_labels({ka[0]: table.col_summary[ka[0]], kb[0]: table.col_summary[kb[0]]},
+                                     Counter({ka[0]: 1}))[kb[0]]
+            what = f"{group[ka][0]} / {group[ka][1]}"
+            if not allow_different_settings:
+                raise UserError(
+                    f"{what}: {a} and {b} were run under different settings ({b} has: {diff}); "
+                    "they are not comparable. Rerun one of them under the other's setting, or pass "
+                    "--allow-different-settings to pair them anyway (recorded in the output)"
+                )
+            pairs.append((ka, ra_all[ka], rb_all[kb], diff))
     out = []
-    for (bb, col, s), ra in sorted(recs.items()):
-        if bb != a or (b, col, s) not in recs:
-            continue
-        rb = recs[(b, col, s)]
-        row = {"column": col, "seed": s, "a": ra.value, "b": rb.value, "diff": rb.value - ra.value}
+    for (col, _), ra, rb, differs in pairs:
+        s = ra.seed if ra.seed_dependent else (rb.seed if rb.seed_dependent else None)
+        row = {"column": table.col_label[col], "seed": s, "a": ra.value, "b": rb.value,
+               "diff": rb.value - ra.value}
+        if differs:
+            row["settings_differ"] = differs
         da, db = ra.details, rb.details
         if "per_sample_correct" in da and "per_sample_correct" in db and da.get("n_test") == db.get("n_test"):
             if ra.dataset.get("fingerprint") != rb.dataset.get("fingerprint"):
-                raise UserError(f"{col}: the two backbones were evaluated on different data; cannot pair")
+                raise UserError(f"{row['column']}: the two backbones were evaluated on different data; cannot pair")
             ca = unpack_bits(da["per_sample_correct"], da["n_test"])
             cb = unpack_bits(db["per_sample_correct"], db["n_test"])
             row |= {"paired_bootstrap": paired_bootstrap(ca, cb, seed=seed), "mcnemar": mcnemar(ca, cb)}

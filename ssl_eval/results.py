@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, sha256_json
 from .stats import bootstrap_ci, mean_ci, pack_bits
 
 if TYPE_CHECKING:  # types only: the builder reads these objects, it does not import their layers
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # types only: the builder reads these objects, it does not im
     from .protocols.base import ProtocolOutput
     from .protocols.cards import ProtocolCard
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ``setting`` and ``seed_dependent``
 
 
 @dataclass
@@ -60,6 +60,8 @@ class ResultRecord:
     ci_method: str = ""  # "bootstrap-test" (resampling test images) or "t-seeds" / "t-episodes"
     spread: dict | None = None  # mean/std/n over seeds or episodes where the protocol ran several
     details: dict = field(default_factory=dict)
+    setting: dict = field(default_factory=dict)  # what makes two numbers comparable: see make_setting
+    seed_dependent: bool = True  # whether the number changes with the seed (protocol or backbone init)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,9 +74,62 @@ class ResultRecord:
             raise ValueError(f"a record must be a mapping, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         try:
-            return cls(**{k: v for k, v in d.items() if k in known})
+            rec = cls(**{k: v for k, v in d.items() if k in known})
         except TypeError as e:
             raise ValueError(str(e)) from e
+        if not rec.setting:  # schema 1 predates the setting: derive it from what the record holds
+            rec.setting = make_setting(
+                rec.backbone, rec.weights, rec.preprocessing, rec.feature_kind, rec.protocol,
+                rec.dataset, rec.split,
+                {"dtype": rec.details.get("feature_dtype", "float16"),
+                 "image_size": "unrecorded (schema 1)", "feature_kind": "unrecorded (schema 1)"},
+            )
+            rec.seed_dependent = rec.protocol.get("type") != "knn" or _random_init(rec.weights)
+        return rec
+
+    @property
+    def column_key(self) -> str:
+        """The protocol side of the setting (protocol, data, split, feature options)."""
+        return self.setting["column"]
+
+
+def _random_init(weights: dict) -> bool:
+    return str(weights.get("source", "")).startswith("random-init")
+
+
+def make_setting(backbone: str, weights: dict, preprocessing: dict, feature_kind: str,
+                 protocol: dict, dataset: dict, split: dict, features: dict) -> dict:
+    """The record's ``setting``: a readable ``summary`` of everything that makes two numbers
+    comparable, its ``hash``, and the hashes of its two sides.
+
+    * column side: the protocol card (name, version, type, every resolved param, overrides
+      included), the dataset (name and content fingerprint, which covers its label set), the
+      split (val fraction, split seed) and the feature options the user chose (``dtype``,
+      ``image_size`` and ``feature_kind`` overrides, None when the backbone's own is used);
+    * row side: the backbone tag and its weights (the sha256; ``random-init`` for a seeded
+      initialisation, whose seed is the replicate axis), with its own preprocessing and
+      feature kind unless an override in the column side replaced them.
+
+    Code and package versions are provenance, not setting: a newer record of the same setting
+    replaces the older one in a table."""
+    fp = dataset.get("fingerprint")
+    column = {
+        "protocol": {k: protocol.get(k) for k in ("name", "version", "type", "params")},
+        "dataset": {"name": dataset.get("name"),
+                    "fingerprint": sha256_json(fp)[:16] if fp is not None else None},
+        "split": {"val_fraction": split.get("val_fraction"), "split_seed": split.get("split_seed")},
+        "features": {"dtype": features.get("dtype"), "image_size": features.get("image_size"),
+                     "feature_kind": features.get("feature_kind")},
+    }
+    row = {"backbone": backbone,
+           "weights": "random-init" if _random_init(weights) else weights.get("sha256")}
+    if column["features"]["image_size"] is None:
+        row["preprocessing"] = preprocessing
+    if column["features"]["feature_kind"] is None:
+        row["feature_kind"] = feature_kind
+    summary = {"row": row, "column": column}
+    return {"hash": sha256_json(summary)[:16], "row": sha256_json(row)[:16],
+            "column": sha256_json(column)[:16], "summary": summary}
 
 
 @dataclass(frozen=True)
@@ -87,6 +142,8 @@ class Unit:
     split: dict  # val_fraction, split_seed
     sizes: dict  # train, val, test
     device: str
+    feature_options: dict  # dtype, and the image_size / feature_kind overrides (None: the backbone's)
+    seed_dependent: bool = True
     features: dict | None = None  # feature cache keys, dtype and extraction seconds (frozen protocols)
 
 
@@ -115,7 +172,11 @@ def build_records(
                  "num_classes": bundle.num_classes, "sizes": dict(unit.sizes)},
         split=dict(unit.split), seed=unit.seed, wall_time_s=round(wall_s, 3),
         peak_memory_mb=round(peak_mb, 1), device=unit.device, packages=package_versions(),
-        code_version=code_version(),
+        code_version=code_version(), seed_dependent=unit.seed_dependent,
+    )
+    common["setting"] = make_setting(
+        common["backbone"], common["weights"], common["preprocessing"], common["feature_kind"],
+        common["protocol"], common["dataset"], common["split"], unit.feature_options,
     )
     records = []
     for metric, value in output.metrics.items():

@@ -28,7 +28,7 @@ def test_embedded_default_end_to_end(tmp_path):
     rec = next(r for r in recs if r.metric == "top1")
     for field in ("schema_version", "run_id", "time", "weights", "load_report", "protocol", "dataset",
                   "seed", "wall_time_s", "peak_memory_mb", "device", "packages", "code_version"):
-        assert field in rec
+        assert field in rec.to_dict()
     assert rec.dataset["sizes"] == {"train": 9000, "val": 1000, "test": 2000}
     assert rec.protocol["version"] == 1 and "params" in rec.protocol
 
@@ -129,3 +129,26 @@ def test_multiple_seeds_give_a_spread_in_the_leaderboard(tmp_path, capsys):
     recs = [x for x in load_records(r) if x.metric == "top1"]
     assert sorted(x.seed for x in recs) == [0, 1] and all(x.ci95 for x in recs)
     assert "(n=2)" in (r / "leaderboard.md").read_text()
+
+
+def test_knn_does_not_depend_on_the_seed_so_it_runs_once_with_a_bootstrap_interval(tmp_path, capsys):
+    r = tmp_path / "r"
+    assert main(["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "knn", "--seed", "0,1,2",
+                 "--results-dir", str(r), "--no-progress"]) == 0
+    recs = [x for x in load_records(r) if x.metric == "top1"]
+    assert len(recs) == 1 and recs[0].seed_dependent is False and recs[0].ci_method == "bootstrap-test"
+    assert "does not depend on the seed" in capsys.readouterr().err
+    md = (r / "leaderboard.md").read_text()
+    assert "ᵇ" in md and "(n=3)" not in md and "± 0.00" not in md
+
+
+def test_seed_reaches_the_random_initialisation(tmp_path):
+    r = tmp_path / "r"
+    assert main(["run", "--backbone", "random:resnet10t", "--image-size", "16", "--dataset", "digits",
+                 "--protocol", "knn", "--seed", "0,1", "--results-dir", str(r), "--no-progress"]) == 0
+    recs = [x for x in load_records(r) if x.metric == "top1"]
+    assert sorted(x.seed for x in recs) == [0, 1]
+    assert len({x.weights["sha256"] for x in recs}) == 2  # another network per seed
+    assert {x.weights["source"] for x in recs} == {"random-init(seed=0)", "random-init(seed=1)"}
+    assert len({x.setting["hash"] for x in recs}) == 1  # one setting, two replicates
+    assert "(n=2)ˢ" in (r / "leaderboard.md").read_text()

@@ -57,12 +57,15 @@ class ImageInputs:
 class ProtocolType:
     """A protocol implementation: its parameter dataclass and ``run(inputs, params)``.
     ``inputs`` says what it runs on: cached "features" (ProtocolInputs) or "images"
-    (ImageInputs, for protocols that train the backbone)."""
+    (ImageInputs, for protocols that train the backbone). ``seeded`` says whether the seed
+    changes its numbers: an unseeded protocol runs once for all seeds of a run, and its
+    interval is the bootstrap over test images, never a t interval over identical runs."""
 
     name: str
     params: type
     run: Callable[[object, object], ProtocolOutput]
     inputs: str = "features"
+    seeded: bool = True  # False: the numbers do not depend on the seed (k-NN on fixed features)
 
 
 PROTOCOL_TYPES: Registry[ProtocolType] = Registry("protocol type")

@@ -92,4 +92,4 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
     )
 
 
-PROTOCOL_TYPES.register("knn", ProtocolType("knn", KnnParams, run_knn))
+PROTOCOL_TYPES.register("knn", ProtocolType("knn", KnnParams, run_knn, seeded=False))
