@@ -29,10 +29,10 @@ from ssl_eval.features import extract
 from ssl_eval.fsutil import atomic_write_json, atomic_write_text
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.linear import LinearParams, run_linear
-from ssl_eval.train.api import resolve_config
 from ssl_eval.train.config import AugConfig, ViewAug
 from ssl_eval.train.data import load_train_data
 from ssl_eval.train.loop import train
+from ssl_eval.train.resolve import resolve_config
 
 CROP = {"crop_p": 1.0, "crop_scale": (0.08, 1.0)}
 NO_CROP = {"crop_p": 0.0}

@@ -144,8 +144,8 @@ def cmd_leaderboard(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train.api import dump_yaml, resolve_config
     from .train.loop import train
+    from .train.resolve import dump_yaml, resolve_config
 
     settings = {
         "arch": a.arch, "dataset": a.dataset, "epochs": a.epochs, "batch_size": a.batch_size, "seed": a.seed,

@@ -23,6 +23,7 @@ from .data.datasets import DatasetBundle, ImageSplit
 from .data.transforms import Preprocessing
 from .errors import UserError
 from .fsutil import atomic_directory, atomic_write_json, sha256_json
+from .runtime import log
 
 FEATURE_FORMAT_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -71,10 +72,6 @@ def cache_key(backbone: Backbone, bundle: DatasetBundle, split: str, dtype: str)
     }
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def extract(
     backbone: Backbone,
     bundle: DatasetBundle,
@@ -94,7 +91,7 @@ def extract(
     key = sha256_json(key_obj)[:32]
     entry = Path(cache_dir) / "features" / key
     if (entry / "meta.json").is_file():
-        _log(f"[cache] reusing {backbone.tag} features for {bundle.name}/{split} ({entry})")
+        log(f"reusing {backbone.tag} features for {bundle.name}/{split} ({entry})", "cache")
         return _open(entry, key, hit=True)
 
     t0 = time.perf_counter()
@@ -133,7 +130,7 @@ def extract(
         np.save(tmp / "labels.npy", np.asarray(images.split.labels, dtype=np.int64))
         seconds = time.perf_counter() - t0
         atomic_write_json(tmp / "meta.json", {"key": key_obj, "n": n, "seconds": seconds})
-    _log(f"[cache] wrote {backbone.tag} features for {bundle.name}/{split} in {seconds:.1f}s")
+    log(f"wrote {backbone.tag} features for {bundle.name}/{split} in {seconds:.1f}s", "cache")
     fs = _open(entry, key, hit=False)
     fs.seconds = seconds
     return fs

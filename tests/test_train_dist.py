@@ -42,8 +42,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result = {"simclr": float(all_reduce_mean(simclr.detach())), "moco": float(all_reduce_mean(moco.detach())),
               "grad": bool(l1.grad is not None and l1.grad.abs().sum() > 0)}
 
-    from ssl_eval.train.api import resolve_config
     from ssl_eval.train.loop import train
+    from ssl_eval.train.resolve import resolve_config
 
     cfg = resolve_config("simclr", settings={
         "arch": "cifar_resnet_tiny", "dataset": "digits", "epochs": 1, "batch_size": 32, "train_subset": 64,

@@ -1,14 +1,16 @@
-"""Every method trains a step; no gradient reaches a target / stop-gradient branch;
-augmentations are seeded and batched."""
+"""Every registered method trains a step; no gradient reaches a target / stop-gradient branch;
+every method's default config resolves and round-trips through YAML; augmentations are seeded
+and batched."""
 
 import pytest
 import torch
 
 from ssl_eval.backbones.archs import build_arch
-from ssl_eval.train.api import default_config
+from ssl_eval.backbones.base import FEATURE_KINDS
 from ssl_eval.train.augment import make_views, step_generator
 from ssl_eval.train.losses import negative_cosine
 from ssl_eval.train.methods import METHODS
+from ssl_eval.train.resolve import default_config, dump_yaml, resolve_config
 
 TARGETS = {"byol": ["target_backbone", "target_projector"], "mocov3": ["key_backbone", "key_projector"],
            "dino": ["teacher_backbone", "teacher_head"]}
@@ -18,9 +20,9 @@ SMALL = {"dino": {"out_dim": 64, "hidden": 32, "bottleneck": 16}, "barlowtwins":
 
 def _method(name: str):
     cfg = default_config(name)
-    arch = "vit_micro_p4" if name in ("mae", "dino") else "cifar_resnet_tiny"
-    torch.manual_seed(0)
     spec = METHODS.get(name)
+    arch = "vit_micro_p4" if spec.default_arch.startswith("vit") else "cifar_resnet_tiny"
+    torch.manual_seed(0)
     overrides = {k: v for k, v in {"proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16}.items()
                  if k in cfg.method_cfg}
     m = spec.cls(build_arch(arch), spec.make_config({**overrides, **SMALL.get(name, {})}))
@@ -30,7 +32,7 @@ def _method(name: str):
     return m, views
 
 
-@pytest.mark.parametrize("name", ["simclr", "mocov3", "byol", "simsiam", "barlowtwins", "swav", "mae", "dino"])
+@pytest.mark.parametrize("name", METHODS.names())
 def test_method_step_and_stop_gradient(name):
     m, views = _method(name)
     m.train()
@@ -43,6 +45,19 @@ def test_method_step_and_stop_gradient(name):
             assert not p.requires_grad and p.grad is None, f"{name}.{attr} received a gradient"
     m.before_step(0.1)
     m.after_step(0.1)
+
+
+@pytest.mark.parametrize("image_size", [32, 224])
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_default_config_resolves_and_round_trips(name, image_size, tmp_path):
+    spec = METHODS.get(name)
+    cfg = resolve_config(name, image_size)
+    assert cfg == default_config(name, image_size) and cfg.method == name and cfg.image_size == image_size
+    assert spec.make_config(cfg.method_cfg) == spec.config() and spec.feature_kind in FEATURE_KINDS
+    path = tmp_path / "train.yaml"
+    path.write_text(dump_yaml(cfg))
+    again = resolve_config(name, image_size, config_file=path)
+    assert again == cfg and dump_yaml(again) == dump_yaml(cfg)
 
 
 def test_simsiam_stop_gradient_branch():

@@ -14,9 +14,9 @@ from ssl_eval.errors import UserError
 from ssl_eval.features import extract
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.knn import KnnParams, run_knn
-from ssl_eval.train.api import default_config, resolve_config
 from ssl_eval.train.data import load_train_data
 from ssl_eval.train.loop import train
+from ssl_eval.train.resolve import default_config, resolve_config
 
 SETTINGS = {"arch": "cifar_resnet_tiny", "dataset": "digits", "epochs": 2, "batch_size": 32, "train_subset": 64,
             "monitor": {"knn_bank": 64, "knn_queries": 64}}

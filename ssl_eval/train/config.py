@@ -1,16 +1,13 @@
 """Training configuration: one ``TrainConfig`` dataclass holding the augmentation pipeline,
 the method's own settings and the optimisation schedule. Every field has a default per
 method, and the whole thing round-trips through YAML, so an ablation is a change of config,
-not of code."""
+not of code. It is read by the one YAML-to-dataclass loader, ``ssl_eval.config.from_mapping``
+(train/resolve.py assembles it)."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
-
-from ..errors import UserError
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -89,67 +86,3 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Dict -> dataclass, recursively, with a UserError naming unknown keys."""
-    if not dataclasses.is_dataclass(cls):
-        return data
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {data!r}")
-    names = {f.name: f for f in fields(cls)}
-    bad = sorted(set(data) - set(names))
-    if bad:
-        raise UserError(f"{where}: unknown key(s) {bad}; known: {sorted(names)}")
-    kw = {}
-    for k, v in data.items():
-        sub = {"aug": AugConfig, "optim": OptimConfig, "monitor": MonitorConfig, "local": ViewAug}.get(k)
-        if k == "global_views":
-            v = [_build(ViewAug, x, f"{where}.global_views") for x in v]
-        elif sub is not None:
-            v = _build(sub, v, f"{where}.{k}")
-        elif isinstance(v, list) and isinstance(names[k].default, tuple):
-            v = tuple(v)
-        kw[k] = v
-    return cls(**kw)
-
-
-def config_from_dict(d: dict) -> TrainConfig:
-    return _build(TrainConfig, d, "train config")
-
-
-def load_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read training config {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise UserError(f"training config {path} must be a mapping of settings")
-    return data
-
-
-def deep_update(base: dict, upd: dict) -> dict:
-    """``base`` with ``upd`` merged in, nested dicts merged key by key."""
-    out = dict(base)
-    for k, v in upd.items():
-        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def apply_override(d: dict, assignment: str) -> dict:
-    """``a.b.c=value`` (value parsed as YAML) applied to the nested dict ``d``."""
-    import yaml
-
-    key, sep, raw = assignment.partition("=")
-    if not sep:
-        raise UserError(f"--set expects key=value, got {assignment!r}")
-    value = yaml.safe_load(raw)
-    node: dict = {}
-    parts = key.strip().split(".")
-    cur = node
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
-    return deep_update(d, node)

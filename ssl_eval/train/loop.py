@@ -8,105 +8,37 @@ CPU.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import __version__
 from ..backbones.archs import build_arch
-from ..backbones.base import FEATURE_KINDS
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
+from ..runtime import log as runtime_log
+from ..runtime import resolve_device
 from . import dist
 from .augment import make_views, step_generator
-from .checkpoint import STATE, export_backbone, load_state, save_state
-from .config import OptimConfig, TrainConfig
+from .checkpoint import STATE, export_backbone, load_state, make_sidecar, save_state
+from .config import TrainConfig
 from .data import TrainData, load_train_data
 from .methods import METHODS
-from .monitor import diagnostics, knn_accuracy
-
-
-def _log(msg: str) -> None:
-    print(f"[train] {msg}", file=sys.stderr, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def lr_at(o: OptimConfig, base: float, epoch_pos: float, epochs: int) -> float:
-    """Linear warmup over ``warmup_epochs``, then half-cosine to ``min_lr_ratio * base``."""
-    if epoch_pos < o.warmup_epochs:
-        return base * epoch_pos / o.warmup_epochs
-    span = max(epochs - o.warmup_epochs, 1e-8)
-    t = min((epoch_pos - o.warmup_epochs) / span, 1.0)
-    return base * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    """Weight decay on weight matrices and kernels only, not on biases, norms or tokens."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    other = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0)
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
-    raise UserError(f"unknown optimiser {o.name!r}; use 'adamw' or 'sgd'")
-
-
-@torch.no_grad()
-def embed(backbone: nn.Module, images: torch.Tensor, device: torch.device, bs: int = 512,
-          kind: str = "model") -> torch.Tensor:
-    """Eval-mode embeddings of uint8 images, normalised as in training, read as the evaluator
-    will read them (``kind``: the method's feature kind)."""
-    read = FEATURE_KINDS.get(kind)
-    was = backbone.training
-    backbone.eval()
-    m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    s = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    out = [read(backbone, ((images[i : i + bs].float() / 255 - m) / s).to(device)).float().cpu()
-           for i in range(0, len(images), bs)]
-    backbone.train(was)
-    return torch.cat(out)
-
-
-def monitor_epoch(backbone: nn.Module, data: TrainData, cfg: TrainConfig, epoch: int, device, kind: str) -> dict:
-    mc = cfg.monitor
-    read = FEATURE_KINDS.get(kind)
-    bank = embed(backbone, data.bank_images, device, kind=kind)
-    sub = data.bank_images[:512]
-    g = step_generator(cfg.seed, epoch, 0, stream=7)
-    one = dataclasses.replace(cfg.aug, global_views=cfg.aug.global_views[:1], local_views=0)
-    v1 = make_views(sub, one, g, IMAGENET_MEAN, IMAGENET_STD)[0]  # two independent draws of view 1,
-    v2 = make_views(sub, one, g, IMAGENET_MEAN, IMAGENET_STD)[0]  # so one-view methods (MAE) work too
-    was = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        z1, z2 = read(backbone, v1.to(device)).float().cpu(), read(backbone, v2.to(device)).float().cpu()
-    backbone.train(was)
-    out = diagnostics(bank, z1, z2, mc.collapse_std_ratio)
-    if mc.every > 0 and ((epoch + 1) % mc.every == 0 or epoch + 1 == cfg.epochs):
-        q = embed(backbone, data.query_images, device, kind=kind)
-        out["knn_top1"] = knn_accuracy(bank, data.bank_labels, q, data.query_labels,
-                                       mc.knn_k, mc.knn_temperature, data.num_classes)
-    return out
+from .monitor import monitor_epoch
+from .optim import build_optimizer, lr_at
 
 
 def train(
     cfg: TrainConfig, out: Path, *, resume: bool = False, stop_after_epoch: int | None = None,
-    data: TrainData | None = None, log: Callable[[str], None] = _log,
+    data: TrainData | None = None, log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train ``cfg`` into folder ``out``; returns the sidecar written at the end.
-    ``stop_after_epoch`` ends the process early as if killed (for resume tests)."""
+    ``stop_after_epoch`` ends the process early as if killed (for resume tests); ``log``
+    receives the progress lines (default: ``[train] ...`` on stderr)."""
+    log = log or partial(runtime_log, scope="train")
     out = Path(out)
     spec = METHODS.get(cfg.method)
     device = resolve_device(cfg.device)
@@ -196,23 +128,3 @@ def train(
         torch.distributed.barrier()
     return make_sidecar(cfg, arch, spec, data, len(history), history)
 
-
-def make_sidecar(cfg: TrainConfig, arch: str, spec, data: TrainData, epochs_done: int, history: list) -> dict:
-    last = history[-1] if history else {}
-    return {
-        "method": cfg.method,
-        "architecture": {"name": arch, "kwargs": cfg.arch_kwargs},
-        "preprocessing": Preprocessing(resize=cfg.image_size, crop=cfg.image_size, mean=IMAGENET_MEAN,
-                                       std=IMAGENET_STD).to_dict(),
-        "feature_kind": spec.feature_kind,
-        "train_config": cfg.to_dict(),
-        "dataset": {"name": data.name, "fingerprint": data.fingerprint},
-        "epochs": cfg.epochs,
-        "epochs_done": epochs_done,
-        "complete": epochs_done >= cfg.epochs,
-        "seed": cfg.seed,
-        "code_version": __version__,
-        "collapsed": bool(last.get("collapsed", False)),
-        "final_diagnostics": last,
-        "history": history,
-    }

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...config import from_mapping
 from ...errors import UserError
 from ...registry import Registry
 from ..config import AugConfig, OptimConfig
@@ -55,7 +56,7 @@ class MethodSpec:
         bad = sorted(set(overrides) - names)
         if bad:
             raise UserError(f"{self.name}: unknown method setting(s) {bad}; known: {sorted(names)}")
-        return self.config(**overrides)
+        return from_mapping(self.config, overrides, f"{self.name} method_cfg")
 
 
 METHODS: Registry[MethodSpec] = Registry("training method")

@@ -1,20 +1,21 @@
-"""Assemble a TrainConfig from (in increasing precedence) the method's defaults, a YAML file,
-explicit settings and ``key=value`` overrides; the CLI and the ablation both go through here."""
+"""Resolve the training config: a TrainConfig from (in increasing precedence) the method's
+defaults, a YAML file, explicit settings and ``key=value`` overrides, read by the shared
+loader (ssl_eval.config). The CLI and the ablation both go through here."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from .config import TrainConfig, apply_override, config_from_dict, deep_update, load_yaml
+from ..config import apply_set, deep_update, from_mapping, read_yaml
+from ..errors import UserError
+from .config import TrainConfig
 from .methods import METHODS
 
 
 def get_method(name: str):
     """The registered method, or a UserError listing the choices."""
     import difflib
-
-    from ..errors import UserError
 
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS.names(), n=1)
@@ -40,17 +41,29 @@ def default_config(method: str, image_size: int = 32) -> TrainConfig:
     )
 
 
+def read_config_file(path: Path) -> dict:
+    """The settings mapping of a training config YAML file (an empty file is no settings)."""
+    data = read_yaml(path, "training config")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"training config {path} must be a mapping of settings")
+    return data
+
+
 def resolve_config(
     method: str, image_size: int = 32, config_file: Path | None = None,
     settings: dict | None = None, overrides: list[str] | None = None,
 ) -> TrainConfig:
+    """The config a training run uses; every layer is checked by the shared loader, so an
+    unknown key or a value of the wrong type fails here, before any data is read."""
     d = default_config(method, image_size).to_dict()
     if config_file is not None:
-        d = deep_update(d, load_yaml(config_file))
+        d = deep_update(d, read_config_file(config_file))
     d = deep_update(d, {k: v for k, v in (settings or {}).items() if v is not None})
     for o in overrides or []:
-        d = apply_override(d, o)
-    cfg = config_from_dict(d)
+        d = apply_set(d, o)
+    cfg = from_mapping(TrainConfig, d, "train config")
     get_method(cfg.method).make_config(cfg.method_cfg)  # unknown method keys fail here, early
     return cfg
 
