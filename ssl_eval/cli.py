@@ -118,10 +118,13 @@ def cmd_suite(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from .leaderboard import compare
 
-    rows = compare(a.results_dir, a.a, a.b, seed=a.seed)
+    rows = compare(a.results_dir, a.a, a.b, seed=a.seed, allow_different_settings=a.allow_different_settings)
     print(f"top-1 of {a.b} minus {a.a} (percentage points), paired on the same test images")
     for r in rows:
-        line = f"{r['column']} (seed {r['seed']}): {100 * r['a']:.2f} -> {100 * r['b']:.2f}, diff {100 * r['diff']:+.2f}"
+        seed = "every seed: the setting does not depend on it" if r["seed"] is None else f"seed {r['seed']}"
+        line = f"{r['column']} ({seed}): {100 * r['a']:.2f} -> {100 * r['b']:.2f}, diff {100 * r['diff']:+.2f}"
+        if r.get("settings_differ"):
+            line += f" [SETTINGS DIFFER, paired under --allow-different-settings: {a.b} has {r['settings_differ']}]"
         if "paired_bootstrap" in r:
             pb, mc = r["paired_bootstrap"], r["mcnemar"]
             lo, hi = pb["ci95"]
@@ -226,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("a")
     cp.add_argument("b")
     cp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    cp.add_argument("--allow-different-settings", action="store_true",
+                    help="pair records of one protocol run under different settings (said in the output)")
     _add_results_dir(cp)
     cp.set_defaults(func=cmd_compare)
 

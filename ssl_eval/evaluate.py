@@ -18,12 +18,12 @@ from .features import default_cache_dir, extract
 from .fsutil import sha256_json
 from .protocols import ImageInputs, ProtocolInputs
 from .protocols.cards import ProtocolCard
+from .provenance import autocast_dtype, device_name, library_versions, peak_memory_mb, source_hash
 from .results import (
     SCHEMA_VERSION,
     Unit,
     build_records,
     new_run_id,
-    peak_memory_mb,
     unit_done,
     write_unit,
 )
@@ -41,8 +41,9 @@ class UnitOutcome:
 
 
 def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg: RunConfig,
-             seed: int | None) -> str:
-    """The identity of one unit of work; ``seed`` is None where the unit does not depend on it."""
+             seed: int | None, device: torch.device) -> str:
+    """The identity of one unit of work: everything that changes its numbers, the code and
+    library versions included; ``seed`` is None where the unit does not depend on it."""
     return sha256_json({
         "schema": SCHEMA_VERSION,
         "backbone": backbone.tag,
@@ -55,6 +56,11 @@ def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg:
         "protocol": card.to_record() | {"source": None},
         "split": [cfg.val_fraction, cfg.split_seed],
         "seed": seed,
+        # what computes the number: ssl-eval's source, the libraries, the device and precision
+        "code": source_hash(),
+        "libraries": library_versions(),
+        "device": device.type,
+        "autocast": autocast_dtype(device),
     })[:20]
 
 
@@ -92,7 +98,7 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
         return backbones[(name, seed)]
 
     for ds_name in cfg.datasets:
-        bundle = get_dataset(ds_name, DatasetOptions(cfg.data_root, cfg.download))
+        bundle = get_dataset(ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests"))
         for bb_name in cfg.backbones:
             todo: dict[int, list] = {}
             for seed in cfg.seeds:
@@ -104,7 +110,7 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
                     if not dependent and len(cfg.seeds) > 1 and seed == cfg.seeds[0]:
                         log(f"{card.name} on {bb.tag} does not depend on the seed: one run serves "
                             f"seeds {', '.join(map(str, cfg.seeds))}")
-                    key = unit_key(bb, bundle, card, cfg, seed if dependent else None)
+                    key = unit_key(bb, bundle, card, cfg, seed if dependent else None, device)
                     if not cfg.force and unit_done(cfg.results_dir, key):
                         log(f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): already in "
                             f"{cfg.results_dir} (use --force to redo)")
@@ -150,7 +156,7 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
             key=key, run_id=run_id, seed=seed,
             split={"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed},
             sizes={"train": len(train_idx), "val": len(val_idx), "test": len(bundle.test)},
-            device=_device_name(device), feature_options=_feature_options(cfg), seed_dependent=dependent,
+            device=device_name(device), feature_options=_feature_options(cfg), seed_dependent=dependent,
             features={
                 "feature_cache": {s: f.key for s, f in feats.items()},
                 "feature_dtype": cfg.feature_dtype,
@@ -167,11 +173,3 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
         )
         out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", result.metrics, path))
     return out
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    import platform
-
-    return f"cpu:{platform.processor() or platform.machine()}x{torch.get_num_threads()}threads"

@@ -1,8 +1,9 @@
 """Feature extraction with a content-addressed on-disk cache.
 
 A cache entry is a folder named by a hash of everything that determines the features: the
-weights' sha256, backbone tag, preprocessing, feature kind, dataset fingerprint, split and
-storage dtype. It holds ``features.npy`` (memory-mapped on read), ``labels.npy`` and
+weights' sha256, backbone tag, preprocessing, feature kind, dataset fingerprint, split,
+storage dtype, the hashed source of the code that computes them, the library versions, the
+device kind and the autocast precision (``cache_key``). It holds ``features.npy`` (memory-mapped on read), ``labels.npy`` and
 ``meta.json``, and appears in one rename: a killed run leaves no half-written entry.
 """
 
@@ -23,6 +24,7 @@ from .data.datasets import DatasetBundle, ImageSplit
 from .data.transforms import Preprocessing
 from .errors import UserError
 from .fsutil import atomic_directory, atomic_write_json, sha256_json
+from .provenance import autocast_dtype, library_versions, source_hash
 from .runtime import log
 
 FEATURE_FORMAT_VERSION = 1
@@ -58,9 +60,19 @@ class _Images(Dataset):
         return self.pre.geometric(img).contiguous()
 
 
-def cache_key(backbone: Backbone, bundle: DatasetBundle, split: str, dtype: str) -> dict:
+def cache_key(backbone: Backbone, bundle: DatasetBundle, split: str, dtype: str,
+              device: torch.device | None = None) -> dict:
+    """Everything that changes the features: the weights, the tag's preprocessing and feature
+    kind, the data, the storage dtype, the code that computes them (the source of this file,
+    of backbones/ and of data/, hashed), the library versions, the device kind and autocast
+    precision (bf16 features on a GPU are not float32 features on a CPU)."""
+    device = device or torch.device("cpu")
     return {
         "format": FEATURE_FORMAT_VERSION,
+        "code": source_hash("features.py", "backbones", "data", "registry.py"),
+        "libraries": library_versions(),
+        "device": device.type,
+        "autocast": autocast_dtype(device),
         "weights_sha256": backbone.weights.sha256,
         "backbone": backbone.tag,
         "preprocessing": backbone.preprocessing.to_dict(),
@@ -87,7 +99,7 @@ def extract(
     """Features of ``bundle``'s ``split`` under ``backbone``, from the cache when present."""
     if dtype not in DTYPES:
         raise UserError(f"feature dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
-    key_obj = cache_key(backbone, bundle, split, dtype)
+    key_obj = cache_key(backbone, bundle, split, dtype, device)
     key = sha256_json(key_obj)[:32]
     entry = Path(cache_dir) / "features" / key
     if (entry / "meta.json").is_file():
@@ -101,7 +113,7 @@ def extract(
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     backbone.model.to(device).eval()
     n = len(images)
-    amp = device.type == "cuda"
+    amp = autocast_dtype(device) == "bfloat16"
     with atomic_directory(entry) as tmp:
         out = None
         done = 0

@@ -9,20 +9,16 @@ this file and its docs (results/README.md).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
-import platform
 import secrets
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
 from .fsutil import atomic_write_json, sha256_json
+from .provenance import code_version, package_versions
 from .stats import bootstrap_ci, mean_ci, pack_bits
 
 if TYPE_CHECKING:  # types only: the builder reads these objects, it does not import their layers
@@ -113,6 +109,8 @@ def make_setting(backbone: str, weights: dict, preprocessing: dict, feature_kind
     Code and package versions are provenance, not setting: a newer record of the same setting
     replaces the older one in a table."""
     fp = dataset.get("fingerprint")
+    if isinstance(fp, dict):  # how a folder's content was hashed is provenance, not content
+        fp = {k: v for k, v in fp.items() if k != "content_hash"}
     column = {
         "protocol": {k: protocol.get(k) for k in ("name", "version", "type", "params")},
         "dataset": {"name": dataset.get("name"),
@@ -204,48 +202,6 @@ def new_run_id() -> str:
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-@lru_cache(maxsize=1)
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "ssl_eval": __version__}
-    for name in ("torch", "torchvision", "timm", "numpy", "scikit-learn", "faiss-cpu", "faiss-gpu-cu12"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """The git commit of the ssl-eval source (with '+dirty' if modified), else the version."""
-    here = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        if rev.returncode == 0 and (here / ".git").exists():
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "ssl_eval", "protocols"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-            return f"{__version__}+g{rev.stdout.strip()}" + (".dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return __version__
-
-
-def peak_memory_mb(device_type: str) -> float:
-    """Peak resident memory of this process (MB), or peak GPU memory when on a GPU."""
-    if device_type == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        import resource
-
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return kb / 1024 if sys.platform != "darwin" else kb / 2**20
-    except ImportError:  # Windows
-        return float("nan")
 
 
 def records_dir(results_dir: Path) -> Path:

@@ -47,7 +47,7 @@ def test_image_folder(tmp_path):
     d = get_dataset(f"folder:{tmp_path}", DatasetOptions())
     assert d.classes == ["cat", "dog"] and len(d.train) == 12 and len(d.test) == 6
     assert d.train.load(0).shape == (12, 10, 3)
-    assert d.fingerprint["files_sha256"]
+    assert d.fingerprint["content_sha256"]
 
 
 def test_image_folder_without_splits(tmp_path):

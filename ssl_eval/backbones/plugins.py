@@ -22,6 +22,8 @@ from torch import nn
 
 from ..data.transforms import Preprocessing
 from ..errors import UserError
+from ..fsutil import sha256_json
+from ..provenance import module_sources
 from .base import Backbone, BackboneSpec, BuildOptions, WeightsInfo, state_dict_sha256
 from .registry import BACKBONES
 
@@ -56,17 +58,28 @@ def _call_factory(tag: str, factory: Callable, opt: BuildOptions) -> Backbone:
         if opt.feature_kind:
             out = Backbone(out.tag, out.model, out.preprocessing, opt.feature_kind,
                            out.weights, out.load_report, out.description)
-        return out
+        return _with_source(out, factory)
     if isinstance(out, nn.Module):
         pre = Preprocessing()
         if opt.image_size:
             pre = pre.with_size(opt.image_size)
-        return Backbone(
-            tag, out, pre, opt.feature_kind or "model",
-            WeightsInfo("plugin", state_dict_sha256(out)), {"format": "plugin"},
-            f"plugin {tag}",
-        )
+        bb = Backbone(tag, out, pre, opt.feature_kind or "model", WeightsInfo("plugin", ""),
+                      {"format": "plugin"}, f"plugin {tag}")
+        return _with_source(bb, factory)
     raise UserError(f"backbone plugin {tag!r} returned {type(out).__name__}, not a Backbone or nn.Module")
+
+
+def _with_source(bb: Backbone, factory: Callable) -> Backbone:
+    """A plugin's identity is its parameters AND its code: a parameter-free module whose
+    ``forward`` changed must not serve the old features. The source files of the factory and
+    of the model's classes are hashed into the weights' sha256 and listed in the load report."""
+    if bb.weights.source != "plugin":  # the plugin named a weights file: that is its identity
+        return bb
+    sources = module_sources(factory, type(bb.model))
+    params = state_dict_sha256(bb.model)
+    bb.weights = WeightsInfo("plugin", sha256_json({"parameters": params, "sources": sources}))
+    bb.load_report = {**bb.load_report, "parameters_sha256": params, "plugin_sources": sources}
+    return bb
 
 
 def plugin_spec(name: str, target: str) -> BackboneSpec:

@@ -4,6 +4,7 @@ and a fingerprint that identifies its content in cache keys and result records."
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from collections.abc import Callable
@@ -66,6 +67,7 @@ class DatasetBundle:
 class DatasetOptions:
     data_root: Path | None = None
     download: bool = False
+    manifest_dir: Path | None = None  # where image-folder content hashes are remembered (None: rehash)
 
 
 @dataclass(frozen=True)
@@ -220,15 +222,47 @@ def _scan(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[P
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
-def _fingerprint(root: Path, paths: list[Path]) -> str:
+def _content_fingerprint(root: Path, paths: list[Path], manifest_dir: Path | None) -> tuple[str, str]:
+    """(sha256 over every file's relative path and content sha256, how it was computed).
+
+    The content of every image is hashed, so overwriting images (even with files of the same
+    size) changes the fingerprint. With ``manifest_dir``, each file's hash is remembered under
+    its path, size and modification time, so an unchanged large folder is not read again."""
+    import json
+
+    from ..fsutil import atomic_write_json
+
+    manifest_path = None
+    known: dict = {}
+    if manifest_dir is not None:
+        manifest_path = Path(manifest_dir) / f"{hashlib.sha256(str(root).encode()).hexdigest()[:24]}.json"
+        try:
+            known = json.loads(manifest_path.read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            known = {}
+    files, read = {}, 0
     h = hashlib.sha256()
     for p in paths:
-        h.update(f"{p.relative_to(root)}\0{p.stat().st_size}\n".encode())
-    return h.hexdigest()
+        rel = str(p.relative_to(root))
+        st = p.stat()
+        entry = known.get(rel)
+        if not (isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns]):
+            with open(p, "rb") as f:
+                entry = [st.st_size, st.st_mtime_ns, hashlib.file_digest(f, "sha256").hexdigest()]
+            read += 1
+        files[rel] = entry
+        h.update(f"{rel}\0{entry[2]}\n".encode())
+    how = "sha256 of every file's content"
+    if manifest_path is not None:
+        how += " (manifest keyed by path, size and mtime; unchanged files not re-read)"
+        if read or len(files) != len(known):
+            with contextlib.suppress(OSError):  # a read-only cache: the hash stays right, only slower
+                atomic_write_json(manifest_path, {"root": str(root), "files": files})
+    return h.hexdigest(), how
 
 
 def _folder_loader(path: str) -> DatasetSpec:
-    def load(_: DatasetOptions) -> DatasetBundle:
+    def load(opt: DatasetOptions) -> DatasetBundle:
         root = Path(path).expanduser().resolve()
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist")
@@ -241,15 +275,17 @@ def _folder_loader(path: str) -> DatasetSpec:
             )
         classes, tr_paths, tr_lab = _scan(train_dir, None)
         _, te_paths, te_lab = _scan(test_dir, classes)
+        content, how = _content_fingerprint(root, tr_paths + te_paths, opt.manifest_dir)
         return DatasetBundle(
             name=f"folder:{root.name}",
             classes=classes,
             train=ImageSplit(tr_lab, paths=tr_paths),
             test=ImageSplit(te_lab, paths=te_paths),
             fingerprint={
-                "root": str(root),
                 "test_dir": test_dir.name,
-                "files_sha256": _fingerprint(root, tr_paths + te_paths),
+                "content_sha256": content,
+                "content_hash": how,
+                "classes": classes,
             },
         )
 
