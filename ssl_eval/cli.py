@@ -55,8 +55,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     outcomes = run(cfg)
     done = [o for o in outcomes if o.status == "done"]
     for o in done:
-        print(f"{o.backbone}\t{o.dataset}\t{o.protocol}\ttop1={o.metrics.get('top1', float('nan')):.4f}"
-              f"\ttop5={o.metrics.get('top5', float('nan')):.4f}")
+        shown = "\t".join(f"{m}={o.metrics[m]:.4f}" for m in ("top1", "top5") if m in o.metrics)
+        print(f"{o.backbone}\t{o.dataset}\t{o.protocol}\t{shown}")
     skipped = len(outcomes) - len(done)
     if skipped:
         print(f"({skipped} unit(s) already in {cfg.results_dir}, skipped; --force redoes them)")

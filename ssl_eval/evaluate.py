@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .backbones import BuildOptions, build_backbone
@@ -14,9 +15,10 @@ from .backbones.base import Backbone
 from .config import RunConfig
 from .data.datasets import DatasetBundle, DatasetOptions, get_dataset
 from .data.splits import stratified_val_split
+from .errors import UserError
 from .features import default_cache_dir, extract
 from .fsutil import sha256_json
-from .protocols import ImageInputs, ProtocolInputs
+from .protocols import DataShape, ImageInputs, ProtocolInputs
 from .protocols.cards import ProtocolCard
 from .provenance import autocast_dtype, device_name, library_versions, peak_memory_mb, source_hash
 from .results import (
@@ -99,6 +101,7 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
 
     for ds_name in cfg.datasets:
         bundle = get_dataset(ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests"))
+        _preflight(bundle, cfg)
         for bb_name in cfg.backbones:
             todo: dict[int, list] = {}
             for seed in cfg.seeds:
@@ -120,6 +123,23 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
             for bb, units in todo.values():
                 outcomes += _evaluate(bb, bundle, units, cfg, device, cache_dir, run_id)
     return outcomes
+
+
+def _preflight(bundle: DatasetBundle, cfg: RunConfig) -> None:
+    """Data-dependent checks of every card (k beyond the bank, K beyond a class, a dataset of
+    one class), before any backbone is built or feature extracted."""
+    labels = np.asarray(bundle.train.labels)
+    if bundle.num_classes < 2 or len(np.unique(labels)) < 2:
+        raise UserError(f"dataset {bundle.name} has a single class: every protocol would score 100%; "
+                        "give it at least two classes")
+    train_idx, val_idx = stratified_val_split(labels, cfg.val_fraction, cfg.split_seed)
+    counts_tr = np.bincount(labels[train_idx], minlength=bundle.num_classes)
+    counts_all = np.bincount(labels, minlength=bundle.num_classes)
+    shape = DataShape(len(train_idx), len(val_idx), len(bundle.test), bundle.num_classes,
+                      int(counts_tr[counts_tr > 0].min()), int(counts_all[counts_all > 0].min()))
+    for card in cfg.protocols:
+        if card.protocol.preflight is not None:
+            card.protocol.preflight(card.params, shape)
 
 
 def _build_options(cfg: RunConfig, seed: int) -> BuildOptions:
@@ -166,10 +186,11 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
         records = build_records(unit, bb, bundle, card, result, wall, peak_memory_mb(device.type),
                                 cfg.bootstrap_resamples)
         path = write_unit(cfg.results_dir, key, run_id, records)
+        metrics = {r.metric: r.value for r in records}
         log(
             f"[done] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): "
-            + ", ".join(f"{m}={result.metrics[m]:.4f}" for m in ("top1", "top5") if m in result.metrics)
+            + ", ".join(f"{m}={metrics[m]:.4f}" for m in ("top1", "top5") if m in metrics)
             + f" ({wall:.1f}s) -> {path}"
         )
-        out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", result.metrics, path))
+        out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", metrics, path))
     return out

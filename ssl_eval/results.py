@@ -177,7 +177,12 @@ def build_records(
         common["protocol"], common["dataset"], common["split"], unit.feature_options,
     )
     records = []
+    trivial_top5 = bundle.num_classes <= 5  # top-5 of 5 or fewer classes is always 100%
+    if trivial_top5:
+        details["top5_omitted"] = f"{bundle.num_classes} classes: top-5 is trivially 100%"
     for metric, value in output.metrics.items():
+        if trivial_top5 and metric.startswith("top5"):
+            continue
         ci, method, spread, extra = None, "", None, {}
         if metric in output.spread:
             m, sd, lo, hi = mean_ci(output.spread[metric])

@@ -1,7 +1,7 @@
-import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, cli_env
 
@@ -51,14 +51,16 @@ def test_digits_pixels_linear_at_least_093(tmp_path, capsys):
     assert top1 >= 0.93
 
 
-def test_results_dir_and_leaderboard_command(tmp_path, capsys):
+def test_results_dir_and_leaderboard_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default results/ would land here
+    before = sorted((ROOT / "results").rglob("*"))
     r = tmp_path / "elsewhere"
     assert main(["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "knn", "--results-dir", str(r),
                  "--no-progress", "--no-leaderboard"]) == 0
     assert not (r / "leaderboard.md").exists()
     assert main(["leaderboard", "--results-dir", str(r)]) == 0
     assert (r / "leaderboard.csv").exists() and "digits / knn" in (r / "leaderboard.md").read_text()
-    assert not (ROOT / "results" / "records").exists() or True  # nothing written outside --results-dir
+    assert sorted((ROOT / "results").rglob("*")) == before  # nothing written outside --results-dir
     assert not (tmp_path / "results").exists()
 
 
@@ -94,7 +96,12 @@ def test_list(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("pixels", "dinov2_vits14", "random:<...>", "digits", "shapes", "folder:<...>", "knn", "linear"):
         assert name in out
-    json.dumps(out)
+    # every shipped card is listed with its protocol type and version
+    from ssl_eval.protocols.cards import load_card, shipped_cards
+
+    for card in shipped_cards():
+        c = load_card(card)
+        assert f"type={c.type} version={c.version}" in next(line for line in out.splitlines() if line.strip().startswith(card + " "))
 
 
 def test_validate_and_suite(capsys, tmp_path):
@@ -152,3 +159,42 @@ def test_seed_reaches_the_random_initialisation(tmp_path):
     assert {x.weights["source"] for x in recs} == {"random-init(seed=0)", "random-init(seed=1)"}
     assert len({x.setting["hash"] for x in recs}) == 1  # one setting, two replicates
     assert "(n=2)ˢ" in (r / "leaderboard.md").read_text()
+
+
+def test_k_beyond_the_bank_is_refused_before_any_feature_is_extracted(tmp_path, capsys):
+    from PIL import Image
+
+    for split, n in (("train", 20), ("val", 4)):
+        for c in range(2):
+            d = tmp_path / "data" / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((4, 4, 3), 100 * c + i, dtype=np.uint8)).save(d / f"{i}.png")
+    cache = tmp_path / "cache"
+    code = main(["run", "--backbone", "pixels", "--dataset", f"folder:{tmp_path / 'data'}", "--protocol", "knn",
+                 "--results-dir", str(tmp_path / "r"), "--cache-dir", str(cache), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "k=100, 200 exceeds the 36 images of the bank" in err and "--set ks=[10,20]" in err
+    assert not (cache / "features").exists()  # refused before extraction
+
+
+def test_one_class_dataset_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        d = tmp_path / "data" / split / "only"
+        d.mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((4, 4, 3), i, dtype=np.uint8)).save(d / f"{i}.png")
+    assert main(["run", "--backbone", "pixels", "--dataset", f"folder:{tmp_path / 'data'}", "--protocol", "knn",
+                 "--results-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "single class" in capsys.readouterr().err
+
+
+def test_top5_is_not_reported_with_five_or_fewer_classes(tmp_path, capsys):
+    r = tmp_path / "r"
+    assert main(["run", "--backbone", "pixels", "--dataset", "shapes:size", "--protocol", "knn",
+                 "--set", "ks=[10]", "--results-dir", str(r), "--no-progress"]) == 0
+    recs = load_records(r)
+    assert recs and not any(x.metric.startswith("top5") for x in recs)
+    assert "top5_omitted" in recs[0].details and "top5=" not in capsys.readouterr().out

@@ -1,8 +1,10 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
+from ssl_eval.errors import UserError
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.linear import LinearParams, feature_stats, run_linear, schedule, train_heads
 
@@ -51,8 +53,20 @@ def test_every_head_matches_an_independently_trained_single_head():
 def test_diverged_heads_lose_the_selection():
     x, y = _separable(800)
     inp = ProtocolInputs(x * 1e4, y, x[:100] * 1e4, y[:100], np.arange(700), np.arange(700, 800), 5)
-    out = run_linear(inp, LinearParams(lrs=(1e6, 0.1), weight_decays=(0.0,), epochs=3, batchnorm=False))
-    assert np.isfinite(out.metrics["top1"])
+    heads = train_heads(torch.from_numpy(x * 1e4), torch.from_numpy(y), 5,
+                        LinearParams(lrs=(1e30, 0.1), weight_decays=(0.0,), epochs=3, batchnorm=False),
+                        rows=torch.arange(700))
+    assert heads.diverged == 1 and heads.diverged_mask.tolist() == [True, False]  # the 1e30 head diverges
+    out = run_linear(inp, LinearParams(lrs=(1e30, 0.1), weight_decays=(0.0,), epochs=3, batchnorm=False))
+    assert out.details["selected"]["lr"] == 0.1 and out.details["diverged_heads"] == 1
+    assert out.metrics["top1"] > 0.9
+
+
+def test_every_head_diverged_is_an_error_not_a_chance_level_number():
+    x, y = _separable(800)
+    inp = ProtocolInputs(x * 1e4, y, x[:100] * 1e4, y[:100], np.arange(700), np.arange(700, 800), 5)
+    with pytest.raises(UserError, match="every head diverged"):
+        run_linear(inp, LinearParams(lrs=(1e30,), weight_decays=(0.0,), epochs=3, batchnorm=False))
 
 
 def _sgd_reference(xs, y, C, lr, wd, epochs, bs, seed, steps, rows=None):

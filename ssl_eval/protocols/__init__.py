@@ -1,4 +1,11 @@
 """Evaluation protocols on frozen features (k-NN, linear probe)."""
 
 from . import fewshot, finetune, knn, linear  # noqa: F401,E402  (register themselves)
-from .base import PROTOCOL_TYPES, ImageInputs, ProtocolInputs, ProtocolOutput, ProtocolType  # noqa: F401
+from .base import (  # noqa: F401
+    PROTOCOL_TYPES,
+    DataShape,
+    ImageInputs,
+    ProtocolInputs,
+    ProtocolOutput,
+    ProtocolType,
+)

@@ -54,6 +54,19 @@ class ImageInputs:
 
 
 @dataclass(frozen=True)
+class DataShape:
+    """What a protocol may check before any feature is extracted: the split sizes and the
+    smallest class count of the training rows (train minus val) and of the whole train split."""
+
+    train: int  # train minus val
+    val: int
+    test: int
+    num_classes: int
+    min_class_train: int  # smallest class in train minus val
+    min_class_all: int  # smallest class in the whole train split
+
+
+@dataclass(frozen=True)
 class ProtocolType:
     """A protocol implementation: its parameter dataclass and ``run(inputs, params)``.
     ``inputs`` says what it runs on: cached "features" (ProtocolInputs) or "images"
@@ -66,6 +79,7 @@ class ProtocolType:
     run: Callable[[object, object], ProtocolOutput]
     inputs: str = "features"
     seeded: bool = True  # False: the numbers do not depend on the seed (k-NN on fixed features)
+    preflight: Callable[[object, DataShape], None] | None = None  # data-dependent checks of params
 
 
 PROTOCOL_TYPES: Registry[ProtocolType] = Registry("protocol type")

@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..knn_search import SEARCH_BACKENDS, knn_classify, resolve_backend
 from .base import (
     PROTOCOL_TYPES,
+    DataShape,
     ProtocolInputs,
     ProtocolOutput,
     ProtocolType,
@@ -52,6 +53,19 @@ def _as_int(s: object) -> int | None:
         return int(s)
     except (TypeError, ValueError):
         return None
+
+
+def preflight_knn(p: KnnParams, shape: DataShape) -> None:
+    """Every k must fit in the bank it searches: train minus val while k is chosen on val, then
+    the whole train split for test. Never a silent ``top1@k200`` over fewer images."""
+    bank = shape.train if p.select_k == "val" else shape.train + shape.val
+    too_big = [k for k in p.ks if k > bank]
+    if too_big:
+        fit = [k for k in p.ks if k <= bank] or [max(1, bank)]
+        raise UserError(
+            f"knn: k={', '.join(map(str, too_big))} exceeds the {bank} images of the bank "
+            f"(train minus val); use --set ks=[{','.join(map(str, fit))}]"
+        )
 
 
 # ---------------------------------------------------------------- the protocol
@@ -92,4 +106,4 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
     )
 
 
-PROTOCOL_TYPES.register("knn", ProtocolType("knn", KnnParams, run_knn, seeded=False))
+PROTOCOL_TYPES.register("knn", ProtocolType("knn", KnnParams, run_knn, seeded=False, preflight=preflight_knn))

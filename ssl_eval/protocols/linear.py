@@ -68,6 +68,8 @@ class HeadGrid:
     inv_std: torch.Tensor | None
     epochs: int = 0
     steps: int = 0
+    diverged: int = 0  # heads whose weights stopped being finite (too high a learning rate)
+    diverged_mask: torch.Tensor | None = None  # (H,) bool
 
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) * self.inv_std if self.mean is not None else x
@@ -177,11 +179,16 @@ def train_heads(
             step += 1
     W3, b2 = W.view(D, H, C), b.view(H, C)
     bad = ~(torch.isfinite(W3).all(dim=0).all(dim=1) & torch.isfinite(b2).all(dim=1))
+    if bool(bad.all()):
+        raise UserError(
+            f"linear: every head diverged (learning rates {list(p.lrs)} are too high for these "
+            "features); lower them, e.g. --set lrs=[0.001,0.01]"
+        )
     if bad.any():
-        # a diverged head (too high a learning rate) is zeroed, so it loses the selection
+        # a diverged head is excluded from the selection (its validation score is -1 below)
         W3[:, bad] = 0.0
         b2[bad] = 0.0
-    return HeadGrid(W3, b2, settings, mean, inv_std, epochs, step)
+    return HeadGrid(W3, b2, settings, mean, inv_std, epochs, step, int(bad.sum()), bad)
 
 
 def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
@@ -195,7 +202,10 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
     heads = train_heads(x_all, y_all, inp.num_classes, p, seed=inp.seed, rows=tr)
 
     val_acc = heads.top1_per_head(x_all[va], y_all[va])  # (H,)
-    best = int(torch.argmax(val_acc))  # first best in grid order on ties
+    sel = val_acc
+    if heads.diverged_mask is not None:  # a diverged head is never selected
+        sel = torch.where(heads.diverged_mask.to(val_acc.device), -1.0, val_acc)
+    best = int(torch.argmax(sel))  # first best in grid order on ties
     test_x = as_tensor(inp.test_x, dev)
     test_y = torch.from_numpy(np.asarray(inp.test_y)).to(dev)
     hits = topk_hits(heads.logits(test_x, head=best), test_y)
@@ -209,6 +219,7 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
             "val_size": len(va),
             "epochs_run": heads.epochs,
             "steps": heads.steps,
+            "diverged_heads": heads.diverged,
         },
         per_sample={"top1": hits[1], "top5": hits[5]},
     )
