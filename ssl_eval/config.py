@@ -178,3 +178,9 @@ class RunConfig:
             raise UserError("--batch-size must be at least 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError("--val-fraction must be between 0 and 1")
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError(f"--image-size must be a positive number of pixels, not {self.image_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise UserError("--num-workers must be 0 or more")
+        if not self.seeds:
+            raise UserError("--seed needs at least one seed")

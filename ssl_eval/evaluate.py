@@ -162,6 +162,9 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
     for card, key, seed, dependent in todo:
         seed_everything(seed)
         ptype = card.protocol
+        if ptype.inputs == "images" and not any(p.requires_grad for p in bb.model.parameters()):
+            raise UserError(f"{card.name} trains the backbone, but {bb.tag} has no trainable parameters; "
+                            "evaluate it with a frozen protocol (knn, linear, fewshot)")
         if ptype.inputs == "images":
             inputs = ImageInputs(bb, bundle, train_idx, val_idx, device, seed,
                                  cache_dir / "train_state" / key, cfg.num_workers)

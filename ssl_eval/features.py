@@ -57,7 +57,22 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         img = torch.from_numpy(np.ascontiguousarray(self.split.load(i))).permute(2, 0, 1)
-        return self.pre.geometric(img).contiguous()
+        out = self.pre.geometric(img).contiguous()
+        if self.pre.crop is None:  # no crop to a fixed size: the sizes must agree
+            first = self._first_shape()
+            if tuple(out.shape) != first:
+                where = self.split.paths[i] if self.split.paths else f"image {i}"
+                raise UserError(
+                    f"{where} is {out.shape[1]}x{out.shape[2]} but the first image is {first[1]}x{first[2]}, "
+                    "and this backbone does not resize; pass --image-size N to resize every image"
+                )
+        return out
+
+    def _first_shape(self) -> tuple[int, ...]:
+        if not hasattr(self, "_first"):
+            self._first = tuple(self.pre.geometric(
+                torch.from_numpy(np.ascontiguousarray(self.split.load(0))).permute(2, 0, 1)).shape)
+        return self._first
 
 
 def cache_key(backbone: Backbone, bundle: DatasetBundle, split: str, dtype: str,
@@ -118,7 +133,7 @@ def extract(
         out = None
         done = 0
         bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress)
-        for batch in loader:
+        for batch in _worker_errors(loader):
             x = backbone.preprocessing.normalise(batch.to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 f = backbone.embed(x)
@@ -146,6 +161,22 @@ def extract(
     fs = _open(entry, key, hit=False)
     fs.seconds = seconds
     return fs
+
+
+def _worker_errors(loader):
+    """Iterate ``loader``; a UserError raised in a DataLoader worker (a corrupt image) arrives
+    wrapped in the worker's traceback text: reduce it to its own one-line message."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except UserError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            last = lines[-1] if lines else str(e)
+            raise UserError(last.split("UserError: ", 1)[-1]) from None
+        yield batch
 
 
 def _open(entry: Path, key: str, hit: bool) -> FeatureSet:

@@ -39,9 +39,10 @@ class ImageSplit:
 
         try:
             with Image.open(self.paths[i]) as im:
-                return np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise UserError(f"cannot read image {self.paths[i]}: {e}. Remove or replace the file.") from e
+                return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy needs one
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"cannot read image {self.paths[i]}: {reason}. Remove or replace the file.") from e
 
 
 @dataclass
