@@ -7,4 +7,4 @@ from __future__ import annotations
 from ..registry import Registry
 from .base import BackboneSpec
 
-BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+BACKBONES: Registry[BackboneSpec] = Registry("backbone", listing="ssl-eval list backbones")
