@@ -109,6 +109,7 @@ class Cell:
     kind: str  # bootstrap | t-seeds | t-draws | t-episodes | "" (no interval)
     n: int  # seeds averaged (t-seeds), draws / episodes, else 1
     records: list[ResultRecord]
+    clipped: bool = False  # the interval reached past [0, 100] and was cut there
 
     @property
     def half_width(self) -> float | None:
@@ -117,10 +118,10 @@ class Cell:
     def text(self) -> str:
         s = f"{self.value:.2f}"
         if self.lo is not None:
-            if abs((self.value - self.lo) - (self.hi - self.value)) < 0.005:
-                s += f" ± {self.half_width:.2f}"
-            else:  # clipped at the range: asymmetric
+            if self.clipped:  # cut at the metric's range: shown as the interval itself
                 s += f" [{self.lo:.2f}, {self.hi:.2f}]"
+            else:
+                s += f" ± {self.half_width:.2f}"
         if self.kind == "t-seeds":
             s += f" (n={self.n})"
         return s + KIND_MARK.get(self.kind, "")
@@ -134,8 +135,8 @@ def _record_kind(r: ResultRecord) -> str:
     return "t-episodes" if "episode" in r.ci_method else "t-draws"
 
 
-def _clip(lo: float, hi: float) -> tuple[float, float]:
-    return max(lo, 0.0), min(hi, 1.0)
+def _clip(lo: float, hi: float) -> tuple[float, float, bool]:
+    return max(lo, 0.0), min(hi, 1.0), lo < 0.0 or hi > 1.0
 
 
 def make_cell(records: list[ResultRecord]) -> Cell:
@@ -149,15 +150,15 @@ def make_cell(records: list[ResultRecord]) -> Cell:
     rs = sorted(newest.values(), key=lambda r: (r.seed, r.time))
     if len(rs) >= 2:
         m, _, lo, hi = mean_ci([r.value for r in rs])
-        lo, hi = _clip(lo, hi)
-        return Cell(100 * m, 100 * lo, 100 * hi, "t-seeds", len(rs), rs)
+        lo, hi, cut = _clip(lo, hi)
+        return Cell(100 * m, 100 * lo, 100 * hi, "t-seeds", len(rs), rs, cut)
     r = rs[0]
     kind = _record_kind(r)
     if r.ci95 is None:
         return Cell(100 * r.value, None, None, "", 1, rs)
-    lo, hi = _clip(*r.ci95)
+    lo, hi, cut = _clip(*r.ci95)
     n = (r.spread or {}).get("n", 1)
-    return Cell(100 * r.value, 100 * lo, 100 * hi, kind, n, rs)
+    return Cell(100 * r.value, 100 * lo, 100 * hi, kind, n, rs, cut)
 
 
 @dataclass

@@ -12,13 +12,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import secrets
-import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .fsutil import atomic_write_json, sha256_json
 from .provenance import code_version, package_versions
+from .runtime import warn
 from .stats import bootstrap_ci, mean_ci, pack_bits
 
 if TYPE_CHECKING:  # types only: the builder reads these objects, it does not import their layers
@@ -66,13 +66,33 @@ class ResultRecord:
     def from_dict(cls, d: dict) -> ResultRecord:
         """A record from its JSON form; a missing required field or a non-mapping is a
         ValueError naming it. Fields this version does not know are ignored."""
+        from .config import from_mapping
+        from .errors import UserError
+
         if not isinstance(d, dict):
             raise ValueError(f"a record must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        try:
-            rec = cls(**{k: v for k, v in d.items() if k in known})
-        except TypeError as e:
+        version = d.get("schema_version")
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise ValueError(f"written by a newer ssl-eval (record schema {version}, this one reads "
+                             f"<= {SCHEMA_VERSION}); upgrade ssl-eval to read it")
+        known = {f.name for f in fields(cls) if f.init}
+        missing = [f.name for f in fields(cls) if f.init and f.name not in d
+                   and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise ValueError(f"missing field(s) {missing}")
+        try:  # every field of the right type, checked as cards are
+            rec = from_mapping(cls, {k: v for k, v in d.items() if k in known}, "record")
+        except UserError as e:
             raise ValueError(str(e)) from e
+        if rec.setting and not (
+            isinstance(rec.setting.get("summary"), dict)
+            and all(isinstance(rec.setting["summary"].get(k), dict) for k in ("row", "column"))
+            and all(isinstance(rec.setting.get(k), str) for k in ("hash", "row", "column"))
+        ):
+            raise ValueError("its setting is not of the form ssl-eval writes")
+        for name in ("dataset", "protocol"):
+            if not isinstance(getattr(rec, name).get("name"), str):
+                raise ValueError(f"its {name} has no name")
         if not rec.setting:  # schema 1 predates the setting: derive it from what the record holds
             rec.setting = make_setting(
                 rec.backbone, rec.weights, rec.preprocessing, rec.feature_kind, rec.protocol,
@@ -214,23 +234,50 @@ def records_dir(results_dir: Path) -> Path:
 
 
 def unit_done(results_dir: Path, unit: str) -> bool:
-    return any(records_dir(results_dir).glob(f"{unit}-*.json"))
+    """Whether a valid record file of ``unit`` exists; a damaged one is reported and does not
+    count, so the unit is computed again."""
+    for p in records_dir(results_dir).glob(f"{unit}-*.json"):
+        try:
+            read_unit_file(p)
+            return True
+        except ValueError as e:
+            warn(f"{p} is damaged ({e}); its unit counts as not done and will be computed again")
+    return False
 
 
 def write_unit(results_dir: Path, unit: str, run_id: str, records: list[ResultRecord]) -> Path:
     path = records_dir(results_dir) / f"{unit}-{run_id}.json"
-    atomic_write_json(path, {"schema_version": SCHEMA_VERSION, "records": [r.to_dict() for r in records]})
+    body = [r.to_dict() for r in records]
+    atomic_write_json(path, {"schema_version": SCHEMA_VERSION, "records": body, "sha256": sha256_json(body)})
     return path
 
 
+def read_unit_file(path: Path) -> list[ResultRecord]:
+    """The records of one file, verified against the checksum it carries; any damage (bytes
+    that are not UTF-8 or JSON, a wrong shape, a checksum mismatch, a newer schema) is a
+    ValueError saying what."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot be read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise ValueError("not a record file (expected a mapping with a 'records' list)")
+    if "sha256" in data and data["sha256"] != sha256_json(data["records"]):
+        raise ValueError("its content does not match its checksum")
+    return [ResultRecord.from_dict(r) for r in data["records"]]
+
+
 def load_records(results_dir: Path) -> list[ResultRecord]:
-    """Every record under ``results_dir``, typed; files that are not valid records are skipped
-    with a warning (they can only come from outside ssl-eval, since writes are atomic)."""
+    """Every record under ``results_dir``, typed and verified. A file that is not a valid record
+    file is skipped with a warning naming it; readers never crash on the store."""
     out = []
     for p in sorted(records_dir(results_dir).glob("*.json")):
         try:
-            data = json.loads(p.read_text())
-            out.extend(ResultRecord.from_dict(r) for r in data["records"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            print(f"warning: skipping unreadable record file {p} ({e})", file=sys.stderr)
+            out.extend(read_unit_file(p))
+        except ValueError as e:
+            warn(f"skipping {p}: {e}")
     return out

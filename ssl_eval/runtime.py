@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import random
 import sys
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def log(msg: str, scope: str = "") -> None:
@@ -23,6 +24,8 @@ def warn(msg: str) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` (a CUDA GPU when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -34,6 +37,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

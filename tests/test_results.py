@@ -150,3 +150,53 @@ def test_record_reader_is_typed_and_skips_records_missing_fields(tmp_path, capsy
     assert [(r.backbone, r.value) for r in recs] == [("a", 0.5)]
     assert isinstance(recs[0], ResultRecord)
     assert "bad-r1.json" in capsys.readouterr().err
+
+
+def _write_raw(tmp_path, name, data: bytes):
+    (tmp_path / "records").mkdir(exist_ok=True)
+    (tmp_path / "records" / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("name,content", [
+    ("utf8-r1.json", b'{"schema_version": 2, "records": [\xff\xfe]}'),
+    ("shape-r1.json", b'[1, 2, 3]'),
+    ("records-str-r1.json", b'{"records": "nope"}'),
+    ("dataset-str-r1.json", None),  # a record whose dataset is a string
+    ("value-str-r1.json", None),  # a record whose value is text
+    ("newer-r1.json", None),  # a record of a newer schema
+    ("checksum-r1.json", None),  # edited after writing
+])
+def test_bad_record_files_are_skipped_with_a_warning_naming_them(tmp_path, capsys, name, content):
+    good = _rec("a", "d", "knn", 0.5)
+    atomic_write_json(tmp_path / "records" / "good-r1.json", {"schema_version": 2, "records": [good]})
+    if content is None:
+        bad = dict(good)
+        if name.startswith("dataset"):
+            bad["dataset"] = "d"
+        elif name.startswith("value"):
+            bad["value"] = "high"
+        elif name.startswith("newer"):
+            bad["schema_version"] = 99
+        body = {"schema_version": 2, "records": [bad]}
+        if name.startswith("checksum"):
+            from ssl_eval.fsutil import sha256_json
+
+            body["sha256"] = sha256_json([bad])
+            body["records"][0] = dict(bad, value=0.99)  # a number changed by hand
+        content = json.dumps(body).encode()
+    _write_raw(tmp_path, name, content)
+    recs = load_records(tmp_path)
+    assert [(r.backbone, r.value) for r in recs] == [("a", 0.5)]
+    assert name in capsys.readouterr().err
+    write_leaderboard(tmp_path)  # the table still builds
+
+
+def test_a_damaged_record_does_not_count_as_done(tmp_path, capsys):
+    from ssl_eval.results import unit_done
+
+    good = _rec("a", "d", "knn", 0.5)
+    atomic_write_json(tmp_path / "records" / "u1-r1.json", {"schema_version": 2, "records": [good]})
+    assert unit_done(tmp_path, "u1")
+    p = tmp_path / "records" / "u1-r1.json"
+    p.write_bytes(p.read_bytes()[:40])  # truncated
+    assert not unit_done(tmp_path, "u1") and "counts as not done" in capsys.readouterr().err
