@@ -1,6 +1,7 @@
 """SSL losses as pure functions of tensors (no modules, no state), so each can be checked
 against a hand computation. Functions that need the whole global batch take the gathered
-tensors from ``dist.gather_with_grad``; on one process they are the local ones."""
+tensors from ``dist.gather_with_grad`` (which returns every row's gradient to the process that
+owns it); on one process they are the local ones."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ def nt_xent(
 
     ``all_z1``/``all_z2`` are the global batch's views (N rows each, the local rows at
     ``offset``); omitted, the local batch is the global one. The mean over local rows,
-    averaged over processes, is the single-process loss of the global batch.
+    averaged over processes, is the single-process loss of the global batch; with the keys
+    from ``gather_with_grad``, DDP's averaged gradient is its gradient too. SimCLR's code sums
+    the two views' means; this is their mean (half its loss and gradient).
     """
     all_z1 = z1 if all_z1 is None else all_z1
     all_z2 = z2 if all_z2 is None else all_z2
@@ -57,7 +60,10 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tensor:
     """Cross-correlation of the batch-standardised embeddings driven to the identity:
-    sum_i (1 - C_ii)^2 (invariance) + lambda * sum_{i != j} C_ij^2 (redundancy reduction)."""
+    sum_i (1 - C_ii)^2 (invariance) + lambda * sum_{i != j} C_ij^2 (redundancy reduction).
+
+    Pass the global batch (``gather_with_grad``): every process then computes the global loss,
+    and DDP's average of their gradients is its gradient, whatever the process count."""
     n = len(z1)
     a = (z1 - z1.mean(0)) / z1.std(0, unbiased=False).clamp_min(1e-6)
     b = (z2 - z2.mean(0)) / z2.std(0, unbiased=False).clamp_min(1e-6)

@@ -1,6 +1,11 @@
 """Barlow Twins (Zbontar et al. 2021): the cross-correlation of the two views' batch-
 standardised embeddings, over the global batch, driven to the identity (lambda weighs the
-off-diagonal redundancy term)."""
+off-diagonal redundancy term).
+
+Every process computes the loss of the global batch from the gathered embeddings; the gather
+returns each row's gradient to its owner, so the averaged data-parallel gradient is the
+single-process gradient. The original code all-reduces the correlation matrix outside autograd
+instead, which leaves its gradient 1/(number of processes) of that (docs/trainer.md)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import OptimConfig
-from ..dist import gather_with_grad
+from ..dist import gather
 from ..losses import ema_update, moco_infonce
 from .base import MethodSpec, SSLMethod, cosine_ramp, frozen_copy, mlp, register, two_view_aug
 
@@ -37,8 +37,8 @@ class MoCoV3(SSLMethod):
         q = self.predictor(self.projector(self.backbone(x)))
         with torch.no_grad():
             k = self.key_projector(self.key_backbone(x))
-        k1, off = gather_with_grad(k[:n])  # keys carry no gradient anyway
-        k2, _ = gather_with_grad(k[n:])
+        k1, off = gather(k[:n])  # the global batch's keys: constants, as in MoCo v3
+        k2, _ = gather(k[n:])
         t = self.cfg.temperature
         return moco_infonce(q[:n], k2, t, off) + moco_infonce(q[n:], k1, t, off)
 

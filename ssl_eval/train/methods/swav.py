@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AugConfig, OptimConfig, ViewAug
-from ..dist import gather_with_grad
+from ..dist import gather
 from ..losses import sinkhorn, swapped_prediction
 from .base import MethodSpec, SSLMethod, mlp, register
 
@@ -50,7 +50,7 @@ class SwAV(SSLMethod):
             scores += list(self._scores(torch.cat(views[2:])).split(n))
         codes = []
         for s in scores[:2]:
-            all_s, off = gather_with_grad(s.detach())
+            all_s, off = gather(s)  # codes are targets: no gradient
             codes.append(sinkhorn(all_s, self.cfg.epsilon, self.cfg.sinkhorn_iters)[off : off + n])
         return swapped_prediction(scores, codes, self.cfg.temperature)
 
