@@ -23,16 +23,31 @@ import yaml
 from .errors import UserError
 
 
-def read_yaml(path: Path, what: str) -> object:
-    """The YAML document in ``path``; unreadable or invalid YAML is a UserError naming ``what``."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from e
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parser's multi-line message as one line: what is wrong and where."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def parse_yaml(text: str, where: str) -> object:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML ({e})") from e
+        raise UserError(f"{where}: invalid YAML ({yaml_problem(e)}); fix the file") from e
+
+
+def read_yaml(path: Path, what: str) -> object:
+    """The YAML document in ``path``; an unreadable file, text that is not UTF-8 or invalid YAML
+    is a one-line UserError naming ``what``."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    return parse_yaml(text, str(path))
 
 
 def check_keys(data: dict, allowed, where: str) -> None:
@@ -114,7 +129,8 @@ def parse_set(assignment: str) -> tuple[str, object]:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise UserError(f"--set {assignment!r}: the value is not valid YAML ({e})") from e
+        raise UserError(f"--set {assignment!r}: the value is not valid YAML ({yaml_problem(e)}); "
+                        "quote it, e.g. --set 'key=[1, 2]'") from e
     return key, value
 
 

@@ -112,3 +112,33 @@ def test_a_yaml_mapping_loads_into_nested_dataclasses():
         from_mapping(Outer, {"views": [{"sise": 3}]}, "cfg")
     with pytest.raises(UserError, match=r"cfg\.inner\.size: expected int"):
         from_mapping(Outer, {"inner": {"size": True}}, "cfg")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: x\nversion: 1\ntype: linear\nparams: [1, 2]\n", "params must be a mapping"),
+    ("name: x\nversion: 1\ntype: linear\nparams: abc\n", "params must be a mapping"),
+    ("name: x\nversion: 1\ntype: linear\nparams: true\n", "params must be a mapping"),
+    ("name: x\nversion: 1\ntype: linear\nparams: {epochs: [\n", "invalid YAML"),
+    ("name: x\nversion: 1\ntype: linear\nselection_split: test\n", "selection_split is 'test'"),
+    ("- just\n- a list\n", "must be a YAML mapping"),
+])
+def test_malformed_cards_are_one_line_errors(tmp_path, text, message):
+    p = tmp_path / "card.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=message) as e:
+        load_card(str(p))
+    assert "\n" not in str(e.value)
+
+
+def test_card_that_is_not_utf8_is_one_line(tmp_path):
+    p = tmp_path / "card.yaml"
+    p.write_bytes(b"name: caf\xe9\nversion: 1\ntype: linear\n")
+    with pytest.raises(UserError, match="not UTF-8") as e:
+        load_card(str(p))
+    assert "\n" not in str(e.value)
+
+
+def test_set_value_that_is_not_yaml_is_one_line():
+    with pytest.raises(UserError, match="not valid YAML") as e:
+        load_card("linear", ["lrs=[0.1, 0.2"])
+    assert "\n" not in str(e.value)

@@ -79,6 +79,14 @@ def parse_card(raw: object, source: str, overrides: list[str] | tuple[str, ...] 
     if not isinstance(raw["version"], int) or isinstance(raw["version"], bool):
         raise UserError(f"{source}: version must be an integer")
     ptype = PROTOCOL_TYPES.get(str(raw["type"]))
+    if raw.get("params") is not None and not isinstance(raw["params"], dict):
+        raise UserError(f"{source}: params must be a mapping of name: value, not {type(raw['params']).__name__}")
+    for k in ("name", "description", "selection_split"):
+        if k in raw and isinstance(raw[k], dict | list):
+            raise UserError(f"{source}: {k} must be a single value, not a {type(raw[k]).__name__}")
+    if str(raw.get("selection_split", "val")) != "val":
+        raise UserError(f"{source}: selection_split is {raw['selection_split']!r}, but every choice a "
+                        "protocol makes is made on the validation split carved from train; use 'val'")
     params = dict(raw.get("params") or {})
     applied = []
     for o in overrides:
