@@ -17,7 +17,7 @@ from .data.datasets import DatasetBundle, DatasetOptions, get_dataset
 from .data.splits import stratified_val_split
 from .errors import UserError
 from .features import default_cache_dir, extract
-from .fsutil import sha256_json
+from .fsutil import ensure_writable_dir, sha256_json
 from .protocols import DataShape, ImageInputs, ProtocolInputs
 from .protocols.cards import ProtocolCard
 from .provenance import autocast_dtype, device_name, library_versions, peak_memory_mb, source_hash
@@ -26,6 +26,7 @@ from .results import (
     Unit,
     build_records,
     new_run_id,
+    records_dir,
     unit_done,
     write_unit,
 )
@@ -83,6 +84,9 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
     serves every seed."""
     device = resolve_device(cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    # before any work: a result computed for a folder that cannot take it would be lost
+    ensure_writable_dir(records_dir(cfg.results_dir), "results folder")
+    ensure_writable_dir(cache_dir, "cache folder")
     run_id = new_run_id()
     outcomes: list[UnitOutcome] = []
     backbones: dict[tuple[str, int], Backbone] = {}

@@ -23,7 +23,7 @@ from .backbones.base import Backbone
 from .data.datasets import DatasetBundle, ImageSplit
 from .data.transforms import Preprocessing
 from .errors import UserError
-from .fsutil import atomic_directory, atomic_write_json, sha256_json
+from .fsutil import atomic_directory, atomic_write_json, preallocate, sha256_json
 from .provenance import autocast_dtype, library_versions, source_hash
 from .runtime import log
 
@@ -139,8 +139,7 @@ def extract(
                 f = backbone.embed(x)
             f = f.float().cpu().numpy()
             if out is None:
-                out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
-                                                dtype=DTYPES[dtype], shape=(n, f.shape[1]))
+                out = _open_output(tmp / "features.npy", DTYPES[dtype], (n, f.shape[1]), entry)
             out[done : done + len(f)] = f
             if not np.isfinite(out[done : done + len(f)]).all():
                 raise UserError(
@@ -161,6 +160,21 @@ def extract(
     fs = _open(entry, key, hit=False)
     fs.seconds = seconds
     return fs
+
+
+def _open_output(path: Path, dtype, shape: tuple[int, int], entry: Path) -> np.memmap:
+    """The memory-mapped output array, its blocks reserved up front: a full disk is a clear
+    error now (the temporary entry is then removed), never a SIGBUS half-way."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        preallocate(path, out.offset + out.nbytes)
+    except OSError as e:
+        del out
+        raise UserError(
+            f"no room for the feature cache entry {entry} ({np.dtype(dtype).itemsize * shape[0] * shape[1] / 2**20:.0f} MB; "
+            f"{e.strerror or e}): free space or pass --cache-dir on another disk"
+        ) from e
+    return out
 
 
 def _worker_errors(loader):

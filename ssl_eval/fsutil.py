@@ -85,3 +85,33 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def ensure_writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` if needed and prove it takes a file, before any work is done; otherwise a
+    one-line UserError naming ``what`` (a results folder that is a file, read-only, ...)."""
+    from .errors import UserError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the {what} {path} is a file, not a folder; name a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to the {what} {path} ({e.strerror or e}); "
+                        "make it writable or choose another folder") from e
+    return path
+
+
+def preallocate(path: Path, size: int) -> None:
+    """Reserve ``size`` bytes for ``path`` now, so a full disk is an OSError here rather than a
+    SIGBUS later, when a memory-mapped write finds no block behind a page."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import secrets
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -248,7 +249,25 @@ def unit_done(results_dir: Path, unit: str) -> bool:
 def write_unit(results_dir: Path, unit: str, run_id: str, records: list[ResultRecord]) -> Path:
     path = records_dir(results_dir) / f"{unit}-{run_id}.json"
     body = [r.to_dict() for r in records]
-    atomic_write_json(path, {"schema_version": SCHEMA_VERSION, "records": body, "sha256": sha256_json(body)})
+    doc = {"schema_version": SCHEMA_VERSION, "records": body, "sha256": sha256_json(body)}
+    try:
+        atomic_write_json(path, doc)
+    except OSError as e:  # the numbers are computed: never drop them silently
+        import tempfile
+
+        from .errors import UserError
+
+        try:
+            fd, rescue = tempfile.mkstemp(prefix=f"ssl-eval-unsaved-{unit}-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=2, sort_keys=True, default=str)
+        except OSError:  # no disk anywhere: the numbers go to the terminal
+            print(json.dumps(doc, sort_keys=True, default=str), file=sys.stderr)
+            rescue = "the lines above (standard error)"
+        raise UserError(
+            f"cannot write the record {path} ({e.strerror or e}); its numbers are saved in {rescue}: "
+            f"copy that file into {records_dir(results_dir)} once the folder is writable"
+        ) from e
     return path
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from ..backbones.archs import build_arch
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
+from ..fsutil import ensure_writable_dir
 from ..runtime import log as runtime_log
 from ..runtime import resolve_device
 from . import dist
@@ -39,7 +40,7 @@ def train(
     ``stop_after_epoch`` ends the process early as if killed (for resume tests); ``log``
     receives the progress lines (default: ``[train] ...`` on stderr)."""
     log = log or partial(runtime_log, scope="train")
-    out = Path(out)
+    out = ensure_writable_dir(Path(out), "training output folder")  # before any work
     spec = METHODS.get(cfg.method)
     device = resolve_device(cfg.device)
     di = dist.setup(device)
