@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -98,11 +99,42 @@ def test_dinov2_official_layout_from_weights_folder(tmp_path, monkeypatch):
     x = torch.randn(1, 3, 518, 518)
     with torch.no_grad():
         torch.testing.assert_close(bb.embed(x), ref.forward_features(x)[:, 0], atol=1e-5, rtol=1e-5)
-    # at DINOv2's evaluation size the position embeddings are resampled to 16x16
+    # at DINOv2's evaluation size the position embeddings are resized to 16x16 the way DINOv2's
+    # own model does it in every forward pass (interpolate_pos_encoding, hub settings)
     bb224 = build_backbone("dinov2", BuildOptions())
     assert bb224.preprocessing.resize == 256 and bb224.preprocessing.crop == 224
     assert bb224.preprocessing.interpolation == "bicubic"
-    assert bb224.embed(torch.randn(2, 3, 224, 224)).shape == (2, 384)
+    want = dinov2_interpolate_pos_encoding(ref.pos_embed.detach(), new=16)
+    torch.testing.assert_close(bb224.model.pos_embed.detach(), want, atol=1e-5, rtol=1e-5)
+    assert "0.1" in bb224.load_report["pos_embed"]["resized"]
+    # and the features are the official model's at 224: the same weights, that table
+    twin = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=224).eval()
+    twin.load_state_dict({**ref.state_dict(), "pos_embed": want})
+    x224 = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(bb224.embed(x224), twin.forward_features(x224)[:, 0], atol=1e-5, rtol=1e-5)
+    # the defects this catches: timm's antialiased resize and a resize to the size without
+    # DINOv2's offset both miss DINOv2's table by far more than the tolerance
+    from timm.layers import resample_abs_pos_embed
+
+    for antialias in (True, False):
+        other = resample_abs_pos_embed(ref.pos_embed.detach(), new_size=[16, 16], old_size=[37, 37],
+                                       num_prefix_tokens=1, interpolation="bicubic", antialias=antialias)
+        assert (other - want).abs().max() > 1e-3
+
+
+def dinov2_interpolate_pos_encoding(pos_embed: torch.Tensor, new: int, offset: float = 0.1) -> torch.Tensor:
+    """The reference, written from DINOv2's DinoVisionTransformer.interpolate_pos_encoding with
+    the hub models' settings (interpolate_offset=0.1, interpolate_antialias=False): the class
+    token's entry kept, the M x M patch table resized bicubically by scale factor
+    (new + offset) / M per side, in float32."""
+    cls_pe, patch = pos_embed[:, :1], pos_embed[:, 1:].float()
+    m, dim = int(math.sqrt(patch.shape[1])), patch.shape[-1]
+    sx = sy = float(new + offset) / m
+    grid = torch.nn.functional.interpolate(patch.reshape(1, m, m, dim).permute(0, 3, 1, 2),
+                                           scale_factor=(sx, sy), mode="bicubic", antialias=False)
+    assert grid.shape[-2:] == (new, new)
+    return torch.cat([cls_pe, grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
 def test_missing_weights_offline_names_the_file():

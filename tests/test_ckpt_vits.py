@@ -92,7 +92,7 @@ def test_mocov3_vits16_training_checkpoint(tmp_path):
     assert via.load_report["family"] == "mocov3" and via.model.blocks[0].attn.num_heads == 12
     assert any(d.startswith("state_dict.module.base_encoder.head") for d in via.load_report["dropped"])
     close(via.embed(X16), cls(ref, X16))
-    with pytest.raises(UserError, match="holds a ViT, not the resnet50"):
+    with pytest.raises(UserError, match="the tag says 'resnet50' but the file's 'arch' entry says 'vit_small'"):
         build_backbone("mocov3_r50", BuildOptions(weights=tmp_path / "vit-s-300ep.pth.tar"))
 
 

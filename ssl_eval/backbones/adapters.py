@@ -3,10 +3,13 @@ layout from the keys (``detect``) and building a model from it (``build``). The 
 themselves live in ``families/``, one file per family; this module knows none of them.
 
 Tagged backbones (``mocov3_vitb16``, ``simclr_r50`` ...) name a family and a variant;
-``ckpt:PATH`` detects the family from the file (or takes ``--family``) and infers the variant
-from the tensor shapes. Both paths end in the same strict load and the same load report. A ``ckpt:`` path that is a
-folder goes to the folder reader that accepts it (``register_folder_reader``; the
-``ssl-eval train`` output folder is one, in ``families/trained.py``).
+``ckpt:PATH`` detects the family from the file (or takes ``--family``) and takes the
+architecture from what the file declares, ``--arch``, or the shapes plus the family's own
+code, never guessing a detail none of them pins (``architecture.py``). Both paths end in the
+same strict load and the same load report, which says what was built and why
+(``load_report["architecture"]``). A ``ckpt:`` path that is a folder goes to the folder
+reader that accepts it (``register_folder_reader``; the ``ssl-eval train`` output folder is
+one, in ``families/trained.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 from ..data.transforms import Preprocessing
 from ..errors import UserError
 from ..registry import Registry
+from .architecture import describe
 from .base import Backbone, BackboneSpec, BuildOptions, WeightsInfo
 from .checkpoints import Checkpoint, read_checkpoint, summarise_keys
 from .registry import BACKBONES
@@ -35,6 +39,7 @@ class Loaded:
     preprocessing: Preprocessing
     feature_kind: str
     description: str
+    arch_from: str = "the tensor shapes"  # who pinned the architecture, for the load report
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,8 @@ def backbone_from_checkpoint(
     pre = preprocessing or loaded.preprocessing
     if opt.image_size:
         pre = pre.with_size(opt.image_size)
-    report = {"family": family.name, "file": ckpt.path.name, **loaded.report}
+    report = {"family": family.name, "file": ckpt.path.name, **loaded.report,
+              "architecture": {**describe(loaded.model), "from": loaded.arch_from}}
     weights = WeightsInfo("file", sha256_file(ckpt.path), str(ckpt.path))
     return Backbone(
         tag, loaded.model, pre, opt.feature_kind or loaded.feature_kind, weights, report,
@@ -155,6 +161,8 @@ def register_tag(
             raise UserError(
                 f"--family {opt.family} applies to ckpt:PATH; {tag} is always read as {family}"
             )
+        if opt.arch:
+            raise UserError(f"--arch {opt.arch} applies to ckpt:PATH; {tag} is always {variant}")
         path = source.resolve(opt.weights, opt.offline)
         ckpt = read_checkpoint(path)
         return backbone_from_checkpoint(

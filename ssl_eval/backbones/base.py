@@ -156,6 +156,10 @@ class BuildOptions:
     offline: bool = False
     seed: int = 0  # initialisation seed of random:<arch>
     family: str | None = None  # checkpoint family override for ckpt:PATH (auto-detected if None)
+    # the architecture of a ckpt:PATH file in its authors' own name (MoCo v3 'vit_small', MAE
+    # 'vit_base_patch16', DINO 'vit_small'), for what the file does not declare itself; it
+    # must agree with what the file does declare. Refused with tags (they fix their own).
+    arch: str | None = None
 
 
 @dataclass(frozen=True)

@@ -114,11 +114,15 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefixes: Iterable[str]) -> dict[s
 @dataclass
 class Checkpoint:
     """A safely read weights file with every tensor under one dotted name: containers are
-    flattened, so ``{"teacher": {"backbone.x": t}}`` holds ``teacher.backbone.x``."""
+    flattened, so ``{"teacher": {"backbone.x": t}}`` holds ``teacher.backbone.x``. ``meta``
+    keeps what the file says about itself beside the tensors: top-level plain values (MoCo
+    v3's ``"arch": "vit_small"``) and pickled argparse Namespaces as dicts of their plain
+    values (DINO's and MAE's ``args``)."""
 
     path: Path
     flat: dict[str, torch.Tensor]
     top: list[str] = field(default_factory=list)
+    meta: dict[str, object] = field(default_factory=dict)
 
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under ``prefix`` (e.g. 'state_dict.module.'), with it removed."""
@@ -145,6 +149,20 @@ def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor]) -> None:
             _flatten(v, name + ".", out)
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _meta(obj: Mapping) -> dict[str, object]:
+    """Top-level plain values, and Namespaces as dicts of their plain values."""
+    out: dict[str, object] = {}
+    for k, v in obj.items():
+        if isinstance(v, argparse.Namespace):
+            out[str(k)] = {a: x for a, x in vars(v).items() if isinstance(x, _PLAIN)}
+        elif isinstance(v, _PLAIN):
+            out[str(k)] = v
+    return out
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Read any weights file safely into a :class:`Checkpoint`."""
     obj = load_object(path)
@@ -154,7 +172,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     _flatten(obj, "", flat)
     if not flat:
         raise UserError(f"{path} holds no tensors (top-level keys: {list(obj)[:8]})")
-    return Checkpoint(Path(path), flat, [str(k) for k in obj])
+    return Checkpoint(Path(path), flat, [str(k) for k in obj], _meta(obj))
 
 
 def summarise_keys(keys: Iterable[str], limit: int = 16) -> list[str]:

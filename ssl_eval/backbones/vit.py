@@ -3,23 +3,27 @@ model that matches, resampling position embeddings, and the strict load.
 
 The official DINO, MoCo v3, MAE and DINOv2 ViTs all use timm's ``VisionTransformer`` key names
 (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.{norm1,attn.qkv,attn.proj,
-norm2,mlp.fc1,mlp.fc2}``, ``norm``); the families differ in containers, prefixes, extra keys
-and head counts, which each family file handles before calling :func:`load_vit`.
+norm2,mlp.fc1,mlp.fc2}``, ``norm``); the families differ in containers, prefixes, extra keys,
+head counts (:class:`ViTArch`, chosen as ``architecture.py`` says) and in how they resize a
+position embedding (:class:`PosEmbedResize`), which each family passes to :func:`load_vit`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from .checkpoints import strict_load, uninitialised
 
-# Heads per width in the original ViT/DeiT sizes; MoCo v3's ViT-S is the exception (12).
+# Heads per width in the original ViT/DeiT sizes (timm's definitions). Each family has its own
+# table (MoCo v3's ViT-S has 12 heads); this one stands for "a DeiT/timm ViT of that width".
 HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
 
 
@@ -49,18 +53,39 @@ def vit_shape(sd: dict[str, torch.Tensor], mlp_key: str = "mlp.fc1.weight") -> V
     return ViTShape(embed, len(block_indices(sd)), patch, hidden, regs)
 
 
-def vit_kwargs(shape: ViTShape, heads: dict[int, int] = HEADS) -> dict:
-    """timm keyword arguments for a ViT of this shape (heads from the family's table)."""
-    if shape.embed_dim not in heads:
-        raise UserError(
-            f"cannot tell the head count of a ViT {shape.embed_dim} wide; use a tagged backbone"
-        )
-    return {
-        "embed_dim": shape.embed_dim, "depth": shape.depth, "patch_size": shape.patch,
-        "num_heads": heads[shape.embed_dim],
-        # timm computes int(dim * ratio): a half step above keeps that exact
-        "mlp_ratio": (shape.mlp_hidden + 0.5) / shape.embed_dim,
-    }
+@dataclass(frozen=True)
+class ViTArch:
+    """A plain ViT as its authors' code defines it, created as timm model ``timm`` (whose
+    class and defaults: qkv bias, LayerNorm eps 1e-6, class token) with these dimensions.
+    ``None`` leaves a dimension to the file's keys (DINO's ``vit_small`` takes any patch
+    size); ``mlp_hidden`` None is timm's ratio 4."""
+
+    timm: str
+    width: int
+    heads: int
+    depth: int | None = None
+    patch: int | None = None
+    mlp_hidden: int | None = None
+    where: str = field(default="", compare=False)  # e.g. "moco-v3 vits.py vit_small"
+
+    def filled(self, shape: ViTShape) -> ViTArch:
+        """Dimensions left open taken from the file's keys."""
+        return replace(self, depth=self.depth or shape.depth, patch=self.patch or shape.patch)
+
+    def kwargs(self) -> dict:
+        kw = {"embed_dim": self.width, "num_heads": self.heads}
+        if self.depth is not None:
+            kw["depth"] = self.depth
+        if self.patch is not None:
+            kw["patch_size"] = self.patch
+        if self.mlp_hidden is not None:  # timm computes int(dim * ratio): a half step above
+            kw["mlp_ratio"] = (self.mlp_hidden + 0.5) / self.width
+        return kw
+
+
+def from_shape(shape: ViTShape, heads: int, where: str, timm: str = "vit_base_patch16_224") -> ViTArch:
+    """The ViT the keys show (depth, width, patch, MLP), with the family's head count."""
+    return ViTArch(timm, shape.embed_dim, heads, shape.depth, shape.patch, shape.mlp_hidden, where)
 
 
 def create_timm(arch: str, img_size: int | None = None, **kw) -> nn.Module:
@@ -75,24 +100,112 @@ def create_timm(arch: str, img_size: int | None = None, **kw) -> nn.Module:
 
 
 
-def resample_pos_embed(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Resize a checkpoint's absolute position embedding to the model's patch grid
-    (e.g. DINOv2's 518-pixel 37x37 grid to 224 pixels' 16x16)."""
-    from timm.layers import resample_abs_pos_embed
+# ---------------------------------------------------------------- position embeddings
+#
+# Each family resizes an absolute position embedding to another patch grid the way its own
+# code does at evaluation time; the recipes differ enough to change features (antialiasing
+# when shrinking DINOv2's 37x37 grid to 16x16 changes them at the 1e-1 level).
 
+
+@dataclass(frozen=True)
+class PosEmbedResize:
+    """How a family's code maps a position table of ``old`` x ``old`` patches to ``new``:
+    ``resize(tokens (1, old*old, D), old, new) -> (1, new_h*new_w, D)``."""
+
+    how: str
+    resize: Callable[[torch.Tensor, int, tuple[int, int]], torch.Tensor]
+
+
+def _grid(tokens: torch.Tensor, old: int) -> torch.Tensor:
+    return tokens.reshape(1, old, old, tokens.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _tokens(grid: torch.Tensor) -> torch.Tensor:
+    return grid.permute(0, 2, 3, 1).reshape(1, -1, grid.shape[1])
+
+
+def bicubic_with_offset(offset: float, who: str) -> PosEmbedResize:
+    """DINO's and DINOv2's ``interpolate_pos_encoding``: bicubic by a scale factor of
+    (new + offset) / old per side (their work-around for a floating-point rounding of the
+    output size), no antialiasing, float32."""
+
+    def resize(tokens: torch.Tensor, old: int, new: tuple[int, int]) -> torch.Tensor:
+        scale = (float(new[0] + offset) / old, float(new[1] + offset) / old)
+        out = F.interpolate(_grid(tokens.float(), old), scale_factor=scale, mode="bicubic",
+                            antialias=False)
+        if tuple(out.shape[-2:]) != tuple(new):
+            raise UserError(f"resizing the position embedding {old}x{old} -> {new} gave {out.shape[-2:]}")
+        return _tokens(out)
+
+    return PosEmbedResize(
+        f"bicubic, scale factor (new + {offset}) / old, no antialiasing ({who})", resize)
+
+
+def bicubic_to_size(who: str) -> PosEmbedResize:
+    """MAE's ``interpolate_pos_embed`` (from DeiT): bicubic to the new size,
+    align_corners=False, no antialiasing, at load time."""
+
+    def resize(tokens: torch.Tensor, old: int, new: tuple[int, int]) -> torch.Tensor:
+        out = F.interpolate(_grid(tokens.float(), old), size=tuple(new), mode="bicubic",
+                            align_corners=False)
+        return _tokens(out)
+
+    return PosEmbedResize(f"bicubic to the new size, align_corners=False, no antialiasing ({who})", resize)
+
+
+def mocov3_sincos(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's fixed 2-D sin-cos table for a ``grid`` x ``grid`` patch grid, (1, grid*grid,
+    dim), class-token row excluded (vits.py ``build_2d_sincos_position_embedding``): per
+    token, sin and cos of its first grid coordinate times the frequencies, then of the
+    second; frequencies 1 / temperature^(k / (dim/4))."""
+    if dim % 4:
+        raise UserError(f"MoCo v3's sin-cos position table needs a width divisible by 4, not {dim}")
+    coords = torch.arange(grid, dtype=torch.float32)
+    first, second = torch.meshgrid(coords, coords, indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    a = first.flatten()[:, None] * omega[None, :]
+    b = second.flatten()[:, None] * omega[None, :]
+    return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1)[None]
+
+
+def _rebuild_sincos(tokens: torch.Tensor, old: int, new: tuple[int, int]) -> torch.Tensor:
+    dim = tokens.shape[-1]
+    if new[0] != new[1]:
+        raise UserError(f"MoCo v3's sin-cos position table is built for square grids, not {new}")
+    diff = (tokens.float() - mocov3_sincos(old, dim)).abs().max().item()
+    if diff > 1e-4:
+        raise UserError(
+            f"MoCo v3 rebuilds its fixed sin-cos position embedding for another input size, but "
+            f"this file's pos_embed is not that table (max difference {diff:.3g}); evaluate it at "
+            "the size it was saved for (--image-size)")
+    return mocov3_sincos(new[0], dim)
+
+
+MOCOV3_SINCOS = PosEmbedResize(
+    "fixed 2-D sin-cos table rebuilt for the new grid (MoCo v3 vits.py)", _rebuild_sincos)
+
+
+def resize_pos_embed(
+    sd: dict[str, torch.Tensor], model: nn.Module, rule: PosEmbedResize
+) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The checkpoint with its position embedding fitted to the model's patch grid by the
+    family's ``rule``, and what was done (None when the model has no absolute table)."""
     pe, own = sd.get("pos_embed"), getattr(model, "pos_embed", None)
-    if pe is None or own is None or pe.shape == own.shape:
-        return sd
+    if pe is None or own is None or pe.ndim != 3 or pe.shape[-1] != own.shape[-1]:
+        return sd, None  # no table, or another width: the strict load names the mismatch
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
     old = math.isqrt(pe.shape[1] - prefix)
     if old * old != pe.shape[1] - prefix:
         raise UserError(f"position embedding of {pe.shape[1]} tokens is not a square grid")
+    new = tuple(int(g) for g in model.patch_embed.grid_size)
+    info = {"file_grid": [old, old], "model_grid": list(new)}
+    if pe.shape[1] == own.shape[1]:
+        return sd, {**info, "resized": False}
+    patch = rule.resize(pe[:, prefix:], old, new).to(pe.dtype)
     out = dict(sd)
-    out["pos_embed"] = resample_abs_pos_embed(
-        pe, new_size=list(model.patch_embed.grid_size), old_size=[old, old],
-        num_prefix_tokens=prefix, interpolation="bicubic", antialias=True, verbose=False,
-    )
-    return out
+    out["pos_embed"] = torch.cat([pe[:, :prefix], patch], dim=1)
+    return out, {**info, "resized": rule.how}
 
 
 def split_keys(sd: dict[str, torch.Tensor], *patterns: str) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -102,6 +215,11 @@ def split_keys(sd: dict[str, torch.Tensor], *patterns: str) -> tuple[dict[str, t
     return {k: v for k, v in sd.items() if k not in set(dropped)}, dropped
 
 
-def load_vit(model: nn.Module, sd: dict[str, torch.Tensor], fmt: str) -> dict:
-    """Strict load of a timm-named state dict (position embedding resampled when needed)."""
-    return strict_load(model, resample_pos_embed(sd, model), fmt=fmt)
+def load_vit(model: nn.Module, sd: dict[str, torch.Tensor], fmt: str, rule: PosEmbedResize) -> dict:
+    """Strict load of a timm-named state dict, the position embedding fitted to the model's
+    grid by the family's own ``rule``; the report says whether and how it was resized."""
+    sd, pos = resize_pos_embed(sd, model, rule)
+    report = strict_load(model, sd, fmt=fmt)
+    if pos is not None:
+        report["pos_embed"] = pos
+    return report

@@ -9,6 +9,7 @@ from torch import nn
 
 from ...data.transforms import Preprocessing
 from ...errors import UserError
+from ..architecture import describe
 from ..base import Backbone, BackboneSpec, BuildOptions, WeightsInfo, state_dict_sha256
 from ..checkpoints import read_state_dict, strict_load
 from ..registry import BACKBONES
@@ -28,12 +29,15 @@ class Pixels(nn.Module):
 def _pixels(opt: BuildOptions) -> Backbone:
     if opt.weights is not None:
         raise UserError("backbone 'pixels' has no weights; drop --weights")
+    if opt.arch:
+        raise UserError(f"--arch {opt.arch} applies to ckpt:PATH; 'pixels' has no architecture")
     pre = Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     if opt.image_size:
         pre = pre.with_size(opt.image_size)
+    report = {"format": "none", "architecture": {"type": "pixels", "parameters": 0, "from": "pixels"}}
     return Backbone(
         "pixels", Pixels(), pre, opt.feature_kind or "model",
-        WeightsInfo("none", "none"), {"format": "none"}, "raw pixels",
+        WeightsInfo("none", "none"), report, "raw pixels",
     )
 
 
@@ -97,6 +101,8 @@ def timm_backbone(
     description: str = "",
     **create_kw,
 ) -> Backbone:
+    if opt.arch:
+        raise UserError(f"--arch {opt.arch} applies to ckpt:PATH; {tag} names its architecture")
     if random_init:
         if opt.weights is not None:
             raise UserError(f"{tag} is randomly initialised; drop --weights or use timm:{arch}")
@@ -114,6 +120,7 @@ def timm_backbone(
         path = source.resolve(opt.weights, opt.offline)
         report = load_timm_weights(model, path)
         weights = WeightsInfo("file", sha256_file(path), str(path))
+    report["architecture"] = {**describe(model), "from": f"timm's {arch}"}
     return Backbone(tag, model, pre, opt.feature_kind or feature_kind, weights, report, description)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..architecture import ArchTable
 from ..checkpoints import Checkpoint, strict_load, uninitialised
 from ..weights import WeightsSource
 
@@ -28,6 +29,9 @@ _PREFIXES = ("state_dict.module.", "state_dict.", "module.", "", "model.")
 _URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
 _FILES = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th",
           44: "resnet44-014dd654.th", 56: "resnet56-4bfd9763.th"}
+# the repository's resnet.py names; tags give the depth
+ARCHS = ArchTable("cifar_resnet", {f"resnet{d}": d for d in (20, 32, 44, 56, 110, 1202)},
+                  aliases={str(d): f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)})
 
 
 class BasicBlock(nn.Module):
@@ -95,13 +99,15 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         raise UserError(f"{ckpt.path.name} holds no CIFAR ResNet (conv1, layer1-3, no layer4)")
     sd = ckpt.section(prefix)
     n = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layer1\.(\d+)\.", k)))
-    depth = int(variant) if variant else 6 * n + 2
+    pick = ARCHS.choose(ckpt.path.name, variant=variant, flag=opt.arch)
+    depth = pick.spec if pick else 6 * n + 2
     model = uninitialised(lambda: CifarResNetOptionA(depth))
     report = strict_load(model, sd, droppable=(r"^linear\.",), fmt="cifar-resnet")
     return Loaded(
         model, finish_report(report, f"cifar resnet-{depth} ({prefix.rstrip('.') or 'flat'})",
                               prefix=prefix),
         CIFAR_EVAL, "model", f"CIFAR ResNet-{depth}, 64-d average pool",
+        f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (blocks per stage)",
     )
 
 

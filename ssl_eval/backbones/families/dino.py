@@ -7,7 +7,10 @@ checkpoints (``checkpoint.pth``) are ``{"student", "teacher", "optimizer", "epoc
 the teacher only when it has BatchNorm (ResNets), and both carry the projection ``head.*``.
 DINO evaluates the teacher, as its eval scripts' default ``--checkpoint_key teacher`` does,
 so that is what is kept; the student, the head and the optimiser state are reported dropped.
-(``args`` is an argparse Namespace, which the safe loader allows as plain data.)
+(``args`` is an argparse Namespace, which the safe loader allows as plain data; its ``arch`` and
+``patch_size`` are the architecture built, and the file must match them. A hub file declares
+nothing: its shapes, and the heads of DINO's ViT of that width.) Position embeddings are resized
+as DINO's ``interpolate_pos_encoding`` does: bicubic, scale factor (new + 0.1) / old.
 
 Features: the class token after the final norm (DINO's k-NN evaluation; its linear probe
 concatenates the last 4 blocks' class tokens for ViT-S, ``--feature-kind last:4`` is close),
@@ -17,12 +20,23 @@ bicubic, centre crop 224, ImageNet mean/std.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..architecture import ArchTable, Pick, agree
 from ..checkpoints import Checkpoint
-from ..resnet import PREFIXES, RESNET50, find_torchvision_resnet, is_torchvision_resnet, load_resnet
-from ..vit import create_timm, load_vit, vit_kwargs, vit_shape
+from ..resnet import (
+    PREFIXES,
+    RESNET50,
+    RESNET101,
+    RESNET152,
+    find_torchvision_resnet,
+    is_torchvision_resnet,
+    load_resnet,
+)
+from ..vit import ViTArch, bicubic_with_offset, create_timm, from_shape, load_vit, vit_shape
 from ..weights import WeightsSource
 
 DINO_EVAL = Preprocessing(
@@ -31,6 +45,25 @@ DINO_EVAL = Preprocessing(
 _TRAIN_ROOTS = ("teacher.backbone.", "teacher.module.backbone.",
                 "student.module.backbone.", "student.backbone.")
 _URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
+# vision_transformer.py: 12 blocks, patch size an argument (main_dino.py --patch_size);
+# main_dino.py's deit_* come from DeiT's hub (timm's DeiTs, patch 16); torchvision ResNets.
+_VITS = {
+    "vit_tiny": ViTArch("vit_tiny_patch16_224", 192, 3, 12, where="dino vision_transformer.py vit_tiny"),
+    "vit_small": ViTArch("vit_small_patch16_224", 384, 6, 12, where="dino vision_transformer.py vit_small"),
+    "vit_base": ViTArch("vit_base_patch16_224", 768, 12, 12, where="dino vision_transformer.py vit_base"),
+    "deit_tiny": ViTArch("vit_tiny_patch16_224", 192, 3, 12, 16, where="DeiT deit_tiny_patch16_224"),
+    "deit_small": ViTArch("vit_small_patch16_224", 384, 6, 12, 16, where="DeiT deit_small_patch16_224"),
+}
+_TAG_VITS = {f"vit_{size}_patch{p}_224": replace(_VITS[f"vit_{size}"], patch=p)
+             for size in ("small", "base") for p in (16, 8)}
+ARCHS = ArchTable(
+    "dino", {**_VITS, "resnet50": RESNET50, "resnet101": RESNET101, "resnet152": RESNET152},
+    aliases=_TAG_VITS,
+    refused={n: "DINO's XCiT backbones are not supported" for n in (
+        "xcit", "xcit_small_12_p16", "xcit_small_12_p8", "xcit_medium_24_p16", "xcit_medium_24_p8")},
+)
+_BY_WIDTH = {spec.width: spec for name, spec in _VITS.items() if name.startswith("vit_")}
+POS_EMBED = bicubic_with_offset(0.1, "DINO vision_transformer.py interpolate_pos_encoding")
 
 
 def _backbone_prefix(ckpt: Checkpoint) -> str | None:
@@ -53,29 +86,64 @@ def _detect(ckpt: Checkpoint) -> bool:
     return _is_dino_vit(ckpt, "")
 
 
+def _choose(ckpt: Checkpoint, variant: str | None, opt) -> Pick | None:
+    """The tag, the file's args (arch and patch_size, in training checkpoints) and --arch."""
+    file, picks = ckpt.path.name, []
+    if variant:
+        picks.append(ARCHS.pick(variant, "the tag", file))
+    args = ckpt.meta.get("args")
+    if isinstance(args, dict) and isinstance(args.get("arch"), str):
+        p = ARCHS.pick(args["arch"], "the file's args.arch", file)
+        patch = args.get("patch_size")
+        if isinstance(p.spec, ViTArch) and p.spec.patch is None and isinstance(patch, int):
+            p = Pick(replace(p.spec, patch=patch), f"{p.name}, patch {patch}", "the file's args")
+        picks.append(p)
+    if opt.arch:
+        picks.append(ARCHS.pick(opt.arch, "--arch", file))
+    return agree(file, picks)
+
+
 def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     prefix = _backbone_prefix(ckpt)
     if prefix is None:
         prefix = "" if _is_dino_vit(ckpt, "") else find_torchvision_resnet(ckpt, PREFIXES)
     if prefix is None:
         raise UserError(f"{ckpt.path.name} holds neither a DINO ViT nor a ResNet-50 backbone")
+    file = ckpt.path.name
     sd = ckpt.section(prefix)
     others = [k for k in ckpt.flat if not k.startswith(prefix)]  # head, student, optimiser
     is_vit = "cls_token" in sd
-    if variant and is_vit != (variant != "resnet50"):
+    pick = _choose(ckpt, variant, opt)
+    if pick is not None and is_vit != isinstance(pick.spec, ViTArch):
         held = "a ViT" if is_vit else "a ResNet"
-        raise UserError(f"{ckpt.path.name} holds {held}, not the {variant} this tag expects")
+        if pick.source == "the tag":
+            raise UserError(f"{file} holds {held}, not the {variant} this tag expects")
+        raise UserError(f"{file} holds {held}, but {pick.source} says {pick.name!r}")
     if is_vit:
-        arch, kw = (variant, {}) if variant else ("vit_base_patch16_224", vit_kwargs(vit_shape(sd)))
-        model = create_timm(arch, opt.image_size or 224, **kw)
-        report = load_vit(model, sd, "dino")
+        shape = vit_shape(sd)
+        if pick is None:  # a hub file: the shapes, and the heads of DINO's ViT that wide
+            known = _BY_WIDTH.get(shape.embed_dim)
+            if known is None:
+                raise UserError(
+                    f"{file}: no DINO ViT is {shape.embed_dim} wide (vision_transformer.py: vit_tiny "
+                    "192, vit_small 384, vit_base 768); if it is timm's copy of an MAE ViT, pass "
+                    "--family mae")
+            spec = from_shape(shape, known.heads, known.where, known.timm)
+            arch_from = (f"the tensor shapes, and the {known.heads} heads of DINO's only "
+                         f"{shape.embed_dim}-wide ViT ({known.where})")
+        else:
+            spec = pick.spec.filled(shape)  # a patch size not declared is the file's
+            arch_from = f"{pick.source}: {pick.name!r} ({pick.spec.where})"
+        model = create_timm(spec.timm, opt.image_size or 224, **spec.kwargs())
+        report = load_vit(model, sd, "dino", POS_EMBED)
         kind, what = "cls", f"DINO ViT ({model.embed_dim}-d class token)"
     else:
-        model, report = load_resnet(sd, "dino", RESNET50 if variant else None)
+        model, report = load_resnet(sd, "dino", pick.spec if pick else None)
         kind, what = "model", f"DINO ResNet ({model.num_features}-d average pool)"
+        arch_from = f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (torchvision layout)"
     where = prefix.rstrip(".") or "flat"
     return Loaded(model, finish_report(report, f"dino ({where})", others, prefix),
-                  DINO_EVAL, kind, what)
+                  DINO_EVAL, kind, what, arch_from)
 
 
 register_family(Family(

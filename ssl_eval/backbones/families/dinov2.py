@@ -14,7 +14,11 @@ start with Identity modules), so un-chunking just drops the chunk number.
 
 Conversion to timm (written here): register models become timm's ``reg_token`` with
 ``no_embed_class`` (the class token's position embedding is folded into ``cls_token``);
-``w12``/``w3`` become ``fc1``/``fc2``. Evaluation as DINOv2's: resize 256 bicubic, centre crop
+``w12``/``w3`` become ``fc1``/``fc2``. The 37x37 position table is resized to the
+evaluation grid exactly as DINOv2's ``interpolate_pos_encoding`` does with the hub models'
+settings (bicubic, scale factor (new + 0.1) / old, no antialiasing). The head count is
+DINOv2's for the width (the files declare no architecture; ``--arch vit_small`` ... fixes one,
+depth included). Evaluation as DINOv2's: resize 256 bicubic, centre crop
 224, ImageNet mean/std; feature: the class token after the final norm (k-NN protocol;
 ``--feature-kind last:4`` gives the linear protocol's concatenation).
 """
@@ -28,16 +32,27 @@ import torch
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..architecture import ArchTable
 from ..checkpoints import Checkpoint
 from ..registry import BACKBONES
-from ..vit import create_timm, load_vit, split_keys, vit_shape
+from ..vit import bicubic_with_offset, create_timm, load_vit, split_keys, vit_shape
 from ..weights import WeightsSource
 
 DINOV2_EVAL = Preprocessing(
     resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic"
 )
 _SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
-_WIDTHS = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
+# dinov2/models/vision_transformer.py: (width, heads, depth); vit_giant2 has the SwiGLU MLP.
+# timm's vit_*_patch14[_reg4]_dinov2 are these (layer scale, registers, SwiGLU included).
+_OWN = {"vit_small": (384, 6, 12), "vit_base": (768, 12, 12), "vit_large": (1024, 16, 24),
+        "vit_giant2": (1536, 24, 40)}
+_TIMM_SIZE = {"vit_small": "small", "vit_base": "base", "vit_large": "large", "vit_giant2": "giant"}
+ARCHS = ArchTable("dinov2", _OWN, aliases={
+    f"vit_{size}_patch14_{reg}dinov2": own for own, size in _TIMM_SIZE.items() for reg in ("", "reg4_")})
+_BY_WIDTH = {width: name for name, (width, _, _) in _OWN.items()}
+# The hub models' settings (hub/backbones.py): interpolate_offset 0.1, interpolate_antialias False
+POS_EMBED = bicubic_with_offset(0.1, "DINOv2 vision_transformer.py interpolate_pos_encoding, "
+                                     "the hub's interpolate_offset=0.1, interpolate_antialias=False")
 _ROOTS = ("teacher.backbone.", "model.teacher.backbone.", "teacher.module.backbone.",
           "student.backbone.", "model.student.backbone.")
 _URL = "https://dl.fbaipublicfiles.com/dinov2/{n}/{n}{r}_pretrain.pth"
@@ -77,20 +92,31 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     others = [k for k in ckpt.flat if not k.startswith(prefix)]  # heads, student, optimiser
     sd = to_timm(sd)
     shape = vit_shape(sd)
-    kw: dict = {}
-    if variant is None:
-        if shape.embed_dim not in _WIDTHS:
-            raise UserError(f"no DINOv2 ViT is {shape.embed_dim} wide (384, 768, 1024, 1536)")
-        reg = "reg4_" if shape.registers else ""
-        variant = f"vit_{_WIDTHS[shape.embed_dim]}_patch14_{reg}dinov2"
+    file = ckpt.path.name
+    pick = ARCHS.choose(file, variant=variant, flag=opt.arch)
+    if pick is None:  # nothing declared: the shapes, and the heads of DINOv2's ViT that wide
+        if shape.embed_dim not in _BY_WIDTH:
+            raise UserError(f"{file}: no DINOv2 ViT is {shape.embed_dim} wide (vit_small 384, "
+                            "vit_base 768, vit_large 1024, vit_giant2 1536)")
+        name = _BY_WIDTH[shape.embed_dim]
         kw = {"depth": shape.depth, "patch_size": shape.patch}
-    model = create_timm(variant, opt.image_size or 224, **kw)
-    report = load_vit(model, sd, "dinov2")
+        arch_from = (f"the tensor shapes, and the {_OWN[name][1]} heads of DINOv2's only "
+                     f"{shape.embed_dim}-wide ViT (dinov2 vision_transformer.py {name})")
+    else:
+        name, kw = pick.name, {}
+        arch_from = f"{pick.source}: {pick.name!r} (dinov2 vision_transformer.py {pick.name})"
+    if variant is None:  # the registers the file holds (the released ones have 4)
+        kw["patch_size"] = shape.patch
+        if shape.registers:
+            kw["reg_tokens"] = shape.registers
+    arch = variant or f"vit_{_TIMM_SIZE[name]}_patch14_{'reg4_' if shape.registers else ''}dinov2"
+    model = create_timm(arch, opt.image_size or 224, **kw)
+    report = load_vit(model, sd, "dinov2", POS_EMBED)
     chunked = any(_CHUNKED.match(k) for k in ckpt.section(prefix))
     fmt = f"dinov2 ({prefix.rstrip('.') or 'flat'}{', chunked blocks' if chunked else ''})"
     return Loaded(
         model, finish_report(report, fmt, others + [prefix + k for k in dropped], prefix),
-        DINOV2_EVAL, "cls", f"DINOv2 ViT ({model.embed_dim}-d class token)",
+        DINOV2_EVAL, "cls", f"DINOv2 ViT ({model.embed_dim}-d class token)", arch_from,
     )
 
 

@@ -26,6 +26,7 @@ import torch
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..architecture import ArchTable
 from ..checkpoints import Checkpoint, strict_load
 from ..vit import create_timm, split_keys, vit_shape
 from ..weights import WeightsSource
@@ -48,6 +49,21 @@ _CNX_RENAMES = ((r"^downsample_layers\.0\.", "stem."),
                 (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
                 (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."), (r"\.dwconv\.", ".conv_dw."),
                 (r"\.pwconv(\d)\.", r".mlp.fc\1."), (r"^norm\.", "head.norm."))
+# (tag, timm architecture, the hub's name, file hash, what)
+_RELEASES = (
+    ("dinov3_vits16", "vit_small_patch16_dinov3", "dinov3_vits16", "08c60483", "ViT-S/16"),
+    ("dinov3_vitsp16", "vit_small_plus_patch16_dinov3", "dinov3_vits16plus", "4057cbaa", "ViT-S+/16"),
+    ("dinov3_vitb16", "vit_base_patch16_dinov3", "dinov3_vitb16", "73cec8be", "ViT-B/16"),
+    ("dinov3_vitl16", "vit_large_patch16_dinov3", "dinov3_vitl16", "8aa4cbdd", "ViT-L/16"),
+    ("dinov3_vith16p", "vit_huge_plus_patch16_dinov3", "dinov3_vith16plus", "7c1da9a5", "ViT-H+/16"),
+    ("dinov3_convnext_tiny", "convnext_tiny", "dinov3_convnext_tiny", "21b726bb", "ConvNeXt-T"),
+    ("dinov3_convnext_small", "convnext_small", "dinov3_convnext_small", "296db49d", "ConvNeXt-S"),
+    ("dinov3_convnext_base", "convnext_base", "dinov3_convnext_base", "801f2ba9", "ConvNeXt-B"),
+    ("dinov3_convnext_large", "convnext_large", "dinov3_convnext_large", "61fa432d", "ConvNeXt-L"),
+)
+# --arch takes the hub's names (hub/backbones.py dinov3_vits16 ...); tags give timm's
+ARCHS = ArchTable("dinov3", {official: arch for _, arch, official, _, _ in _RELEASES},
+                  aliases={arch: official for _, arch, official, _, _ in _RELEASES})
 _BASE = "https://dl.fbaipublicfiles.com/dinov3/{0}/{0}_pretrain_lvd1689m-{1}.pth"
 _HOW = ("Meta hands out DINOv3 weights after a request form (github.com/facebookresearch/dinov3); "
         "timm's Hugging Face copy works too")
@@ -112,6 +128,11 @@ def _build_convnext(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
 
 
 def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
+    pick = ARCHS.choose(ckpt.path.name, variant=variant, flag=opt.arch)
+    variant = pick.spec if pick else None
+    arch_from = (f"{pick.source}: {pick.name!r}" if pick else
+                 "the tensor shapes, and DINOv3's only architecture of that width and MLP (ViT) "
+                 "or stem width and depth (ConvNeXt)")
     convnext = variant.startswith("convnext") if variant else _is_convnext(ckpt)
     if convnext:
         model, report, dropped, kind, what = _build_convnext(ckpt, variant, opt)
@@ -119,7 +140,8 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         model, report, dropped, kind, what = _build_vit(ckpt, variant, opt)
     else:
         raise UserError(f"{ckpt.path.name} holds neither a DINOv3 ViT nor a DINOv3 ConvNeXt")
-    return Loaded(model, finish_report(report, report["format"], dropped), DINOV3_EVAL, kind, what)
+    return Loaded(model, finish_report(report, report["format"], dropped), DINOV3_EVAL, kind, what,
+                  arch_from)
 
 
 register_family(Family(
@@ -127,17 +149,7 @@ register_family(Family(
     "DINOv3 ViTs (storage_tokens, RoPE) and ConvNeXts (downsample_layers, no head)",
 ))
 
-for _tag, _arch, _official, _hash, _desc in (
-    ("dinov3_vits16", "vit_small_patch16_dinov3", "dinov3_vits16", "08c60483", "ViT-S/16"),
-    ("dinov3_vitsp16", "vit_small_plus_patch16_dinov3", "dinov3_vits16plus", "4057cbaa", "ViT-S+/16"),
-    ("dinov3_vitb16", "vit_base_patch16_dinov3", "dinov3_vitb16", "73cec8be", "ViT-B/16"),
-    ("dinov3_vitl16", "vit_large_patch16_dinov3", "dinov3_vitl16", "8aa4cbdd", "ViT-L/16"),
-    ("dinov3_vith16p", "vit_huge_plus_patch16_dinov3", "dinov3_vith16plus", "7c1da9a5", "ViT-H+/16"),
-    ("dinov3_convnext_tiny", "convnext_tiny", "dinov3_convnext_tiny", "21b726bb", "ConvNeXt-T"),
-    ("dinov3_convnext_small", "convnext_small", "dinov3_convnext_small", "296db49d", "ConvNeXt-S"),
-    ("dinov3_convnext_base", "convnext_base", "dinov3_convnext_base", "801f2ba9", "ConvNeXt-B"),
-    ("dinov3_convnext_large", "convnext_large", "dinov3_convnext_large", "61fa432d", "ConvNeXt-L"),
-):
+for _tag, _arch, _official, _hash, _desc in _RELEASES:
     _url = _BASE.format(_official, _hash)
     _vit = _arch.startswith("vit")
     _timm = f"{_arch}_qkvb.lvd1689m" if _vit else f"{_arch}.dinov3_lvd1689m"

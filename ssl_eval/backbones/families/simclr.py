@@ -28,12 +28,15 @@ import torch
 from ...data.transforms import Preprocessing
 from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..architecture import ArchTable
 from ..checkpoints import Checkpoint
 from ..resnet import RESNET50, RESNET50_2X, RESNET50_4X, find_torchvision_resnet, load_resnet
 from ..weights import WeightsSource
 
 SIMCLR_EVAL = Preprocessing(resize=256, crop=224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 VARIANTS = {"r50x1": RESNET50, "r50x2": RESNET50_2X, "r50x4": RESNET50_4X}
+# SimCLR's own names are resnet_depth and width_multiplier; its v2 files say r50_1x_sk0 ...
+ARCHS = ArchTable("simclr", VARIANTS, aliases={f"r50_{w}x_sk0": f"r50x{w}" for w in (1, 2, 4)})
 _V2_RULES = (
     (r"^net\.0\.0\.", "conv1."),
     (r"^net\.0\.1\.0\.", "bn1."),
@@ -69,7 +72,8 @@ def v2_to_torchvision(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
-    expect = VARIANTS.get(variant) if variant else None
+    pick = ARCHS.choose(ckpt.path.name, variant=variant, flag=opt.arch)
+    expect = pick.spec if pick else None
     if ckpt.any_prefix("resnet.net.0."):
         sd = v2_to_torchvision(ckpt.section("resnet."))
         others = [k for k in ckpt.flat if not k.startswith("resnet.")]
@@ -84,6 +88,7 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     return Loaded(
         model, finish_report(report, fmt, others, prefix), SIMCLR_EVAL, "model",
         f"SimCLR ResNet-50 x{model.num_features // 2048} ({model.num_features}-d average pool)",
+        f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (torchvision layout)",
     )
 
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
+from ..architecture import ArchTable
 from ..checkpoints import Checkpoint
-from ..resnet import RESNET50, find_torchvision_resnet, load_resnet
+from ..resnet import RESNET50, RESNET101, RESNET152, find_torchvision_resnet, load_resnet
 from ..weights import WeightsSource
 
 V1_EVAL = Preprocessing(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 V2_EVAL = Preprocessing(resize=232, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 _TV = "https://download.pytorch.org/models/"
+ARCHS = ArchTable("supervised", {"resnet50": RESNET50, "resnet101": RESNET101, "resnet152": RESNET152})
 
 
 def _detect(ckpt: Checkpoint) -> bool:
@@ -30,8 +32,8 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     prefix = find_torchvision_resnet(ckpt)
     if prefix is None:
         raise UserError(f"{ckpt.path.name} holds no torchvision-layout ResNet (conv1 ... layer4, fc)")
-    model, report = load_resnet(ckpt.section(prefix), "torchvision-resnet",
-                                RESNET50 if variant == "resnet50" else None)
+    pick = ARCHS.choose(ckpt.path.name, variant=variant, flag=opt.arch)
+    model, report = load_resnet(ckpt.section(prefix), "torchvision-resnet", pick.spec if pick else None)
     report = finish_report(report, f"torchvision resnet ({prefix.rstrip('.') or 'flat'})",
                            prefix=prefix)
     if variant is None:  # read through ckpt:PATH: say what else looks like this
@@ -40,6 +42,7 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     return Loaded(
         model, report, V1_EVAL, "model",
         f"ResNet ({model.num_features}-d average pool), torchvision layout",
+        f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (torchvision layout)",
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from ...errors import UserError
 from ...fsutil import sha256_file
 from ..adapters import FolderReader, register_folder_reader
+from ..architecture import describe
 from ..archs import build_arch
 from ..base import Backbone, BuildOptions, WeightsInfo
 from ..checkpoints import strict_load
@@ -37,11 +38,16 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
     root = Path(path).expanduser()
     if not is_training_dir(root):
         raise UserError(f"{root} is not a training folder: expected {root / SIDECAR} (written by `ssl-eval train`)")
+    if opt.arch:
+        raise UserError(f"--arch {opt.arch}: {root} is an `ssl-eval train` folder, whose sidecar "
+                        "names its architecture; drop --arch")
     meta = read_sidecar(root)
     sd = read_weights(root)
     arch = meta["architecture"]
     model = build_arch(arch["name"], arch.get("kwargs") or {})
     report = strict_load(model, sd, fmt=FORMAT)
+    report["architecture"] = {**describe(model), "name": arch["name"], "kwargs": arch.get("kwargs") or {},
+                              "from": f"the training sidecar ({SIDECAR})"}
     model.eval()
     pre = sidecar_preprocessing(meta)
     if opt.image_size:
