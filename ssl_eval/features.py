@@ -9,9 +9,12 @@ device kind and the autocast precision (``cache_key``). It holds ``features.npy`
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from .data.transforms import Preprocessing
 from .errors import UserError
 from .fsutil import atomic_directory, atomic_write_json, preallocate, sha256_json
 from .provenance import autocast_dtype, library_versions, source_hash
-from .runtime import log
+from .runtime import log, warn
 
 FEATURE_FORMAT_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -117,9 +120,14 @@ def extract(
     key_obj = cache_key(backbone, bundle, split, dtype, device)
     key = sha256_json(key_obj)[:32]
     entry = Path(cache_dir) / "features" / key
-    if (entry / "meta.json").is_file():
-        log(f"reusing {backbone.tag} features for {bundle.name}/{split} ({entry})", "cache")
-        return _open(entry, key, hit=True)
+    if entry.exists():
+        try:
+            fs = _open(entry, key, hit=True, verify=True)
+            log(f"reusing {backbone.tag} features for {bundle.name}/{split} ({entry})", "cache")
+            return fs
+        except _Damaged as e:
+            warn(f"cache entry {entry} is damaged ({e}); discarding it and extracting again")
+            shutil.rmtree(entry, ignore_errors=True)
 
     t0 = time.perf_counter()
     images = _Images(bundle.split(split), backbone.preprocessing)
@@ -155,7 +163,9 @@ def extract(
         del out
         np.save(tmp / "labels.npy", np.asarray(images.split.labels, dtype=np.int64))
         seconds = time.perf_counter() - t0
-        atomic_write_json(tmp / "meta.json", {"key": key_obj, "n": n, "seconds": seconds})
+        sums = {f: file_checksum(tmp / f) for f in ("features.npy", "labels.npy")}
+        atomic_write_json(tmp / "meta.json", {"key": key_obj, "n": n, "seconds": seconds,
+                                              "checksum": CHECKSUM, "checksums": sums})
     log(f"wrote {backbone.tag} features for {bundle.name}/{split} in {seconds:.1f}s", "cache")
     fs = _open(entry, key, hit=False)
     fs.seconds = seconds
@@ -193,9 +203,39 @@ def _worker_errors(loader):
         yield batch
 
 
-def _open(entry: Path, key: str, hit: bool) -> FeatureSet:
-    feats = np.load(entry / "features.npy", mmap_mode="r")
-    labels = np.load(entry / "labels.npy")
+CHECKSUM = "crc32"  # detects damage (not tampering) at memory speed: see docs/reliability.md
+
+
+class _Damaged(Exception):
+    pass
+
+
+def file_checksum(path: Path, chunk: int = 1 << 22) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _open(entry: Path, key: str, hit: bool, verify: bool = False) -> FeatureSet:
+    """Open an entry; with ``verify``, every file is checked against the checksums its
+    meta.json holds, and anything missing, truncated or altered raises ``_Damaged``."""
+    try:
+        if verify:
+            meta = json.loads((entry / "meta.json").read_text())
+            sums = meta.get("checksums") if isinstance(meta, dict) else None
+            if not isinstance(sums, dict) or set(sums) != {"features.npy", "labels.npy"}:
+                raise _Damaged("no checksums in meta.json")
+            for f, want in sums.items():
+                if file_checksum(entry / f) != want:
+                    raise _Damaged(f"{f} does not match its checksum")
+        feats = np.load(entry / "features.npy", mmap_mode="r")
+        labels = np.load(entry / "labels.npy")
+        if feats.ndim != 2 or len(feats) != len(labels):
+            raise _Damaged("features and labels disagree in length")
+    except (OSError, ValueError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _Damaged(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     return FeatureSet(feats, labels, key, entry, hit)
 
 
