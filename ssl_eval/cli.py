@@ -48,7 +48,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         backbones=a.backbone, datasets=a.dataset or (DEFAULT_DATASET,), protocols=cards,
         results_dir=a.results_dir, cache_dir=a.cache_dir, weights=a.weights, data_root=a.data_root,
         download=a.download, device=a.device, batch_size=a.batch_size, seeds=a.seed,
-        image_size=a.image_size, feature_kind=a.feature_kind, family=a.family, feature_dtype=a.feature_dtype,
+        image_size=a.image_size, feature_kind=a.feature_kind, family=a.family, arch=a.arch, feature_dtype=a.feature_dtype,
         val_fraction=a.val_fraction, split_seed=a.split_seed, force=a.force, offline=a.offline,
         num_workers=a.num_workers, progress=not a.no_progress,
     )
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-size", type=int, help="evaluate at this resolution instead of the backbone's")
     r.add_argument("--feature-kind", help="override the backbone's feature kind (cls, avgpool, cls+avgpool, last:4, model)")
     r.add_argument("--family", help="checkpoint family for ckpt:PATH when detection should be overridden")
+    r.add_argument("--arch", help="architecture of a ckpt:PATH file in its authors' own name (MoCo v3 vit_small, "
+                   "MAE vit_base_patch16, DINO vit_small, solo-learn resnet18 ...), for what the file does not "
+                   "declare; must agree with what it does (refused with tags)")
     r.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
     r.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for selection")
     r.add_argument("--split-seed", type=int, default=0)

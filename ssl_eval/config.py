@@ -174,6 +174,7 @@ class RunConfig:
     image_size: int | None = None
     feature_kind: str | None = None
     family: str | None = None
+    arch: str | None = None
     feature_dtype: str = "float16"
     val_fraction: float = 0.1
     split_seed: int = 0

@@ -53,6 +53,7 @@ def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg:
         "weights": backbone.weights.sha256,
         "preprocessing": backbone.preprocessing.to_dict(),
         "feature_kind": backbone.feature_kind,
+        "architecture": _architecture(backbone),
         "feature_options": _feature_options(cfg),
         "dataset": bundle.name,
         "fingerprint": bundle.fingerprint,
@@ -65,6 +66,12 @@ def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg:
         "device": device.type,
         "autocast": autocast_dtype(device),
     })[:20]
+
+
+def _architecture(bb: Backbone) -> dict:
+    """The family and the architecture actually built (who pinned it is provenance)."""
+    arch = {k: v for k, v in (bb.load_report.get("architecture") or {}).items() if k != "from"}
+    return {"family": bb.load_report.get("family"), "architecture": arch}
 
 
 def _feature_options(cfg: RunConfig) -> dict:
@@ -147,7 +154,7 @@ def _preflight(bundle: DatasetBundle, cfg: RunConfig) -> None:
 
 
 def _build_options(cfg: RunConfig, seed: int) -> BuildOptions:
-    return BuildOptions(cfg.weights, cfg.image_size, cfg.feature_kind, cfg.offline, seed=seed, family=cfg.family)
+    return BuildOptions(cfg.weights, cfg.image_size, cfg.feature_kind, cfg.offline, seed=seed, family=cfg.family, arch=cfg.arch)
 
 
 def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> list[UnitOutcome]:

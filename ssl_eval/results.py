@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import secrets
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -198,3 +198,9 @@ def test_top5_is_not_reported_with_five_or_fewer_classes(tmp_path, capsys):
     recs = load_records(r)
     assert recs and not any(x.metric.startswith("top5") for x in recs)
     assert "top5_omitted" in recs[0].details and "top5=" not in capsys.readouterr().out
+
+
+def test_arch_flag_reaches_the_backbone_builder(tmp_path, capsys):
+    assert main(["run", "--backbone", "pixels", "--arch", "vit_small", "--dataset", "digits", "--protocol", "knn",
+                 "--results-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "--arch" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from ..data.transforms import Preprocessing
 from ..errors import UserError
 from ..fsutil import sha256_json
 from ..provenance import module_sources
+from .architecture import describe
 from .base import Backbone, BackboneSpec, BuildOptions, WeightsInfo, state_dict_sha256
 from .registry import BACKBONES
 
@@ -73,6 +74,8 @@ def _with_source(bb: Backbone, factory: Callable) -> Backbone:
     """A plugin's identity is its parameters AND its code: a parameter-free module whose
     ``forward`` changed must not serve the old features. The source files of the factory and
     of the model's classes are hashed into the weights' sha256 and listed in the load report."""
+    if "architecture" not in bb.load_report:
+        bb.load_report = {**bb.load_report, "architecture": {**describe(bb.model), "from": "plugin"}}
     if bb.weights.source != "plugin":  # the plugin named a weights file: that is its identity
         return bb
     sources = module_sources(factory, type(bb.model))
