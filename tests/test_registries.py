@@ -19,7 +19,7 @@ def _registries() -> list[Registry]:
     from ssl_eval.backbones.catalog import list_backbones
 
     list_backbones()  # load every family
-    return [o for o in gc.get_objects() if isinstance(o, Registry)]
+    return [o for o in gc.get_objects() if type(o) is Registry]
 
 
 def _list_choices() -> set[str]:
