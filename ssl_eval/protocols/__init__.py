@@ -1,6 +1,10 @@
-"""Evaluation protocols on frozen features (k-NN, linear probe)."""
+"""Evaluation protocols: one module per protocol type (k-NN, linear probe, few-shot, fine-tune),
+each registering itself in ``PROTOCOL_TYPES`` on import. The modules are found on disk (no
+hand-kept list); ``cards.py`` reads the YAML cards that name them."""
 
-from . import fewshot, finetune, knn, linear  # noqa: F401,E402  (register themselves)
+import importlib
+import pkgutil
+
 from .base import (  # noqa: F401
     PROTOCOL_TYPES,
     DataShape,
@@ -9,3 +13,8 @@ from .base import (  # noqa: F401
     ProtocolOutput,
     ProtocolType,
 )
+
+for _m in pkgutil.iter_modules(__path__, prefix=__name__ + "."):
+    _short = _m.name.rpartition(".")[2]
+    if _short not in ("base", "cards") and not _short.startswith("_"):
+        importlib.import_module(_m.name)
