@@ -1,9 +1,12 @@
 """Fine-tuning: the whole backbone trained with a new linear head.
 
-AdamW; layer-wise learning-rate decay for ViTs (MAE uses 0.65 / 0.75) or a lower learning rate
-for the encoder; warmup then cosine, counted in training samples, so the schedule does not
-depend on the number of devices or the batch size; label smoothing; optional mixup / cutmix
-and drop path; selection and early stopping on the validation split; bf16 autocast on GPU.
+AdamW; for ViTs, MAE's layer-wise learning-rate decay (its ``param_groups_lrd``: decay 0.65 /
+0.75, layer l of L + 1 at decay ** (L + 1 - l), no weight decay on 1-D parameters, tokens and
+the position embedding), otherwise a lower learning rate for the encoder; warmup then cosine,
+counted in training samples, so the schedule does not depend on the number of devices or the
+batch size; label smoothing; as MAE, training crops are random resized crops of the full image
+(evaluation: the backbone's resize and centre crop); optional mixup / cutmix and drop path;
+selection and early stopping on the validation split; bf16 autocast on GPU.
 The training state is checkpointed atomically after every epoch, and a rerun of the same unit
 resumes from it and ends where an uninterrupted run ends: all randomness is drawn from
 generators seeded by (seed, epoch, index), never from global state.
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..backbones.base import FEATURE_KINDS
@@ -43,7 +47,7 @@ class FinetuneParams:
     mixup_alpha: float = 0.0  # 0 = off (MAE fine-tune uses 0.8)
     cutmix_alpha: float = 0.0  # 0 = off (MAE fine-tune uses 1.0)
     drop_path: float = 0.0  # stochastic depth rate on timm blocks that support it
-    crop_scale: tuple[float, ...] = (0.8, 1.0)  # random-resized-crop area range
+    crop_scale: tuple[float, ...] = (0.8, 1.0)  # random-resized-crop area range, of the full image
     hflip: bool = True
     patience: int = 0  # early stop after this many epochs without a better val top-1; 0 = off
     eval_batch_size: int = 256
@@ -68,7 +72,10 @@ class FinetuneParams:
 
 
 class _TrainImages(Dataset):
-    """Augmented uint8 CHW crops; randomness from a generator seeded by (seed, epoch, index)."""
+    """uint8 CHW images. Evaluation: the backbone's preprocessing (resize, centre crop).
+    Training (``augment``), as MAE: a random resized crop of the full decoded image, resized
+    to the backbone's input size, then a flip; the randomness comes from a generator seeded
+    by (seed, epoch, index)."""
 
     def __init__(self, split, indices, pre, p: FinetuneParams, seed: int, augment: bool):
         self.split, self.indices, self.pre, self.p = split, indices, pre, p
@@ -79,30 +86,44 @@ class _TrainImages(Dataset):
 
     def __getitem__(self, i: int):
         j = int(self.indices[i])
-        img = self.pre.geometric(torch.from_numpy(np.ascontiguousarray(self.split.load(j))).permute(2, 0, 1))
-        if self.augment:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31))
-            img = _random_resized_crop(img, self.p.crop_scale, g)
-            if self.p.hflip and torch.rand(1, generator=g).item() < 0.5:
-                img = TF.horizontal_flip(img)
-        return img.contiguous(), int(self.split.labels[j])
+        full = torch.from_numpy(np.ascontiguousarray(self.split.load(j))).permute(2, 0, 1)
+        label = int(self.split.labels[j])
+        if not self.augment:
+            return self.pre.geometric(full).contiguous(), label
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31))
+        # the input size is what evaluation feeds the backbone
+        size = [self.pre.crop] * 2 if self.pre.crop else list(self.pre.geometric(full).shape[-2:])
+        top, left, h, w = _crop_box(full.shape[-2:], self.p.crop_scale, g)
+        img = TF.resized_crop(full, top, left, h, w, size, interpolation=InterpolationMode(self.pre.interpolation),
+                              antialias=True)
+        if self.p.hflip and torch.rand(1, generator=g).item() < 0.5:
+            img = TF.horizontal_flip(img)
+        return img.contiguous(), label
 
 
-def _random_resized_crop(img: torch.Tensor, scale, g: torch.Generator) -> torch.Tensor:
-    lo, hi = (float(scale[0]), float(scale[-1]))
-    if lo >= 1.0:
-        return img
-    H, W = img.shape[-2:]
-    for _ in range(10):
+def _crop_box(hw, scale, g: torch.Generator, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop covering a fraction in ``scale`` of the
+    image's area, with aspect ratio log-uniform in ``ratio``; after 10 misses (or when the
+    scale is 1), the largest centred box whose aspect ratio is within ``ratio``."""
+    H, W = int(hw[0]), int(hw[1])
+    lo, hi = float(scale[0]), float(scale[-1])
+    for _ in range(10 if lo < 1.0 else 0):
         area = H * W * (lo + (hi - lo) * torch.rand(1, generator=g).item())
-        logr = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(1, generator=g).item()
+        logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(1, generator=g).item()
         w = round(math.sqrt(area * math.exp(logr)))
         h = round(math.sqrt(area / math.exp(logr)))
         if 0 < w <= W and 0 < h <= H:
             top = int(torch.randint(0, H - h + 1, (1,), generator=g))
             left = int(torch.randint(0, W - w + 1, (1,), generator=g))
-            return TF.resized_crop(img, top, left, h, w, [H, W], antialias=True)
-    return img
+            return top, left, h, w
+    aspect, (r_lo, r_hi) = W / H, ratio
+    if aspect < r_lo:
+        w, h = W, min(H, round(W / r_lo))
+    elif aspect > r_hi:
+        w, h = min(W, round(H * r_hi)), H
+    else:
+        w, h = W, H
+    return (H - h) // 2, (W - w) // 2, h, w
 
 
 def _mix(x, y_soft, p: FinetuneParams, rng: np.random.Generator):
@@ -161,27 +182,54 @@ def _set_drop_path(model: nn.Module, rate: float) -> int:
     return len(slots)
 
 
+# Layer-wise lr decay as MAE's param_groups_lrd (after BEiT): with L blocks, the stem (patch
+# embedding, class / register / distillation tokens, position embedding, pre-norm) is layer 0,
+# block i is layer i + 1, and what follows the blocks (final norm, fc_norm, pooling, the new
+# head) is layer L + 1; layer l trains at lr * decay ** (L + 1 - l), so the head keeps lr.
+_STEM = ("patch_embed.", "norm_pre.")
+_TOKENS = ("cls_token", "reg_token", "dist_token", "pos_embed")  # also MAE's no-weight-decay list
+_AFTER_BLOCKS = ("norm.", "fc_norm.", "attn_pool.", "head.")
+
+
+def _vit_layer(name: str, depth: int) -> int | None:
+    """MAE's layer id of a timm VisionTransformer parameter; None for a name it cannot place."""
+    if name in _TOKENS or name.startswith(_STEM):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith(_AFTER_BLOCKS):
+        return depth + 1
+    return None
+
+
+def _no_weight_decay(name: str, t: torch.Tensor) -> bool:
+    """Biases, norm scales (every 1-D parameter) and the tokens / position embedding."""
+    return t.ndim <= 1 or name.rpartition(".")[2] in _TOKENS
+
+
 def _param_groups(clf: _Classifier, p: FinetuneParams) -> list[dict]:
-    def decays(name: str, t: torch.Tensor) -> bool:
-        return t.ndim > 1 and not name.endswith((".bias", "pos_embed", "cls_token", "reg_token"))
-
-    groups = [{"params": list(clf.head.parameters()), "lr_scale": 1.0, "weight_decay": p.weight_decay}]
+    """AdamW groups: (lr_scale, weight_decay) per parameter; the new head is at scale 1."""
     enc = clf.encoder
-    if p.layer_decay > 0:
-        if not hasattr(enc, "group_matcher"):
-            raise UserError("fine-tune: layer_decay needs a timm model with block structure; set layer_decay=0")
-        from timm.optim import param_groups_layer_decay
-
-        nwd = enc.no_weight_decay() if hasattr(enc, "no_weight_decay") else set()
-        for g in param_groups_layer_decay(enc, p.weight_decay, no_weight_decay_list=nwd, layer_decay=p.layer_decay):
-            groups.append(g)
-        return groups
     named = [(n, t) for n, t in enc.named_parameters() if t.requires_grad]
-    groups.append({"params": [t for n, t in named if decays(n, t)], "lr_scale": p.encoder_lr_scale,
-                   "weight_decay": p.weight_decay})
-    groups.append({"params": [t for n, t in named if not decays(n, t)], "lr_scale": p.encoder_lr_scale,
-                   "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
+    if p.layer_decay > 0:
+        blocks = getattr(enc, "blocks", None)
+        if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not hasattr(enc, "patch_embed"):
+            raise UserError("fine-tune: layer_decay needs a ViT with .blocks and .patch_embed; set layer_decay=0")
+        depth = len(blocks)
+        layers = {n: _vit_layer(n, depth) for n, _ in named}
+        unplaced = [n for n, lay in layers.items() if lay is None]
+        if unplaced:
+            raise UserError(f"fine-tune: layer_decay cannot place parameter {unplaced[0]!r}; set layer_decay=0")
+        scale = {n: p.layer_decay ** (depth + 1 - lay) for n, lay in layers.items()}
+    else:
+        scale = {n: p.encoder_lr_scale for n, _ in named}
+    named += [("<new head>." + n, t) for n, t in clf.head.named_parameters()]  # layer L + 1
+    scale.update({n: 1.0 for n, _ in named if n.startswith("<new head>.")})
+    groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+    for n, t in named:
+        wd = 0.0 if _no_weight_decay(n, t) else p.weight_decay
+        groups.setdefault((scale[n], wd), []).append(t)
+    return [{"params": ts, "lr_scale": s, "weight_decay": wd} for (s, wd), ts in groups.items()]
 
 
 def _lr_at(samples: int, total: int, warmup: int, base: float) -> float:
