@@ -43,25 +43,43 @@ def main() -> None:
             np.save(path, rng.standard_normal((50_000, d)).astype(np.float16))
             labels = torch.from_numpy(rng.integers(0, 10, 50_000))
             q = torch.from_numpy(rng.standard_normal((10_000, d)).astype(np.float32))
-            verify = best(lambda: file_checksum(path))
+            verify = best(lambda path=path: file_checksum(path))
 
-            def cached_run():
+            def cached_run(path=path, labels=labels, q=q):
                 x = torch.from_numpy(np.asarray(np.load(path, mmap_mode="r"), dtype=np.float32))
                 knn_classify(x, labels, q, (20,), 0.07, 10, "faiss")
 
             run = best(cached_run, reps=2)
             size = path.stat().st_size
-            rows.append({"dim": d, "entry_mb": round(size / 2**20, 1), "verify_s": round(verify, 4),
-                         "cached_knn_run_s": round(run, 3), "share": round(verify / (verify + run), 4),
-                         "verify_gb_per_s": round(size / verify / 1e9, 2)})
+            rows.append(
+                {
+                    "dim": d,
+                    "entry_mb": round(size / 2**20, 1),
+                    "verify_s": round(verify, 4),
+                    "cached_knn_run_s": round(run, 3),
+                    "share": round(verify / (verify + run), 4),
+                    "verify_gb_per_s": round(size / verify / 1e9, 2),
+                }
+            )
             r = rows[-1]
-            print(f"d={d}: entry {r['entry_mb']} MB, crc32 verify {r['verify_s']:.4f} s "
-                  f"({r['verify_gb_per_s']} GB/s), cached k-NN run {r['cached_knn_run_s']:.3f} s: "
-                  f"verification is {100 * r['share']:.1f}% of the cached run")
+            print(
+                f"d={d}: entry {r['entry_mb']} MB, crc32 verify {r['verify_s']:.4f} s "
+                f"({r['verify_gb_per_s']} GB/s), cached k-NN run {r['cached_knn_run_s']:.3f} s: "
+                f"verification is {100 * r['share']:.1f}% of the cached run"
+            )
     out = ROOT / "results" / "benchmarks" / "bench_checksum.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{platform.processor() or platform.machine()}, "
-                               f"{torch.get_num_threads()} threads", "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "machine": f"{platform.processor() or platform.machine()}, "
+                f"{torch.get_num_threads()} threads",
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

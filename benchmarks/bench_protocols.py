@@ -96,8 +96,11 @@ def machine() -> dict:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = os.cpu_count()
-    env = {k: os.environ[k] for k in sorted(os.environ)
-           if k.startswith(("OMP_", "MKL_", "OPENBLAS_", "GOTO", "NVPL_", "KMP_"))}
+    env = {
+        k: os.environ[k]
+        for k in sorted(os.environ)
+        if k.startswith(("OMP_", "MKL_", "OPENBLAS_", "GOTO", "NVPL_", "KMP_"))
+    }
     return {
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
@@ -139,8 +142,9 @@ def make_labels(n_bank: int, n_query: int, classes: int, seed: int):
     return rng.integers(0, classes, n_bank), rng.integers(0, classes, n_query)
 
 
-def make_features(labels: list[np.ndarray], dim: int, classes: int, seed: int, sep: float = 0.5,
-                  rank: int = 64) -> list[np.ndarray]:
+def make_features(
+    labels: list[np.ndarray], dim: int, classes: int, seed: int, sep: float = 0.5, rank: int = 64
+) -> list[np.ndarray]:
     """A learnable Gaussian mixture with a shared covariance: class means in a random
     ``rank``-dimensional subspace (spread ``sep`` per direction), unit within-class noise in
     that subspace, isotropic noise outside it (as much in total as inside), a shared offset and a
@@ -179,8 +183,15 @@ def self_check() -> str:
         q64 = q / np.linalg.norm(q, axis=1, keepdims=True)
         sims = q64.astype(np.float64) @ b64.astype(np.float64).T
         for backend in ("faiss", "torch"):
-            got = knn_classify(torch.from_numpy(bank), torch.from_numpy(by), torch.from_numpy(q), ks,
-                               TEMPERATURE, C, backend=backend)
+            got = knn_classify(
+                torch.from_numpy(bank),
+                torch.from_numpy(by),
+                torch.from_numpy(q),
+                ks,
+                TEMPERATURE,
+                C,
+                backend=backend,
+            )
             for k in ks:
                 ref = np.zeros((nq, C))
                 for i in range(nq):
@@ -191,7 +202,9 @@ def self_check() -> str:
     N, D, C = 600, 10, 4
     x = torch.from_numpy(rng.normal(size=(N, D)).astype(np.float32) * 2 + 1)
     y = torch.from_numpy(rng.integers(0, C, N))
-    p = LinearParams(lrs=(0.05, 0.5), weight_decays=(0.0, 1e-2), epochs=3, batch_size=128, min_steps=0)
+    p = LinearParams(
+        lrs=(0.05, 0.5), weight_decays=(0.0, 1e-2), epochs=3, batch_size=128, min_steps=0
+    )
     grid = train_heads(x, y, C, p, seed=11)
     xs = (x - x.mean(0)) / x.std(0)
     steps = 3 * math.ceil(N / 128)
@@ -200,7 +213,9 @@ def self_check() -> str:
         w = torch.zeros(D, C, requires_grad=True)
         b = torch.zeros(C, requires_grad=True)
         opt = torch.optim.SGD([w, b], lr=lr, momentum=0.9, weight_decay=wd)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+        )
         for _ in range(3):
             perm = torch.randperm(N, generator=gen)
             for s in range(0, N, 128):
@@ -238,8 +253,9 @@ def gemm_rates(dim: int, n_bank: int, reps: int = 3) -> tuple[float, float]:
     return flops / best_t, flops / best_n
 
 
-def neighbour_agreement(ours_idx: np.ndarray, sk_idx: np.ndarray, bank_n: np.ndarray, q_n: np.ndarray,
-                        k: int) -> dict:
+def neighbour_agreement(
+    ours_idx: np.ndarray, sk_idx: np.ndarray, bank_n: np.ndarray, q_n: np.ndarray, k: int
+) -> dict:
     """Compare two top-k neighbour sets per query; differences are accepted as ties when the
     swapped neighbours' cosine similarities (float64) are within 1e-5 of the k-th best."""
     same = 0
@@ -255,9 +271,13 @@ def neighbour_agreement(ours_idx: np.ndarray, sk_idx: np.ndarray, bank_n: np.nda
         s = bank_n[diff].astype(np.float64) @ q_n[i].astype(np.float64)
         kth = np.sort(bank_n[ours_idx[i]].astype(np.float64) @ q_n[i].astype(np.float64))[0]
         worst_gap = max(worst_gap, float(np.abs(s - kth).max()))
-    return {"queries": len(ours_idx), "identical_sets": same / len(ours_idx),
-            "mean_overlap": overlap / len(ours_idx), "max_sim_gap_of_differences": worst_gap,
-            "all_differences_are_ties": worst_gap <= 1e-5}
+    return {
+        "queries": len(ours_idx),
+        "identical_sets": same / len(ours_idx),
+        "mean_overlap": overlap / len(ours_idx),
+        "max_sim_gap_of_differences": worst_gap,
+        "all_differences_are_ties": worst_gap <= 1e-5,
+    }
 
 
 def bench_knn(name, bank_x, bank_y, query_x, query_y, classes, reps, n_check) -> dict:
@@ -283,8 +303,10 @@ def bench_knn(name, bank_x, bank_y, query_x, query_y, classes, reps, n_check) ->
             times[backend].append(t.wall)
             cpus[backend].append(t.cpu)
             acc[backend] = {k: float((s.argmax(1) == qy).float().mean()) for k, s in scores.items()}
-            log(f"  rep {rep + 1}/{reps} {backend:5s}: {t.wall:7.2f} s wall ({t.cpu:6.2f} s CPU), "
-                f"GEMM {r / 1e9:5.1f} GFLOP/s torch, {rn / 1e9:5.1f} numpy; load {loadavg()}")
+            log(
+                f"  rep {rep + 1}/{reps} {backend:5s}: {t.wall:7.2f} s wall ({t.cpu:6.2f} s CPU), "
+                f"GEMM {r / 1e9:5.1f} GFLOP/s torch, {rn / 1e9:5.1f} numpy; load {loadavg()}"
+            )
             del scores
     if acc["faiss"] != acc["torch"]:
         log(f"  note: backends' accuracies differ (fp rounding at ties): {acc}")
@@ -293,7 +315,9 @@ def bench_knn(name, bank_x, bank_y, query_x, query_y, classes, reps, n_check) ->
     limit_any = 2 * N * M * D / max(rate, np_rate)
     res["gemm_gflops_torch"] = rate / 1e9
     res["gemm_gflops_numpy"] = np_rate / 1e9
-    res["matmul_limit_s"] = limit_any  # at the best float32 GEMM rate measured (torch's or numpy's BLAS)
+    res["matmul_limit_s"] = (
+        limit_any  # at the best float32 GEMM rate measured (torch's or numpy's BLAS)
+    )
     res["matmul_limit_torch_s"] = limit
     res["knn_top1"] = acc["faiss"]
 
@@ -306,7 +330,9 @@ def bench_knn(name, bank_x, bank_y, query_x, query_y, classes, reps, n_check) ->
     res["sklearn_top1_k200_uniform"] = float((sk_pred == query_y).mean())
     # no exact search can beat the full product at the best BLAS rate: the speed-up it allows
     res["speedup_ceiling"] = t.wall / limit_any
-    log(f"  sklearn brute cosine k=200 fit+predict: {t.wall:7.2f} s wall ({t.cpu:6.2f} s CPU); load {loadavg()}")
+    log(
+        f"  sklearn brute cosine k=200 fit+predict: {t.wall:7.2f} s wall ({t.cpu:6.2f} s CPU); load {loadavg()}"
+    )
 
     # neighbour sets on a subset, against scikit-learn's kneighbors
     sub = slice(0, min(n_check, M))
@@ -318,15 +344,20 @@ def bench_knn(name, bank_x, bank_y, query_x, query_y, classes, reps, n_check) ->
         _, idx = knn_search(bn, qn, 200, backend=backend)
         agree = neighbour_agreement(idx.numpy(), sk_idx, bn.numpy(), qn.numpy(), 200)
         votes = torch.zeros(len(idx), classes).scatter_add_(1, by[idx], torch.ones(idx.shape))
-        agree["uniform_vote_prediction_agreement"] = float((votes.argmax(1).numpy() == sk_pred[sub]).mean())
+        agree["uniform_vote_prediction_agreement"] = float(
+            (votes.argmax(1).numpy() == sk_pred[sub]).mean()
+        )
         res["agreement"][backend] = agree
 
     for backend in ("faiss", "torch"):
         best = min(times[backend])
         res[backend] = {
-            "best_s": best, "all_s": times[backend], "cpu_s": min(cpus[backend]),
+            "best_s": best,
+            "all_s": times[backend],
+            "cpu_s": min(cpus[backend]),
             "speedup_vs_sklearn": res["sklearn_s"] / best,
-            "x_matmul_limit": best / limit_any,  # the target's reference: the fastest GEMM measured here
+            "x_matmul_limit": best
+            / limit_any,  # the target's reference: the fastest GEMM measured here
             "x_torch_gemm_limit": best / limit,
         }
         res[backend]["pass_speedup"] = res[backend]["speedup_vs_sklearn"] >= KNN_SPEEDUP_TARGET
@@ -345,35 +376,68 @@ def sklearn_grid(ssl_wds) -> list[float]:
     return sorted({w for w in ssl_wds if w > 0} | {1e-1, 1e-2}, reverse=True)
 
 
-def bench_linear(name, bank_x, bank_y, query_x, query_y, classes, params: LinearParams, seed,
-                 val_fraction, sk_max_iter, with_sklearn=True) -> dict:
+def bench_linear(
+    name,
+    bank_x,
+    bank_y,
+    query_x,
+    query_y,
+    classes,
+    params: LinearParams,
+    seed,
+    val_fraction,
+    sk_max_iter,
+    with_sklearn=True,
+) -> dict:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     N, D = bank_x.shape
     tr, va = stratified_val_split(bank_y, val_fraction, seed)
-    log(f"\n== linear probe, size {name}: train {len(tr):,} / val {len(va):,} / test {len(query_x):,}, dim {D} ==")
+    log(
+        f"\n== linear probe, size {name}: train {len(tr):,} / val {len(va):,} / test {len(query_x):,}, dim {D} =="
+    )
     H = len(params.lrs) * len(params.weight_decays)
-    log(f"  ssl_eval grid: {H} heads, lrs {list(params.lrs)} x wds {list(params.weight_decays)}, "
-        f"{params.epochs} epochs, batch {params.batch_size}, momentum {params.momentum}, batchnorm {params.batchnorm}")
+    log(
+        f"  ssl_eval grid: {H} heads, lrs {list(params.lrs)} x wds {list(params.weight_decays)}, "
+        f"{params.epochs} epochs, batch {params.batch_size}, momentum {params.momentum}, batchnorm {params.batchnorm}"
+    )
     inp = ProtocolInputs(bank_x, bank_y, query_x, query_y, tr, va, classes, seed=seed)
     with Timer() as t:
         out = run_linear(inp, params)
     flops = 4 * out.details["epochs_run"] * len(tr) * (D + 1) * H * classes
-    res = {"size": name, "dim": D, "train": len(tr), "val": len(va), "test": len(query_x), "heads": H,
-           "params": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(params).items()},
-           "ssl_eval": {"sweep_s": t.wall, "cpu_s": t.cpu, "gemm_gflops_effective": flops / t.wall / 1e9,
-                        "test_top1": out.metrics["top1"], "selected": out.details["selected"],
-                        "val_top1": max(out.details["val_top1"].values())}}
-    log(f"  ssl_eval sweep: {t.wall:7.2f} s wall ({t.cpu:6.2f} s CPU, {flops / t.wall / 1e9:.0f} GFLOP/s in its GEMMs), "
-        f"selected {out.details['selected']}, val {res['ssl_eval']['val_top1']:.4f}, test {out.metrics['top1']:.4f}; load {loadavg()}")
+    res = {
+        "size": name,
+        "dim": D,
+        "train": len(tr),
+        "val": len(va),
+        "test": len(query_x),
+        "heads": H,
+        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(params).items()},
+        "ssl_eval": {
+            "sweep_s": t.wall,
+            "cpu_s": t.cpu,
+            "gemm_gflops_effective": flops / t.wall / 1e9,
+            "test_top1": out.metrics["top1"],
+            "selected": out.details["selected"],
+            "val_top1": max(out.details["val_top1"].values()),
+        },
+    }
+    log(
+        f"  ssl_eval sweep: {t.wall:7.2f} s wall ({t.cpu:6.2f} s CPU, {flops / t.wall / 1e9:.0f} GFLOP/s in its GEMMs), "
+        f"selected {out.details['selected']}, val {res['ssl_eval']['val_top1']:.4f}, test {out.metrics['top1']:.4f}; load {loadavg()}"
+    )
 
     if not with_sklearn:
         return res
     with Timer() as ts:
         scaler = StandardScaler().fit(bank_x[tr])
-        xtr, xva, xte = scaler.transform(bank_x[tr]), scaler.transform(bank_x[va]), scaler.transform(query_x)
+        xtr, xva, xte = (
+            scaler.transform(bank_x[tr]),
+            scaler.transform(bank_x[va]),
+            scaler.transform(query_x),
+        )
     fits = []
 
     def fit(wd):
@@ -383,19 +447,30 @@ def bench_linear(name, bank_x, bank_y, query_x, query_y, classes, params: Linear
             warnings.simplefilter("always", ConvergenceWarning)
             model.fit(xtr, bank_y[tr])
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        f = {"wd": wd, "C": C, "fit_s": tf.wall, "cpu_s": tf.cpu, "iters": int(np.max(model.n_iter_)),
-             "converged": converged, "val_top1": float(model.score(xva, bank_y[va])),
-             "test_top1": float(model.score(xte, query_y))}
+        f = {
+            "wd": wd,
+            "C": C,
+            "fit_s": tf.wall,
+            "cpu_s": tf.cpu,
+            "iters": int(np.max(model.n_iter_)),
+            "converged": converged,
+            "val_top1": float(model.score(xva, bank_y[va])),
+            "test_top1": float(model.score(xte, query_y)),
+        }
         fits.append(f)
-        log(f"  sklearn C={C:.4g} (wd {wd:g}): {tf.wall:7.2f} s wall ({tf.cpu:6.2f} s CPU), {f['iters']} iterations"
-            f"{'' if converged else ' NOT CONVERGED'}, val {f['val_top1']:.4f}, test {f['test_top1']:.4f}; load {loadavg()}")
+        log(
+            f"  sklearn C={C:.4g} (wd {wd:g}): {tf.wall:7.2f} s wall ({tf.cpu:6.2f} s CPU), {f['iters']} iterations"
+            f"{'' if converged else ' NOT CONVERGED'}, val {f['val_top1']:.4f}, test {f['test_top1']:.4f}; load {loadavg()}"
+        )
 
     log(f"  sklearn StandardScaler fit + transform: {ts.wall:.2f} s; features {xtr.dtype}")
     for wd in sklearn_grid(params.weight_decays):
         fit(wd)
 
     def best_fit():
-        return max(sorted(fits, key=lambda f: -f["wd"]), key=lambda f: f["val_top1"])  # stronger on ties
+        return max(
+            sorted(fits, key=lambda f: -f["wd"]), key=lambda f: f["val_top1"]
+        )  # stronger on ties
 
     extra = 0
     for step in (3.0, 1 / 3):  # refine: stronger, then weaker, while validation improves
@@ -412,8 +487,14 @@ def bench_linear(name, bank_x, bank_y, query_x, query_y, classes, params: Linear
     fits.sort(key=lambda f: -f["wd"])
     best = max(fits, key=lambda f: f["val_top1"])  # the strongest penalty among ties
     single = ts.wall + best["fit_s"]
-    res["sklearn"] = {"dtype": str(xtr.dtype), "scale_s": ts.wall, "fits": fits, "best": best,
-                      "single_fit_s": single, "grid_s": ts.wall + sum(f["fit_s"] for f in fits)}
+    res["sklearn"] = {
+        "dtype": str(xtr.dtype),
+        "scale_s": ts.wall,
+        "fits": fits,
+        "best": best,
+        "single_fit_s": single,
+        "grid_s": ts.wall + sum(f["fit_s"] for f in fits),
+    }
     res["sweep_over_single_fit"] = t.wall / single
     res["acc_gap_points"] = 100 * (out.metrics["top1"] - best["test_top1"])
     res["pass_time"] = t.wall < single
@@ -444,7 +525,8 @@ def summary(knn: list[dict], lin: list[dict]) -> str:
                     f"{r['size']:4s} {r['dim']:5d} {b:7s} {x['best_s']:8.2f} {r['sklearn_s']:9.2f} "
                     f"{x['speedup_vs_sklearn']:7.1f}x {verdict(x['pass_speedup']):>9s} {r['matmul_limit_s']:8.2f} "
                     f"{x['x_matmul_limit']:6.2f}x {verdict(x['pass_limit']):>11s} {x['x_torch_gemm_limit']:11.2f}x "
-                    f"{r['knn_top1'][20]:8.4f} {100 * ag['mean_overlap']:7.2f}%")
+                    f"{r['knn_top1'][20]:8.4f} {100 * ag['mean_overlap']:7.2f}%"
+                )
         for r in knn:
             ag = r["agreement"]
             lines.append(
@@ -453,10 +535,13 @@ def summary(knn: list[dict], lin: list[dict]) -> str:
                 f"sklearn top1 (k=200 uniform) {r['sklearn_top1_k200_uniform']:.4f}; ssl_eval top1 by k "
                 + ", ".join(f"{k}: {v:.4f}" for k, v in r["knn_top1"].items())
                 + "; neighbour sets vs sklearn on "
-                + "; ".join(f"{b}: {100 * a['identical_sets']:.1f}% identical, differences are ties: "
-                            f"{a['all_differences_are_ties']} (max gap {a['max_sim_gap_of_differences']:.1e}), "
-                            f"uniform-vote predictions agree {100 * a['uniform_vote_prediction_agreement']:.2f}%"
-                            for b, a in ag.items()))
+                + "; ".join(
+                    f"{b}: {100 * a['identical_sets']:.1f}% identical, differences are ties: "
+                    f"{a['all_differences_are_ties']} (max gap {a['max_sim_gap_of_differences']:.1e}), "
+                    f"uniform-vote predictions agree {100 * a['uniform_vote_prediction_agreement']:.2f}%"
+                    for b, a in ag.items()
+                )
+            )
     if lin:
         lines += [
             "",
@@ -466,20 +551,25 @@ def summary(knn: list[dict], lin: list[dict]) -> str:
         ]
         for r in lin:
             if "sklearn" not in r:
-                lines.append(f"{r['size']:4s} {r['dim']:5d} {r['heads']:5d} {r['ssl_eval']['sweep_s']:8.2f} "
-                             f"{'(sklearn not run)':>46s} {r['ssl_eval']['test_top1']:8.4f}")
+                lines.append(
+                    f"{r['size']:4s} {r['dim']:5d} {r['heads']:5d} {r['ssl_eval']['sweep_s']:8.2f} "
+                    f"{'(sklearn not run)':>46s} {r['ssl_eval']['test_top1']:8.4f}"
+                )
                 continue
             s = r["sklearn"]
             lines.append(
                 f"{r['size']:4s} {r['dim']:5d} {r['heads']:5d} {r['ssl_eval']['sweep_s']:8.2f} {s['single_fit_s']:10.2f} "
                 f"{s['best']['C']:8.3g} {r['sweep_over_single_fit']:5.2f}x {verdict(r['pass_time']):>8s} {s['grid_s']:9.2f} "
                 f"{r['ssl_eval']['test_top1']:8.4f} {s['best']['test_top1']:8.4f} {r['acc_gap_points']:+7.2f} "
-                f"{verdict(r['pass_acc']):>12s}")
+                f"{verdict(r['pass_acc']):>12s}"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: bank 10,000, queries 2,000")
     ap.add_argument("--bank", type=int, help="bank size (default 50,000; --quick 10,000)")
     ap.add_argument("--queries", type=int, help="query / test size (default 10,000; --quick 2,000)")
@@ -488,15 +578,27 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", default="384,2048", help="dimensions of sizes A and B")
     ap.add_argument("--only", choices=("knn", "linear"), help="run one protocol only")
     ap.add_argument("--linear-sizes", help="sizes for the linear probe (default: same as --sizes)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a param of protocols/linear.yaml (not the default: printed as such)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param of protocols/linear.yaml (not the default: printed as such)",
+    )
     ap.add_argument("--reps", type=int, default=2, help="k-NN repetitions (best is kept)")
-    ap.add_argument("--check-queries", type=int, default=1000, help="queries whose neighbour sets are compared")
+    ap.add_argument(
+        "--check-queries", type=int, default=1000, help="queries whose neighbour sets are compared"
+    )
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--sklearn-max-iter", type=int, default=1000)
-    ap.add_argument("--no-sklearn-linear", action="store_true",
-                    help="linear probe: time ssl_eval only (e.g. to try --set overrides)")
-    ap.add_argument("--sep", type=float, default=0.5, help="class separation of the synthetic mixture")
+    ap.add_argument(
+        "--no-sklearn-linear",
+        action="store_true",
+        help="linear probe: time ssl_eval only (e.g. to try --set overrides)",
+    )
+    ap.add_argument(
+        "--sep", type=float, default=0.5, help="class separation of the synthetic mixture"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -523,7 +625,9 @@ def main(argv=None) -> int:
         log(f"  NOTE: linear card overridden (not the shipped defaults): {dict(card.overrides)}")
 
     with Timer() as t:
-        log(f"\n== correctness self-check ==\n  {self_check()} ({time.perf_counter() - t.t0:.1f} s)")
+        log(
+            f"\n== correctness self-check ==\n  {self_check()} ({time.perf_counter() - t.t0:.1f} s)"
+        )
 
     bank_y, query_y = make_labels(n_bank, n_query, a.classes, a.seed)
     knn_res, lin_res = [], []
@@ -531,12 +635,29 @@ def main(argv=None) -> int:
         D = dims[s]
         with Timer() as t:
             bank_x, query_x = make_features([bank_y, query_y], D, a.classes, a.seed, a.sep)
-        log(f"\n-- size {s}: generated bank {bank_x.shape} and queries {query_x.shape} float32 in {t.wall:.1f} s")
+        log(
+            f"\n-- size {s}: generated bank {bank_x.shape} and queries {query_x.shape} float32 in {t.wall:.1f} s"
+        )
         if a.only != "linear":
-            knn_res.append(bench_knn(s, bank_x, bank_y, query_x, query_y, a.classes, a.reps, a.check_queries))
+            knn_res.append(
+                bench_knn(s, bank_x, bank_y, query_x, query_y, a.classes, a.reps, a.check_queries)
+            )
         if a.only != "knn" and s in lin_sizes:
-            lin_res.append(bench_linear(s, bank_x, bank_y, query_x, query_y, a.classes, params, a.seed,
-                                        a.val_fraction, a.sklearn_max_iter, not a.no_sklearn_linear))
+            lin_res.append(
+                bench_linear(
+                    s,
+                    bank_x,
+                    bank_y,
+                    query_x,
+                    query_y,
+                    a.classes,
+                    params,
+                    a.seed,
+                    a.val_fraction,
+                    a.sklearn_max_iter,
+                    not a.no_sklearn_linear,
+                )
+            )
         del bank_x, query_x
         gc.collect()
 
@@ -545,9 +666,22 @@ def main(argv=None) -> int:
     log(f"\ntotal {total:.0f} s; load average at end: {loadavg()}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"machine": info, "argv": sys.argv, "bank": n_bank, "queries": n_query,
-                                      "linear_overrides": dict(card.overrides), "knn": knn_res,
-                                      "linear": lin_res, "total_s": total}, indent=1, default=str))
+        a.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "argv": sys.argv,
+                    "bank": n_bank,
+                    "queries": n_query,
+                    "linear_overrides": dict(card.overrides),
+                    "knn": knn_res,
+                    "linear": lin_res,
+                    "total_s": total,
+                },
+                indent=1,
+                default=str,
+            )
+        )
     return 0
 
 

@@ -106,7 +106,13 @@ def machine() -> dict:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         for line in out.splitlines():
             k, _, v = line.partition(":")
-            if k.strip() in ("Model name", "CPU(s)", "Core(s) per socket", "Socket(s)", "Thread(s) per core"):
+            if k.strip() in (
+                "Model name",
+                "CPU(s)",
+                "Core(s) per socket",
+                "Socket(s)",
+                "Thread(s) per core",
+            ):
                 info[k.strip()] = v.strip()
     except (OSError, subprocess.CalledProcessError):
         info["Model name"] = platform.processor() or "unknown"
@@ -140,7 +146,12 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
     gain, loss = int((b & ~a).sum()), int((a & ~b).sum())
     d = (gain - loss) / n
     hw = 1.96 * math.sqrt(max((gain + loss) / n - d * d, 0.0) / n)
-    return {"diff_pts": 100 * d, "half_width_pts": 100 * hw, "only_new_right": gain, "only_first_right": loss}
+    return {
+        "diff_pts": 100 * d,
+        "half_width_pts": 100 * hw,
+        "only_new_right": gain,
+        "only_first_right": loss,
+    }
 
 
 def run_with_heads(inp: ProtocolInputs, params):
@@ -161,7 +172,9 @@ def run_with_heads(inp: ProtocolInputs, params):
     return out, grabbed[0]
 
 
-def correct_per_image(heads, x: np.ndarray, y: np.ndarray, head: int, chunk: int = 8192) -> np.ndarray:
+def correct_per_image(
+    heads, x: np.ndarray, y: np.ndarray, head: int, chunk: int = 8192
+) -> np.ndarray:
     right = []
     for s in range(0, len(x), chunk):
         xb = torch.from_numpy(np.asarray(x[s : s + chunk], dtype=np.float32))
@@ -175,8 +188,22 @@ def correct_per_image(heads, x: np.ndarray, y: np.ndarray, head: int, chunk: int
 def synthetic(dim: int):
     bank_y, query_y = make_labels(50_000, 10_000, 100, SEED)
     bank_x, query_x = make_features([bank_y, query_y], dim, 100, SEED, 0.5)
-    return bank_x, bank_y, query_x, query_y, 100, {"kind": "synthetic", "dim": dim, "bank": 50_000,
-                                                   "queries": 10_000, "classes": 100, "sep": 0.5, "seed": SEED}
+    return (
+        bank_x,
+        bank_y,
+        query_x,
+        query_y,
+        100,
+        {
+            "kind": "synthetic",
+            "dim": dim,
+            "bank": 50_000,
+            "queries": 10_000,
+            "classes": 100,
+            "sep": 0.5,
+            "seed": SEED,
+        },
+    )
 
 
 def older_entry(cache_dir: Path, key: dict) -> Path | None:
@@ -191,7 +218,8 @@ def older_entry(cache_dir: Path, key: dict) -> Path | None:
         except (OSError, ValueError, KeyError):
             continue
         if all(f in k for f in ("weights_sha256", "dataset_fingerprint", "split", "dtype")) and all(
-                key.get(f) == v for f, v in k.items() if f != "code"):
+            key.get(f) == v for f, v in k.items() if f != "code"
+        ):
             found.append((meta.stat().st_mtime, meta.parent))
     return max(found)[1] if found else None
 
@@ -214,9 +242,14 @@ def image_features(dataset: str, backbone: str, weights: Path | None, cache_dir:
         entry = cache_dir / "features" / sha256_json(key)[:32]
         old = None if (entry / "meta.json").is_file() or not reuse else older_entry(cache_dir, key)
         if old is not None:
-            log(f"  reusing {old} (written by another ssl-eval source hash: "
-                f"{json.loads((old / 'meta.json').read_text())['key']['code']} vs {key['code']} now)")
-            arrays[split] = (np.load(old / "features.npy", mmap_mode="r"), np.load(old / "labels.npy"))
+            log(
+                f"  reusing {old} (written by another ssl-eval source hash: "
+                f"{json.loads((old / 'meta.json').read_text())['key']['code']} vs {key['code']} now)"
+            )
+            arrays[split] = (
+                np.load(old / "features.npy", mmap_mode="r"),
+                np.load(old / "labels.npy"),
+            )
             reused[split] = str(old)
         else:
             fs = extract(bb, bundle, split, cache_dir=cache_dir, device=device, progress=False)
@@ -224,10 +257,24 @@ def image_features(dataset: str, backbone: str, weights: Path | None, cache_dir:
     secs = time.perf_counter() - t0
     (trx, try_), (tex, tey) = arrays["train"], arrays["test"]
     log(f"  features: train {trx.shape}, test {tex.shape} ({secs:.1f} s)")
-    return trx, try_, tex, tey, bundle.num_classes, {
-        "kind": "images", "dataset": bundle.name, "backbone": bb.tag, "weights": str(weights) if weights else None,
-        "feature_dtype": "float16", "dim": int(trx.shape[1]), "classes": bundle.num_classes,
-        "feature_seconds": round(secs, 1), "reused_entry_of_other_source_hash": reused or None}
+    return (
+        trx,
+        try_,
+        tex,
+        tey,
+        bundle.num_classes,
+        {
+            "kind": "images",
+            "dataset": bundle.name,
+            "backbone": bb.tag,
+            "weights": str(weights) if weights else None,
+            "feature_dtype": "float16",
+            "dim": int(trx.shape[1]),
+            "classes": bundle.num_classes,
+            "feature_seconds": round(secs, 1),
+            "reused_entry_of_other_source_hash": reused or None,
+        },
+    )
 
 
 def ensure_cifar(cifar_dir: Path, shared: Path) -> Path:
@@ -251,8 +298,9 @@ def load_source(name: str, a) -> tuple:
     if name == "cifar_pixels":
         return image_features(cifar, "pixels", None, a.cache_dir, a.reuse_features)
     if name in WEIGHTS:
-        return image_features(cifar, name, a.shared / "weights" / WEIGHTS[name], a.cache_dir,
-                              a.reuse_features)
+        return image_features(
+            cifar, name, a.shared / "weights" / WEIGHTS[name], a.cache_dir, a.reuse_features
+        )
     raise SystemExit(f"unknown source {name!r}; choose from {', '.join(LABELS)}")
 
 
@@ -265,10 +313,20 @@ def ablate(name: str, a) -> dict:
     train_x, train_y, test_x, test_y, classes, about = load_source(name, a)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     tr, va = stratified_val_split(train_y, VAL_FRACTION, SPLIT_SEED)
-    row = {"source": name, "label": LABELS[name], "about": about, "train": len(tr), "val": len(va),
-           "test": len(test_y), "runs": {}, "measured": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-           "load_start": loadavg()}
-    log(f"  train {len(tr):,} / val {len(va):,} / test {len(test_y):,}, {classes} classes, dim {train_x.shape[1]}")
+    row = {
+        "source": name,
+        "label": LABELS[name],
+        "about": about,
+        "train": len(tr),
+        "val": len(va),
+        "test": len(test_y),
+        "runs": {},
+        "measured": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_start": loadavg(),
+    }
+    log(
+        f"  train {len(tr):,} / val {len(va):,} / test {len(test_y):,}, {classes} classes, dim {train_x.shape[1]}"
+    )
     right = {}
     for E in a.epochs:
         card = load_card("linear", [f"epochs={E}"])
@@ -280,33 +338,56 @@ def ablate(name: str, a) -> dict:
         vals = out.details["val_top1"]
         best_val = max(vals.values())
         sel = out.details["selected"]
-        assert vals[f"lr={sel['lr']},wd={sel['weight_decay']}"] == best_val  # the protocol selects on val
+        assert (
+            vals[f"lr={sel['lr']},wd={sel['weight_decay']}"] == best_val
+        )  # the protocol selects on val
         h = heads.settings.index((sel["lr"], sel["weight_decay"]))
-        right[E] = {"val": correct_per_image(heads, train_x[va], train_y[va], h),
-                    "test": correct_per_image(heads, test_x, test_y, h)}
-        assert abs(right[E]["val"].mean() - best_val) < 1e-6 and abs(right[E]["test"].mean() - out.metrics["top1"]) < 1e-6
-        row["runs"][str(E)] = {
-            "card_version": card.version, "overrides": dict(card.overrides),
-            "val_top1": best_val, "test_top1": out.metrics["top1"], "selected": sel,
-            "val_top1_per_head": vals, "epochs_run": out.details["epochs_run"], "steps": out.details["steps"],
-            "diverged_heads": out.details["diverged_heads"], "wall_s": round(wall, 2),
+        right[E] = {
+            "val": correct_per_image(heads, train_x[va], train_y[va], h),
+            "test": correct_per_image(heads, test_x, test_y, h),
         }
-        log(f"  epochs={E:<3d} (ran {out.details['epochs_run']} epochs, {out.details['steps']} steps, {wall:6.1f} s): "
+        assert (
+            abs(right[E]["val"].mean() - best_val) < 1e-6
+            and abs(right[E]["test"].mean() - out.metrics["top1"]) < 1e-6
+        )
+        row["runs"][str(E)] = {
+            "card_version": card.version,
+            "overrides": dict(card.overrides),
+            "val_top1": best_val,
+            "test_top1": out.metrics["top1"],
+            "selected": sel,
+            "val_top1_per_head": vals,
+            "epochs_run": out.details["epochs_run"],
+            "steps": out.details["steps"],
+            "diverged_heads": out.details["diverged_heads"],
+            "wall_s": round(wall, 2),
+        }
+        log(
+            f"  epochs={E:<3d} (ran {out.details['epochs_run']} epochs, {out.details['steps']} steps, {wall:6.1f} s): "
             f"val {100 * best_val:6.2f}  [test {100 * out.metrics['top1']:6.2f}, shown only]  "
-            f"selected lr={sel['lr']} wd={sel['weight_decay']}")
+            f"selected lr={sel['lr']} wd={sel['weight_decay']}"
+        )
     e0 = a.epochs[0]
     for E in a.epochs[1:]:
-        row["runs"][str(E)]["paired_vs_first"] = {s: paired(right[e0][s], right[E][s]) for s in ("val", "test")}
+        row["runs"][str(E)]["paired_vs_first"] = {
+            s: paired(right[e0][s], right[E][s]) for s in ("val", "test")
+        }
     base = row["runs"][str(e0)]
     row["val_half_width_pts"] = half_width(base["val_top1"], len(va))
     row["test_half_width_pts"] = half_width(base["test_top1"], len(test_y))
-    row["max_abs_val_change_pts"] = max(abs(100 * (r["val_top1"] - base["val_top1"])) for r in row["runs"].values())
-    row["max_val_gain_over_first_pts"] = max(100 * (r["val_top1"] - base["val_top1"]) for r in row["runs"].values())
+    row["max_abs_val_change_pts"] = max(
+        abs(100 * (r["val_top1"] - base["val_top1"])) for r in row["runs"].values()
+    )
+    row["max_val_gain_over_first_pts"] = max(
+        100 * (r["val_top1"] - base["val_top1"]) for r in row["runs"].values()
+    )
     row["first_within_val_noise"] = row["max_val_gain_over_first_pts"] <= row["val_half_width_pts"]
     # paired: no longer schedule beats the first on validation by more than its paired half-width
     row["first_within_paired_val_noise"] = all(
         r["paired_vs_first"]["val"]["diff_pts"] <= r["paired_vs_first"]["val"]["half_width_pts"]
-        for r in row["runs"].values() if "paired_vs_first" in r)
+        for r in row["runs"].values()
+        if "paired_vs_first" in r
+    )
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row["load_end"] = loadavg()
     del train_x, test_x
@@ -322,8 +403,11 @@ def tables(rows: list[dict], epochs: list[int], info: dict) -> str:
     later = [str(E) for E in epochs[1:]]
 
     def deltas(r, split):
-        return " | ".join(f"{r['runs'][E]['paired_vs_first'][split]['diff_pts']:+.2f} "
-                          f"± {r['runs'][E]['paired_vs_first'][split]['half_width_pts']:.2f}" for E in later)
+        return " | ".join(
+            f"{r['runs'][E]['paired_vs_first'][split]['diff_pts']:+.2f} "
+            f"± {r['runs'][E]['paired_vs_first'][split]['half_width_pts']:.2f}"
+            for E in later
+        )
 
     lines = [
         "Validation top-1 (%) of the selected head (max over the card's grid of val top-1: the figure the "
@@ -331,7 +415,9 @@ def tables(rows: list[dict], epochs: list[int], info: dict) -> str:
         f"Δ E = val(E) - val({e0}) with its paired 95% half-width; binomial ± = 1.96 sqrt(p(1-p)/n_val) "
         f"at {e0} epochs.",
         "",
-        "| features | n val | " + " | ".join(f"{E} epochs" for E in epochs) + " | "
+        "| features | n val | "
+        + " | ".join(f"{E} epochs" for E in epochs)
+        + " | "
         + " | ".join(f"Δ {E} (paired ±)" for E in later)
         + f" | binomial ± | {e0} within noise? (binomial / paired) |",
         "|---|---:|" + "---:|" * (len(epochs) + len(later) + 1) + "---|",
@@ -341,54 +427,88 @@ def tables(rows: list[dict], epochs: list[int], info: dict) -> str:
             f"| {r['label']} | {r['val']:,} | "
             + " | ".join(f"{100 * r['runs'][str(E)]['val_top1']:.2f}" for E in epochs)
             + f" | {deltas(r, 'val')} | {r['val_half_width_pts']:.2f} | "
-            f"{'yes' if r['first_within_val_noise'] else 'NO'} / {'yes' if r['first_within_paired_val_noise'] else 'NO'} |")
+            f"{'yes' if r['first_within_val_noise'] else 'NO'} / {'yes' if r['first_within_paired_val_noise'] else 'NO'} |"
+        )
     lines += [
         "",
         "Test top-1 (%) of the same heads: SHOWN, NOT USED TO CHOOSE.",
         "",
-        "| features | n test | " + " | ".join(f"{E} epochs" for E in epochs) + " | "
-        + " | ".join(f"Δ {E} (paired ±)" for E in later) + " | binomial ± |",
+        "| features | n test | "
+        + " | ".join(f"{E} epochs" for E in epochs)
+        + " | "
+        + " | ".join(f"Δ {E} (paired ±)" for E in later)
+        + " | binomial ± |",
         "|---|---:|" + "---:|" * (len(epochs) + len(later) + 1),
     ]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['test']:,} | "
             + " | ".join(f"{100 * r['runs'][str(E)]['test_top1']:.2f}" for E in epochs)
-            + f" | {deltas(r, 'test')} | {r['test_half_width_pts']:.2f} |")
-    lines += ["", "Epochs actually run (the card raises epochs to reach min_steps = 200 optimiser steps):", ""]
+            + f" | {deltas(r, 'test')} | {r['test_half_width_pts']:.2f} |"
+        )
+    lines += [
+        "",
+        "Epochs actually run (the card raises epochs to reach min_steps = 200 optimiser steps):",
+        "",
+    ]
     for r in rows:
         ran = ", ".join(f"{E}->{r['runs'][str(E)]['epochs_run']}" for E in epochs)
-        lines.append(f"- {r['label']}: {ran}; selected heads "
-                     + ", ".join(f"{E}: lr {r['runs'][str(E)]['selected']['lr']} wd {r['runs'][str(E)]['selected']['weight_decay']}"
-                                 for E in epochs)
-                     + f"; {r['wall_s']:.0f} s (measured {r['measured']}, load {r['load_start']} -> {r['load_end']})")
-    lines += ["", f"Machine: {info['cpu']}, {info['lscpu'].get('CPU(s)', '?')} CPUs "
-              f"({info['lscpu'].get('Core(s) per socket', '?')} cores per socket x {info['lscpu'].get('Socket(s)', '?')} socket, "
-              f"{info['lscpu'].get('Thread(s) per core', '?')} thread per core), {info['memory_gib']} GiB, "
-              f"torch {info['torch']} ({info['cpu_capability']}), ssl_eval {info['ssl_eval']}."]
+        lines.append(
+            f"- {r['label']}: {ran}; selected heads "
+            + ", ".join(
+                f"{E}: lr {r['runs'][str(E)]['selected']['lr']} wd {r['runs'][str(E)]['selected']['weight_decay']}"
+                for E in epochs
+            )
+            + f"; {r['wall_s']:.0f} s (measured {r['measured']}, load {r['load_start']} -> {r['load_end']})"
+        )
+    lines += [
+        "",
+        f"Machine: {info['cpu']}, {info['lscpu'].get('CPU(s)', '?')} CPUs "
+        f"({info['lscpu'].get('Core(s) per socket', '?')} cores per socket x {info['lscpu'].get('Socket(s)', '?')} socket, "
+        f"{info['lscpu'].get('Thread(s) per core', '?')} thread per core), {info['memory_gib']} GiB, "
+        f"torch {info['torch']} ({info['cpu_capability']}), ssl_eval {info['ssl_eval']}.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sources", default=DEFAULT_SOURCES, help=f"comma-separated, from: {', '.join(LABELS)}")
-    ap.add_argument("--epochs", default="3,10,20", help="epochs to compare; the first is the one judged")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--sources", default=DEFAULT_SOURCES, help=f"comma-separated, from: {', '.join(LABELS)}"
+    )
+    ap.add_argument(
+        "--epochs", default="3,10,20", help="epochs to compare; the first is the one judged"
+    )
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/ssl_cache"))
     ap.add_argument("--cifar-dir", type=Path, default=Path("/tmp/cifar10_jpeg"))
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "linear_epochs",
-                    help="writes OUT.json and OUT.md")
-    ap.add_argument("--reuse-features", action="store_true",
-                    help="accept a cached feature entry written under another ssl-eval source hash (said in the row)")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of other sources already in OUT.json (add or replace these)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "results" / "benchmarks" / "linear_epochs",
+        help="writes OUT.json and OUT.md",
+    )
+    ap.add_argument(
+        "--reuse-features",
+        action="store_true",
+        help="accept a cached feature entry written under another ssl-eval source hash (said in the row)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of other sources already in OUT.json (add or replace these)",
+    )
     a = ap.parse_args(argv)
     a.epochs = [int(e) for e in a.epochs.split(",")]
     sources = [s.strip() for s in a.sources.split(",") if s.strip()]
 
     t_start = time.perf_counter()
     info = machine()
-    log(f"machine: {info['cpu']}, {info['lscpu']}, torch threads {info['torch_threads']}; load {loadavg()}")
+    log(
+        f"machine: {info['cpu']}, {info['lscpu']}, torch threads {info['torch_threads']}; load {loadavg()}"
+    )
     rows = [ablate(s, a) for s in sources]
     total = time.perf_counter() - t_start
 
@@ -397,16 +517,31 @@ def main(argv=None) -> int:
     kept = [r for r in previous.get("rows", []) if r["source"] not in sources]
     order = list(LABELS)
     all_rows = sorted(kept + rows, key=lambda r: order.index(r["source"]))
-    runs = previous.get("invocations", []) + [{"argv": sys.argv, "sources": sources, "total_s": round(total, 1),
-                                               "machine": info}]
+    runs = previous.get("invocations", []) + [
+        {"argv": sys.argv, "sources": sources, "total_s": round(total, 1), "machine": info}
+    ]
     text = tables(all_rows, a.epochs, info)
     log("\n" + text + f"\n\ntotal {total:.0f} s; load {loadavg()}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"epochs": a.epochs, "val_fraction": VAL_FRACTION, "split_seed": SPLIT_SEED,
-                                     "seed": SEED, "rows": all_rows, "invocations": runs}, indent=1) + "\n")
+    json_path.write_text(
+        json.dumps(
+            {
+                "epochs": a.epochs,
+                "val_fraction": VAL_FRACTION,
+                "split_seed": SPLIT_SEED,
+                "seed": SEED,
+                "rows": all_rows,
+                "invocations": runs,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     calls = "; ".join(f"--sources {','.join(r['sources'])}: {r['total_s']:.0f} s" for r in runs)
-    md_path.write_text("# Linear probe: epochs chosen on validation\n\n`python benchmarks/linear_epochs.py` "
-                       f"(invocations: {calls})\n\n" + text + "\n")
+    md_path.write_text(
+        "# Linear probe: epochs chosen on validation\n\n`python benchmarks/linear_epochs.py` "
+        f"(invocations: {calls})\n\n" + text + "\n"
+    )
     log(f"wrote {json_path} and {md_path}")
     return 0
 

@@ -46,7 +46,9 @@ def read_yaml(path: Path, what: str) -> object:
     except OSError as e:
         raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
-        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+        raise UserError(
+            f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from e
     return parse_yaml(text, str(path))
 
 
@@ -92,7 +94,10 @@ def _coerce(tp: Any, v: object, where: str) -> object:
         if args and args[-1] is not Ellipsis:
             if len(seq) != len(args):
                 raise UserError(f"{where}: expected {len(args)} values, got {v!r}")
-            return tuple(_coerce(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, seq, strict=True)))
+            return tuple(
+                _coerce(a, x, f"{where}[{i}]")
+                for i, (a, x) in enumerate(zip(args, seq, strict=True))
+            )
         item = args[0] if args else Any
         return tuple(_coerce(item, x, f"{where}[{i}]") for i, x in enumerate(seq))
     if origin is list or tp is list:
@@ -129,8 +134,10 @@ def parse_set(assignment: str) -> tuple[str, object]:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise UserError(f"--set {assignment!r}: the value is not valid YAML ({yaml_problem(e)}); "
-                        "quote it, e.g. --set 'key=[1, 2]'") from e
+        raise UserError(
+            f"--set {assignment!r}: the value is not valid YAML ({yaml_problem(e)}); "
+            "quote it, e.g. --set 'key=[1, 2]'"
+        ) from e
     return key, value
 
 
@@ -138,7 +145,9 @@ def deep_update(base: dict, upd: dict) -> dict:
     """``base`` with ``upd`` merged in, nested dicts merged key by key."""
     out = dict(base)
     for k, v in upd.items():
-        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -196,7 +205,9 @@ class RunConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError("--val-fraction must be between 0 and 1")
         if self.image_size is not None and self.image_size < 1:
-            raise UserError(f"--image-size must be a positive number of pixels, not {self.image_size}")
+            raise UserError(
+                f"--image-size must be a positive number of pixels, not {self.image_size}"
+            )
         if self.num_workers is not None and self.num_workers < 0:
             raise UserError("--num-workers must be 0 or more")
         if not self.seeds:

@@ -43,29 +43,37 @@ class UnitOutcome:
     path: Path | None = None
 
 
-def unit_key(backbone: Backbone, bundle: DatasetBundle, card: ProtocolCard, cfg: RunConfig,
-             seed: int | None, device: torch.device) -> str:
+def unit_key(
+    backbone: Backbone,
+    bundle: DatasetBundle,
+    card: ProtocolCard,
+    cfg: RunConfig,
+    seed: int | None,
+    device: torch.device,
+) -> str:
     """The identity of one unit of work: everything that changes its numbers, the code and
     library versions included; ``seed`` is None where the unit does not depend on it."""
-    return sha256_json({
-        "schema": SCHEMA_VERSION,
-        "backbone": backbone.tag,
-        "weights": backbone.weights.sha256,
-        "preprocessing": backbone.preprocessing.to_dict(),
-        "feature_kind": backbone.feature_kind,
-        "architecture": _architecture(backbone),
-        "feature_options": _feature_options(cfg),
-        "dataset": bundle.name,
-        "fingerprint": bundle.fingerprint,
-        "protocol": card.to_record() | {"source": None},
-        "split": [cfg.val_fraction, cfg.split_seed],
-        "seed": seed,
-        # what computes the number: ssl-eval's source, the libraries, the device and precision
-        "code": source_hash(),
-        "libraries": library_versions(),
-        "device": device.type,
-        "autocast": autocast_dtype(device),
-    })[:20]
+    return sha256_json(
+        {
+            "schema": SCHEMA_VERSION,
+            "backbone": backbone.tag,
+            "weights": backbone.weights.sha256,
+            "preprocessing": backbone.preprocessing.to_dict(),
+            "feature_kind": backbone.feature_kind,
+            "architecture": _architecture(backbone),
+            "feature_options": _feature_options(cfg),
+            "dataset": bundle.name,
+            "fingerprint": bundle.fingerprint,
+            "protocol": card.to_record() | {"source": None},
+            "split": [cfg.val_fraction, cfg.split_seed],
+            "seed": seed,
+            # what computes the number: ssl-eval's source, the libraries, the device and precision
+            "code": source_hash(),
+            "libraries": library_versions(),
+            "device": device.type,
+            "autocast": autocast_dtype(device),
+        }
+    )[:20]
 
 
 def _architecture(bb: Backbone) -> dict:
@@ -75,7 +83,11 @@ def _architecture(bb: Backbone) -> dict:
 
 
 def _feature_options(cfg: RunConfig) -> dict:
-    return {"dtype": cfg.feature_dtype, "image_size": cfg.image_size, "feature_kind": cfg.feature_kind}
+    return {
+        "dtype": cfg.feature_dtype,
+        "image_size": cfg.image_size,
+        "feature_kind": cfg.feature_kind,
+    }
 
 
 def _seeded_backbone(bb: Backbone) -> bool:
@@ -111,7 +123,9 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
         return backbones[(name, seed)]
 
     for ds_name in cfg.datasets:
-        bundle = get_dataset(ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests"))
+        bundle = get_dataset(
+            ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests")
+        )
         _preflight(bundle, cfg)
         for bb_name in cfg.backbones:
             todo: dict[int, list] = {}
@@ -122,12 +136,16 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
                     if not dependent and seed != cfg.seeds[0]:
                         continue  # one run serves every seed
                     if not dependent and len(cfg.seeds) > 1 and seed == cfg.seeds[0]:
-                        log(f"{card.name} on {bb.tag} does not depend on the seed: one run serves "
-                            f"seeds {', '.join(map(str, cfg.seeds))}")
+                        log(
+                            f"{card.name} on {bb.tag} does not depend on the seed: one run serves "
+                            f"seeds {', '.join(map(str, cfg.seeds))}"
+                        )
                     key = unit_key(bb, bundle, card, cfg, seed if dependent else None, device)
                     if not cfg.force and unit_done(cfg.results_dir, key):
-                        log(f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): already in "
-                            f"{cfg.results_dir} (use --force to redo)")
+                        log(
+                            f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): already in "
+                            f"{cfg.results_dir} (use --force to redo)"
+                        )
                         outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
                     else:
                         todo.setdefault(id(bb), [bb, []])[1].append((card, key, seed, dependent))
@@ -141,20 +159,36 @@ def _preflight(bundle: DatasetBundle, cfg: RunConfig) -> None:
     one class), before any backbone is built or feature extracted."""
     labels = np.asarray(bundle.train.labels)
     if bundle.num_classes < 2 or len(np.unique(labels)) < 2:
-        raise UserError(f"dataset {bundle.name} has a single class: every protocol would score 100%; "
-                        "give it at least two classes")
+        raise UserError(
+            f"dataset {bundle.name} has a single class: every protocol would score 100%; "
+            "give it at least two classes"
+        )
     train_idx, val_idx = stratified_val_split(labels, cfg.val_fraction, cfg.split_seed)
     counts_tr = np.bincount(labels[train_idx], minlength=bundle.num_classes)
     counts_all = np.bincount(labels, minlength=bundle.num_classes)
-    shape = DataShape(len(train_idx), len(val_idx), len(bundle.test), bundle.num_classes,
-                      int(counts_tr[counts_tr > 0].min()), int(counts_all[counts_all > 0].min()))
+    shape = DataShape(
+        len(train_idx),
+        len(val_idx),
+        len(bundle.test),
+        bundle.num_classes,
+        int(counts_tr[counts_tr > 0].min()),
+        int(counts_all[counts_all > 0].min()),
+    )
     for card in cfg.protocols:
         if card.protocol.preflight is not None:
             card.protocol.preflight(card.params, shape)
 
 
 def _build_options(cfg: RunConfig, seed: int) -> BuildOptions:
-    return BuildOptions(cfg.weights, cfg.image_size, cfg.feature_kind, cfg.offline, seed=seed, family=cfg.family, arch=cfg.arch)
+    return BuildOptions(
+        cfg.weights,
+        cfg.image_size,
+        cfg.feature_kind,
+        cfg.offline,
+        seed=seed,
+        family=cfg.family,
+        arch=cfg.arch,
+    )
 
 
 def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> list[UnitOutcome]:
@@ -163,8 +197,15 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
     def features(split: str):
         if split not in feats:
             feats[split] = extract(
-                bb, bundle, split, cache_dir=cache_dir, device=device, batch_size=cfg.batch_size,
-                dtype=cfg.feature_dtype, num_workers=cfg.num_workers, progress=cfg.progress,
+                bb,
+                bundle,
+                split,
+                cache_dir=cache_dir,
+                device=device,
+                batch_size=cfg.batch_size,
+                dtype=cfg.feature_dtype,
+                num_workers=cfg.num_workers,
+                progress=cfg.progress,
             )
         return feats[split]
 
@@ -174,31 +215,64 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
         seed_everything(seed)
         ptype = card.protocol
         if ptype.inputs == "images" and not any(p.requires_grad for p in bb.model.parameters()):
-            raise UserError(f"{card.name} trains the backbone, but {bb.tag} has no trainable parameters; "
-                            "evaluate it with a frozen protocol (knn, linear, fewshot)")
+            raise UserError(
+                f"{card.name} trains the backbone, but {bb.tag} has no trainable parameters; "
+                "evaluate it with a frozen protocol (knn, linear, fewshot)"
+            )
         if ptype.inputs == "images":
-            inputs = ImageInputs(bb, bundle, train_idx, val_idx, device, seed,
-                                 cache_dir / "train_state" / key, cfg.num_workers)
+            inputs = ImageInputs(
+                bb,
+                bundle,
+                train_idx,
+                val_idx,
+                device,
+                seed,
+                cache_dir / "train_state" / key,
+                cfg.num_workers,
+            )
         else:
             tr, te = features("train"), features("test")
-            inputs = ProtocolInputs(tr.features, tr.labels, te.features, te.labels,
-                                    train_idx, val_idx, bundle.num_classes, device, seed)
+            inputs = ProtocolInputs(
+                tr.features,
+                tr.labels,
+                te.features,
+                te.labels,
+                train_idx,
+                val_idx,
+                bundle.num_classes,
+                device,
+                seed,
+            )
         t0 = time.perf_counter()
         result = ptype.run(inputs, card.params)
         wall = time.perf_counter() - t0
         unit = Unit(
-            key=key, run_id=run_id, seed=seed,
+            key=key,
+            run_id=run_id,
+            seed=seed,
             split={"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed},
             sizes={"train": len(train_idx), "val": len(val_idx), "test": len(bundle.test)},
-            device=device_name(device), feature_options=_feature_options(cfg), seed_dependent=dependent,
+            device=device_name(device),
+            feature_options=_feature_options(cfg),
+            seed_dependent=dependent,
             features={
                 "feature_cache": {s: f.key for s, f in feats.items()},
                 "feature_dtype": cfg.feature_dtype,
                 "feature_seconds": {s: round(f.seconds, 2) for s, f in feats.items()},
-            } if feats else None,
+            }
+            if feats
+            else None,
         )
-        records = build_records(unit, bb, bundle, card, result, wall, peak_memory_mb(device.type),
-                                cfg.bootstrap_resamples)
+        records = build_records(
+            unit,
+            bb,
+            bundle,
+            card,
+            result,
+            wall,
+            peak_memory_mb(device.type),
+            cfg.bootstrap_resamples,
+        )
         path = write_unit(cfg.results_dir, key, run_id, records)
         metrics = {r.metric: r.value for r in records}
         log(

@@ -73,13 +73,21 @@ class _Images(Dataset):
 
     def _first_shape(self) -> tuple[int, ...]:
         if not hasattr(self, "_first"):
-            self._first = tuple(self.pre.geometric(
-                torch.from_numpy(np.ascontiguousarray(self.split.load(0))).permute(2, 0, 1)).shape)
+            self._first = tuple(
+                self.pre.geometric(
+                    torch.from_numpy(np.ascontiguousarray(self.split.load(0))).permute(2, 0, 1)
+                ).shape
+            )
         return self._first
 
 
-def cache_key(backbone: Backbone, bundle: DatasetBundle, split: str, dtype: str,
-              device: torch.device | None = None) -> dict:
+def cache_key(
+    backbone: Backbone,
+    bundle: DatasetBundle,
+    split: str,
+    dtype: str,
+    device: torch.device | None = None,
+) -> dict:
     """Everything that changes the features: the weights, the tag's preprocessing and feature
     kind, the data, the storage dtype, the code that computes them (the source of this file,
     of backbones/ and of data/, hashed), the library versions, the device kind and autocast
@@ -97,7 +105,9 @@ def cache_key(backbone: Backbone, bundle: DatasetBundle, split: str, dtype: str,
         "feature_kind": backbone.feature_kind,
         # two readings of one file (family, architecture) are two backbones
         "family": backbone.load_report.get("family"),
-        "architecture": {k: v for k, v in (backbone.load_report.get("architecture") or {}).items() if k != "from"},
+        "architecture": {
+            k: v for k, v in (backbone.load_report.get("architecture") or {}).items() if k != "from"
+        },
         "dataset": bundle.name,
         "dataset_fingerprint": bundle.fingerprint,
         "split": split,
@@ -167,8 +177,10 @@ def extract(
         np.save(tmp / "labels.npy", np.asarray(images.split.labels, dtype=np.int64))
         seconds = time.perf_counter() - t0
         sums = {f: file_checksum(tmp / f) for f in ("features.npy", "labels.npy")}
-        atomic_write_json(tmp / "meta.json", {"key": key_obj, "n": n, "seconds": seconds,
-                                              "checksum": CHECKSUM, "checksums": sums})
+        atomic_write_json(
+            tmp / "meta.json",
+            {"key": key_obj, "n": n, "seconds": seconds, "checksum": CHECKSUM, "checksums": sums},
+        )
     log(f"wrote {backbone.tag} features for {bundle.name}/{split} in {seconds:.1f}s", "cache")
     fs = _open(entry, key, hit=False)
     fs.seconds = seconds

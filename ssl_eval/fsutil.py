@@ -101,8 +101,10 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"cannot write to the {what} {path} ({e.strerror or e}); "
-                        "make it writable or choose another folder") from e
+        raise UserError(
+            f"cannot write to the {what} {path} ({e.strerror or e}); "
+            "make it writable or choose another folder"
+        ) from e
     return path
 
 

@@ -33,7 +33,9 @@ def _block_topk(q: torch.Tensor, blk: torch.Tensor, k: int, buf: torch.Tensor):
     g = int(math.sqrt(nb / k))  # balances the two stages: nb / g maxima, then g * k candidates
     if g < 4:
         return s.topk(k, dim=1)
-    m = nb // g  # group c holds columns c, c + m, ..., c + (g - 1) m; the nb - g m left over are candidates too
+    m = (
+        nb // g
+    )  # group c holds columns c, c + m, ..., c + (g - 1) m; the nb - g m left over are candidates too
     main = g * m
     v = s[:, :main].view(nq, g, m)
     top_groups = v.amax(1).topk(k, dim=1, sorted=False).indices  # (nq, k)
@@ -51,7 +53,9 @@ def _search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, memory_mb: 
     q_chunk = 1024
     b_chunk = min(len(bank), max(k, (memory_mb << 20) // (4 * q_chunk)))
     # one similarity buffer for the whole search (a fresh block per chunk costs page faults)
-    buf = torch.empty(min(q_chunk, len(queries)) * b_chunk, dtype=queries.dtype, device=queries.device)
+    buf = torch.empty(
+        min(q_chunk, len(queries)) * b_chunk, dtype=queries.dtype, device=queries.device
+    )
     sims_out, idx_out = [], []
     for qs in range(0, len(queries), q_chunk):
         q = queries[qs : qs + q_chunk]
@@ -82,7 +86,9 @@ def _search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int, memory_mb: 
     try:
         import faiss
     except ImportError as e:
-        raise UserError("k-NN backend 'faiss' needs faiss: pip install faiss-cpu (or the [gpu] extra)") from e
+        raise UserError(
+            "k-NN backend 'faiss' needs faiss: pip install faiss-cpu (or the [gpu] extra)"
+        ) from e
     b = np.ascontiguousarray(bank.cpu().numpy(), dtype=np.float32)
     if queries.device.type == "cuda" and _faiss_gpu_available():
         index = faiss.index_cpu_to_gpu(
@@ -137,7 +143,9 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return "faiss"
 
 
-def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, backend: str = "auto", memory_mb: int = 512):
+def knn_search(
+    bank: torch.Tensor, queries: torch.Tensor, k: int, backend: str = "auto", memory_mb: int = 512
+):
     """Top-``k`` cosine neighbours of every query. Inputs must be L2-normalised.
     Returns (similarities (Q, k) float32, indices (Q, k) int64), best first."""
     k = min(k, len(bank))
@@ -146,7 +154,12 @@ def knn_search(bank: torch.Tensor, queries: torch.Tensor, k: int, backend: str =
 
 
 def knn_vote(
-    sims: torch.Tensor, idx: torch.Tensor, bank_labels: torch.Tensor, ks, temperature: float, num_classes: int
+    sims: torch.Tensor,
+    idx: torch.Tensor,
+    bank_labels: torch.Tensor,
+    ks,
+    temperature: float,
+    num_classes: int,
 ) -> dict[int, torch.Tensor]:
     """Class scores (Q, C) for each k, from neighbours sorted best-first."""
     weights = (sims / temperature).exp()
@@ -160,7 +173,9 @@ def knn_vote(
     return out
 
 
-def knn_classify(bank_x, bank_y, query_x, ks, temperature, num_classes, backend="auto", memory_mb=512):
+def knn_classify(
+    bank_x, bank_y, query_x, ks, temperature, num_classes, backend="auto", memory_mb=512
+):
     """Normalise, search once for max(ks), vote for every k. Returns {k: scores (Q, C)}."""
     bank = F.normalize(bank_x, dim=1)
     queries = F.normalize(query_x, dim=1)

@@ -91,8 +91,11 @@ def difference_labels(summaries: dict[str, dict], weights: Counter) -> dict[str,
             labels[k] = ""
             continue
         flat = _flat(s)
-        diffs = [_describe(p, flat.get(p)) for p in sorted(set(flat) | set(flat_ref))
-                 if flat.get(p) != flat_ref.get(p)]
+        diffs = [
+            _describe(p, flat.get(p))
+            for p in sorted(set(flat) | set(flat_ref))
+            if flat.get(p) != flat_ref.get(p)
+        ]
         labels[k] = " ".join(diffs) or k[:8]
     seen = Counter(labels.values())
     return {k: (f"{v} #{k[:6]}" if v and seen[v] > 1 else v) for k, v in labels.items()}
@@ -258,7 +261,9 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
     results_dir = Path(results_dir)
     records = load_records(results_dir)
     if not records:
-        raise UserError(f"no result records under {results_dir / 'records'}; run `ssl-eval run` first")
+        raise UserError(
+            f"no result records under {results_dir / 'records'}; run `ssl-eval run` first"
+        )
     t = build_table(records, metric)
     if not t.cells:
         raise UserError(f"no records carry the metric {metric!r}")
@@ -266,18 +271,44 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["backbone"] + [x for c in t.cols for x in (t.col_label[c], f"{t.col_label[c]} ±",
-                                                          f"{t.col_label[c]} interval")])
+    w.writerow(
+        ["backbone"]
+        + [
+            x
+            for c in t.cols
+            for x in (t.col_label[c], f"{t.col_label[c]} ±", f"{t.col_label[c]} interval")
+        ]
+    )
     for b in t.rows:
         row = [t.row_label[b]]
         for c in t.cols:
             cell = t.cells.get((b, c))
-            row += ["", "", ""] if cell is None else [
-                f"{cell.value:.2f}", "" if cell.half_width is None else f"{cell.half_width:.2f}", cell.kind]
+            row += (
+                ["", "", ""]
+                if cell is None
+                else [
+                    f"{cell.value:.2f}",
+                    "" if cell.half_width is None else f"{cell.half_width:.2f}",
+                    cell.kind,
+                ]
+            )
         w.writerow(row)
-    w.writerow(["best"] + [x for c in t.cols for x in (
-        ";".join(t.row_label[b] for b in t.rows if (b, c) in t.cells and t.cells[(b, c)].value == best[c]),
-        "", "")])
+    w.writerow(
+        ["best"]
+        + [
+            x
+            for c in t.cols
+            for x in (
+                ";".join(
+                    t.row_label[b]
+                    for b in t.rows
+                    if (b, c) in t.cells and t.cells[(b, c)].value == best[c]
+                ),
+                "",
+                "",
+            )
+        ]
+    )
     csv_path = results_dir / "leaderboard.csv"
     atomic_write_text(csv_path, buf.getvalue())
 
@@ -295,19 +326,31 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
         out = []
         for c in t.cols:
             cell = t.cells.get((b, c))
-            out.append("" if cell is None else (f"**{cell.text()}**" if cell.value == best[c] else cell.text()))
+            out.append(
+                ""
+                if cell is None
+                else (f"**{cell.text()}**" if cell.value == best[c] else cell.text())
+            )
         lines.append(f"| {_md(t.row_label[b])} | " + " | ".join(out) + " |")
     lines += ["", "Intervals: " + "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in kinds) + "."]
-    lines += ["", "## Settings", "",
-              "Every column is one setting: the protocol card with its resolved params, the data, the "
-              "split and the feature options. Columns that share a protocol are labelled with what "
-              "differs.", ""]
+    lines += [
+        "",
+        "## Settings",
+        "",
+        "Every column is one setting: the protocol card with its resolved params, the data, the "
+        "split and the feature options. Columns that share a protocol are labelled with what "
+        "differs.",
+        "",
+    ]
     for c in t.cols:
         lines.append(f"- `{c}` **{_md(t.col_label[c])}**: {_md(_summary_text(t.col_summary[c]))}")
     labelled = [b for b in t.rows if t.row_label[b] != t.row_summary[b]["backbone"]]
     if labelled:
         lines += ["", "Rows of one backbone under several settings:", ""]
-        lines += [f"- `{b}` **{_md(t.row_label[b])}**: {_md(_summary_text(t.row_summary[b]))}" for b in labelled]
+        lines += [
+            f"- `{b}` **{_md(t.row_label[b])}**: {_md(_summary_text(t.row_summary[b]))}"
+            for b in labelled
+        ]
     md_path = results_dir / "leaderboard.md"
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
@@ -319,14 +362,17 @@ def _summary_text(s: dict) -> str:
 
 def _md(text: str) -> str:
     """A table-safe markdown string: pipes and backticks escaped, no newlines."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("\n", " ")
+    return (
+        str(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("\n", " ")
+    )
 
 
 # ---------------------------------------------------------------- compare
 
 
-def compare(results_dir: Path, a: str, b: str, seed: int = 0,
-            allow_different_settings: bool = False) -> list[dict]:
+def compare(
+    results_dir: Path, a: str, b: str, seed: int = 0, allow_different_settings: bool = False
+) -> list[dict]:
     """For every column both backbones have, the top-1 difference (b - a) with a paired
     bootstrap interval and McNemar's test on the same test images. Records are paired only
     under the same setting; where the two backbones ran the same protocol under different
@@ -369,13 +415,19 @@ def compare(results_dir: Path, a: str, b: str, seed: int = 0,
     paired_b = {partner(k, rb_all) for k, *_ in pairs}
     lone_b = [k for k in rb_all if k not in paired_b]
     # the same dataset and protocol under different settings
-    group = {k: (r.dataset.get("name"), r.protocol.get("name")) for k, r in (ra_all | rb_all).items()}
+    group = {
+        k: (r.dataset.get("name"), r.protocol.get("name")) for k, r in (ra_all | rb_all).items()
+    }
     for ka in lone_a:
         for kb in lone_b:
-            if group[ka] != group[kb] or (ka[1] is not None and kb[1] is not None and ka[1] != kb[1]):
+            if group[ka] != group[kb] or (
+                ka[1] is not None and kb[1] is not None and ka[1] != kb[1]
+            ):
                 continue
-            diff = difference_labels({ka[0]: table.col_summary[ka[0]], kb[0]: table.col_summary[kb[0]]},
-                                     Counter({ka[0]: 1}))[kb[0]]
+            diff = difference_labels(
+                {ka[0]: table.col_summary[ka[0]], kb[0]: table.col_summary[kb[0]]},
+                Counter({ka[0]: 1}),
+            )[kb[0]]
             what = f"{group[ka][0]} / {group[ka][1]}"
             if not allow_different_settings:
                 raise UserError(
@@ -387,17 +439,31 @@ def compare(results_dir: Path, a: str, b: str, seed: int = 0,
     out = []
     for (col, _), ra, rb, differs in pairs:
         s = ra.seed if ra.seed_dependent else (rb.seed if rb.seed_dependent else None)
-        row = {"column": table.col_label[col], "seed": s, "a": ra.value, "b": rb.value,
-               "diff": rb.value - ra.value}
+        row = {
+            "column": table.col_label[col],
+            "seed": s,
+            "a": ra.value,
+            "b": rb.value,
+            "diff": rb.value - ra.value,
+        }
         if differs:
             row["settings_differ"] = differs
         da, db = ra.details, rb.details
-        if "per_sample_correct" in da and "per_sample_correct" in db and da.get("n_test") == db.get("n_test"):
+        if (
+            "per_sample_correct" in da
+            and "per_sample_correct" in db
+            and da.get("n_test") == db.get("n_test")
+        ):
             if ra.dataset.get("fingerprint") != rb.dataset.get("fingerprint"):
-                raise UserError(f"{row['column']}: the two backbones were evaluated on different data; cannot pair")
+                raise UserError(
+                    f"{row['column']}: the two backbones were evaluated on different data; cannot pair"
+                )
             ca = unpack_bits(da["per_sample_correct"], da["n_test"])
             cb = unpack_bits(db["per_sample_correct"], db["n_test"])
-            row |= {"paired_bootstrap": paired_bootstrap(ca, cb, seed=seed), "mcnemar": mcnemar(ca, cb)}
+            row |= {
+                "paired_bootstrap": paired_bootstrap(ca, cb, seed=seed),
+                "mcnemar": mcnemar(ca, cb),
+            }
         out.append(row)
     if not out:
         raise UserError(f"{a!r} and {b!r} share no (dataset, protocol) with top-1 results")

@@ -27,11 +27,16 @@ def source_hash(*parts: str) -> str:
     derived from the files themselves, so no version constant has to be bumped by hand."""
     roots = [PACKAGE_DIR / p for p in parts] if parts else [PACKAGE_DIR]
     if not parts:
-        cards = next((d for d in (PACKAGE_DIR / "_cards", PACKAGE_DIR.parent / "protocols") if d.is_dir()), None)
+        cards = next(
+            (d for d in (PACKAGE_DIR / "_cards", PACKAGE_DIR.parent / "protocols") if d.is_dir()),
+            None,
+        )
         roots += [cards] if cards else []
     files: list[Path] = []
     for r in roots:
-        files += [r] if r.is_file() else sorted(p for p in r.rglob("*") if p.suffix in (".py", ".yaml"))
+        files += (
+            [r] if r.is_file() else sorted(p for p in r.rglob("*") if p.suffix in (".py", ".yaml"))
+        )
     h = hashlib.sha256()
     for f in sorted(set(files)):
         rel = f.relative_to(PACKAGE_DIR.parent) if f.is_relative_to(PACKAGE_DIR.parent) else f.name
@@ -50,7 +55,11 @@ def module_sources(*objects: object) -> dict[str, str]:
         for c in classes:
             with contextlib.suppress(TypeError, OSError):
                 path = inspect.getsourcefile(c)
-                if path and "site-packages/torch/" not in path.replace("\\", "/") and c is not object:
+                if (
+                    path
+                    and "site-packages/torch/" not in path.replace("\\", "/")
+                    and c is not object
+                ):
                     out[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return dict(sorted(out.items()))
 
@@ -60,7 +69,16 @@ def package_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "ssl_eval": __version__}
-    for name in ("torch", "torchvision", "timm", "numpy", "pillow", "scikit-learn", "faiss-cpu", "faiss-gpu-cu12"):
+    for name in (
+        "torch",
+        "torchvision",
+        "timm",
+        "numpy",
+        "pillow",
+        "scikit-learn",
+        "faiss-cpu",
+        "faiss-gpu-cu12",
+    ):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out
@@ -78,11 +96,19 @@ def code_version() -> str:
     here = PACKAGE_DIR.parent
     base = __version__
     try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
+        rev = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if rev.returncode == 0 and (here / ".git").exists():
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "ssl_eval", "protocols"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(here), "status", "--porcelain", "--", "ssl_eval", "protocols"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             base = f"{__version__}+g{rev.stdout.strip()}" + (".dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass

@@ -58,8 +58,12 @@ class ResultRecord:
     ci_method: str = ""  # "bootstrap-test" (resampling test images) or "t-seeds" / "t-episodes"
     spread: dict | None = None  # mean/std/n over seeds or episodes where the protocol ran several
     details: dict = field(default_factory=dict)
-    setting: dict = field(default_factory=dict)  # what makes two numbers comparable: see make_setting
-    seed_dependent: bool = True  # whether the number changes with the seed (protocol or backbone init)
+    setting: dict = field(
+        default_factory=dict
+    )  # what makes two numbers comparable: see make_setting
+    seed_dependent: bool = (
+        True  # whether the number changes with the seed (protocol or backbone init)
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,11 +79,16 @@ class ResultRecord:
             raise ValueError(f"a record must be a mapping, got {type(d).__name__}")
         version = d.get("schema_version")
         if isinstance(version, int) and version > SCHEMA_VERSION:
-            raise ValueError(f"written by a newer ssl-eval (record schema {version}, this one reads "
-                             f"<= {SCHEMA_VERSION}); upgrade ssl-eval to read it")
+            raise ValueError(
+                f"written by a newer ssl-eval (record schema {version}, this one reads "
+                f"<= {SCHEMA_VERSION}); upgrade ssl-eval to read it"
+            )
         known = {f.name for f in fields(cls) if f.init}
-        missing = [f.name for f in fields(cls) if f.init and f.name not in d
-                   and f.default is MISSING and f.default_factory is MISSING]
+        missing = [
+            f.name
+            for f in fields(cls)
+            if f.init and f.name not in d and f.default is MISSING and f.default_factory is MISSING
+        ]
         if missing:
             raise ValueError(f"missing field(s) {missing}")
         try:  # every field of the right type, checked as cards are
@@ -97,10 +106,18 @@ class ResultRecord:
                 raise ValueError(f"its {name} has no name")
         if not rec.setting:  # schema 1 predates the setting: derive it from what the record holds
             rec.setting = make_setting(
-                rec.backbone, rec.weights, rec.preprocessing, rec.feature_kind, rec.protocol,
-                rec.dataset, rec.split,
-                {"dtype": rec.details.get("feature_dtype", "float16"),
-                 "image_size": "unrecorded (schema 1)", "feature_kind": "unrecorded (schema 1)"},
+                rec.backbone,
+                rec.weights,
+                rec.preprocessing,
+                rec.feature_kind,
+                rec.protocol,
+                rec.dataset,
+                rec.split,
+                {
+                    "dtype": rec.details.get("feature_dtype", "float16"),
+                    "image_size": "unrecorded (schema 1)",
+                    "feature_kind": "unrecorded (schema 1)",
+                },
             )
             rec.seed_dependent = rec.protocol.get("type") != "knn" or _random_init(rec.weights)
         return rec
@@ -115,8 +132,16 @@ def _random_init(weights: dict) -> bool:
     return str(weights.get("source", "")).startswith("random-init")
 
 
-def make_setting(backbone: str, weights: dict, preprocessing: dict, feature_kind: str,
-                 protocol: dict, dataset: dict, split: dict, features: dict) -> dict:
+def make_setting(
+    backbone: str,
+    weights: dict,
+    preprocessing: dict,
+    feature_kind: str,
+    protocol: dict,
+    dataset: dict,
+    split: dict,
+    features: dict,
+) -> dict:
     """The record's ``setting``: a readable ``summary`` of everything that makes two numbers
     comparable, its ``hash``, and the hashes of its two sides.
 
@@ -135,21 +160,32 @@ def make_setting(backbone: str, weights: dict, preprocessing: dict, feature_kind
         fp = {k: v for k, v in fp.items() if k != "content_hash"}
     column = {
         "protocol": {k: protocol.get(k) for k in ("name", "version", "type", "params")},
-        "dataset": {"name": dataset.get("name"),
-                    "fingerprint": sha256_json(fp)[:16] if fp is not None else None},
+        "dataset": {
+            "name": dataset.get("name"),
+            "fingerprint": sha256_json(fp)[:16] if fp is not None else None,
+        },
         "split": {"val_fraction": split.get("val_fraction"), "split_seed": split.get("split_seed")},
-        "features": {"dtype": features.get("dtype"), "image_size": features.get("image_size"),
-                     "feature_kind": features.get("feature_kind")},
+        "features": {
+            "dtype": features.get("dtype"),
+            "image_size": features.get("image_size"),
+            "feature_kind": features.get("feature_kind"),
+        },
     }
-    row = {"backbone": backbone,
-           "weights": "random-init" if _random_init(weights) else weights.get("sha256")}
+    row = {
+        "backbone": backbone,
+        "weights": "random-init" if _random_init(weights) else weights.get("sha256"),
+    }
     if column["features"]["image_size"] is None:
         row["preprocessing"] = preprocessing
     if column["features"]["feature_kind"] is None:
         row["feature_kind"] = feature_kind
     summary = {"row": row, "column": column}
-    return {"hash": sha256_json(summary)[:16], "row": sha256_json(row)[:16],
-            "column": sha256_json(column)[:16], "summary": summary}
+    return {
+        "hash": sha256_json(summary)[:16],
+        "row": sha256_json(row)[:16],
+        "column": sha256_json(column)[:16],
+        "summary": summary,
+    }
 
 
 @dataclass(frozen=True)
@@ -162,9 +198,13 @@ class Unit:
     split: dict  # val_fraction, split_seed
     sizes: dict  # train, val, test
     device: str
-    feature_options: dict  # dtype, and the image_size / feature_kind overrides (None: the backbone's)
+    feature_options: (
+        dict  # dtype, and the image_size / feature_kind overrides (None: the backbone's)
+    )
     seed_dependent: bool = True
-    features: dict | None = None  # feature cache keys, dtype and extraction seconds (frozen protocols)
+    features: dict | None = (
+        None  # feature cache keys, dtype and extraction seconds (frozen protocols)
+    )
 
 
 def build_records(
@@ -184,19 +224,40 @@ def build_records(
     if unit.features:
         details.update(unit.features)
     common = dict(
-        schema_version=SCHEMA_VERSION, run_id=unit.run_id, time=utc_now(), unit=unit.key,
-        backbone=backbone.tag, weights=backbone.weights.to_dict(), load_report=backbone.load_report,
-        preprocessing=backbone.preprocessing.to_dict(), feature_kind=backbone.feature_kind,
+        schema_version=SCHEMA_VERSION,
+        run_id=unit.run_id,
+        time=utc_now(),
+        unit=unit.key,
+        backbone=backbone.tag,
+        weights=backbone.weights.to_dict(),
+        load_report=backbone.load_report,
+        preprocessing=backbone.preprocessing.to_dict(),
+        feature_kind=backbone.feature_kind,
         protocol=card.to_record(),
-        dataset={"name": bundle.name, "fingerprint": bundle.fingerprint,
-                 "num_classes": bundle.num_classes, "sizes": dict(unit.sizes)},
-        split=dict(unit.split), seed=unit.seed, wall_time_s=round(wall_s, 3),
-        peak_memory_mb=round(peak_mb, 1), device=unit.device, packages=package_versions(),
-        code_version=code_version(), seed_dependent=unit.seed_dependent,
+        dataset={
+            "name": bundle.name,
+            "fingerprint": bundle.fingerprint,
+            "num_classes": bundle.num_classes,
+            "sizes": dict(unit.sizes),
+        },
+        split=dict(unit.split),
+        seed=unit.seed,
+        wall_time_s=round(wall_s, 3),
+        peak_memory_mb=round(peak_mb, 1),
+        device=unit.device,
+        packages=package_versions(),
+        code_version=code_version(),
+        seed_dependent=unit.seed_dependent,
     )
     common["setting"] = make_setting(
-        common["backbone"], common["weights"], common["preprocessing"], common["feature_kind"],
-        common["protocol"], common["dataset"], common["split"], unit.feature_options,
+        common["backbone"],
+        common["weights"],
+        common["preprocessing"],
+        common["feature_kind"],
+        common["protocol"],
+        common["dataset"],
+        common["split"],
+        unit.feature_options,
     )
     records = []
     trivial_top5 = bundle.num_classes <= 5  # top-5 of 5 or fewer classes is always 100%
@@ -212,13 +273,23 @@ def build_records(
             spread = {"mean": m, "std": sd, "n": len(output.spread[metric])}
         elif metric in output.per_sample:
             correct = output.per_sample[metric]
-            ci, method = list(bootstrap_ci(correct, bootstrap_resamples, unit.seed)), "bootstrap-test"
+            ci, method = (
+                list(bootstrap_ci(correct, bootstrap_resamples, unit.seed)),
+                "bootstrap-test",
+            )
             if metric == "top1":
                 extra = {"per_sample_correct": pack_bits(correct), "n_test": len(correct)}
-        records.append(ResultRecord(
-            metric=metric, value=float(value), ci95=ci, ci_method=method, spread=spread,
-            details=details | extra, **common,
-        ))
+        records.append(
+            ResultRecord(
+                metric=metric,
+                value=float(value),
+                ci95=ci,
+                ci_method=method,
+                spread=spread,
+                details=details | extra,
+                **common,
+            )
+        )
     return records
 
 

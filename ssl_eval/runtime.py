@@ -33,7 +33,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a device torch knows (use auto, cpu, cuda)") from e
+        raise UserError(
+            f"--device {name!r} is not a device torch knows (use auto, cpu, cuda)"
+        ) from e
 
 
 def seed_everything(seed: int) -> None:

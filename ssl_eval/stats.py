@@ -65,7 +65,9 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     return {"a_only": n10, "b_only": n01, "p_value": p}
 
 
-def paired_bootstrap(correct_a, correct_b, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+def paired_bootstrap(
+    correct_a, correct_b, resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+) -> dict:
     """Difference of means (b - a) with a paired bootstrap interval and a two-sided p-value."""
     d = np.asarray(correct_b, dtype=np.float64) - np.asarray(correct_a, dtype=np.float64)
     lo, hi = bootstrap_ci(d, resamples, seed)

@@ -49,7 +49,12 @@ def test_timm_weights_file_loads_strictly_and_reports_dropped_head(tmp_path):
     assert len(bb.weights.sha256) == 64
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(bb.embed(x), ref.forward_head(ref.forward_features(x), pre_logits=True), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            bb.embed(x),
+            ref.forward_head(ref.forward_features(x), pre_logits=True),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_wrong_architecture_is_a_clear_error(tmp_path):
@@ -79,7 +84,9 @@ def test_truncated_file_is_a_clear_error(tmp_path):
 def _official_dinov2_file(path):
     """A DINOv2 hub checkpoint layout: flat state dict, 518-pixel position embeddings, mask_token."""
     torch.manual_seed(0)
-    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518).eval()
+    ref = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518
+    ).eval()
     sd = dict(ref.state_dict())
     sd["mask_token"] = torch.zeros(1, ref.embed_dim)
     torch.save(sd, path)
@@ -108,22 +115,34 @@ def test_dinov2_official_layout_from_weights_folder(tmp_path, monkeypatch):
     torch.testing.assert_close(bb224.model.pos_embed.detach(), want, atol=1e-5, rtol=1e-5)
     assert "0.1" in bb224.load_report["pos_embed"]["resized"]
     # and the features are the official model's at 224: the same weights, that table
-    twin = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=224).eval()
+    twin = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=224
+    ).eval()
     twin.load_state_dict({**ref.state_dict(), "pos_embed": want})
     x224 = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(bb224.embed(x224), twin.forward_features(x224)[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            bb224.embed(x224), twin.forward_features(x224)[:, 0], atol=1e-5, rtol=1e-5
+        )
     # the defects this catches: timm's antialiased resize and a resize to the size without
     # DINOv2's offset both miss DINOv2's table by far more than the tolerance
     from timm.layers import resample_abs_pos_embed
 
     for antialias in (True, False):
-        other = resample_abs_pos_embed(ref.pos_embed.detach(), new_size=[16, 16], old_size=[37, 37],
-                                       num_prefix_tokens=1, interpolation="bicubic", antialias=antialias)
+        other = resample_abs_pos_embed(
+            ref.pos_embed.detach(),
+            new_size=[16, 16],
+            old_size=[37, 37],
+            num_prefix_tokens=1,
+            interpolation="bicubic",
+            antialias=antialias,
+        )
         assert (other - want).abs().max() > 1e-3
 
 
-def dinov2_interpolate_pos_encoding(pos_embed: torch.Tensor, new: int, offset: float = 0.1) -> torch.Tensor:
+def dinov2_interpolate_pos_encoding(
+    pos_embed: torch.Tensor, new: int, offset: float = 0.1
+) -> torch.Tensor:
     """The reference, written from DINOv2's DinoVisionTransformer.interpolate_pos_encoding with
     the hub models' settings (interpolate_offset=0.1, interpolate_antialias=False): the class
     token's entry kept, the M x M patch table resized bicubically by scale factor
@@ -131,8 +150,12 @@ def dinov2_interpolate_pos_encoding(pos_embed: torch.Tensor, new: int, offset: f
     cls_pe, patch = pos_embed[:, :1], pos_embed[:, 1:].float()
     m, dim = int(math.sqrt(patch.shape[1])), patch.shape[-1]
     sx = sy = float(new + offset) / m
-    grid = torch.nn.functional.interpolate(patch.reshape(1, m, m, dim).permute(0, 3, 1, 2),
-                                           scale_factor=(sx, sy), mode="bicubic", antialias=False)
+    grid = torch.nn.functional.interpolate(
+        patch.reshape(1, m, m, dim).permute(0, 3, 1, 2),
+        scale_factor=(sx, sy),
+        mode="bicubic",
+        antialias=False,
+    )
     assert grid.shape[-2:] == (new, new)
     return torch.cat([cls_pe, grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
@@ -167,7 +190,9 @@ def test_python_plugin_and_entry_point(tmp_path, monkeypatch):
     dist = tmp_path / "my_plugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[ssl_eval.backbones]\nmy_backbone = my_plugin:backbone_factory\n")
+    (dist / "entry_points.txt").write_text(
+        "[ssl_eval.backbones]\nmy_backbone = my_plugin:backbone_factory\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     import ssl_eval.backbones.catalog as reg
     from ssl_eval.backbones.plugins import register_entry_points
@@ -222,7 +247,12 @@ def test_every_prefix_says_what_follows_the_colon(prefix):
 @pytest.mark.parametrize("name", FAMILIES.names())
 def test_every_family_detects_builds_and_describes_itself(name):
     fam = FAMILIES.get(name)
-    assert fam.name == name and callable(fam.detect) and callable(fam.build) and fam.description.strip()
+    assert (
+        fam.name == name
+        and callable(fam.detect)
+        and callable(fam.build)
+        and fam.description.strip()
+    )
 
 
 # Run in a fresh interpreter: here other tests import family modules themselves. Prints the
@@ -242,21 +272,36 @@ print(json.dumps({"imported": sorted(sys.modules), "owners": sorted(owners)}))
 def test_every_file_in_families_is_discovered_and_registers_something(tmp_path):
     """Dropping a module file in backbones/families/ is all a new family needs: the listing
     imports it, and it registers something."""
-    on_disk = {f"{families.__name__}.{p.stem}" for p in FAMILIES_DIR.glob("*.py") if p.stem != "__init__"}
+    on_disk = {
+        f"{families.__name__}.{p.stem}" for p in FAMILIES_DIR.glob("*.py") if p.stem != "__init__"
+    }
     on_disk |= {f"{families.__name__}.{p.parent.name}" for p in FAMILIES_DIR.glob("*/__init__.py")}
     assert len(on_disk) >= 10 and set(catalog.family_modules()) == on_disk
-    out = subprocess.run([sys.executable, "-c", DISCOVERY_PROBE], capture_output=True, text=True,
-                         env=cli_env(tmp_path), check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", DISCOVERY_PROBE],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        check=True,
+    )
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert on_disk <= set(seen["imported"]), f"not discovered: {sorted(on_disk - set(seen['imported']))}"
-    assert on_disk <= set(seen["owners"]), f"register nothing: {sorted(on_disk - set(seen['owners']))}"
+    assert on_disk <= set(seen["imported"]), (
+        f"not discovered: {sorted(on_disk - set(seen['imported']))}"
+    )
+    assert on_disk <= set(seen["owners"]), (
+        f"register nothing: {sorted(on_disk - set(seen['owners']))}"
+    )
 
 
 # ------------------------------------------------------- preprocessing travels as plain data
 
+
 def _every_preprocessing() -> dict[str, Preprocessing]:
     """Every Preprocessing a family module defines (its papers' evaluation settings)."""
-    found = {"default": Preprocessing(), "sized": Preprocessing(resize=36, crop=32, interpolation="nearest")}
+    found = {
+        "default": Preprocessing(),
+        "sized": Preprocessing(resize=36, crop=32, interpolation="nearest"),
+    }
     for name in _loaded:
         for attr, value in vars(sys.modules[name]).items():
             if isinstance(value, Preprocessing):

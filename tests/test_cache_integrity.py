@@ -35,11 +35,18 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
-@pytest.mark.parametrize("damage", [
-    ("features.npy", _flip), ("features.npy", _rows), ("features.npy", _truncate),
-    ("labels.npy", _truncate), ("features.npy", lambda p: p.unlink()), ("meta.json", lambda p: p.unlink()),
-    ("meta.json", lambda p: p.write_text("{not json")),
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("features.npy", _flip),
+        ("features.npy", _rows),
+        ("features.npy", _truncate),
+        ("labels.npy", _truncate),
+        ("features.npy", lambda p: p.unlink()),
+        ("meta.json", lambda p: p.unlink()),
+        ("meta.json", lambda p: p.write_text("{not json")),
+    ],
+)
 def test_damaged_entry_is_reported_discarded_and_recomputed(tmp_path, capsys, damage):
     clean = _extract(tmp_path)
     reference = np.array(clean.features)
@@ -48,7 +55,12 @@ def test_damaged_entry_is_reported_discarded_and_recomputed(tmp_path, capsys, da
     capsys.readouterr()
     again = _extract(tmp_path)
     err = capsys.readouterr().err
-    assert not again.cache_hit and "is damaged" in err and "discarding it" in err and "Traceback" not in err
+    assert (
+        not again.cache_hit
+        and "is damaged" in err
+        and "discarding it" in err
+        and "Traceback" not in err
+    )
     np.testing.assert_array_equal(np.asarray(again.features), reference)
     third = _extract(tmp_path)  # the recomputed entry is whole again
     assert third.cache_hit

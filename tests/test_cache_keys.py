@@ -24,7 +24,9 @@ def _folder(root, colour_of=lambda c, i: (40 * c, 200 - 30 * c, 90), size=(8, 8)
             d = root / split / f"class{c}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.fromarray(np.full((*size, 3), colour_of(c, i), dtype=np.uint8)).save(d / f"{i}.png")
+                Image.fromarray(np.full((*size, 3), colour_of(c, i), dtype=np.uint8)).save(
+                    d / f"{i}.png"
+                )
 
 
 def test_folder_fingerprint_hashes_content_not_sizes(tmp_path):
@@ -32,9 +34,13 @@ def test_folder_fingerprint_hashes_content_not_sizes(tmp_path):
     with and without the manifest that spares re-reading unchanged files."""
     _folder(tmp_path / "data")
     man = tmp_path / "manifests"
-    before = get_dataset(f"folder:{tmp_path / 'data'}", DatasetOptions(manifest_dir=man)).fingerprint
+    before = get_dataset(
+        f"folder:{tmp_path / 'data'}", DatasetOptions(manifest_dir=man)
+    ).fingerprint
     sizes = {p: p.stat().st_size for p in (tmp_path / "data").rglob("*.png")}
-    _folder(tmp_path / "data", colour_of=lambda c, i: (255 - 40 * c, 30 * c, 200))  # same files, new pixels
+    _folder(
+        tmp_path / "data", colour_of=lambda c, i: (255 - 40 * c, 30 * c, 200)
+    )  # same files, new pixels
     for p, st in sizes.items():  # keep the sizes identical, as a same-size overwrite would
         data = p.read_bytes()
         if len(data) != st:
@@ -62,15 +68,31 @@ def test_manifest_does_not_reread_unchanged_files(tmp_path, monkeypatch):
 def test_rerun_after_same_size_overwrite_recomputes(tmp_path):
     """End to end: the unit is not 'already done' and the old features are not served."""
     _folder(tmp_path / "data")
-    args = ["run", "--backbone", "pixels", "--dataset", f"folder:{tmp_path / 'data'}", "--protocol", "knn",
-            "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), "--no-progress",
-            "--no-leaderboard", "--set", "ks=[1]"]
+    args = [
+        "run",
+        "--backbone",
+        "pixels",
+        "--dataset",
+        f"folder:{tmp_path / 'data'}",
+        "--protocol",
+        "knn",
+        "--results-dir",
+        str(tmp_path / "r"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--no-progress",
+        "--no-leaderboard",
+        "--set",
+        "ks=[1]",
+    ]
     assert main(args) == 0
     # every class becomes the same grey: k-NN can no longer separate them
     _folder(tmp_path / "data", colour_of=lambda c, i: (120, 120, 120))
     assert main(args) == 0
     values = sorted(r.value for r in load_records(tmp_path / "r") if r.metric == "top1")
-    assert len(values) == 2 and values[0] < 0.5 and values[1] == 1.0  # the second run saw the new images
+    assert (
+        len(values) == 2 and values[0] < 0.5 and values[1] == 1.0
+    )  # the second run saw the new images
     assert len(list((tmp_path / "c" / "features").iterdir())) == 4  # train + test, twice
 
 
@@ -103,7 +125,7 @@ def test_source_hash_follows_the_files(tmp_path, monkeypatch):
     assert h1 != h2
 
 
-PLUGIN = '''
+PLUGIN = """
 import torch
 from torch import nn
 
@@ -115,7 +137,7 @@ class Flat(nn.Module):
 
 def make():
     return Flat()
-'''
+"""
 
 
 def test_plugin_whose_forward_changed_is_a_new_backbone(tmp_path, monkeypatch):
@@ -129,7 +151,9 @@ def test_plugin_whose_forward_changed_is_a_new_backbone(tmp_path, monkeypatch):
         sys.modules.pop("myplugin_ck", None)
         bb = build_backbone("py:myplugin_ck:make", BuildOptions())
         assert "plugin_sources" in bb.load_report
-        f = extract(bb, ds, "test", cache_dir=tmp_path / "c", device=torch.device("cpu"), progress=False)
+        f = extract(
+            bb, ds, "test", cache_dir=tmp_path / "c", device=torch.device("cpu"), progress=False
+        )
         keys.append((bb.weights.sha256, f.key, float(np.asarray(f.features).max())))
     assert keys[0][0] != keys[1][0] and keys[0][1] != keys[1][1]
     assert keys[1][2] == pytest.approx(2 * keys[0][2], rel=1e-3)

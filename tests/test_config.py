@@ -17,7 +17,9 @@ def test_every_shipped_card_validates(name):
     assert card.protocol is PROTOCOL_TYPES.get(card.type)  # resolved once, kept on the card
     assert isinstance(card.params, card.protocol.params)
     # the card's YAML round-trips: its params rebuilt from their record give the same params
-    assert load_card(name, [f"{k}={v}" for k, v in card.params_dict().items()]).params == card.params
+    assert (
+        load_card(name, [f"{k}={v}" for k, v in card.params_dict().items()]).params == card.params
+    )
 
 
 @pytest.mark.parametrize("suite", shipped_suites())
@@ -55,32 +57,40 @@ def test_unknown_dataset_suggests():
         DATASETS.get("digts")
 
 
-@pytest.mark.parametrize("override,message", [("min_steps=-1", "min_steps at least 0"),
-                                              ("lrs=[]", "at least one value"),
-                                              ("epochs=0", "at least 1")])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("min_steps=-1", "min_steps at least 0"),
+        ("lrs=[]", "at least one value"),
+        ("epochs=0", "at least 1"),
+    ],
+)
 def test_bad_linear_params_fail_when_the_card_loads(override, message):
     with pytest.raises(UserError, match=message):
         load_card("linear", [override])
 
 
-@pytest.mark.parametrize("card,override,message", [
-    ("linear", "lrs=[0.1, -1]", "lr must be > 0"),
-    ("linear", "momentum=1.5", "momentum"),
-    ("fewshot", "seeds=0", "at least 1"),
-    ("fewshot", "shots=[1, 0]", "at least 1"),
-    ("fewshot", "headline=logreg@3", "names no classifier@K"),
-    ("fewshot", "classifiers=[svm]", "unknown few-shot classifier"),
-    ("fewshot", "on_small_class=drop", "on_small_class"),
-    ("fewshot", "logreg_c=0", "logreg_c"),
-    ("fewshot_episodic", "ways=1", "ways >= 2"),
-    ("fewshot_episodic", "headline=svm", "names no classifier"),
-    ("fewshot_episodic", "classifiers=[knn]", "names no classifier"),
-    ("finetune", "lr=0", "lr must be > 0"),
-    ("finetune", "epochs=0", "at least 1"),
-    ("finetune", "layer_decay=1.5", "layer_decay"),
-    ("finetune", "crop_scale=[0.9, 0.1]", "crop_scale"),
-    ("finetune", "label_smoothing=1", "label_smoothing"),
-])
+@pytest.mark.parametrize(
+    "card,override,message",
+    [
+        ("linear", "lrs=[0.1, -1]", "lr must be > 0"),
+        ("linear", "momentum=1.5", "momentum"),
+        ("fewshot", "seeds=0", "at least 1"),
+        ("fewshot", "shots=[1, 0]", "at least 1"),
+        ("fewshot", "headline=logreg@3", "names no classifier@K"),
+        ("fewshot", "classifiers=[svm]", "unknown few-shot classifier"),
+        ("fewshot", "on_small_class=drop", "on_small_class"),
+        ("fewshot", "logreg_c=0", "logreg_c"),
+        ("fewshot_episodic", "ways=1", "ways >= 2"),
+        ("fewshot_episodic", "headline=svm", "names no classifier"),
+        ("fewshot_episodic", "classifiers=[knn]", "names no classifier"),
+        ("finetune", "lr=0", "lr must be > 0"),
+        ("finetune", "epochs=0", "at least 1"),
+        ("finetune", "layer_decay=1.5", "layer_decay"),
+        ("finetune", "crop_scale=[0.9, 0.1]", "crop_scale"),
+        ("finetune", "label_smoothing=1", "label_smoothing"),
+    ],
+)
 def test_out_of_range_params_fail_when_the_card_loads(card, override, message):
     """Each protocol's params class refuses a bad value when the card loads, before any
     feature is extracted."""
@@ -104,24 +114,31 @@ def test_a_yaml_mapping_loads_into_nested_dataclasses():
         inner: Inner = field(default_factory=Inner)
         views: list[Inner] = field(default_factory=list)
 
-    out = from_mapping(Outer, {"name": None, "inner": {"scale": [0, 2]}, "views": [{"size": 3}]}, "cfg")
+    out = from_mapping(
+        Outer, {"name": None, "inner": {"scale": [0, 2]}, "views": [{"size": 3}]}, "cfg"
+    )
     assert out == Outer(None, Inner(1, (0.0, 2.0)), [Inner(3)])
     with pytest.raises(UserError, match=r"cfg\.inner\.scale: expected 2 values"):
         from_mapping(Outer, {"inner": {"scale": [1]}}, "cfg")
-    with pytest.raises(UserError, match=r"cfg\.views\[0\]: unknown key 'sise'.*did you mean 'size'"):
+    with pytest.raises(
+        UserError, match=r"cfg\.views\[0\]: unknown key 'sise'.*did you mean 'size'"
+    ):
         from_mapping(Outer, {"views": [{"sise": 3}]}, "cfg")
     with pytest.raises(UserError, match=r"cfg\.inner\.size: expected int"):
         from_mapping(Outer, {"inner": {"size": True}}, "cfg")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("name: x\nversion: 1\ntype: linear\nparams: [1, 2]\n", "params must be a mapping"),
-    ("name: x\nversion: 1\ntype: linear\nparams: abc\n", "params must be a mapping"),
-    ("name: x\nversion: 1\ntype: linear\nparams: true\n", "params must be a mapping"),
-    ("name: x\nversion: 1\ntype: linear\nparams: {epochs: [\n", "invalid YAML"),
-    ("name: x\nversion: 1\ntype: linear\nselection_split: test\n", "selection_split is 'test'"),
-    ("- just\n- a list\n", "must be a YAML mapping"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("name: x\nversion: 1\ntype: linear\nparams: [1, 2]\n", "params must be a mapping"),
+        ("name: x\nversion: 1\ntype: linear\nparams: abc\n", "params must be a mapping"),
+        ("name: x\nversion: 1\ntype: linear\nparams: true\n", "params must be a mapping"),
+        ("name: x\nversion: 1\ntype: linear\nparams: {epochs: [\n", "invalid YAML"),
+        ("name: x\nversion: 1\ntype: linear\nselection_split: test\n", "selection_split is 'test'"),
+        ("- just\n- a list\n", "must be a YAML mapping"),
+    ],
+)
 def test_malformed_cards_are_one_line_errors(tmp_path, text, message):
     p = tmp_path / "card.yaml"
     p.write_text(text)

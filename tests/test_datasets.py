@@ -43,7 +43,9 @@ def test_image_folder(tmp_path):
         for c in ("cat", "dog"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(
+                    tmp_path / split / c / f"{i}.png"
+                )
     d = get_dataset(f"folder:{tmp_path}", DatasetOptions())
     assert d.classes == ["cat", "dog"] and len(d.train) == 12 and len(d.test) == 6
     assert d.train.load(0).shape == (12, 10, 3)

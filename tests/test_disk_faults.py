@@ -11,8 +11,22 @@ from ssl_eval.cli import main
 
 
 def _run(tmp_path, *extra):
-    return main(["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "knn", "--no-progress",
-                 "--no-leaderboard", "--cache-dir", str(tmp_path / "cache"), *extra])
+    return main(
+        [
+            "run",
+            "--backbone",
+            "pixels",
+            "--dataset",
+            "digits",
+            "--protocol",
+            "knn",
+            "--no-progress",
+            "--no-leaderboard",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *extra,
+        ]
+    )
 
 
 def test_results_folder_that_is_a_file_fails_before_any_work(tmp_path, capsys):
@@ -29,7 +43,9 @@ def test_cache_folder_that_is_a_file_fails_before_any_work(tmp_path, capsys):
     assert "cache folder" in capsys.readouterr().err
 
 
-def test_full_disk_while_writing_a_cache_entry_is_one_error_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+def test_full_disk_while_writing_a_cache_entry_is_one_error_and_leaves_nothing(
+    tmp_path, capsys, monkeypatch
+):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -59,7 +75,9 @@ def test_a_record_that_cannot_be_written_keeps_its_numbers(tmp_path, capsys, mon
     assert {r["metric"] for r in doc["records"]} >= {"top1"}
     # the rescued file is a valid record file: copied into the store, it reads
     (tmp_path / "r" / "records").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "r" / "records" / rescued[0].name.replace("ssl-eval-unsaved-", "")).write_text(rescued[0].read_text())
+    (tmp_path / "r" / "records" / rescued[0].name.replace("ssl-eval-unsaved-", "")).write_text(
+        rescued[0].read_text()
+    )
     monkeypatch.undo()
     assert any(r.metric == "top1" for r in results.load_records(tmp_path / "r"))
 
@@ -67,6 +85,20 @@ def test_a_record_that_cannot_be_written_keeps_its_numbers(tmp_path, capsys, mon
 @pytest.mark.parametrize("cmd", ["train"])
 def test_train_output_that_is_a_file_fails_before_training(tmp_path, capsys, cmd):
     (tmp_path / "out").write_text("x")
-    assert main(["train", "--method", "simclr", "--dataset", "digits", "--epochs", "1", "--out",
-                 str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "simclr",
+                "--dataset",
+                "digits",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "Traceback" not in capsys.readouterr().err

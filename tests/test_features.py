@@ -32,9 +32,31 @@ def test_second_extraction_hits_the_cache(tmp_path, capsys):
 def test_cache_key_changes_with_preprocessing_and_dtype(tmp_path):
     _, ds = _digits_pixels()
     cpu = torch.device("cpu")
-    k1 = extract(build_backbone("pixels", BuildOptions()), ds, "test", cache_dir=tmp_path, device=cpu, progress=False).key
-    k2 = extract(build_backbone("pixels", BuildOptions(image_size=16)), ds, "test", cache_dir=tmp_path, device=cpu, progress=False).key
-    k3 = extract(build_backbone("pixels", BuildOptions()), ds, "test", cache_dir=tmp_path, device=cpu, dtype="float32", progress=False).key
+    k1 = extract(
+        build_backbone("pixels", BuildOptions()),
+        ds,
+        "test",
+        cache_dir=tmp_path,
+        device=cpu,
+        progress=False,
+    ).key
+    k2 = extract(
+        build_backbone("pixels", BuildOptions(image_size=16)),
+        ds,
+        "test",
+        cache_dir=tmp_path,
+        device=cpu,
+        progress=False,
+    ).key
+    k3 = extract(
+        build_backbone("pixels", BuildOptions()),
+        ds,
+        "test",
+        cache_dir=tmp_path,
+        device=cpu,
+        dtype="float32",
+        progress=False,
+    ).key
     assert len({k1, k2, k3}) == 3
 
 
@@ -51,7 +73,15 @@ def test_exception_mid_write_leaves_no_entry(tmp_path):
 
     bb._read = failing
     with pytest.raises(RuntimeError, match="simulated crash"):
-        extract(bb, ds, "train", cache_dir=tmp_path, device=torch.device("cpu"), batch_size=64, progress=False)
+        extract(
+            bb,
+            ds,
+            "train",
+            cache_dir=tmp_path,
+            device=torch.device("cpu"),
+            batch_size=64,
+            progress=False,
+        )
     assert list((tmp_path / "features").iterdir()) == []
     bb._read = real
     fs = extract(bb, ds, "train", cache_dir=tmp_path, device=torch.device("cpu"), progress=False)
@@ -73,7 +103,9 @@ def test_killed_process_leaves_no_entry_and_next_run_recovers(tmp_path):
         extract(bb, get_dataset("digits", DatasetOptions()), "train", cache_dir={str(tmp_path)!r},
                 device=torch.device("cpu"), batch_size=32, progress=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=cli_env(tmp_path), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, env=cli_env(tmp_path), cwd=ROOT
+    )
     for _ in range(3):
         proc.stdout.readline()
     os.kill(proc.pid, signal.SIGKILL)

@@ -53,7 +53,9 @@ def test_support_comes_from_train_only(monkeypatch):
     train_idx, val_idx = np.arange(40, 400), np.arange(40)
     inp = ProtocolInputs(x, y, xt, yt, train_idx, val_idx, 5)
     run_fewshot(inp, FewShotParams(shots=(1, 5), seeds=2))
-    assert len(seen) == 4 and all(np.array_equal(lab, y[train_idx]) for lab in seen)  # train rows, not val
+    assert len(seen) == 4 and all(
+        np.array_equal(lab, y[train_idx]) for lab in seen
+    )  # train rows, not val
     seen.clear()
     run_episodic(inp, EpisodicParams(episodes=20, queries=5))
     assert seen and all(lab is y for lab in seen)  # the train labels, never the test ones
@@ -80,7 +82,9 @@ def test_logreg_c_is_chosen_on_val_as_scikit_learn_would(monkeypatch):
 
     monkeypatch.setattr(fewshot, "sample_support", spy)
     inp, cs = _split_inputs(), (0.01, 1.0, 100.0)
-    p = FewShotParams(shots=(1, 3), seeds=3, classifiers=("logreg",), logreg_cs=cs, headline="logreg@3")
+    p = FewShotParams(
+        shots=(1, 3), seeds=3, classifiers=("logreg",), logreg_cs=cs, headline="logreg@3"
+    )
     out = run_fewshot(inp, p)
     norm = F.normalize(torch.from_numpy(inp.train_x), dim=1).numpy()
     test = F.normalize(torch.from_numpy(inp.test_x), dim=1).numpy()
@@ -89,12 +93,18 @@ def test_logreg_c_is_chosen_on_val_as_scikit_learn_would(monkeypatch):
     for j, (k, s) in enumerate((k, s) for k in (1, 3) for s in range(3)):
         rows = inp.train_idx[drawn[j]]
         # newton-cg: at C = 0.01 the logits are ~1e-2 and lbfgs stops early on its relative f tolerance
-        fits = [LogisticRegression(C=c, solver="newton-cg", tol=1e-8, max_iter=10000).fit(norm[rows], inp.train_y[rows])
-                for c in cs]
+        fits = [
+            LogisticRegression(C=c, solver="newton-cg", tol=1e-8, max_iter=10000).fit(
+                norm[rows], inp.train_y[rows]
+            )
+            for c in cs
+        ]
         val = [f.score(norm[inp.val_idx], inp.train_y[inp.val_idx]) for f in fits]
         best = val.index(max(val))
         assert sel["chosen"][f"K={k}"][s] == cs[best], (k, s, val)
-        assert out.spread[f"top1@logreg/{k}shot"][s] == pytest.approx(fits[best].score(test, inp.test_y), abs=2 / 300)
+        assert out.spread[f"top1@logreg/{k}shot"][s] == pytest.approx(
+            fits[best].score(test, inp.test_y), abs=2 / 300
+        )
 
 
 def test_the_choice_of_c_never_reads_the_test_split():
@@ -110,15 +120,21 @@ def test_the_choice_of_c_never_reads_the_test_split():
 
 def test_an_empty_grid_means_the_fixed_c_and_a_grid_needs_val():
     inp = _split_inputs()
-    fixed = run_fewshot(inp, FewShotParams(shots=(2,), seeds=2, logreg_cs=(), logreg_c=1.0, headline="logreg@2"))
-    one = run_fewshot(inp, FewShotParams(shots=(2,), seeds=2, logreg_cs=(1.0,), headline="logreg@2"))
+    fixed = run_fewshot(
+        inp, FewShotParams(shots=(2,), seeds=2, logreg_cs=(), logreg_c=1.0, headline="logreg@2")
+    )
+    one = run_fewshot(
+        inp, FewShotParams(shots=(2,), seeds=2, logreg_cs=(1.0,), headline="logreg@2")
+    )
     assert fixed.details["logreg_c"] == {"fixed": 1.0}
     assert one.details["logreg_c"]["chosen"] == {"K=2": [1.0, 1.0]}
     assert fixed.spread["top1@logreg/2shot"] == one.spread["top1@logreg/2shot"]
     inp.val_idx = np.arange(0)
     with pytest.raises(UserError, match="validation split.*logreg_cs=\\[\\]"):
         run_fewshot(inp, FewShotParams(shots=(2,), seeds=2, headline="logreg@2"))
-    run_fewshot(inp, FewShotParams(shots=(2,), seeds=2, logreg_cs=(), headline="logreg@2"))  # fixed C: fine
+    run_fewshot(
+        inp, FewShotParams(shots=(2,), seeds=2, logreg_cs=(), headline="logreg@2")
+    )  # fixed C: fine
     with pytest.raises(UserError, match="logreg_cs"):
         FewShotParams(logreg_cs=(1.0, 0.0))
 
@@ -126,8 +142,10 @@ def test_an_empty_grid_means_the_fixed_c_and_a_grid_needs_val():
 def test_fewshot_reports_mean_and_interval_over_seeds():
     x, y = _blobs(500, 0)
     xt, yt = _blobs(200, 1)
-    out = run_fewshot(ProtocolInputs(x, y, xt, yt, np.arange(450), np.arange(450, 500), 5),
-                      FewShotParams(shots=(1, 5), seeds=5))
+    out = run_fewshot(
+        ProtocolInputs(x, y, xt, yt, np.arange(450), np.arange(450, 500), 5),
+        FewShotParams(shots=(1, 5), seeds=5),
+    )
     assert len(out.spread["top1@logreg/5shot"]) == 5
     assert out.metrics["top1"] == pytest.approx(np.mean(out.spread["top1@logreg/5shot"]))
     assert out.metrics["top1@prototype/5shot"] > 0.9
@@ -136,8 +154,10 @@ def test_fewshot_reports_mean_and_interval_over_seeds():
 def test_episodic_mode():
     x, y = _blobs(600, 0, c=10)
     xt, yt = _blobs(400, 1, c=10)
-    out = run_episodic(ProtocolInputs(x, y, xt, yt, np.arange(600), np.arange(0), 10),
-                       EpisodicParams(episodes=50, headline="prototype"))
+    out = run_episodic(
+        ProtocolInputs(x, y, xt, yt, np.arange(600), np.arange(0), 10),
+        EpisodicParams(episodes=50, headline="prototype"),
+    )
     assert len(out.spread["top1@prototype/5way5shot"]) == 50
     assert out.metrics["top1"] == out.metrics["top1@prototype/5way5shot"] > 0.9
     assert out.details["spread_over"] == "t-episodes"
@@ -152,13 +172,21 @@ def test_batched_logreg_with_one_c_per_problem_and_a_warm_start_matches_scikit_l
     cs = (0.01, 1.0, 30.0)
     xs, ys = xn[None].expand(3, -1, -1), torch.from_numpy(y)[None].expand(3, -1)
     cold = fewshot._fit_logreg(xs, ys, torch.tensor(cs), 4)
-    warm = fewshot._fit_logreg(xs, ys, torch.tensor(cs), 4, init=fewshot._fit_logreg(xs, ys, torch.full((3,), 3.0), 4))
+    warm = fewshot._fit_logreg(
+        xs, ys, torch.tensor(cs), 4, init=fewshot._fit_logreg(xs, ys, torch.full((3,), 3.0), 4)
+    )
     for e, c in enumerate(cs):
-        ref = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(xn.numpy(), y).decision_function(xqn.numpy())
+        ref = (
+            LogisticRegression(C=c, tol=1e-10, max_iter=10000)
+            .fit(xn.numpy(), y)
+            .decision_function(xqn.numpy())
+        )
         for W, b, _ in (cold, warm):
             ours = (xqn.double() @ W[e] + b[e]).numpy()
             # scikit-learn's multinomial logits are defined up to a shift per row
-            np.testing.assert_allclose(ours - ours.mean(1, keepdims=True), ref - ref.mean(1, keepdims=True), atol=2e-3)
+            np.testing.assert_allclose(
+                ours - ours.mean(1, keepdims=True), ref - ref.mean(1, keepdims=True), atol=2e-3
+            )
 
 
 def test_batched_logreg_matches_scikit_learn():
@@ -181,7 +209,9 @@ def test_preflight_refuses_a_k_beyond_the_training_rows_before_extraction():
         fewshot.preflight_fewshot(FewShotParams(shots=(1, 5, 9)), shape)
     fewshot.preflight_fewshot(FewShotParams(shots=(1, 5, 9), on_small_class="cap"), shape)
     fewshot.preflight_fewshot(FewShotParams(shots=(1, 8), headline="logreg@8"), shape)
-    no_val = DataShape(train=100, val=0, test=50, num_classes=10, min_class_train=10, min_class_all=10)
+    no_val = DataShape(
+        train=100, val=0, test=50, num_classes=10, min_class_train=10, min_class_all=10
+    )
     with pytest.raises(UserError, match="validation split"):
         fewshot.preflight_fewshot(FewShotParams(shots=(1, 5)), no_val)
     fewshot.preflight_fewshot(FewShotParams(shots=(1, 5), logreg_cs=()), no_val)

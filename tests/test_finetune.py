@@ -14,9 +14,26 @@ from ssl_eval.results import load_records
 
 def test_finetuned_random_backbone_beats_its_linear_probe_on_digits(tmp_path):
     r = tmp_path / "r"
-    rc = main(["run", "--backbone", "random:resnet10t", "--image-size", "32", "--dataset", "digits",
-               "--protocol", "linear,finetune", "--set", "finetune.epochs=8", "--set", "finetune.hflip=false",
-               "--results-dir", str(r), "--no-progress"])
+    rc = main(
+        [
+            "run",
+            "--backbone",
+            "random:resnet10t",
+            "--image-size",
+            "32",
+            "--dataset",
+            "digits",
+            "--protocol",
+            "linear,finetune",
+            "--set",
+            "finetune.epochs=8",
+            "--set",
+            "finetune.hflip=false",
+            "--results-dir",
+            str(r),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     top1 = {x.protocol["name"]: x for x in load_records(r) if x.metric == "top1"}
     # here the linear probe scores 0.948; fine-tuning 0.957, and 0.83 with its encoder frozen
@@ -50,7 +67,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "_after_epoch", lambda epoch: None)
     resumed = run_finetune(_inputs(tmp_path / "b"), p)
     assert resumed.metrics == full.metrics
-    assert [h["val_top1"] for h in resumed.details["history"]] == [h["val_top1"] for h in full.details["history"]]
+    assert [h["val_top1"] for h in resumed.details["history"]] == [
+        h["val_top1"] for h in full.details["history"]
+    ]
     np.testing.assert_array_equal(resumed.per_sample["top1"], full.per_sample["top1"])
     assert not (tmp_path / "b" / "state" / "state.pt").exists()
 
@@ -77,7 +96,9 @@ def _mae_layer(name: str, depth: int) -> int:
     """MAE's rule (util/lr_decay.py), written out here independently of the code under test:
     the stem (patch embedding, tokens, position embedding) is layer 0, block i is layer i + 1,
     everything after the blocks (final norm, fc_norm, the new head) is layer depth + 1."""
-    if name in ("encoder.cls_token", "encoder.reg_token", "encoder.pos_embed") or name.startswith("encoder.patch_embed."):
+    if name in ("encoder.cls_token", "encoder.reg_token", "encoder.pos_embed") or name.startswith(
+        "encoder.patch_embed."
+    ):
         return 0
     if name.startswith("encoder.blocks."):
         return int(name.split(".")[2]) + 1
@@ -99,9 +120,13 @@ def test_layer_decay_is_maes_param_groups_lrd(kw):
     from ssl_eval.backbones.base import FEATURE_KINDS
 
     decay, depth, wd = 0.75, 3, 0.05
-    enc = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=depth, num_classes=0, **kw)
+    enc = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=depth, num_classes=0, **kw
+    )
     clf = finetune._Classifier(enc, FEATURE_KINDS.get("model"), 192, 10)
-    table = _scales(clf, finetune._param_groups(clf, FinetuneParams(layer_decay=decay, weight_decay=wd)))
+    table = _scales(
+        clf, finetune._param_groups(clf, FinetuneParams(layer_decay=decay, weight_decay=wd))
+    )
     names = [n for n, _ in clf.named_parameters()]
     assert sorted(table) == sorted(names)
     for n, t in clf.named_parameters():
@@ -123,9 +148,13 @@ def test_without_layer_decay_the_encoder_runs_at_its_scale_and_biases_never_deca
 
     from ssl_eval.backbones.base import FEATURE_KINDS
 
-    enc = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0)
+    enc = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0
+    )
     clf = finetune._Classifier(enc, FEATURE_KINDS.get("model"), 192, 10)
-    table = _scales(clf, finetune._param_groups(clf, FinetuneParams(encoder_lr_scale=0.1, weight_decay=0.05)))
+    table = _scales(
+        clf, finetune._param_groups(clf, FinetuneParams(encoder_lr_scale=0.1, weight_decay=0.05))
+    )
     assert table["head.weight"] == (1.0, 0.05) and table["head.bias"] == (1.0, 0.0)
     assert table["encoder.blocks.1.attn.qkv.weight"] == (0.1, 0.05)
     assert table["encoder.pos_embed"] == table["encoder.norm.weight"] == (0.1, 0.0)
@@ -137,7 +166,9 @@ def test_layer_decay_refuses_a_parameter_it_cannot_place():
     from ssl_eval.backbones.base import FEATURE_KINDS
     from ssl_eval.errors import UserError
 
-    enc = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0)
+    enc = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0
+    )
     enc.extra_scale = torch.nn.Parameter(torch.ones(3))
     clf = finetune._Classifier(enc, FEATURE_KINDS.get("model"), 192, 10)
     with pytest.raises(UserError, match="extra_scale.*layer_decay=0"):
@@ -151,7 +182,9 @@ def test_layer_decay_on_a_vit(tmp_path, monkeypatch):
     inp = ImageInputs(bb, ds, tr[:128], va[:64], torch.device("cpu"), 0, tmp_path / "s")
     from timm.layers import DropPath
 
-    assert finetune._set_drop_path(bb.model.__class__(img_size=32, num_classes=0, depth=3), 0.2) == 3
+    assert (
+        finetune._set_drop_path(bb.model.__class__(img_size=32, num_classes=0, depth=3), 0.2) == 3
+    )
     used = []
     real = finetune._param_groups
 
@@ -165,7 +198,9 @@ def test_layer_decay_on_a_vit(tmp_path, monkeypatch):
     table = _scales(clf, groups)
     for n in table:  # the groups the run trained with: decay ** (L + 1 - layer), the head at 1
         assert table[n][0] == 0.75 ** (depth + 1 - _mae_layer(n, depth)), n
-    assert not any(isinstance(m, DropPath) for m in bb.model.modules())  # the shared backbone is untouched
+    assert not any(
+        isinstance(m, DropPath) for m in bb.model.modules()
+    )  # the shared backbone is untouched
 
 
 def _bordered_split(n=4, size=64, border=8):
@@ -196,8 +231,12 @@ def test_train_crops_come_from_the_full_image_eval_from_the_centre_crop():
     assert all(c.shape == (3, 48, 48) and c.dtype == torch.uint8 for c in crops)
     assert sum(map(_has_red, crops)) >= 5  # the border is reachable at train time
     # scale 1: the whole image (square), resized to the input size: the border on every side
-    whole = finetune._TrainImages(split, [0], pre, FinetuneParams(crop_scale=(1.0, 1.0), hflip=False), 0, True)[0][0]
-    assert all(_has_red(e) for e in (whole[:, :3], whole[:, -3:], whole[:, :, :3], whole[:, :, -3:]))
+    whole = finetune._TrainImages(
+        split, [0], pre, FinetuneParams(crop_scale=(1.0, 1.0), hflip=False), 0, True
+    )[0][0]
+    assert all(
+        _has_red(e) for e in (whole[:, :3], whole[:, -3:], whole[:, :, :3], whole[:, :, -3:])
+    )
 
 
 def test_crop_box_fallback_keeps_the_aspect_ratio_in_range():

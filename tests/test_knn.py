@@ -30,8 +30,15 @@ def test_knn_matches_reference_for_every_k(backend):
     bank_y = rng.integers(0, C, 600)
     queries = rng.normal(size=(150, D)).astype(np.float32)
     ks = (1, 10, 20, 100, 200)
-    scores = knn_classify(torch.from_numpy(bank), torch.from_numpy(bank_y), torch.from_numpy(queries),
-                          ks, 0.07, C, backend=backend)
+    scores = knn_classify(
+        torch.from_numpy(bank),
+        torch.from_numpy(bank_y),
+        torch.from_numpy(queries),
+        ks,
+        0.07,
+        C,
+        backend=backend,
+    )
     for k in ks:
         ref = reference_knn(bank, bank_y, queries, k, 0.07, C)
         got = scores[k].numpy()
@@ -92,7 +99,12 @@ BAD_PARAMS = [
 
 @pytest.mark.parametrize("bad,param", BAD_PARAMS)
 def test_bad_knn_params_fail_when_the_card_is_parsed(bad, param):
-    raw = {"name": "mine", "version": 1, "type": "knn", "params": {"ks": [10, 20], "select_k": "val", **bad}}
+    raw = {
+        "name": "mine",
+        "version": 1,
+        "type": "knn",
+        "params": {"ks": [10, 20], "select_k": "val", **bad},
+    }
     with pytest.raises(UserError, match=rf"^knn: {param} "):
         parse_card(raw, "mine.yaml")
 
@@ -104,7 +116,19 @@ def test_bad_knn_override_fails_when_the_card_loads(bad, param):
         load_card("knn", [f"{key}={value}"])
 
 
-@pytest.mark.parametrize("good", ["select_k=20", "select_k='200'", "backend=torch", "backend=faiss",
-                                  "ks=[5]", "temperature=1", "memory_mb=1"])
+@pytest.mark.parametrize(
+    "good",
+    [
+        "select_k=20",
+        "select_k='200'",
+        "backend=torch",
+        "backend=faiss",
+        "ks=[5]",
+        "temperature=1",
+        "memory_mb=1",
+    ],
+)
 def test_good_knn_overrides_load(good):
-    assert isinstance(load_card("knn", [good]).params, KnnParams)  # the shipped ks: 10, 20, 100, 200
+    assert isinstance(
+        load_card("knn", [good]).params, KnnParams
+    )  # the shipped ks: 10, 20, 100, 200

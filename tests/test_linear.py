@@ -46,18 +46,29 @@ def test_every_head_matches_an_independently_trained_single_head():
     p = LinearParams(lrs=(0.1, 1.0), weight_decays=(0.0, 1e-2), epochs=2, batch_size=64)
     grid = train_heads(xt, yt, 5, p, seed=3)
     for h, (lr, wd) in enumerate(grid.settings):
-        single = train_heads(xt, yt, 5, LinearParams(lrs=(lr,), weight_decays=(wd,), epochs=2, batch_size=64), seed=3)
+        single = train_heads(
+            xt, yt, 5, LinearParams(lrs=(lr,), weight_decays=(wd,), epochs=2, batch_size=64), seed=3
+        )
         torch.testing.assert_close(grid.weight[:, h], single.weight[:, 0], rtol=1e-4, atol=1e-6)
 
 
 def test_diverged_heads_lose_the_selection():
     x, y = _separable(800)
     inp = ProtocolInputs(x * 1e4, y, x[:100] * 1e4, y[:100], np.arange(700), np.arange(700, 800), 5)
-    heads = train_heads(torch.from_numpy(x * 1e4), torch.from_numpy(y), 5,
-                        LinearParams(lrs=(1e30, 0.1), weight_decays=(0.0,), epochs=3, batchnorm=False),
-                        rows=torch.arange(700))
-    assert heads.diverged == 1 and heads.diverged_mask.tolist() == [True, False]  # the 1e30 head diverges
-    out = run_linear(inp, LinearParams(lrs=(1e30, 0.1), weight_decays=(0.0,), epochs=3, batchnorm=False))
+    heads = train_heads(
+        torch.from_numpy(x * 1e4),
+        torch.from_numpy(y),
+        5,
+        LinearParams(lrs=(1e30, 0.1), weight_decays=(0.0,), epochs=3, batchnorm=False),
+        rows=torch.arange(700),
+    )
+    assert heads.diverged == 1 and heads.diverged_mask.tolist() == [
+        True,
+        False,
+    ]  # the 1e30 head diverges
+    out = run_linear(
+        inp, LinearParams(lrs=(1e30, 0.1), weight_decays=(0.0,), epochs=3, batchnorm=False)
+    )
     assert out.details["selected"]["lr"] == 0.1 and out.details["diverged_heads"] == 1
     assert out.metrics["top1"] > 0.9
 
@@ -79,7 +90,9 @@ def _sgd_reference(xs, y, C, lr, wd, epochs, bs, seed, steps, rows=None):
     w = torch.zeros(xs.shape[1], C, requires_grad=True)
     b = torch.zeros(C, requires_grad=True)
     opt = torch.optim.SGD([w, b], lr=lr, momentum=0.9, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         if rows is not None:
@@ -98,10 +111,16 @@ def test_every_head_equals_torch_sgd_on_standardised_rows():
     rows standardised with that subset's statistics, with min_steps raising the epochs."""
     rng = np.random.default_rng(5)
     N, D, C = 700, 12, 4
-    x = torch.from_numpy((rng.normal(size=(N, D)) * rng.uniform(0.5, 3, D) + rng.normal(size=D) * 4).astype(np.float32))
+    x = torch.from_numpy(
+        (rng.normal(size=(N, D)) * rng.uniform(0.5, 3, D) + rng.normal(size=D) * 4).astype(
+            np.float32
+        )
+    )
     y = torch.from_numpy(rng.integers(0, C, N))
     rows = torch.from_numpy(np.sort(rng.choice(N, 600, replace=False)))
-    p = LinearParams(lrs=(0.05, 0.5), weight_decays=(0.0, 1e-2), epochs=2, batch_size=128, min_steps=20)
+    p = LinearParams(
+        lrs=(0.05, 0.5), weight_decays=(0.0, 1e-2), epochs=2, batch_size=128, min_steps=20
+    )
     epochs, per_epoch = schedule(600, p)
     assert (epochs, per_epoch) == (4, 5)  # 2 epochs = 10 steps < 20: raised to 4 epochs
     grid = train_heads(x, y, C, p, seed=11, rows=rows)
@@ -116,7 +135,9 @@ def test_every_head_equals_torch_sgd_on_standardised_rows():
 
 def test_feature_stats_match_numpy_on_a_row_subset():
     rng = np.random.default_rng(0)
-    x = (rng.normal(size=(5000, 9)) * rng.uniform(0.1, 10, 9) + rng.normal(size=9) * 50).astype(np.float32)
+    x = (rng.normal(size=(5000, 9)) * rng.uniform(0.1, 10, 9) + rng.normal(size=9) * 50).astype(
+        np.float32
+    )
     rows = rng.choice(5000, 3001, replace=False)
     mean, inv_std = feature_stats(torch.from_numpy(x), torch.from_numpy(rows), chunk=777)
     ref = x[rows].astype(np.float64)

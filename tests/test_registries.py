@@ -47,15 +47,22 @@ def test_unknown_name_hint_names_only_lists_that_exist(registry):
 
 
 def test_every_method_module_registers_a_method():
-    mods = [m.name for m in pkgutil.iter_modules(methods.__path__) if m.name != "base" and not m.name.startswith("_")]
+    mods = [
+        m.name
+        for m in pkgutil.iter_modules(methods.__path__)
+        if m.name != "base" and not m.name.startswith("_")
+    ]
     assert sorted(mods) == sorted(methods.METHODS.names())
 
 
 def test_every_protocol_module_registers_a_protocol_type():
     import ssl_eval.protocols as protocols
 
-    mods = [m.name for m in pkgutil.iter_modules(protocols.__path__) if m.name not in ("base", "cards")
-            and not m.name.startswith("_")]
+    mods = [
+        m.name
+        for m in pkgutil.iter_modules(protocols.__path__)
+        if m.name not in ("base", "cards") and not m.name.startswith("_")
+    ]
     from ssl_eval.protocols import PROTOCOL_TYPES
 
     owners = {e.obj.run.__module__.rpartition(".")[2] for e in PROTOCOL_TYPES.entries()}

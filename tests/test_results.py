@@ -22,24 +22,66 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     assert [f.name for f in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
 
 
-def _rec(backbone, dataset, protocol, value, time="2026-01-01T00:00:00+00:00", run_id="r1", seed=0,
-         params=None, image_size=None, fingerprint="fp", ci95=None, ptype=None, seeded=True):
+def _rec(
+    backbone,
+    dataset,
+    protocol,
+    value,
+    time="2026-01-01T00:00:00+00:00",
+    run_id="r1",
+    seed=0,
+    params=None,
+    image_size=None,
+    fingerprint="fp",
+    ci95=None,
+    ptype=None,
+    seeded=True,
+):
     """A complete schema-2 record whose setting is built as the evaluator builds it."""
     from ssl_eval.results import make_setting
 
-    proto = {"name": protocol, "version": 1, "type": ptype or protocol, "params": params or {"x": 1}}
+    proto = {
+        "name": protocol,
+        "version": 1,
+        "type": ptype or protocol,
+        "params": params or {"x": 1},
+    }
     ds = {"name": dataset, "fingerprint": {"f": fingerprint}}
     weights = {"source": "file", "sha256": f"sha-{backbone}"}
-    setting = make_setting(backbone, weights, {"crop": 32}, "model", proto, ds,
-                           {"val_fraction": 0.1, "split_seed": 0},
-                           {"dtype": "float16", "image_size": image_size, "feature_kind": None})
+    setting = make_setting(
+        backbone,
+        weights,
+        {"crop": 32},
+        "model",
+        proto,
+        ds,
+        {"val_fraction": 0.1, "split_seed": 0},
+        {"dtype": "float16", "image_size": image_size, "feature_kind": None},
+    )
     return {
-        "schema_version": 2, "run_id": run_id, "time": time, "unit": f"{backbone}-{protocol}",
-        "backbone": backbone, "weights": weights, "load_report": {}, "preprocessing": {"crop": 32},
-        "feature_kind": "model", "protocol": proto, "dataset": ds,
-        "split": {"val_fraction": 0.1, "split_seed": 0}, "metric": "top1", "value": value, "seed": seed,
-        "wall_time_s": 0.0, "peak_memory_mb": 0.0, "device": "cpu", "packages": {}, "code_version": "test",
-        "ci95": ci95, "ci_method": "bootstrap-test" if ci95 else "", "setting": setting,
+        "schema_version": 2,
+        "run_id": run_id,
+        "time": time,
+        "unit": f"{backbone}-{protocol}",
+        "backbone": backbone,
+        "weights": weights,
+        "load_report": {},
+        "preprocessing": {"crop": 32},
+        "feature_kind": "model",
+        "protocol": proto,
+        "dataset": ds,
+        "split": {"val_fraction": 0.1, "split_seed": 0},
+        "metric": "top1",
+        "value": value,
+        "seed": seed,
+        "wall_time_s": 0.0,
+        "peak_memory_mb": 0.0,
+        "device": "cpu",
+        "packages": {},
+        "code_version": "test",
+        "ci95": ci95,
+        "ci_method": "bootstrap-test" if ci95 else "",
+        "setting": setting,
         "seed_dependent": seeded,
     }
 
@@ -52,14 +94,18 @@ def _board(tmp_path, recs):
 
 def test_leaderboard_marks_best_and_uses_newest(tmp_path):
     recs = [
-        _rec("a", "d", "knn", 0.5), _rec("b", "d", "knn", 0.7),
+        _rec("a", "d", "knn", 0.5),
+        _rec("b", "d", "knn", 0.7),
         _rec("a", "d", "knn", 0.9, time="2026-02-01T00:00:00+00:00", run_id="r2"),
         _rec("b", "d", "linear", 0.6),
     ]
     csv_text, md = _board(tmp_path, recs)
     assert "| a | **90.00** |  |" in md and "| b | 70.00 | **60.00** |" in md
     lines = csv_text.splitlines()
-    assert lines[0] == "backbone,d / knn,d / knn ±,d / knn interval,d / linear,d / linear ±,d / linear interval"
+    assert (
+        lines[0]
+        == "backbone,d / knn,d / knn ±,d / knn interval,d / linear,d / linear ±,d / linear interval"
+    )
     assert lines[-1] == "best,a,,,b,,"
 
 
@@ -80,29 +126,50 @@ def test_different_settings_never_share_a_cell(tmp_path):
     another image size gets a column of its own instead of disappearing behind the default."""
     recs = [
         _rec("a", "d", "linear", 0.80, seed=0, params={"lrs": [0.1]}, ci95=[0.78, 0.82]),
-        _rec("a", "d", "linear", 0.81, seed=1, params={"lrs": [0.1]}, ci95=[0.79, 0.83], run_id="r2"),
-        _rec("a", "d", "linear", 0.10, seed=1, params={"lrs": [30.0]}, ci95=[0.08, 0.12], run_id="r3"),
+        _rec(
+            "a", "d", "linear", 0.81, seed=1, params={"lrs": [0.1]}, ci95=[0.79, 0.83], run_id="r2"
+        ),
+        _rec(
+            "a", "d", "linear", 0.10, seed=1, params={"lrs": [30.0]}, ci95=[0.08, 0.12], run_id="r3"
+        ),
         _rec("a", "d", "knn", 0.70, ci95=[0.68, 0.72], seeded=False),
-        _rec("a", "d", "knn", 0.20, ci95=[0.18, 0.22], seeded=False, image_size=4,
-             time="2026-03-01T00:00:00+00:00"),
+        _rec(
+            "a",
+            "d",
+            "knn",
+            0.20,
+            ci95=[0.18, 0.22],
+            seeded=False,
+            image_size=4,
+            time="2026-03-01T00:00:00+00:00",
+        ),
     ]
     csv_text, md = _board(tmp_path, recs)
     header = md.splitlines()[4]
     assert header == "| backbone | d / knn | d / knn [@4px] | d / linear | d / linear [lrs=30] |"
-    assert "| a | **70.00 ± 2.00ᵇ** | **20.00 ± 2.00ᵇ** | **80.50 ± 6.35 (n=2)ˢ** | **10.00 ± 2.00ᵇ** |" in md
+    assert (
+        "| a | **70.00 ± 2.00ᵇ** | **20.00 ± 2.00ᵇ** | **80.50 ± 6.35 (n=2)ˢ** | **10.00 ± 2.00ᵇ** |"
+        in md
+    )
     assert "## Settings" in md and "protocol.params.lrs=30" in md
     assert "d / linear [lrs=30]" in csv_text.splitlines()[0]
 
 
 def test_two_datasets_of_one_name_are_two_columns(tmp_path):
-    recs = [_rec("a", "val_set", "knn", 0.5, fingerprint="one"), _rec("a", "val_set", "knn", 0.6, fingerprint="two")]
+    recs = [
+        _rec("a", "val_set", "knn", 0.5, fingerprint="one"),
+        _rec("a", "val_set", "knn", 0.6, fingerprint="two"),
+    ]
     _, md = _board(tmp_path, recs)
     header = md.splitlines()[4]
     assert header.count("val_set#") == 2 and "knn" in header
 
 
 def test_seed_independent_setting_shows_its_bootstrap_interval_not_a_zero_spread(tmp_path):
-    recs = [_rec("a", "d", "knn", 0.70, seed=s, run_id=f"s{s}", ci95=[0.68, 0.72], seeded=False) for s in range(3)]
+    recs = [
+        _rec("a", "d", "knn", 0.70, seed=s, run_id=f"s{s}", ci95=[0.68, 0.72], seeded=False)
+        for s in range(3)
+    ]
     _, md = _board(tmp_path, recs)
     assert "70.00 ± 2.00ᵇ" in md and "(n=3)" not in md and "± 0.00" not in md
 
@@ -125,10 +192,14 @@ def test_compare_refuses_records_of_different_settings(tmp_path):
     from ssl_eval.errors import UserError
     from ssl_eval.leaderboard import compare
 
-    recs = [_rec("a", "d", "linear", 0.8, params={"lrs": [0.1]}),
-            _rec("b", "d", "linear", 0.7, params={"lrs": [30.0]})]
+    recs = [
+        _rec("a", "d", "linear", 0.8, params={"lrs": [0.1]}),
+        _rec("b", "d", "linear", 0.7, params={"lrs": [30.0]}),
+    ]
     atomic_write_json(tmp_path / "records" / "x-r1.json", {"schema_version": 2, "records": recs})
-    with pytest.raises(UserError, match=r"different settings \(b has: lrs=30\).*--allow-different-settings"):
+    with pytest.raises(
+        UserError, match=r"different settings \(b has: lrs=30\).*--allow-different-settings"
+    ):
         compare(tmp_path, "a", "b")
     rows = compare(tmp_path, "a", "b", allow_different_settings=True)
     assert rows[0]["settings_differ"] == "lrs=30"
@@ -144,8 +215,12 @@ def test_unreadable_record_file_is_skipped(tmp_path, capsys):
 def test_record_reader_is_typed_and_skips_records_missing_fields(tmp_path, capsys):
     good = _rec("a", "d", "knn", 0.5)
     broken = {k: v for k, v in good.items() if k != "value"}
-    atomic_write_json(tmp_path / "records" / "good-r1.json", {"schema_version": 2, "records": [good]})
-    atomic_write_json(tmp_path / "records" / "bad-r1.json", {"schema_version": 2, "records": [broken]})
+    atomic_write_json(
+        tmp_path / "records" / "good-r1.json", {"schema_version": 2, "records": [good]}
+    )
+    atomic_write_json(
+        tmp_path / "records" / "bad-r1.json", {"schema_version": 2, "records": [broken]}
+    )
     recs = load_records(tmp_path)
     assert [(r.backbone, r.value) for r in recs] == [("a", 0.5)]
     assert isinstance(recs[0], ResultRecord)
@@ -157,18 +232,23 @@ def _write_raw(tmp_path, name, data: bytes):
     (tmp_path / "records" / name).write_bytes(data)
 
 
-@pytest.mark.parametrize("name,content", [
-    ("utf8-r1.json", b'{"schema_version": 2, "records": [\xff\xfe]}'),
-    ("shape-r1.json", b'[1, 2, 3]'),
-    ("records-str-r1.json", b'{"records": "nope"}'),
-    ("dataset-str-r1.json", None),  # a record whose dataset is a string
-    ("value-str-r1.json", None),  # a record whose value is text
-    ("newer-r1.json", None),  # a record of a newer schema
-    ("checksum-r1.json", None),  # edited after writing
-])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("utf8-r1.json", b'{"schema_version": 2, "records": [\xff\xfe]}'),
+        ("shape-r1.json", b"[1, 2, 3]"),
+        ("records-str-r1.json", b'{"records": "nope"}'),
+        ("dataset-str-r1.json", None),  # a record whose dataset is a string
+        ("value-str-r1.json", None),  # a record whose value is text
+        ("newer-r1.json", None),  # a record of a newer schema
+        ("checksum-r1.json", None),  # edited after writing
+    ],
+)
 def test_bad_record_files_are_skipped_with_a_warning_naming_them(tmp_path, capsys, name, content):
     good = _rec("a", "d", "knn", 0.5)
-    atomic_write_json(tmp_path / "records" / "good-r1.json", {"schema_version": 2, "records": [good]})
+    atomic_write_json(
+        tmp_path / "records" / "good-r1.json", {"schema_version": 2, "records": [good]}
+    )
     if content is None:
         bad = dict(good)
         if name.startswith("dataset"):

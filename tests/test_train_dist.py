@@ -98,13 +98,15 @@ def _loss_and_grads(name: str, rows: slice) -> tuple[float, dict[str, torch.Tens
 # (PyTorch's SyncBatchNorm, GPU only, is what makes train-mode statistics global).
 
 METHOD_CASES = ["simclr", "mocov3", "barlowtwins", "swav", "dino", "byol", "simsiam"]
-SMALL = {"simclr": {"proj_hidden": 16, "proj_dim": 8},
-         "mocov3": {"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 16},
-         "barlowtwins": {"proj_hidden": 16, "proj_dim": 8},
-         "swav": {"proj_hidden": 16, "proj_dim": 8, "prototypes": 5},
-         "dino": {"out_dim": 16, "hidden": 16, "bottleneck": 8},
-         "byol": {"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 16},
-         "simsiam": {"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 4}}
+SMALL = {
+    "simclr": {"proj_hidden": 16, "proj_dim": 8},
+    "mocov3": {"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 16},
+    "barlowtwins": {"proj_hidden": 16, "proj_dim": 8},
+    "swav": {"proj_hidden": 16, "proj_dim": 8, "prototypes": 5},
+    "dino": {"out_dim": 16, "hidden": 16, "bottleneck": 8},
+    "byol": {"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 16},
+    "simsiam": {"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 4},
+}
 
 
 def _method(name: str):
@@ -117,7 +119,11 @@ def _method(name: str):
     g = torch.Generator().manual_seed(1)
 
     def view(size: int) -> torch.Tensor:  # coarse per-image patterns: embeddings that differ
-        low = F.interpolate(3 * torch.randn(N, 3, 2, 2, generator=g, dtype=torch.float64), size=size, mode="bilinear")
+        low = F.interpolate(
+            3 * torch.randn(N, 3, 2, 2, generator=g, dtype=torch.float64),
+            size=size,
+            mode="bilinear",
+        )
         return low + 0.3 * torch.randn(N, 3, size, size, generator=g, dtype=torch.float64)
 
     views = [view(16), view(16)]
@@ -140,8 +146,13 @@ def _method_step(name: str, rows: slice, wrap=lambda m: m) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     n = N // world
@@ -150,8 +161,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     for name in LOSS_CASES:
         loss, grads = _loss_and_grads(name, rows)
         # DDP averages parameter gradients over the processes: scale the inputs' gradients alike
-        result["loss"][name] = {"loss": float(all_reduce_mean(torch.tensor(loss, dtype=torch.float64))),
-                                "grads": {k: g / world for k, g in grads.items()}}
+        result["loss"][name] = {
+            "loss": float(all_reduce_mean(torch.tensor(loss, dtype=torch.float64))),
+            "grads": {k: g / world for k, g in grads.items()},
+        }
     ddp = torch.nn.parallel.DistributedDataParallel
     for name in METHOD_CASES:
         r = _method_step(name, rows, ddp)  # DDP averages the parameter gradients
@@ -162,14 +175,25 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from ssl_eval.train.loop import train
     from ssl_eval.train.resolve import resolve_config
 
-    cfg = resolve_config("simclr", settings={
-        "arch": "cifar_resnet_tiny", "dataset": "digits", "epochs": 1, "batch_size": 32, "train_subset": 64,
-        "device": "cpu", "monitor": {"knn_bank": 64, "knn_queries": 32}},
-        overrides=["method_cfg.proj_hidden=32", "method_cfg.proj_dim=16"])
+    cfg = resolve_config(
+        "simclr",
+        settings={
+            "arch": "cifar_resnet_tiny",
+            "dataset": "digits",
+            "epochs": 1,
+            "batch_size": 32,
+            "train_subset": 64,
+            "device": "cpu",
+            "monitor": {"knn_bank": 64, "knn_queries": 32},
+        },
+        overrides=["method_cfg.proj_hidden=32", "method_cfg.proj_dim=16"],
+    )
     side = train(cfg, os.path.join(out, "run"), log=lambda m: None)
     if rank == 0:
         with open(os.path.join(out, "run.json"), "w") as f:
-            json.dump({"epochs_done": side["epochs_done"], "loss": side["final_diagnostics"]["loss"]}, f)
+            json.dump(
+                {"epochs_done": side["epochs_done"], "loss": side["final_diagnostics"]["loss"]}, f
+            )
     dist.destroy_process_group()
 
 
@@ -204,7 +228,9 @@ def test_ddp_parameter_gradients_are_the_global_batch_gradient(two_processes, na
         assert err < TOL, f"{name}: rank {r} parameter gradient off by {err:.2e} (relative)"
         if name == "dino":
             err = _rel(got["center"], ref["center"])
-            assert err < TOL, f"dino: rank {r} centre off by {err:.2e}: not moved by the global batch mean"
+            assert err < TOL, (
+                f"dino: rank {r} centre off by {err:.2e}: not moved by the global batch mean"
+            )
 
 
 def test_ddp_run_trains_and_writes_checkpoint(two_processes):

@@ -19,7 +19,9 @@ def test_nt_xent_matches_hand_computation():
     pos = {0: 2, 1: 3, 2: 0, 3: 1}
     total = 0.0
     for i in range(4):
-        sims = {j: (vecs[i][0] * vecs[j][0] + vecs[i][1] * vecs[j][1]) / t for j in range(4) if j != i}
+        sims = {
+            j: (vecs[i][0] * vecs[j][0] + vecs[i][1] * vecs[j][1]) / t for j in range(4) if j != i
+        }
         total += -math.log(math.exp(sims[pos[i]]) / sum(math.exp(s) for s in sims.values()))
     expected = total / 4
     assert abs(float(losses.nt_xent(z1, z2, t)) - expected) < 1e-5
@@ -44,8 +46,11 @@ def test_barlow_twins_zero_at_identity_correlation():
 
 def test_sinkhorn_equal_partition():
     g = torch.Generator().manual_seed(0)
-    scores = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1) @ torch.nn.functional.normalize(
-        torch.randn(16, 8, generator=g), dim=0)  # cosine scores, as against L2-normalised prototypes
+    scores = torch.nn.functional.normalize(
+        torch.randn(64, 16, generator=g), dim=1
+    ) @ torch.nn.functional.normalize(
+        torch.randn(16, 8, generator=g), dim=0
+    )  # cosine scores, as against L2-normalised prototypes
     q = losses.sinkhorn(scores, eps=0.05, iters=200)
     assert torch.allclose(q.sum(1), torch.ones(64), atol=1e-4)  # each sample: a distribution
     assert torch.allclose(q.sum(0), torch.full((8,), 64 / 8), atol=1e-3)  # each prototype: B/K
@@ -56,7 +61,9 @@ def test_dino_centre_moves_by_momentum():
     out = torch.tensor([[1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 1.0, 0.0]])
     new = losses.update_center(c, out, 0.9)
     assert torch.allclose(new, 0.1 * out.mean(0, keepdim=True))
-    assert torch.allclose(losses.update_center(new, out, 0.9), 0.9 * new + 0.1 * out.mean(0, keepdim=True))
+    assert torch.allclose(
+        losses.update_center(new, out, 0.9), 0.9 * new + 0.1 * out.mean(0, keepdim=True)
+    )
 
 
 def test_mae_masks_75_percent_and_ignores_visible_patches():

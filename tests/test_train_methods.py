@@ -12,10 +12,17 @@ from ssl_eval.train.losses import negative_cosine
 from ssl_eval.train.methods import METHODS
 from ssl_eval.train.resolve import default_config, dump_yaml, resolve_config
 
-TARGETS = {"byol": ["target_backbone", "target_projector"], "mocov3": ["key_backbone", "key_projector"],
-           "dino": ["teacher_backbone", "teacher_head"]}
-SMALL = {"dino": {"out_dim": 64, "hidden": 32, "bottleneck": 16}, "barlowtwins": {"proj_hidden": 64, "proj_dim": 64},
-         "swav": {"proj_hidden": 32, "proj_dim": 16, "prototypes": 10}, "mae": {"decoder_dim": 32, "decoder_depth": 1}}
+TARGETS = {
+    "byol": ["target_backbone", "target_projector"],
+    "mocov3": ["key_backbone", "key_projector"],
+    "dino": ["teacher_backbone", "teacher_head"],
+}
+SMALL = {
+    "dino": {"out_dim": 64, "hidden": 32, "bottleneck": 16},
+    "barlowtwins": {"proj_hidden": 64, "proj_dim": 64},
+    "swav": {"proj_hidden": 32, "proj_dim": 16, "prototypes": 10},
+    "mae": {"decoder_dim": 32, "decoder_depth": 1},
+}
 
 
 def _method(name: str):
@@ -23,8 +30,11 @@ def _method(name: str):
     spec = METHODS.get(name)
     arch = "vit_micro_p4" if spec.default_arch.startswith("vit") else "cifar_resnet_tiny"
     torch.manual_seed(0)
-    overrides = {k: v for k, v in {"proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16}.items()
-                 if k in cfg.method_cfg}
+    overrides = {
+        k: v
+        for k, v in {"proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16}.items()
+        if k in cfg.method_cfg
+    }
     m = spec.cls(build_arch(arch), spec.make_config({**overrides, **SMALL.get(name, {})}))
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     views = make_views(x, cfg.aug, step_generator(0, 0, 0), (0.5,) * 3, (0.25,) * 3)
@@ -52,7 +62,11 @@ def test_method_step_and_stop_gradient(name):
 def test_method_default_config_resolves_and_round_trips(name, image_size, tmp_path):
     spec = METHODS.get(name)
     cfg = resolve_config(name, image_size)
-    assert cfg == default_config(name, image_size) and cfg.method == name and cfg.image_size == image_size
+    assert (
+        cfg == default_config(name, image_size)
+        and cfg.method == name
+        and cfg.image_size == image_size
+    )
     assert spec.make_config(cfg.method_cfg) == spec.config() and spec.feature_kind in FEATURE_KINDS
     path = tmp_path / "train.yaml"
     path.write_text(dump_yaml(cfg))

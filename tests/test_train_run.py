@@ -18,8 +18,14 @@ from ssl_eval.train.data import load_train_data
 from ssl_eval.train.loop import train
 from ssl_eval.train.resolve import default_config, resolve_config
 
-SETTINGS = {"arch": "cifar_resnet_tiny", "dataset": "digits", "epochs": 2, "batch_size": 32, "train_subset": 64,
-            "monitor": {"knn_bank": 64, "knn_queries": 64}}
+SETTINGS = {
+    "arch": "cifar_resnet_tiny",
+    "dataset": "digits",
+    "epochs": 2,
+    "batch_size": 32,
+    "train_subset": 64,
+    "monitor": {"knn_bank": 64, "knn_queries": 64},
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +45,40 @@ def test_run_writes_checkpoint_the_evaluator_reads(tmp_path, data):
     assert is_training_dir(out) and not is_training_dir(tmp_path)
     meta = json.loads((out / "backbone.json").read_text())
     assert meta["format"] == "ssl-eval-trained-backbone" and meta["method"] == "simclr"
-    assert meta["architecture"]["name"] == "cifar_resnet_tiny" and meta["train_config"]["epochs"] == 1
-    assert set(meta["final_diagnostics"]) >= {"loss", "std", "rank", "alignment", "uniformity", "knn_top1"}
+    assert (
+        meta["architecture"]["name"] == "cifar_resnet_tiny" and meta["train_config"]["epochs"] == 1
+    )
+    assert set(meta["final_diagnostics"]) >= {
+        "loss",
+        "std",
+        "rank",
+        "alignment",
+        "uniformity",
+        "knn_top1",
+    }
     assert isinstance(meta["collapsed"], bool) and meta["collapsed"] == side["collapsed"]
     bb = build_from_training_dir(out)
     assert bb.weights.source == "file" and len(bb.weights.sha256) == 64 and not bb.model.training
     bundle = get_dataset("digits", DatasetOptions())
-    tr = extract(bb, bundle, "train", cache_dir=tmp_path / "c", device=torch.device("cpu"), progress=False)
-    te = extract(bb, bundle, "test", cache_dir=tmp_path / "c", device=torch.device("cpu"), progress=False)
+    tr = extract(
+        bb, bundle, "train", cache_dir=tmp_path / "c", device=torch.device("cpu"), progress=False
+    )
+    te = extract(
+        bb, bundle, "test", cache_dir=tmp_path / "c", device=torch.device("cpu"), progress=False
+    )
     tri, vai = stratified_val_split(np.asarray(tr.labels), 0.1, 0)
-    res = run_knn(ProtocolInputs(np.asarray(tr.features), np.asarray(tr.labels), np.asarray(te.features),
-                                 np.asarray(te.labels), tri, vai, 10), KnnParams(ks=(5,)))
+    res = run_knn(
+        ProtocolInputs(
+            np.asarray(tr.features),
+            np.asarray(tr.labels),
+            np.asarray(te.features),
+            np.asarray(te.labels),
+            tri,
+            vai,
+            10,
+        ),
+        KnnParams(ks=(5,)),
+    )
     assert res.metrics["top1"] > 0.15  # 10 classes: above chance even after one tiny epoch
     with pytest.raises(UserError, match="already holds"):
         train(_cfg(epochs=1), out, data=data)
@@ -62,7 +91,9 @@ def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, data):
     train(cfg, cut, data=data, stop_after_epoch=1)
     assert json.loads((cut / "backbone.json").read_text())["epochs_done"] == 1
     train(cfg, cut, data=data, resume=True)
-    assert (full / "backbone.safetensors").read_bytes() == (cut / "backbone.safetensors").read_bytes()
+    assert (full / "backbone.safetensors").read_bytes() == (
+        cut / "backbone.safetensors"
+    ).read_bytes()
     a = torch.load(full / "train_state.pt", weights_only=True)
     b = torch.load(cut / "train_state.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -79,7 +110,10 @@ def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="not a training folder"):
         build_from_training_dir(tmp_path)
     with pytest.raises(UserError, match="needs a ViT"):
-        train(resolve_config("mae", settings={**SETTINGS, "arch": "cifar_resnet_tiny"}), tmp_path / "m")
+        train(
+            resolve_config("mae", settings={**SETTINGS, "arch": "cifar_resnet_tiny"}),
+            tmp_path / "m",
+        )
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):

@@ -137,11 +137,20 @@ def backbone_from_checkpoint(
     pre = preprocessing or loaded.preprocessing
     if opt.image_size:
         pre = pre.with_size(opt.image_size)
-    report = {"family": family.name, "file": ckpt.path.name, **loaded.report,
-              "architecture": {**describe(loaded.model), "from": loaded.arch_from}}
+    report = {
+        "family": family.name,
+        "file": ckpt.path.name,
+        **loaded.report,
+        "architecture": {**describe(loaded.model), "from": loaded.arch_from},
+    }
     weights = WeightsInfo("file", sha256_file(ckpt.path), str(ckpt.path))
     return Backbone(
-        tag, loaded.model, pre, opt.feature_kind or loaded.feature_kind, weights, report,
+        tag,
+        loaded.model,
+        pre,
+        opt.feature_kind or loaded.feature_kind,
+        weights,
+        report,
         description or loaded.description,
     )
 
@@ -199,7 +208,8 @@ def _ckpt_spec(rest: str) -> BackboneSpec:
 
 
 BACKBONES.register_prefix(
-    "ckpt", _ckpt_spec,
+    "ckpt",
+    _ckpt_spec,
     "ckpt:PATH, an `ssl-eval train` output folder, or a checkpoint whose family (supervised, simclr, mocov3, mae, dino, dinov2, "
     "dinov3, cifar_resnet) is detected from its keys; --family overrides",
 )

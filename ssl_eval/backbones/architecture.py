@@ -54,8 +54,11 @@ def agree(file: str, picks: list[Pick]) -> Pick | None:
     for p in picks[1:]:
         if not compatible(picks[0].spec, p.spec):
             first = picks[0]
-            fix = ("drop --arch" if p.source == "--arch" and first.source != "the tag" else
-                   "use the tag that matches the file, or read it as ckpt:PATH")
+            fix = (
+                "drop --arch"
+                if p.source == "--arch" and first.source != "the tag"
+                else "use the tag that matches the file, or read it as ckpt:PATH"
+            )
             raise UserError(
                 f"{file}: {first.source} says {first.name!r} but {p.source} says {p.name!r}; "
                 f"they must agree ({fix})"
@@ -82,8 +85,11 @@ class ArchTable(Generic[T]):
         if key in self.refused:
             raise UserError(f"{file}: {source} says {name!r}: {self.refused[key]}")
         if key not in self.names:
-            hint = f" (the file is read as {self.family}; --family reads it as another)" \
-                if source == "--arch" else ""
+            hint = (
+                f" (the file is read as {self.family}; --family reads it as another)"
+                if source == "--arch"
+                else ""
+            )
             raise UserError(
                 f"{file}: {source} says {name!r}, which is not a {self.family} architecture "
                 f"ssl-eval reads; the {self.family} ones are: {', '.join(self.names)}{hint}"
@@ -128,9 +134,10 @@ def _vit(model: nn.Module) -> dict:
         position = "absolute"
     else:
         position = "none"
-    layer_scale = any(
-        not isinstance(getattr(blk, n, nn.Identity()), nn.Identity) for n in ("ls1",)
-    ) or getattr(blk, "gamma_1", None) is not None
+    layer_scale = (
+        any(not isinstance(getattr(blk, n, nn.Identity()), nn.Identity) for n in ("ls1",))
+        or getattr(blk, "gamma_1", None) is not None
+    )
     return {
         "type": "vit",
         "class": type(model).__name__,
@@ -158,9 +165,14 @@ def _resnet(model: nn.Module, stages: int) -> dict:
         "class": type(model).__name__,
         "block": type(block).__name__,
         "layers": layers,
-        "stem": {"convs": len(convs), "kernel": int(first.kernel_size[0]), "stride": int(first.stride[0]),
-                 "padding": int(first.padding[0]), "channels": int(last.out_channels),
-                 "maxpool": not isinstance(getattr(model, "maxpool", nn.Identity()), nn.Identity)},
+        "stem": {
+            "convs": len(convs),
+            "kernel": int(first.kernel_size[0]),
+            "stride": int(first.stride[0]),
+            "padding": int(first.padding[0]),
+            "channels": int(last.out_channels),
+            "maxpool": not isinstance(getattr(model, "maxpool", nn.Identity()), nn.Identity),
+        },
     }
     if hasattr(block, "conv3") and len(convs) == 1:  # torchvision bottleneck: x 64-wide stem
         out["width"] = int(last.out_channels) // 64
@@ -180,9 +192,12 @@ def describe(model: nn.Module) -> dict:
         out["type"] = "cifar_resnet"
         out["depth"] = 2 + 2 * sum(out["layers"])
     elif hasattr(model, "stages") and hasattr(model, "stem"):  # timm ConvNeXt
-        out = {"type": "convnext", "class": type(model).__name__,
-               "depths": [len(s.blocks) for s in model.stages],
-               "dims": [int(s.blocks[0].conv_dw.in_channels) for s in model.stages]}
+        out = {
+            "type": "convnext",
+            "class": type(model).__name__,
+            "depths": [len(s.blocks) for s in model.stages],
+            "dims": [int(s.blocks[0].conv_dw.in_channels) for s in model.stages],
+        }
     else:
         out = {"type": type(model).__name__}
         for key in ("blocks", "widths"):

@@ -40,7 +40,9 @@ class _Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -52,11 +54,15 @@ class CifarStemResNet(nn.Module):
     image keeps its resolution in the first stage (the ImageNet stem would shrink it to 8x8 at
     once); 1x1 projection shortcuts. Not the akamaster option-A ResNet of families/cifar.py."""
 
-    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), widths: tuple[int, ...] = (64, 128, 256, 512)):
+    def __init__(
+        self, blocks: tuple[int, ...] = (2, 2, 2, 2), widths: tuple[int, ...] = (64, 128, 256, 512)
+    ):
         super().__init__()
         if len(blocks) != len(widths):
             raise UserError("cifar_resnet: blocks and widths need the same length")
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         layers, cin = [], widths[0]
         for i, (n, w) in enumerate(zip(blocks, widths, strict=True)):
             for j in range(n):
@@ -72,12 +78,20 @@ class CifarStemResNet(nn.Module):
         return self.forward_features(x).mean(dim=(2, 3))
 
 
-def _vit(embed_dim: int, depth: int, num_heads: int, img_size: int = 32, patch_size: int = 4, **kw: Any) -> nn.Module:
+def _vit(
+    embed_dim: int, depth: int, num_heads: int, img_size: int = 32, patch_size: int = 4, **kw: Any
+) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(
-        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-        num_classes=0, global_pool="token", **{"dynamic_img_size": True, **kw},
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        num_classes=0,
+        global_pool="token",
+        **{"dynamic_img_size": True, **kw},
     )
     model.embed_dim = embed_dim
     return model
@@ -97,7 +111,11 @@ def _timm(name: str) -> ArchBuilder:
     return build
 
 
-ARCHS.register("cifar_resnet18", lambda **kw: CifarStemResNet(**kw), "ResNet-18, CIFAR stem, 512-d (11M params)")
+ARCHS.register(
+    "cifar_resnet18",
+    lambda **kw: CifarStemResNet(**kw),
+    "ResNet-18, CIFAR stem, 512-d (11M params)",
+)
 ARCHS.register(
     "cifar_resnet_small",
     lambda **kw: CifarStemResNet(**{"blocks": (1, 1, 1, 1), "widths": (32, 64, 128, 256), **kw}),
@@ -108,10 +126,16 @@ ARCHS.register(
     lambda **kw: CifarStemResNet(**{"blocks": (1, 1, 1), "widths": (8, 16, 32), **kw}),
     "three stages of one block, 8-32 channels, 32-d: tests only",
 )
-ARCHS.register("vit_tiny_p4", lambda **kw: _vit(**{"embed_dim": 192, "depth": 9, "num_heads": 3, **kw}),
-               "ViT-Tiny width (192), depth 9, 4-pixel patches, 32x32 input")
-ARCHS.register("vit_micro_p4", lambda **kw: _vit(**{"embed_dim": 64, "depth": 2, "num_heads": 2, **kw}),
-               "ViT, width 64, depth 2, 4-pixel patches: tests only")
+ARCHS.register(
+    "vit_tiny_p4",
+    lambda **kw: _vit(**{"embed_dim": 192, "depth": 9, "num_heads": 3, **kw}),
+    "ViT-Tiny width (192), depth 9, 4-pixel patches, 32x32 input",
+)
+ARCHS.register(
+    "vit_micro_p4",
+    lambda **kw: _vit(**{"embed_dim": 64, "depth": 2, "num_heads": 2, **kw}),
+    "ViT, width 64, depth 2, 4-pixel patches: tests only",
+)
 ARCHS.register_prefix("timm", _timm, "timm:<model name>, randomly initialised")
 
 

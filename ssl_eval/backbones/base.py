@@ -58,7 +58,11 @@ def _last_blocks(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
         if not hasattr(model, "forward_intermediates"):
             raise UserError(f"feature kind 'last{n}' needs a timm ViT with forward_intermediates")
         inter = model.forward_intermediates(
-            x, indices=n, return_prefix_tokens=True, norm=True, intermediates_only=True,
+            x,
+            indices=n,
+            return_prefix_tokens=True,
+            norm=True,
+            intermediates_only=True,
             output_fmt="NLC",
         )
         cls = [prefix[:, 0] for _, prefix in inter]
@@ -72,7 +76,9 @@ def _model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.flatten(1)
 
 
-FEATURE_KINDS: Registry[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = Registry("feature kind")
+FEATURE_KINDS: Registry[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = Registry(
+    "feature kind"
+)
 FEATURE_KINDS.register("model", _model_output, "the model's own output (its pooled embedding)")
 FEATURE_KINDS.register("cls", _cls, "class token after the final norm")
 FEATURE_KINDS.register("avgpool", _avgpool, "mean of patch tokens / spatial positions")

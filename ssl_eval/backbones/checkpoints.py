@@ -29,8 +29,9 @@ SAFE_EXTRA_GLOBALS = (argparse.Namespace,)
 
 
 def _corrupt(path: Path, e: BaseException) -> UserError:
-    return UserError(f"weights file {path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                     "download it again")
+    return UserError(
+        f"weights file {path} is corrupt or truncated ({type(e).__name__}: {e}); download it again"
+    )
 
 
 def _safe_globals():
@@ -104,7 +105,7 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefixes: Iterable[str]) -> dict[s
     prefixes = list(prefixes)
     for p in prefixes:
         if sd and all(k.startswith(p) for k in sd):
-            return {k[len(p):]: v for k, v in sd.items()}
+            return {k[len(p) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -267,5 +268,7 @@ def strict_load(
         for k in defaulted:
             leaf = k.rsplit(".", 1)[-1]
             leaves[leaf] = leaves.get(leaf, 0) + 1
-        report["defaulted"] = [f"*.{leaf} ({n} keys, absent from the file)" for leaf, n in leaves.items()]
+        report["defaulted"] = [
+            f"*.{leaf} ({n} keys, absent from the file)" for leaf, n in leaves.items()
+        ]
     return report

@@ -38,7 +38,9 @@ def _import_factory(target: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"cannot import {module_name!r} for backbone plugin ({e}); is it installed?") from e
+        raise UserError(
+            f"cannot import {module_name!r} for backbone plugin ({e}); is it installed?"
+        ) from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UserError(f"{module_name} has no callable {attr!r}")
@@ -57,17 +59,33 @@ def _call_factory(tag: str, factory: Callable, opt: BuildOptions) -> Backbone:
     out = factory(**kwargs)
     if isinstance(out, Backbone):
         if opt.feature_kind:
-            out = Backbone(out.tag, out.model, out.preprocessing, opt.feature_kind,
-                           out.weights, out.load_report, out.description)
+            out = Backbone(
+                out.tag,
+                out.model,
+                out.preprocessing,
+                opt.feature_kind,
+                out.weights,
+                out.load_report,
+                out.description,
+            )
         return _with_source(out, factory)
     if isinstance(out, nn.Module):
         pre = Preprocessing()
         if opt.image_size:
             pre = pre.with_size(opt.image_size)
-        bb = Backbone(tag, out, pre, opt.feature_kind or "model", WeightsInfo("plugin", ""),
-                      {"format": "plugin"}, f"plugin {tag}")
+        bb = Backbone(
+            tag,
+            out,
+            pre,
+            opt.feature_kind or "model",
+            WeightsInfo("plugin", ""),
+            {"format": "plugin"},
+            f"plugin {tag}",
+        )
         return _with_source(bb, factory)
-    raise UserError(f"backbone plugin {tag!r} returned {type(out).__name__}, not a Backbone or nn.Module")
+    raise UserError(
+        f"backbone plugin {tag!r} returned {type(out).__name__}, not a Backbone or nn.Module"
+    )
 
 
 def _with_source(bb: Backbone, factory: Callable) -> Backbone:
@@ -75,7 +93,10 @@ def _with_source(bb: Backbone, factory: Callable) -> Backbone:
     ``forward`` changed must not serve the old features. The source files of the factory and
     of the model's classes are hashed into the weights' sha256 and listed in the load report."""
     if "architecture" not in bb.load_report:
-        bb.load_report = {**bb.load_report, "architecture": {**describe(bb.model), "from": "plugin"}}
+        bb.load_report = {
+            **bb.load_report,
+            "architecture": {**describe(bb.model), "from": "plugin"},
+        }
     if bb.weights.source != "plugin":  # the plugin named a weights file: that is its identity
         return bb
     sources = module_sources(factory, type(bb.model))
@@ -100,5 +121,8 @@ def register_entry_points() -> None:
             BACKBONES.register(ep.name, plugin_spec(ep.name, ep.value))
 
 
-BACKBONES.register_prefix("py", lambda target: plugin_spec(f"py:{target}", target),
-                          "py:package.module:factory, your own backbone")
+BACKBONES.register_prefix(
+    "py",
+    lambda target: plugin_spec(f"py:{target}", target),
+    "py:package.module:factory, your own backbone",
+)

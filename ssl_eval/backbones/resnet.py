@@ -62,8 +62,11 @@ def is_torchvision_resnet(sd: dict[str, torch.Tensor]) -> bool:
     """Bottleneck ResNet keys with the 7x7 ImageNet stem."""
     conv1 = sd.get("conv1.weight")
     return (
-        conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] == 7
-        and "layer4.0.conv3.weight" in sd and "layer1.0.downsample.0.weight" in sd
+        conv1 is not None
+        and conv1.ndim == 4
+        and conv1.shape[-1] == 7
+        and "layer4.0.conv3.weight" in sd
+        and "layer1.0.downsample.0.weight" in sd
     )
 
 

@@ -38,14 +38,18 @@ def is_training_dir(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / SIDECAR).is_file()
 
 
-def write_trained_backbone(out: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], sidecar: dict) -> None:
+def write_trained_backbone(
+    out: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], sidecar: dict
+) -> None:
     """Weights as safetensors (contiguous CPU copies), then the sidecar stamped with the format:
     a reader that finds the sidecar always finds the weights it describes."""
     from safetensors.torch import save
 
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     atomic_write_bytes(Path(out) / WEIGHTS, save(sd))
-    atomic_write_json(Path(out) / SIDECAR, {"format": FORMAT, "format_version": FORMAT_VERSION, **sidecar})
+    atomic_write_json(
+        Path(out) / SIDECAR, {"format": FORMAT, "format_version": FORMAT_VERSION, **sidecar}
+    )
 
 
 def read_sidecar(path: str | os.PathLike) -> dict:
@@ -57,9 +61,13 @@ def read_sidecar(path: str | os.PathLike) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {p}: {e}. Is this an `ssl-eval train` output folder?") from e
     if not isinstance(meta, dict):
-        raise UserError(f"{p} is not an ssl-eval training sidecar (a JSON {type(meta).__name__}, not an object)")
+        raise UserError(
+            f"{p} is not an ssl-eval training sidecar (a JSON {type(meta).__name__}, not an object)"
+        )
     if meta.get("format") != FORMAT:
-        raise UserError(f"{p} is not an ssl-eval training sidecar (format {meta.get('format')!r}, expected {FORMAT!r})")
+        raise UserError(
+            f"{p} is not an ssl-eval training sidecar (format {meta.get('format')!r}, expected {FORMAT!r})"
+        )
     if meta.get("format_version") not in SUPPORTED_VERSIONS:
         raise UserError(
             f"{p} has format version {meta.get('format_version')}; this ssl-eval reads {SUPPORTED_VERSIONS}. "
@@ -67,7 +75,9 @@ def read_sidecar(path: str | os.PathLike) -> dict:
         )
     arch = meta.get("architecture")
     if not isinstance(arch, dict) or not arch.get("name"):
-        raise UserError(f"{p} names no architecture ('architecture': {{'name': ...}}); the file is damaged")
+        raise UserError(
+            f"{p} names no architecture ('architecture': {{'name': ...}}); the file is damaged"
+        )
     if not isinstance(meta.get("preprocessing"), dict):
         raise UserError(f"{p} has no 'preprocessing'; the file is damaged")
     return meta
@@ -90,4 +100,6 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(wpath))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read {wpath}: {e}. The file is damaged; retrain or restore it.") from e
+        raise UserError(
+            f"cannot read {wpath}: {e}. The file is damaged; retrain or restore it."
+        ) from e

@@ -48,8 +48,14 @@ def vit_shape(sd: dict[str, torch.Tensor], mlp_key: str = "mlp.fc1.weight") -> V
         hidden = sd[f"blocks.0.{mlp_key}"].shape[0]
     except KeyError as e:
         raise UserError(f"the checkpoint holds no ViT I can read ({e.args[0]} is missing)") from e
-    regs = next((v.shape[1] for k, v in sd.items()
-                 if k in ("reg_token", "register_tokens", "storage_tokens")), 0)
+    regs = next(
+        (
+            v.shape[1]
+            for k, v in sd.items()
+            if k in ("reg_token", "register_tokens", "storage_tokens")
+        ),
+        0,
+    )
     return ViTShape(embed, len(block_indices(sd)), patch, hidden, regs)
 
 
@@ -83,7 +89,9 @@ class ViTArch:
         return kw
 
 
-def from_shape(shape: ViTShape, heads: int, where: str, timm: str = "vit_base_patch16_224") -> ViTArch:
+def from_shape(
+    shape: ViTShape, heads: int, where: str, timm: str = "vit_base_patch16_224"
+) -> ViTArch:
     """The ViT the keys show (depth, width, patch, MLP), with the family's head count."""
     return ViTArch(timm, shape.embed_dim, heads, shape.depth, shape.patch, shape.mlp_hidden, where)
 
@@ -97,7 +105,6 @@ def create_timm(arch: str, img_size: int | None = None, **kw) -> nn.Module:
     if img_size:
         kw["img_size"] = img_size
     return uninitialised(lambda: timm.create_model(arch.split(".")[0], pretrained=False, **kw))
-
 
 
 # ---------------------------------------------------------------- position embeddings
@@ -131,14 +138,18 @@ def bicubic_with_offset(offset: float, who: str) -> PosEmbedResize:
 
     def resize(tokens: torch.Tensor, old: int, new: tuple[int, int]) -> torch.Tensor:
         scale = (float(new[0] + offset) / old, float(new[1] + offset) / old)
-        out = F.interpolate(_grid(tokens.float(), old), scale_factor=scale, mode="bicubic",
-                            antialias=False)
+        out = F.interpolate(
+            _grid(tokens.float(), old), scale_factor=scale, mode="bicubic", antialias=False
+        )
         if tuple(out.shape[-2:]) != tuple(new):
-            raise UserError(f"resizing the position embedding {old}x{old} -> {new} gave {out.shape[-2:]}")
+            raise UserError(
+                f"resizing the position embedding {old}x{old} -> {new} gave {out.shape[-2:]}"
+            )
         return _tokens(out)
 
     return PosEmbedResize(
-        f"bicubic, scale factor (new + {offset}) / old, no antialiasing ({who})", resize)
+        f"bicubic, scale factor (new + {offset}) / old, no antialiasing ({who})", resize
+    )
 
 
 def bicubic_to_size(who: str) -> PosEmbedResize:
@@ -146,11 +157,14 @@ def bicubic_to_size(who: str) -> PosEmbedResize:
     align_corners=False, no antialiasing, at load time."""
 
     def resize(tokens: torch.Tensor, old: int, new: tuple[int, int]) -> torch.Tensor:
-        out = F.interpolate(_grid(tokens.float(), old), size=tuple(new), mode="bicubic",
-                            align_corners=False)
+        out = F.interpolate(
+            _grid(tokens.float(), old), size=tuple(new), mode="bicubic", align_corners=False
+        )
         return _tokens(out)
 
-    return PosEmbedResize(f"bicubic to the new size, align_corners=False, no antialiasing ({who})", resize)
+    return PosEmbedResize(
+        f"bicubic to the new size, align_corners=False, no antialiasing ({who})", resize
+    )
 
 
 def mocov3_sincos(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -178,12 +192,14 @@ def _rebuild_sincos(tokens: torch.Tensor, old: int, new: tuple[int, int]) -> tor
         raise UserError(
             f"MoCo v3 rebuilds its fixed sin-cos position embedding for another input size, but "
             f"this file's pos_embed is not that table (max difference {diff:.3g}); evaluate it at "
-            "the size it was saved for (--image-size)")
+            "the size it was saved for (--image-size)"
+        )
     return mocov3_sincos(new[0], dim)
 
 
 MOCOV3_SINCOS = PosEmbedResize(
-    "fixed 2-D sin-cos table rebuilt for the new grid (MoCo v3 vits.py)", _rebuild_sincos)
+    "fixed 2-D sin-cos table rebuilt for the new grid (MoCo v3 vits.py)", _rebuild_sincos
+)
 
 
 def resize_pos_embed(
@@ -208,7 +224,9 @@ def resize_pos_embed(
     return out, {**info, "resized": rule.how}
 
 
-def split_keys(sd: dict[str, torch.Tensor], *patterns: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def split_keys(
+    sd: dict[str, torch.Tensor], *patterns: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(keys not matching any pattern, names of those that do) for keys dropped on purpose."""
     regs = [re.compile(p) for p in patterns]
     dropped = [k for k in sd if any(r.match(k) for r in regs)]

@@ -42,7 +42,9 @@ class ImageSplit:
                 return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy needs one
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"cannot read image {self.paths[i]}: {reason}. Remove or replace the file.") from e
+            raise UserError(
+                f"cannot read image {self.paths[i]}: {reason}. Remove or replace the file."
+            ) from e
 
 
 @dataclass
@@ -68,7 +70,9 @@ class DatasetBundle:
 class DatasetOptions:
     data_root: Path | None = None
     download: bool = False
-    manifest_dir: Path | None = None  # where image-folder content hashes are remembered (None: rehash)
+    manifest_dir: Path | None = (
+        None  # where image-folder content hashes are remembered (None: rehash)
+    )
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,10 @@ def _shapes_loader(label_set: str) -> DatasetSpec:
 _TV_FILES = {
     "cifar10": ("cifar-10-batches-py", ["data_batch_1..5", "test_batch", "batches.meta"]),
     "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
-    "stl10": ("stl10_binary", ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt"]),
+    "stl10": (
+        "stl10_binary",
+        ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt"],
+    ),
 }
 
 
@@ -223,7 +230,9 @@ def _scan(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[P
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
-def _content_fingerprint(root: Path, paths: list[Path], manifest_dir: Path | None) -> tuple[str, str]:
+def _content_fingerprint(
+    root: Path, paths: list[Path], manifest_dir: Path | None
+) -> tuple[str, str]:
     """(sha256 over every file's relative path and content sha256, how it was computed).
 
     The content of every image is hashed, so overwriting images (even with files of the same
@@ -236,7 +245,9 @@ def _content_fingerprint(root: Path, paths: list[Path], manifest_dir: Path | Non
     manifest_path = None
     known: dict = {}
     if manifest_dir is not None:
-        manifest_path = Path(manifest_dir) / f"{hashlib.sha256(str(root).encode()).hexdigest()[:24]}.json"
+        manifest_path = (
+            Path(manifest_dir) / f"{hashlib.sha256(str(root).encode()).hexdigest()[:24]}.json"
+        )
         try:
             known = json.loads(manifest_path.read_text()).get("files", {})
         except (OSError, ValueError, AttributeError):
@@ -247,7 +258,11 @@ def _content_fingerprint(root: Path, paths: list[Path], manifest_dir: Path | Non
         rel = str(p.relative_to(root))
         st = p.stat()
         entry = known.get(rel)
-        if not (isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns]):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and entry[:2] == [st.st_size, st.st_mtime_ns]
+        ):
             with open(p, "rb") as f:
                 entry = [st.st_size, st.st_mtime_ns, hashlib.file_digest(f, "sha256").hexdigest()]
             read += 1
@@ -257,7 +272,9 @@ def _content_fingerprint(root: Path, paths: list[Path], manifest_dir: Path | Non
     if manifest_path is not None:
         how += " (manifest keyed by path, size and mtime; unchanged files not re-read)"
         if read or len(files) != len(known):
-            with contextlib.suppress(OSError):  # a read-only cache: the hash stays right, only slower
+            with contextlib.suppress(
+                OSError
+            ):  # a read-only cache: the hash stays right, only slower
                 atomic_write_json(manifest_path, {"root": str(root), "files": files})
     return h.hexdigest(), how
 
@@ -295,9 +312,13 @@ def _folder_loader(path: str) -> DatasetSpec:
 
 DATASETS.register(
     "digits",
-    DatasetSpec("digits", _load_digits, "scikit-learn's 8x8 digits, 1,797 images, 10 classes, offline"),
+    DatasetSpec(
+        "digits", _load_digits, "scikit-learn's 8x8 digits, 1,797 images, 10 classes, offline"
+    ),
 )
-DATASETS.register("shapes", _shapes_loader("shape"), "procedural shapes (embedded default), 6 classes")
+DATASETS.register(
+    "shapes", _shapes_loader("shape"), "procedural shapes (embedded default), 6 classes"
+)
 DATASETS.register_prefix("shapes", _shapes_loader, "shapes:<shape|colour|size|position>")
 for _name, _desc in [
     ("cifar10", "CIFAR-10 via torchvision (--data-root, --download)"),

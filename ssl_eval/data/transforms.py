@@ -77,7 +77,9 @@ class Preprocessing:
     def geometric(self, img: torch.Tensor) -> torch.Tensor:
         """uint8 CHW -> uint8 CHW, resized and cropped."""
         if self.resize is not None and min(img.shape[-2:]) != self.resize:
-            img = F.resize(img, [self.resize], interpolation=_INTERP[self.interpolation], antialias=True)
+            img = F.resize(
+                img, [self.resize], interpolation=_INTERP[self.interpolation], antialias=True
+            )
         if self.crop is not None and tuple(img.shape[-2:]) != (self.crop, self.crop):
             img = F.center_crop(img, [self.crop, self.crop])
         return img

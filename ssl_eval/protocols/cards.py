@@ -54,7 +54,10 @@ class ProtocolCard:
         return self.protocol.name
 
     def params_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.params).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self.params).items()
+        }
 
     def to_record(self) -> dict:
         return {
@@ -68,7 +71,9 @@ class ProtocolCard:
         }
 
 
-def parse_card(raw: object, source: str, overrides: list[str] | tuple[str, ...] = ()) -> ProtocolCard:
+def parse_card(
+    raw: object, source: str, overrides: list[str] | tuple[str, ...] = ()
+) -> ProtocolCard:
     """A card from its parsed YAML; ``overrides`` are ``key=value`` assignments to its params."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: a protocol card must be a YAML mapping")
@@ -80,13 +85,17 @@ def parse_card(raw: object, source: str, overrides: list[str] | tuple[str, ...] 
         raise UserError(f"{source}: version must be an integer")
     ptype = PROTOCOL_TYPES.get(str(raw["type"]))
     if raw.get("params") is not None and not isinstance(raw["params"], dict):
-        raise UserError(f"{source}: params must be a mapping of name: value, not {type(raw['params']).__name__}")
+        raise UserError(
+            f"{source}: params must be a mapping of name: value, not {type(raw['params']).__name__}"
+        )
     for k in ("name", "description", "selection_split"):
         if k in raw and isinstance(raw[k], dict | list):
             raise UserError(f"{source}: {k} must be a single value, not a {type(raw[k]).__name__}")
     if str(raw.get("selection_split", "val")) != "val":
-        raise UserError(f"{source}: selection_split is {raw['selection_split']!r}, but every choice a "
-                        "protocol makes is made on the validation split carved from train; use 'val'")
+        raise UserError(
+            f"{source}: selection_split is {raw['selection_split']!r}, but every choice a "
+            "protocol makes is made on the validation split carved from train; use 'val'"
+        )
     params = dict(raw.get("params") or {})
     applied = []
     for o in overrides:
@@ -106,7 +115,9 @@ def parse_card(raw: object, source: str, overrides: list[str] | tuple[str, ...] 
     )
 
 
-def _resolve(spec: str, folder: Path, shipped: list[str], what: str, hint_own: str) -> tuple[Path, str]:
+def _resolve(
+    spec: str, folder: Path, shipped: list[str], what: str, hint_own: str
+) -> tuple[Path, str]:
     """(path, source) of a shipped name or a path to a YAML file."""
     path = Path(spec)
     if spec.endswith((".yaml", ".yml")) or path.is_file():
@@ -123,12 +134,15 @@ def _resolve(spec: str, folder: Path, shipped: list[str], what: str, hint_own: s
 
 def load_card(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ProtocolCard:
     """``spec`` is a shipped card's name (``linear``) or a path to a YAML card."""
-    path, source = _resolve(spec, cards_dir(), shipped_cards(), "protocol",
-                            "; or pass a path to your own card (.yaml)")
+    path, source = _resolve(
+        spec, cards_dir(), shipped_cards(), "protocol", "; or pass a path to your own card (.yaml)"
+    )
     return parse_card(read_yaml(path, "protocol card"), source, overrides)
 
 
-def load_cards(specs: list[str], overrides: list[str] | tuple[str, ...] = ()) -> tuple[ProtocolCard, ...]:
+def load_cards(
+    specs: list[str], overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[ProtocolCard, ...]:
     """Load several cards and route ``--set`` overrides: ``card.key=value`` goes to that card;
     a plain ``key=value`` goes to every card whose params have ``key`` (an error if none does)."""
     plain = [load_card(s) for s in specs]
@@ -141,11 +155,16 @@ def load_cards(specs: list[str], overrides: list[str] | tuple[str, ...] = ()) ->
             o = rest + "=" + o.partition("=")[2]
         else:
             field_name = key.removeprefix("params.")
-            targets = [i for i, c in enumerate(plain)
-                       if field_name in {f.name for f in dataclasses.fields(c.params)}]
+            targets = [
+                i
+                for i, c in enumerate(plain)
+                if field_name in {f.name for f in dataclasses.fields(c.params)}
+            ]
         if not targets:
-            raise UserError(f"--set {o!r}: no selected protocol has a param {key!r} "
-                            f"(protocols: {', '.join(c.name for c in plain)}); use card.key=value")
+            raise UserError(
+                f"--set {o!r}: no selected protocol has a param {key!r} "
+                f"(protocols: {', '.join(c.name for c in plain)}); use card.key=value"
+            )
         for i in targets:
             routed[i].append(o)
     return tuple(load_card(s, r) if r else c for s, c, r in zip(specs, plain, routed, strict=True))
@@ -162,10 +181,18 @@ def load_suite(spec: str) -> Suite:
     """A named collection of protocol cards: a shipped suite's name or a YAML path."""
     path, _ = _resolve(spec, cards_dir() / "suites", shipped_suites(), "suite", "")
     raw = read_yaml(path, "suite")
-    if not isinstance(raw, dict) or not isinstance(raw.get("protocols"), list) or not raw["protocols"]:
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("protocols"), list)
+        or not raw["protocols"]
+    ):
         raise UserError(f"{path}: a suite is a mapping with a non-empty 'protocols' list")
     check_keys(raw, SUITE_KEYS, str(path))
-    return Suite(str(raw.get("name", path.stem)), tuple(map(str, raw["protocols"])), str(raw.get("description", "")))
+    return Suite(
+        str(raw.get("name", path.stem)),
+        tuple(map(str, raw["protocols"])),
+        str(raw.get("description", "")),
+    )
 
 
 def validate_all() -> list[str]:

@@ -39,7 +39,9 @@ class FewShotParams:
     seeds: int = 5  # support draws per K
     classifiers: tuple[str, ...] = ("logreg", "prototype", "knn")
     logreg_c: float = 1.0  # fixed inverse L2 strength, used when logreg_cs is empty
-    logreg_cs: tuple[float, ...] = LOGREG_CS  # the C grid, chosen per draw on val; () = fixed logreg_c
+    logreg_cs: tuple[float, ...] = (
+        LOGREG_CS  # the C grid, chosen per draw on val; () = fixed logreg_c
+    )
     knn_k: int = 20  # clamped to the support size
     knn_temperature: float = 0.07
     on_small_class: str = "error"  # error | cap (use all a class has; recorded)
@@ -48,16 +50,22 @@ class FewShotParams:
     def __post_init__(self):
         _check_classifiers(self)
         if any(c <= 0 for c in self.logreg_cs) or len(set(self.logreg_cs)) != len(self.logreg_cs):
-            raise UserError(f"few-shot: logreg_cs are distinct and > 0 (or [] for the fixed logreg_c), "
-                            f"not {list(self.logreg_cs)}")
+            raise UserError(
+                f"few-shot: logreg_cs are distinct and > 0 (or [] for the fixed logreg_c), "
+                f"not {list(self.logreg_cs)}"
+            )
         if self.seeds < 1 or not self.shots or min(self.shots) < 1:
             raise UserError("few-shot: seeds and every K in shots must be at least 1")
         if self.on_small_class not in ("error", "cap"):
-            raise UserError(f"few-shot: on_small_class must be 'error' or 'cap', not {self.on_small_class!r}")
+            raise UserError(
+                f"few-shot: on_small_class must be 'error' or 'cap', not {self.on_small_class!r}"
+            )
         clf, _, k = self.headline.partition("@")
         if clf not in self.classifiers or not k.isdigit() or int(k) not in self.shots:
-            raise UserError(f"few-shot: headline {self.headline!r} names no classifier@K that is run "
-                            f"(classifiers {list(self.classifiers)}, shots {list(self.shots)})")
+            raise UserError(
+                f"few-shot: headline {self.headline!r} names no classifier@K that is run "
+                f"(classifiers {list(self.classifiers)}, shots {list(self.shots)})"
+            )
 
 
 @dataclass(frozen=True)
@@ -79,8 +87,10 @@ class EpisodicParams:
         if min(self.ways, self.episode_shots, self.queries, self.episodes) < 1 or self.ways < 2:
             raise UserError("few-shot: ways >= 2 and episode_shots, queries, episodes >= 1")
         if self.headline.partition("@")[0] not in self.classifiers:
-            raise UserError(f"few-shot: headline {self.headline!r} names no classifier that is run "
-                            f"({list(self.classifiers)})")
+            raise UserError(
+                f"few-shot: headline {self.headline!r} names no classifier that is run "
+                f"({list(self.classifiers)})"
+            )
 
 
 def _check_classifiers(p) -> None:
@@ -92,8 +102,9 @@ def _check_classifiers(p) -> None:
         raise UserError("few-shot: logreg_c and knn_temperature must be > 0, knn_k >= 1")
 
 
-def sample_support(labels: np.ndarray, k: int, rng: np.random.Generator, classes=None,
-                   cap: bool = False) -> tuple[np.ndarray, dict[int, int]]:
+def sample_support(
+    labels: np.ndarray, k: int, rng: np.random.Generator, classes=None, cap: bool = False
+) -> tuple[np.ndarray, dict[int, int]]:
     """Exactly ``k`` indices of ``labels`` per class (sorted), drawn without replacement.
     A class with fewer than ``k``: an error, or with ``cap`` all it has (returned in the
     second value as {class: count taken})."""
@@ -137,13 +148,23 @@ def _fit_logreg(xs, ys, inv_reg: torch.Tensor, C: int, init=None):
     present = torch.zeros(E, 1, C, dtype=torch.bool)
     present.scatter_(2, y.unsqueeze(1), True)
     mask = torch.where(present, 0.0, -torch.inf).double()  # absent classes never predicted
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=500, tolerance_grad=1e-7, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [W, b],
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
         logits = torch.bmm(x64, W) + b + mask.clamp_min(-1e9)
-        loss = F.cross_entropy(logits.reshape(-1, C), y.reshape(-1), reduction="sum") + (half_inv_c * W**2).sum()
+        loss = (
+            F.cross_entropy(logits.reshape(-1, C), y.reshape(-1), reduction="sum")
+            + (half_inv_c * W**2).sum()
+        )
         loss.backward()
         return loss
 
@@ -197,7 +218,9 @@ def _chosen_logreg(xs, ys, xv, yv, xt, cs: tuple[float, ...], C: int) -> tuple[l
     per draw, chosen C per draw, validation top-1 per draw and C)."""
     fits = []
     for c in cs:  # ascending C, each fit started from the previous one's minimiser (fewer steps)
-        fits.append(_fit_logreg(xs, ys, torch.full((xs.shape[0],), c), C, init=fits[-1] if fits else None))
+        fits.append(
+            _fit_logreg(xs, ys, torch.full((xs.shape[0],), c), C, init=fits[-1] if fits else None)
+        )
     xv, xt = xv.double(), xt.double()
 
     def score(fit, e, x):
@@ -223,8 +246,10 @@ def run_fewshot(inp: ProtocolInputs, p: FewShotParams) -> ProtocolOutput:
     if select:
         val_idx = np.asarray(inp.val_idx)
         if len(val_idx) == 0:
-            raise UserError("few-shot: choosing logistic regression's C needs a validation split; "
-                            "set logreg_cs=[] to use the fixed logreg_c")
+            raise UserError(
+                "few-shot: choosing logistic regression's C needs a validation split; "
+                "set logreg_cs=[] to use the fixed logreg_c"
+            )
         xv, yv = train_x[val_idx], torch.from_numpy(train_y[val_idx])
     spread: dict[str, list[float]] = {}
     capped_all, chosen, val_top1 = {}, {}, {}
@@ -239,32 +264,50 @@ def run_fewshot(inp: ProtocolInputs, p: FewShotParams) -> ProtocolOutput:
         xs_all, ys_all = train_x[np.stack(supports)], torch.from_numpy(train_y[np.stack(supports)])
         for name in p.classifiers:
             if name == "logreg" and select:
-                scores, chosen[f"K={k}"], v = _chosen_logreg(xs_all, ys_all, xv, yv, test_x, cs, inp.num_classes)
-                val_top1[f"K={k}"] = [float(m) for m in np.mean(v, axis=0)]  # per C, mean over draws
+                scores, chosen[f"K={k}"], v = _chosen_logreg(
+                    xs_all, ys_all, xv, yv, test_x, cs, inp.num_classes
+                )
+                val_top1[f"K={k}"] = [
+                    float(m) for m in np.mean(v, axis=0)
+                ]  # per C, mean over draws
             else:
                 fn = CLASSIFIERS.get(name)
-                scores = [fn(xs_all[s:s + 1], ys_all[s:s + 1], test_x[None], p, inp.num_classes)[0]
-                          for s in range(p.seeds)]
+                scores = [
+                    fn(xs_all[s : s + 1], ys_all[s : s + 1], test_x[None], p, inp.num_classes)[0]
+                    for s in range(p.seeds)
+                ]
             spread[f"top1@{name}/{k}shot"] = [_accuracy(scores[s], test_y) for s in range(p.seeds)]
     clf, _, k = p.headline.partition("@")
     head = f"top1@{clf}/{k}shot"
     spread["top1"] = spread[head]
     metrics = {m: float(np.mean(v)) for m, v in spread.items()}
-    details = {"spread_over": "t-seeds", "capped_classes": capped_all, "headline": p.headline,
-               "support_from": "train_idx"}
+    details = {
+        "spread_over": "t-seeds",
+        "capped_classes": capped_all,
+        "headline": p.headline,
+        "support_from": "train_idx",
+    }
     if "logreg" in p.classifiers:
-        details["logreg_c"] = ({"selected_on": "val", "grid": list(cs), "chosen": chosen,
-                                "val_top1_mean": val_top1} if select else {"fixed": p.logreg_c})
+        details["logreg_c"] = (
+            {"selected_on": "val", "grid": list(cs), "chosen": chosen, "val_top1_mean": val_top1}
+            if select
+            else {"fixed": p.logreg_c}
+        )
     return ProtocolOutput(metrics, details, spread=spread)
 
 
 def run_episodic(inp: ProtocolInputs, p: EpisodicParams) -> ProtocolOutput:
     train_x, train_y, test_x, test_y = _normalised(inp)
-    eligible = [c for c in np.unique(train_y)
-                if (train_y == c).sum() >= p.episode_shots and (test_y == c).sum() >= p.queries]
+    eligible = [
+        c
+        for c in np.unique(train_y)
+        if (train_y == c).sum() >= p.episode_shots and (test_y == c).sum() >= p.queries
+    ]
     if len(eligible) < p.ways:
-        raise UserError(f"few-shot: only {len(eligible)} classes have {p.episode_shots} training and "
-                        f"{p.queries} test images; need {p.ways} for {p.ways}-way episodes")
+        raise UserError(
+            f"few-shot: only {len(eligible)} classes have {p.episode_shots} training and "
+            f"{p.queries} test images; need {p.ways} for {p.ways}-way episodes"
+        )
     rng = np.random.default_rng([inp.seed, 7919])
     by_class_test = {c: np.flatnonzero(test_y == c) for c in eligible}
     s_all, q_all = [], []
@@ -272,8 +315,13 @@ def run_episodic(inp: ProtocolInputs, p: EpisodicParams) -> ProtocolOutput:
         classes = rng.choice(eligible, size=p.ways, replace=False)
         s_idx, _ = sample_support(train_y, p.episode_shots, rng, classes=classes)
         s_all.append(s_idx)
-        q_all.append(np.concatenate([rng.choice(by_class_test[c], p.queries, replace=False) for c in classes]))
+        q_all.append(
+            np.concatenate(
+                [rng.choice(by_class_test[c], p.queries, replace=False) for c in classes]
+            )
+        )
     s_all, q_all = np.stack(s_all), np.stack(q_all)  # (E, ways*K), (E, ways*Q)
+
     # episode-local labels 0..ways-1, by rank of the class within its episode
     def local(y):
         return torch.from_numpy(np.stack([np.unique(r, return_inverse=True)[1] for r in y]))
@@ -300,13 +348,21 @@ def preflight_fewshot(p: FewShotParams, shape: DataShape) -> None:
     (unless capped), and a C grid has validation rows to be chosen on."""
     if p.on_small_class == "error" and max(p.shots) > shape.min_class_train:
         fit = [k for k in p.shots if k <= shape.min_class_train] or [1]
-        raise UserError(f"few-shot: K={max(p.shots)} exceeds the {shape.min_class_train} training images "
-                        f"(train minus val) of the smallest class; use --set shots=[{','.join(map(str, fit))}] "
-                        "or on_small_class=cap")
+        raise UserError(
+            f"few-shot: K={max(p.shots)} exceeds the {shape.min_class_train} training images "
+            f"(train minus val) of the smallest class; use --set shots=[{','.join(map(str, fit))}] "
+            "or on_small_class=cap"
+        )
     if "logreg" in p.classifiers and p.logreg_cs and shape.val == 0:
-        raise UserError("few-shot: choosing logistic regression's C needs a validation split; "
-                        "set logreg_cs=[] to use the fixed logreg_c")
+        raise UserError(
+            "few-shot: choosing logistic regression's C needs a validation split; "
+            "set logreg_cs=[] to use the fixed logreg_c"
+        )
 
 
-PROTOCOL_TYPES.register("fewshot", ProtocolType("fewshot", FewShotParams, run_fewshot, preflight=preflight_fewshot))
-PROTOCOL_TYPES.register("fewshot_episodic", ProtocolType("fewshot_episodic", EpisodicParams, run_episodic))
+PROTOCOL_TYPES.register(
+    "fewshot", ProtocolType("fewshot", FewShotParams, run_fewshot, preflight=preflight_fewshot)
+)
+PROTOCOL_TYPES.register(
+    "fewshot_episodic", ProtocolType("fewshot_episodic", EpisodicParams, run_episodic)
+)

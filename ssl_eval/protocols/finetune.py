@@ -55,17 +55,28 @@ class FinetuneParams:
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.eval_batch_size) < 1:
             raise UserError("fine-tune: epochs, batch_size and eval_batch_size must be at least 1")
-        if self.lr <= 0 or self.encoder_lr_scale < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise UserError("fine-tune: lr must be > 0; encoder_lr_scale, weight_decay, warmup_epochs >= 0")
+        if (
+            self.lr <= 0
+            or self.encoder_lr_scale < 0
+            or self.weight_decay < 0
+            or self.warmup_epochs < 0
+        ):
+            raise UserError(
+                "fine-tune: lr must be > 0; encoder_lr_scale, weight_decay, warmup_epochs >= 0"
+            )
         if not 0 <= self.layer_decay <= 1:
-            raise UserError(f"fine-tune: layer_decay is in (0, 1] (0 = off), not {self.layer_decay}")
+            raise UserError(
+                f"fine-tune: layer_decay is in (0, 1] (0 = off), not {self.layer_decay}"
+            )
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_path < 1:
             raise UserError("fine-tune: label_smoothing and drop_path are in [0, 1)")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0 or self.patience < 0:
             raise UserError("fine-tune: mixup_alpha, cutmix_alpha and patience must be >= 0")
         lo_hi = self.crop_scale
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
-            raise UserError(f"fine-tune: crop_scale is [min, max] with 0 < min <= max <= 1, not {list(lo_hi)}")
+            raise UserError(
+                f"fine-tune: crop_scale is [min, max] with 0 < min <= max <= 1, not {list(lo_hi)}"
+            )
 
 
 # ---------------------------------------------------------------- data
@@ -90,12 +101,22 @@ class _TrainImages(Dataset):
         label = int(self.split.labels[j])
         if not self.augment:
             return self.pre.geometric(full).contiguous(), label
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31))
+        g = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31)
+        )
         # the input size is what evaluation feeds the backbone
         size = [self.pre.crop] * 2 if self.pre.crop else list(self.pre.geometric(full).shape[-2:])
         top, left, h, w = _crop_box(full.shape[-2:], self.p.crop_scale, g)
-        img = TF.resized_crop(full, top, left, h, w, size, interpolation=InterpolationMode(self.pre.interpolation),
-                              antialias=True)
+        img = TF.resized_crop(
+            full,
+            top,
+            left,
+            h,
+            w,
+            size,
+            interpolation=InterpolationMode(self.pre.interpolation),
+            antialias=True,
+        )
         if self.p.hflip and torch.rand(1, generator=g).item() < 0.5:
             img = TF.horizontal_flip(img)
         return img.contiguous(), label
@@ -109,7 +130,10 @@ def _crop_box(hw, scale, g: torch.Generator, ratio=(3 / 4, 4 / 3)) -> tuple[int,
     lo, hi = float(scale[0]), float(scale[-1])
     for _ in range(10 if lo < 1.0 else 0):
         area = H * W * (lo + (hi - lo) * torch.rand(1, generator=g).item())
-        logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(1, generator=g).item()
+        logr = (
+            math.log(ratio[0])
+            + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(1, generator=g).item()
+        )
         w = round(math.sqrt(area * math.exp(logr)))
         h = round(math.sqrt(area / math.exp(logr)))
         if 0 < w <= W and 0 < h <= H:
@@ -172,8 +196,10 @@ def _set_drop_path(model: nn.Module, rate: float) -> int:
     slots = []
     for module in model.modules():
         names = [n for n in ("drop_path", "drop_path1", "drop_path2") if hasattr(module, n)]
-        if names and all(getattr(module, n) is None or isinstance(getattr(module, n), nn.Identity | DropPath)
-                         for n in names):
+        if names and all(
+            getattr(module, n) is None or isinstance(getattr(module, n), nn.Identity | DropPath)
+            for n in names
+        ):
             slots.append((module, names))
     for i, (module, names) in enumerate(slots):
         r = rate * i / max(len(slots) - 1, 1)
@@ -214,12 +240,16 @@ def _param_groups(clf: _Classifier, p: FinetuneParams) -> list[dict]:
     if p.layer_decay > 0:
         blocks = getattr(enc, "blocks", None)
         if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not hasattr(enc, "patch_embed"):
-            raise UserError("fine-tune: layer_decay needs a ViT with .blocks and .patch_embed; set layer_decay=0")
+            raise UserError(
+                "fine-tune: layer_decay needs a ViT with .blocks and .patch_embed; set layer_decay=0"
+            )
         depth = len(blocks)
         layers = {n: _vit_layer(n, depth) for n, _ in named}
         unplaced = [n for n, lay in layers.items() if lay is None]
         if unplaced:
-            raise UserError(f"fine-tune: layer_decay cannot place parameter {unplaced[0]!r}; set layer_decay=0")
+            raise UserError(
+                f"fine-tune: layer_decay cannot place parameter {unplaced[0]!r}; set layer_decay=0"
+            )
         scale = {n: p.layer_decay ** (depth + 1 - lay) for n, lay in layers.items()}
     else:
         scale = {n: p.encoder_lr_scale for n, _ in named}
@@ -276,13 +306,18 @@ def run_finetune(inp: ImageInputs, p: FinetuneParams) -> ProtocolOutput:
     pre = bb.preprocessing
     train_ds = _TrainImages(bundle.train, inp.train_idx, pre, p, inp.seed, augment=True)
     workers = 0 if inp.num_workers is None else inp.num_workers
-    val_loader = DataLoader(_TrainImages(bundle.train, inp.val_idx, pre, p, inp.seed, augment=False),
-                            batch_size=p.eval_batch_size, num_workers=workers)
+    val_loader = DataLoader(
+        _TrainImages(bundle.train, inp.val_idx, pre, p, inp.seed, augment=False),
+        batch_size=p.eval_batch_size,
+        num_workers=workers,
+    )
     n = len(train_ds)
     total, warmup = p.epochs * n, int(p.warmup_epochs * n)
 
     state_path = Path(inp.state_dir) / "state.pt"
-    fingerprint = sha256_json({"params": asdict(p), "seed": inp.seed, "n": n, "backbone": bb.weights.sha256})
+    fingerprint = sha256_json(
+        {"params": asdict(p), "seed": inp.seed, "n": n, "backbone": bb.weights.sha256}
+    )
     start, best = 0, {"val": -1.0, "epoch": -1, "model": None}
     history: list[dict] = []
     if state_path.is_file():
@@ -300,8 +335,14 @@ def run_finetune(inp: ImageInputs, p: FinetuneParams) -> ProtocolOutput:
         clf.train()
         torch.manual_seed(inp.seed * 1000 + epoch)  # drop path / dropout: reproducible on resume
         train_ds.epoch = epoch
-        loader = DataLoader(train_ds, batch_size=p.batch_size, shuffle=True, drop_last=n > p.batch_size,
-                            num_workers=workers, generator=torch.Generator().manual_seed(inp.seed * 1000 + epoch))
+        loader = DataLoader(
+            train_ds,
+            batch_size=p.batch_size,
+            shuffle=True,
+            drop_last=n > p.batch_size,
+            num_workers=workers,
+            generator=torch.Generator().manual_seed(inp.seed * 1000 + epoch),
+        )
         rng = np.random.default_rng([inp.seed, epoch, 1])
         seen, loss_sum, steps = epoch * n, 0.0, 0
         for x, y in loader:
@@ -316,7 +357,9 @@ def run_finetune(inp: ImageInputs, p: FinetuneParams) -> ProtocolOutput:
                 logits = clf(x)
             loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
             if not torch.isfinite(loss):
-                raise UserError(f"fine-tune diverged (loss {loss.item()}) at epoch {epoch}; lower lr")
+                raise UserError(
+                    f"fine-tune diverged (loss {loss.item()}) at epoch {epoch}; lower lr"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -326,27 +369,53 @@ def run_finetune(inp: ImageInputs, p: FinetuneParams) -> ProtocolOutput:
         scores, labels = _evaluate(clf, val_loader, pre, device, amp)
         val = float((scores.argmax(1) == labels).float().mean())
         if val > best["val"]:
-            best = {"val": val, "epoch": epoch, "model": {k: v.detach().cpu().clone() for k, v in clf.state_dict().items()}}
+            best = {
+                "val": val,
+                "epoch": epoch,
+                "model": {k: v.detach().cpu().clone() for k, v in clf.state_dict().items()},
+            }
             stale = 0
         else:
             stale += 1
-        history.append({"epoch": epoch, "loss": loss_sum / max(steps, 1), "val_top1": val, "stale": stale})
-        _save_state(state_path, {"fingerprint": fingerprint, "epoch": epoch, "model": clf.state_dict(),
-                                 "optimizer": opt.state_dict(), "best": best, "history": history})
+        history.append(
+            {"epoch": epoch, "loss": loss_sum / max(steps, 1), "val_top1": val, "stale": stale}
+        )
+        _save_state(
+            state_path,
+            {
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "model": clf.state_dict(),
+                "optimizer": opt.state_dict(),
+                "best": best,
+                "history": history,
+            },
+        )
         _after_epoch(epoch)
 
     clf.load_state_dict(best["model"])
-    test_loader = DataLoader(_TrainImages(bundle.test, np.arange(len(bundle.test)), pre, p, inp.seed, augment=False),
-                             batch_size=p.eval_batch_size, num_workers=workers)
+    test_loader = DataLoader(
+        _TrainImages(bundle.test, np.arange(len(bundle.test)), pre, p, inp.seed, augment=False),
+        batch_size=p.eval_batch_size,
+        num_workers=workers,
+    )
     scores, labels = _evaluate(clf, test_loader, pre, device, amp)
     hits = topk_hits(scores, labels)
     state_path.unlink(missing_ok=True)  # the unit is finished; its result is deterministic
     return ProtocolOutput(
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
-        {"best_epoch": best["epoch"], "best_val_top1": best["val"], "history": history,
-         "epochs_run": len(history), "train_size": n, "val_size": len(inp.val_idx)},
+        {
+            "best_epoch": best["epoch"],
+            "best_val_top1": best["val"],
+            "history": history,
+            "epochs_run": len(history),
+            "train_size": n,
+            "val_size": len(inp.val_idx),
+        },
         per_sample={"top1": hits[1], "top5": hits[5]},
     )
 
 
-PROTOCOL_TYPES.register("finetune", ProtocolType("finetune", FinetuneParams, run_finetune, inputs="images"))
+PROTOCOL_TYPES.register(
+    "finetune", ProtocolType("finetune", FinetuneParams, run_finetune, inputs="images")
+)

@@ -31,19 +31,27 @@ class KnnParams:
     ks: tuple[int, ...] = (10, 20, 100, 200)
     temperature: float = 0.07
     backend: str = "auto"  # auto | faiss | torch
-    select_k: str = "val"  # "val": the reported k is the best on the validation split; or an int as a string
+    select_k: str = (
+        "val"  # "val": the reported k is the best on the validation split; or an int as a string
+    )
     memory_mb: int = 512  # bound on the similarity block of the torch backend
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
-            raise UserError(f"knn: ks must list at least one k, each at least 1, got {list(self.ks)}")
+            raise UserError(
+                f"knn: ks must list at least one k, each at least 1, got {list(self.ks)}"
+            )
         if not self.temperature > 0:
             raise UserError(f"knn: temperature must be > 0, got {self.temperature}")
         backends = ("auto", *SEARCH_BACKENDS.names())
         if self.backend not in backends:
-            raise UserError(f"knn: backend must be one of {', '.join(backends)}, got {self.backend!r}")
+            raise UserError(
+                f"knn: backend must be one of {', '.join(backends)}, got {self.backend!r}"
+            )
         if self.select_k != "val" and _as_int(self.select_k) not in self.ks:
-            raise UserError(f"knn: select_k must be 'val' or one of ks {list(self.ks)}, got {self.select_k!r}")
+            raise UserError(
+                f"knn: select_k must be 'val' or one of ks {list(self.ks)}, got {self.select_k!r}"
+            )
         if self.memory_mb < 1:
             raise UserError(f"knn: memory_mb must be at least 1, got {self.memory_mb}")
 
@@ -85,8 +93,12 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
     if p.select_k == "val":
         if len(inp.val_idx) == 0:
             raise UserError("knn: the validation split is empty; raise --val-fraction")
-        val_scores = knn_classify(train_x[tr], train_y[tr], train_x[va], ks, p.temperature, C, backend, p.memory_mb)
-        val_acc = {k: topk_correct(s, train_y[va], (1,))[1] / len(va) for k, s in val_scores.items()}
+        val_scores = knn_classify(
+            train_x[tr], train_y[tr], train_x[va], ks, p.temperature, C, backend, p.memory_mb
+        )
+        val_acc = {
+            k: topk_correct(s, train_y[va], (1,))[1] / len(va) for k, s in val_scores.items()
+        }
         best_k = max(ks, key=lambda k: (val_acc[k], -k))  # ties -> smaller k
     else:
         best_k = int(p.select_k)  # one of ks (KnnParams checked it)
@@ -96,14 +108,23 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
     for k, s in scores.items():
         hits = topk_hits(s, test_y)
         per_sample[f"top1@k{k}"], per_sample[f"top5@k{k}"] = hits[1], hits[5]
-    per_sample["top1"], per_sample["top5"] = per_sample[f"top1@k{best_k}"], per_sample[f"top5@k{best_k}"]
+    per_sample["top1"], per_sample["top5"] = (
+        per_sample[f"top1@k{best_k}"],
+        per_sample[f"top5@k{best_k}"],
+    )
     metrics = {m: float(v.mean()) for m, v in per_sample.items()}
     return ProtocolOutput(
         metrics,
-        {"selected_k": best_k, "val_top1": {str(k): v for k, v in val_acc.items()},
-         "backend": backend, "bank_size": len(train_y)},
+        {
+            "selected_k": best_k,
+            "val_top1": {str(k): v for k, v in val_acc.items()},
+            "backend": backend,
+            "bank_size": len(train_y),
+        },
         per_sample=per_sample,
     )
 
 
-PROTOCOL_TYPES.register("knn", ProtocolType("knn", KnnParams, run_knn, seeded=False, preflight=preflight_knn))
+PROTOCOL_TYPES.register(
+    "knn", ProtocolType("knn", KnnParams, run_knn, seeded=False, preflight=preflight_knn)
+)

@@ -39,15 +39,21 @@ class LinearParams:
     min_steps: int = 200  # at least this many optimiser steps: small datasets get more epochs
     batch_size: int = 512
     momentum: float = 0.9
-    batchnorm: bool = True  # standardise features with train statistics (BatchNorm without affine, as MAE)
+    batchnorm: bool = (
+        True  # standardise features with train statistics (BatchNorm without affine, as MAE)
+    )
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0:
-            raise UserError("linear: epochs and batch_size must be at least 1, min_steps at least 0")
+            raise UserError(
+                "linear: epochs and batch_size must be at least 1, min_steps at least 0"
+            )
         if not self.lrs or not self.weight_decays:
             raise UserError("linear: lrs and weight_decays must each list at least one value")
         if min(self.lrs) <= 0 or min(self.weight_decays) < 0 or not 0 <= self.momentum < 1:
-            raise UserError("linear: every lr must be > 0, every weight decay >= 0, momentum in [0, 1)")
+            raise UserError(
+                "linear: every lr must be > 0, every weight decay >= 0, momentum in [0, 1)"
+            )
 
 
 def schedule(n: int, p: LinearParams) -> tuple[int, int]:
@@ -80,13 +86,17 @@ class HeadGrid:
         if head is not None:
             return torch.addmm(self.bias[head], x, self.weight[:, head])
         D, H, C = self.weight.shape
-        return torch.addmm(self.bias.reshape(H * C), x, self.weight.reshape(D, H * C)).view(-1, H, C)
+        return torch.addmm(self.bias.reshape(H * C), x, self.weight.reshape(D, H * C)).view(
+            -1, H, C
+        )
 
     def top1_per_head(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
         """Top-1 accuracy of every head on (x, y), in chunks (bounded memory)."""
         correct = torch.zeros(self.weight.shape[1], device=x.device)
         for s in range(0, len(x), chunk):
-            correct += (self.logits(x[s : s + chunk]).argmax(2) == y[s : s + chunk].view(-1, 1)).sum(0)
+            correct += (
+                self.logits(x[s : s + chunk]).argmax(2) == y[s : s + chunk].view(-1, 1)
+            ).sum(0)
         return correct / max(len(x), 1)
 
 
@@ -100,7 +110,8 @@ def feature_stats(x: torch.Tensor, rows: torch.Tensor | None, chunk: int = 4096)
         w = torch.ones(N, dtype=x.dtype, device=x.device)
     else:
         w = torch.zeros(N, dtype=x.dtype, device=x.device).index_add_(
-            0, rows, torch.ones(len(rows), dtype=x.dtype, device=x.device))
+            0, rows, torch.ones(len(rows), dtype=x.dtype, device=x.device)
+        )
     n = float(w.sum())
     total = torch.zeros(D, dtype=torch.float64, device=x.device)
     for s in range(0, N, chunk):
@@ -214,7 +225,10 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
         {
             "selected": {"lr": lr, "weight_decay": wd},
-            "val_top1": {f"lr={a},wd={b}": float(v) for (a, b), v in zip(heads.settings, val_acc, strict=False)},
+            "val_top1": {
+                f"lr={a},wd={b}": float(v)
+                for (a, b), v in zip(heads.settings, val_acc, strict=False)
+            },
             "train_size": len(tr),
             "val_size": len(va),
             "epochs_run": heads.epochs,

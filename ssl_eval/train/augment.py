@@ -51,7 +51,9 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 def _hue_rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate hue by ``shift`` (fraction of a turn, per image) in YIQ space: a linear map,
     so the whole batch is one batched matmul (close to HSV hue shift, much faster)."""
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]]).to(x)
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]]).to(
+        x
+    )
     rgb = torch.linalg.inv(yiq)
     th = shift * 2 * math.pi
     c, s = th.cos(), th.sin()
@@ -70,7 +72,9 @@ def colour_jitter(x: torch.Tensor, a: ViewAug, g: torch.Generator) -> torch.Tens
     s = _u(n, max(0.0, 1 - a.saturation), 1 + a.saturation, g).view(n, 1, 1, 1)
     h = _u(n, -a.hue, a.hue, g)
     y = (x * b).clamp(0, 1)
-    y = ((y - _gray(y).mean(dim=(2, 3), keepdim=True)) * c + _gray(y).mean(dim=(2, 3), keepdim=True)).clamp(0, 1)
+    y = (
+        (y - _gray(y).mean(dim=(2, 3), keepdim=True)) * c + _gray(y).mean(dim=(2, 3), keepdim=True)
+    ).clamp(0, 1)
     y = ((y - _gray(y)) * s + _gray(y)).clamp(0, 1)
     if a.hue > 0:
         y = _hue_rotate(y, h).clamp(0, 1)
@@ -102,7 +106,9 @@ def augment_view(x: torch.Tensor, a: ViewAug, g: torch.Generator) -> torch.Tenso
     n, _, h, w = x.shape
     boxes = crop_boxes(n, h, w, a, g)
     rois = torch.cat([torch.arange(n, dtype=x.dtype).view(n, 1), boxes.to(x)], dim=1)
-    y = roi_align(x, rois, output_size=(a.size, a.size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    y = roi_align(
+        x, rois, output_size=(a.size, a.size), spatial_scale=1.0, sampling_ratio=2, aligned=True
+    )
     flip = _bern(n, a.flip_p, g).view(n, 1, 1, 1)
     y = torch.where(flip, y.flip(-1), y)
     if a.jitter_p > 0:
@@ -128,7 +134,9 @@ def make_views(
     return [(augment_view(x, a, g) - m) / s for a in specs]
 
 
-def step_generator(seed: int, epoch: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
+def step_generator(
+    seed: int, epoch: int, step: int, rank: int = 0, stream: int = 0
+) -> torch.Generator:
     """A generator determined by (seed, epoch, step, rank, stream) alone, so a resumed run draws
     exactly what an uninterrupted one would, whatever happened before."""
     key = (((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1009 + rank) * 31 + stream

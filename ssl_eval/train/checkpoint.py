@@ -1,9 +1,9 @@
 """What a run writes into its output folder, each file atomically:
 
-  * ``backbone.safetensors`` + ``backbone.json``: the backbone's weights and the sidecar the
-    evaluator rebuilds it from (format: ssl_eval.backbones.trained_format), rewritten every epoch;
-  * ``train_state.pt``: everything ``--resume`` needs (model with targets/teachers, optimiser,
-    epoch, monitor history); loaded with ``weights_only=True``.
+* ``backbone.safetensors`` + ``backbone.json``: the backbone's weights and the sidecar the
+  evaluator rebuilds it from (format: ssl_eval.backbones.trained_format), rewritten every epoch;
+* ``train_state.pt``: everything ``--resume`` needs (model with targets/teachers, optimiser,
+  epoch, monitor history); loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -57,16 +57,18 @@ def export_backbone(out: Path, backbone: nn.Module, sidecar: dict) -> None:
     write_trained_backbone(out, backbone.state_dict(), sidecar)
 
 
-def make_sidecar(cfg: TrainConfig, arch: str, spec: MethodSpec, data: TrainData, epochs_done: int,
-                 history: list) -> dict:
+def make_sidecar(
+    cfg: TrainConfig, arch: str, spec: MethodSpec, data: TrainData, epochs_done: int, history: list
+) -> dict:
     """What the trainer exports beside the weights: how to rebuild and read the backbone
     (architecture, preprocessing, feature kind) and the record of its training."""
     last = history[-1] if history else {}
     return {
         "method": cfg.method,
         "architecture": {"name": arch, "kwargs": cfg.arch_kwargs},
-        "preprocessing": Preprocessing(resize=cfg.image_size, crop=cfg.image_size, mean=IMAGENET_MEAN,
-                                       std=IMAGENET_STD).to_dict(),
+        "preprocessing": Preprocessing(
+            resize=cfg.image_size, crop=cfg.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD
+        ).to_dict(),
         "feature_kind": spec.feature_kind,
         "train_config": cfg.to_dict(),
         "dataset": {"name": data.name, "fingerprint": data.fingerprint},

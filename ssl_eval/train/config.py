@@ -62,7 +62,9 @@ class MonitorConfig:
     knn_queries: int = 1000  # test images queried
     knn_k: int = 20
     knn_temperature: float = 0.07
-    collapse_std_ratio: float = 0.1  # collapsed when mean std of L2-normalised features < ratio / sqrt(d)
+    collapse_std_ratio: float = (
+        0.1  # collapsed when mean std of L2-normalised features < ratio / sqrt(d)
+    )
     every: int = 1  # epochs between k-NN evaluations (diagnostics run every epoch)
 
 

@@ -37,7 +37,12 @@ def _stack(split: ImageSplit, idx: np.ndarray, size: int) -> torch.Tensor:
 
 
 def load_train_data(
-    dataset: str, image_size: int, seed: int, subset: int | None, bank: int, queries: int,
+    dataset: str,
+    image_size: int,
+    seed: int,
+    subset: int | None,
+    bank: int,
+    queries: int,
     data_root: str | None = None,
 ) -> TrainData:
     """Decode the (seeded subset of the) train split once; the k-NN bank is drawn from it and

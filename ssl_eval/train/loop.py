@@ -33,8 +33,13 @@ from .optim import build_optimizer, lr_at
 
 
 def train(
-    cfg: TrainConfig, out: Path, *, resume: bool = False, stop_after_epoch: int | None = None,
-    data: TrainData | None = None, log: Callable[[str], None] | None = None,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    data: TrainData | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train ``cfg`` into folder ``out``; returns the sidecar written at the end.
     ``stop_after_epoch`` ends the process early as if killed (for resume tests); ``log``
@@ -48,15 +53,26 @@ def train(
         raise UserError(f"--batch-size {cfg.batch_size} must divide by the {di.world} processes")
     local_bs = cfg.batch_size // di.world
     if (out / STATE).exists() and not resume:
-        raise UserError(f"{out} already holds a training run; add --resume to continue it or pick another --out")
+        raise UserError(
+            f"{out} already holds a training run; add --resume to continue it or pick another --out"
+        )
     arch = cfg.arch or spec.default_arch
     if data is None:
-        data = load_train_data(cfg.dataset, cfg.image_size, cfg.seed, cfg.train_subset,
-                               cfg.monitor.knn_bank, cfg.monitor.knn_queries, cfg.data_root)
+        data = load_train_data(
+            cfg.dataset,
+            cfg.image_size,
+            cfg.seed,
+            cfg.train_subset,
+            cfg.monitor.knn_bank,
+            cfg.monitor.knn_queries,
+            cfg.data_root,
+        )
     n = len(data.images)
     steps = n // cfg.batch_size
     if steps < 1:
-        raise UserError(f"{n} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size")
+        raise UserError(
+            f"{n} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size"
+        )
 
     torch.manual_seed(cfg.seed)  # initialisation only; training draws from keyed generators
     backbone = build_arch(arch, cfg.arch_kwargs)
@@ -66,17 +82,22 @@ def train(
         if device.type == "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         elif di.main:
-            log("CPU data-parallel: BatchNorm statistics stay per process (SyncBatchNorm needs GPUs)")
+            log(
+                "CPU data-parallel: BatchNorm statistics stay per process (SyncBatchNorm needs GPUs)"
+            )
         model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[di.local_rank] if device.type == "cuda" else None)
+            method, device_ids=[di.local_rank] if device.type == "cuda" else None
+        )
     opt = build_optimizer(method, cfg.optim)
     base_lr = cfg.optim.base_lr * cfg.batch_size / 256
     start, history = 0, []
     if resume and (out / STATE).exists():
         st = load_state(out)
         if st["config"] != cfg.to_dict():
-            raise UserError(f"{out} was trained with another config; resume with the same settings "
-                            "(see its backbone.json) or pick another --out")
+            raise UserError(
+                f"{out} was trained with another config; resume with the same settings "
+                "(see its backbone.json) or pick another --out"
+            )
         method.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         start, history = st["epoch"], st["history"]
@@ -91,7 +112,9 @@ def train(
         for step in range(steps):
             glob = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             idx = glob[di.rank * local_bs : (di.rank + 1) * local_bs]
-            views = make_views(data.images[idx], cfg.aug, step_generator(cfg.seed, epoch, step, di.rank), mean, std)
+            views = make_views(
+                data.images[idx], cfg.aug, step_generator(cfg.seed, epoch, step, di.rank), mean, std
+            )
             views = [v.to(device, non_blocking=True) for v in views]
             pos = epoch + step / steps
             progress = pos / cfg.epochs
@@ -100,7 +123,9 @@ def train(
             method.rng = step_generator(cfg.seed, epoch, step, di.rank, stream=1)
             loss = model(views, progress)
             if not torch.isfinite(loss):
-                raise UserError(f"loss became {float(loss)} at epoch {epoch + 1} step {step}; lower --lr")
+                raise UserError(
+                    f"loss became {float(loss)} at epoch {epoch + 1} step {step}; lower --lr"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             method.before_step(progress)
@@ -110,22 +135,37 @@ def train(
         ep_loss = float(dist.all_reduce_mean(torch.tensor(total / steps)))
         wall = time.time() - t0
         if di.main:
-            rec = {"epoch": epoch + 1, "loss": ep_loss, "lr": lr_at(cfg.optim, base_lr, epoch + 1, cfg.epochs),
-                   "images_per_s": steps * cfg.batch_size / wall, "wall_s": wall}
+            rec = {
+                "epoch": epoch + 1,
+                "loss": ep_loss,
+                "lr": lr_at(cfg.optim, base_lr, epoch + 1, cfg.epochs),
+                "images_per_s": steps * cfg.batch_size / wall,
+                "wall_s": wall,
+            }
             rec.update(monitor_epoch(method.backbone, data, cfg, epoch, device, spec.feature_kind))
             history.append(rec)
             flag = "  COLLAPSED" if rec["collapsed"] else ""
             knn = f" knn@{cfg.monitor.knn_k}={rec['knn_top1']:.4f}" if "knn_top1" in rec else ""
-            log(f"epoch {epoch + 1}/{cfg.epochs} loss={ep_loss:.4f}{knn} std={rec['std']:.4f}"
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs} loss={ep_loss:.4f}{knn} std={rec['std']:.4f}"
                 f"(ref {rec['std_ref']:.4f}) rank={rec['rank']:.1f} align={rec['alignment']:.3f} "
-                f"unif={rec['uniformity']:.3f} {rec['images_per_s']:.0f} img/s{flag}")
+                f"unif={rec['uniformity']:.3f} {rec['images_per_s']:.0f} img/s{flag}"
+            )
             sidecar = make_sidecar(cfg, arch, spec, data, epoch + 1, history)
             export_backbone(out, method.backbone, sidecar)
-            save_state(out, {"model": method.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                             "history": history, "config": cfg.to_dict(), "rng": torch.get_rng_state()})
+            save_state(
+                out,
+                {
+                    "model": method.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "config": cfg.to_dict(),
+                    "rng": torch.get_rng_state(),
+                },
+            )
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     if di.world > 1:
         torch.distributed.barrier()
     return make_sidecar(cfg, arch, spec, data, len(history), history)
-

@@ -12,8 +12,12 @@ import torch.nn.functional as F
 
 
 def nt_xent(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float,
-    all_z1: torch.Tensor | None = None, all_z2: torch.Tensor | None = None, offset: int = 0,
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    all_z1: torch.Tensor | None = None,
+    all_z2: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """SimCLR's NT-Xent (InfoNCE): each of the 2n local views is classified against the 2N-1
     other views of the global batch (1 positive, 2N-2 negatives) by cosine similarity / T.
@@ -37,7 +41,9 @@ def nt_xent(
     return F.cross_entropy(logits, pos_idx)
 
 
-def moco_infonce(q: torch.Tensor, all_k: torch.Tensor, temperature: float, offset: int = 0) -> torch.Tensor:
+def moco_infonce(
+    q: torch.Tensor, all_k: torch.Tensor, temperature: float, offset: int = 0
+) -> torch.Tensor:
     """MoCo v3: queries against the momentum keys of the global batch; the positive of query i
     is key ``offset + i``. Scaled by 2T as in the paper so the gradient scale does not
     depend on T."""
@@ -81,12 +87,18 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     log_q = scores.float() / eps  # (B, K), in the log domain so large scores cannot underflow
     b, k = log_q.shape
     for _ in range(iters):
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)  # prototypes: 1/K each
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(b)  # samples: 1/B each
+        log_q = (
+            log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)
+        )  # prototypes: 1/K each
+        log_q = (
+            log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(b)
+        )  # samples: 1/B each
     return log_q.exp() * b
 
 
-def _cross_view_ce(targets: list[torch.Tensor], logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+def _cross_view_ce(
+    targets: list[torch.Tensor], logits: list[torch.Tensor], temperature: float
+) -> torch.Tensor:
     """Mean over ordered view pairs (i, j), i != j, of the cross-entropy
     -sum targets[i] * log softmax(logits[j] / T), averaged over the batch."""
     total, terms = 0.0, 0
@@ -98,14 +110,20 @@ def _cross_view_ce(targets: list[torch.Tensor], logits: list[torch.Tensor], temp
     return total / terms
 
 
-def swapped_prediction(logits: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
+def swapped_prediction(
+    logits: list[torch.Tensor], codes: list[torch.Tensor], temperature: float
+) -> torch.Tensor:
     """SwAV: the code of each global view is predicted from every other view's prototype
     scores: mean of -sum q log softmax(p / T)."""
     return _cross_view_ce(codes, logits, temperature)
 
 
 def dino_loss(
-    student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor, t_student: float, t_teacher: float
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    center: torch.Tensor,
+    t_student: float,
+    t_teacher: float,
 ) -> torch.Tensor:
     """DINO: cross-entropy between the centred, sharpened teacher distribution of each global
     view and the student distribution of every other view."""
@@ -119,7 +137,9 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     return center * momentum + teacher_out.mean(0, keepdim=True) * (1 - momentum)
 
 
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+def mae_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True
+) -> torch.Tensor:
     """MAE: mean squared error over the masked patches only. ``pred``/``target`` (N, L, P),
     ``mask`` (N, L) with 1 = masked. With ``norm_pix`` each target patch is standardised."""
     if norm_pix:

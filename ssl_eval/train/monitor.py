@@ -68,16 +68,28 @@ def diagnostics(bank: torch.Tensor, view1: torch.Tensor, view2: torch.Tensor, ra
 
 
 def knn_accuracy(
-    bank_x: torch.Tensor, bank_y: torch.Tensor, q_x: torch.Tensor, q_y: torch.Tensor,
-    k: int, temperature: float, num_classes: int,
+    bank_x: torch.Tensor,
+    bank_y: torch.Tensor,
+    q_x: torch.Tensor,
+    q_y: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
 ) -> float:
-    scores = knn_classify(bank_x.float(), bank_y, q_x.float(), (k,), temperature, num_classes, backend="torch")[k]
+    scores = knn_classify(
+        bank_x.float(), bank_y, q_x.float(), (k,), temperature, num_classes, backend="torch"
+    )[k]
     return float((scores.argmax(1) == q_y).float().mean())
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, images: torch.Tensor, device: torch.device, bs: int = 512,
-          kind: str = "model") -> torch.Tensor:
+def embed(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    bs: int = 512,
+    kind: str = "model",
+) -> torch.Tensor:
     """Eval-mode embeddings of uint8 images, normalised as in training, read as the evaluator
     will read them (``kind``: the method's feature kind)."""
     read = FEATURE_KINDS.get(kind)
@@ -85,13 +97,17 @@ def embed(backbone: nn.Module, images: torch.Tensor, device: torch.device, bs: i
     backbone.eval()
     m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     s = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    out = [read(backbone, ((images[i : i + bs].float() / 255 - m) / s).to(device)).float().cpu()
-           for i in range(0, len(images), bs)]
+    out = [
+        read(backbone, ((images[i : i + bs].float() / 255 - m) / s).to(device)).float().cpu()
+        for i in range(0, len(images), bs)
+    ]
     backbone.train(was)
     return torch.cat(out)
 
 
-def monitor_epoch(backbone: nn.Module, data: TrainData, cfg: TrainConfig, epoch: int, device, kind: str) -> dict:
+def monitor_epoch(
+    backbone: nn.Module, data: TrainData, cfg: TrainConfig, epoch: int, device, kind: str
+) -> dict:
     """The diagnostics of one epoch (every epoch) and the k-NN top-1 (every ``monitor.every``
     epochs and at the last), all in eval mode on the monitor's held-out images."""
     mc = cfg.monitor
@@ -101,15 +117,27 @@ def monitor_epoch(backbone: nn.Module, data: TrainData, cfg: TrainConfig, epoch:
     g = step_generator(cfg.seed, epoch, 0, stream=7)
     one = dataclasses.replace(cfg.aug, global_views=cfg.aug.global_views[:1], local_views=0)
     v1 = make_views(sub, one, g, IMAGENET_MEAN, IMAGENET_STD)[0]  # two independent draws of view 1,
-    v2 = make_views(sub, one, g, IMAGENET_MEAN, IMAGENET_STD)[0]  # so one-view methods (MAE) work too
+    v2 = make_views(sub, one, g, IMAGENET_MEAN, IMAGENET_STD)[
+        0
+    ]  # so one-view methods (MAE) work too
     was = backbone.training
     backbone.eval()
     with torch.no_grad():
-        z1, z2 = read(backbone, v1.to(device)).float().cpu(), read(backbone, v2.to(device)).float().cpu()
+        z1, z2 = (
+            read(backbone, v1.to(device)).float().cpu(),
+            read(backbone, v2.to(device)).float().cpu(),
+        )
     backbone.train(was)
     out = diagnostics(bank, z1, z2, mc.collapse_std_ratio)
     if mc.every > 0 and ((epoch + 1) % mc.every == 0 or epoch + 1 == cfg.epochs):
         q = embed(backbone, data.query_images, device, kind=kind)
-        out["knn_top1"] = knn_accuracy(bank, data.bank_labels, q, data.query_labels,
-                                       mc.knn_k, mc.knn_temperature, data.num_classes)
+        out["knn_top1"] = knn_accuracy(
+            bank,
+            data.bank_labels,
+            q,
+            data.query_labels,
+            mc.knn_k,
+            mc.knn_temperature,
+            data.num_classes,
+        )
     return out

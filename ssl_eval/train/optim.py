@@ -25,7 +25,10 @@ def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
     """Weight decay on weight matrices and kernels only, not on biases, norms or tokens."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     other = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0)
     if o.name == "sgd":

@@ -20,7 +20,9 @@ def get_method(name: str):
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS.names(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown training method {name!r}.{hint} Choose one of: {', '.join(METHODS.names())}")
+        raise UserError(
+            f"unknown training method {name!r}.{hint} Choose one of: {', '.join(METHODS.names())}"
+        )
     return METHODS.get(name)
 
 
@@ -33,7 +35,9 @@ def default_config(method: str, image_size: int = 32) -> TrainConfig:
     return TrainConfig(
         method=method,
         arch=spec.default_arch if image_size <= 64 else big,
-        arch_kwargs={"dynamic_img_size": True, "img_size": image_size} if vit and image_size > 64 else {},
+        arch_kwargs={"dynamic_img_size": True, "img_size": image_size}
+        if vit and image_size > 64
+        else {},
         image_size=image_size,
         aug=spec.aug(image_size),
         optim=dataclasses.replace(spec.optim),
@@ -52,8 +56,11 @@ def read_config_file(path: Path) -> dict:
 
 
 def resolve_config(
-    method: str, image_size: int = 32, config_file: Path | None = None,
-    settings: dict | None = None, overrides: list[str] | None = None,
+    method: str,
+    image_size: int = 32,
+    config_file: Path | None = None,
+    settings: dict | None = None,
+    overrides: list[str] | None = None,
 ) -> TrainConfig:
     """The config a training run uses; every layer is checked by the shared loader, so an
     unknown key or a value of the wrong type fails here, before any data is read."""

@@ -34,10 +34,18 @@ def _pixels(opt: BuildOptions) -> Backbone:
     pre = Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     if opt.image_size:
         pre = pre.with_size(opt.image_size)
-    report = {"format": "none", "architecture": {"type": "pixels", "parameters": 0, "from": "pixels"}}
+    report = {
+        "format": "none",
+        "architecture": {"type": "pixels", "parameters": 0, "from": "pixels"},
+    }
     return Backbone(
-        "pixels", Pixels(), pre, opt.feature_kind or "model",
-        WeightsInfo("none", "none"), report, "raw pixels",
+        "pixels",
+        Pixels(),
+        pre,
+        opt.feature_kind or "model",
+        WeightsInfo("none", "none"),
+        report,
+        "raw pixels",
     )
 
 
@@ -136,13 +144,17 @@ def timm_source(arch: str) -> WeightsSource:
     names = (f"{base}.safetensors", f"{base}.pth", f"{base}.bin")
     if cfg is None:
         return WeightsSource(names)
-    return WeightsSource(names, hf_repo=getattr(cfg, "hf_hub_id", None), url=getattr(cfg, "url", None) or None)
+    return WeightsSource(
+        names, hf_repo=getattr(cfg, "hf_hub_id", None), url=getattr(cfg, "url", None) or None
+    )
 
 
 def _timm_spec(arch: str) -> BackboneSpec:
     return BackboneSpec(
         f"timm:{arch}",
-        lambda opt: timm_backbone(f"timm:{arch}", arch, opt, timm_source(arch), description=f"timm {arch}"),
+        lambda opt: timm_backbone(
+            f"timm:{arch}", arch, opt, timm_source(arch), description=f"timm {arch}"
+        ),
         lambda: timm_source(arch).status(),
         f"timm model {arch} with its pretrained weights",
     )

@@ -27,11 +27,18 @@ from ..weights import WeightsSource
 CIFAR_EVAL = Preprocessing(resize=32, crop=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 _PREFIXES = ("state_dict.module.", "state_dict.", "module.", "", "model.")
 _URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
-_FILES = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th",
-          44: "resnet44-014dd654.th", 56: "resnet56-4bfd9763.th"}
+_FILES = {
+    20: "resnet20-12fca82f.th",
+    32: "resnet32-d509ac18.th",
+    44: "resnet44-014dd654.th",
+    56: "resnet56-4bfd9763.th",
+}
 # the repository's resnet.py names; tags give the depth
-ARCHS = ArchTable("cifar_resnet", {f"resnet{d}": d for d in (20, 32, 44, 56, 110, 1202)},
-                  aliases={str(d): f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)})
+ARCHS = ArchTable(
+    "cifar_resnet",
+    {f"resnet{d}": d for d in (20, 32, 44, 56, 110, 1202)},
+    aliases={str(d): f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)},
+)
 
 
 class BasicBlock(nn.Module):
@@ -68,8 +75,10 @@ class CifarResNetOptionA(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         cin = 16
         for i, cout in enumerate((16, 32, 64)):
-            blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i and j == 0) else 1)
-                      for j in range(n)]
+            blocks = [
+                BasicBlock(cin if j == 0 else cout, cout, 2 if (i and j == 0) else 1)
+                for j in range(n)
+            ]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             cin = cout
         self.num_features = 64
@@ -86,9 +95,13 @@ class CifarResNetOptionA(nn.Module):
 def _prefix(ckpt: Checkpoint) -> str | None:
     for p in _PREFIXES:
         w = ckpt.flat.get(p + "conv1.weight")
-        if (w is not None and w.ndim == 4 and tuple(w.shape[1:]) == (3, 3, 3)
-                and p + "layer3.0.conv1.weight" in ckpt.flat
-                and not ckpt.any_prefix(p + "layer4.")):
+        if (
+            w is not None
+            and w.ndim == 4
+            and tuple(w.shape[1:]) == (3, 3, 3)
+            and p + "layer3.0.conv1.weight" in ckpt.flat
+            and not ckpt.any_prefix(p + "layer4.")
+        ):
             return p
     return None
 
@@ -104,21 +117,31 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     model = uninitialised(lambda: CifarResNetOptionA(depth))
     report = strict_load(model, sd, droppable=(r"^linear\.",), fmt="cifar-resnet")
     return Loaded(
-        model, finish_report(report, f"cifar resnet-{depth} ({prefix.rstrip('.') or 'flat'})",
-                              prefix=prefix),
-        CIFAR_EVAL, "model", f"CIFAR ResNet-{depth}, 64-d average pool",
+        model,
+        finish_report(
+            report, f"cifar resnet-{depth} ({prefix.rstrip('.') or 'flat'})", prefix=prefix
+        ),
+        CIFAR_EVAL,
+        "model",
+        f"CIFAR ResNet-{depth}, 64-d average pool",
         f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (blocks per stage)",
     )
 
 
-register_family(Family(
-    "cifar_resnet", lambda ckpt: _prefix(ckpt) is not None, _build,
-    "CIFAR ResNet-20/32/44/56 with option-A shortcuts (akamaster layout)",
-))
+register_family(
+    Family(
+        "cifar_resnet",
+        lambda ckpt: _prefix(ckpt) is not None,
+        _build,
+        "CIFAR ResNet-20/32/44/56 with option-A shortcuts (akamaster layout)",
+    )
+)
 
 for _depth, _file in _FILES.items():
     register_tag(
-        f"cifar_resnet{_depth}", "cifar_resnet", str(_depth),
+        f"cifar_resnet{_depth}",
+        "cifar_resnet",
+        str(_depth),
         WeightsSource((_file, f"resnet{_depth}.th"), url=_URL + _file),
         f"supervised CIFAR-10 ResNet-{_depth} (akamaster), 64-d embedding at 32x32",
     )

@@ -42,25 +42,51 @@ from ..weights import WeightsSource
 DINO_EVAL = Preprocessing(
     resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic"
 )
-_TRAIN_ROOTS = ("teacher.backbone.", "teacher.module.backbone.",
-                "student.module.backbone.", "student.backbone.")
+_TRAIN_ROOTS = (
+    "teacher.backbone.",
+    "teacher.module.backbone.",
+    "student.module.backbone.",
+    "student.backbone.",
+)
 _URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
 # vision_transformer.py: 12 blocks, patch size an argument (main_dino.py --patch_size);
 # main_dino.py's deit_* come from DeiT's hub (timm's DeiTs, patch 16); torchvision ResNets.
 _VITS = {
-    "vit_tiny": ViTArch("vit_tiny_patch16_224", 192, 3, 12, where="dino vision_transformer.py vit_tiny"),
-    "vit_small": ViTArch("vit_small_patch16_224", 384, 6, 12, where="dino vision_transformer.py vit_small"),
-    "vit_base": ViTArch("vit_base_patch16_224", 768, 12, 12, where="dino vision_transformer.py vit_base"),
-    "deit_tiny": ViTArch("vit_tiny_patch16_224", 192, 3, 12, 16, where="DeiT deit_tiny_patch16_224"),
-    "deit_small": ViTArch("vit_small_patch16_224", 384, 6, 12, 16, where="DeiT deit_small_patch16_224"),
+    "vit_tiny": ViTArch(
+        "vit_tiny_patch16_224", 192, 3, 12, where="dino vision_transformer.py vit_tiny"
+    ),
+    "vit_small": ViTArch(
+        "vit_small_patch16_224", 384, 6, 12, where="dino vision_transformer.py vit_small"
+    ),
+    "vit_base": ViTArch(
+        "vit_base_patch16_224", 768, 12, 12, where="dino vision_transformer.py vit_base"
+    ),
+    "deit_tiny": ViTArch(
+        "vit_tiny_patch16_224", 192, 3, 12, 16, where="DeiT deit_tiny_patch16_224"
+    ),
+    "deit_small": ViTArch(
+        "vit_small_patch16_224", 384, 6, 12, 16, where="DeiT deit_small_patch16_224"
+    ),
 }
-_TAG_VITS = {f"vit_{size}_patch{p}_224": replace(_VITS[f"vit_{size}"], patch=p)
-             for size in ("small", "base") for p in (16, 8)}
+_TAG_VITS = {
+    f"vit_{size}_patch{p}_224": replace(_VITS[f"vit_{size}"], patch=p)
+    for size in ("small", "base")
+    for p in (16, 8)
+}
 ARCHS = ArchTable(
-    "dino", {**_VITS, "resnet50": RESNET50, "resnet101": RESNET101, "resnet152": RESNET152},
+    "dino",
+    {**_VITS, "resnet50": RESNET50, "resnet101": RESNET101, "resnet152": RESNET152},
     aliases=_TAG_VITS,
-    refused={n: "DINO's XCiT backbones are not supported" for n in (
-        "xcit", "xcit_small_12_p16", "xcit_small_12_p8", "xcit_medium_24_p16", "xcit_medium_24_p8")},
+    refused={
+        n: "DINO's XCiT backbones are not supported"
+        for n in (
+            "xcit",
+            "xcit_small_12_p16",
+            "xcit_small_12_p8",
+            "xcit_medium_24_p16",
+            "xcit_medium_24_p8",
+        )
+    },
 )
 _BY_WIDTH = {spec.width: spec for name, spec in _VITS.items() if name.startswith("vit_")}
 POS_EMBED = bicubic_with_offset(0.1, "DINO vision_transformer.py interpolate_pos_encoding")
@@ -73,10 +99,13 @@ def _backbone_prefix(ckpt: Checkpoint) -> str | None:
 
 def _is_dino_vit(ckpt: Checkpoint, prefix: str) -> bool:
     p = prefix
-    return (ckpt.has(p + "cls_token", p + "pos_embed", p + "blocks.0.attn.qkv.weight")
-            and p + "mask_token" not in ckpt.flat
-            and not ckpt.any_prefix(p + "blocks.0.ls1.") and not ckpt.any_prefix(p + "blocks.0.0.")
-            and not ckpt.any_prefix("decoder_"))
+    return (
+        ckpt.has(p + "cls_token", p + "pos_embed", p + "blocks.0.attn.qkv.weight")
+        and p + "mask_token" not in ckpt.flat
+        and not ckpt.any_prefix(p + "blocks.0.ls1.")
+        and not ckpt.any_prefix(p + "blocks.0.0.")
+        and not ckpt.any_prefix("decoder_")
+    )
 
 
 def _detect(ckpt: Checkpoint) -> bool:
@@ -127,10 +156,13 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
                 raise UserError(
                     f"{file}: no DINO ViT is {shape.embed_dim} wide (vision_transformer.py: vit_tiny "
                     "192, vit_small 384, vit_base 768); if it is timm's copy of an MAE ViT, pass "
-                    "--family mae")
+                    "--family mae"
+                )
             spec = from_shape(shape, known.heads, known.where, known.timm)
-            arch_from = (f"the tensor shapes, and the {known.heads} heads of DINO's only "
-                         f"{shape.embed_dim}-wide ViT ({known.where})")
+            arch_from = (
+                f"the tensor shapes, and the {known.heads} heads of DINO's only "
+                f"{shape.embed_dim}-wide ViT ({known.where})"
+            )
         else:
             spec = pick.spec.filled(shape)  # a patch size not declared is the file's
             arch_from = f"{pick.source}: {pick.name!r} ({pick.spec.where})"
@@ -140,16 +172,28 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     else:
         model, report = load_resnet(sd, "dino", pick.spec if pick else None)
         kind, what = "model", f"DINO ResNet ({model.num_features}-d average pool)"
-        arch_from = f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (torchvision layout)"
+        arch_from = (
+            f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (torchvision layout)"
+        )
     where = prefix.rstrip(".") or "flat"
-    return Loaded(model, finish_report(report, f"dino ({where})", others, prefix),
-                  DINO_EVAL, kind, what, arch_from)
+    return Loaded(
+        model,
+        finish_report(report, f"dino ({where})", others, prefix),
+        DINO_EVAL,
+        kind,
+        what,
+        arch_from,
+    )
 
 
-register_family(Family(
-    "dino", _detect, _build,
-    "DINO: flat hub backbones, or training checkpoints (teacher/student, module.backbone.*)",
-))
+register_family(
+    Family(
+        "dino",
+        _detect,
+        _build,
+        "DINO: flat hub backbones, or training checkpoints (teacher/student, module.backbone.*)",
+    )
+)
 
 for _tag, _variant, _file, _desc in (
     ("dino_vits16", "vit_small_patch16_224", "dino_deitsmall16_pretrain", "DINO ViT-S/16"),
@@ -160,8 +204,11 @@ for _tag, _variant, _file, _desc in (
 ):
     _hf = None if _variant == "resnet50" else f"timm/{_variant}.dino"
     register_tag(
-        _tag, "dino", _variant,
-        WeightsSource((f"{_file}.pth", f"{_variant}.dino.safetensors"), hf_repo=_hf,
-                      url=_URL.format(_file)),
+        _tag,
+        "dino",
+        _variant,
+        WeightsSource(
+            (f"{_file}.pth", f"{_variant}.dino.safetensors"), hf_repo=_hf, url=_URL.format(_file)
+        ),
         _desc + (" (2048-d average pool)" if _variant == "resnet50" else " (class token)"),
     )

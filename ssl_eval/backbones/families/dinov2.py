@@ -44,17 +44,36 @@ DINOV2_EVAL = Preprocessing(
 _SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 # dinov2/models/vision_transformer.py: (width, heads, depth); vit_giant2 has the SwiGLU MLP.
 # timm's vit_*_patch14[_reg4]_dinov2 are these (layer scale, registers, SwiGLU included).
-_OWN = {"vit_small": (384, 6, 12), "vit_base": (768, 12, 12), "vit_large": (1024, 16, 24),
-        "vit_giant2": (1536, 24, 40)}
+_OWN = {
+    "vit_small": (384, 6, 12),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 16, 24),
+    "vit_giant2": (1536, 24, 40),
+}
 _TIMM_SIZE = {"vit_small": "small", "vit_base": "base", "vit_large": "large", "vit_giant2": "giant"}
-ARCHS = ArchTable("dinov2", _OWN, aliases={
-    f"vit_{size}_patch14_{reg}dinov2": own for own, size in _TIMM_SIZE.items() for reg in ("", "reg4_")})
+ARCHS = ArchTable(
+    "dinov2",
+    _OWN,
+    aliases={
+        f"vit_{size}_patch14_{reg}dinov2": own
+        for own, size in _TIMM_SIZE.items()
+        for reg in ("", "reg4_")
+    },
+)
 _BY_WIDTH = {width: name for name, (width, _, _) in _OWN.items()}
 # The hub models' settings (hub/backbones.py): interpolate_offset 0.1, interpolate_antialias False
-POS_EMBED = bicubic_with_offset(0.1, "DINOv2 vision_transformer.py interpolate_pos_encoding, "
-                                     "the hub's interpolate_offset=0.1, interpolate_antialias=False")
-_ROOTS = ("teacher.backbone.", "model.teacher.backbone.", "teacher.module.backbone.",
-          "student.backbone.", "model.student.backbone.")
+POS_EMBED = bicubic_with_offset(
+    0.1,
+    "DINOv2 vision_transformer.py interpolate_pos_encoding, "
+    "the hub's interpolate_offset=0.1, interpolate_antialias=False",
+)
+_ROOTS = (
+    "teacher.backbone.",
+    "model.teacher.backbone.",
+    "teacher.module.backbone.",
+    "student.backbone.",
+    "model.student.backbone.",
+)
 _URL = "https://dl.fbaipublicfiles.com/dinov2/{n}/{n}{r}_pretrain.pth"
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
@@ -63,8 +82,11 @@ def _prefix(ckpt: Checkpoint) -> str | None:
     for p in _ROOTS + ("",):
         if not ckpt.has(p + "cls_token", p + "pos_embed"):
             continue
-        if (p + "mask_token" in ckpt.flat or ckpt.any_prefix(p + "blocks.0.ls1.")
-                or ckpt.any_prefix(p + "blocks.0.0.")):
+        if (
+            p + "mask_token" in ckpt.flat
+            or ckpt.any_prefix(p + "blocks.0.ls1.")
+            or ckpt.any_prefix(p + "blocks.0.0.")
+        ):
             return p
     return None
 
@@ -96,12 +118,16 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     pick = ARCHS.choose(file, variant=variant, flag=opt.arch)
     if pick is None:  # nothing declared: the shapes, and the heads of DINOv2's ViT that wide
         if shape.embed_dim not in _BY_WIDTH:
-            raise UserError(f"{file}: no DINOv2 ViT is {shape.embed_dim} wide (vit_small 384, "
-                            "vit_base 768, vit_large 1024, vit_giant2 1536)")
+            raise UserError(
+                f"{file}: no DINOv2 ViT is {shape.embed_dim} wide (vit_small 384, "
+                "vit_base 768, vit_large 1024, vit_giant2 1536)"
+            )
         name = _BY_WIDTH[shape.embed_dim]
         kw = {"depth": shape.depth, "patch_size": shape.patch}
-        arch_from = (f"the tensor shapes, and the {_OWN[name][1]} heads of DINOv2's only "
-                     f"{shape.embed_dim}-wide ViT (dinov2 vision_transformer.py {name})")
+        arch_from = (
+            f"the tensor shapes, and the {_OWN[name][1]} heads of DINOv2's only "
+            f"{shape.embed_dim}-wide ViT (dinov2 vision_transformer.py {name})"
+        )
     else:
         name, kw = pick.name, {}
         arch_from = f"{pick.source}: {pick.name!r} (dinov2 vision_transformer.py {pick.name})"
@@ -115,15 +141,23 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     chunked = any(_CHUNKED.match(k) for k in ckpt.section(prefix))
     fmt = f"dinov2 ({prefix.rstrip('.') or 'flat'}{', chunked blocks' if chunked else ''})"
     return Loaded(
-        model, finish_report(report, fmt, others + [prefix + k for k in dropped], prefix),
-        DINOV2_EVAL, "cls", f"DINOv2 ViT ({model.embed_dim}-d class token)", arch_from,
+        model,
+        finish_report(report, fmt, others + [prefix + k for k in dropped], prefix),
+        DINOV2_EVAL,
+        "cls",
+        f"DINOv2 ViT ({model.embed_dim}-d class token)",
+        arch_from,
     )
 
 
-register_family(Family(
-    "dinov2", lambda ckpt: _prefix(ckpt) is not None, _build,
-    "DINOv2: flat hub files (mask_token, ls1) or training checkpoints (teacher.backbone.*)",
-))
+register_family(
+    Family(
+        "dinov2",
+        lambda ckpt: _prefix(ckpt) is not None,
+        _build,
+        "DINOv2: flat hub files (mask_token, ls1) or training checkpoints (teacher.backbone.*)",
+    )
+)
 
 
 def _register(size: str, registers: bool) -> None:

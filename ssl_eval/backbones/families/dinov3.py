@@ -36,42 +36,77 @@ DINOV3_EVAL = Preprocessing(
 )
 _VIT_DROP = (r"^mask_token$", r".*\.bias_mask$", r"^rope_embed\.", r"^local_cls_norm\.")
 # (width, SwiGLU?) -> timm arch, for files read through ckpt:PATH
-_VITS = {(384, False): "vit_small_patch16_dinov3", (384, True): "vit_small_plus_patch16_dinov3",
-         (768, False): "vit_base_patch16_dinov3", (1024, False): "vit_large_patch16_dinov3",
-         (1280, True): "vit_huge_plus_patch16_dinov3"}
+_VITS = {
+    (384, False): "vit_small_patch16_dinov3",
+    (384, True): "vit_small_plus_patch16_dinov3",
+    (768, False): "vit_base_patch16_dinov3",
+    (1024, False): "vit_large_patch16_dinov3",
+    (1280, True): "vit_huge_plus_patch16_dinov3",
+}
 # (stem width, stage-3 depth) -> timm ConvNeXt
-_CONVNEXTS = {(96, 9): "convnext_tiny", (96, 27): "convnext_small",
-              (128, 27): "convnext_base", (192, 27): "convnext_large"}
-_RENAMES = ((r"^storage_tokens$", "reg_token"), (r"\.ls1\.gamma$", ".gamma_1"),
-            (r"\.ls2\.gamma$", ".gamma_2"), (r"\.mlp\.w1\.", ".mlp.fc1_g."),
-            (r"\.mlp\.w2\.", ".mlp.fc1_x."), (r"\.mlp\.w3\.", ".mlp.fc2."))
-_CNX_RENAMES = ((r"^downsample_layers\.0\.", "stem."),
-                (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
-                (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."), (r"\.dwconv\.", ".conv_dw."),
-                (r"\.pwconv(\d)\.", r".mlp.fc\1."), (r"^norm\.", "head.norm."))
+_CONVNEXTS = {
+    (96, 9): "convnext_tiny",
+    (96, 27): "convnext_small",
+    (128, 27): "convnext_base",
+    (192, 27): "convnext_large",
+}
+_RENAMES = (
+    (r"^storage_tokens$", "reg_token"),
+    (r"\.ls1\.gamma$", ".gamma_1"),
+    (r"\.ls2\.gamma$", ".gamma_2"),
+    (r"\.mlp\.w1\.", ".mlp.fc1_g."),
+    (r"\.mlp\.w2\.", ".mlp.fc1_x."),
+    (r"\.mlp\.w3\.", ".mlp.fc2."),
+)
+_CNX_RENAMES = (
+    (r"^downsample_layers\.0\.", "stem."),
+    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"\.dwconv\.", ".conv_dw."),
+    (r"\.pwconv(\d)\.", r".mlp.fc\1."),
+    (r"^norm\.", "head.norm."),
+)
 # (tag, timm architecture, the hub's name, file hash, what)
 _RELEASES = (
     ("dinov3_vits16", "vit_small_patch16_dinov3", "dinov3_vits16", "08c60483", "ViT-S/16"),
-    ("dinov3_vitsp16", "vit_small_plus_patch16_dinov3", "dinov3_vits16plus", "4057cbaa", "ViT-S+/16"),
+    (
+        "dinov3_vitsp16",
+        "vit_small_plus_patch16_dinov3",
+        "dinov3_vits16plus",
+        "4057cbaa",
+        "ViT-S+/16",
+    ),
     ("dinov3_vitb16", "vit_base_patch16_dinov3", "dinov3_vitb16", "73cec8be", "ViT-B/16"),
     ("dinov3_vitl16", "vit_large_patch16_dinov3", "dinov3_vitl16", "8aa4cbdd", "ViT-L/16"),
-    ("dinov3_vith16p", "vit_huge_plus_patch16_dinov3", "dinov3_vith16plus", "7c1da9a5", "ViT-H+/16"),
+    (
+        "dinov3_vith16p",
+        "vit_huge_plus_patch16_dinov3",
+        "dinov3_vith16plus",
+        "7c1da9a5",
+        "ViT-H+/16",
+    ),
     ("dinov3_convnext_tiny", "convnext_tiny", "dinov3_convnext_tiny", "21b726bb", "ConvNeXt-T"),
     ("dinov3_convnext_small", "convnext_small", "dinov3_convnext_small", "296db49d", "ConvNeXt-S"),
     ("dinov3_convnext_base", "convnext_base", "dinov3_convnext_base", "801f2ba9", "ConvNeXt-B"),
     ("dinov3_convnext_large", "convnext_large", "dinov3_convnext_large", "61fa432d", "ConvNeXt-L"),
 )
 # --arch takes the hub's names (hub/backbones.py dinov3_vits16 ...); tags give timm's
-ARCHS = ArchTable("dinov3", {official: arch for _, arch, official, _, _ in _RELEASES},
-                  aliases={arch: official for _, arch, official, _, _ in _RELEASES})
+ARCHS = ArchTable(
+    "dinov3",
+    {official: arch for _, arch, official, _, _ in _RELEASES},
+    aliases={arch: official for _, arch, official, _, _ in _RELEASES},
+)
 _BASE = "https://dl.fbaipublicfiles.com/dinov3/{0}/{0}_pretrain_lvd1689m-{1}.pth"
-_HOW = ("Meta hands out DINOv3 weights after a request form (github.com/facebookresearch/dinov3); "
-        "timm's Hugging Face copy works too")
+_HOW = (
+    "Meta hands out DINOv3 weights after a request form (github.com/facebookresearch/dinov3); "
+    "timm's Hugging Face copy works too"
+)
 
 
 def _is_vit(ckpt: Checkpoint) -> bool:
     return "storage_tokens" in ckpt.flat or (
-        ckpt.has("reg_token", "blocks.0.gamma_1") and "pos_embed" not in ckpt.flat)
+        ckpt.has("reg_token", "blocks.0.gamma_1") and "pos_embed" not in ckpt.flat
+    )
 
 
 def _is_convnext(ckpt: Checkpoint) -> bool:
@@ -102,7 +137,9 @@ def _build_vit(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
     sd, biased = _vit_to_timm(sd)
     kw: dict = {}
     if variant is None:
-        shape = vit_shape(sd, "mlp.fc1_g.weight" if "blocks.0.mlp.fc1_g.weight" in sd else "mlp.fc1.weight")
+        shape = vit_shape(
+            sd, "mlp.fc1_g.weight" if "blocks.0.mlp.fc1_g.weight" in sd else "mlp.fc1.weight"
+        )
         swiglu = "blocks.0.mlp.fc1_g.weight" in sd
         if (shape.embed_dim, swiglu) not in _VITS:
             raise UserError(f"no DINOv3 ViT is {shape.embed_dim} wide with swiglu={swiglu}")
@@ -111,28 +148,44 @@ def _build_vit(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
     model = create_timm(arch, opt.image_size or 224, global_pool="token", **kw)
     report = strict_load(model, sd, fmt="dinov3")
     if biased and any(k.endswith("attn.qkv.bias") for k in ckpt.flat):
-        report["note"] = "the k third of each attn.qkv.bias is zeroed by bias_mask in DINOv3: not loaded"
+        report["note"] = (
+            "the k third of each attn.qkv.bias is zeroed by bias_mask in DINOv3: not loaded"
+        )
     return model, report, dropped, "cls", f"DINOv3 ViT ({model.embed_dim}-d class token)"
 
 
 def _build_convnext(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
     sd = _rename(dict(ckpt.flat), _CNX_RENAMES)
     if variant is None:
-        key = (sd["stem.0.weight"].shape[0], len({k.split(".")[3] for k in sd if k.startswith("stages.2.blocks.")}))
+        key = (
+            sd["stem.0.weight"].shape[0],
+            len({k.split(".")[3] for k in sd if k.startswith("stages.2.blocks.")}),
+        )
         if key not in _CONVNEXTS:
-            raise UserError(f"no DINOv3 ConvNeXt has stem width {key[0]} and {key[1]} stage-3 blocks")
+            raise UserError(
+                f"no DINOv3 ConvNeXt has stem width {key[0]} and {key[1]} stage-3 blocks"
+            )
         variant = _CONVNEXTS[key]
     model = create_timm(variant)
     report = strict_load(model, sd, fmt="dinov3-convnext")
-    return model, report, [], "model", f"DINOv3 ConvNeXt ({model.num_features}-d normed average pool)"
+    return (
+        model,
+        report,
+        [],
+        "model",
+        f"DINOv3 ConvNeXt ({model.num_features}-d normed average pool)",
+    )
 
 
 def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     pick = ARCHS.choose(ckpt.path.name, variant=variant, flag=opt.arch)
     variant = pick.spec if pick else None
-    arch_from = (f"{pick.source}: {pick.name!r}" if pick else
-                 "the tensor shapes, and DINOv3's only architecture of that width and MLP (ViT) "
-                 "or stem width and depth (ConvNeXt)")
+    arch_from = (
+        f"{pick.source}: {pick.name!r}"
+        if pick
+        else "the tensor shapes, and DINOv3's only architecture of that width and MLP (ViT) "
+        "or stem width and depth (ConvNeXt)"
+    )
     convnext = variant.startswith("convnext") if variant else _is_convnext(ckpt)
     if convnext:
         model, report, dropped, kind, what = _build_convnext(ckpt, variant, opt)
@@ -140,23 +193,34 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         model, report, dropped, kind, what = _build_vit(ckpt, variant, opt)
     else:
         raise UserError(f"{ckpt.path.name} holds neither a DINOv3 ViT nor a DINOv3 ConvNeXt")
-    return Loaded(model, finish_report(report, report["format"], dropped), DINOV3_EVAL, kind, what,
-                  arch_from)
+    return Loaded(
+        model, finish_report(report, report["format"], dropped), DINOV3_EVAL, kind, what, arch_from
+    )
 
 
-register_family(Family(
-    "dinov3", lambda ckpt: _is_vit(ckpt) or _is_convnext(ckpt), _build,
-    "DINOv3 ViTs (storage_tokens, RoPE) and ConvNeXts (downsample_layers, no head)",
-))
+register_family(
+    Family(
+        "dinov3",
+        lambda ckpt: _is_vit(ckpt) or _is_convnext(ckpt),
+        _build,
+        "DINOv3 ViTs (storage_tokens, RoPE) and ConvNeXts (downsample_layers, no head)",
+    )
+)
 
 for _tag, _arch, _official, _hash, _desc in _RELEASES:
     _url = _BASE.format(_official, _hash)
     _vit = _arch.startswith("vit")
     _timm = f"{_arch}_qkvb.lvd1689m" if _vit else f"{_arch}.dinov3_lvd1689m"
     register_tag(
-        _tag, "dinov3", _arch,
-        WeightsSource((_url.rsplit("/", 1)[1], f"{_timm}.safetensors"), hf_repo=f"timm/{_timm}",
-                      extra_hf_repos=(f"timm/{_arch}.lvd1689m",) if _vit else (),
-                      url=_url, how=_HOW),
+        _tag,
+        "dinov3",
+        _arch,
+        WeightsSource(
+            (_url.rsplit("/", 1)[1], f"{_timm}.safetensors"),
+            hf_repo=f"timm/{_timm}",
+            extra_hf_repos=(f"timm/{_arch}.lvd1689m",) if _vit else (),
+            url=_url,
+            how=_HOW,
+        ),
         f"DINOv3 {_desc}, LVD-1689M" + (" (class token)" if _vit else " (normed average pool)"),
     )

@@ -49,15 +49,21 @@ _URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{}.pth"
 # models_vit.py (fine-tuning, linear probe) and models_mae.py (pre-training, mae_ names; the
 # _dec512d8b suffix names the decoder, which is dropped here)
 _VITS = {
-    "vit_base_patch16": ViTArch("vit_base_patch16_224", 768, 12, 12, 16,
-                                where="mae models_vit.py vit_base_patch16"),
-    "vit_large_patch16": ViTArch("vit_large_patch16_224", 1024, 16, 24, 16,
-                                 where="mae models_vit.py vit_large_patch16"),
-    "vit_huge_patch14": ViTArch("vit_huge_patch14_224", 1280, 16, 32, 14,
-                                where="mae models_vit.py vit_huge_patch14"),
+    "vit_base_patch16": ViTArch(
+        "vit_base_patch16_224", 768, 12, 12, 16, where="mae models_vit.py vit_base_patch16"
+    ),
+    "vit_large_patch16": ViTArch(
+        "vit_large_patch16_224", 1024, 16, 24, 16, where="mae models_vit.py vit_large_patch16"
+    ),
+    "vit_huge_patch14": ViTArch(
+        "vit_huge_patch14_224", 1280, 16, 32, 14, where="mae models_vit.py vit_huge_patch14"
+    ),
 }
-_ALIASES = {alias: name for name, spec in _VITS.items()
-            for alias in (spec.timm, f"mae_{name}", f"mae_{name}_dec512d8b")}
+_ALIASES = {
+    alias: name
+    for name, spec in _VITS.items()
+    for alias in (spec.timm, f"mae_{name}", f"mae_{name}_dec512d8b")
+}
 ARCHS = ArchTable("mae", _VITS, aliases=_ALIASES)
 _BY_WIDTH = {spec.width: spec for spec in _VITS.values()}
 # timm's names for a DeiT of that width: where a look-alike file can be read instead
@@ -87,28 +93,40 @@ def _undeclared(ckpt: Checkpoint, root: str, sd: dict, fmt_note: list[str]) -> t
     finetuned = "fc_norm.weight" in sd and "norm.weight" not in sd  # MAE's global-pool fine-tuning
     if not ckpt.any_prefix(root + "decoder_") and not finetuned:
         # {"model": encoder} is also what MoCo v3's convert_to_deit.py and DeiT write
-        fits = {"MAE ({} heads)": known.heads if known else None,
-                "MoCo v3 (convert_to_deit.py output, {} heads)": MOCOV3_HEADS.get(width),
-                "DeiT/timm ({} heads)": HEADS.get(width)}
+        fits = {
+            "MAE ({} heads)": known.heads if known else None,
+            "MoCo v3 (convert_to_deit.py output, {} heads)": MOCOV3_HEADS.get(width),
+            "DeiT/timm ({} heads)": HEADS.get(width),
+        }
         fits = {who: h for who, h in fits.items() if h}
         if len(set(fits.values())) > 1:
             listed = " and ".join(who.format(h) for who, h in fits.items())
-            deit = f"timm:{_DEIT[width]} --weights FILE" if width in _DEIT else "timm:<arch> --weights FILE"
+            deit = (
+                f"timm:{_DEIT[width]} --weights FILE"
+                if width in _DEIT
+                else "timm:<arch> --weights FILE"
+            )
             raise UserError(
                 f"{file}: a {width}-wide ViT under '{root.rstrip('.') or 'the top level'}' without "
                 f"MAE's decoder fits {listed}, and its weights do not show the head count; pass "
                 f"--family mocov3 for MoCo v3, or read a DeiT file as {deit}"
             )
         if len(fits) > 1:
-            fmt_note.append("MoCo v3's convert_to_deit.py and DeiT save this layout too, with the same "
-                            "architecture at this width; --family mocov3 reads it with MoCo v3's "
-                            "preprocessing")
+            fmt_note.append(
+                "MoCo v3's convert_to_deit.py and DeiT save this layout too, with the same "
+                "architecture at this width; --family mocov3 reads it with MoCo v3's "
+                "preprocessing"
+            )
     if known is None:
-        raise UserError(f"{file}: no MAE ViT is {width} wide (models_vit.py: vit_base_patch16 768, "
-                        "vit_large_patch16 1024, vit_huge_patch14 1280)")
+        raise UserError(
+            f"{file}: no MAE ViT is {width} wide (models_vit.py: vit_base_patch16 768, "
+            "vit_large_patch16 1024, vit_huge_patch14 1280)"
+        )
     spec = from_shape(shape, known.heads, known.where, known.timm)
-    return spec, (f"the tensor shapes, and the {known.heads} heads of MAE's only {width}-wide ViT "
-                  f"({known.where})")
+    return spec, (
+        f"the tensor shapes, and the {known.heads} heads of MAE's only {width}-wide ViT "
+        f"({known.where})"
+    )
 
 
 def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
@@ -125,24 +143,37 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         spec, arch_from = _undeclared(ckpt, root, sd, notes)
     else:
         spec, arch_from = pick.spec, f"{pick.source}: {pick.name!r} ({pick.spec.where})"
-    model = create_timm(spec.timm, opt.image_size or 224, global_pool="avg" if finetuned else "token",
-                        **spec.kwargs())
+    model = create_timm(
+        spec.timm,
+        opt.image_size or 224,
+        global_pool="avg" if finetuned else "token",
+        **spec.kwargs(),
+    )
     report = load_vit(model, sd, "mae", POS_EMBED)
     stage = "fine-tuned, fc_norm of mean patch token" if finetuned else "pre-trained, class token"
-    report = finish_report(report, f"mae {stage} ({root.rstrip('.') or 'flat'})",
-                           [root + k for k in dropped], root)
+    report = finish_report(
+        report, f"mae {stage} ({root.rstrip('.') or 'flat'})", [root + k for k in dropped], root
+    )
     if notes:
         report["note"] = notes[0]
     return Loaded(
-        model, report, MAE_EVAL, "model" if finetuned else "cls",
-        f"MAE ViT ({model.embed_dim}-d, {stage})", arch_from,
+        model,
+        report,
+        MAE_EVAL,
+        "model" if finetuned else "cls",
+        f"MAE ViT ({model.embed_dim}-d, {stage})",
+        arch_from,
     )
 
 
-register_family(Family(
-    "mae", lambda ckpt: _root(ckpt) is not None, _build,
-    "MAE ViTs: {'model': encoder (+ decoder_*, mask_token)}; also fine-tuned (fc_norm)",
-))
+register_family(
+    Family(
+        "mae",
+        lambda ckpt: _root(ckpt) is not None,
+        _build,
+        "MAE ViTs: {'model': encoder (+ decoder_*, mask_token)}; also fine-tuned (fc_norm)",
+    )
+)
 
 for _tag, _arch, _size, _name in (
     ("mae_vitb16", "vit_base_patch16_224", "base", "ViT-B/16"),
@@ -150,8 +181,13 @@ for _tag, _arch, _size, _name in (
     ("mae_vith14", "vit_huge_patch14_224", "huge", "ViT-H/14"),
 ):
     register_tag(
-        _tag, "mae", _arch,
-        WeightsSource((f"mae_pretrain_vit_{_size}.pth", f"{_arch}.mae.safetensors"),
-                      hf_repo=f"timm/{_arch}.mae", url=_URL.format(_size)),
+        _tag,
+        "mae",
+        _arch,
+        WeightsSource(
+            (f"mae_pretrain_vit_{_size}.pth", f"{_arch}.mae.safetensors"),
+            hf_repo=f"timm/{_arch}.mae",
+            url=_URL.format(_size),
+        ),
         f"MAE {_name} pre-trained encoder, class token after the final norm",
     )

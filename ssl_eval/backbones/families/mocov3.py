@@ -35,13 +35,18 @@ MOCO_EVAL = Preprocessing(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET
 # ones (vit_conv_*: 11 blocks after a convolutional stem) are not built here. main_moco.py
 # takes any torchvision ResNet for --arch; these are the bottleneck ones.
 _VITS = {
-    "vit_small": ViTArch("vit_small_patch16_224", 384, 12, 12, 16, where="moco-v3 vits.py vit_small"),
+    "vit_small": ViTArch(
+        "vit_small_patch16_224", 384, 12, 12, 16, where="moco-v3 vits.py vit_small"
+    ),
     "vit_base": ViTArch("vit_base_patch16_224", 768, 12, 12, 16, where="moco-v3 vits.py vit_base"),
 }
 ARCHS = ArchTable(
-    "mocov3", {**_VITS, "resnet50": RESNET50, "resnet101": RESNET101, "resnet152": RESNET152},
+    "mocov3",
+    {**_VITS, "resnet50": RESNET50, "resnet101": RESNET101, "resnet152": RESNET152},
     aliases={"vit_small_patch16_224": "vit_small", "vit_base_patch16_224": "vit_base"},
-    refused={n: "MoCo v3's ConvStem ViTs are not supported" for n in ("vit_conv_small", "vit_conv_base")},
+    refused={
+        n: "MoCo v3's ConvStem ViTs are not supported" for n in ("vit_conv_small", "vit_conv_base")
+    },
 )
 VIT_VARIANTS = {alias: {"num_heads": _VITS[name].heads} for alias, name in ARCHS.aliases.items()}
 _BY_WIDTH = {spec.width: name for name, spec in _VITS.items()}
@@ -49,9 +54,11 @@ HEADS_BY_WIDTH = {spec.width: spec.heads for spec in _VITS.values()}  # for MAE'
 # (container, encoder prefix, what wrote it): the official layouts first, then re-saved ones.
 # convert_to_deit.py (the README's way to fine-tune) writes {"model": encoder without head};
 # MAE's releases look the same, so only --family mocov3 (or the tag) reads that one as MoCo.
-_ROOTS = (("state_dict.", "state_dict.module.base_encoder.", "main_moco.py"),
-          ("", "module.base_encoder.", "main_moco.py, re-saved"),
-          ("state_dict.", "state_dict.base_encoder.", "main_moco.py, re-saved"))
+_ROOTS = (
+    ("state_dict.", "state_dict.module.base_encoder.", "main_moco.py"),
+    ("", "module.base_encoder.", "main_moco.py, re-saved"),
+    ("state_dict.", "state_dict.base_encoder.", "main_moco.py, re-saved"),
+)
 _DEIT = ("model.", "model.", "convert_to_deit.py")
 _URL = "https://dl.fbaipublicfiles.com/moco-v3/{0}/{0}.pth.tar"
 
@@ -66,16 +73,22 @@ def _root(ckpt: Checkpoint, building: bool = False) -> tuple[str, str, str] | No
 def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     found = _root(ckpt, building=True)
     if found is None:
-        raise UserError(f"{ckpt.path.name} has no module.base_encoder.* keys (nor convert_to_deit.py's "
-                        "model.*): not a MoCo v3 file")
+        raise UserError(
+            f"{ckpt.path.name} has no module.base_encoder.* keys (nor convert_to_deit.py's "
+            "model.*): not a MoCo v3 file"
+        )
     container, root, writer = found
     enc = ckpt.section(root)
     # the momentum encoder and the predictor: everything in the state dict but the encoder
     others = [k for k in ckpt.flat if k.startswith(container) and not k.startswith(root)]
     is_vit = "cls_token" in enc
     file = ckpt.path.name
-    pick = ARCHS.choose(file, variant=variant, declared=(ckpt.meta.get("arch"), "the file's 'arch' entry"),
-                        flag=opt.arch)
+    pick = ARCHS.choose(
+        file,
+        variant=variant,
+        declared=(ckpt.meta.get("arch"), "the file's 'arch' entry"),
+        flag=opt.arch,
+    )
     if pick is not None and is_vit != isinstance(pick.spec, ViTArch):
         held = "a ViT" if is_vit else "a ResNet"
         if pick.source == "the tag":
@@ -86,12 +99,16 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         if pick is None:  # nothing declared: the shapes, and the heads of MoCo's ViT that wide
             shape = vit_shape(enc)
             if shape.embed_dim not in _BY_WIDTH:
-                raise UserError(f"{file}: no MoCo v3 ViT is {shape.embed_dim} wide (vits.py: "
-                                "vit_small 384, vit_base 768)")
+                raise UserError(
+                    f"{file}: no MoCo v3 ViT is {shape.embed_dim} wide (vits.py: "
+                    "vit_small 384, vit_base 768)"
+                )
             known = _VITS[_BY_WIDTH[shape.embed_dim]]
             spec = from_shape(shape, known.heads, known.where, known.timm)
-            arch_from = (f"the tensor shapes, and the {known.heads} heads of MoCo v3's only "
-                         f"{shape.embed_dim}-wide ViT ({known.where})")
+            arch_from = (
+                f"the tensor shapes, and the {known.heads} heads of MoCo v3's only "
+                f"{shape.embed_dim}-wide ViT ({known.where})"
+            )
         else:
             spec = pick.spec
             arch_from = f"{pick.source}: {pick.name!r} ({spec.where})"
@@ -101,27 +118,43 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     else:
         model, report = load_resnet(enc, "mocov3", pick.spec if pick else None)
         projector, kind, what = [], "model", f"MoCo v3 ResNet ({model.num_features}-d average pool)"
-        arch_from = f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (torchvision layout)"
+        arch_from = (
+            f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (torchvision layout)"
+        )
     report = finish_report(
-        report, f"mocov3 ({writer}: {root.rstrip('.')})", others + [root + k for k in projector], root
+        report,
+        f"mocov3 ({writer}: {root.rstrip('.')})",
+        others + [root + k for k in projector],
+        root,
     )
     return Loaded(model, report, MOCO_EVAL, kind, what, arch_from)
 
 
-register_family(Family(
-    "mocov3", lambda ckpt: _root(ckpt) is not None, _build,
-    "MoCo v3 training checkpoints (state_dict / module.base_encoder.*), ResNet or ViT; "
-    "convert_to_deit.py output with --family mocov3",
-))
+register_family(
+    Family(
+        "mocov3",
+        lambda ckpt: _root(ckpt) is not None,
+        _build,
+        "MoCo v3 training checkpoints (state_dict / module.base_encoder.*), ResNet or ViT; "
+        "convert_to_deit.py output with --family mocov3",
+    )
+)
 
 for _tag, _variant, _file, _desc in (
     ("mocov3_r50", "resnet50", "r-50-1000ep", "MoCo v3 ResNet-50, 1000 epochs"),
-    ("mocov3_vits16", "vit_small_patch16_224", "vit-s-300ep", "MoCo v3 ViT-S/16 (12 heads), 300 epochs"),
+    (
+        "mocov3_vits16",
+        "vit_small_patch16_224",
+        "vit-s-300ep",
+        "MoCo v3 ViT-S/16 (12 heads), 300 epochs",
+    ),
     ("mocov3_vitb16", "vit_base_patch16_224", "vit-b-300ep", "MoCo v3 ViT-B/16, 300 epochs"),
 ):
     _others = ("r-50-300ep.pth.tar", "r-50-100ep.pth.tar") if _tag == "mocov3_r50" else ()
     register_tag(
-        _tag, "mocov3", _variant,
+        _tag,
+        "mocov3",
+        _variant,
         WeightsSource((f"{_file}.pth.tar", *_others), url=_URL.format(_file)),
         _desc,
     )

@@ -49,17 +49,23 @@ _V2_RULES = (
     (r"^net\.(\d)\.blocks\.(\d+)\.net\.4\.", r"layer\1.\2.conv3."),
     (r"^net\.(\d)\.blocks\.(\d+)\.net\.5\.0\.", r"layer\1.\2.bn3."),
 )
-_HOW_V1 = ("Convert the TensorFlow checkpoint (gs://simclr-checkpoints/simclrv1) with "
-           "github.com/tonylins/simclr-converter")
-_HOW_V2 = ("Convert the TensorFlow checkpoint (gs://simclr-checkpoints/simclrv2/pretrained) with "
-           "github.com/Separius/SimCLRv2-Pytorch (convert.py)")
+_HOW_V1 = (
+    "Convert the TensorFlow checkpoint (gs://simclr-checkpoints/simclrv1) with "
+    "github.com/tonylins/simclr-converter"
+)
+_HOW_V2 = (
+    "Convert the TensorFlow checkpoint (gs://simclr-checkpoints/simclrv2/pretrained) with "
+    "github.com/Separius/SimCLRv2-Pytorch (convert.py)"
+)
 
 
 def v2_to_torchvision(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SimCLRv2-Pytorch's ResNet names -> torchvision's."""
     if any(".mixing_conv." in k for k in sd) or "net.0.2.weight" in sd:
-        raise UserError("selective-kernel SimCLR v2 checkpoints (sk1) are not supported; "
-                        "use an sk0 file (e.g. r50_1x_sk0.pth)")
+        raise UserError(
+            "selective-kernel SimCLR v2 checkpoints (sk1) are not supported; "
+            "use an sk0 file (e.g. r50_1x_sk0.pth)"
+        )
     out = {}
     for k, v in sd.items():
         for pattern, repl in _V2_RULES:
@@ -86,16 +92,23 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         fmt = f"simclr v1 (torchvision layout, {found.rstrip('.') or 'flat'})"
     model, report = load_resnet(sd, "simclr", expect)
     return Loaded(
-        model, finish_report(report, fmt, others, prefix), SIMCLR_EVAL, "model",
+        model,
+        finish_report(report, fmt, others, prefix),
+        SIMCLR_EVAL,
+        "model",
         f"SimCLR ResNet-50 x{model.num_features // 2048} ({model.num_features}-d average pool)",
         f"{pick.source}: {pick.name!r}" if pick else "the tensor shapes (torchvision layout)",
     )
 
 
-register_family(Family(
-    "simclr", lambda ckpt: ckpt.any_prefix("resnet.net.0."), _build,
-    "SimCLR v2 {'resnet', 'head'} files; v1 (torchvision layout) with --family simclr",
-))
+register_family(
+    Family(
+        "simclr",
+        lambda ckpt: ckpt.any_prefix("resnet.net.0."),
+        _build,
+        "SimCLR v2 {'resnet', 'head'} files; v1 (torchvision layout) with --family simclr",
+    )
+)
 
 for _tag, _variant, _file, _how, _desc in (
     ("simclr_r50", "r50x1", "resnet50-1x.pth", _HOW_V1, "SimCLR v1 ResNet-50 (1x)"),
@@ -104,5 +117,10 @@ for _tag, _variant, _file, _how, _desc in (
     ("simclr2_r50", "r50x1", "r50_1x_sk0.pth", _HOW_V2, "SimCLR v2 ResNet-50 (1x, sk0)"),
     ("simclr2_r50_2x", "r50x2", "r50_2x_sk0.pth", _HOW_V2, "SimCLR v2 ResNet-50 (2x, sk0)"),
 ):
-    register_tag(_tag, "simclr", _variant, WeightsSource((_file,), how=_how),
-                 _desc + ", un-normalised inputs")
+    register_tag(
+        _tag,
+        "simclr",
+        _variant,
+        WeightsSource((_file,), how=_how),
+        _desc + ", un-normalised inputs",
+    )

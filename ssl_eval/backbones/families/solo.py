@@ -45,16 +45,36 @@ EVAL = {  # prepare_transforms' T_val per data.dataset
 }
 # solo/backbones/vit: the default ViTs are timm's; mocov3 and mae have their own (12 heads for
 # tiny and small). (width, depth, default heads, mocov3/mae heads)
-_VITS = {"vit_tiny": (192, 12, 3, 12), "vit_small": (384, 12, 6, 12), "vit_base": (768, 12, 12, 12),
-         "vit_large": (1024, 24, 16, 16)}
+_VITS = {
+    "vit_tiny": (192, 12, 3, 12),
+    "vit_small": (384, 12, 6, 12),
+    "vit_base": (768, 12, 12, 12),
+    "vit_large": (1024, 24, 16, 16),
+}
 _OWN_VIT = ("mocov3", "mae")
 ARCHS = ArchTable(
-    "solo", {"resnet18": "resnet18", "resnet50": "resnet50", **{n: n for n in _VITS}},
-    refused={n: "solo-learn's Swin, PoolFormer, ConvNeXt and WideResNet backbones are not supported"
-             for n in ("swin_tiny", "swin_small", "swin_base", "swin_large", "poolformer_s12",
-                       "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48",
-                       "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
-                       "wide_resnet28w2", "wide_resnet28w8")},
+    "solo",
+    {"resnet18": "resnet18", "resnet50": "resnet50", **{n: n for n in _VITS}},
+    refused={
+        n: "solo-learn's Swin, PoolFormer, ConvNeXt and WideResNet backbones are not supported"
+        for n in (
+            "swin_tiny",
+            "swin_small",
+            "swin_base",
+            "swin_large",
+            "poolformer_s12",
+            "poolformer_s24",
+            "poolformer_s36",
+            "poolformer_m36",
+            "poolformer_m48",
+            "convnext_tiny",
+            "convnext_small",
+            "convnext_base",
+            "convnext_large",
+            "wide_resnet28w2",
+            "wide_resnet28w8",
+        )
+    },
 )
 # backbone.kwargs that change nothing in evaluation (eval mode turns dropout off)
 _HARMLESS = {"drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate"}
@@ -106,15 +126,21 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     args = read_args(ckpt.path)
     backbone = args["backbone"]
     method, dataset = str(args.get("method")), (args.get("data") or {}).get("dataset")
-    pick = ARCHS.choose(file, variant=variant, declared=(backbone.get("name"), f"{SIDECAR} backbone.name"),
-                        flag=opt.arch)
+    pick = ARCHS.choose(
+        file,
+        variant=variant,
+        declared=(backbone.get("name"), f"{SIDECAR} backbone.name"),
+        flag=opt.arch,
+    )
     if pick is None:
         raise UserError(f"{file}: {SIDECAR} names no backbone.name")
     kwargs = dict(backbone.get("kwargs") or {})
     unknown = sorted(set(kwargs) - _HARMLESS - {"img_size", "patch_size"})
     if unknown:
-        raise UserError(f"{file}: {SIDECAR} backbone.kwargs {unknown} change the architecture in ways "
-                        "ssl-eval does not rebuild")
+        raise UserError(
+            f"{file}: {SIDECAR} backbone.kwargs {unknown} change the architecture in ways "
+            "ssl-eval does not rebuild"
+        )
     sd = ckpt.section("state_dict.backbone.")
     others = [k for k in ckpt.flat if not k.startswith("state_dict.backbone.")]
     pre = EVAL.get(dataset, EVAL["imagenet"])
@@ -130,26 +156,47 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         own = method in _OWN_VIT
         img = int(kwargs.get("img_size", 224))
         if opt.image_size and opt.image_size != img:
-            raise UserError(f"{file}: solo-learn does not resize a ViT's position embeddings; it was "
-                            f"trained at {img} pixels, so drop --image-size {opt.image_size}")
-        where = (f"solo-learn vit_{'mocov3' if method == 'mocov3' else 'mae'}.py {pick.name}" if own
-                 else f"solo-learn vit.py {pick.name} (timm's)")
-        spec = ViTArch("vit_small_patch16_224", width, own_heads if own else heads, depth,
-                       int(kwargs.get("patch_size", 16)), where=where)
+            raise UserError(
+                f"{file}: solo-learn does not resize a ViT's position embeddings; it was "
+                f"trained at {img} pixels, so drop --image-size {opt.image_size}"
+            )
+        where = (
+            f"solo-learn vit_{'mocov3' if method == 'mocov3' else 'mae'}.py {pick.name}"
+            if own
+            else f"solo-learn vit.py {pick.name} (timm's)"
+        )
+        spec = ViTArch(
+            "vit_small_patch16_224",
+            width,
+            own_heads if own else heads,
+            depth,
+            int(kwargs.get("patch_size", 16)),
+            where=where,
+        )
         vit_shape(sd)  # a readable ViT, or a clear error
         model = create_timm(spec.timm, img, **spec.kwargs())
         report = load_vit(model, sd, "solo", _NO_RESIZE)
         what = f"solo-learn {method} {pick.name} ({width}-d class token)"
-        arch_from = (f"{SIDECAR}: backbone.name {pick.name!r} with method {method!r} -> "
-                     f"{spec.heads} heads ({where})")
+        arch_from = (
+            f"{SIDECAR}: backbone.name {pick.name!r} with method {method!r} -> "
+            f"{spec.heads} heads ({where})"
+        )
     if dataset not in EVAL:
-        report["note"] = (f"data.dataset {dataset!r} has no fixed solo-learn evaluation pipeline; "
-                          "using its ImageNet one (resize 256, crop 224)")
-    report = finish_report(report, f"solo-learn {method} (state_dict.backbone)", others, "state_dict.backbone.")
+        report["note"] = (
+            f"data.dataset {dataset!r} has no fixed solo-learn evaluation pipeline; "
+            "using its ImageNet one (resize 256, crop 224)"
+        )
+    report = finish_report(
+        report, f"solo-learn {method} (state_dict.backbone)", others, "state_dict.backbone."
+    )
     return Loaded(model, report, pre, "model", what, arch_from)
 
 
-register_family(Family(
-    "solo", _detect, _build,
-    "solo-learn Lightning checkpoints (state_dict.backbone.*) with their args.json beside them",
-))
+register_family(
+    Family(
+        "solo",
+        _detect,
+        _build,
+        "solo-learn Lightning checkpoints (state_dict.backbone.*) with their args.json beside them",
+    )
+)

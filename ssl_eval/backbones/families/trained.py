@@ -37,17 +37,25 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
     opt = opt or BuildOptions()
     root = Path(path).expanduser()
     if not is_training_dir(root):
-        raise UserError(f"{root} is not a training folder: expected {root / SIDECAR} (written by `ssl-eval train`)")
+        raise UserError(
+            f"{root} is not a training folder: expected {root / SIDECAR} (written by `ssl-eval train`)"
+        )
     if opt.arch:
-        raise UserError(f"--arch {opt.arch}: {root} is an `ssl-eval train` folder, whose sidecar "
-                        "names its architecture; drop --arch")
+        raise UserError(
+            f"--arch {opt.arch}: {root} is an `ssl-eval train` folder, whose sidecar "
+            "names its architecture; drop --arch"
+        )
     meta = read_sidecar(root)
     sd = read_weights(root)
     arch = meta["architecture"]
     model = build_arch(arch["name"], arch.get("kwargs") or {})
     report = strict_load(model, sd, fmt=FORMAT)
-    report["architecture"] = {**describe(model), "name": arch["name"], "kwargs": arch.get("kwargs") or {},
-                              "from": f"the training sidecar ({SIDECAR})"}
+    report["architecture"] = {
+        **describe(model),
+        "name": arch["name"],
+        "kwargs": arch.get("kwargs") or {},
+        "from": f"the training sidecar ({SIDECAR})",
+    }
     model.eval()
     pre = sidecar_preprocessing(meta)
     if opt.image_size:
@@ -63,10 +71,17 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
         preprocessing=pre,
         feature_kind=opt.feature_kind or meta.get("feature_kind", "model"),
         weights=WeightsInfo("file", sha256_file(wpath), str(wpath)),
-        load_report={**report, "training": {k: meta.get(k) for k in ("method", "epochs", "epochs_done", "seed",
-                                                                        "collapsed", "code_version")}},
+        load_report={
+            **report,
+            "training": {
+                k: meta.get(k)
+                for k in ("method", "epochs", "epochs_done", "seed", "collapsed", "code_version")
+            },
+        },
         description=desc,
     )
 
 
-register_folder_reader(FolderReader("ssl-eval train output", is_training_dir, build_from_training_dir))
+register_folder_reader(
+    FolderReader("ssl-eval train output", is_training_dir, build_from_training_dir)
+)

@@ -39,8 +39,14 @@ class BarlowTwins(SSLMethod):
         return barlow_twins(z1, z2, self.cfg.lambd)
 
 
-register(MethodSpec(
-    "barlowtwins", BarlowTwins, BarlowTwinsConfig, "cifar_resnet18", two_view_aug,
-    OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
-    "Barlow Twins: cross-correlation to the identity",
-))
+register(
+    MethodSpec(
+        "barlowtwins",
+        BarlowTwins,
+        BarlowTwinsConfig,
+        "cifar_resnet18",
+        two_view_aug,
+        OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
+        "Barlow Twins: cross-correlation to the identity",
+    )
+)

@@ -26,7 +26,9 @@ class SSLMethod(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
-        self.rng: torch.Generator | None = None  # set by the loop each step, keyed by (seed, epoch, step)
+        self.rng: torch.Generator | None = (
+            None  # set by the loop each step, keyed by (seed, epoch, step)
+        )
 
     def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
         raise NotImplementedError
@@ -66,7 +68,9 @@ def register(spec: MethodSpec) -> MethodSpec:
     return METHODS.register(spec.name, spec, spec.description)
 
 
-def mlp(dim_in: int, hidden: int, dim_out: int, layers: int = 2, last_bn: bool = False) -> nn.Sequential:
+def mlp(
+    dim_in: int, hidden: int, dim_out: int, layers: int = 2, last_bn: bool = False
+) -> nn.Sequential:
     """Linear-BN-ReLU x (layers - 1), then Linear (+ BN without affine, as SimSiam/MoCo v3)."""
     mods: list[nn.Module] = []
     d = dim_in
@@ -98,4 +102,6 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 def two_view_aug(image_size: int, **first_overrides) -> AugConfig:
     from ..config import ViewAug
 
-    return AugConfig(global_views=[ViewAug(size=image_size, **first_overrides), ViewAug(size=image_size)])
+    return AugConfig(
+        global_views=[ViewAug(size=image_size, **first_overrides), ViewAug(size=image_size)]
+    )

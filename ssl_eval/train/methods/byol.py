@@ -47,14 +47,22 @@ def _aug(size: int) -> AugConfig:
     """BYOL's asymmetric views (blur always / rarely, solarise never / sometimes); blur only
     above 64 pixels, where it does not wipe out the image."""
     big = size > 64
-    return AugConfig(global_views=[
-        ViewAug(size=size, crop_scale=(0.08, 1.0), blur_p=1.0 if big else 0.0),
-        ViewAug(size=size, crop_scale=(0.08, 1.0), blur_p=0.1 if big else 0.0, solarize_p=0.2),
-    ])
+    return AugConfig(
+        global_views=[
+            ViewAug(size=size, crop_scale=(0.08, 1.0), blur_p=1.0 if big else 0.0),
+            ViewAug(size=size, crop_scale=(0.08, 1.0), blur_p=0.1 if big else 0.0, solarize_p=0.2),
+        ]
+    )
 
 
-register(MethodSpec(
-    "byol", BYOL, BYOLConfig, "cifar_resnet18", _aug,
-    OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
-    "BYOL: EMA target, predictor, normalised MSE",
-))
+register(
+    MethodSpec(
+        "byol",
+        BYOL,
+        BYOLConfig,
+        "cifar_resnet18",
+        _aug,
+        OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
+        "BYOL: EMA target, predictor, normalised MSE",
+    )
+)

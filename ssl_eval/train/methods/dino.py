@@ -57,7 +57,10 @@ class DINO(SSLMethod):
         c = self.cfg
         if progress >= c.warmup_teacher_fraction:
             return c.teacher_temp
-        return c.warmup_teacher_temp + (c.teacher_temp - c.warmup_teacher_temp) * progress / c.warmup_teacher_fraction
+        return (
+            c.warmup_teacher_temp
+            + (c.teacher_temp - c.warmup_teacher_temp) * progress / c.warmup_teacher_fraction
+        )
 
     def forward(self, views: list[torch.Tensor], progress: float) -> torch.Tensor:
         n = len(views[0])
@@ -67,19 +70,33 @@ class DINO(SSLMethod):
         with torch.no_grad():
             t = self.teacher_head(self.teacher_backbone(torch.cat(views[:2])))
         self._teacher_mean = t.mean(0, keepdim=True)
-        return dino_loss(student, list(t.split(n)), self.center, self.cfg.student_temp, self.teacher_temp(progress))
+        return dino_loss(
+            student,
+            list(t.split(n)),
+            self.center,
+            self.cfg.student_temp,
+            self.teacher_temp(progress),
+        )
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
-        ema_update(self.teacher_backbone, self.backbone, cosine_ramp(self.cfg.momentum, 1.0, progress))
+        ema_update(
+            self.teacher_backbone, self.backbone, cosine_ramp(self.cfg.momentum, 1.0, progress)
+        )
         ema_update(self.teacher_head, self.head, cosine_ramp(self.cfg.momentum, 1.0, progress))
         if self._teacher_mean is not None:
             batch_mean = all_reduce_mean(self._teacher_mean)
             self.center.copy_(update_center(self.center, batch_mean, self.cfg.center_momentum))
 
 
-register(MethodSpec(
-    "dino", DINO, DINOConfig, "vit_tiny_p4", multicrop,
-    OptimConfig(name="adamw", base_lr=5e-4, weight_decay=0.04),
-    "DINO: EMA teacher, centring and sharpening, multi-crop",
-))
+register(
+    MethodSpec(
+        "dino",
+        DINO,
+        DINOConfig,
+        "vit_tiny_p4",
+        multicrop,
+        OptimConfig(name="adamw", base_lr=5e-4, weight_decay=0.04),
+        "DINO: EMA teacher, centring and sharpening, multi-crop",
+    )
+)

@@ -47,7 +47,9 @@ class MAE(SSLMethod):
     def __init__(self, backbone, cfg: MAEConfig):
         super().__init__(backbone, cfg)
         if not is_vit(backbone):
-            raise UserError("mae needs a ViT backbone (e.g. --arch vit_tiny_p4 or timm:vit_small_patch16_224)")
+            raise UserError(
+                "mae needs a ViT backbone (e.g. --arch vit_tiny_p4 or timm:vit_small_patch16_224)"
+            )
         from timm.models.vision_transformer import Block
 
         self.patch = backbone.patch_embed.patch_size[0]
@@ -55,7 +57,9 @@ class MAE(SSLMethod):
         self.decoder_embed = nn.Linear(backbone.embed_dim, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
         self.decoder_pos = nn.Parameter(torch.randn(1, length + 1, cfg.decoder_dim) * 0.02)
-        self.decoder = nn.Sequential(*[Block(cfg.decoder_dim, cfg.decoder_heads) for _ in range(cfg.decoder_depth)])
+        self.decoder = nn.Sequential(
+            *[Block(cfg.decoder_dim, cfg.decoder_heads) for _ in range(cfg.decoder_depth)]
+        )
         self.decoder_norm = nn.LayerNorm(cfg.decoder_dim)
         self.decoder_pred = nn.Linear(cfg.decoder_dim, self.patch * self.patch * 3)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -66,7 +70,7 @@ class MAE(SSLMethod):
         t = bb.patch_embed(x)
         if t.ndim == 4:  # dynamic-size ViTs keep NHWC
             t = t.flatten(1, 2)
-        t = t + bb.pos_embed[:, bb.num_prefix_tokens:]
+        t = t + bb.pos_embed[:, bb.num_prefix_tokens :]
         t = t.gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         cls = (bb.cls_token + bb.pos_embed[:, :1]).expand(len(t), -1, -1)
         return bb.norm(bb.blocks(torch.cat([cls, t], dim=1)))
@@ -75,7 +79,9 @@ class MAE(SSLMethod):
         y = self.decoder_embed(latent)
         n, length = restore.shape
         masks = self.mask_token.expand(n, length + 1 - y.shape[1], -1)
-        seq = torch.cat([y[:, 1:], masks], dim=1).gather(1, restore.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+        seq = torch.cat([y[:, 1:], masks], dim=1).gather(
+            1, restore.unsqueeze(-1).expand(-1, -1, y.shape[-1])
+        )
         seq = torch.cat([y[:, :1], seq], dim=1) + self.decoder_pos
         return self.decoder_pred(self.decoder_norm(self.decoder(seq)))[:, 1:]
 
@@ -93,9 +99,15 @@ def _aug(size: int) -> AugConfig:
     return AugConfig(global_views=[ViewAug(size=size, jitter_p=0.0, gray_p=0.0)])
 
 
-register(MethodSpec(
-    "mae", MAE, MAEConfig, "vit_tiny_p4", _aug,
-    OptimConfig(name="adamw", base_lr=1.5e-4, weight_decay=0.05),
-    "MAE: masked patch reconstruction (75%)",
-    feature_kind="avgpool",
-))
+register(
+    MethodSpec(
+        "mae",
+        MAE,
+        MAEConfig,
+        "vit_tiny_p4",
+        _aug,
+        OptimConfig(name="adamw", base_lr=1.5e-4, weight_decay=0.05),
+        "MAE: masked patch reconstruction (75%)",
+        feature_kind="avgpool",
+    )
+)

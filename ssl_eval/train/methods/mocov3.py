@@ -48,8 +48,14 @@ class MoCoV3(SSLMethod):
         ema_update(self.key_projector, self.projector, m)
 
 
-register(MethodSpec(
-    "mocov3", MoCoV3, MoCoV3Config, "cifar_resnet18", two_view_aug,
-    OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
-    "MoCo v3: momentum key encoder, predictor, symmetric InfoNCE",
-))
+register(
+    MethodSpec(
+        "mocov3",
+        MoCoV3,
+        MoCoV3Config,
+        "cifar_resnet18",
+        two_view_aug,
+        OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
+        "MoCo v3: momentum key encoder, predictor, symmetric InfoNCE",
+    )
+)

@@ -39,8 +39,14 @@ def _aug(size: int) -> AugConfig:
     return AugConfig(global_views=[ViewAug(size=size, crop_scale=(0.08, 1.0)) for _ in range(2)])
 
 
-register(MethodSpec(
-    "simclr", SimCLR, SimCLRConfig, "cifar_resnet18", _aug,
-    OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6, warmup_epochs=1.0),
-    "SimCLR: NT-Xent over in-batch negatives",
-))
+register(
+    MethodSpec(
+        "simclr",
+        SimCLR,
+        SimCLRConfig,
+        "cifar_resnet18",
+        _aug,
+        OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6, warmup_epochs=1.0),
+        "SimCLR: NT-Xent over in-batch negatives",
+    )
+)

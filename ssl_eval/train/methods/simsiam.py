@@ -32,8 +32,14 @@ class SimSiam(SSLMethod):
         return 0.5 * (negative_cosine(p[:n], z[n:]) + negative_cosine(p[n:], z[:n]))
 
 
-register(MethodSpec(
-    "simsiam", SimSiam, SimSiamConfig, "cifar_resnet18", two_view_aug,
-    OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
-    "SimSiam: shared encoder, predictor, stop-gradient",
-))
+register(
+    MethodSpec(
+        "simsiam",
+        SimSiam,
+        SimSiamConfig,
+        "cifar_resnet18",
+        two_view_aug,
+        OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
+        "SimSiam: shared encoder, predictor, stop-gradient",
+    )
+)

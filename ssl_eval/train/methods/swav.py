@@ -26,7 +26,9 @@ class SwAVConfig:
     temperature: float = 0.1
     epsilon: float = 0.05
     sinkhorn_iters: int = 3
-    freeze_prototypes: float = 0.05  # fraction of training with frozen prototypes (stabilises the start)
+    freeze_prototypes: float = (
+        0.05  # fraction of training with frozen prototypes (stabilises the start)
+    )
 
 
 class SwAV(SSLMethod):
@@ -71,8 +73,14 @@ def multicrop(size: int) -> AugConfig:
     )
 
 
-register(MethodSpec(
-    "swav", SwAV, SwAVConfig, "cifar_resnet18", multicrop,
-    OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
-    "SwAV: Sinkhorn codes against prototypes, swapped prediction, multi-crop",
-))
+register(
+    MethodSpec(
+        "swav",
+        SwAV,
+        SwAVConfig,
+        "cifar_resnet18",
+        multicrop,
+        OptimConfig(name="adamw", base_lr=1e-3, weight_decay=1e-6),
+        "SwAV: Sinkhorn codes against prototypes, swapped prediction, multi-crop",
+    )
+)
