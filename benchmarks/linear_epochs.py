@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_protocols import make_features, make_labels  # noqa: E402
+from bench_protocols import loadavg, log, make_features, make_labels  # noqa: E402
 
 import ssl_eval  # noqa: E402
 from ssl_eval.data.splits import stratified_val_split  # noqa: E402
@@ -87,17 +87,6 @@ LABELS = {
     "cifar_resnet56": "CIFAR-10 JPEG, cifar_resnet56 (64-d)",
 }
 WEIGHTS = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet56": "resnet56-4bfd9763.th"}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def machine() -> dict:

@@ -357,7 +357,7 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
 
 
 def _summary_text(s: dict) -> str:
-    return "; ".join(f"{k}={_short(v)}" for k, v in _flat(s).items())
+    return "; ".join(f"{k}={_short(v)}" for k, v in sorted(_flat(s).items()))
 
 
 def _md(text: str) -> str:

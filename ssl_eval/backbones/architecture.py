@@ -35,6 +35,18 @@ class Pick(Generic[T]):
     source: str  # "the tag", "the file's 'arch' entry", "--arch"
 
 
+def check_kind(
+    pick: Pick | None, holds_vit: bool, vit_spec: type, file: str, variant: str | None
+) -> None:
+    """A named architecture and the file agree on being a ViT or a ResNet, else a UserError."""
+    if pick is None or holds_vit == isinstance(pick.spec, vit_spec):
+        return
+    held = "a ViT" if holds_vit else "a ResNet"
+    if pick.source == "the tag":
+        raise UserError(f"{file} holds {held}, not the {variant} this tag expects")
+    raise UserError(f"{file} holds {held}, but {pick.source} says {pick.name!r}")
+
+
 def compatible(a: object, b: object) -> bool:
     """Same architecture; a dataclass field that one of them leaves ``None`` matches anything
     (DINO's ``vit_small`` takes any patch size)."""

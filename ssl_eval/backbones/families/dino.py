@@ -25,7 +25,7 @@ from dataclasses import replace
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
-from ..architecture import ArchTable, Pick, agree
+from ..architecture import ArchTable, Pick, agree, check_kind
 from ..checkpoints import Checkpoint
 from ..resnet import (
     PREFIXES,
@@ -143,11 +143,7 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     others = [k for k in ckpt.flat if not k.startswith(prefix)]  # head, student, optimiser
     is_vit = "cls_token" in sd
     pick = _choose(ckpt, variant, opt)
-    if pick is not None and is_vit != isinstance(pick.spec, ViTArch):
-        held = "a ViT" if is_vit else "a ResNet"
-        if pick.source == "the tag":
-            raise UserError(f"{file} holds {held}, not the {variant} this tag expects")
-        raise UserError(f"{file} holds {held}, but {pick.source} says {pick.name!r}")
+    check_kind(pick, is_vit, ViTArch, file, variant)
     if is_vit:
         shape = vit_shape(sd)
         if pick is None:  # a hub file: the shapes, and the heads of DINO's ViT that wide

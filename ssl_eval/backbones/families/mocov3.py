@@ -24,7 +24,7 @@ from __future__ import annotations
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
-from ..architecture import ArchTable
+from ..architecture import ArchTable, check_kind
 from ..checkpoints import Checkpoint
 from ..resnet import RESNET50, RESNET101, RESNET152, load_resnet
 from ..vit import MOCOV3_SINCOS, ViTArch, create_timm, from_shape, load_vit, split_keys, vit_shape
@@ -89,11 +89,7 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         declared=(ckpt.meta.get("arch"), "the file's 'arch' entry"),
         flag=opt.arch,
     )
-    if pick is not None and is_vit != isinstance(pick.spec, ViTArch):
-        held = "a ViT" if is_vit else "a ResNet"
-        if pick.source == "the tag":
-            raise UserError(f"{file} holds {held}, not the {variant} this tag expects")
-        raise UserError(f"{file} holds {held}, but {pick.source} says {pick.name!r}")
+    check_kind(pick, is_vit, ViTArch, file, variant)
     if is_vit:
         enc, projector = split_keys(enc, r"^head\.")
         if pick is None:  # nothing declared: the shapes, and the heads of MoCo's ViT that wide
