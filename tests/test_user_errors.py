@@ -151,3 +151,87 @@ def test_bad_image_size_is_refused(tmp_path, capsys, size):
         == 2
     )
     assert "--image-size must be a positive number" in capsys.readouterr().err
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_as_such(tmp_path):
+    import torch
+
+    from ssl_eval.backbones.checkpoints import load_object
+    from ssl_eval.errors import UserError
+
+    p = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": _RunsCode()}, p)
+    with pytest.raises(UserError, match="would import or run code") as e:
+        load_object(p)
+    assert "corrupt" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_other_torch_wordings_of_the_refusal_are_recognised(tmp_path, monkeypatch):
+    import pickle
+
+    import torch
+
+    from ssl_eval.backbones.checkpoints import load_object
+    from ssl_eval.errors import UserError
+
+    p = tmp_path / "w.pth"
+    torch.save({"w": torch.zeros(2)}, p)
+
+    def refuse(*a, **k):
+        raise pickle.UnpicklingError(
+            "Weights only load failed. ... WeightsUnpickler error: Unsupported operand 149"
+        )
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(UserError, match="would import or run code"):
+        load_object(p)
+
+
+def test_a_truncated_pickle_is_called_corrupt(tmp_path):
+    import torch
+
+    from ssl_eval.backbones.checkpoints import load_object
+    from ssl_eval.errors import UserError
+
+    p = tmp_path / "w.pth"
+    torch.save({"w": torch.zeros(1000)}, p)
+    p.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_object(p)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--lr", "-1"], "learning rate must be > 0"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--image-size", "0"], "at least 1 pixel"),
+        (["--set", "aug.global_views=[{flip_p: 2}]"], "flip_p is a probability"),
+        (["--set", "optim.name=lamb"], "'adamw' or 'sgd'"),
+    ],
+)
+def test_invalid_trainer_settings_are_refused(tmp_path, capsys, args, message):
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "simclr",
+                "--dataset",
+                "digits",
+                "--out",
+                str(tmp_path / "o"),
+                *args,
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before any work

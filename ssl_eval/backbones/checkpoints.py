@@ -60,7 +60,17 @@ def load_object(path: Path) -> object:
     except pickle.UnpicklingError as e:
         msg = str(e)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-        if found or "Unsupported global" in msg:
+        # torch words the refusal differently across versions; every one names its safe unpickler
+        refused = any(
+            w in msg
+            for w in (
+                "Unsupported global",
+                "WeightsUnpickler",
+                "Weights only load failed",
+                "weights_only",
+            )
+        )
+        if found or refused:
             what = found.group(1) if found else "an object that is not a tensor"
             raise UserError(
                 f"refusing to load {path}: it is a pickle that would import or run code "

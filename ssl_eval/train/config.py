@@ -9,6 +9,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(f"training config: {message}")
+
 
 @dataclass
 class ViewAug:
@@ -29,6 +36,19 @@ class ViewAug:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels of the output view (BYOL at 224: 0.1-2.0)
     solarize_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("crop_p", "flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            _check(
+                0 <= getattr(self, name) <= 1,
+                f"aug {name} is a probability in [0, 1], not {getattr(self, name)}",
+            )
+        _check(self.size >= 1, f"aug size must be at least 1 pixel, not {self.size}")
+        lo, hi = self.crop_scale
+        _check(
+            0 < lo <= hi <= 1,
+            f"aug crop_scale is [min, max] with 0 < min <= max <= 1, not {list(self.crop_scale)}",
+        )
 
 
 @dataclass
@@ -53,6 +73,14 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0
 
+    def __post_init__(self) -> None:
+        _check(self.name in ("adamw", "sgd"), f"optim name is 'adamw' or 'sgd', not {self.name!r}")
+        _check(self.base_lr > 0, f"the learning rate must be > 0, not {self.base_lr}")
+        _check(self.weight_decay >= 0, f"weight decay must be >= 0, not {self.weight_decay}")
+        _check(0 <= self.momentum < 1, f"momentum is in [0, 1), not {self.momentum}")
+        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, not {self.warmup_epochs}")
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio is in [0, 1], not {self.min_lr_ratio}")
+
 
 @dataclass
 class MonitorConfig:
@@ -66,6 +94,16 @@ class MonitorConfig:
         0.1  # collapsed when mean std of L2-normalised features < ratio / sqrt(d)
     )
     every: int = 1  # epochs between k-NN evaluations (diagnostics run every epoch)
+
+    def __post_init__(self) -> None:
+        _check(
+            min(self.knn_bank, self.knn_queries, self.knn_k, self.every) >= 1,
+            "monitor knn_bank, knn_queries, knn_k and every must be at least 1",
+        )
+        _check(
+            self.knn_temperature > 0,
+            f"monitor knn_temperature must be > 0, not {self.knn_temperature}",
+        )
 
 
 @dataclass
@@ -85,6 +123,17 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}")
+        _check(
+            self.image_size >= 1, f"--image-size must be at least 1 pixel, not {self.image_size}"
+        )
+        _check(
+            self.train_subset is None or self.train_subset >= 1,
+            f"--train-subset must be at least 1 image, not {self.train_subset}",
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
