@@ -17,7 +17,7 @@ from .data.datasets import DatasetBundle, DatasetOptions, get_dataset
 from .data.splits import stratified_val_split
 from .errors import UserError
 from .features import default_cache_dir, extract
-from .fsutil import ensure_writable_dir, sha256_json
+from .fsutil import ensure_writable_dir, sha256_json, sweep_leftovers
 from .protocols import DataShape, ImageInputs, ProtocolInputs
 from .protocols.cards import ProtocolCard
 from .provenance import autocast_dtype, device_name, library_versions, peak_memory_mb, source_hash
@@ -106,6 +106,11 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
     # before any work: a result computed for a folder that cannot take it would be lost
     ensure_writable_dir(records_dir(cfg.results_dir), "results folder")
     ensure_writable_dir(cache_dir, "cache folder")
+    states = cache_dir / "train_state"
+    state_dirs = [d for d in states.iterdir() if d.is_dir()] if states.is_dir() else []
+    for folder in (records_dir(cfg.results_dir), cache_dir / "features", cache_dir / "manifests", *state_dirs):
+        for p in sweep_leftovers(folder):
+            log(f"removed {p}, left by a killed process", "cleanup")
     run_id = new_run_id()
     outcomes: list[UnitOutcome] = []
     backbones: dict[tuple[str, int], Backbone] = {}

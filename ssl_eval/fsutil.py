@@ -13,6 +13,42 @@ from pathlib import Path
 from typing import Any
 
 
+def _tmp_prefix(name: str) -> str:
+    """Temporary names carry their owner: ``.<name>.pid<PID>.<random>.tmp``, so a later run
+    can tell a killed process's leftovers from a live writer's work in progress."""
+    return f".{name}.pid{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders in ``folder`` whose owning process is gone (a
+    killed run's half-written cache entry, record or state file); returns what was removed.
+    Work in progress of a live process is left alone."""
+    import re
+
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = re.fullmatch(r"\..+\.pid(\d+)\.[^.]+\.tmp", p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p)
+    return removed
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -26,7 +62,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -57,7 +93,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final.name), suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         for f in tmp.iterdir():

@@ -115,3 +115,97 @@ def test_killed_process_leaves_no_entry_and_next_run_recovers(tmp_path):
     bb, ds = _digits_pixels()
     fs = extract(bb, ds, "train", cache_dir=tmp_path, device=torch.device("cpu"), progress=False)
     assert not fs.cache_hit and fs.features.shape[0] == len(ds.train)
+
+
+def test_leftovers_of_a_killed_process_are_swept_and_a_live_ones_kept(tmp_path):
+    from ssl_eval.cli import main
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    feats = tmp_path / "cache" / "features"
+    feats.mkdir(parents=True)
+    (feats / f".abc.pid{dead_pid}.x1y2z3.tmp").mkdir()  # a half-written entry of a killed run
+    ((feats / f".abc.pid{dead_pid}.x1y2z3.tmp") / "features.npy").write_bytes(b"\0" * 1000)
+    live = feats / f".def.pid{os.getpid()}.q1w2e3.tmp"  # work in progress of a live writer
+    live.mkdir()
+    recs = tmp_path / "r" / "records"
+    recs.mkdir(parents=True)
+    (recs / f".u1-r1.json.pid{dead_pid}.k9k9k9.tmp").write_text("{")
+    assert (
+        main(
+            [
+                "run",
+                "--backbone",
+                "pixels",
+                "--dataset",
+                "digits",
+                "--protocol",
+                "knn",
+                "--no-progress",
+                "--no-leaderboard",
+                "--results-dir",
+                str(tmp_path / "r"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
+    names = {p.name for p in feats.iterdir()} | {p.name for p in recs.iterdir()}
+    assert (
+        f".abc.pid{dead_pid}.x1y2z3.tmp" not in names
+        and f".u1-r1.json.pid{dead_pid}.k9k9k9.tmp" not in names
+    )
+    assert live.name in names
+
+
+def test_a_killed_extraction_leaves_nothing_after_the_next_run(tmp_path):
+    """SIGKILL during extraction, then a run: no temporary folder is left behind."""
+    script = textwrap.dedent(f"""
+        import time, torch
+        from ssl_eval.backbones import BuildOptions, build_backbone
+        from ssl_eval.data.datasets import DatasetOptions, get_dataset
+        from ssl_eval.features import extract
+        bb = build_backbone("pixels", BuildOptions())
+        real = bb._read
+        def slow(m, x):
+            print("batch", flush=True); time.sleep(0.3); return real(m, x)
+        bb._read = slow
+        extract(bb, get_dataset("digits", DatasetOptions()), "train", cache_dir={str(tmp_path / "cache")!r},
+                device=torch.device("cpu"), batch_size=32, progress=False)
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, env=cli_env(tmp_path), cwd=ROOT
+    )
+    for _ in range(2):
+        proc.stdout.readline()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(
+        p.name.startswith(".") for p in (tmp_path / "cache" / "features").iterdir()
+    )  # the leftover
+    from ssl_eval.cli import main
+
+    assert (
+        main(
+            [
+                "run",
+                "--backbone",
+                "pixels",
+                "--dataset",
+                "digits",
+                "--protocol",
+                "knn",
+                "--no-progress",
+                "--no-leaderboard",
+                "--results-dir",
+                str(tmp_path / "r"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
+    assert not [p for p in (tmp_path / "cache" / "features").iterdir() if p.name.startswith(".")]
