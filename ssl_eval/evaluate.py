@@ -108,7 +108,12 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
     ensure_writable_dir(cache_dir, "cache folder")
     states = cache_dir / "train_state"
     state_dirs = [d for d in states.iterdir() if d.is_dir()] if states.is_dir() else []
-    for folder in (records_dir(cfg.results_dir), cache_dir / "features", cache_dir / "manifests", *state_dirs):
+    for folder in (
+        records_dir(cfg.results_dir),
+        cache_dir / "features",
+        cache_dir / "manifests",
+        *state_dirs,
+    ):
         for p in sweep_leftovers(folder):
             log(f"removed {p}, left by a killed process", "cleanup")
     run_id = new_run_id()
