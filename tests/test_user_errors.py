@@ -184,7 +184,7 @@ def test_other_torch_wordings_of_the_refusal_are_recognised(tmp_path, monkeypatc
 
     def refuse(*a, **k):
         raise pickle.UnpicklingError(
-            "Weights only load failed. ... WeightsUnpickler error: Unsupported operand 149"
+            "Weights only load failed. WeightsUnpickler error: Unsupported class os.system"
         )
 
     monkeypatch.setattr(torch, "load", refuse)

@@ -60,15 +60,11 @@ def load_object(path: Path) -> object:
     except pickle.UnpicklingError as e:
         msg = str(e)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-        # torch words the refusal differently across versions; every one names its safe unpickler
+        # code can run only through a global the unpickler refused to import; torch has worded that
+        # refusal in several ways ("Unsupported global", "Unsupported class", "not an allowed global").
+        # An unknown opcode ("Unsupported operand") is damage, not code.
         refused = any(
-            w in msg
-            for w in (
-                "Unsupported global",
-                "WeightsUnpickler",
-                "Weights only load failed",
-                "weights_only",
-            )
+            w in msg for w in ("Unsupported global", "Unsupported class", "not an allowed global")
         )
         if found or refused:
             what = found.group(1) if found else "an object that is not a tensor"
