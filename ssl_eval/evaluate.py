@@ -60,7 +60,7 @@ def unit_key(
             "weights": backbone.weights.sha256,
             "preprocessing": backbone.preprocessing.to_dict(),
             "feature_kind": backbone.feature_kind,
-            "architecture": _architecture(backbone),
+            "built": backbone.built(),
             "feature_options": _feature_options(cfg),
             "dataset": bundle.name,
             "fingerprint": bundle.fingerprint,
@@ -74,12 +74,6 @@ def unit_key(
             "autocast": autocast_dtype(device),
         }
     )[:20]
-
-
-def _architecture(bb: Backbone) -> dict:
-    """The family and the architecture actually built (who pinned it is provenance)."""
-    arch = {k: v for k, v in (bb.load_report.get("architecture") or {}).items() if k != "from"}
-    return {"family": bb.load_report.get("family"), "architecture": arch}
 
 
 def _feature_options(cfg: RunConfig) -> dict:
@@ -136,12 +130,20 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
         bundle = get_dataset(
             ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests")
         )
-        _preflight(bundle, cfg)
+        split = stratified_val_split(bundle.train.labels, cfg.val_fraction, cfg.split_seed)
+        _preflight(bundle, cfg, split)
         for bb_name in cfg.backbones:
             todo: dict[int, list] = {}
             for seed in cfg.seeds:
                 bb = backbone(bb_name, seed)
                 for card in cfg.protocols:
+                    if card.protocol.inputs == "images" and not any(
+                        p.requires_grad for p in bb.model.parameters()
+                    ):
+                        raise UserError(
+                            f"{card.name} trains the backbone, but {bb.tag} has no trainable "
+                            "parameters; evaluate it with a frozen protocol (knn, linear, fewshot)"
+                        )
                     dependent = card.protocol.seeded or _seeded_backbone(bb)
                     if not dependent and seed != cfg.seeds[0]:
                         continue  # one run serves every seed
@@ -160,11 +162,11 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
                     else:
                         todo.setdefault(id(bb), [bb, []])[1].append((card, key, seed, dependent))
             for bb, units in todo.values():
-                outcomes += _evaluate(bb, bundle, units, cfg, device, cache_dir, run_id)
+                outcomes += _evaluate(bb, bundle, split, units, cfg, device, cache_dir, run_id)
     return outcomes
 
 
-def _preflight(bundle: DatasetBundle, cfg: RunConfig) -> None:
+def _preflight(bundle: DatasetBundle, cfg: RunConfig, split: tuple[np.ndarray, np.ndarray]) -> None:
     """Data-dependent checks of every card (k beyond the bank, K beyond a class, a dataset of
     one class), before any backbone is built or feature extracted."""
     labels = np.asarray(bundle.train.labels)
@@ -173,7 +175,7 @@ def _preflight(bundle: DatasetBundle, cfg: RunConfig) -> None:
             f"dataset {bundle.name} has a single class: every protocol would score 100%; "
             "give it at least two classes"
         )
-    train_idx, val_idx = stratified_val_split(labels, cfg.val_fraction, cfg.split_seed)
+    train_idx, val_idx = split
     counts_tr = np.bincount(labels[train_idx], minlength=bundle.num_classes)
     counts_all = np.bincount(labels, minlength=bundle.num_classes)
     shape = DataShape(
@@ -201,7 +203,9 @@ def _build_options(cfg: RunConfig, seed: int) -> BuildOptions:
     )
 
 
-def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> list[UnitOutcome]:
+def _evaluate(
+    bb, bundle, split, todo, cfg: RunConfig, device, cache_dir, run_id
+) -> list[UnitOutcome]:
     feats: dict = {}
 
     def features(split: str):
@@ -219,16 +223,11 @@ def _evaluate(bb, bundle, todo, cfg: RunConfig, device, cache_dir, run_id) -> li
             )
         return feats[split]
 
-    train_idx, val_idx = stratified_val_split(bundle.train.labels, cfg.val_fraction, cfg.split_seed)
+    train_idx, val_idx = split
     out = []
     for card, key, seed, dependent in todo:
         seed_everything(seed)
         ptype = card.protocol
-        if ptype.inputs == "images" and not any(p.requires_grad for p in bb.model.parameters()):
-            raise UserError(
-                f"{card.name} trains the backbone, but {bb.tag} has no trainable parameters; "
-                "evaluate it with a frozen protocol (knn, linear, fewshot)"
-            )
         if ptype.inputs == "images":
             inputs = ImageInputs(
                 bb,

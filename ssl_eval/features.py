@@ -103,11 +103,7 @@ def cache_key(
         "backbone": backbone.tag,
         "preprocessing": backbone.preprocessing.to_dict(),
         "feature_kind": backbone.feature_kind,
-        # two readings of one file (family, architecture) are two backbones
-        "family": backbone.load_report.get("family"),
-        "architecture": {
-            k: v for k, v in (backbone.load_report.get("architecture") or {}).items() if k != "from"
-        },
+        "built": backbone.built(),  # two readings of one file are two backbones
         "dataset": bundle.name,
         "dataset_fingerprint": bundle.fingerprint,
         "split": split,

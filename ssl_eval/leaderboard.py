@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, sha256_json
 from .results import ResultRecord, load_records
 from .stats import mcnemar, mean_ci, paired_bootstrap, unpack_bits
 
@@ -183,8 +183,6 @@ def _rows(recs: list[ResultRecord]) -> dict[int, str]:
     feature kind split it into several rows only where records disagree on them. A record run
     with an ``--image-size`` or ``--feature-kind`` override (whose column says so) joins the row
     of its backbone's own preprocessing."""
-    from .fsutil import sha256_json
-
     base: dict[int, str] = {}
     variant: dict[int, str | None] = {}
     for r in recs:

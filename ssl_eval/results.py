@@ -18,6 +18,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import from_mapping
+from .errors import UserError
 from .fsutil import atomic_write_json, sha256_json
 from .provenance import code_version, package_versions
 from .runtime import warn
@@ -72,9 +74,6 @@ class ResultRecord:
     def from_dict(cls, d: dict) -> ResultRecord:
         """A record from its JSON form; a missing required field or a non-mapping is a
         ValueError naming it. Fields this version does not know are ignored."""
-        from .config import from_mapping
-        from .errors import UserError
-
         if not isinstance(d, dict):
             raise ValueError(f"a record must be a mapping, got {type(d).__name__}")
         version = d.get("schema_version")
@@ -326,8 +325,6 @@ def write_unit(results_dir: Path, unit: str, run_id: str, records: list[ResultRe
         atomic_write_json(path, doc)
     except OSError as e:  # the numbers are computed: never drop them silently
         import tempfile
-
-        from .errors import UserError
 
         try:
             fd, rescue = tempfile.mkstemp(prefix=f"ssl-eval-unsaved-{unit}-", suffix=".json")

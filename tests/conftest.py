@@ -23,3 +23,27 @@ def cli_env(tmp_path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + sys.path)
     return env
+
+
+def image_folder(
+    root,
+    sizes=None,
+    classes=2,
+    pixel=lambda c, i: 60 * c + i,
+    shape=lambda c, i: (8, 8),
+    suffix=".png",
+):
+    """An image folder dataset (``root/<split>/c<k>/<i><suffix>``) of flat-colour images.
+    ``sizes`` maps split -> images per class (default train 6, val 6); ``pixel(c, i)`` gives the
+    colour (a grey level or an RGB triple) and ``shape(c, i)`` the (height, width)."""
+    import numpy as np
+    from PIL import Image
+
+    for split, n in (sizes or {"train": 6, "val": 6}).items():
+        for c in range(classes):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.full((*shape(c, i), 3), pixel(c, i), dtype=np.uint8)
+                Image.fromarray(img).save(d / f"{i}{suffix}")
+    return root

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import image_folder
 
 from ssl_eval import features
 from ssl_eval.backbones import BuildOptions, build_backbone
@@ -21,14 +21,14 @@ from ssl_eval.results import load_records
 def _folder(root, colour_of=lambda c, i: (40 * c, 200 - 30 * c, 90), size=(8, 8)):
     """Uncompressed BMP images: a file's size depends only on its dimensions, so a rewrite with
     other colours is a same-size overwrite."""
-    for split, n in (("train", 12), ("val", 6)):
-        for c in range(3):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(np.full((*size, 3), colour_of(c, i), dtype=np.uint8)).save(
-                    d / f"{i}.bmp"
-                )
+    return image_folder(
+        root,
+        {"train": 12, "val": 6},
+        classes=3,
+        pixel=colour_of,
+        shape=lambda c, i: size,
+        suffix=".bmp",
+    )
 
 
 def test_folder_fingerprint_hashes_content_not_sizes(tmp_path):

@@ -1,9 +1,8 @@
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, image_folder
 
 from ssl_eval.cli import main
 from ssl_eval.results import load_records
@@ -309,16 +308,12 @@ def test_seed_reaches_the_random_initialisation(tmp_path):
 
 
 def test_k_beyond_the_bank_is_refused_before_any_feature_is_extracted(tmp_path, capsys):
-    from PIL import Image
-
-    for split, n in (("train", 20), ("val", 4)):
-        for c in range(2):
-            d = tmp_path / "data" / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(np.full((4, 4, 3), 100 * c + i, dtype=np.uint8)).save(
-                    d / f"{i}.png"
-                )
+    image_folder(
+        tmp_path / "data",
+        {"train": 20, "val": 4},
+        pixel=lambda c, i: 100 * c + i,
+        shape=lambda c, i: (4, 4),
+    )
     cache = tmp_path / "cache"
     code = main(
         [
@@ -346,13 +341,13 @@ def test_k_beyond_the_bank_is_refused_before_any_feature_is_extracted(tmp_path, 
 
 
 def test_one_class_dataset_is_refused(tmp_path, capsys):
-    from PIL import Image
-
-    for split in ("train", "val"):
-        d = tmp_path / "data" / split / "only"
-        d.mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(np.full((4, 4, 3), i, dtype=np.uint8)).save(d / f"{i}.png")
+    image_folder(
+        tmp_path / "data",
+        {"train": 5, "val": 5},
+        classes=1,
+        pixel=lambda c, i: i,
+        shape=lambda c, i: (4, 4),
+    )
     assert (
         main(
             [

@@ -3,22 +3,14 @@
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from conftest import cli_env
-from PIL import Image
+from conftest import cli_env, image_folder
 
 from ssl_eval.cli import main
 
 
 def _folder(root, sizes=lambda c, i: (8, 8), n=6):
-    for split in ("train", "val"):
-        for c in range(2):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                h, w = sizes(c, i)
-                Image.fromarray(np.full((h, w, 3), 60 * c + i, dtype=np.uint8)).save(d / f"{i}.png")
+    return image_folder(root, {"train": n, "val": n}, shape=sizes)
 
 
 def _cli(args, tmp_path):

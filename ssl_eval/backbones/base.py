@@ -127,6 +127,15 @@ class Backbone:
         if self.weights is None:
             self.weights = WeightsInfo("plugin", state_dict_sha256(self.model))
 
+    def built(self) -> dict:
+        """The family read and the architecture actually built (who pinned it is provenance,
+        left out): two readings of one file are two backbones for every cache and skip key."""
+        arch = self.load_report.get("architecture") or {}
+        return {
+            "family": self.load_report.get("family"),
+            "architecture": {k: v for k, v in arch.items() if k != "from"},
+        }
+
     @torch.inference_mode()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed float batch -> (N, D) features. Always eval mode (BatchNorm and
