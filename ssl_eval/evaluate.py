@@ -67,6 +67,7 @@ def unit_key(
             "protocol": card.to_record() | {"source": None},
             "split": [cfg.val_fraction, cfg.split_seed],
             "seed": seed,
+            "bootstrap_resamples": cfg.bootstrap_resamples,  # the recorded interval depends on it
             # what computes the number: ssl-eval's source, the libraries, the device and precision
             "code": source_hash(),
             "libraries": library_versions(),

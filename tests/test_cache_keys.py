@@ -157,3 +157,27 @@ def test_plugin_whose_forward_changed_is_a_new_backbone(tmp_path, monkeypatch):
     assert keys[0][0] != keys[1][0] and keys[0][1] != keys[1][1]
     assert keys[1][2] == pytest.approx(2 * keys[0][2], rel=1e-3)
     os.remove(mod)
+
+
+def test_unit_key_covers_what_changes_the_recorded_numbers():
+    from dataclasses import replace
+
+    from ssl_eval.config import RunConfig
+    from ssl_eval.evaluate import unit_key
+    from ssl_eval.protocols.cards import load_card
+
+    bb = build_backbone("pixels", BuildOptions())
+    ds = get_dataset("digits", DatasetOptions())
+    card = load_card("knn")
+    cfg = RunConfig(backbones=("pixels",), datasets=("digits",), protocols=(card,))
+    cpu = torch.device("cpu")
+    base = unit_key(bb, ds, card, cfg, None, cpu)
+    others = [
+        unit_key(bb, ds, card, replace(cfg, bootstrap_resamples=200), None, cpu),
+        unit_key(bb, ds, card, replace(cfg, feature_dtype="float32"), None, cpu),
+        unit_key(bb, ds, card, replace(cfg, val_fraction=0.2), None, cpu),
+        unit_key(bb, ds, load_card("knn", ["temperature=0.1"]), cfg, None, cpu),
+        unit_key(bb, ds, card, cfg, 1, cpu),
+        unit_key(bb, ds, card, cfg, None, torch.device("cuda")),
+    ]
+    assert len({base, *others}) == 1 + len(others)
