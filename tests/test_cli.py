@@ -182,7 +182,7 @@ def test_validate_and_suite(capsys, tmp_path):
     bad.write_text("name: x\nversion: 1\ntype: knn\nparams:\n  kk: [1]\n")
     assert main(["validate", str(bad)]) == 2
     assert "unknown key 'kk'" in capsys.readouterr().err
-    assert main(["suite", "standard"]) == 0
+    assert main(["suites", "standard"]) == 0
     assert "knn, linear, fewshot, finetune" in capsys.readouterr().out
 
 

@@ -1,0 +1,132 @@
+"""``ssl-eval run``: evaluate backbones on datasets under protocols."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._args import add_results_dir, csv_list, int_list
+
+NAME = "run"
+HELP = "evaluate backbones on datasets under protocols"
+ORDER = 10
+
+
+def add_arguments(r: argparse.ArgumentParser) -> None:
+    r.add_argument(
+        "--backbone", type=csv_list, required=True, help="comma-separated backbone names"
+    )
+    r.add_argument(
+        "--protocol",
+        type=csv_list,
+        default=None,
+        help="comma-separated protocol card names or YAML paths (default: knn,linear)",
+    )
+    r.add_argument("--suite", help="a named collection of protocols (e.g. standard, frozen)")
+    r.add_argument(
+        "--dataset", type=csv_list, default=None, help="comma-separated datasets (default: shapes)"
+    )
+    r.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a protocol param (recorded)"
+    )
+    r.add_argument("--weights", type=Path, help="weights file for the (single) backbone")
+    r.add_argument("--data-root", type=Path, help="root folder of torchvision datasets")
+    r.add_argument(
+        "--download", action="store_true", help="download torchvision datasets if missing"
+    )
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    r.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    r.add_argument(
+        "--seed",
+        type=int_list,
+        default=(0,),
+        help="seed, or comma-separated seeds to run each (default 0)",
+    )
+    r.add_argument(
+        "--image-size", type=int, help="evaluate at this resolution instead of the backbone's"
+    )
+    r.add_argument(
+        "--feature-kind",
+        help="override the backbone's feature kind (cls, avgpool, cls+avgpool, last:4, model)",
+    )
+    r.add_argument(
+        "--family", help="checkpoint family for ckpt:PATH when detection should be overridden"
+    )
+    r.add_argument(
+        "--arch",
+        help="architecture of a ckpt:PATH file in its authors' own name (MoCo v3 vit_small, "
+        "MAE vit_base_patch16, DINO vit_small, solo-learn resnet18 ...), for what the file does not "
+        "declare; must agree with what it does (refused with tags)",
+    )
+    r.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
+    r.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of train held out for selection"
+    )
+    r.add_argument("--split-seed", type=int, default=0)
+    r.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="feature cache (default $SSL_EVAL_CACHE or ~/.cache/ssl-eval)",
+    )
+    r.add_argument("--force", action="store_true", help="redo units already in the results store")
+    r.add_argument("--offline", action="store_true", help="never download weights")
+    r.add_argument("--num-workers", type=int, help="data-loading workers")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument(
+        "--no-leaderboard", action="store_true", help="do not rebuild the leaderboard afterwards"
+    )
+    add_results_dir(r)
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..config import RunConfig
+    from ..data.datasets import DEFAULT_DATASET
+    from ..evaluate import run as run_units
+    from ..protocols.cards import load_cards
+
+    names = list(a.protocol or ())
+    if a.suite:
+        from ..protocols.cards import load_suite
+
+        names += [p for p in load_suite(a.suite).protocols if p not in names]
+    if not names:
+        names = ["knn", "linear"]
+    cards = load_cards(names, a.set or [])
+    cfg = RunConfig(
+        backbones=a.backbone,
+        datasets=a.dataset or (DEFAULT_DATASET,),
+        protocols=cards,
+        results_dir=a.results_dir,
+        cache_dir=a.cache_dir,
+        weights=a.weights,
+        data_root=a.data_root,
+        download=a.download,
+        device=a.device,
+        batch_size=a.batch_size,
+        seeds=a.seed,
+        image_size=a.image_size,
+        feature_kind=a.feature_kind,
+        family=a.family,
+        arch=a.arch,
+        feature_dtype=a.feature_dtype,
+        val_fraction=a.val_fraction,
+        split_seed=a.split_seed,
+        force=a.force,
+        offline=a.offline,
+        num_workers=a.num_workers,
+        progress=not a.no_progress,
+    )
+    outcomes = run_units(cfg)
+    done = [o for o in outcomes if o.status == "done"]
+    for o in done:
+        shown = "\t".join(f"{m}={o.metrics[m]:.4f}" for m in ("top1", "top5") if m in o.metrics)
+        print(f"{o.backbone}\t{o.dataset}\t{o.protocol}\t{shown}")
+    skipped = len(outcomes) - len(done)
+    if skipped:
+        print(f"({skipped} unit(s) already in {cfg.results_dir}, skipped; --force redoes them)")
+    if not a.no_leaderboard:
+        from ..leaderboard import write_leaderboard
+
+        csv_path, md_path = write_leaderboard(cfg.results_dir)
+        print(f"leaderboard: {md_path}")
+    return 0
