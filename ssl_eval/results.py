@@ -369,3 +369,10 @@ def load_records(results_dir: Path) -> list[ResultRecord]:
         except ValueError as e:
             warn(f"skipping {p}: {e}")
     return out
+
+
+def load_frame(results_dir: Path):
+    """The store as one pandas DataFrame, one row per record file: see ``ssl_eval.frame``."""
+    from .frame import load_frame as _load_frame
+
+    return _load_frame(results_dir)
