@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 
 from . import families
 from .base import Backbone, BackboneSpec, BuildOptions
@@ -42,11 +43,28 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES.get(name)
 
 
+_LABEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.+-]{0,63})=(.+)$")
+
+
+def split_label(name: str) -> tuple[str | None, str]:
+    """``LABEL=SPEC`` -> (LABEL, SPEC); a plain name -> (None, name). A label names a backbone
+    in tables (``simclr=ckpt:runs/simclr``); the spec it stands for is recorded in its load
+    report, and its weights' sha256 in the setting, so a label never hides what was loaded."""
+    m = _LABEL.match(name)
+    if m is None or ":" in m.group(1):
+        return None, name
+    return m.group(1), m.group(2)
+
+
 def build_backbone(name: str, options: BuildOptions | None = None) -> Backbone:
-    """Build the backbone called ``name`` with its weights, in eval mode, on the CPU."""
+    """Build the backbone called ``name`` (or ``LABEL=NAME``) with its weights, in eval mode,
+    on the CPU."""
+    label, name = split_label(name)
     spec = get_spec(name)
     backbone = spec.build(options or BuildOptions())
-    backbone.tag = spec.name
+    backbone.tag = label or spec.name
+    if label is not None:
+        backbone.load_report = {**backbone.load_report, "labelled": spec.name}
     backbone.model.eval()
     return backbone
 

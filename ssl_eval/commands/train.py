@@ -15,7 +15,7 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--method",
         required=True,
-        help="simclr, mocov3, byol, simsiam, barlowtwins, swav, mae, dino",
+        help="simclr, mocov3, byol, simsiam, barlowtwins, swav, mae, dino, or supervised (the reference)",
     )
     t.add_argument(
         "--arch", help="architecture (default per method: cifar_resnet18 or vit_tiny_p4 at 32x32)"

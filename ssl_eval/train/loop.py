@@ -76,7 +76,8 @@ def train(
 
     torch.manual_seed(cfg.seed)  # initialisation only; training draws from keyed generators
     backbone = build_arch(arch, cfg.arch_kwargs)
-    method = spec.cls(backbone, spec.make_config(cfg.method_cfg)).to(device)
+    extra = {"num_classes": data.num_classes} if spec.uses_labels else {}
+    method = spec.cls(backbone, spec.make_config(cfg.method_cfg), **extra).to(device)
     model: nn.Module = method
     if di.world > 1:
         if device.type == "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
@@ -121,7 +122,10 @@ def train(
             for gr in opt.param_groups:
                 gr["lr"] = lr_at(cfg.optim, base_lr, pos, cfg.epochs)
             method.rng = step_generator(cfg.seed, epoch, step, di.rank, stream=1)
-            loss = model(views, progress)
+            if spec.uses_labels:  # the supervised reference only
+                loss = model(views, progress, data.labels[idx].to(device))
+            else:
+                loss = model(views, progress)
             if not torch.isfinite(loss):
                 raise UserError(
                     f"loss became {float(loss)} at epoch {epoch + 1} step {step}; lower --lr"

@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from ...data.transforms import Preprocessing
+from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ...errors import UserError
 from ..architecture import describe
 from ..base import Backbone, BackboneSpec, BuildOptions, WeightsInfo, state_dict_sha256
@@ -160,12 +160,39 @@ def _timm_spec(arch: str) -> BackboneSpec:
     )
 
 
+def _trainer_arch_random(tag: str, arch: str, opt: BuildOptions) -> Backbone:
+    """A seeded random initialisation of one of the trainer's architectures (the untrained
+    reference for models ``ssl-eval train`` produced), preprocessed as the trainer's sidecar
+    preprocesses them: resize and crop to the image size (default 32), ImageNet mean/std."""
+    from ..archs import build_arch
+
+    if opt.weights is not None or opt.arch:
+        raise UserError(f"{tag} is randomly initialised; drop --weights/--arch")
+    torch.manual_seed(opt.seed)
+    model = build_arch(arch)
+    size = opt.image_size or 32
+    pre = Preprocessing(resize=size, crop=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    weights = WeightsInfo(f"random-init(seed={opt.seed})", state_dict_sha256(model))
+    report = {
+        "format": "random-init",
+        "kept": len(model.state_dict()),
+        "architecture": {**describe(model), "from": f"ssl-eval trainer architecture {arch}"},
+    }
+    return Backbone(tag, model, pre, opt.feature_kind or "model", weights, report, f"random {arch}")
+
+
 def _random_spec(arch: str) -> BackboneSpec:
+    from ..archs import ARCHS
+
+    if arch in ARCHS:  # the trainer's own architectures come before timm's names
+        build = lambda opt: _trainer_arch_random(f"random:{arch}", arch, opt)  # noqa: E731
+    else:
+        build = lambda opt: timm_backbone(  # noqa: E731
+            f"random:{arch}", arch, opt, None, random_init=True, description=f"random {arch}"
+        )
     return BackboneSpec(
         f"random:{arch}",
-        lambda opt: timm_backbone(
-            f"random:{arch}", arch, opt, None, random_init=True, description=f"random {arch}"
-        ),
+        build,
         lambda: "none needed (seeded random init)",
         f"{arch} with random weights (seeded)",
     )
@@ -175,5 +202,7 @@ BACKBONES.register(
     "pixels",
     BackboneSpec("pixels", _pixels, lambda: "none needed", "raw pixels, the floor baseline"),
 )
-BACKBONES.register_prefix("random", _random_spec, "random:<timm arch>, seeded random init")
+BACKBONES.register_prefix(
+    "random", _random_spec, "random:<trainer or timm arch>, seeded random init"
+)
 BACKBONES.register_prefix("timm", _timm_spec, "timm:<model[.tag]> with timm's pretrained weights")

@@ -52,6 +52,9 @@ class MethodSpec:
     optim: OptimConfig
     description: str = ""
     feature_kind: str = "model"  # how the evaluator reads the trained backbone
+    # True for the supervised reference: the loop then passes the batch's labels to forward
+    # and the method's constructor receives ``num_classes``; no self-supervised method sees them
+    uses_labels: bool = False
 
     def make_config(self, overrides: dict) -> object:
         names = {f.name for f in dataclasses.fields(self.config)}

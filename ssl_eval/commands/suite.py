@@ -1,0 +1,102 @@
+"""``ssl-eval suite``: the embedded main job (train, evaluate, tables, report, reference check)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "suite"
+HELP = "run a job suite: train the bundled methods, evaluate them and the baselines, report, check"
+ORDER = 5
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "suite",
+        nargs="?",
+        default=None,
+        help="a shipped job suite (default: 'default'; 'quick' with --quick) or a YAML path",
+    )
+    p.add_argument("--quick", action="store_true", help="the quick suite (about 3 minutes on CPU)")
+    p.add_argument("--list", action="store_true", help="list the shipped job suites and exit")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        help="where this run's records, checkpoints, leaderboard and report go "
+        "(default: runs/<suite>; the committed reference lives apart, in results/reference/)",
+    )
+    p.add_argument(
+        "--reference",
+        help="baseline file to check this run against (default: "
+        "results/reference/<suite>/baseline.json when present; 'none' skips the check)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="feature cache (default $SSL_EVAL_CACHE or ~/.cache/ssl-eval)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--force", action="store_true", help="re-evaluate units already recorded")
+    p.add_argument("--retrain", action="store_true", help="retrain models already trained")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML/markdown report")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..errors import UserError
+    from ..suite import load_job_suite, shipped_job_suites
+    from ..suite.runner import SuiteOptions, run_suite
+
+    if a.list:
+        for name in shipped_job_suites():
+            s = load_job_suite(name)
+            print(
+                f"{name}: {len(s.models)} trained models, baselines {', '.join(s.baselines)}; "
+                f"protocols {', '.join(s.protocols)}  - {s.description}"
+            )
+        return 0
+    if a.quick and a.suite not in (None, "quick"):
+        raise UserError(f"--quick runs the 'quick' suite; drop it to run {a.suite}")
+    suite = load_job_suite(a.suite or ("quick" if a.quick else "default"))
+    results = a.results_dir or Path("runs") / suite.name
+    out = run_suite(
+        suite,
+        SuiteOptions(
+            results_dir=results,
+            cache_dir=a.cache_dir,
+            device=a.device,
+            force=a.force,
+            progress=not a.no_progress,
+            report=not a.no_report,
+            retrain=a.retrain,
+        ),
+    )
+    print((results / "leaderboard.md").read_text())
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in out.timings.items() if not k.startswith("train "))
+    print(
+        f"suite {suite.name} v{suite.version}: {len(out.trained)} model(s) trained, "
+        f"{out.units_done} unit(s) evaluated, {out.units_skipped} reused; {times}"
+    )
+    report = results / "report" / "index.html"
+    if report.is_file():
+        print(f"report: {report}")
+    ref = a.reference
+    if ref is None:
+        default = Path("results") / "reference" / suite.name / "baseline.json"
+        ref = str(default) if default.is_file() else "none"
+        if ref == "none":
+            print(f"no reference at {default}: nothing to check against (--reference FILE)")
+    if ref == "none":
+        return 0
+    from ..cli import main
+
+    print(f"checking against the reference {ref}:")
+    code = main(["check", "--baseline", ref, "--results-dir", str(results)])
+    print(
+        "REPRODUCED: every number is within tolerance of the reference"
+        if code == 0
+        else "NOT REPRODUCED: see the rows above"
+        if code == 1
+        else "the check could not run (see the error above)"
+    )
+    return code

@@ -1,0 +1,175 @@
+"""Run a job suite: train (or reuse) every model, evaluate every backbone under every protocol,
+then write the leaderboard and the report, and check against a reference baseline.
+
+Resumable at every level: a trained model's folder is keyed by its full resolved training
+config (a changed recipe trains into a new folder, a killed training resumes from its last
+epoch), and evaluation units already in the results store are skipped by the orchestrator."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..fsutil import atomic_write_text, ensure_writable_dir, sha256_json
+from ..runtime import log
+from .spec import JobSuite
+
+
+@dataclass
+class SuiteOptions:
+    results_dir: Path
+    cache_dir: Path | None = None
+    device: str = "auto"
+    force: bool = False
+    progress: bool = True
+    report: bool = True
+    retrain: bool = False
+
+
+@dataclass
+class SuiteOutcome:
+    results_dir: Path
+    timings: dict = field(default_factory=dict)
+    checkpoints: dict = field(default_factory=dict)
+    trained: list = field(default_factory=list)  # models trained (not reused) by this run
+    units_done: int = 0
+    units_skipped: int = 0
+
+
+def _resolved_train_config(suite: JobSuite, model, device: str):
+    from ..config import deep_update
+    from ..train.resolve import resolve_config
+
+    settings = deep_update(dict(suite.train_defaults), dict(model.config))
+    settings.setdefault("image_size", suite.image_size)
+    settings["device"] = device
+    image_size = int(settings.pop("image_size"))
+    return resolve_config(model.method, image_size, None, settings, [])
+
+
+def _complete(folder: Path, cfg_dict: dict) -> bool:
+    from ..backbones.trained_format import SIDECAR
+
+    try:
+        side = json.loads((folder / SIDECAR).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(side.get("complete")) and side.get("train_config") == cfg_dict
+
+
+def train_models(suite: JobSuite, opt: SuiteOptions, out: SuiteOutcome) -> dict[str, Path]:
+    """Each model's checkpoint folder, training those not complete yet."""
+    from ..train.checkpoint import STATE
+    from ..train.loop import train
+
+    root = ensure_writable_dir(opt.results_dir / "checkpoints", "checkpoint folder")
+    folders: dict[str, Path] = {}
+    # resolve every config first: a bad model config fails before any training starts
+    configs = {m.name: _resolved_train_config(suite, m, opt.device) for m in suite.models}
+    for i, m in enumerate(suite.models, 1):
+        cfg = configs[m.name]
+        cfg_dict = cfg.to_dict()
+        folder = root / f"{m.name}-{sha256_json(cfg_dict)[:10]}"
+        folders[m.name] = folder
+        if _complete(folder, _sidecar_config(cfg_dict)) and not opt.retrain:
+            log(f"[skip] {m.name}: trained already in {folder}", "suite")
+            continue
+        if opt.retrain and folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        resume = (folder / STATE).exists()
+        log(
+            f"training {i}/{len(suite.models)} {m.name} ({m.method}, {cfg.epochs} epochs)"
+            + (" - resuming" if resume else ""),
+            "suite",
+        )
+        t0 = time.perf_counter()
+        train(cfg, folder, resume=resume, log=lambda s, n=m.name: log(s, f"train {n}"))
+        out.timings[f"train {m.name}"] = round(time.perf_counter() - t0, 1)
+        out.trained.append(m.name)
+    return folders
+
+
+def _sidecar_config(cfg_dict: dict) -> dict:
+    """The config as the sidecar stores it (JSON round trip: tuples become lists)."""
+    return json.loads(json.dumps(cfg_dict))
+
+
+def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
+    from ..config import RunConfig
+    from ..evaluate import run
+    from ..leaderboard import write_leaderboard
+    from ..protocols.cards import load_cards
+
+    t_all = time.perf_counter()
+    results = ensure_writable_dir(Path(opt.results_dir), "results folder")
+    out = SuiteOutcome(results)
+    cards = load_cards(list(suite.protocols), list(suite.set))  # bad cards fail before training
+    t0 = time.perf_counter()
+    folders = train_models(suite, opt, out)
+    out.timings["training"] = round(time.perf_counter() - t0, 1)
+    out.checkpoints = {k: str(v) for k, v in folders.items()}
+    backbones = (*suite.baselines, *(f"{m.name}=ckpt:{folders[m.name]}" for m in suite.models))
+    cfg = RunConfig(
+        backbones=tuple(backbones),
+        datasets=suite.datasets,
+        protocols=cards,
+        results_dir=results,
+        cache_dir=opt.cache_dir,
+        device=opt.device,
+        seeds=suite.seeds,
+        image_size=suite.image_size,
+        force=opt.force,
+        progress=opt.progress,
+    )
+    t0 = time.perf_counter()
+    outcomes = run(cfg)
+    out.timings["evaluation"] = round(time.perf_counter() - t0, 1)
+    out.units_done = sum(o.status == "done" for o in outcomes)
+    out.units_skipped = len(outcomes) - out.units_done
+    t0 = time.perf_counter()
+    write_leaderboard(results)
+    if opt.report:
+        try:
+            from ..report import write_report
+        except ImportError:  # the report package is optional in a minimal install
+            write_report = None
+        if write_report is not None:
+            write_report(results, cache_dir=opt.cache_dir)
+    out.timings["tables and report"] = round(time.perf_counter() - t0, 1)
+    out.timings["total"] = round(time.perf_counter() - t_all, 1)
+    _write_manifest(suite, out)
+    return out
+
+
+def _write_manifest(suite: JobSuite, out: SuiteOutcome) -> None:
+    """``suite.json``: which suite (and version) produced this folder, its checkpoints and the
+    wall times of this run (provenance; the numbers live in the records)."""
+    from dataclasses import asdict
+
+    from ..provenance import code_version, device_name
+
+    try:
+        import torch
+
+        dev = device_name(torch.device("cpu"))
+    except Exception:  # pragma: no cover - provenance only
+        dev = "unknown"
+    doc = {
+        "suite": asdict(suite),
+        "code_version": code_version(),
+        "device": dev,
+        "checkpoints": out.checkpoints,
+        "trained_this_run": out.trained,
+        "units": {"done": out.units_done, "skipped": out.units_skipped},
+        "timings_s": out.timings,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        atomic_write_text(out.results_dir / "suite.json", json.dumps(doc, indent=1, default=str))
+    except OSError as e:
+        raise UserError(f"cannot write {out.results_dir / 'suite.json'}: {e}") from e

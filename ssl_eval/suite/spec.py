@@ -1,0 +1,85 @@
+"""Job suites: YAML validated into frozen dataclasses by the one loader (``ssl_eval.config``).
+
+A job suite declares everything its numbers depend on: the evaluation dataset(s) and image size,
+the baselines, the protocols (with card overrides), and each trained model's method and
+training config (defaults shared by all models, deep-merged with each model's own ``config``).
+Its ``version`` is recorded with the run, so a changed suite is told apart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import from_mapping, read_yaml
+from ..errors import UserError
+from ..protocols.cards import _resolve, cards_dir
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    name: str  # the label in tables: simclr, simclr-no-jitter, ...
+    method: str  # a trainer method (simclr, ..., supervised)
+    config: dict = field(default_factory=dict)  # deep-merged over the suite's train defaults
+    description: str = ""
+    groups: tuple[str, ...] = ()  # e.g. ("methods",), ("ablation",): how the report groups it
+
+
+@dataclass(frozen=True)
+class JobSuite:
+    name: str
+    version: int
+    description: str = ""
+    datasets: tuple[str, ...] = ("shapes",)
+    image_size: int = 32
+    seeds: tuple[int, ...] = (0,)
+    baselines: tuple[str, ...] = ()
+    protocols: tuple[str, ...] = ("knn", "linear")
+    set: tuple[str, ...] = ()  # protocol card overrides, as ``run --set``
+    train_defaults: dict = field(default_factory=dict)  # a TrainConfig mapping (partial)
+    models: tuple[TrainedModel, ...] = ()
+    budget_s: float | None = None  # the wall time the suite is sized for (measured, not enforced)
+
+    def __post_init__(self) -> None:
+        if self.version < 1:
+            raise UserError(f"suite {self.name}: version must be at least 1")
+        if not self.baselines and not self.models:
+            raise UserError(f"suite {self.name}: name at least one baseline or trained model")
+        if not self.protocols:
+            raise UserError(f"suite {self.name}: name at least one protocol")
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UserError(f"suite {self.name}: model names must be unique; repeated: {dup}")
+        for n in names:
+            if not n.replace("-", "").replace("_", "").isalnum():
+                raise UserError(
+                    f"suite {self.name}: model name {n!r} may hold only letters, digits, - and _"
+                )
+
+    def backbone_labels(self) -> list[str]:
+        return [*self.baselines, *(m.name for m in self.models)]
+
+
+def jobs_dir() -> Path:
+    return cards_dir() / "jobs"
+
+
+def shipped_job_suites() -> list[str]:
+    d = jobs_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def load_job_suite(spec: str) -> JobSuite:
+    """A shipped job suite's name (``default``, ``quick``) or a path to a YAML file."""
+    path, _ = _resolve(
+        spec,
+        jobs_dir(),
+        shipped_job_suites(),
+        "suite",
+        "; or pass a path to your own suite (.yaml)",
+    )
+    raw = read_yaml(path, "suite")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a suite is a YAML mapping (name, version, models, protocols...)")
+    raw = {"name": path.stem, **raw}
+    return from_mapping(JobSuite, raw, f"suite {path}")
