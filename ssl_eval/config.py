@@ -191,6 +191,9 @@ class RunConfig:
     offline: bool = False
     num_workers: int | None = None
     progress: bool = True
+    # a protocol that cannot apply to a backbone (fine-tuning raw pixels) is logged and left
+    # out instead of refused: set by job suites, which mix baselines and trained models
+    skip_inapplicable: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ from .data.datasets import DatasetBundle, DatasetOptions, get_dataset
 from .data.splits import stratified_val_split
 from .errors import UserError
 from .features import default_cache_dir, extract
-from .fsutil import ensure_writable_dir, sha256_json, sweep_leftovers
+from .fsutil import claim_each, ensure_writable_dir, lock_path, sha256_json, sweep_leftovers
 from .protocols import DataShape, ImageInputs, ProtocolInputs
 from .protocols.cards import ProtocolCard
 from .provenance import autocast_dtype, device_name, library_versions, peak_memory_mb, source_hash
@@ -38,7 +38,7 @@ class UnitOutcome:
     backbone: str
     dataset: str
     protocol: str
-    status: str  # "done", "skipped"
+    status: str  # "done", "skipped", "n/a" (the protocol cannot apply to the backbone)
     metrics: dict
     path: Path | None = None
 
@@ -108,6 +108,7 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
         cache_dir / "features",
         cache_dir / "manifests",
         *state_dirs,
+        states,  # then its empty folders nobody holds (a killed fine-tune's)
     ):
         for p in sweep_leftovers(folder):
             log(f"removed {p}, left by a killed process", "cleanup")
@@ -141,6 +142,13 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
                     if card.protocol.inputs == "images" and not any(
                         p.requires_grad for p in bb.model.parameters()
                     ):
+                        if cfg.skip_inapplicable:  # a suite: the cell stays empty, and says why
+                            log(
+                                f"[n/a] {card.name} trains the backbone; {bb.tag} has no "
+                                "trainable parameters: not run",
+                            )
+                            outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "n/a", {}))
+                            continue
                         raise UserError(
                             f"{card.name} trains the backbone, but {bb.tag} has no trainable "
                             "parameters; evaluate it with a frozen protocol (knn, linear, fewshot)"
@@ -226,7 +234,20 @@ def _evaluate(
 
     train_idx, val_idx = split
     out = []
-    for card, key, seed, dependent in todo:
+    # one process per unit: a unit another process finished while this one waited is skipped
+    claims = claim_each(
+        todo,
+        lambda u: (
+            lock_path(records_dir(cfg.results_dir) / u[1]),
+            f"unit {u[1]} ({bb.tag} x {bundle.name} x {u[0].name}, seed {u[2]})",
+        ),
+        lambda u: not cfg.force and unit_done(cfg.results_dir, u[1]),
+    )
+    for (card, key, seed, dependent), mine in claims:
+        if not mine:
+            log(f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): done meanwhile")
+            out.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
+            continue
         seed_everything(seed)
         ptype = card.protocol
         if ptype.inputs == "images":

@@ -37,6 +37,7 @@ class SuiteOutcome:
     trained: list = field(default_factory=list)  # models trained (not reused) by this run
     units_done: int = 0
     units_skipped: int = 0
+    inapplicable: list = field(default_factory=list)  # (backbone x protocol) not run, and why
 
 
 def _resolved_train_config(suite: JobSuite, model, device: str):
@@ -125,12 +126,14 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
         image_size=suite.image_size,
         force=opt.force,
         progress=opt.progress,
+        skip_inapplicable=True,
     )
     t0 = time.perf_counter()
     outcomes = run(cfg)
     out.timings["evaluation"] = round(time.perf_counter() - t0, 1)
     out.units_done = sum(o.status == "done" for o in outcomes)
-    out.units_skipped = len(outcomes) - out.units_done
+    out.units_skipped = sum(o.status == "skipped" for o in outcomes)
+    out.inapplicable = [f"{o.backbone} x {o.protocol}" for o in outcomes if o.status == "n/a"]
     t0 = time.perf_counter()
     write_leaderboard(results)
     if opt.report:
@@ -165,7 +168,11 @@ def _write_manifest(suite: JobSuite, out: SuiteOutcome) -> None:
         "device": dev,
         "checkpoints": out.checkpoints,
         "trained_this_run": out.trained,
-        "units": {"done": out.units_done, "skipped": out.units_skipped},
+        "units": {
+            "done": out.units_done,
+            "skipped": out.units_skipped,
+            "not_applicable": out.inapplicable,
+        },
         "timings_s": out.timings,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

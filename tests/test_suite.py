@@ -1,0 +1,177 @@
+"""The job suite: YAML validation, train-then-evaluate end to end, resume without redoing work,
+a changed recipe trains anew, and the shipped suites load."""
+
+import json
+
+import pytest
+
+from ssl_eval.cli import main
+from ssl_eval.errors import UserError
+from ssl_eval.suite import load_job_suite, shipped_job_suites
+
+SMALL = """
+name: small
+version: 1
+description: test-sized suite
+datasets: [digits]
+image_size: 16
+baselines: [pixels, random:cifar_resnet_tiny]
+protocols: [knn, linear]
+train_defaults:
+  arch: cifar_resnet_tiny
+  dataset: digits
+  train_subset: 256
+  epochs: 1
+  batch_size: 64
+  monitor: {every: 100, knn_bank: 64, knn_queries: 64}
+models:
+  - {name: simclr, method: simclr}
+  - {name: supervised, method: supervised}
+"""
+
+
+def _suite(tmp_path, text=SMALL):
+    p = tmp_path / "small.yaml"
+    p.write_text(text)
+    return p
+
+
+def _run(tmp_path, suite, capsys, *extra):
+    code = main(
+        [
+            "suite",
+            str(suite),
+            "--results-dir",
+            str(tmp_path / "r"),
+            "--no-progress",
+            "--no-report",
+            "--reference",
+            "none",
+            *extra,
+        ]
+    )
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_suite_trains_evaluates_and_resumes(tmp_path, capsys):
+    suite = _suite(tmp_path)
+    code, out = _run(tmp_path, suite, capsys)
+    assert code == 0, out
+    assert "2 model(s) trained, 8 unit(s) evaluated, 0 reused" in out
+    board = (tmp_path / "r" / "leaderboard.md").read_text()
+    for label in ("pixels", "random:cifar_resnet_tiny", "simclr", "supervised"):
+        assert f"| {label} |" in board
+    manifest = json.loads((tmp_path / "r" / "suite.json").read_text())
+    assert set(manifest["checkpoints"]) == {"simclr", "supervised"}
+    assert manifest["suite"]["version"] == 1 and "training" in manifest["timings_s"]
+    # the supervised reference really used the labels: it is the trainer's supervised method
+    side = json.loads(
+        (tmp_path / "r" / "checkpoints")
+        .glob("supervised-*")
+        .__next__()
+        .joinpath("backbone.json")
+        .read_text()
+    )
+    assert side["method"] == "supervised" and side["complete"]
+    # rerun: nothing is trained or evaluated again
+    code, out = _run(tmp_path, suite, capsys)
+    assert code == 0, out
+    assert "0 model(s) trained, 0 unit(s) evaluated, 8 reused" in out
+
+
+def test_changed_recipe_trains_into_a_new_folder(tmp_path, capsys):
+    suite = _suite(tmp_path)
+    assert _run(tmp_path, suite, capsys)[0] == 0
+    before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    changed = _suite(
+        tmp_path,
+        SMALL.replace(
+            "{name: simclr, method: simclr}", "{name: simclr, method: simclr, config: {seed: 1}}"
+        ),
+    )
+    code, out = _run(tmp_path, changed, capsys)
+    assert code == 0, out
+    assert "1 model(s) trained" in out  # only simclr; supervised is reused
+    after = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert len(after) == 3 and set(before) < set(after)
+
+
+def test_killed_training_resumes(tmp_path, capsys, monkeypatch):
+    """A suite stopped after one model's first epoch resumes that model, not from scratch."""
+    import ssl_eval.train.loop as loop
+
+    suite = _suite(tmp_path, SMALL.replace("epochs: 1", "epochs: 2"))
+    real = loop.train
+    calls = []
+
+    def stop_once(cfg, out, *, resume=False, **kw):
+        calls.append((cfg.method, resume))
+        if len(calls) == 1:
+            real(cfg, out, resume=resume, stop_after_epoch=1, **kw)
+            raise KeyboardInterrupt
+        return real(cfg, out, resume=resume, **kw)
+
+    monkeypatch.setattr(loop, "train", stop_once)
+    code, _ = _run(tmp_path, suite, capsys)
+    assert code == 130  # interrupted, reported in one line
+    code, out = _run(tmp_path, suite, capsys)
+    assert code == 0, out
+    assert calls[1] == ("simclr", True)  # the interrupted model resumed
+    assert "2 model(s) trained" in out
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nversion: 1\nprotocols: [knn]\n", "name at least one baseline or trained model"),
+        ("name: x\nversion: 1\nbaselines: [pixels]\nmodelz: []\n", "unknown key 'modelz'"),
+        (
+            "name: x\nversion: 1\nbaselines: [pixels]\nmodels: [{name: a, method: simclr}, {name: a, method: byol}]\n",
+            "model names must be unique",
+        ),
+        (
+            "name: x\nversion: 1\nbaselines: [pixels]\nmodels: [{name: 'a b', method: simclr}]\n",
+            "may hold only",
+        ),
+        ("[1, 2", "suite"),
+    ],
+)
+def test_bad_suite_is_one_line(tmp_path, capsys, text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    code = main(["suite", str(p), "--results-dir", str(tmp_path / "r"), "--reference", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_unknown_method_fails_before_training(tmp_path, capsys):
+    p = _suite(tmp_path, SMALL.replace("method: supervised", "method: supervized"))
+    code, out = _run(tmp_path, p, capsys)
+    assert code == 2 and "supervized" in out
+    assert not (tmp_path / "r" / "checkpoints").exists() or not any(
+        (tmp_path / "r" / "checkpoints").iterdir()
+    )
+
+
+def test_shipped_suites_load():
+    names = shipped_job_suites()
+    assert {"default", "quick"} <= set(names)
+    default = load_job_suite("default")
+    methods = {m.method for m in default.models}
+    assert methods >= {
+        "simclr",
+        "mocov3",
+        "byol",
+        "simsiam",
+        "barlowtwins",
+        "swav",
+        "mae",
+        "dino",
+        "supervised",
+    }
+    assert {"pixels"} <= set(default.baselines)
+    assert any(b.startswith("random:") for b in default.baselines)
+    assert {"knn", "linear", "fewshot", "finetune"} <= set(default.protocols)
+    with pytest.raises(UserError, match="unknown suite"):
+        load_job_suite("defualt")
