@@ -26,7 +26,14 @@ from .backbones.base import Backbone
 from .data.datasets import DatasetBundle, ImageSplit
 from .data.transforms import Preprocessing
 from .errors import UserError
-from .fsutil import atomic_directory, atomic_write_json, preallocate, sha256_json
+from .fsutil import (
+    atomic_directory,
+    atomic_write_json,
+    file_lock,
+    lock_path,
+    preallocate,
+    sha256_json,
+)
 from .provenance import autocast_dtype, library_versions, source_hash
 from .runtime import log, warn
 
@@ -129,15 +136,38 @@ def extract(
     key_obj = cache_key(backbone, bundle, split, dtype, device)
     key = sha256_json(key_obj)[:32]
     entry = Path(cache_dir) / "features" / key
-    if entry.exists():
-        try:
-            fs = _open(entry, key, hit=True, verify=True)
-            log(f"reusing {backbone.tag} features for {bundle.name}/{split} ({entry})", "cache")
-            return fs
-        except _Damaged as e:
+    what = f"{backbone.tag} features for {bundle.name}/{split}"
+    fs = _cached(entry, key, what, discard=False)
+    if fs is not None:
+        return fs
+    # one process extracts an entry; the others wait for it, then read what it wrote
+    with file_lock(lock_path(entry), f"the feature cache entry {entry} ({what})"):
+        fs = _cached(entry, key, what, discard=True)
+        if fs is None:
+            args = (entry, key, key_obj, dtype, device, batch_size, num_workers, progress)
+            fs = _extract(backbone, bundle, split, *args)
+        return fs
+
+
+def _cached(entry: Path, key: str, what: str, discard: bool) -> FeatureSet | None:
+    """The entry, verified, or None. A damaged entry is removed only under the entry's lock
+    (``discard``): unlocked, the path may already name a good entry another process wrote."""
+    if not entry.exists():
+        return None
+    try:
+        fs = _open(entry, key, hit=True, verify=True)
+    except _Damaged as e:
+        if discard:
             warn(f"cache entry {entry} is damaged ({e}); discarding it and extracting again")
             shutil.rmtree(entry, ignore_errors=True)
+        return None
+    log(f"reusing {what} ({entry})", "cache")
+    return fs
 
+
+def _extract(
+    backbone, bundle, split, entry, key, key_obj, dtype, device, batch_size, num_workers, progress
+) -> FeatureSet:
     t0 = time.perf_counter()
     images = _Images(bundle.split(split), backbone.preprocessing)
     if num_workers is None:

@@ -14,6 +14,7 @@ generators seeded by (seed, epoch, index), never from global state.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -30,7 +31,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..backbones.base import FEATURE_KINDS
 from ..errors import UserError
-from ..fsutil import atomic_write_bytes, sha256_json
+from ..fsutil import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
+from ..runtime import warn
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
 
@@ -282,9 +284,60 @@ def _evaluate(clf, loader, pre, device, amp) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _save_state(path: Path, state: dict) -> None:
+    """The unit's state after an epoch, atomically, behind a length and crc32 header."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    write_checked(path, buf.getvalue())
+
+
+_STATE_FIELDS = {
+    "fingerprint": str,
+    "epoch": int,
+    "model": dict,
+    "optimizer": dict,
+    "best": dict,
+    "history": list,
+}
+
+
+def _read_state(path: Path, device) -> dict:
+    """A saved fine-tune state, verified (checksum, then its shape); ``DamagedFile`` otherwise."""
+    payload = read_checked(path, legacy=True)  # legacy: states written before checksums
+    try:
+        st = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many types on a damaged file (IndexError among them)
+        raise DamagedFile(f"not a readable torch file ({type(e).__name__})") from e
+    if not isinstance(st, dict) or any(
+        not isinstance(st.get(k), t) for k, t in _STATE_FIELDS.items()
+    ):
+        raise DamagedFile("not a fine-tune state of the form ssl-eval writes")
+    if not {"val", "epoch", "model"} <= set(st["best"]):
+        raise DamagedFile("its best-epoch entry is incomplete")
+    return st
+
+
+def _resume(path: Path, device, fingerprint: str, p: FinetuneParams, clf, opt) -> dict | None:
+    """Load this unit's saved state into ``clf`` and ``opt``: the state, or None when there is
+    none, it belongs to other settings, or it is damaged (reported in one line and removed; the
+    caller then starts from scratch, with a fresh model if this one was partly loaded)."""
+    if not path.is_file():
+        return None
+    try:
+        st = _read_state(path, device)
+        if st["fingerprint"] != fingerprint:
+            return None  # another setting's: overwritten after the first epoch
+        if not 0 <= st["epoch"] < p.epochs:
+            raise DamagedFile(f"its epoch {st['epoch']} is outside 0..{p.epochs - 1}")
+        try:
+            clf.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+        except Exception as e:  # a state dict of another shape
+            raise DamagedFile(f"does not fit the model ({type(e).__name__})") from e
+    except DamagedFile as e:
+        warn(f"fine-tune state {path} is damaged ({e}); discarding it, the unit starts over")
+        path.unlink(missing_ok=True)
+        raise
+    return st
 
 
 def _after_epoch(epoch: int) -> None:
@@ -292,16 +345,33 @@ def _after_epoch(epoch: int) -> None:
 
 
 def run_finetune(inp: ImageInputs, p: FinetuneParams) -> ProtocolOutput:
-    bb, bundle, device = inp.backbone, inp.bundle, inp.device
-    amp = device.type == "cuda"
+    """Fine-tune with the unit's state folder locked (a later run removes a folder nobody
+    holds once it is empty); the folder is removed when the unit is finished."""
+    state_dir = Path(inp.state_dir)
+    with file_lock(lock_path(state_dir), f"the fine-tune state {state_dir}"):
+        out = _run_finetune(inp, p, state_dir / "state.pt")
+        with contextlib.suppress(OSError):
+            state_dir.rmdir()
+    return out
+
+
+def _model(inp: ImageInputs, p: FinetuneParams):
+    """The classifier (a copy of the backbone plus a new head) and its optimiser, initialised
+    from the unit's seed."""
+    bb, device = inp.backbone, inp.device
     torch.manual_seed(inp.seed)
     read = FEATURE_KINDS.get(bb.feature_kind)
     encoder = copy.deepcopy(bb.model).to(device)  # the shared backbone stays untouched
     if p.drop_path > 0 and _set_drop_path(encoder, p.drop_path) == 0:
         raise UserError(f"fine-tune: {bb.tag} has no drop-path layers; set drop_path=0")
-    dim = bb.embed_dim()
-    clf = _Classifier(encoder, read, dim, bundle.num_classes).to(device)
-    opt = torch.optim.AdamW(_param_groups(clf, p), lr=p.lr)
+    clf = _Classifier(encoder, read, bb.embed_dim(), inp.bundle.num_classes).to(device)
+    return clf, torch.optim.AdamW(_param_groups(clf, p), lr=p.lr)
+
+
+def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> ProtocolOutput:
+    bb, bundle, device = inp.backbone, inp.bundle, inp.device
+    amp = device.type == "cuda"
+    clf, opt = _model(inp, p)
 
     pre = bb.preprocessing
     train_ds = _TrainImages(bundle.train, inp.train_idx, pre, p, inp.seed, augment=True)
@@ -314,19 +384,19 @@ def run_finetune(inp: ImageInputs, p: FinetuneParams) -> ProtocolOutput:
     n = len(train_ds)
     total, warmup = p.epochs * n, int(p.warmup_epochs * n)
 
-    state_path = Path(inp.state_dir) / "state.pt"
     fingerprint = sha256_json(
         {"params": asdict(p), "seed": inp.seed, "n": n, "backbone": bb.weights.sha256}
     )
     start, best = 0, {"val": -1.0, "epoch": -1, "model": None}
     history: list[dict] = []
-    if state_path.is_file():
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        if st.get("fingerprint") == fingerprint:
-            clf.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            start, best, history = st["epoch"] + 1, st["best"], st["history"]
-            print(f"[resume] fine-tune from epoch {start} of {p.epochs} ({state_path})", flush=True)
+    try:
+        st = _resume(state_path, device, fingerprint, p, clf, opt)
+    except DamagedFile:
+        st = None
+        clf, opt = _model(inp, p)  # the failed load may have written into the first ones
+    if st is not None:
+        start, best, history = st["epoch"] + 1, st["best"], st["history"]
+        print(f"[resume] fine-tune from epoch {start} of {p.epochs} ({state_path})", flush=True)
 
     stale = 0 if not history else history[-1].get("stale", 0)
     for epoch in range(start, p.epochs):

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ...errors import UserError
-from ...fsutil import sha256_file
+from ...fsutil import sha256_file, sha256_json
 from ..adapters import FolderReader, register_folder_reader
 from ..architecture import describe
 from ..archs import build_arch
@@ -74,8 +74,15 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
         load_report={
             **report,
             "training": {
-                k: meta.get(k)
-                for k in ("method", "epochs", "epochs_done", "seed", "collapsed", "code_version")
+                **{
+                    k: meta.get(k)
+                    for k in ("method", "epochs", "epochs_done", "seed", "collapsed", "code_version")
+                },
+                # the training recipe (its resolved config, the device left out): two machines
+                # that train one recipe write different weights, never a different recipe
+                "recipe": sha256_json(
+                    {k: v for k, v in (meta.get("train_config") or {}).items() if k != "device"}
+                )[:16],
             },
         },
         description=desc,
