@@ -1,0 +1,97 @@
+"""``write_report(results_dir)``: the HTML and markdown report of a results folder.
+
+``<results>/report/index.html`` is one static, self-contained page (inline CSS and JS, figures
+inlined as base64 PNG, no fetch of any kind): the leaderboard (sortable by clicking a header,
+filtered by dataset and protocol, each cell's setting in its hover title), per-protocol bar
+charts with 95% interval whiskers, few-shot accuracy against K with 95% bands, a t-SNE map of each
+backbone's cached test features, the invariance heat map, and the label-free diagnostics with
+their rank correlation with linear accuracy. ``<results>/report/report.md`` holds the same with
+the figures as PNG files beside it. A section whose records (or cached features) are absent is
+left out; a figure that cannot be drawn is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..fsutil import atomic_write_bytes, atomic_write_text, ensure_writable_dir
+from ..runtime import warn
+from . import html, markdown
+from .figures import Figure, bar_jobs, fewshot_jobs, invariance_jobs
+from .maps import diagnostics, tsne_jobs
+from .table import build_table
+
+__all__ = ["write_report"]
+
+TITLE = "ssl-eval report"
+
+
+def _draw(
+    jobs: Iterable[tuple[str, Callable[[], Figure | None]]], desc: str, progress: bool
+) -> list[Figure]:
+    from tqdm import tqdm
+
+    jobs = list(jobs)
+    out: list[Figure] = []
+    for name, job in tqdm(
+        jobs, desc=desc, file=sys.stderr, disable=not progress or not jobs, leave=False
+    ):
+        try:
+            fig = job()
+        except Exception as e:  # noqa: BLE001 - a figure is never worth losing the report
+            warn(f"report: could not draw {name} ({type(e).__name__}: {e}); skipping it")
+            continue
+        if fig is not None:
+            out.append(fig)
+    return out
+
+
+def write_report(
+    results_dir: str | Path, cache_dir: str | Path | None = None, progress: bool = True
+) -> Path:
+    """Write ``<results_dir>/report/index.html`` and ``report.md`` (with its PNG figures) from
+    the records under ``results_dir``; features for the t-SNE maps come from ``cache_dir``
+    (default ``$SSL_EVAL_CACHE`` or ``~/.cache/ssl-eval``). Returns the path of index.html."""
+    from ..features import default_cache_dir
+    from ..frame import load_frame
+
+    results_dir = Path(results_dir)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    out_dir = ensure_writable_dir(results_dir / "report", "report folder")
+    frame = load_frame(results_dir)
+    table = build_table(frame)
+    groups = [
+        ("Top-1 per protocol", _draw(bar_jobs(table), "report: bar charts", progress)),
+        ("Few-shot accuracy against K", _draw(fewshot_jobs(frame), "report: few-shot", progress)),
+        ("t-SNE of test features", _draw(tsne_jobs(frame, cache), "report: t-SNE", progress)),
+        ("Invariance", _draw(invariance_jobs(frame), "report: invariance", progress)),
+    ]
+    diags = diagnostics(frame)
+
+    figs = [f for _, fs in groups for f in fs]
+    keep = {f.name for f in figs}
+    for old in out_dir.glob("*.png"):  # figures of an earlier report that this one no longer has
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
+    for f in figs:
+        atomic_write_bytes(out_dir / f.name, f.png)
+
+    n = 0 if frame.empty else len(frame)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    subtitle = f"{n} record files from {results_dir.resolve()}, written {when}."
+    html_sections = [("Leaderboard", html.leaderboard_html(table))]
+    md_sections = [("Leaderboard", markdown.leaderboard_md(table))]
+    for heading, fs in groups:
+        if fs:
+            html_sections.append((heading, html.figures_html(fs)))
+            md_sections.append((heading, markdown.figures_md(fs)))
+    if diags:
+        html_sections.append(("Diagnostics", html.diagnostics_html(diags)))
+        md_sections.append(("Diagnostics", markdown.diagnostics_md(diags)))
+    index = out_dir / "index.html"
+    atomic_write_text(index, html.page(TITLE, subtitle, html_sections))
+    atomic_write_text(out_dir / "report.md", markdown.document(TITLE, subtitle, md_sections))
+    return index

@@ -1,0 +1,78 @@
+"""report.md: the same content as index.html for a repository viewer, figures as PNG files
+beside it. Names are escaped so that neither a pipe (a table cell) nor markup survives."""
+
+from __future__ import annotations
+
+from html import escape
+
+from .figures import Figure
+from .maps import Diagnostics
+from .table import Table
+
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\|[]*`"})
+
+
+def md(text: object) -> str:
+    """One line of markdown showing ``text`` literally (table-cell safe)."""
+    return escape(str(text), quote=False).translate(_MD_SPECIAL).replace("\n", " ")
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def leaderboard_md(table: Table) -> list[str]:
+    if not table.columns:
+        return ["No records with a top-1 metric.", ""]
+    lines = [
+        _row(["backbone", *(md(c.label) for c in table.columns)]),
+        _row(["---", *("---:" for _ in table.columns)]),
+    ]
+    for r in table.rows:
+        cells = [table.cells.get((r, c.key)) for c in table.columns]
+        lines.append(_row([md(r), *("–" if x is None else md(x.text()) for x in cells)]))
+    lines += [
+        "",
+        "Top-1 (%) with its 95% interval (the HTML report shows each cell's setting).",
+        "",
+    ]
+    return lines
+
+
+def figures_md(figs: list[Figure]) -> list[str]:
+    out = []
+    for f in figs:
+        out += [f"![{md(f.title)}]({f.name})", ""]
+    return out
+
+
+def _n(v: float | None, fmt: str = ".3f") -> str:
+    return "–" if v is None or v != v else format(v, fmt)
+
+
+def diagnostics_md(diags: list[Diagnostics]) -> list[str]:
+    out: list[str] = []
+    for d in diags:
+        out += [f"### {md(d.dataset)}", ""]
+        out.append(_row(["backbone", *(md(m) for m in d.metrics), "linear top-1 (%)"]))
+        out.append(_row(["---", *("---:" for _ in d.metrics), "---:"]))
+        for b in sorted(d.values, key=str.lower):
+            lin = d.linear.get(b)
+            vals = [_n(d.values[b].get(m)) for m in d.metrics]
+            out.append(_row([md(b), *vals, _n(None if lin is None else 100 * lin, ".1f")]))
+        out.append("")
+        if d.spearman:
+            out += [_row(["diagnostic", "Spearman ρ with linear top-1", "backbones"])]
+            out += [_row(["---", "---:", "---:"])]
+            out += [_row([md(m), _n(rho, "+.2f"), str(n)]) for m, (rho, n) in d.spearman.items()]
+        else:
+            out.append("Fewer than 3 backbones have both a diagnostic and a linear top-1 here.")
+        out.append("")
+    return out
+
+
+def document(title: str, subtitle: str, sections: list[tuple[str, list[str]]]) -> str:
+    lines = [f"# {md(title)}", "", md(subtitle), ""]
+    for heading, body in sections:
+        lines += [f"## {md(heading)}", "", *body]
+    return "\n".join(lines).rstrip() + "\n"
