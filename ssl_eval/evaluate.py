@@ -139,7 +139,7 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
             for seed in cfg.seeds:
                 bb = backbone(bb_name, seed)
                 for card in cfg.protocols:
-                    if card.protocol.inputs == "images" and not any(
+                    if card.protocol.trains and not any(
                         p.requires_grad for p in bb.model.parameters()
                     ):
                         if cfg.skip_inapplicable:  # a suite: the cell stays empty, and says why

@@ -263,7 +263,8 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
             f"no result records under {results_dir / 'records'}; run `ssl-eval run` first"
         )
     t = build_table(records, metric)
-    if not t.cells:
+    probes = probe_table(results_dir)
+    if not t.cells and probes is None:
         raise UserError(f"no records carry the metric {metric!r}")
     best = {c: t.best(c) for c in t.cols}
 
@@ -349,9 +350,84 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
             f"- `{b}` **{_md(t.row_label[b])}**: {_md(_summary_text(t.row_summary[b]))}"
             for b in labelled
         ]
+    if probes is not None:
+        lines += ["", *probe_markdown(probes)]
+        atomic_write_text(results_dir / "probes.csv", probes.to_csv(float_format="%.4f"))
     md_path = results_dir / "leaderboard.md"
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+# ---------------------------------------------------------------- probes and diagnostics
+
+PROBE_TYPES = ("invariance", "diagnostics")
+
+
+def probe_table(results_dir: Path):
+    """Backbone x metric table (pandas) of the newest invariance and diagnostics records, one
+    column per (dataset, metric); None when there are none. Decodability is a test top-1
+    (shown in %), invariance a score in [-1, 1] and the diagnostics their own units."""
+    from .frame import load_frame
+
+    frame = load_frame(results_dir)
+    if frame.empty or "protocol.type" not in frame:
+        return None
+    frame = frame[frame["protocol.type"].isin(PROBE_TYPES)].sort_values("time", kind="stable")
+    if frame.empty:
+        return None
+    metric_cols = [
+        c
+        for c in frame.columns
+        if c.split(".")[0] == c and (c.startswith(("decode_", "inv_")) or c in DIAGNOSTICS)
+    ]
+    long = frame.melt(
+        id_vars=["backbone", "dataset", "setting.column_hash"],
+        value_vars=metric_cols,
+        var_name="metric",
+    ).dropna(subset=["value"])
+    # one column per setting: a dataset probed under two card settings gets two columns
+    n_settings = long.groupby(["dataset", "metric"])["setting.column_hash"].transform("nunique")
+    tag = long["setting.column_hash"].str[:6].where(n_settings > 1, "")
+    long["column"] = (
+        long["dataset"] + tag.map(lambda t: f" [{t}]" if t else "") + " / " + long["metric"]
+    )
+    table = long.pivot_table(
+        index="backbone", columns="column", values="value", aggfunc="last", sort=False
+    )
+    order = [c for m in metric_cols for c in table.columns if c.endswith(f" / {m}")]
+    return table[list(dict.fromkeys(order))].sort_index()
+
+
+DIAGNOSTICS = ("rankme", "alignment", "uniformity")
+
+
+def probe_markdown(table) -> list[str]:
+    def fmt(col: str, v) -> str:
+        if v != v:  # NaN: not measured
+            return ""
+        metric = col.rsplit(" / ", 1)[1]
+        return (
+            f"{100 * v:.1f}"
+            if metric.startswith("decode_")
+            else f"{v:.3f}"
+            if metric.startswith("inv_")
+            else f"{v:.2f}"
+        )
+
+    lines = [
+        "## Invariance probes and label-free diagnostics",
+        "",
+        "`decode_<factor>`: test top-1 (%) of a linear probe for that factor; `inv_<aug>`: "
+        "invariance to that augmentation (1: features unchanged, 0: moved as far as another "
+        "image); `rankme`: effective rank; `alignment` (lower: views closer) and `uniformity` "
+        "(lower: more spread). Written also as `probes.csv`.",
+        "",
+        "| backbone | " + " | ".join(_md(c) for c in table.columns) + " |",
+        "|---|" + "---:|" * len(table.columns),
+    ]
+    for b, row in table.iterrows():
+        lines.append(f"| {_md(b)} | " + " | ".join(fmt(c, row[c]) for c in table.columns) + " |")
+    return lines
 
 
 def _summary_text(s: dict) -> str:

@@ -54,6 +54,9 @@ class DatasetBundle:
     train: ImageSplit
     test: ImageSplit
     fingerprint: dict = field(default_factory=dict)
+    # every label set of a dataset whose images carry several (shapes: shape, colour, size,
+    # position): {"train": {factor: labels}, "test": {...}}; None elsewhere
+    factors: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -148,6 +151,7 @@ def _shapes_loader(label_set: str) -> DatasetSpec:
                 "seeds": [SHAPES_SEED, SHAPES_SEED + 1],
                 "label_set": label_set,
             },
+            factors={"train": dict(tr_lab), "test": dict(te_lab)},
         )
 
     return DatasetSpec(name, load, f"procedural shapes, label set '{label_set}'")

@@ -80,6 +80,7 @@ class ProtocolType:
     inputs: str = "features"
     seeded: bool = True  # False: the numbers do not depend on the seed (k-NN on fixed features)
     preflight: Callable[[object, DataShape], None] | None = None  # data-dependent checks of params
+    trains: bool = False  # True: it trains the backbone (refused for one without parameters)
 
 
 PROTOCOL_TYPES: Registry[ProtocolType] = Registry("protocol type")
@@ -101,3 +102,20 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
 def as_tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """Features (often memory-mapped float16) -> float32 tensor on ``device``."""
     return torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
+
+
+def embed_images(
+    backbone, images: np.ndarray, device: torch.device, batch: int = 256
+) -> np.ndarray:
+    """uint8 NHWC images -> (N, D) float32 features of ``backbone`` (its own preprocessing,
+    eval mode), for protocols that probe the backbone on images of their own making."""
+    model_device = next(iter(backbone.model.parameters()), torch.empty(0)).device
+    if model_device != device:
+        backbone.model.to(device)
+    out = []
+    pre = backbone.preprocessing
+    for s in range(0, len(images), batch):
+        chunk = torch.from_numpy(np.ascontiguousarray(images[s : s + batch])).permute(0, 3, 1, 2)
+        x = torch.stack([pre.geometric(im) for im in chunk])
+        out.append(backbone.embed(pre.normalise(x).to(device)).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)

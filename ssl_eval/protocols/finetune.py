@@ -487,5 +487,6 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
 
 
 PROTOCOL_TYPES.register(
-    "finetune", ProtocolType("finetune", FinetuneParams, run_finetune, inputs="images")
+    "finetune",
+    ProtocolType("finetune", FinetuneParams, run_finetune, inputs="images", trains=True),
 )

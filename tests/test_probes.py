@@ -1,0 +1,111 @@
+"""Invariance probes and label-free diagnostics: the numbers mean what they say on backbones
+whose answer is known by construction."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ssl_eval.backbones.base import Backbone
+from ssl_eval.cli import main
+from ssl_eval.data.datasets import DatasetOptions, get_dataset
+from ssl_eval.data.splits import stratified_val_split
+from ssl_eval.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ssl_eval.errors import UserError
+from ssl_eval.protocols import ImageInputs
+from ssl_eval.protocols.diagnostics import alignment, rankme, uniformity
+from ssl_eval.protocols.invariance import InvarianceParams, run_invariance
+
+SMALL = InvarianceParams(train_images=300, val_images=100, test_images=200)
+
+
+class Flat(nn.Module):
+    def __init__(self, gray=False, flip_sum=False):
+        super().__init__()
+        self.gray, self.flip_sum = gray, flip_sum
+
+    def forward(self, x):
+        if self.gray:
+            x = x.mean(dim=1, keepdim=True)
+        if self.flip_sum:
+            x = x + x.flip(-1)
+        return x.flatten(1)
+
+
+def _bb(tag, **kw):
+    pre = Preprocessing(resize=16, crop=16, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return Backbone(tag, Flat(**kw), pre)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    b = get_dataset("shapes", DatasetOptions())
+    tr, va = stratified_val_split(b.train.labels, 0.1, 0)
+    return b, tr, va
+
+
+def _probe(shapes, bb, p=SMALL):
+    b, tr, va = shapes
+    inp = ImageInputs(bb, b, tr, va, torch.device("cpu"), 0, None)
+    return run_invariance(inp, p).metrics
+
+
+def test_grayscale_pixels_cannot_tell_colours_apart(shapes):
+    rgb, gray = _probe(shapes, _bb("rgb")), _probe(shapes, _bb("gray", gray=True))
+    assert rgb["decode_colour"] > gray["decode_colour"] + 0.2, (rgb, gray)
+
+
+def test_flip_invariant_by_construction_scores_one(shapes):
+    sym, plain = _probe(shapes, _bb("sym", flip_sum=True)), _probe(shapes, _bb("plain"))
+    assert sym["inv_flip"] > 0.999 and plain["inv_flip"] < 0.9, (sym["inv_flip"], plain["inv_flip"])
+
+
+def test_invariance_refuses_a_dataset_without_factors():
+    b = get_dataset("digits", DatasetOptions())
+    tr, va = stratified_val_split(b.train.labels, 0.1, 0)
+    inp = ImageInputs(_bb("x"), b, tr, va, torch.device("cpu"), 0, None)
+    with pytest.raises(UserError, match="several factor labels"):
+        run_invariance(inp, SMALL)
+
+
+def test_rankme_of_a_rank_r_matrix_and_the_papers_formula():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(200, 3)))
+    x = q @ np.diag([5.0, 5.0, 5.0]) @ np.linalg.qr(rng.normal(size=(64, 3)))[0].T
+    assert rankme(x) == pytest.approx(3.0, abs=1e-3)
+    y = rng.normal(size=(300, 20)) * np.linspace(0.1, 3, 20)
+    s = np.linalg.svd(y, compute_uv=False)
+    p = s / (s.sum() + 1e-7) + 1e-7
+    assert rankme(y) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
+
+
+def test_alignment_and_uniformity():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(100, 16))
+    assert alignment(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert alignment(a, -a) == pytest.approx(4.0)
+    collapsed = np.ones((50, 8))
+    assert uniformity(collapsed) == pytest.approx(0.0, abs=1e-9)
+    assert uniformity(rng.normal(size=(200, 32))) < -2.0
+
+
+def test_probes_from_the_cli_reach_the_leaderboard(tmp_path, capsys):
+    r = tmp_path / "r"
+    args = [
+        "run",
+        "--backbone",
+        "pixels",
+        "--dataset",
+        "shapes",
+        "--protocol",
+        "invariance,diagnostics",
+    ]
+    args += ["--image-size", "16", "--no-progress", "--results-dir", str(r)]
+    args += ["--set", "train_images=300", "--set", "val_images=100", "--set", "test_images=200"]
+    args += ["--set", "images=200"]
+    assert main(args) == 0
+    md = (r / "leaderboard.md").read_text()
+    assert "## Invariance probes and label-free diagnostics" in md
+    row = next(line for line in md.splitlines() if line.startswith("| pixels |"))
+    assert len(row.split("|")) == 2 + 1 + 12  # 4 decode + 5 inv + 3 diagnostics
+    assert (r / "probes.csv").is_file()
