@@ -277,7 +277,10 @@ def _p_drop(old: dict, new: dict) -> tuple[float | None, str]:
             return (0.0 if new["value"] < old["value"] else 1.0), "intervals of width 0"
         z = (old["value"] - new["value"]) / se
         return 0.5 * math.erfc(z / math.sqrt(2)), "from the two 95% intervals"
-    return None, "no interval or per-image results"
+    # nothing to test with: compared exactly (any drop is significant), never waved through
+    if new["value"] < old["value"]:
+        return 0.0, "no interval or per-image results: compared exactly"
+    return 1.0, "no interval or per-image results: compared exactly"
 
 
 def _binom_tail(k: int, n: int) -> float:
@@ -307,12 +310,19 @@ def check(
     allow_missing: bool = False,
     allow_changed: bool = False,
 ) -> CheckResult:
+    """Compare ``current`` rows (``frame_rows``) with ``baseline`` rows (``read_baseline``).
+
+    Each baseline row is matched on its key with the current row of the same setting, else
+    the newest current row of that key (then its setting decides: retrained or changed).
+    Under ``tolerance=None`` (auto) a drop is a regression when its one-sided p-value, Holm-
+    adjusted over every compared row, is below 0.05; a rise is an improvement by the same rule
+    the other way. A number: a drop (rise) larger than it is a regression (improvement)."""
     res = CheckResult(allow_missing=allow_missing, allow_changed=allow_changed)
     by_key: dict[tuple, list[dict]] = {}
     for r in current:
         by_key.setdefault(_key(r), []).append(r)
-    seen: set[tuple] = set()
-    pending: list[tuple[dict, dict, str, float | None, str]] = []
+    used: set[int] = set()  # ids of the current rows a baseline row was matched with
+    pending: list[tuple[dict, dict, str]] = []
     for old in baseline:
         k = _key(old)
         cands = by_key.get(k, [])
@@ -322,30 +332,30 @@ def check(
                 Finding("missing", old=old["value"], detail="not in the current records", **f)
             )
             continue
-        seen.add(k)
         same = [c for c in cands if c["setting"]["hash"] == old["setting"]["hash"]]
         new = same[-1] if same else sorted(cands, key=lambda c: str(c.get("time")))[-1]
+        used.add(id(new))
         relation, what = _setting_difference(old, new)
         if relation == "changed":
             res.findings.append(
                 Finding("changed", old=old["value"], new=new["value"], detail=what, **f)
             )
             continue
-        pending.append((old, new, relation, *_p_drop(old, new)))
+        pending.append((old, new, relation))
     # decide on every compared row together
-    if tolerance is None:
-        ps = [p if p is not None else 1.0 for *_, p, _ in pending]
-        adj = _holm(ps) if ps else []
-    for i, (old, new, relation, p, how) in enumerate(pending):
+    tests = [(*_p_drop(old, new), _p_drop(new, old)[0]) for old, new, _ in pending]
+    if tolerance is None and pending:
+        adj_down = _holm([p for p, _, _ in tests])
+        adj_up = _holm([p for _, _, p in tests])
+    for i, (old, new, relation) in enumerate(pending):
         f = dict(zip(KEY, _key(old), strict=True))
         drop = old["value"] - new["value"]
+        p, how, _ = tests[i]
         if tolerance is None:
-            tol = f"auto: {how}, Holm-adjusted p={adj[i]:.3g}"
-            worse = p is not None and adj[i] < ALPHA and drop > 0
-            better = False
-            if drop < 0 and p is not None:
-                p_up, _ = _p_drop(new, old)
-                better = p_up is not None and min(1.0, p_up * len(pending)) < ALPHA
+            worse = drop > 0 and adj_down[i] < ALPHA
+            better = drop < 0 and adj_up[i] < ALPHA
+            shown = adj_up[i] if better else adj_down[i]
+            tol = f"auto: {how}, Holm-adjusted p={shown:.3g}"
         else:
             tol = f"tolerance {100 * tolerance:.2f} points"
             worse, better = drop > tolerance, -drop > tolerance
@@ -365,15 +375,14 @@ def check(
         if relation == "retrained":
             res.findings.append(Finding("retrained", **f))
     for k, cands in by_key.items():
-        if k not in seen:
-            new = cands[-1]
+        in_baseline = any(_key(old) == k for old in baseline)
+        known = {old["setting"]["hash"] for old in baseline if _key(old) == k}
+        for new in cands:
+            if id(new) in used or (in_baseline and new["setting"]["hash"] in known):
+                continue
+            what = "a setting not in the baseline" if in_baseline else "not in the baseline"
             res.findings.append(
-                Finding(
-                    "new",
-                    new=new["value"],
-                    detail="not in the baseline",
-                    **dict(zip(KEY, k, strict=True)),
-                )
+                Finding("new", new=new["value"], detail=what, **dict(zip(KEY, k, strict=True)))
             )
     return res
 

@@ -35,7 +35,8 @@ def _method(name: str):
         for k, v in {"proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16}.items()
         if k in cfg.method_cfg
     }
-    m = spec.cls(build_arch(arch), spec.make_config({**overrides, **SMALL.get(name, {})}))
+    extra = {"num_classes": 4} if spec.uses_labels else {}  # the supervised reference
+    m = spec.cls(build_arch(arch), spec.make_config({**overrides, **SMALL.get(name, {})}), **extra)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     views = make_views(x, cfg.aug, step_generator(0, 0, 0), (0.5,) * 3, (0.25,) * 3)
     m.rng = step_generator(0, 0, 0, stream=1)
@@ -46,7 +47,12 @@ def _method(name: str):
 def test_method_step_and_stop_gradient(name):
     m, views = _method(name)
     m.train()
-    loss = m(views, 0.1)
+    if METHODS.get(name).uses_labels:
+        with pytest.raises(RuntimeError, match="labels"):  # never trains without them
+            m(views, 0.1)
+        loss = m(views, 0.1, torch.arange(8) % 4)
+    else:
+        loss = m(views, 0.1)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.parameters())

@@ -14,6 +14,7 @@ from ssl_eval.errors import UserError
 from ssl_eval.features import extract
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.knn import KnnParams, run_knn
+from ssl_eval.train.checkpoint import load_state
 from ssl_eval.train.data import load_train_data
 from ssl_eval.train.loop import train
 from ssl_eval.train.resolve import default_config, resolve_config
@@ -94,8 +95,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, data):
     assert (full / "backbone.safetensors").read_bytes() == (
         cut / "backbone.safetensors"
     ).read_bytes()
-    a = torch.load(full / "train_state.pt", weights_only=True)
-    b = torch.load(cut / "train_state.pt", weights_only=True)
+    a, b = load_state(full), load_state(cut)  # checksummed files (ssl_eval.train.checkpoint)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     with pytest.raises(UserError, match="another config"):

@@ -35,7 +35,7 @@ def run(a: argparse.Namespace) -> int:
                 "parquet export needs pyarrow: pip install pyarrow (or use --format csv|jsonl)"
             ) from e
         buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
+        _one_type_per_column(frame).to_parquet(buf, index=False)
         data = buf.getvalue()
     elif a.format == "csv":
         data = frame.to_csv(index=False).encode()
@@ -44,3 +44,21 @@ def run(a: argparse.Namespace) -> int:
     atomic_write_bytes(out, data)
     print(f"wrote {out}: {len(frame)} row(s), {len(frame.columns)} column(s)")
     return 0
+
+
+def _one_type_per_column(frame):
+    """Parquet needs one type per column: a column mixing kinds (a number in one record, a
+    text in another) keeps its text and numbers as their JSON text; missing stays missing."""
+    import json
+
+    out = frame.copy()
+    for c in out.columns:
+        if out[c].dtype != object:
+            continue
+        kinds = {type(v) for v in out[c] if v is not None and v == v}
+        if len(kinds) > 1:
+            out[c] = [
+                v if v is None or v != v or isinstance(v, str) else json.dumps(v, default=str)
+                for v in out[c]
+            ]
+    return out

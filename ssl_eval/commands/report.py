@@ -8,7 +8,7 @@ from pathlib import Path
 from ._args import add_results_dir
 
 NAME = "report"
-HELP = "write <results>/report/index.html and report.md (leaderboard, figures, diagnostics)"
+HELP = "write index.html and report.md (leaderboard, figures, diagnostics)"
 ORDER = 45
 
 
@@ -19,6 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="feature cache for the t-SNE maps (default $SSL_EVAL_CACHE or ~/.cache/ssl-eval)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for index.html, report.md and its figures (default <results-dir>/report)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -32,6 +38,8 @@ def run(a: argparse.Namespace) -> int:
         raise UserError(
             f"no records under {a.results_dir}: run 'ssl-eval run' first or pass --results-dir"
         )
-    index = write_report(a.results_dir, cache_dir=a.cache_dir, progress=not a.no_progress)
+    index = write_report(
+        a.results_dir, cache_dir=a.cache_dir, progress=not a.no_progress, out_dir=a.out
+    )
     print(f"wrote {index} and {index.parent / 'report.md'}")
     return 0

@@ -12,6 +12,7 @@ left out; a figure that cannot be drawn is skipped with a warning.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -27,6 +28,8 @@ from .table import build_table
 __all__ = ["write_report"]
 
 TITLE = "ssl-eval report"
+# the names figures.file_name gives: what a report may remove from its folder
+_OURS = re.compile(r"^(bars|fewshot|tsne|invariance)-[A-Za-z0-9_.-]*-[0-9a-f]{8}\.png$")
 
 
 def _draw(
@@ -50,17 +53,23 @@ def _draw(
 
 
 def write_report(
-    results_dir: str | Path, cache_dir: str | Path | None = None, progress: bool = True
+    results_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
 ) -> Path:
-    """Write ``<results_dir>/report/index.html`` and ``report.md`` (with its PNG figures) from
-    the records under ``results_dir``; features for the t-SNE maps come from ``cache_dir``
-    (default ``$SSL_EVAL_CACHE`` or ``~/.cache/ssl-eval``). Returns the path of index.html."""
+    """Write ``index.html`` and ``report.md`` (with its PNG figures) into ``out_dir`` (default
+    ``<results_dir>/report``) from the records under ``results_dir``; features for the t-SNE
+    maps come from ``cache_dir`` (default ``$SSL_EVAL_CACHE`` or ``~/.cache/ssl-eval``).
+    Returns the path of index.html."""
     from ..features import default_cache_dir
     from ..frame import load_frame
 
     results_dir = Path(results_dir)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    out_dir = ensure_writable_dir(results_dir / "report", "report folder")
+    out_dir = ensure_writable_dir(
+        Path(out_dir) if out_dir is not None else results_dir / "report", "report folder"
+    )
     frame = load_frame(results_dir)
     table = build_table(frame)
     groups = [
@@ -74,7 +83,7 @@ def write_report(
     figs = [f for _, fs in groups for f in fs]
     keep = {f.name for f in figs}
     for old in out_dir.glob("*.png"):  # figures of an earlier report that this one no longer has
-        if old.name not in keep:
+        if old.name not in keep and _OURS.match(old.name):  # never another file of --out
             old.unlink(missing_ok=True)
     for f in figs:
         atomic_write_bytes(out_dir / f.name, f.png)

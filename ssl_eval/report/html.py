@@ -28,6 +28,12 @@ img{max-width:100%}
 .note{color:#555;font-size:13px}
 """
 
+# first in the page: any script error is kept in window.reportErrors (the browser test reads it)
+ONERROR = (
+    "window.reportErrors=[];window.onerror=function(m,s,l,c){"
+    "window.reportErrors.push(String(m)+' at '+l+':'+c);};"
+)
+
 JS = """
 (function(){
   var t=document.getElementById('leaderboard');
@@ -170,7 +176,7 @@ def page(title: str, subtitle: str, sections: list[tuple[str, str]]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
+        f"<title>{escape(title)}</title><script>{ONERROR}</script><style>{CSS}</style></head><body>"
         f'<h1>{escape(title)}</h1><p class="note">{escape(subtitle)}</p>{body}'
         f"<script>{JS}</script></body></html>\n"
     )

@@ -3,7 +3,9 @@
 * ``backbone.safetensors`` + ``backbone.json``: the backbone's weights and the sidecar the
   evaluator rebuilds it from (format: ssl_eval.backbones.trained_format), rewritten every epoch;
 * ``train_state.pt``: everything ``--resume`` needs (model with targets/teachers, optimiser,
-  epoch, monitor history); loaded with ``weights_only=True``.
+  epoch, monitor history), behind a length and crc32 header (``fsutil.write_checked``); loaded
+  with ``weights_only=True``. A damaged one is reported in one line, removed, and the training
+  starts again from epoch 0 (training is deterministic, so the result is the same).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from ..backbones.trained_format import (  # noqa: F401
 )
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ..errors import UserError
-from ..fsutil import atomic_write_bytes
+from ..fsutil import DamagedFile, read_checked, write_checked
+from ..runtime import warn
 
 STATE = "train_state.pt"
 
@@ -37,18 +40,77 @@ if TYPE_CHECKING:
     from .methods.base import MethodSpec
 
 
+_FIELDS = {"model": dict, "optimizer": dict, "epoch": int, "history": list, "config": dict}
+
+
 def save_state(out: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(Path(out) / STATE, buf.getvalue())
+    write_checked(Path(out) / STATE, buf.getvalue())
 
 
-def load_state(out: Path) -> dict:
+def _read_state(path: Path) -> dict:
+    """The state, verified (checksum, then its form); ``DamagedFile`` otherwise."""
+    payload = read_checked(path, legacy=True)  # legacy: states written before checksums
+    try:
+        st = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types on a damaged file
+        raise DamagedFile(f"not a readable torch file ({type(e).__name__})") from e
+    if not isinstance(st, dict) or any(not isinstance(st.get(k), t) for k, t in _FIELDS.items()):
+        raise DamagedFile("not a training state of the form ssl-eval writes")
+    if st["epoch"] < 1 or len(st["history"]) != st["epoch"]:
+        raise DamagedFile(f"its epoch {st['epoch']} does not match its history")
+    return st
+
+
+def load_state(out: Path) -> dict | None:
+    """The saved training state of ``out``; None when it is damaged (truncated, bytes changed,
+    not a state ssl-eval writes): that is reported in one line and the file removed, so the
+    caller trains from epoch 0."""
     path = Path(out) / STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"cannot read training state {path}: {e}. Delete it to start over.") from e
+        return _read_state(path)
+    except DamagedFile as e:
+        warn(f"training state {path} is damaged ({e}); discarding it, training starts over")
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise UserError(
+                f"training state {path} is damaged and cannot be removed ({err.strerror}); "
+                "delete it to start over"
+            ) from err
+        return None
+
+
+def restore(method: nn.Module, opt: torch.optim.Optimizer, st: dict, path: Path) -> bool:
+    """Load ``st`` into ``method`` and ``opt``; False (reported in one line, the state removed)
+    when it does not fit them. Nothing is loaded unless everything fits, so on False the caller
+    trains from epoch 0 with the model and optimiser as they were built."""
+    own = method.state_dict()
+    sd = st["model"]
+    bad = sorted(set(own) ^ set(sd)) or [
+        k for k in own if not isinstance(sd[k], torch.Tensor) or sd[k].shape != own[k].shape
+    ]
+    saved = opt.state_dict()
+    try:
+        if bad:
+            raise ValueError(f"{len(bad)} entries differ, first {bad[0]!r}")
+        opt.load_state_dict(st["optimizer"])  # checks its groups before changing anything
+        method.load_state_dict(sd)
+    except Exception as e:
+        opt.load_state_dict(saved)
+        warn(
+            f"training state {path} is damaged (it does not fit the model: {_one_line(e)}); "
+            "discarding it, training starts over"
+        )
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:120]}" if text else type(e).__name__
 
 
 def export_backbone(out: Path, backbone: nn.Module, sidecar: dict) -> None:

@@ -24,7 +24,7 @@ from ..runtime import log as runtime_log
 from ..runtime import resolve_device
 from . import dist
 from .augment import make_views, step_generator
-from .checkpoint import STATE, export_backbone, load_state, make_sidecar, save_state
+from .checkpoint import STATE, export_backbone, load_state, make_sidecar, restore, save_state
 from .config import TrainConfig
 from .data import TrainData, load_train_data
 from .methods import METHODS
@@ -92,17 +92,17 @@ def train(
     opt = build_optimizer(method, cfg.optim)
     base_lr = cfg.optim.base_lr * cfg.batch_size / 256
     start, history = 0, []
-    if resume and (out / STATE).exists():
-        st = load_state(out)
+    # a damaged state is reported and removed by load_state/restore: training starts over
+    st = load_state(out) if resume and (out / STATE).exists() else None
+    if st is not None:
         if st["config"] != cfg.to_dict():
             raise UserError(
                 f"{out} was trained with another config; resume with the same settings "
                 "(see its backbone.json) or pick another --out"
             )
-        method.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        start, history = st["epoch"], st["history"]
-        log(f"resuming {out} after epoch {start}/{cfg.epochs}")
+        if restore(method, opt, st, out / STATE):
+            start, history = st["epoch"], st["history"]
+            log(f"resuming {out} after epoch {start}/{cfg.epochs}")
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     for epoch in range(start, cfg.epochs):

@@ -76,7 +76,14 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
             "training": {
                 **{
                     k: meta.get(k)
-                    for k in ("method", "epochs", "epochs_done", "seed", "collapsed", "code_version")
+                    for k in (
+                        "method",
+                        "epochs",
+                        "epochs_done",
+                        "seed",
+                        "collapsed",
+                        "code_version",
+                    )
                 },
                 # the training recipe (its resolved config, the device left out): two machines
                 # that train one recipe write different weights, never a different recipe
