@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrain", action="store_true", help="retrain models already trained")
     p.add_argument("--no-report", action="store_true", help="skip the HTML/markdown report")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--junit", type=Path, help="with a reference: the check's JUnit XML (one case per row)"
+    )
+    p.add_argument("--summary", type=Path, help="with a reference: the check's markdown summary")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -91,7 +95,11 @@ def run(a: argparse.Namespace) -> int:
     from ..cli import main
 
     print(f"checking against the reference {ref}:")
-    code = main(["check", "--baseline", ref, "--results-dir", str(results)])
+    argv = ["check", "--baseline", ref, "--results-dir", str(results)]
+    for flag, path in (("--junit", a.junit), ("--summary", a.summary)):
+        if path is not None:
+            argv += [flag, str(path)]
+    code = main(argv)
     print(
         "REPRODUCED: every number is within tolerance of the reference"
         if code == 0
