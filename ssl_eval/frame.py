@@ -118,6 +118,17 @@ def unit_row(path: Path, records: list[ResultRecord]) -> dict[str, object]:
     return row
 
 
+def _units(records: list[ResultRecord]) -> list[list[ResultRecord]]:
+    """The records of a file grouped by unit run (a file ssl-eval writes holds one; a file
+    merged by hand may hold several): each group becomes one row, so no metric of one unit
+    run overwrites another's."""
+    groups: dict[tuple, list[ResultRecord]] = {}
+    for r in records:
+        k = (r.unit, r.run_id, r.time, r.seed, r.backbone, r.setting["hash"])
+        groups.setdefault(k, []).append(r)
+    return list(groups.values())
+
+
 def load_frame(results_dir: str | Path) -> pd.DataFrame:
     """Every record file under ``<results_dir>/records/`` as one row of a DataFrame, in the
     order of the file names (as ``load_records``). A file that is not a valid record file
@@ -157,20 +168,23 @@ def load_frame(results_dir: str | Path) -> pd.DataFrame:
     """
     import pandas as pd
 
-    rows, metrics = [], []
+    rows, metrics, n_records = [], [], 0
     for p in sorted(records_dir(Path(results_dir)).glob("*.json")):
         try:
             records = read_unit_file(p)
         except ValueError as e:
             warn(f"skipping {p}: {e}")
             continue
-        if records:
-            rows.append(unit_row(p, records))
-            metrics += [r.metric for r in records if r.metric not in metrics]
+        n_records += len(records)
+        for group in _units(records):
+            rows.append(unit_row(p, group))
+            metrics += [m for m in dict.fromkeys(r.metric for r in group) if m not in metrics]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=list(IDENTITY))
-    return frame[_column_order(frame.columns, metrics)]
+    frame = frame[_column_order(frame.columns, metrics)]
+    frame.attrs["n_records"] = n_records  # one per metric of each file
+    return frame
 
 
 # the column groups after the identity and the metrics, in this order

@@ -19,13 +19,15 @@ An interval is clipped to the metric's range [0, 100].
 
 from __future__ import annotations
 
-import csv
-import io
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from .errors import UserError
+from .frame import load_frame
 from .fsutil import atomic_write_text, sha256_json
 from .results import ResultRecord, load_records
 from .stats import mcnemar, mean_ci, paired_bootstrap, unpack_bits
@@ -111,7 +113,7 @@ class Cell:
     hi: float | None
     kind: str  # bootstrap | t-seeds | t-draws | t-episodes | "" (no interval)
     n: int  # seeds averaged (t-seeds), draws / episodes, else 1
-    records: list[ResultRecord]
+    files: list[str]  # the record files behind the value
     clipped: bool = False  # the interval reached past [0, 100] and was cut there
 
     @property
@@ -130,38 +132,47 @@ class Cell:
         return s + KIND_MARK.get(self.kind, "")
 
 
-def _record_kind(r: ResultRecord) -> str:
-    if r.ci95 is None:
+def _interval_kind(ci_method: object) -> str:
+    if not isinstance(ci_method, str) or not ci_method:
         return ""
-    if r.ci_method == "bootstrap-test":
+    if ci_method == "bootstrap-test":
         return "bootstrap"
-    return "t-episodes" if "episode" in r.ci_method else "t-draws"
+    return "t-episodes" if "episode" in ci_method else "t-draws"
 
 
 def _clip(lo: float, hi: float) -> tuple[float, float, bool]:
     return max(lo, 0.0), min(hi, 1.0), lo < 0.0 or hi > 1.0
 
 
-def make_cell(records: list[ResultRecord]) -> Cell:
-    """The cell of one setting's records (any seeds): newest record per seed, then the t
-    interval over seeds where the setting depends on the seed, else the newest record's own."""
-    newest: dict[object, ResultRecord] = {}
-    for r in records:
-        k = r.seed if r.seed_dependent else None
-        if k not in newest or (r.time, r.run_id) > (newest[k].time, newest[k].run_id):
-            newest[k] = r
-    rs = sorted(newest.values(), key=lambda r: (r.seed, r.time))
-    if len(rs) >= 2:
-        m, _, lo, hi = mean_ci([r.value for r in rs])
+def _present(v: object) -> bool:
+    return v is not None and v == v  # NaN is a value the frame lacks
+
+
+def make_cell(rows: pd.DataFrame, metric: str = HEADLINE) -> Cell:
+    """The cell of one setting's frame rows (any seeds): the newest row per seed, then the t
+    interval over seeds where the setting depends on the seed, else the newest row's own."""
+    rows = rows.assign(_seed=rows["seed"].where(rows["seed_dependent"].astype(bool), None))
+    newest = (
+        rows.sort_values(["time", "run_id"], kind="stable")
+        .groupby("_seed", dropna=False, sort=False)
+        .tail(1)
+        .sort_values(["seed", "time"], kind="stable")
+    )
+    files = newest["file"].astype(str).tolist()
+    if len(newest) >= 2:
+        m, _, lo, hi = mean_ci(newest[metric].astype(float).to_numpy())
         lo, hi, cut = _clip(lo, hi)
-        return Cell(100 * m, 100 * lo, 100 * hi, "t-seeds", len(rs), rs, cut)
-    r = rs[0]
-    kind = _record_kind(r)
-    if r.ci95 is None:
-        return Cell(100 * r.value, None, None, "", 1, rs)
-    lo, hi, cut = _clip(*r.ci95)
-    n = (r.spread or {}).get("n", 1)
-    return Cell(100 * r.value, 100 * lo, 100 * hi, kind, n, rs, cut)
+        return Cell(100 * m, 100 * lo, 100 * hi, "t-seeds", len(newest), files, cut)
+    r = newest.iloc[0]
+    value = 100 * float(r[metric])
+    lo, hi = r.get(f"{metric}.lo"), r.get(f"{metric}.hi")
+    if not (_present(lo) and _present(hi)):
+        return Cell(value, None, None, "", 1, files)
+    lo, hi, cut = _clip(float(lo), float(hi))
+    n = r.get(f"{metric}.n")
+    n = int(n) if _present(n) else 1
+    kind = _interval_kind(r.get(f"{metric}.ci_method"))
+    return Cell(value, 100 * lo, 100 * hi, kind, n, files, cut)
 
 
 @dataclass
@@ -178,44 +189,55 @@ class Table:
         return max(c.value for (_, k), c in self.cells.items() if k == col)
 
 
-def _rows(recs: list[ResultRecord]) -> dict[int, str]:
-    """{id(record): row key}. A row is a backbone (tag and weights); its preprocessing and
-    feature kind split it into several rows only where records disagree on them. A record run
-    with an ``--image-size`` or ``--feature-kind`` override (whose column says so) joins the row
-    of its backbone's own preprocessing."""
-    base: dict[int, str] = {}
-    variant: dict[int, str | None] = {}
-    for r in recs:
-        row = r.setting["summary"]["row"]
-        base[id(r)] = sha256_json({k: row.get(k) for k in ("backbone", "weights")})[:16]
-        own = {k: row[k] for k in ("preprocessing", "feature_kind") if k in row}
-        variant[id(r)] = sha256_json(own)[:16] if len(own) == 2 else None
-    out = {}
-    for b in set(base.values()):
-        ids = [i for i in base if base[i] == b]
-        seen = Counter(variant[i] for i in ids if variant[i] is not None)
-        common = seen.most_common(1)[0][0] if seen else None
-        for i in ids:
-            v = variant[i] if variant[i] is not None else common
-            out[i] = b if len(seen) <= 1 else f"{b}:{v}"
-    return out
+def _row_keys(frame: pd.DataFrame, rows: list[dict]) -> list[str]:
+    """The row key of each frame row. A row is a backbone (tag and weights); its preprocessing
+    and feature kind split it into several rows only where records disagree on them. A record
+    run with an ``--image-size`` or ``--feature-kind`` override (whose column says so) joins
+    the row of its backbone's own preprocessing."""
+    base = [sha256_json({k: row.get(k) for k in ("backbone", "weights")})[:16] for row in rows]
+    variant = [
+        sha256_json({k: row[k] for k in ("preprocessing", "feature_kind")})[:16]
+        if "preprocessing" in row and "feature_kind" in row
+        else None
+        for row in rows
+    ]
+    keys = pd.DataFrame({"base": base, "variant": variant}, index=frame.index)
+    out = keys["base"].copy()
+    for b, group in keys.groupby("base"):
+        seen = group["variant"].dropna().value_counts(sort=False)
+        if len(seen) <= 1:
+            continue
+        common = seen.sort_values(ascending=False, kind="stable").index[0]
+        out[group.index] = b + ":" + group["variant"].fillna(common)
+    return out.tolist()
 
 
-def build_table(records: list[ResultRecord], metric: str = HEADLINE) -> Table:
-    recs = [r for r in records if r.metric == metric]
-    row_of = _rows(recs)
-    by_cell: dict[tuple[str, str], list[ResultRecord]] = {}
-    row_summary, col_summary = {}, {}
-    row_tag = {}
-    for r in recs:
-        rk = row_of[id(r)]
-        by_cell.setdefault((rk, r.column_key), []).append(r)
-        if rk not in row_summary or len(r.setting["summary"]["row"]) > len(row_summary[rk]):
-            row_summary[rk] = r.setting["summary"]["row"]
-        col_summary[r.column_key] = r.setting["summary"]["column"]
-        row_tag[rk] = r.backbone
-    counts_row = Counter(row_of[id(r)] for r in recs)
-    counts_col = Counter(r.column_key for r in recs)
+def build_table(frame: pd.DataFrame, metric: str = HEADLINE) -> Table:
+    """The leaderboard of every row of ``frame`` (``ssl_eval.frame.load_frame``) that has
+    ``metric``: rows are row settings, columns column settings, one cell per pair."""
+    empty = Table([], [], {}, {}, {}, {}, {})
+    if frame.empty or metric not in frame.columns:
+        return empty
+    frame = frame[frame[metric].notna()]
+    if frame.empty:
+        return empty
+    summaries = [json.loads(s) for s in frame["setting.summary"]]
+    frame = frame.assign(
+        _row=_row_keys(frame, [s["row"] for s in summaries]),
+        _col=frame["setting.column_hash"].astype(str),
+    )
+    row_summary: dict[str, dict] = {}
+    col_summary: dict[str, dict] = {}
+    row_tag: dict[str, str] = {}
+    for rk, ck, tag, s in zip(
+        frame["_row"], frame["_col"], frame["backbone"], summaries, strict=True
+    ):
+        if rk not in row_summary or len(s["row"]) > len(row_summary[rk]):
+            row_summary[rk] = s["row"]
+        col_summary[ck] = s["column"]
+        row_tag[rk] = str(tag)
+    counts_row = Counter(frame["_row"])
+    counts_col = Counter(frame["_col"])
 
     # datasets: one name with several contents gets the content hash in its label
     fps: dict[str, set] = {}
@@ -242,7 +264,7 @@ def build_table(records: list[ResultRecord], metric: str = HEADLINE) -> Table:
         labels = difference_labels({k: row_summary[k] for k in keys}, counts_row)
         for k in keys:
             row_label[k] = tag + (f" [{labels[k]}]" if labels[k] else "")
-    cells = {key: make_cell(rs) for key, rs in by_cell.items()}
+    cells = {(rk, ck): make_cell(g, metric) for (rk, ck), g in frame.groupby(["_row", "_col"])}
     rows = sorted(row_label, key=lambda k: row_label[k])
     cols = sorted(col_label, key=lambda k: col_label[k])
     return Table(rows, cols, row_label, col_label, col_summary, row_summary, cells)
@@ -255,67 +277,47 @@ def _without_dataset(s: dict) -> dict:
 # ---------------------------------------------------------------- files
 
 
+def leaderboard_frame(t: Table) -> pd.DataFrame:
+    """The table as a DataFrame (what ``leaderboard.csv`` holds): one row per backbone, for
+    each column its value, ``±`` half-width and interval kind; a last row ``best`` names the
+    best backbone(s) of each column."""
+    data: dict[str, list] = {"backbone": [t.row_label[b] for b in t.rows] + ["best"]}
+    for c in t.cols:
+        label = t.col_label[c]
+        cells = [t.cells.get((b, c)) for b in t.rows]
+        best = t.best(c)
+        winners = ";".join(
+            t.row_label[b] for b, x in zip(t.rows, cells, strict=True) if x and x.value == best
+        )
+        data[label] = [f"{x.value:.2f}" if x else "" for x in cells] + [winners]
+        data[f"{label} ±"] = [
+            f"{x.half_width:.2f}" if x and x.half_width is not None else "" for x in cells
+        ] + [""]
+        data[f"{label} interval"] = [x.kind if x else "" for x in cells] + [""]
+    return pd.DataFrame(data)
+
+
 def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, Path]:
     results_dir = Path(results_dir)
-    records = load_records(results_dir)
-    if not records:
+    frame = load_frame(results_dir)
+    if frame.empty:
         raise UserError(
             f"no result records under {results_dir / 'records'}; run `ssl-eval run` first"
         )
-    t = build_table(records, metric)
-    probes = probe_table(results_dir)
+    n_records = frame.attrs.get("n_records", len(frame))
+    t = build_table(frame, metric)
+    probes = probe_table(results_dir, frame)
     if not t.cells and probes is None:
         raise UserError(f"no records carry the metric {metric!r}")
     best = {c: t.best(c) for c in t.cols}
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        ["backbone"]
-        + [
-            x
-            for c in t.cols
-            for x in (t.col_label[c], f"{t.col_label[c]} ±", f"{t.col_label[c]} interval")
-        ]
-    )
-    for b in t.rows:
-        row = [t.row_label[b]]
-        for c in t.cols:
-            cell = t.cells.get((b, c))
-            row += (
-                ["", "", ""]
-                if cell is None
-                else [
-                    f"{cell.value:.2f}",
-                    "" if cell.half_width is None else f"{cell.half_width:.2f}",
-                    cell.kind,
-                ]
-            )
-        w.writerow(row)
-    w.writerow(
-        ["best"]
-        + [
-            x
-            for c in t.cols
-            for x in (
-                ";".join(
-                    t.row_label[b]
-                    for b in t.rows
-                    if (b, c) in t.cells and t.cells[(b, c)].value == best[c]
-                ),
-                "",
-                "",
-            )
-        ]
-    )
     csv_path = results_dir / "leaderboard.csv"
-    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(csv_path, leaderboard_frame(t).to_csv(index=False, lineterminator="\n"))
 
     kinds = sorted({cell.kind for cell in t.cells.values() if cell.kind})
     lines = [
         f"# Leaderboard ({metric}, %, ± half-width of the 95% interval)",
         "",
-        f"Generated by `ssl-eval leaderboard` from {len(records)} records in `records/`; "
+        f"Generated by `ssl-eval leaderboard` from {n_records} records in `records/`; "
         "do not edit by hand. Best per column in **bold**. See README.md for the columns.",
         "",
         "| backbone | " + " | ".join(_md(t.col_label[c]) for c in t.cols) + " |",
@@ -363,13 +365,11 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
 PROBE_TYPES = ("invariance", "diagnostics")
 
 
-def probe_table(results_dir: Path):
+def probe_table(results_dir: Path, frame: pd.DataFrame | None = None):
     """Backbone x metric table (pandas) of the newest invariance and diagnostics records, one
     column per (dataset, metric); None when there are none. Decodability is a test top-1
     (shown in %), invariance a score in [-1, 1] and the diagnostics their own units."""
-    from .frame import load_frame
-
-    frame = load_frame(results_dir)
+    frame = load_frame(results_dir) if frame is None else frame
     if frame.empty or "protocol.type" not in frame:
         return None
     frame = frame[frame["protocol.type"].isin(PROBE_TYPES)].sort_values("time", kind="stable")
@@ -457,7 +457,7 @@ def compare(
     for name in (a, b):
         if name not in known:
             raise UserError(f"no results for backbone {name!r} in {results_dir}; have: {known}")
-    table = build_table(recs)
+    table = build_table(load_frame(results_dir))
 
     def newest(tag: str) -> dict[tuple[str, object], ResultRecord]:
         out: dict[tuple[str, object], ResultRecord] = {}
