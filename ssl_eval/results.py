@@ -352,6 +352,8 @@ def read_unit_file(path: Path) -> list[ResultRecord]:
         raise ValueError(f"not UTF-8 text (byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg} at line {e.lineno})") from e
+    except RecursionError:  # [[[[... deeper than the decoder's recursion
+        raise ValueError("not a record file (JSON nested too deeply)") from None
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
         raise ValueError("not a record file (expected a mapping with a 'records' list)")
     if "sha256" in data and data["sha256"] != sha256_json(data["records"]):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..data.transforms import Preprocessing
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..fsutil import atomic_write_bytes, atomic_write_json
 
 FORMAT = "ssl-eval-trained-backbone"
@@ -58,8 +58,11 @@ def read_sidecar(path: str | os.PathLike) -> dict:
     p = Path(path).expanduser() / SIDECAR
     try:
         meta = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {p}: {e}. Is this an `ssl-eval train` output folder?") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON
+        raise UserError(
+            f"cannot read {p}: {one_line(e) or 'nested too deeply'}. "
+            "Is this an `ssl-eval train` output folder?"
+        ) from e
     if not isinstance(meta, dict):
         raise UserError(
             f"{p} is not an ssl-eval training sidecar (a JSON {type(meta).__name__}, not an object)"
@@ -68,7 +71,7 @@ def read_sidecar(path: str | os.PathLike) -> dict:
         raise UserError(
             f"{p} is not an ssl-eval training sidecar (format {meta.get('format')!r}, expected {FORMAT!r})"
         )
-    if meta.get("format_version") not in SUPPORTED_VERSIONS:
+    if not any(meta.get("format_version") == v for v in SUPPORTED_VERSIONS):
         raise UserError(
             f"{p} has format version {meta.get('format_version')}; this ssl-eval reads {SUPPORTED_VERSIONS}. "
             "Upgrade ssl-eval or re-export the checkpoint."
@@ -101,5 +104,5 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(wpath))
     except (SafetensorError, OSError) as e:
         raise UserError(
-            f"cannot read {wpath}: {e}. The file is damaged; retrain or restore it."
+            f"cannot read {wpath}: {one_line(e)}. The file is damaged; retrain or restore it."
         ) from e
