@@ -164,6 +164,12 @@ def load_frame(results_dir: str | Path) -> pd.DataFrame:
         except ValueError as e:
             warn(f"skipping {p}: {e}")
             continue
+        units = {(r.unit, r.run_id, r.backbone, r.seed) for r in records}
+        if len(units) > 1 or len({r.metric for r in records}) < len(records):
+            # a row is one unit run: a file of several (not one ssl-eval writes) would give a
+            # row two values of one metric
+            warn(f"skipping {p}: it holds records of {len(units)} units, not one unit's")
+            continue
         if records:
             rows.append(unit_row(p, records))
             metrics += [r.metric for r in records if r.metric not in metrics]

@@ -13,6 +13,8 @@ import copy
 import io
 import json
 import math
+import re
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -343,8 +345,10 @@ def test_the_frame_reader_skips_what_the_record_reader_refuses(real_record_file,
     (recs / "good-r.json").write_text(json.dumps(real_record_file))
     (recs / "deep-r.json").write_bytes(b"[" * 100_000)
     (recs / "bytes-r.json").write_bytes(b"\xff\x00{")
-    frame = load_frame(tmp_path)
-    assert len(frame) == 1
+    two = [{**r, "unit": f"u{i}"} for i, r in enumerate(real_record_file["records"] * 2)]
+    (recs / "two-r.json").write_text(json.dumps({"records": two, "sha256": sha256_json(two)}))
+    frame = load_frame(tmp_path)  # a file of two units' records would give a row two values
+    assert len(frame) == 1 and list(frame["file"]) == ["good-r.json"]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -548,6 +552,72 @@ def test_the_cli_prints_any_user_error_on_one_line(tmp_path, monkeypatch, capsys
     assert main(["run", "--backbone", "pixels", "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == "ssl-eval: error: cannot adapt w.pt: Missing key(s): a, b Unexpected key(s): c\n"
+
+
+# ---------------------------------------------------------------- names in tables
+
+HOSTILE = st.lists(
+    st.sampled_from(list("ab|`\\<>&\"'/* \n\r\t_[]()!#:-") + ["<script>", "</td>", "| x |"]),
+    min_size=1,
+    max_size=8,
+).map("".join)
+_PIPE = re.compile(r"(?<!\\)(?:\\\\)*\|")  # a pipe not escaped by a backslash
+
+
+def _cells(line: str) -> int:
+    return len(_PIPE.findall(line))
+
+
+def _tables_hold(lines: list[str]) -> None:
+    """Every markdown table row has as many cell separators as its header."""
+    header = None
+    for line in lines:
+        if line.startswith("|"):
+            header = header if header is not None else _cells(line)
+            assert _cells(line) == header, line
+        else:
+            header = None
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+
+
+@settings(FUZZ, max_examples=30)
+@given(backbone=HOSTILE, card=HOSTILE, dataset=HOSTILE)
+@example(backbone="<script>x</script>|y", card="my|card", dataset="d")
+@example(backbone="a\\|b", card="c\\", dataset="|")
+def test_any_name_keeps_the_leaderboard_and_report_tables_whole(
+    tmp_path_factory, backbone, card, dataset
+):
+    """A backbone, card or dataset name with pipes, backticks, backslashes, line breaks or
+    HTML reaches leaderboard.md, report.md and the HTML report as text: every markdown row
+    keeps its cells, the HTML holds no tag the name brought."""
+    from test_results import _rec
+
+    from ssl_eval.fsutil import atomic_write_json
+    from ssl_eval.leaderboard import write_leaderboard
+    from ssl_eval.report import html, markdown, table
+
+    folder = tmp_path_factory.mktemp("names")
+    for i, rec in enumerate([_rec(backbone, dataset, card, 0.5), _rec("x", dataset, card, 0.2)]):
+        doc = {"schema_version": 2, "records": [rec], "sha256": sha256_json([rec])}
+        atomic_write_json(folder / "records" / f"u{i}-r.json", doc)
+    _, md_path = write_leaderboard(folder)
+    _tables_hold(md_path.read_text().splitlines())
+    from ssl_eval.frame import load_frame
+
+    tab = table.build_table(load_frame(folder))
+    _tables_hold(markdown.leaderboard_md(tab))
+    page = _Tags()
+    page.feed(html.leaderboard_html(tab))
+    allowed = {"p", "label", "select", "option", "table", "thead", "tbody", "tr", "th", "td"}
+    assert page.tags <= allowed, page.tags
 
 
 def test_fuzz_strategies_reach_real_objects():
