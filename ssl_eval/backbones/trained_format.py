@@ -5,7 +5,7 @@ which reads it back: an output folder of ``ssl-eval train`` holding
   * ``backbone.json``, the sidecar: ``format`` and ``format_version`` (below), then what the
     trainer adds: ``architecture`` (``name`` in ``archs.ARCHS``, ``kwargs``), ``preprocessing``
     (``Preprocessing.to_dict``), ``feature_kind`` and the training record (method, epochs,
-    epochs_done, seed, dataset, history, ...).
+    epochs_done, seed, dataset, history, ...), and ``weights_sha256``, verified when read.
 
 Both files are written atomically, weights first, so a reader that finds the sidecar always
 finds the weights it describes. ``train/`` imports this module; it imports nothing from
@@ -14,6 +14,7 @@ finds the weights it describes. ``train/`` imports this module; it imports nothi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ FORMAT_VERSION = 1  # what this ssl-eval writes
 SUPPORTED_VERSIONS = (1,)  # what it reads
 WEIGHTS = "backbone.safetensors"
 SIDECAR = "backbone.json"
+WEIGHTS_SHA256 = "weights_sha256"  # the sidecar's checksum of the weights file
 
 
 def is_training_dir(path: str | os.PathLike) -> bool:
@@ -46,9 +48,16 @@ def write_trained_backbone(
     from safetensors.torch import save
 
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    atomic_write_bytes(Path(out) / WEIGHTS, save(sd))
+    data = save(sd)
+    atomic_write_bytes(Path(out) / WEIGHTS, data)
     atomic_write_json(
-        Path(out) / SIDECAR, {"format": FORMAT, "format_version": FORMAT_VERSION, **sidecar}
+        Path(out) / SIDECAR,
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **sidecar,
+            WEIGHTS_SHA256: hashlib.sha256(data).hexdigest(),
+        },
     )
 
 
@@ -91,17 +100,25 @@ def sidecar_preprocessing(meta: dict) -> Preprocessing:
     return Preprocessing.from_dict(meta["preprocessing"])
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict in folder ``path``, read with safetensors."""
+def read_weights(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in folder ``path``, read with safetensors, verified against the sha256
+    its sidecar records (``sha256``; sidecars written before it carry none: unverified). A
+    changed byte in a tensor would otherwise load, and score, as different weights."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     root = Path(path).expanduser()
     wpath = root / WEIGHTS
     if not wpath.is_file():
         raise UserError(f"{wpath} is missing; the run in {root} has not finished an epoch yet")
     try:
-        return load_file(str(wpath))
+        data = wpath.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise UserError(
+                f"{wpath} does not match the sha256 its sidecar records (damaged since "
+                "training); retrain or restore it"
+            )
+        return load(data)
     except (SafetensorError, OSError) as e:
         raise UserError(
             f"cannot read {wpath}: {one_line(e)}. The file is damaged; retrain or restore it."
