@@ -9,10 +9,12 @@ leave ``mkstemp``'s 0600).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -20,10 +22,13 @@ import pytest
 import torch
 from conftest import ROOT, cli_env
 
+from ssl_eval import results
 from ssl_eval.backbones import BuildOptions, build_backbone
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
+from ssl_eval.errors import UserError
 from ssl_eval.features import cache_key
 from ssl_eval.fsutil import file_lock, lock_path, sha256_json
+from ssl_eval.results import load_records, write_unit
 
 RUN = [
     "run",
@@ -133,10 +138,15 @@ def _modes(roots: dict):
     return out
 
 
+def _full_disk(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o077])
-def test_every_file_ssl_eval_writes_has_the_umask_mode(tmp_path, mask):
+def test_every_file_ssl_eval_writes_has_the_umask_mode(tmp_path, monkeypatch, mask):
     """Records, leaderboard, cache entries and their metadata, trainer checkpoints and states,
-    fine-tune states: each file 0666 and each folder 0777 less the umask."""
+    fine-tune states, a record rescued from a full disk: each file 0666 and each folder 0777
+    less the umask."""
     from ssl_eval.cli import main
     from ssl_eval.protocols.finetune import _save_state
     from ssl_eval.train.data import load_train_data
@@ -155,15 +165,23 @@ def test_every_file_ssl_eval_writes_has_the_umask_mode(tmp_path, mask):
     small = [f"method_cfg.{k}=16" for k in ("proj_hidden", "proj_dim")]
     cfg = resolve_config("simclr", 16, settings=settings, overrides=small)
     data = load_train_data("digits", 16, 0, 64, 64, 64)
+    rescue = tmp_path / "tmp"  # where a record goes when the results folder cannot take it
+    rescue.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(rescue))
     old = os.umask(mask)
     try:
         args = ["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "knn"]
         assert main([*args, "--results-dir", str(r), "--cache-dir", str(c), "--no-progress"]) == 0
         train(cfg, t, data=data)
         _save_state(c / "train_state" / "u" / "state.pt", {"epoch": 0})
+        with monkeypatch.context() as mp:
+            mp.setattr(results, "atomic_write_json", _full_disk)
+            with pytest.raises(UserError, match="its numbers are saved in"):
+                write_unit(tmp_path / "r2", "u", "run", load_records(r))
     finally:
         os.umask(old)
-    modes = _modes({"results": r, "cache": c, "train": t})
+    modes = _modes({"results": r, "cache": c, "train": t, "rescue": rescue})
+    assert len([k for k in modes if k.startswith("rescue/ssl-eval-unsaved-u-")]) == 1
     for must in (
         "results/records",
         "results/leaderboard.md",
