@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ssl_eval.backbones.adapters import detect_family
+from ssl_eval.backbones.catalog import _ensure_loaded
 from ssl_eval.backbones.checkpoints import read_checkpoint
 from ssl_eval.backbones.trained_format import FORMAT
 from ssl_eval.config import apply_set, parse_set
@@ -421,6 +422,71 @@ def state_dicts(draw):
     return {**sd, **extra}
 
 
+def _t(*shape):
+    return torch.zeros(shape)
+
+
+_ensure_loaded()  # every family registers its detector on import
+
+# the least each detector accepts, in its authors' layout; mutated below
+LAYOUTS = {
+    "supervised": {
+        "conv1.weight": _t(2, 3, 7, 7),
+        "layer1.0.downsample.0.weight": _t(1),
+        "layer4.0.conv3.weight": _t(1),
+        "fc.weight": _t(2, 2),
+    },
+    "cifar_resnet": {"conv1.weight": _t(2, 3, 3, 3), "layer3.0.conv1.weight": _t(1)},
+    "simclr": {"resnet": {"net.0.0.weight": _t(2, 3, 7, 7)}, "head": {"w": _t(1)}},
+    "mocov3": {"state_dict": {"module.base_encoder.conv1.weight": _t(2, 3, 7, 7)}},
+    "dino": {
+        "teacher": {
+            "backbone.cls_token": _t(1, 1, 4),
+            "backbone.pos_embed": _t(1, 5, 4),
+            "backbone.blocks.0.attn.qkv.weight": _t(12, 4),
+        }
+    },
+    "dinov2": {"cls_token": _t(1, 1, 4), "pos_embed": _t(1, 5, 4), "blocks.0.ls1.gamma": _t(4)},
+    "mae": {
+        "model": {
+            "cls_token": _t(1, 1, 4),
+            "blocks.0.attn.qkv.weight": _t(12, 4),
+            "decoder_embed.weight": _t(4, 4),
+        }
+    },
+    "solo": {"pytorch-lightning_version": "2.0", "state_dict": {"backbone.conv1.weight": _t(1)}},
+}
+
+
+@st.composite
+def mutated_layouts(draw):
+    """A family's layout with keys dropped, shapes changed, a container added and decoys."""
+    name = draw(st.sampled_from(sorted(LAYOUTS)))
+    flat: dict = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(LAYOUTS[name])
+    for k in list(flat):
+        action = draw(st.sampled_from(["keep", "keep", "keep", "drop", "reshape", "plain"]))
+        if action == "drop":
+            del flat[k]
+        elif action == "reshape":
+            flat[k] = draw(tensors)
+        elif action == "plain":
+            flat[k] = draw(scalars)
+    prefix = draw(st.sampled_from(["", "", "module.", "state_dict.", "model."]))
+    out = {prefix + k: v for k, v in flat.items()}
+    for parts, leaf in draw(st.lists(keys, max_size=3)):
+        out["".join(parts) + leaf] = draw(leaves)
+    return out
+
+
 def _as_file(tmp_path, obj, name="w.pt"):
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -430,7 +496,7 @@ def _as_file(tmp_path, obj, name="w.pt"):
 
 
 @FUZZ
-@given(sd=st.one_of(state_dicts(), values))
+@given(sd=st.one_of(mutated_layouts(), mutated_layouts(), state_dicts(), values))
 @example(sd={"cls_token": torch.zeros(()), "pos_embed": torch.zeros(0)})
 def test_any_state_dict_is_detected_or_refused_in_one_line(tmp_path, sd):
     path = _as_file(tmp_path, sd)
@@ -440,6 +506,12 @@ def test_any_state_dict_is_detected_or_refused_in_one_line(tmp_path, sd):
         one_line(e)
         return
     assert family.name
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_each_layout_is_detected_as_its_family(tmp_path, name):
+    """The fuzzer's seeds reach every detector: unmutated, each is its family's."""
+    assert detect_family(read_checkpoint(_as_file(tmp_path, LAYOUTS[name]))).name == name
 
 
 REAL = io.BytesIO()
@@ -618,8 +690,3 @@ def test_any_name_keeps_the_leaderboard_and_report_tables_whole(
     page.feed(html.leaderboard_html(tab))
     allowed = {"p", "label", "select", "option", "table", "thead", "tbody", "tr", "th", "td"}
     assert page.tags <= allowed, page.tags
-
-
-def test_fuzz_strategies_reach_real_objects():
-    """The strategies are not all refusals: the fuzzed paths reach valid cards and records."""
-    assert math.isfinite(load_card("linear", ["epochs=3"]).params.epochs)

@@ -112,7 +112,7 @@ def test_a_killed_run_reruns_to_the_uninterrupted_numbers(
         assert [p.name.endswith(".tmp") for p in records] == [True]
     else:
         assert [p.name.endswith(".tmp") for p in entries] == [True] and entries[0].is_dir()
-    assert _leftovers(tmp_path / "r", tmp_path / "c") or left == "one record"
+    assert _leftovers(tmp_path / "r", tmp_path / "c")  # at least the lock it held
     capfd.readouterr()
     assert main([*EVAL, *COMMON, *_dirs(tmp_path)]) == 0
     err = capfd.readouterr().err
