@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"ssl-eval: error: {e}", file=sys.stderr)
+        # one line even when a library's several-line message reached the error's text
+        print(f"ssl-eval: error: {one_line(e, limit=None)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,9 +32,18 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     return f"{problem}{where}"
 
 
-def parse_yaml(text: str, where: str) -> object:
+def _load_yaml(text: str) -> object:
+    """``yaml.safe_load``, with nesting deeper than the parser's recursion (``[[[[...``) a
+    ``YAMLError`` like any other invalid YAML instead of a RecursionError."""
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
+def parse_yaml(text: str, where: str) -> object:
+    try:
+        return _load_yaml(text)
     except yaml.YAMLError as e:
         raise UserError(f"{where}: invalid YAML ({yaml_problem(e)}); fix the file") from e
 
@@ -125,6 +135,24 @@ def _coerce_scalar(tp: type, v: object, where: str) -> object:
     raise UserError(f"{where}: expected {name}, got {v!r}")
 
 
+def refuse_non_finite(obj: object, where: str) -> None:
+    """No number in ``obj`` (a dataclass, mapping or list, at any depth) is NaN or infinite:
+    YAML reads ``.nan`` and ``.inf`` as floats, and a NaN learning rate or temperature would
+    train to nothing and still report a number."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, list | tuple):
+        items = [(f"[{i}]", v) for i, v in enumerate(obj)]
+    else:
+        if isinstance(obj, float) and not math.isfinite(obj):
+            raise UserError(f"{where}: {obj} is not a finite number; give one")
+        return
+    for name, v in items:
+        refuse_non_finite(v, f"{where}{'' if str(name).startswith('[') else '.'}{name}")
+
+
 def parse_set(assignment: str) -> tuple[str, object]:
     """``key=value`` -> (key, value parsed as YAML); the key may be dotted (``aug.local_views``)."""
     key, sep, raw = assignment.partition("=")
@@ -132,7 +160,7 @@ def parse_set(assignment: str) -> tuple[str, object]:
     if not sep or not key:
         raise UserError(f"--set {assignment!r}: use key=value, e.g. --set epochs=50")
     try:
-        value = yaml.safe_load(raw)
+        value = _load_yaml(raw)
     except yaml.YAMLError as e:
         raise UserError(
             f"--set {assignment!r}: the value is not valid YAML ({yaml_problem(e)}); "

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from .config import from_mapping
 from .errors import UserError
-from .fsutil import atomic_write_json, sha256_json
+from .fsutil import _umask, atomic_write_json, sha256_json
 from .provenance import code_version, package_versions
 from .runtime import warn
 from .stats import bootstrap_ci, mean_ci, pack_bits
@@ -329,6 +329,7 @@ def write_unit(results_dir: Path, unit: str, run_id: str, records: list[ResultRe
         try:
             fd, rescue = tempfile.mkstemp(prefix=f"ssl-eval-unsaved-{unit}-", suffix=".json")
             with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, 0o666 & ~_umask())  # a record once copied back: the umask's mode
                 json.dump(doc, f, indent=2, sort_keys=True, default=str)
         except OSError:  # no disk anywhere: the numbers go to the terminal
             print(json.dumps(doc, sort_keys=True, default=str), file=sys.stderr)
@@ -352,6 +353,8 @@ def read_unit_file(path: Path) -> list[ResultRecord]:
         raise ValueError(f"not UTF-8 text (byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg} at line {e.lineno})") from e
+    except RecursionError:  # [[[[... deeper than the decoder's recursion
+        raise ValueError("not a record file (JSON nested too deeply)") from None
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
         raise ValueError("not a record file (expected a mapping with a 'records' list)")
     if "sha256" in data and data["sha256"] != sha256_json(data["records"]):

@@ -5,6 +5,7 @@ Plus the failure modes: wrong architecture, extra keys, truncated files, code-ru
 (ViT layouts: tests/test_ckpt_vits.py.)"""
 
 import argparse
+import hashlib
 import json
 import re
 
@@ -539,7 +540,10 @@ def test_trained_format_writes_weights_first_and_reads_back(tmp_path, monkeypatc
     monkeypatch.setattr(tf, "atomic_write_json", sidecar_after_weights)
     side = {k: v for k, v in OLD_SIDECAR.items() if k not in ("format", "format_version")}
     tf.write_trained_backbone(tmp_path, model.state_dict(), side)
-    assert json.loads((tmp_path / "backbone.json").read_text()) == OLD_SIDECAR
+    written = json.loads((tmp_path / "backbone.json").read_text())
+    digest = hashlib.sha256((tmp_path / tf.WEIGHTS).read_bytes()).hexdigest()
+    assert written.pop(tf.WEIGHTS_SHA256) == digest  # verified when the weights are read
+    assert written == OLD_SIDECAR
     assert tf.is_training_dir(tmp_path) and tf.sidecar_preprocessing(
         tf.read_sidecar(tmp_path)
     ) == Preprocessing(resize=32, crop=32)

@@ -222,3 +222,26 @@ def test_empty_state_folders_are_swept_once_nobody_holds_them(tmp_path):
     removed = sweep_leftovers(states)
     assert set(removed) == {live, lock_path(live)}
     assert sorted(p.name for p in states.iterdir()) == ["c"]
+
+
+# ---------------------------------------------------------------- trained weights
+
+
+@pytest.mark.parametrize("kind", ["a byte flipped in the middle", "truncated by one byte"])
+def test_damaged_trained_weights_are_refused_not_scored(trained, tmp_path, kind):
+    """A changed byte inside a tensor of backbone.safetensors still loads as weights (no
+    format check sees it): the sidecar's sha256 refuses it in one line instead of scoring
+    different weights under the run's name."""
+    from ssl_eval.errors import UserError
+
+    _, _, tmp = trained
+    out = tmp_path / "run"
+    out.mkdir()
+    for f in (tmp / "full").iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    assert build_backbone(f"ckpt:{out}", BuildOptions()).model is not None  # intact: loads
+    w = out / checkpoint.WEIGHTS
+    w.write_bytes(DAMAGE[kind](w.read_bytes()))
+    with pytest.raises(UserError, match="does not match the sha256") as e:
+        build_backbone(f"ckpt:{out}", BuildOptions())
+    assert "\n" not in str(e.value)

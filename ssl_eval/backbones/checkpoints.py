@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 # Top-level containers that official checkpoints wrap their state dict in.
 _CONTAINERS = ("state_dict", "model", "model_state", "module", "net")
@@ -30,7 +30,8 @@ SAFE_EXTRA_GLOBALS = (argparse.Namespace,)
 
 def _corrupt(path: Path, e: BaseException) -> UserError:
     return UserError(
-        f"weights file {path} is corrupt or truncated ({type(e).__name__}: {e}); download it again"
+        f"weights file {path} is corrupt or truncated ({type(e).__name__}: {one_line(e)}); "
+        "download it again"
     )
 
 

@@ -5,7 +5,7 @@ which reads it back: an output folder of ``ssl-eval train`` holding
   * ``backbone.json``, the sidecar: ``format`` and ``format_version`` (below), then what the
     trainer adds: ``architecture`` (``name`` in ``archs.ARCHS``, ``kwargs``), ``preprocessing``
     (``Preprocessing.to_dict``), ``feature_kind`` and the training record (method, epochs,
-    epochs_done, seed, dataset, history, ...).
+    epochs_done, seed, dataset, history, ...), and ``weights_sha256``, verified when read.
 
 Both files are written atomically, weights first, so a reader that finds the sidecar always
 finds the weights it describes. ``train/`` imports this module; it imports nothing from
@@ -14,6 +14,7 @@ finds the weights it describes. ``train/`` imports this module; it imports nothi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..data.transforms import Preprocessing
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..fsutil import atomic_write_bytes, atomic_write_json
 
 FORMAT = "ssl-eval-trained-backbone"
@@ -30,6 +31,7 @@ FORMAT_VERSION = 1  # what this ssl-eval writes
 SUPPORTED_VERSIONS = (1,)  # what it reads
 WEIGHTS = "backbone.safetensors"
 SIDECAR = "backbone.json"
+WEIGHTS_SHA256 = "weights_sha256"  # the sidecar's checksum of the weights file
 
 
 def is_training_dir(path: str | os.PathLike) -> bool:
@@ -46,9 +48,16 @@ def write_trained_backbone(
     from safetensors.torch import save
 
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    atomic_write_bytes(Path(out) / WEIGHTS, save(sd))
+    data = save(sd)
+    atomic_write_bytes(Path(out) / WEIGHTS, data)
     atomic_write_json(
-        Path(out) / SIDECAR, {"format": FORMAT, "format_version": FORMAT_VERSION, **sidecar}
+        Path(out) / SIDECAR,
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **sidecar,
+            WEIGHTS_SHA256: hashlib.sha256(data).hexdigest(),
+        },
     )
 
 
@@ -58,8 +67,11 @@ def read_sidecar(path: str | os.PathLike) -> dict:
     p = Path(path).expanduser() / SIDECAR
     try:
         meta = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {p}: {e}. Is this an `ssl-eval train` output folder?") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON
+        raise UserError(
+            f"cannot read {p}: {one_line(e) or 'nested too deeply'}. "
+            "Is this an `ssl-eval train` output folder?"
+        ) from e
     if not isinstance(meta, dict):
         raise UserError(
             f"{p} is not an ssl-eval training sidecar (a JSON {type(meta).__name__}, not an object)"
@@ -68,7 +80,7 @@ def read_sidecar(path: str | os.PathLike) -> dict:
         raise UserError(
             f"{p} is not an ssl-eval training sidecar (format {meta.get('format')!r}, expected {FORMAT!r})"
         )
-    if meta.get("format_version") not in SUPPORTED_VERSIONS:
+    if not any(meta.get("format_version") == v for v in SUPPORTED_VERSIONS):
         raise UserError(
             f"{p} has format version {meta.get('format_version')}; this ssl-eval reads {SUPPORTED_VERSIONS}. "
             "Upgrade ssl-eval or re-export the checkpoint."
@@ -88,18 +100,26 @@ def sidecar_preprocessing(meta: dict) -> Preprocessing:
     return Preprocessing.from_dict(meta["preprocessing"])
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict in folder ``path``, read with safetensors."""
+def read_weights(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in folder ``path``, read with safetensors, verified against the sha256
+    its sidecar records (``sha256``; sidecars written before it carry none: unverified). A
+    changed byte in a tensor would otherwise load, and score, as different weights."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     root = Path(path).expanduser()
     wpath = root / WEIGHTS
     if not wpath.is_file():
         raise UserError(f"{wpath} is missing; the run in {root} has not finished an epoch yet")
     try:
-        return load_file(str(wpath))
+        data = wpath.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise UserError(
+                f"{wpath} does not match the sha256 its sidecar records (damaged since "
+                "training); retrain or restore it"
+            )
+        return load(data)
     except (SafetensorError, OSError) as e:
         raise UserError(
-            f"cannot read {wpath}: {e}. The file is damaged; retrain or restore it."
+            f"cannot read {wpath}: {one_line(e)}. The file is damaged; retrain or restore it."
         ) from e

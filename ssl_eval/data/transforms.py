@@ -7,6 +7,7 @@ backbones with equal ``Preprocessing`` see identical pixels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -36,7 +37,17 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
-        if self.interpolation not in _INTERP:
+        for name in ("resize", "crop"):
+            size = getattr(self, name)
+            if size is not None and (isinstance(size, bool) or size < 1):
+                raise UserError(f"preprocessing {name} must be a positive size, not {size!r}")
+        if not all(math.isfinite(x) for x in self.mean) or not all(
+            math.isfinite(x) and x > 0 for x in self.std
+        ):
+            raise UserError(
+                f"preprocessing mean {self.mean} / std {self.std}: finite, std positive"
+            )
+        if not isinstance(self.interpolation, str) or self.interpolation not in _INTERP:
             raise UserError(
                 f"unknown interpolation {self.interpolation!r}; use one of {sorted(_INTERP)}"
             )
@@ -59,20 +70,18 @@ class Preprocessing:
         default would feed a backbone the wrong pixels); ``resize``, ``crop`` and
         ``interpolation`` default as in the class. Unknown keys are refused: a setting this
         version cannot apply must not be dropped silently."""
+        from ..config import from_mapping
+
+        if not isinstance(d, dict):
+            raise UserError(f"preprocessing must be a mapping, not {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(map(str, d)) - known)
         if unknown:
             raise UserError(f"unknown preprocessing setting(s) {unknown}; known: {sorted(known)}")
         missing = [k for k in ("mean", "std") if k not in d]
         if missing:
             raise UserError(f"preprocessing lacks {missing}")
-        return cls(
-            resize=d.get("resize"),
-            crop=d.get("crop"),
-            mean=tuple(d["mean"]),
-            std=tuple(d["std"]),
-            interpolation=d.get("interpolation", "bilinear"),
-        )
+        return from_mapping(cls, d, "preprocessing")  # types and lengths checked
 
     def geometric(self, img: torch.Tensor) -> torch.Tensor:
         """uint8 CHW -> uint8 CHW, resized and cropped."""

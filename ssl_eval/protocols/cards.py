@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import check_keys, from_mapping, parse_set, read_yaml
+from ..config import check_keys, from_mapping, parse_set, read_yaml, refuse_non_finite
 from ..errors import UserError
 from .base import PROTOCOL_TYPES, ProtocolType
 
@@ -103,11 +103,13 @@ def parse_card(
         key = key.removeprefix("params.")
         params[key] = value
         applied.append((key, value))
+    typed = from_mapping(ptype.params, params, f"{source} params")
+    refuse_non_finite(typed, f"{source} params")
     return ProtocolCard(
         name=str(raw["name"]),
         version=raw["version"],
         protocol=ptype,
-        params=from_mapping(ptype.params, params, f"{source} params"),
+        params=typed,
         description=str(raw.get("description", "")),
         selection_split=str(raw.get("selection_split", "val")),
         source=source,

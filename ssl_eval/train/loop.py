@@ -19,7 +19,7 @@ from torch import nn
 from ..backbones.archs import build_arch
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
-from ..fsutil import ensure_writable_dir
+from ..fsutil import ensure_writable_dir, sweep_leftovers
 from ..runtime import log as runtime_log
 from ..runtime import resolve_device
 from . import dist
@@ -52,6 +52,9 @@ def train(
     if cfg.batch_size % di.world:
         raise UserError(f"--batch-size {cfg.batch_size} must divide by the {di.world} processes")
     local_bs = cfg.batch_size // di.world
+    if di.main:  # a killed run's half-written checkpoint or state (its pid is gone)
+        for p in sweep_leftovers(out):
+            log(f"removed {p.name}, left by a killed process")
     if (out / STATE).exists() and not resume:
         raise UserError(
             f"{out} already holds a training run; add --resume to continue it or pick another --out"

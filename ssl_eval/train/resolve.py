@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import apply_set, deep_update, from_mapping, read_yaml
+from ..config import apply_set, deep_update, from_mapping, read_yaml, refuse_non_finite
 from ..errors import UserError
 from .config import TrainConfig
 from .methods import METHODS
@@ -71,6 +71,7 @@ def resolve_config(
     for o in overrides or []:
         d = apply_set(d, o)
     cfg = from_mapping(TrainConfig, d, "train config")
+    refuse_non_finite(cfg, "train config")
     get_method(cfg.method).make_config(cfg.method_cfg)  # unknown method keys fail here, early
     return cfg
 

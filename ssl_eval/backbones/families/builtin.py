@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ...errors import UserError
+from ...errors import UserError, one_line
 from ..architecture import describe
 from ..base import Backbone, BackboneSpec, BuildOptions, WeightsInfo, state_dict_sha256
 from ..checkpoints import read_state_dict, strict_load
@@ -93,7 +93,7 @@ def load_timm_weights(model: nn.Module, path, droppable=HEAD_KEYS) -> dict:
             sd = filt(sd, model)
             fmt += "+timm_filter"
         except Exception as e:  # a foreign layout the filter does not know
-            raise UserError(f"cannot adapt {path} to {type(model).__name__}: {e}") from e
+            raise UserError(f"cannot adapt {path} to {type(model).__name__}: {one_line(e)}") from e
     return strict_load(model, sd, droppable=droppable, fmt=fmt)
 
 

@@ -22,6 +22,7 @@ from ..trained_format import (
     FORMAT,
     SIDECAR,
     WEIGHTS,
+    WEIGHTS_SHA256,
     is_training_dir,
     read_sidecar,
     read_weights,
@@ -46,7 +47,7 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
             "names its architecture; drop --arch"
         )
     meta = read_sidecar(root)
-    sd = read_weights(root)
+    sd = read_weights(root, meta.get(WEIGHTS_SHA256))
     arch = meta["architecture"]
     model = build_arch(arch["name"], arch.get("kwargs") or {})
     report = strict_load(model, sd, fmt=FORMAT)
