@@ -10,7 +10,12 @@ import pytest
 from ssl_eval.cli import main
 from ssl_eval.fsutil import file_lock, lock_path
 from ssl_eval.results import load_records, records_dir
-from ssl_eval.sweep.executors import ClusterOptions, _slurm_device, _slurm_parameters
+from ssl_eval.sweep.executors import (
+    ClusterOptions,
+    _local_identity,
+    _slurm_device,
+    _slurm_parameters,
+)
 from ssl_eval.sweep.status import sweep_status
 from ssl_eval.sweep.sweepfile import load_sweeps, record_jobs
 
@@ -113,13 +118,14 @@ def test_a_failed_job_shows_in_status_and_a_resubmission_completes_only_the_miss
     assert [len(j["units"]) for j in sweep["jobs"]] == [2, 1]  # resubmitted: the missing one
 
 
-def _fake_sweep(results: Path, job_id: str, folder: Path) -> None:
+def _fake_sweep(results: Path, job_id: str, folder: Path, identity: str | None = None) -> None:
     units = [
         {"key": k, "backbone": "pixels", "dataset": "digits", "protocol": p, "seed": None}
         for k, p in (("a" * 20, "knn"), ("b" * 20, "linear"))
     ]
     job = {
         "job_id": job_id,
+        "identity": identity,
         "executor": "local",
         "submitted": "2026-01-01T00:00:00+00:00",
         "folder": str(folder),
@@ -137,6 +143,14 @@ def test_status_reads_unit_locks_and_job_liveness(tmp_path):
     with file_lock(lock_path(records_dir(results) / ("a" * 20))):
         states = {s.protocol: s for s in sweep_status(results)}
         assert states["knn"].detail == "evaluating"  # its unit lock is held
+
+    # the pid lives, but it is another process than the job's (the pid was reused)
+    reused = tmp_path / "r3"
+    _fake_sweep(reused, str(os.getpid()), folder, identity="1")
+    assert {s.state for s in sweep_status(reused)} == {"failed"}
+    mine = _local_identity(str(os.getpid()))
+    _fake_sweep(tmp_path / "r4", str(os.getpid()), folder, identity=mine)
+    assert {s.state for s in sweep_status(tmp_path / "r4")} == {"running"}
 
     dead = tmp_path / "r2"
     (folder / "999999999_0_log.err").write_text("Traceback ...\nRuntimeError: out of memory\n\n")
@@ -179,7 +193,9 @@ def test_slurm_jobs_get_the_device_decided_at_submission():
 
 def test_a_damaged_sweep_file_is_one_line(tmp_path, capsys):
     (tmp_path / "sweeps").mkdir()
-    (tmp_path / "sweeps" / "x.json").write_text(json.dumps({"version": 1, "units": [{}]}))
+    (tmp_path / "sweeps" / "x.json").write_text(
+        json.dumps({"version": 1, "units": [{"key": "k"}], "jobs": []})
+    )
     assert main(["status", "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "damaged" in err

@@ -42,6 +42,8 @@ class ClusterOptions:
 
 # a job's state, read from any process: ("pending" | "running" | "ended", submitit's own word)
 JobState = tuple[str, str]
+# the job as the sweep file records it: job_id, executor, folder, ... and ``identity``
+Job = dict
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class ExecutorKind:
     cluster: str  # submitit's AutoExecutor name
     device: Callable[[str, ClusterOptions], str]  # --device -> the device the jobs run on
     parameters: Callable[[ClusterOptions], dict]  # -> AutoExecutor.update_parameters(**)
-    job_state: Callable[[Path, str], JobState]  # (job folder, job id) -> its state
+    identity: Callable[[str], str | None]  # job id -> what tells it from a later namesake
+    job_state: Callable[[Job], JobState]  # the recorded job -> its state now
     help: str
 
 
@@ -89,41 +92,50 @@ def _slurm_parameters(opts: ClusterOptions) -> dict:
     return p
 
 
-def _pid_running(pid: int) -> bool:
-    """Whether process ``pid`` runs; a zombie (ended, not yet reaped by its parent) does not."""
+def _proc_stat(pid: str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _local_identity(job_id: str) -> str | None:
+    """A local job's id is its controller's pid, which the system reuses: its start time (clock
+    ticks after boot) tells the job's process from a later one with the same pid."""
+    stat = _proc_stat(job_id) if job_id.isdigit() else None
+    return stat[19] if stat and len(stat) > 19 else None
+
+
+def _local_state(job: Job) -> JobState:
+    # submitit keeps no state of a local job that another process can read: ask the system
+    jid = str(job["job_id"])
+    stat = _proc_stat(jid) if jid.isdigit() else None
+    if stat is None and jid.isdigit() and not Path("/proc/self/stat").exists():
+        try:  # no /proc here: the kernel says whether the pid lives (pid reuse unseen)
+            os.kill(int(jid), 0)
+            return ("running", "RUNNING")
         except ProcessLookupError:
-            return False
+            return ("ended", "FINISHED")
         except PermissionError:
-            return True
-        return True
-
-
-def _local_state(folder: Path, job_id: str) -> JobState:
-    # a local job's id is its controller's pid; submitit keeps no state another process can read
-    if not job_id.isdigit():
-        return ("ended", "UNKNOWN")
-    if _pid_running(int(job_id)):
-        return ("running", "RUNNING")
-    return ("ended", "FINISHED")
+            return ("running", "RUNNING")
+    if stat is None or stat[0] in ("Z", "X"):  # gone, or a zombie its parent has not reaped
+        return ("ended", "FINISHED")
+    if job.get("identity") is not None and stat[19:20] != [job["identity"]]:
+        return ("ended", "FINISHED")  # another process took the pid since
+    return ("running", "RUNNING")
 
 
 _SLURM_PENDING = {"PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD"}
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
 
 
-def _slurm_state(folder: Path, job_id: str) -> JobState:
+def _slurm_state(job: Job) -> JobState:
     import submitit
 
     try:
-        state = submitit.SlurmJob(folder=folder, job_id=job_id).get_info(mode="force").get("State")
+        sj = submitit.SlurmJob(folder=job["folder"], job_id=str(job["job_id"]))
+        state = sj.get_info(mode="force").get("State")
     except Exception:  # sacct missing or failing: say so rather than guess
         state = None
     state = (state or "UNKNOWN").split()[0]  # "CANCELLED by 123" -> CANCELLED
@@ -138,12 +150,16 @@ def _slurm_state(folder: Path, job_id: str) -> JobState:
 
 EXECUTORS.register(
     "local",
-    ExecutorKind("local", _local_device, _common, _local_state, "processes on this machine"),
+    ExecutorKind(
+        "local", _local_device, _common, _local_identity, _local_state, "processes on this machine"
+    ),
     help="submitit's LocalExecutor: one process per job on this machine (tests, one server)",
 )
 EXECUTORS.register(
     "slurm",
-    ExecutorKind("slurm", _slurm_device, _slurm_parameters, _slurm_state, "a SLURM array"),
+    ExecutorKind(
+        "slurm", _slurm_device, _slurm_parameters, lambda job_id: None, _slurm_state, "SLURM"
+    ),
     help="submitit's SlurmExecutor: one SLURM array task per job",
 )
 

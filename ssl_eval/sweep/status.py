@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from submitit.core.utils import JobPaths
+
 from ..errors import UserError
 from ..fsutil import lock_held, lock_path
 from ..results import load_records, records_dir, unit_done
@@ -75,10 +77,10 @@ def sweep_status(results_dir: Path, sweep: str | None = None) -> list[UnitState]
             continue
         jid = job["job_id"]
         if jid not in job_states:
-            job_states[jid] = EXECUTORS.get(job["executor"]).job_state(Path(job["folder"]), jid)
+            job_states[jid] = EXECUTORS.get(job["executor"]).job_state(job)
         phase, word = job_states[jid]
         if phase == "ended":
-            err = Path(job["folder"]) / f"{jid}_0_log.err"
+            err = JobPaths(job["folder"], jid, 0).stderr  # where submitit put task 0's stderr
             out.append(
                 UnitState(*row, "failed", jid, f"job {word} without it; stderr: {_last_line(err)}")
             )

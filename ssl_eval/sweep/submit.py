@@ -90,11 +90,13 @@ def _submit(cfg, opts, executor, sid, units, groups) -> list:
         dataclasses.replace(cfg, backbones=(bb,), datasets=(ds,), progress=False)
         for bb, ds in groups
     ]
+    kind = EXECUTORS.get(opts.executor)
     jobs = executor.map_array(run_job, job_cfgs)
     now = utc_now()
     entries = [
         {
             "job_id": str(j.job_id),
+            "identity": kind.identity(str(j.job_id)),
             "executor": opts.executor,
             "submitted": now,
             "folder": str(j.paths.folder),
