@@ -317,13 +317,16 @@ def _evaluate(
 
 @dataclass(frozen=True)
 class PlannedUnit:
-    """One unit ``run`` would evaluate, with the key its record will carry."""
+    """One unit ``run`` would evaluate, with the key its record will carry; or, ``applies``
+    False (a suite's ``skip_inapplicable``), one it leaves out (key empty)."""
 
     key: str
-    backbone: str  # the names asked for (what a job is given), not the built tag
+    backbone: str  # the names asked for (what a job is given)
+    tag: str  # the built backbone's tag (what records and tables show)
     dataset: str
     protocol: str
     seed: int | None  # None: the unit does not depend on the seed
+    applies: bool = True
 
 
 def plan(cfg: RunConfig, device: torch.device) -> list[PlannedUnit]:
@@ -350,6 +353,9 @@ def plan(cfg: RunConfig, device: torch.device) -> list[PlannedUnit]:
                 for card in cfg.protocols:
                     if card.protocol.trains and not trainable:
                         if cfg.skip_inapplicable:
+                            units.append(
+                                PlannedUnit("", bb_name, bb.tag, ds_name, card.name, seed, False)
+                            )
                             continue
                         raise UserError(
                             f"{card.name} trains the backbone, but {bb.tag} has no trainable "
@@ -360,6 +366,8 @@ def plan(cfg: RunConfig, device: torch.device) -> list[PlannedUnit]:
                         continue  # one run serves every seed
                     key = unit_key(bb, bundle, card, cfg, seed if dependent else None, device)
                     units.append(
-                        PlannedUnit(key, bb_name, ds_name, card.name, seed if dependent else None)
+                        PlannedUnit(
+                            key, bb_name, bb.tag, ds_name, card.name, seed if dependent else None
+                        )
                     )
     return units

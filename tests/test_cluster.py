@@ -199,3 +199,29 @@ def test_a_damaged_sweep_file_is_one_line(tmp_path, capsys):
     assert main(["status", "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "damaged" in err
+
+
+TINY_SUITE = """
+name: tiny
+version: 1
+description: test-sized suite, one baseline
+datasets: [digits]
+image_size: 16
+baselines: [pixels]
+protocols: [knn, finetune]
+"""
+
+
+def test_a_suite_evaluates_as_a_local_sweep(tmp_path, capsys):
+    (tmp_path / "tiny.yaml").write_text(TINY_SUITE)
+    results = tmp_path / "r"
+    args = ["suite", str(tmp_path / "tiny.yaml"), "--results-dir", str(results), "--no-progress"]
+    assert main([*args, "--no-report", "--reference", "none", *SWEEP]) == 0
+    assert "0 model(s) trained, 1 unit(s) evaluated, 0 reused" in capsys.readouterr().out
+    (sweep,) = load_sweeps(results)
+    assert [j["units"] for j in sweep["jobs"]] == [[sweep["units"][0]["key"]]]
+    manifest = json.loads((results / "suite.json").read_text())
+    assert manifest["units"]["not_applicable"] == ["pixels x finetune"]  # said, not dropped
+    assert "| pixels |" in (results / "leaderboard.md").read_text()
+    assert main([*args, "--executor", "local", "--no-wait"]) == 2  # its tables need the records
+    assert "drop --no-wait" in capsys.readouterr().err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._args import add_cluster_options, cluster_options
+
 NAME = "suite"
 HELP = "run a job suite: train the bundled methods, evaluate them and the baselines, report, check"
 ORDER = 5
@@ -40,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrain", action="store_true", help="retrain models already trained")
     p.add_argument("--no-report", action="store_true", help="skip the HTML/markdown report")
     p.add_argument("--no-progress", action="store_true")
+    add_cluster_options(p)  # the evaluation stage as jobs; training runs here
 
 
 def run(a: argparse.Namespace) -> int:
@@ -69,6 +72,7 @@ def run(a: argparse.Namespace) -> int:
             progress=not a.no_progress,
             report=not a.no_report,
             retrain=a.retrain,
+            cluster=cluster_options(a),
         ),
     )
     print((results / "leaderboard.md").read_text())

@@ -65,7 +65,7 @@ def sweep_status(results_dir: Path, sweep: str | None = None) -> list[UnitState]
     out: list[UnitState] = []
     for key, u in planned.items():
         job = last_job.get(key)
-        row = (key, u["backbone"], u["dataset"], u["protocol"], u["seed"])
+        row = (key, u.get("tag", u["backbone"]), u["dataset"], u["protocol"], u["seed"])
         if unit_done(results_dir, key):
             out.append(UnitState(*row, "done", job and job["job_id"]))
             continue

@@ -29,6 +29,8 @@ class SweepOutcome:
     planned: int
     submitted: list[str] = field(default_factory=list)  # job ids submitted by this call
     busy: list[str] = field(default_factory=list)  # earlier jobs still queued or running
+    recorded: int = 0  # units already in the store at submission (not submitted again)
+    inapplicable: list[str] = field(default_factory=list)  # "tag x protocol" left out (suites)
     states: list[UnitState] = field(default_factory=list)  # after waiting; empty with no wait
 
 
@@ -45,13 +47,17 @@ def submit_sweep(cfg: RunConfig, opts: ClusterOptions) -> SweepOutcome:
     jobs_dir = Path(opts.jobs_dir or sweeps_dir(cfg.results_dir) / "jobs").absolute()
     executor = make_executor(opts, jobs_dir)  # before planning: no SLURM here fails at once
     log(f"planning the sweep (device {device} for every job)", "sweep")
-    units = plan(cfg, torch.device(device))
+    planned = plan(cfg, torch.device(device))
+    units = [u for u in planned if u.applies]
     sid = sweep_id(u.key for u in units)
     out = SweepOutcome(sid, device, len(units))
+    out.inapplicable = [f"{u.tag} x {u.protocol}" for u in planned if not u.applies]
     groups: dict[tuple[str, str], list[str]] = {}
     for u in units:
         if cfg.force or not unit_done(cfg.results_dir, u.key):
             groups.setdefault((u.backbone, u.dataset), []).append(u.key)
+        else:
+            out.recorded += 1
     previous = _states(cfg.results_dir, sid)
     for pair, keys in list(groups.items()):
         busy = {s.job for s in previous if s.key in keys and s.state in ("running", "pending")}
