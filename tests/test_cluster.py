@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ssl_eval.cli import main
+from ssl_eval.errors import UserError
 from ssl_eval.fsutil import file_lock, lock_path
 from ssl_eval.results import load_records, records_dir
 from ssl_eval.sweep.executors import (
@@ -225,3 +226,15 @@ def test_a_suite_evaluates_as_a_local_sweep(tmp_path, capsys):
     assert "| pixels |" in (results / "leaderboard.md").read_text()
     assert main([*args, "--executor", "local", "--no-wait"]) == 2  # its tables need the records
     assert "drop --no-wait" in capsys.readouterr().err
+
+
+def test_a_job_refuses_to_run_code_other_than_what_planned_it(tmp_path):
+    from ssl_eval.config import RunConfig
+    from ssl_eval.protocols.cards import load_cards
+    from ssl_eval.sweep.job import environment, run_job
+
+    cfg = RunConfig(("pixels",), ("digits",), load_cards(["knn"], []), results_dir=tmp_path)
+    with pytest.raises(UserError, match="changed since this sweep was planned"):
+        run_job(cfg, planned_in="0" * 16)
+    assert not records_dir(tmp_path).exists()  # refused before any work
+    assert len(environment()) == 16 and environment() == environment()

@@ -90,14 +90,14 @@ def _states(results_dir: Path, sid: str) -> list[UnitState]:
 
 
 def _submit(cfg, opts, executor, sid, units, groups) -> list:
-    from .job import run_job
+    from .job import environment, run_job
 
     job_cfgs = [
         dataclasses.replace(cfg, backbones=(bb,), datasets=(ds,), progress=False)
         for bb, ds in groups
     ]
     kind = EXECUTORS.get(opts.executor)
-    jobs = executor.map_array(run_job, job_cfgs)
+    jobs = executor.map_array(run_job, job_cfgs, [environment()] * len(job_cfgs))
     now = utc_now()
     entries = [
         {
