@@ -313,3 +313,61 @@ def _evaluate(
         )
         out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", metrics, path))
     return out
+
+
+@dataclass(frozen=True)
+class PlannedUnit:
+    """One unit ``run`` would evaluate, with the key its record will carry; or, ``applies``
+    False (a suite's ``skip_inapplicable``), one it leaves out (key empty)."""
+
+    key: str
+    backbone: str  # the names asked for (what a job is given)
+    tag: str  # the built backbone's tag (what records and tables show)
+    dataset: str
+    protocol: str
+    seed: int | None  # None: the unit does not depend on the seed
+    applies: bool = True
+
+
+def plan(cfg: RunConfig, device: torch.device) -> list[PlannedUnit]:
+    """The units ``run(cfg)`` would evaluate on ``device`` (done or not), in its order, with
+    their keys: what a sweep (ssl_eval/sweep/) shards into jobs and ``ssl-eval status``
+    follows. Builds each backbone once at a time (the key holds its weights and built state);
+    refuses what ``run`` refuses. Keep in step with ``run``: tests/test_cluster.py checks that
+    the keys planned here are the keys ``run`` records."""
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    units: list[PlannedUnit] = []
+    for ds_name in cfg.datasets:
+        bundle = get_dataset(
+            ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests")
+        )
+        _preflight(
+            bundle, cfg, stratified_val_split(bundle.train.labels, cfg.val_fraction, cfg.split_seed)
+        )
+        for bb_name in cfg.backbones:
+            bb = build_backbone(bb_name, _build_options(cfg, cfg.seeds[0]))
+            for seed in cfg.seeds:
+                if seed != cfg.seeds[0] and _seeded_backbone(bb):
+                    bb = build_backbone(bb_name, _build_options(cfg, seed))
+                trainable = any(p.requires_grad for p in bb.model.parameters())
+                for card in cfg.protocols:
+                    if card.protocol.trains and not trainable:
+                        if cfg.skip_inapplicable:
+                            units.append(
+                                PlannedUnit("", bb_name, bb.tag, ds_name, card.name, seed, False)
+                            )
+                            continue
+                        raise UserError(
+                            f"{card.name} trains the backbone, but {bb.tag} has no trainable "
+                            "parameters; evaluate it with a frozen protocol (knn, linear, fewshot)"
+                        )
+                    dependent = card.protocol.seeded or _seeded_backbone(bb)
+                    if not dependent and seed != cfg.seeds[0]:
+                        continue  # one run serves every seed
+                    key = unit_key(bb, bundle, card, cfg, seed if dependent else None, device)
+                    units.append(
+                        PlannedUnit(
+                            key, bb_name, bb.tag, ds_name, card.name, seed if dependent else None
+                        )
+                    )
+    return units

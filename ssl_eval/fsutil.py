@@ -336,6 +336,22 @@ def claim_each(
             yield item, not done(item)
 
 
+def lock_held(path: Path) -> bool:
+    """Whether a live process holds the lock ``path`` (read-only look: never creates, takes or
+    removes it; a lock file a killed holder left is not held)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock, if it was taken
+    return False
+
+
 # ---------------------------------------------------------------- hashing and folders
 
 

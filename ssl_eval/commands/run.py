@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._args import add_results_dir, csv_list, int_list
+from ._args import add_cluster_options, add_results_dir, cluster_options, csv_list, int_list
 
 NAME = "run"
 HELP = "evaluate backbones on datasets under protocols"
@@ -76,6 +76,7 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
         "--no-leaderboard", action="store_true", help="do not rebuild the leaderboard afterwards"
     )
     add_results_dir(r)
+    add_cluster_options(r)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -91,6 +92,7 @@ def run(a: argparse.Namespace) -> int:
         names += [p for p in load_suite(a.suite).protocols if p not in names]
     if not names:
         names = ["knn", "linear"]
+    cluster = cluster_options(a)
     cards = load_cards(names, a.set or [])
     cfg = RunConfig(
         backbones=a.backbone,
@@ -116,6 +118,8 @@ def run(a: argparse.Namespace) -> int:
         num_workers=a.num_workers,
         progress=not a.no_progress,
     )
+    if cluster is not None:
+        return _sweep(cfg, cluster, a.no_leaderboard)
     outcomes = run_units(cfg)
     done = [o for o in outcomes if o.status == "done"]
     for o in done:
@@ -129,4 +133,34 @@ def run(a: argparse.Namespace) -> int:
 
         csv_path, md_path = write_leaderboard(cfg.results_dir)
         print(f"leaderboard: {md_path}")
+    return 0
+
+
+def _sweep(cfg, cluster, no_leaderboard: bool) -> int:
+    """The units of ``cfg`` as jobs through ``cluster.executor`` (ssl_eval/sweep/)."""
+    from ..sweep import submit_sweep
+    from ..sweep.status import counts, format_counts, format_table
+
+    out = submit_sweep(cfg, cluster)
+    print(
+        f"sweep {out.sweep}: {out.planned} unit(s) planned on {out.device}, "
+        f"{len(out.submitted)} job(s) submitted"
+        + (f", {len(out.busy)} earlier job(s) still queued or running" if out.busy else "")
+    )
+    if not cluster.wait:
+        print(f"follow it with: ssl-eval status --results-dir {cfg.results_dir}")
+        return 0
+    print(format_table(out.states))
+    print(format_counts(out.states))
+    if not no_leaderboard:
+        from ..leaderboard import write_leaderboard
+
+        csv_path, md_path = write_leaderboard(cfg.results_dir)
+        print(f"leaderboard: {md_path}")
+    if counts(out.states)["failed"]:
+        print(
+            f"some units failed: ssl-eval status --results-dir {cfg.results_dir} shows why; "
+            "the same command resubmits only the missing units"
+        )
+        return 1
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._args import add_cluster_options, cluster_options
+
 NAME = "suite"
 HELP = "run a job suite: train the bundled methods, evaluate them and the baselines, report, check"
 ORDER = 5
@@ -44,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--junit", type=Path, help="with a reference: the check's JUnit XML (one case per row)"
     )
     p.add_argument("--summary", type=Path, help="with a reference: the check's markdown summary")
+    add_cluster_options(p)  # the evaluation stage as jobs; training runs here
 
 
 def run(a: argparse.Namespace) -> int:
@@ -73,6 +76,7 @@ def run(a: argparse.Namespace) -> int:
             progress=not a.no_progress,
             report=not a.no_report,
             retrain=a.retrain,
+            cluster=cluster_options(a),
         ),
     )
     print((results / "leaderboard.md").read_text())

@@ -27,6 +27,7 @@ class SuiteOptions:
     progress: bool = True
     report: bool = True
     retrain: bool = False
+    cluster: object | None = None  # sweep.ClusterOptions: evaluate as submitit jobs (waits)
 
 
 @dataclass
@@ -107,6 +108,8 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
     from ..protocols.cards import load_cards
 
     t_all = time.perf_counter()
+    if opt.cluster is not None and not opt.cluster.wait:
+        raise UserError("a suite builds its tables from the evaluation's records: drop --no-wait")
     results = ensure_writable_dir(Path(opt.results_dir), "results folder")
     out = SuiteOutcome(results)
     cards = load_cards(list(suite.protocols), list(suite.set))  # bad cards fail before training
@@ -129,11 +132,14 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
         skip_inapplicable=True,
     )
     t0 = time.perf_counter()
-    outcomes = run(cfg)
+    if opt.cluster is not None:
+        _evaluate_as_sweep(cfg, opt.cluster, out)
+    else:
+        outcomes = run(cfg)
+        out.units_done = sum(o.status == "done" for o in outcomes)
+        out.units_skipped = sum(o.status == "skipped" for o in outcomes)
+        out.inapplicable = [f"{o.backbone} x {o.protocol}" for o in outcomes if o.status == "n/a"]
     out.timings["evaluation"] = round(time.perf_counter() - t0, 1)
-    out.units_done = sum(o.status == "done" for o in outcomes)
-    out.units_skipped = sum(o.status == "skipped" for o in outcomes)
-    out.inapplicable = [f"{o.backbone} x {o.protocol}" for o in outcomes if o.status == "n/a"]
     t0 = time.perf_counter()
     write_leaderboard(results)
     if opt.report:
@@ -147,6 +153,24 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
     out.timings["total"] = round(time.perf_counter() - t_all, 1)
     _write_manifest(suite, out)
     return out
+
+
+def _evaluate_as_sweep(cfg, cluster, out: SuiteOutcome) -> None:
+    """The evaluation as a sweep of submitit jobs (ssl_eval/sweep/), waited for."""
+    from ..sweep import submit_sweep
+    from ..sweep.status import counts
+
+    sweep = submit_sweep(cfg, cluster)
+    c = counts(sweep.states)
+    if c["failed"]:
+        raise UserError(
+            f"{c['failed']} unit(s) of the suite failed in their jobs: `ssl-eval status "
+            f"--results-dir {cfg.results_dir}` shows why; run the suite again to resubmit only "
+            "the missing units"
+        )
+    out.units_skipped = sweep.recorded
+    out.units_done = c["done"] - sweep.recorded
+    out.inapplicable = sweep.inapplicable
 
 
 def _write_manifest(suite: JobSuite, out: SuiteOutcome) -> None:
