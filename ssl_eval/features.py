@@ -192,8 +192,11 @@ def _extract(
     t0 = time.perf_counter()
     cache_dir, decode, accel = fast
     # pinned memory serves host-to-GPU copies only; on the CPU the flag has nothing to do
-    pin = accel.pin_memory and device.type == "cuda"
-    batches, n = _batches(bundle, split, backbone, batch_size, num_workers, progress, pin, *fast)
+    gpu = device.type == "cuda"
+    pin = accel.pin_memory and gpu
+    batches, n = _batches(
+        bundle, split, backbone, batch_size, num_workers, progress, (pin, gpu), *fast
+    )
     backbone.model.to(device).eval()
     amp = autocast_dtype(device) == "bfloat16"
     with atomic_directory(entry) as tmp, prepared(backbone, accel) as embed:
@@ -235,10 +238,11 @@ def _extract(
 
 
 def _batches(
-    bundle, split, backbone, batch_size, num_workers, progress, pin, cache_dir, decode, accel
+    bundle, split, backbone, batch_size, num_workers, progress, pin_gpu, cache_dir, decode, accel
 ):
     """(uint8 NCHW batches, their total count): from the decode cache's map, or decoded and
     resized per image by DataLoader workers."""
+    pin, gpu = pin_gpu
     if decode:
         from .decode_cache import decoded
 
@@ -250,7 +254,10 @@ def _batches(
             num_workers=num_workers,
             progress=progress,
         )
-        return src.batches(batch_size, accel.channels_last, pin), len(src)
+        # on a GPU the map's NHWC rows travel as they are and the layout the model runs in is
+        # made there (_extract's .contiguous), not by a transposing copy on the host
+        nhwc = accel.channels_last or gpu
+        return src.batches(batch_size, nhwc, pin), len(src)
     images = _Images(bundle.split(split), backbone.preprocessing)
     if num_workers is None:
         num_workers = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
