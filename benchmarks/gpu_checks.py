@@ -72,7 +72,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    8192, 4096, (375, 500), "random:vit_base_patch16_224", 224, 16384, 512,
+    8192, 2048, (375, 500), "random:vit_base_patch16_224", 224, 16384, 512,
     1_281_167, 50_000, 768, 200, 128,
     "random:vit_small_patch14_dinov2", 224, 128_116, 5_000, 1000, 10,
 )  # fmt: skip
