@@ -184,16 +184,29 @@ def _cached(entry: Path, key: str, what: str, discard: bool) -> DecodedSplit | N
     return got
 
 
+_VERIFIED: set[tuple] = set()  # entries this process checked, by identity of their files
+
+
+def _stamp(entry: Path) -> tuple:
+    return tuple(
+        (f, st.st_ino, st.st_size, st.st_mtime_ns) for f in _FILES for st in [(entry / f).stat()]
+    )
+
+
 def _open(entry: Path, key: str, verify: bool) -> DecodedSplit:
+    """Open an entry; with ``verify``, its files are checked against meta.json's crc32 sums
+    once per process (an ImageNet-size map is tens of GB: every split of every backbone would
+    otherwise read it again), and again whenever a file's inode, size or mtime changes."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        if verify:
+        if verify and _stamp(entry) not in _VERIFIED:
             sums = meta.get("checksums") if isinstance(meta, dict) else None
             if not isinstance(sums, dict) or set(sums) != set(_FILES):
                 raise _Damaged("no checksums in meta.json")
             for f, want in sums.items():
                 if file_checksum(entry / f) != want:
                     raise _Damaged(f"{f} does not match its checksum")
+            _VERIFIED.add(_stamp(entry))
         images = np.load(entry / "images.npy", mmap_mode="r")
         labels = np.load(entry / "labels.npy")
         if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):

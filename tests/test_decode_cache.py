@@ -74,6 +74,7 @@ def test_a_damaged_entry_is_discarded_and_rebuilt(tmp_path, capsys):
     ds = _noisy_folder(tmp_path / "imgs")
     pre = Preprocessing(resize=16, crop=16)
     first = decoded(ds, "train", pre, cache_dir=tmp_path, progress=False)
+    assert decoded(ds, "train", pre, cache_dir=tmp_path, progress=False).cache_hit  # verified
     good = np.array(first.images)
     path = first.path / "images.npy"
     del first
