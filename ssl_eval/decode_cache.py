@@ -5,8 +5,9 @@ by JPEG decoding.
 
 An entry is keyed by what fixes its pixels and nothing else (``decode_key``): the dataset's
 name and content fingerprint, the split, the *geometric* part of the preprocessing (resize,
-crop, interpolation), the source of this file and of ``data/`` (decoding and resizing code),
-and the versions of the libraries that decode and resize (Pillow, torchvision, torch, numpy).
+crop, interpolation), the source of this file, of features.py (whose ``_Images`` decodes) and
+of ``data/`` (decoding and resizing code), and the versions of the libraries that decode and
+resize (Pillow, torchvision, torch, numpy).
 Mean and std are not in it: normalisation runs per batch on the uint8 pixels, so every backbone
 with the same resize and crop shares one entry. The pixels are exactly those the per-image path
 (``features._Images``) produces, built by that same code, so the features are identical and the
@@ -60,7 +61,7 @@ def decode_key(bundle: DatasetBundle, split: str, pre: Preprocessing) -> dict:
     """Everything that changes the decoded pixels of ``bundle``'s ``split`` under ``pre``."""
     return {
         "format": DECODE_FORMAT_VERSION,
-        "code": source_hash("decode_cache.py", "data"),
+        "code": source_hash("decode_cache.py", "features.py", "data"),  # features._Images decodes
         "libraries": library_versions(DECODE_LIBRARIES),
         "dataset": bundle.name,
         "dataset_fingerprint": bundle.fingerprint,
