@@ -219,6 +219,12 @@ class RunConfig:
     offline: bool = False
     num_workers: int | None = None
     progress: bool = True
+    # decode once (decode_cache.py): images decoded and resized once per dataset, split and
+    # resize/crop, shared by every backbone; off by default (docs/benchmarks.md, decode cache)
+    decode_cache: bool = False
+    channels_last: bool = False  # accel.py: speed options of extraction, off by default
+    compile: bool = False
+    pin_memory: bool = False
     # a protocol that cannot apply to a backbone (fine-tuning raw pixels) is logged and left
     # out instead of refused: set by job suites, which mix baselines and trained models
     skip_inapplicable: bool = False

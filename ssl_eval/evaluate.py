@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .accel import Accel
 from .backbones import BuildOptions, build_backbone
 from .backbones.base import Backbone
 from .config import RunConfig
@@ -53,8 +54,10 @@ def unit_key(
 ) -> str:
     """The identity of one unit of work: everything that changes its numbers, the code and
     library versions included; ``seed`` is None where the unit does not depend on it."""
+    fast = accel_of(cfg).key()  # kernels that may change the features' last bits
     return sha256_json(
-        {
+        ({"accel": fast} if fast else {})
+        | {
             "schema": SCHEMA_VERSION,
             "backbone": backbone.tag,
             "weights": backbone.weights.sha256,
@@ -85,6 +88,10 @@ def _feature_options(cfg: RunConfig) -> dict:
     }
 
 
+def accel_of(cfg: RunConfig) -> Accel:
+    return Accel(cfg.channels_last, cfg.compile, cfg.pin_memory)
+
+
 def _seeded_backbone(bb: Backbone) -> bool:
     """A seeded random initialisation: each seed of the run is another network."""
     return bb.weights.source.startswith("random-init")
@@ -106,6 +113,7 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
     for folder in (
         records_dir(cfg.results_dir),
         cache_dir / "features",
+        cache_dir / "decoded",
         cache_dir / "manifests",
         *state_dirs,
         states,  # then its empty folders nobody holds (a killed fine-tune's)
@@ -229,8 +237,27 @@ def _evaluate(
                 dtype=cfg.feature_dtype,
                 num_workers=cfg.num_workers,
                 progress=cfg.progress,
+                decode_cache=cfg.decode_cache,
+                accel=accel_of(cfg),
             )
         return feats[split]
+
+    image_source: dict = {}
+
+    def image_bundle():
+        """The bundle protocols that train on images read: with the decode cache, from
+        decoded full-size maps where the images allow it (decode_cache.native_bundle)."""
+        if not image_source:
+            source, how = bundle, "original files or arrays (--decode-cache off)"
+            if cfg.decode_cache:
+                from .decode_cache import native_bundle
+
+                source, how = native_bundle(
+                    bundle, cache_dir=cache_dir, num_workers=cfg.num_workers, progress=cfg.progress
+                )
+                log(f"{bundle.name} images for training protocols: {how}")
+            image_source.update(bundle=source, how=how)
+        return image_source["bundle"]
 
     train_idx, val_idx = split
     out = []
@@ -253,7 +280,7 @@ def _evaluate(
         if ptype.inputs == "images":
             inputs = ImageInputs(
                 bb,
-                bundle,
+                image_bundle(),
                 train_idx,
                 val_idx,
                 device,
@@ -290,8 +317,12 @@ def _evaluate(
                 "feature_cache": {s: f.key for s, f in feats.items()},
                 "feature_dtype": cfg.feature_dtype,
                 "feature_seconds": {s: round(f.seconds, 2) for s, f in feats.items()},
+                "decode_cache": cfg.decode_cache,
+                "accel": accel_of(cfg).record(device.type),
             }
             if feats
+            else {"image_source": image_source["how"], "accel": accel_of(cfg).record(device.type)}
+            if image_source
             else None,
         )
         records = build_records(

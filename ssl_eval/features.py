@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .accel import Accel, prepared
 from .backbones.base import Backbone
 from .data.datasets import DatasetBundle, ImageSplit
 from .data.transforms import Preprocessing
@@ -94,13 +95,17 @@ def cache_key(
     split: str,
     dtype: str,
     device: torch.device | None = None,
+    accel: Accel | None = None,
 ) -> dict:
     """Everything that changes the features: the weights, the tag's preprocessing and feature
     kind, the data, the storage dtype, the code that computes them (the source of this file,
     of backbones/ and of data/, hashed), the library versions, the device kind and autocast
-    precision (bf16 features on a GPU are not float32 features on a CPU)."""
+    precision (bf16 features on a GPU are not float32 features on a CPU), and the speed options
+    that run other kernels (``Accel.key``: channels-last, compile). The decode cache is not in
+    it: its pixels are those of the per-image path, so the features are the same."""
     device = device or torch.device("cpu")
-    return {
+    fast = (accel or Accel()).key()
+    return ({"accel": fast} if fast else {}) | {
         "format": FEATURE_FORMAT_VERSION,
         "code": source_hash("features.py", "backbones", "data", "registry.py"),
         "libraries": library_versions(),
@@ -129,11 +134,16 @@ def extract(
     dtype: str = "float16",
     num_workers: int | None = None,
     progress: bool = True,
+    decode_cache: bool = False,
+    accel: Accel | None = None,
 ) -> FeatureSet:
-    """Features of ``bundle``'s ``split`` under ``backbone``, from the cache when present."""
+    """Features of ``bundle``'s ``split`` under ``backbone``, from the cache when present.
+    With ``decode_cache``, images are read from the decode cache (decode_cache.py), built on
+    first use, instead of being decoded and resized per image."""
     if dtype not in DTYPES:
         raise UserError(f"feature dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
-    key_obj = cache_key(backbone, bundle, split, dtype, device)
+    accel = accel or Accel()
+    key_obj = cache_key(backbone, bundle, split, dtype, device, accel)
     key = sha256_json(key_obj)[:32]
     entry = Path(cache_dir) / "features" / key
     what = f"{backbone.tag} features for {bundle.name}/{split}"
@@ -145,7 +155,7 @@ def extract(
         fs = _cached(entry, key, what, discard=True)
         if fs is None:
             args = (entry, key, key_obj, dtype, device, batch_size, num_workers, progress)
-            fs = _extract(backbone, bundle, split, *args)
+            fs = _extract(backbone, bundle, split, *args, (cache_dir, decode_cache, accel))
         return fs
 
 
@@ -166,24 +176,38 @@ def _cached(entry: Path, key: str, what: str, discard: bool) -> FeatureSet | Non
 
 
 def _extract(
-    backbone, bundle, split, entry, key, key_obj, dtype, device, batch_size, num_workers, progress
+    backbone,
+    bundle,
+    split,
+    entry,
+    key,
+    key_obj,
+    dtype,
+    device,
+    batch_size,
+    num_workers,
+    progress,
+    fast: tuple = (None, False, Accel()),
 ) -> FeatureSet:
     t0 = time.perf_counter()
-    images = _Images(bundle.split(split), backbone.preprocessing)
-    if num_workers is None:
-        num_workers = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    cache_dir, decode, accel = fast
+    # pinned memory serves host-to-GPU copies only; on the CPU the flag has nothing to do
+    gpu = device.type == "cuda"
+    pin = accel.pin_memory and gpu
+    batches, n = _batches(
+        bundle, split, backbone, batch_size, num_workers, progress, (pin, gpu), *fast
+    )
     backbone.model.to(device).eval()
-    n = len(images)
     amp = autocast_dtype(device) == "bfloat16"
-    with atomic_directory(entry) as tmp:
+    with atomic_directory(entry) as tmp, prepared(backbone, accel) as embed:
         out = None
         done = 0
         bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress)
-        for batch in _worker_errors(loader):
+        for batch in batches:
             x = backbone.preprocessing.normalise(batch.to(device, non_blocking=True))
+            x = x.contiguous(memory_format=accel.memory_format())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                f = backbone.embed(x)
+                f = embed(x)
             f = f.float().cpu().numpy()
             if out is None:
                 out = _open_output(tmp / "features.npy", DTYPES[dtype], (n, f.shape[1]), entry)
@@ -200,7 +224,7 @@ def _extract(
             raise UserError(f"{bundle.name}/{split} is empty")
         out.flush()
         del out
-        np.save(tmp / "labels.npy", np.asarray(images.split.labels, dtype=np.int64))
+        np.save(tmp / "labels.npy", np.asarray(bundle.split(split).labels, dtype=np.int64))
         seconds = time.perf_counter() - t0
         sums = {f: file_checksum(tmp / f) for f in ("features.npy", "labels.npy")}
         atomic_write_json(
@@ -211,6 +235,40 @@ def _extract(
     fs = _open(entry, key, hit=False)
     fs.seconds = seconds
     return fs
+
+
+def _batches(
+    bundle, split, backbone, batch_size, num_workers, progress, pin_gpu, cache_dir, decode, accel
+):
+    """(uint8 NCHW batches, their total count): from the decode cache's map, or decoded and
+    resized per image by DataLoader workers."""
+    pin, gpu = pin_gpu
+    if decode:
+        from .decode_cache import decoded
+
+        src = decoded(
+            bundle,
+            split,
+            backbone.preprocessing,
+            cache_dir=cache_dir,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        # on a GPU the map's NHWC rows travel as they are and the layout the model runs in is
+        # made there (_extract's .contiguous), not by a transposing copy on the host
+        nhwc = accel.channels_last or gpu
+        return src.batches(batch_size, nhwc, pin), len(src)
+    images = _Images(bundle.split(split), backbone.preprocessing)
+    if num_workers is None:
+        num_workers = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
+    loader = DataLoader(
+        images,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin,
+    )
+    return _worker_errors(loader), len(images)
 
 
 def _open_output(path: Path, dtype, shape: tuple[int, int], entry: Path) -> np.memmap:

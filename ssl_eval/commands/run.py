@@ -71,6 +71,17 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--force", action="store_true", help="redo units already in the results store")
     r.add_argument("--offline", action="store_true", help="never download weights")
     r.add_argument("--num-workers", type=int, help="data-loading workers")
+    r.add_argument(
+        "--decode-cache",
+        action="store_true",
+        help="decode and resize each dataset split once into a uint8 memory map in the cache, "
+        "shared by every backbone with the same resize/crop (same features, faster reruns)",
+    )
+    r.add_argument(
+        "--channels-last", action="store_true", help="run extraction in channels-last layout"
+    )
+    r.add_argument("--compile", action="store_true", help="torch.compile the extraction forward")
+    r.add_argument("--pin-memory", action="store_true", help="pinned host batches for GPU copies")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument(
         "--no-leaderboard", action="store_true", help="do not rebuild the leaderboard afterwards"
@@ -117,6 +128,10 @@ def run(a: argparse.Namespace) -> int:
         offline=a.offline,
         num_workers=a.num_workers,
         progress=not a.no_progress,
+        decode_cache=a.decode_cache,
+        channels_last=a.channels_last,
+        compile=a.compile,
+        pin_memory=a.pin_memory,
     )
     if cluster is not None:
         return _sweep(cfg, cluster, a.no_leaderboard)

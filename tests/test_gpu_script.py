@@ -1,0 +1,90 @@
+"""benchmarks/gpu_checks.py runs end to end at tiny sizes on the CPU (so the script a lent GPU
+runs is known to work), and knn_gpu.py chooses the fastest search and records the choice."""
+
+import importlib.util
+import json
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+
+from ssl_eval.knn_gpu import GPU_SEARCHES, GpuSearch, choose, gpu_knn_search
+from ssl_eval.knn_search import knn_search
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_checks", ROOT / "benchmarks" / "gpu_checks.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_checks"] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_checks_smoke_runs_every_check_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    assert _script().main(["--smoke", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["smoke"] and res["device"] == "cpu"
+    for name in ("env", "decode", "extract", "knn", "finetune", "headline"):
+        assert "error" not in res[name], res[name]
+    assert res["decode"]["to"] == [32, 32, 3] and res["decode"]["images"] == 12
+    assert {"plain", "channels_last+pinned", "forward_only_resident_batch"} <= set(res["extract"])
+    assert res["knn"]["auto"]["backend"] == "torch"  # the only search a CPU offers
+    assert "faiss_gpu_fp16" in res["knn"]["auto"]["unavailable"]
+    head = res["headline"]
+    assert set(head["phases_s"]) == {"extract_train", "extract_test", "knn", "linear", "fewshot"}
+    assert head["full_size_phases_s"]["knn"] == pytest.approx(
+        head["phases_s"]["knn"] * 100, rel=0.05
+    )
+    assert "x 100" in head["extrapolation_rule"]
+
+
+def test_gpu_checks_refuses_to_pretend_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert _script().main([]) == 2
+    assert "not measured" in capsys.readouterr().out
+
+
+def _slow_setup(delay):
+    def prepare(bank, memory_mb):
+        time.sleep(delay)
+        b = bank.clone()
+        return lambda q, k: knn_search(b, q, k, "torch", memory_mb)
+
+    return prepare
+
+
+for _name, _delay in (("test_slow", 0.3), ("test_fast", 0.0)):
+    if _name not in GPU_SEARCHES:
+        GPU_SEARCHES.register(_name, GpuSearch("float32", _slow_setup(_delay), lambda d: None))
+if "test_absent" not in GPU_SEARCHES:
+    GPU_SEARCHES.register(
+        "test_absent", GpuSearch("float32", _slow_setup(0), lambda d: "not on this machine")
+    )
+
+
+def test_the_fastest_search_is_chosen_and_the_choice_recorded():
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(500, 16, generator=g), dim=1)
+    q = F.normalize(torch.randn(40, 16, generator=g), dim=1)
+    sims, idx, choice = gpu_knn_search(bank, q, 5, names=["test_slow", "test_fast", "test_absent"])
+    assert choice.backend == "test_fast"
+    rec = choice.record()
+    assert rec["estimates_s"]["test_slow"] > 0.25 > rec["estimates_s"]["test_fast"]
+    assert rec["unavailable"] == {"test_absent": "not on this machine"}
+    assert rec["precision"] == "float32" and "probe" in rec["chosen_by"]
+    ref_s, ref_i = knn_search(bank, q, 5, "torch")
+    torch.testing.assert_close(sims, ref_s)
+    assert torch.equal(idx, ref_i)
+
+
+def test_no_available_search_is_an_error_not_a_silent_fallback():
+    x = torch.eye(4)
+    with pytest.raises(RuntimeError, match="not on this machine"):
+        choose(x, x, 1, names=["test_absent"])
