@@ -75,16 +75,17 @@ class FeatureRows:
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (of the view) as a fresh float32 (stop - start, D) tensor."""
         if self.rows is not None:
-            return self.take(self.rows[start:stop], _view=False)
+            return self._gather(self.rows[start:stop])
         return self._finish(self.x[start:stop])
 
-    def take(self, idx, _view: bool = True) -> torch.Tensor:
+    def take(self, idx) -> torch.Tensor:
         """The listed rows (positions in the view) as a fresh float32 (len(idx), D) tensor."""
         if isinstance(idx, torch.Tensor):
             idx = idx.cpu().numpy()
         idx = np.asarray(idx, dtype=np.int64)
-        if _view and self.rows is not None:
-            idx = self.rows[idx]
+        return self._gather(self.rows[idx] if self.rows is not None else idx)
+
+    def _gather(self, idx: np.ndarray) -> torch.Tensor:
         if isinstance(self.x, torch.Tensor):
             return self._finish(self.x[torch.from_numpy(idx).to(self.x.device)])
         return self._finish(self.x[idx])
