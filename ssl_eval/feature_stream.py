@@ -9,8 +9,8 @@ depends only on that row).
 
 Pages of a memory-mapped file that were read stay in the process's resident set until the
 kernel needs them back, so a plain pass over a memmap grows the peak RSS with N. Once the bytes
-read since the last release exceed ``release_mb``, the mapping's pages are dropped from this
-process (``madvise(MADV_DONTNEED)``: they stay in the page cache and are read back from there
+read in order since the last release exceed ``release_mb`` (or after any gather of scattered
+rows), the mapping's pages are dropped from this process (``madvise(MADV_DONTNEED)``: they stay in the page cache and are read back from there
 on the next touch; the file is opened read-only, so nothing is lost). Peak RSS is then bounded
 by the chunk sizes and ``release_mb``, not by the number of rows.
 """
@@ -22,8 +22,6 @@ import mmap
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-_PAGE = mmap.PAGESIZE
 
 
 def _mapping(x: np.ndarray) -> mmap.mmap | None:
@@ -44,7 +42,7 @@ class FeatureRows:
         rows: np.ndarray | None = None,
         device: torch.device | str = "cpu",
         normalise: bool = False,
-        release_mb: int = 256,
+        release_mb: int | None = 256,
     ):
         if isinstance(x, FeatureRows):
             raise TypeError("FeatureRows of FeatureRows: pass the underlying matrix")
@@ -52,8 +50,11 @@ class FeatureRows:
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self.device = torch.device(device)
         self.normalise = normalise
-        self._map = _mapping(x) if isinstance(x, np.ndarray) else None
-        self._release_bytes = release_mb << 20
+        # release_mb None: never release (to measure what releasing saves)
+        keep = release_mb is None
+        self._map = _mapping(x) if isinstance(x, np.ndarray) and not keep else None
+        self._release_mb = release_mb
+        self._release_bytes = 0 if keep else release_mb << 20
         self._touched = 0
 
     def __len__(self) -> int:
@@ -70,13 +71,13 @@ class FeatureRows:
 
     def normalised(self) -> FeatureRows:
         """The same rows, L2-normalised per chunk."""
-        return FeatureRows(self.x, self.rows, self.device, True, self._release_bytes >> 20)
+        return FeatureRows(self.x, self.rows, self.device, True, self._release_mb)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (of the view) as a fresh float32 (stop - start, D) tensor."""
         if self.rows is not None:
             return self._gather(self.rows[start:stop])
-        return self._finish(self.x[start:stop])
+        return self._finish(self.x[start:stop], contiguous=True)
 
     def take(self, idx) -> torch.Tensor:
         """The listed rows (positions in the view) as a fresh float32 (len(idx), D) tensor."""
@@ -90,21 +91,24 @@ class FeatureRows:
             return self._finish(self.x[torch.from_numpy(idx).to(self.x.device)])
         return self._finish(self.x[idx])
 
-    def _finish(self, part) -> torch.Tensor:
+    def _finish(self, part, contiguous: bool = False) -> torch.Tensor:
         if isinstance(part, torch.Tensor):
             out = part.to(self.device, torch.float32, copy=True)
         else:
             out = torch.from_numpy(np.asarray(part, dtype=np.float32)).to(self.device)
             if out.data_ptr() == np.asarray(part).__array_interface__["data"][0]:
                 out = out.clone()  # a float32 in-memory array: never hand out its own memory
-            self._account(part.shape[0] * max(part.shape[1] * part.itemsize, _PAGE))
+            self._account(part.nbytes, release=not contiguous)
         return F.normalize(out, dim=1) if self.normalise else out
 
-    def _account(self, nbytes: int) -> None:
+    def _account(self, nbytes: int, release: bool) -> None:
+        # Rows gathered from all over the file are released at once: a page fault on a file
+        # mapping maps the cached pages around it too (fault-around, whole large folios: up to
+        # megabytes per row), so the resident size of a gather cannot be told from its rows.
         if self._map is None:
             return
         self._touched += nbytes
-        if self._touched > self._release_bytes:
+        if release or self._touched > self._release_bytes:
             self.release()
 
     def release(self) -> None:
