@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from ssl_eval.errors import UserError
-from ssl_eval.knn_search import knn_classify
+from ssl_eval.feature_stream import FeatureRows
+from ssl_eval.knn_search import knn_classify, knn_search, search_plan
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.cards import load_card, parse_card
 from ssl_eval.protocols.knn import KnnParams, run_knn
@@ -132,3 +135,112 @@ def test_good_knn_overrides_load(good):
     assert isinstance(
         load_card("knn", [good]).params, KnnParams
     )  # the shipped ks: 10, 20, 100, 200
+
+
+def _fp16_memmap(tmp_path, name, a):
+    np.save(tmp_path / name, a.astype(np.float16))
+    return np.load(tmp_path / name, mmap_mode="r")
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_streamed_search_of_a_memmapped_bank_equals_the_in_memory_search(tmp_path, backend):
+    """A float16 memmap read in chunks (bank and queries both chunked, sizes that do not divide
+    N or Q) gives exactly the neighbours of one in-memory float32 block, and the same votes to
+    float32 rounding (a tie may be summed in another order)."""
+    rng = np.random.default_rng(4)
+    N, Q, D, C = 1037, 1500, 8, 6
+    bank = _fp16_memmap(tmp_path, "bank.npy", rng.normal(size=(N, D)))
+    queries = _fp16_memmap(tmp_path, "q.npy", rng.normal(size=(Q, D)))
+    y = torch.from_numpy(rng.integers(0, C, N))
+    plan = search_plan(N, Q, D, 200, 1, itemsize=2)
+    assert plan["query_chunk"] < Q and Q % plan["query_chunk"] and N % plan["bank_chunk"]
+    assert plan["bank_chunk"] < N
+    streamed = knn_classify(bank, y, queries, (20, 200), 0.07, C, backend, memory_mb=1)
+    whole_b = torch.from_numpy(np.asarray(bank, dtype=np.float32))
+    whole_q = torch.from_numpy(np.asarray(queries, dtype=np.float32))
+    assert search_plan(N, Q, D, 200, 512)["bank_chunk"] == N  # one block: nothing streamed
+    ref = knn_classify(whole_b, y, whole_q, (20, 200), 0.07, C, backend, memory_mb=512)
+    s_s, i_s = knn_search(
+        FeatureRows(bank).normalised(), FeatureRows(queries).normalised(), 200, backend, 1
+    )
+    s_r, i_r = knn_search(
+        torch.nn.functional.normalize(whole_b, dim=1),
+        torch.nn.functional.normalize(whole_q, dim=1),
+        200,
+        backend,
+        512,
+    )
+    # the same similarities bit for bit and the same neighbour sets; the order of neighbours
+    # with exactly equal similarity (float16 values make ties) is the only freedom
+    assert torch.equal(s_s, s_r)
+    assert torch.equal(i_s.sort(1).values, i_r.sort(1).values)
+    assert torch.equal(s_s[i_s != i_r], s_r[i_s != i_r])
+    for k in (20, 200):
+        torch.testing.assert_close(streamed[k], ref[k], rtol=1e-6, atol=0)
+        assert torch.equal(streamed[k].argmax(1), ref[k].argmax(1))
+
+
+def test_run_knn_on_a_memmap_equals_run_knn_in_memory_and_records_its_chunks(tmp_path):
+    rng = np.random.default_rng(5)
+    means = rng.normal(size=(5, 12)) * 2
+    y, yt = rng.integers(0, 5, 1300), rng.integers(0, 5, 1100)
+    x = means[y] + rng.normal(size=(1300, 12))
+    xt = means[yt] + rng.normal(size=(1100, 12))
+    tr, va = np.arange(0, 1300, 1)[np.arange(1300) % 7 != 3], np.arange(3, 1300, 7)
+    p = KnnParams(ks=(5, 50), memory_mb=1)
+    mm = ProtocolInputs(
+        _fp16_memmap(tmp_path, "x.npy", x), y, _fp16_memmap(tmp_path, "xt.npy", xt), yt, tr, va, 5
+    )
+    mem = ProtocolInputs(
+        x.astype(np.float16).astype(np.float32),
+        y,
+        xt.astype(np.float16).astype(np.float32),
+        yt,
+        tr,
+        va,
+        5,
+    )
+    a, b = run_knn(mm, p), run_knn(mem, KnnParams(ks=(5, 50), memory_mb=512))
+    assert a.metrics == b.metrics and a.details["val_top1"] == b.details["val_top1"]
+    for m in a.per_sample:
+        assert (a.per_sample[m] == b.per_sample[m]).all()
+    # and both are the straightforward k-NN on train minus val (k chosen there), then on train
+    x16, xt16 = x.astype(np.float16).astype(np.float32), xt.astype(np.float16).astype(np.float32)
+    for k in (5, 50):
+        val_pred = reference_knn(x16[tr], y[tr], x16[va], k, 0.07, 5).argmax(1)
+        assert a.details["val_top1"][str(k)] == (val_pred == y[va]).mean()
+        test_pred = reference_knn(x16, y, xt16, k, 0.07, 5).argmax(1)
+        assert (a.per_sample[f"top1@k{k}"] == (test_pred == yt)).all()
+    chunks = a.details["chunks"]
+    assert chunks["test"]["bank_chunk"] < 1300 and chunks["test"]["query_chunk"] == 1024
+    assert chunks == {
+        "val": search_plan(len(tr), len(va), 12, 50, 1, 2),
+        "test": search_plan(1300, 1100, 12, 50, 1, 2),
+    }
+
+
+def _rss_file_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_streaming_a_memmap_releases_its_pages_past_the_budget(tmp_path, gather):
+    """Reading a 64 MB float16 memmap through FeatureRows keeps at most about release_mb of it
+    resident; without the release the whole file stays mapped (the defect: RSS grows with N)."""
+    np.save(tmp_path / "x.npy", np.ones((32768, 1024), np.float16))
+
+    def grow(release_mb):
+        x = np.load(tmp_path / "x.npy", mmap_mode="r")
+        rows = FeatureRows(x, release_mb=release_mb)
+        before, peak = _rss_file_mb(), 0.0
+        order = np.random.default_rng(0).permutation(len(x)) if gather else None
+        for s in range(0, len(x), 128):
+            rows.take(order[s : s + 128]) if gather else rows.read(s, s + 128)
+            peak = max(peak, _rss_file_mb() - before)
+        return peak
+
+    assert grow(None) > 48  # never released: the whole file was mapped, the measurement sees it
+    assert grow(8) < 8 + 8  # the budget plus one chunk (128 rows, at most 8 MB gathered)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ssl_eval.errors import UserError
+from ssl_eval.feature_stream import FeatureRows
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.linear import LinearParams, feature_stats, run_linear, schedule, train_heads
 
@@ -151,3 +152,43 @@ def test_small_datasets_get_min_steps_and_the_record_says_so():
     out = run_linear(inp, LinearParams(epochs=3, batch_size=128, min_steps=30))
     assert out.details["epochs_run"] == 10 and out.details["steps"] == 30  # 3 steps an epoch
     assert schedule(45000, LinearParams())[0] == 3  # CIFAR-size: the card's 3 epochs (264 steps)
+
+
+def _fp16_memmap(tmp_path, name, a):
+    np.save(tmp_path / name, a.astype(np.float16))
+    return np.load(tmp_path / name, mmap_mode="r")
+
+
+def test_heads_streamed_from_a_memmap_match_heads_trained_on_an_in_memory_copy(tmp_path):
+    """Streaming (float16 memmap, listed rows, a statistics chunk that does not divide N) must
+    train the heads an explicit float32 copy of those rows trains: the same batches in the same
+    order; only the statistics' sums are grouped differently (float32 rounding)."""
+    x, y = _separable(1000)
+    mm = _fp16_memmap(tmp_path, "x.npy", x)
+    rows = np.flatnonzero(np.arange(1000) % 5 != 0)
+    p = LinearParams(lrs=(0.01, 0.1), weight_decays=(0.0, 1e-2), epochs=2, batch_size=64)
+    a = train_heads(
+        FeatureRows(mm), torch.from_numpy(y), 5, p, 1, torch.from_numpy(rows), stats_chunk=97
+    )
+    copy = np.asarray(mm, dtype=np.float32)[rows]
+    b = train_heads(torch.from_numpy(copy), torch.from_numpy(y[rows]), 5, p, 1)
+    np.testing.assert_allclose(a.mean.numpy()[0], copy.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(1 / a.inv_std.numpy()[0], copy.std(0, ddof=1), rtol=1e-5)
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.bias, b.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_run_linear_on_a_memmap_equals_run_linear_in_memory_and_records_its_chunks(tmp_path):
+    x, y = _separable(1200)
+    xt, yt = _separable(300, seed=1)
+    x16, xt16 = x.astype(np.float16).astype(np.float32), xt.astype(np.float16).astype(np.float32)
+    tr, va = np.flatnonzero(np.arange(1200) % 6 != 2), np.flatnonzero(np.arange(1200) % 6 == 2)
+    p = LinearParams(epochs=2, batch_size=128)
+    mm = ProtocolInputs(
+        _fp16_memmap(tmp_path, "x.npy", x), y, _fp16_memmap(tmp_path, "t.npy", xt), yt, tr, va, 5
+    )
+    a = run_linear(mm, p)
+    b = run_linear(ProtocolInputs(x16, y, xt16, yt, tr, va, 5), p)
+    assert a.metrics == b.metrics and a.details == b.details
+    assert (a.per_sample["top1"] == b.per_sample["top1"]).all()
+    assert a.details["chunks"] == {"stats": 4096, "eval": 8192, "batch": 128}

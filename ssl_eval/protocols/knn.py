@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import UserError
-from ..knn_search import SEARCH_BACKENDS, knn_classify, resolve_backend
+from ..feature_stream import FeatureRows
+from ..knn_search import SEARCH_BACKENDS, knn_search, knn_vote, resolve_backend, search_plan
 from .base import (
     PROTOCOL_TYPES,
     DataShape,
     ProtocolInputs,
     ProtocolOutput,
     ProtocolType,
-    as_tensor,
-    topk_correct,
     topk_hits,
 )
 
@@ -34,7 +34,7 @@ class KnnParams:
     select_k: str = (
         "val"  # "val": the reported k is the best on the validation split; or an int as a string
     )
-    memory_mb: int = 512  # bound on the similarity block of the torch backend
+    memory_mb: int = 512  # bound on the blocks a search holds at once (search_plan)
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
@@ -79,39 +79,65 @@ def preflight_knn(p: KnnParams, shape: DataShape) -> None:
 # ---------------------------------------------------------------- the protocol
 
 
+def _hits(bank: FeatureRows, bank_y, queries: FeatureRows, q_y, ks, p: KnnParams, C, backend):
+    """Per query and k, whether the label is the top-1 / among the top-5 of the vote. One search
+    for max(ks); the (Q, C) vote is formed 8,192 queries at a time."""
+    sims, idx = knn_search(bank.normalised(), queries.normalised(), max(ks), backend, p.memory_mb)
+    top1 = {k: [] for k in ks}
+    top5 = {k: [] for k in ks}
+    for s in range(0, len(sims), 8192):
+        votes = knn_vote(sims[s : s + 8192], idx[s : s + 8192], bank_y, ks, p.temperature, C)
+        for k, v in votes.items():
+            h = topk_hits(v, q_y[s : s + 8192])
+            top1[k].append(h[1])
+            top5[k].append(h[5])
+    return {k: np.concatenate(v) for k, v in top1.items()}, {
+        k: np.concatenate(v) for k, v in top5.items()
+    }
+
+
 def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
+    """The features are read in chunks from their (memory-mapped) arrays: no float32 copy of
+    the bank or of the queries is ever made whole."""
     dev = inp.device
     ks = tuple(sorted(set(p.ks)))  # KnnParams checked them: non-empty, each >= 1
-    train_x, train_y = as_tensor(inp.train_x, dev), torch.from_numpy(inp.train_y).to(dev)
-    test_x, test_y = as_tensor(inp.test_x, dev), torch.from_numpy(inp.test_y).to(dev)
+    train_y = torch.from_numpy(np.asarray(inp.train_y)).to(dev)
+    test_y = torch.from_numpy(np.asarray(inp.test_y)).to(dev)
     C = inp.num_classes
     backend = resolve_backend(p.backend, dev)
+    D = inp.train_x.shape[1]
+    itemsize = np.dtype(inp.train_x.dtype).itemsize
 
     # choose k on the validation split (bank = train minus val)
-    tr, va = torch.from_numpy(inp.train_idx).to(dev), torch.from_numpy(inp.val_idx).to(dev)
-    val_acc = {}
+    tr, va = np.asarray(inp.train_idx), np.asarray(inp.val_idx)
+    val_acc, plans = {}, {}
     if p.select_k == "val":
-        if len(inp.val_idx) == 0:
+        if len(va) == 0:
             raise UserError("knn: the validation split is empty; raise --val-fraction")
-        val_scores = knn_classify(
-            train_x[tr], train_y[tr], train_x[va], ks, p.temperature, C, backend, p.memory_mb
+        bank = FeatureRows(inp.train_x, tr, dev)
+        top1, _ = _hits(
+            bank,
+            train_y[torch.from_numpy(tr).to(dev)],
+            FeatureRows(inp.train_x, va, dev),
+            train_y[torch.from_numpy(va).to(dev)],
+            ks,
+            p,
+            C,
+            backend,
         )
-        val_acc = {
-            k: topk_correct(s, train_y[va], (1,))[1] / len(va) for k, s in val_scores.items()
-        }
+        val_acc = {k: int(h.sum()) / len(va) for k, h in top1.items()}
         best_k = max(ks, key=lambda k: (val_acc[k], -k))  # ties -> smaller k
+        plans["val"] = search_plan(len(tr), len(va), D, max(ks), p.memory_mb, itemsize)
     else:
         best_k = int(p.select_k)  # one of ks (KnnParams checked it)
 
-    scores = knn_classify(train_x, train_y, test_x, ks, p.temperature, C, backend, p.memory_mb)
+    bank, queries = FeatureRows(inp.train_x, None, dev), FeatureRows(inp.test_x, None, dev)
+    top1, top5 = _hits(bank, train_y, queries, test_y, ks, p, C, backend)
+    plans["test"] = search_plan(len(bank), len(queries), D, max(ks), p.memory_mb, itemsize)
     per_sample = {}
-    for k, s in scores.items():
-        hits = topk_hits(s, test_y)
-        per_sample[f"top1@k{k}"], per_sample[f"top5@k{k}"] = hits[1], hits[5]
-    per_sample["top1"], per_sample["top5"] = (
-        per_sample[f"top1@k{best_k}"],
-        per_sample[f"top5@k{best_k}"],
-    )
+    for k in ks:
+        per_sample[f"top1@k{k}"], per_sample[f"top5@k{k}"] = top1[k], top5[k]
+    per_sample["top1"], per_sample["top5"] = top1[best_k], top5[best_k]
     metrics = {m: float(v.mean()) for m, v in per_sample.items()}
     return ProtocolOutput(
         metrics,
@@ -120,6 +146,7 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
             "val_top1": {str(k): v for k, v in val_acc.items()},
             "backend": backend,
             "bank_size": len(train_y),
+            "chunks": plans,  # query/bank chunk sizes of each search, from memory_mb
         },
         per_sample=per_sample,
     )

@@ -8,6 +8,11 @@ in steps. Features are standardised with the training rows' mean and standard de
 (BatchNorm without affine, as MAE), one mini-batch at a time, so the training matrix is never
 copied. The head with the best validation top-1 is reported on test.
 
+The features are streamed from their (memory-mapped, float16) arrays: mini-batches, the
+statistics' chunks and the evaluation chunks are gathered and converted to float32 one at a
+time (``FeatureRows``), so no float32 copy of the train or test matrix is ever held. Chunk
+sizes come from ``STREAM_MB`` (``linear_chunks``) and are recorded in the result's details.
+
 Small datasets get at least ``min_steps`` optimiser steps (more epochs), so a 1,000-image
 dataset is not probed with a handful of updates.
 """
@@ -21,14 +26,28 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..feature_stream import FeatureRows, as_rows
 from .base import (
     PROTOCOL_TYPES,
     ProtocolInputs,
     ProtocolOutput,
     ProtocolType,
-    as_tensor,
     topk_hits,
 )
+
+STREAM_MB = 256  # memory for one streamed chunk of features and its logits
+
+
+def linear_chunks(dim: int, num_heads: int, num_classes: int) -> dict[str, int]:
+    """Rows per chunk within ``STREAM_MB``: ``stats`` (a chunk, its float32 copy and the
+    centred copy: 3 x 4 bytes per value) and ``eval`` (the float32 chunk and the logits of every
+    head: 4 x (D + H x C) bytes per row), capped at 4,096 and 8,192 rows (the sizes used before
+    streaming, so results on CIFAR-size data are unchanged bit for bit)."""
+    budget = STREAM_MB << 20
+    return {
+        "stats": max(1, min(4096, budget // (12 * dim))),
+        "eval": max(1, min(8192, budget // (4 * (dim + num_heads * num_classes)))),
+    }
 
 
 @dataclass(frozen=True)
@@ -90,61 +109,70 @@ class HeadGrid:
             -1, H, C
         )
 
-    def top1_per_head(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        """Top-1 accuracy of every head on (x, y), in chunks (bounded memory)."""
-        correct = torch.zeros(self.weight.shape[1], device=x.device)
+    def top1_per_head(self, x, y: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Top-1 accuracy of every head on (x, y), in chunks (bounded memory); ``x`` a tensor,
+        an array or ``FeatureRows``."""
+        x = as_rows(x, self.weight.device)
+        correct = torch.zeros(self.weight.shape[1], device=self.weight.device)
         for s in range(0, len(x), chunk):
             correct += (
-                self.logits(x[s : s + chunk]).argmax(2) == y[s : s + chunk].view(-1, 1)
+                self.logits(x.read(s, s + chunk)).argmax(2) == y[s : s + chunk].view(-1, 1)
             ).sum(0)
+        x.release()
         return correct / max(len(x), 1)
 
 
-def feature_stats(x: torch.Tensor, rows: torch.Tensor | None, chunk: int = 4096):
-    """Mean and 1 / (unbiased std) of ``x[rows]`` per feature, without gathering or copying the
-    matrix: each pass multiplies a 0/1 row-weight vector into row chunks (a GEMV), and chunk
-    sums accumulate in float64; the variance is taken around the mean (two passes). A constant
-    feature gets std 1e-6."""
-    N, D = x.shape
+def feature_stats(x, rows: torch.Tensor | None, chunk: int = 4096):
+    """Mean and 1 / (unbiased std) of ``x[rows]`` per feature (``x`` a tensor, an array or
+    ``FeatureRows``), without gathering or copying the matrix: each pass reads row chunks in
+    float32 and multiplies a 0/1 row-weight vector into them (a GEMV); chunk sums accumulate in
+    float64; the variance is taken around the mean (two passes). A constant feature gets std
+    1e-6."""
+    x = as_rows(x)
+    N, D, dev, dt = len(x), x.dim, x.device, torch.float32
     if rows is None:
-        w = torch.ones(N, dtype=x.dtype, device=x.device)
+        w = torch.ones(N, dtype=dt, device=dev)
     else:
-        w = torch.zeros(N, dtype=x.dtype, device=x.device).index_add_(
-            0, rows, torch.ones(len(rows), dtype=x.dtype, device=x.device)
+        w = torch.zeros(N, dtype=dt, device=dev).index_add_(
+            0, rows.to(dev), torch.ones(len(rows), dtype=dt, device=dev)
         )
     n = float(w.sum())
-    total = torch.zeros(D, dtype=torch.float64, device=x.device)
+    total = torch.zeros(D, dtype=torch.float64, device=dev)
     for s in range(0, N, chunk):
-        total += (w[s : s + chunk] @ x[s : s + chunk]).double()
-    mean = (total / n).to(x.dtype)
-    buf = torch.empty(min(chunk, N), D, dtype=x.dtype, device=x.device)
+        total += (w[s : s + chunk] @ x.read(s, s + chunk)).double()
+    mean = (total / n).to(dt)
+    buf = torch.empty(min(chunk, N), D, dtype=dt, device=dev)
     sq = torch.zeros_like(total)
     for s in range(0, N, chunk):
-        d = torch.sub(x[s : s + chunk], mean, out=buf[: min(chunk, N - s)])
+        d = torch.sub(x.read(s, s + chunk), mean, out=buf[: min(chunk, N - s)])
         sq += (w[s : s + chunk] @ d.mul_(d)).double()
-    std = (sq / max(n - 1, 1)).sqrt().clamp_min(1e-6).to(x.dtype)
+    x.release()
+    std = (sq / max(n - 1, 1)).sqrt().clamp_min(1e-6).to(dt)
     return mean.view(1, -1), (1.0 / std).view(1, -1)
 
 
 def train_heads(
-    x: torch.Tensor,
+    x,
     y: torch.Tensor,
     num_classes: int,
     p: LinearParams,
     seed: int = 0,
     rows: torch.Tensor | None = None,
+    stats_chunk: int = 4096,
 ) -> HeadGrid:
-    """Train one linear head per (lr, wd) in ``p``'s grid on features ``x`` and labels ``y``
-    (all rows, or the rows listed in ``rows``: the matrix is read in place, never copied)."""
+    """Train one linear head per (lr, wd) in ``p``'s grid on features ``x`` (a tensor, an
+    array or ``FeatureRows``) and labels ``y`` (all rows, or the rows listed in ``rows``: the
+    matrix is read a mini-batch at a time, never copied)."""
+    x = as_rows(x)
     dev = x.device
     n = len(rows) if rows is not None else len(x)
     if n == 0:
         raise UserError("linear: no training rows")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    D, C = x.shape[1], num_classes
+    D, C = x.dim, num_classes
     mean = inv_std = None
     if p.batchnorm:
-        mean, inv_std = feature_stats(x, rows)
+        mean, inv_std = feature_stats(x, rows, stats_chunk)
     settings = [(lr, wd) for lr in p.lrs for wd in p.weight_decays]
     H = len(settings)
     lr0 = torch.tensor([s[0] for s in settings], device=dev).repeat_interleave(C).view(1, H * C)
@@ -154,8 +182,7 @@ def train_heads(
     b = torch.zeros(1, H * C, device=dev)
     mW, mb = torch.zeros_like(W), torch.zeros_like(b)
     bs = min(p.batch_size, n)
-    # per-batch buffers, reused: the batch's features, one-hot labels, logits
-    xb_buf = torch.empty(bs, D, device=dev)
+    # per-batch buffers, reused: one-hot labels, logits
     onehot = torch.zeros(bs, C, device=dev)
     logits = torch.empty(bs, H * C, device=dev)
     lr_t = torch.empty_like(lr0)
@@ -170,7 +197,7 @@ def train_heads(
         for s in range(0, n, bs):
             idx = order[s : s + bs]
             B = len(idx)
-            xb = torch.index_select(x, 0, idx, out=xb_buf[:B])
+            xb = x.take(idx)  # a fresh float32 copy of the batch's rows
             if mean is not None:
                 xb.sub_(mean).mul_(inv_std)
             tb = onehot[:B].zero_().scatter_(1, y[idx].view(B, 1).long(), 1.0)
@@ -188,6 +215,7 @@ def train_heads(
             W.addcmul_(mW, lr_t, value=-1.0)
             b.addcmul_(mb, lr_t, value=-1.0)
             step += 1
+    x.release()
     W3, b2 = W.view(D, H, C), b.view(H, C)
     bad = ~(torch.isfinite(W3).all(dim=0).all(dim=1) & torch.isfinite(b2).all(dim=1))
     if bool(bad.all()):
@@ -205,21 +233,33 @@ def train_heads(
 def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
     dev = inp.device
     torch.manual_seed(inp.seed)
-    x_all = as_tensor(inp.train_x, dev)
+    train = FeatureRows(inp.train_x, device=dev)
     y_all = torch.from_numpy(np.asarray(inp.train_y)).to(dev)
     tr, va = torch.from_numpy(inp.train_idx).to(dev), torch.from_numpy(inp.val_idx).to(dev)
     if len(va) == 0:
         raise UserError("linear: the validation split is empty; raise --val-fraction")
-    heads = train_heads(x_all, y_all, inp.num_classes, p, seed=inp.seed, rows=tr)
+    H = len(p.lrs) * len(p.weight_decays)
+    chunks = linear_chunks(train.dim, H, inp.num_classes)
+    heads = train_heads(train, y_all, inp.num_classes, p, inp.seed, tr, chunks["stats"])
 
-    val_acc = heads.top1_per_head(x_all[va], y_all[va])  # (H,)
+    val_x = FeatureRows(inp.train_x, inp.val_idx, dev)
+    val_acc = heads.top1_per_head(val_x, y_all[va], chunks["eval"])  # (H,)
     sel = val_acc
     if heads.diverged_mask is not None:  # a diverged head is never selected
         sel = torch.where(heads.diverged_mask.to(val_acc.device), -1.0, val_acc)
     best = int(torch.argmax(sel))  # first best in grid order on ties
-    test_x = as_tensor(inp.test_x, dev)
+    test_x = FeatureRows(inp.test_x, device=dev)
     test_y = torch.from_numpy(np.asarray(inp.test_y)).to(dev)
-    hits = topk_hits(heads.logits(test_x, head=best), test_y)
+    hits = {1: [], 5: []}
+    for s in range(0, len(test_x), chunks["eval"]):
+        h = topk_hits(
+            heads.logits(test_x.read(s, s + chunks["eval"]), head=best),
+            test_y[s : s + chunks["eval"]],
+        )
+        hits[1].append(h[1])
+        hits[5].append(h[5])
+    test_x.release()
+    hits = {k: np.concatenate(v) for k, v in hits.items()}
     lr, wd = heads.settings[best]
     return ProtocolOutput(
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
@@ -234,6 +274,7 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
             "epochs_run": heads.epochs,
             "steps": heads.steps,
             "diverged_heads": heads.diverged,
+            "chunks": {**chunks, "batch": min(p.batch_size, len(tr))},  # rows per streamed chunk
         },
         per_sample={"top1": hits[1], "top5": hits[5]},
     )
