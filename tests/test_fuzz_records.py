@@ -98,5 +98,8 @@ def test_the_frame_reader_skips_what_the_record_reader_refuses(real_record_file,
     (recs / "bytes-r.json").write_bytes(b"\xff\x00{")
     two = [{**r, "unit": f"u{i}"} for i, r in enumerate(real_record_file["records"] * 2)]
     (recs / "two-r.json").write_text(json.dumps({"records": two, "sha256": sha256_json(two)}))
-    frame = load_frame(tmp_path)  # a file of two units' records would give a row two values
-    assert len(frame) == 1 and list(frame["file"]) == ["good-r.json"]
+    frame = load_frame(tmp_path)  # a file of two units' records gives one row per unit
+    assert sorted(frame["file"]) == ["good-r.json"] + ["two-r.json"] * len(two)
+    assert sorted(frame.loc[frame["file"] == "two-r.json", "unit"]) == [
+        f"u{i}" for i in range(len(two))
+    ]
