@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from .. import distributed
 from ..errors import UserError
-from ..knn_search import SEARCH_BACKENDS, knn_classify, resolve_backend
+from ..knn_search import SEARCH_BACKENDS, knn_classify, knn_search, knn_vote, resolve_backend
 from .base import (
     PROTOCOL_TYPES,
     DataShape,
@@ -93,9 +95,7 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
     if p.select_k == "val":
         if len(inp.val_idx) == 0:
             raise UserError("knn: the validation split is empty; raise --val-fraction")
-        val_scores = knn_classify(
-            train_x[tr], train_y[tr], train_x[va], ks, p.temperature, C, backend, p.memory_mb
-        )
+        val_scores = _classify(train_x[tr], train_y[tr], train_x[va], ks, p, C, backend)
         val_acc = {
             k: topk_correct(s, train_y[va], (1,))[1] / len(va) for k, s in val_scores.items()
         }
@@ -103,7 +103,7 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
     else:
         best_k = int(p.select_k)  # one of ks (KnnParams checked it)
 
-    scores = knn_classify(train_x, train_y, test_x, ks, p.temperature, C, backend, p.memory_mb)
+    scores = _classify(train_x, train_y, test_x, ks, p, C, backend)
     per_sample = {}
     for k, s in scores.items():
         hits = topk_hits(s, test_y)
@@ -123,6 +123,35 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
         },
         per_sample=per_sample,
     )
+
+
+def _classify(bank_x, bank_y, query_x, ks, p: KnnParams, C: int, backend: str):
+    """``knn_classify``; across a torchrun world, each rank searches its contiguous shard of
+    the bank for every query, and the partial top-k are merged (``merge_topk``)."""
+    if distributed.world() == 1:
+        return knn_classify(bank_x, bank_y, query_x, ks, p.temperature, C, backend, p.memory_mb)
+    bank, queries = F.normalize(bank_x, dim=1), F.normalize(query_x, dim=1)  # as knn_classify
+    k = min(max(ks), len(bank))
+    part = distributed.shard(len(bank))
+    if part.stop > part.start:
+        sims, idx = knn_search(bank[part], queries, k, backend, p.memory_mb)
+        idx = idx + part.start
+    else:  # more ranks than bank rows
+        sims = torch.empty(len(queries), 0, device=queries.device)
+        idx = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
+    parts = distributed.all_gather((sims.cpu(), idx.cpu()))
+    sims, idx = merge_topk([s for s, _ in parts], [i for _, i in parts], k)
+    return knn_vote(sims.to(bank.device), idx.to(bank.device), bank_y, ks, p.temperature, C)
+
+
+def merge_topk(sims: list[torch.Tensor], idx: list[torch.Tensor], k: int):
+    """The ``k`` best of partial top-k lists (each (Q, k_i), bank indices already global):
+    by similarity, best first, equal similarities by the lower bank index."""
+    s, i = torch.cat(sims, 1), torch.cat(idx, 1)
+    order = i.argsort(dim=1, stable=True)
+    s, i = s.gather(1, order), i.gather(1, order)
+    order = s.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return s.gather(1, order), i.gather(1, order)
 
 
 PROTOCOL_TYPES.register(
