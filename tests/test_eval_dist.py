@@ -38,22 +38,35 @@ ARGS = [
 UNITS = 4  # 2 backbones x 2 protocols
 
 
-def _launch(prefix: list[str], out, name: str) -> subprocess.CompletedProcess:
-    cmd = [*prefix, "-m", "ssl_eval", *ARGS, "--results-dir", str(out / f"r{name}")]
+# fine-tuning: a backbone without BatchNorm (refused on CPU processes), one epoch
+FINETUNE = ["run", "--backbone", "random:test_vit", "--dataset", "digits", "--image-size", "16"]
+FINETUNE += ["--protocol", "finetune", "--set", "epochs=1", "--no-progress", "--no-leaderboard"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _launch(prefix: list[str], args, out, name: str, **env) -> subprocess.CompletedProcess:
+    cmd = [*prefix, "-m", "ssl_eval", *args, "--results-dir", str(out / f"r{name}")]
     cmd += ["--cache-dir", str(out / f"c{name}")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")} | env
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("evaldist")
-    one = _launch([sys.executable], out, "1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    two = _launch([*torchrun, "--nproc-per-node", "2"], out, "2")
-    for p in (one, two):
-        assert p.returncode == 0, p.stderr[-3000:]
+    one = _launch([sys.executable], ARGS, out, "1")
+    two = _launch(TORCHRUN, ARGS, out, "2")
     return out, one, two
+
+
+@pytest.fixture(scope="module")
+def finetune_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetunedist")
+    _launch([sys.executable], FINETUNE, out, "1", OMP_NUM_THREADS="1")  # as torchrun's workers
+    _launch(TORCHRUN, FINETUNE, out, "2")
+    return _records(out / "r1"), _records(out / "r2")
 
 
 def _records(folder) -> dict:
@@ -134,3 +147,67 @@ def test_shards_cover_every_item_once_in_order():
         for w in (1, 2, 3, 8):
             covered = np.concatenate([np.arange(n)[shard(n, r, w)] for r in range(w)])
             assert covered.tolist() == list(range(n))
+
+
+def test_ddp_fine_tune_trains_on_the_single_process_global_batch(finetune_runs):
+    one, two = finetune_runs
+    assert one.keys() == two.keys() and one
+    for what, a in one.items():
+        b = two[what]
+        assert b["unit"] == a["unit"] and b["setting"]["hash"] == a["setting"]["hash"]
+        assert b["details"]["processes"]["world_size"] == 2
+        # the gradient is summed in another order (shares, then all-reduce): float precision
+        la, lb = a["details"]["history"][0]["loss"], b["details"]["history"][0]["loss"]
+        assert abs(la - lb) < 1e-5 * abs(la), (la, lb)
+        assert b["details"]["history"][0]["val_top1"] == a["details"]["history"][0]["val_top1"]
+        assert b["value"] == a["value"], what
+        assert b["details"]["per_sample_correct"] == a["details"]["per_sample_correct"]
+
+
+@pytest.mark.parametrize(
+    "change, arch, refused",
+    [
+        ({"batch_size": 63}, "test_vit", "batch_size 63 does not split over 2 processes"),
+        ({"mixup_alpha": 0.8}, "test_vit", "mixup, cutmix and drop path"),
+        ({"drop_path": 0.1}, "test_vit", "mixup, cutmix and drop path"),
+        ({}, "test_resnet", "has BatchNorm"),
+    ],
+)
+def test_fine_tune_refuses_what_processes_would_change(monkeypatch, change, arch, refused):
+    import dataclasses
+
+    import timm
+
+    from ssl_eval import distributed
+    from ssl_eval.errors import UserError
+    from ssl_eval.protocols import finetune_dist
+    from ssl_eval.protocols.finetune import FinetuneParams
+
+    model = timm.create_model(arch, num_classes=0)
+    p = dataclasses.replace(FinetuneParams(), **change)
+    finetune_dist.check(p, model, torch.device("cpu"))  # one process: all of it allowed
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    with pytest.raises(UserError, match=refused) as e:
+        finetune_dist.check(p, model, torch.device("cpu"))
+    assert "\n" not in str(e.value)
+
+
+def test_ddp_batches_are_the_single_process_batches_cut_in_shares(monkeypatch):
+    from torch.utils.data import DataLoader
+
+    from ssl_eval import distributed
+    from ssl_eval.protocols import finetune_dist
+
+    data = list(range(23))
+
+    def batches(**kw):
+        return [b.tolist() for b in DataLoader(data, **kw)]
+
+    one = batches(**finetune_dist.loader_args(data, 6, True, torch.Generator().manual_seed(3)))
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    shares = []
+    for r in range(2):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        g = torch.Generator().manual_seed(3)
+        shares.append(batches(**finetune_dist.loader_args(data, 6, True, g)))
+    assert len(one) == 3 and [a + b for a, b in zip(*shares, strict=True)] == one
