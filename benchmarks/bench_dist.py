@@ -103,7 +103,7 @@ def main() -> None:
     if a.quick:
         data = ["--dataset", "digits", "--image-size", "16", "--backbone", "random:resnet10t"]
     else:  # shapes: 10,000 train + 2,000 test images at 32 px
-        data = ["--dataset", "shapes", "--image-size", "32", "--backbone", "random:resnet18"]
+        data = ["--dataset", "shapes", "--image-size", "32", "--backbone", "random:resnet10t"]
     args = ["-m", "ssl_eval", "run", *data, "--protocol", "knn,linear", "--no-progress"]
     args += ["--no-leaderboard", "--feature-dtype", "float32"]
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}

@@ -111,15 +111,13 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
 
 def _run(cfg: RunConfig, device: torch.device) -> list[UnitOutcome]:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    # before any work: a result computed for a folder that cannot take it would be lost
     distributed.on_main(lambda: _prepare(cfg, cache_dir))
-    run_id = distributed.broadcast(new_run_id())
-    outcomes: list[UnitOutcome] = []
-    return _units(cfg, device, cache_dir, run_id, outcomes)
+    return _units(cfg, device, cache_dir, distributed.broadcast(new_run_id()))
 
 
 def _prepare(cfg: RunConfig, cache_dir: Path) -> None:
-    """Before any work: the folders take files, and what killed processes left is removed."""
+    """Before any work (a result computed for a folder that cannot take it would be lost): the
+    folders take files, and what killed processes left is removed."""
     ensure_writable_dir(records_dir(cfg.results_dir), "results folder")
     ensure_writable_dir(cache_dir, "cache folder")
     states = cache_dir / "train_state"
@@ -135,7 +133,8 @@ def _prepare(cfg: RunConfig, cache_dir: Path) -> None:
             log(f"removed {p}, left by a killed process", "cleanup")
 
 
-def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str, outcomes: list) -> list:
+def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOutcome]:
+    outcomes: list[UnitOutcome] = []
     backbones: dict[tuple[str, int], Backbone] = {}
 
     def backbone(name: str, seed: int) -> Backbone:

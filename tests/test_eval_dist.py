@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from ssl_eval.distributed import shard
-from ssl_eval.knn_search import knn_search
-from ssl_eval.protocols.knn import merge_topk
+from ssl_eval.protocols.knn import canonical_search, merge_topk
 
 ARGS = [
     "run",
@@ -132,7 +131,7 @@ def test_merged_shard_top_k_is_the_one_search(world):
     sims, idx = [], []
     for r in range(world):
         part = shard(len(bank), r, world)
-        s, i = knn_search(bank[part], queries, k, "torch")
+        s, i = canonical_search(bank[part], queries, k, "torch", 64)
         sims.append(s)
         idx.append(i + part.start)
     got_s, got_i = merge_topk(sims, idx, k)
@@ -140,6 +139,25 @@ def test_merged_shard_top_k_is_the_one_search(world):
     assert torch.equal(got_i, want_i)
     assert torch.equal(got_s, want_s)
     assert got_i[0, :5].tolist() == [5, 170, 250, 420, 599]  # the tie: lower index first
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_search_breaks_exact_ties_by_the_lower_index(backend):
+    """40 copies of one row straddle the k-th place (beyond the fetched margin): the search
+    keeps the lowest-indexed copies, whatever order the backend returns them in."""
+    pytest.importorskip("faiss") if backend == "faiss" else None
+    g = torch.Generator().manual_seed(1)
+    bank = torch.nn.functional.normalize(torch.randn(500, 8, generator=g), dim=1)
+    copies = torch.randperm(500, generator=g)[:40]
+    bank[copies] = bank[copies[0]].clone()
+    queries = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1)
+    queries[:10] = bank[copies[0]] + 0.05 * queries[:10]
+    k = 20
+    got_s, got_i = canonical_search(bank, queries, k, backend, 1)
+    want_s, want_i = _reference(bank, queries, k)
+    assert torch.equal(got_i, want_i)
+    assert torch.allclose(got_s, want_s, rtol=1e-6, atol=0)  # FAISS: its own BLAS's last bits
+    assert set(got_i[0].tolist()) <= set(copies.tolist())
 
 
 def test_shards_cover_every_item_once_in_order():
@@ -235,3 +253,43 @@ def test_ddp_loss_gradient_averages_to_the_global_batch_mean(monkeypatch):
     ddp = (grads[0] + grads[1]) / 2  # DDP averages the ranks' gradients
     assert torch.allclose(ddp, want, rtol=1e-6, atol=0), (ddp, want)
     assert values[0] == values[1] == pytest.approx(float(total) / 7, rel=1e-6)
+
+
+def _agree_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from ssl_eval import distributed
+    from ssl_eval.errors import UserError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    seen = []
+    try:  # a corrupt image in rank 1's shard: every rank stops with its message
+        distributed.agree("photo.jpg is not an image" if rank == 1 else None)
+    except UserError as e:
+        seen.append(str(e))
+
+    def rank0_fails():
+        raise UserError("disk full")
+
+    try:  # what rank 0 alone does fails: every rank hears of it
+        distributed.on_main(rank0_fails)
+    except UserError as e:
+        seen.append(str(e))
+    seen.append(distributed.broadcast(f"from rank {rank}"))
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        seen = json.loads((tmp_path / f"{r}.json").read_text())
+        assert seen == ["photo.jpg is not an image", "disk full", "from rank 0"], (r, seen)

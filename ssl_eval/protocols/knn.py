@@ -3,7 +3,9 @@ al. 2018 and DINO: each of the k nearest training examples votes for its class w
 exp(sim / T). The reported k is chosen on the validation split carved from train.
 
 The search and the vote live in ssl_eval/knn_search.py (shared with the trainer's online
-monitor); this file holds the card's params, the k selection and the protocol's registration.
+monitor); this file holds the card's params, the k selection, the protocol's registration, and
+the canonical order of neighbours (exact ties to the lower bank index, which the search leaves
+unspecified) that makes a bank searched in shards by several processes give the same votes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..errors import UserError
-from ..knn_search import SEARCH_BACKENDS, knn_classify, knn_search, knn_vote, resolve_backend
+from ..knn_search import SEARCH_BACKENDS, knn_search, knn_vote, resolve_backend
 from .base import (
     PROTOCOL_TYPES,
     DataShape,
@@ -126,15 +128,18 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
 
 
 def _classify(bank_x, bank_y, query_x, ks, p: KnnParams, C: int, backend: str):
-    """``knn_classify``; across a torchrun world, each rank searches its contiguous shard of
-    the bank for every query, and the partial top-k are merged (``merge_topk``)."""
-    if distributed.world() == 1:
-        return knn_classify(bank_x, bank_y, query_x, ks, p.temperature, C, backend, p.memory_mb)
+    """``knn_classify`` with exact ties broken by the lower bank index (``canonical_search``);
+    across a torchrun world, each rank searches its contiguous shard of the bank for every
+    query, and the partial top-k are merged (``merge_topk``): the same neighbours, in the same
+    order, so the same votes to the bit."""
     bank, queries = F.normalize(bank_x, dim=1), F.normalize(query_x, dim=1)  # as knn_classify
     k = min(max(ks), len(bank))
+    if distributed.world() == 1:
+        sims, idx = canonical_search(bank, queries, k, backend, p.memory_mb)
+        return knn_vote(sims, idx, bank_y, ks, p.temperature, C)
     part = distributed.shard(len(bank))
     if part.stop > part.start:
-        sims, idx = knn_search(bank[part], queries, k, backend, p.memory_mb)
+        sims, idx = canonical_search(bank[part], queries, k, backend, p.memory_mb)
         idx = idx + part.start
     else:  # more ranks than bank rows
         sims = torch.empty(len(queries), 0, device=queries.device)
@@ -142,6 +147,28 @@ def _classify(bank_x, bank_y, query_x, ks, p: KnnParams, C: int, backend: str):
     parts = distributed.all_gather((sims.cpu(), idx.cpu()))
     sims, idx = merge_topk([s for s, _ in parts], [i for _, i in parts], k)
     return knn_vote(sims.to(bank.device), idx.to(bank.device), bank_y, ks, p.temperature, C)
+
+
+def canonical_search(bank, queries, k: int, backend: str, memory_mb: int):
+    """``knn_search`` for the top ``k``, exact ties broken by the lower bank index.
+
+    A search leaves the order of equal similarities unspecified (and which of them is kept at
+    the k-th place); equal similarities are common (duplicate images, saturated features). The
+    search fetches a margin beyond k and sorts it canonically; a query whose k-th similarity
+    still equals the last one fetched may have more equal ones left out, and is searched
+    again over the whole bank (in chunks of queries within ``memory_mb``)."""
+    k = min(k, len(bank))
+    kk = min(len(bank), k + max(16, k // 8))
+    sims, idx = knn_search(bank, queries, kk, backend, memory_mb)
+    sims, idx = merge_topk([sims], [idx], kk)
+    open_rows = (sims[:, k - 1] == sims[:, kk - 1]).nonzero().flatten() if kk < len(bank) else []
+    sims, idx = sims[:, :k].contiguous(), idx[:, :k].contiguous()
+    chunk = max(1, (memory_mb << 20) // (12 * len(bank)))
+    for c in range(0, len(open_rows), chunk):
+        rows = open_rows[c : c + chunk]
+        s, i = knn_search(bank, queries[rows], len(bank), backend, memory_mb)
+        sims[rows], idx[rows] = merge_topk([s], [i], k)
+    return sims, idx
 
 
 def merge_topk(sims: list[torch.Tensor], idx: list[torch.Tensor], k: int):
