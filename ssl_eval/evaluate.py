@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .accel import Accel
 from .backbones import BuildOptions, build_backbone
 from .backbones.base import Backbone
@@ -102,10 +103,28 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
 
     Each seed of ``cfg.seeds`` seeds the protocol and, for ``random:<arch>``, the
     initialisation. A unit that depends on neither (k-NN on pretrained weights) runs once and
-    serves every seed."""
-    device = resolve_device(cfg.device)
+    serves every seed.
+
+    Launched by torchrun, every rank runs this same function: rank 0 decides what is done and
+    what to skip and hands its decisions to the others, every rank takes a share of each unit's
+    work, and rank 0 alone writes records (see docs/distributed.md)."""
+    device, created = distributed.init(resolve_device(cfg.device))
+    try:
+        return _run(cfg, device)
+    finally:
+        if created:
+            distributed.close()
+
+
+def _run(cfg: RunConfig, device: torch.device) -> list[UnitOutcome]:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    # before any work: a result computed for a folder that cannot take it would be lost
+    distributed.on_main(lambda: _prepare(cfg, cache_dir))
+    return _units(cfg, device, cache_dir, distributed.broadcast(new_run_id()))
+
+
+def _prepare(cfg: RunConfig, cache_dir: Path) -> None:
+    """Before any work (a result computed for a folder that cannot take it would be lost): the
+    folders take files, and what killed processes left is removed."""
     ensure_writable_dir(records_dir(cfg.results_dir), "results folder")
     ensure_writable_dir(cache_dir, "cache folder")
     states = cache_dir / "train_state"
@@ -120,7 +139,9 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
     ):
         for p in sweep_leftovers(folder):
             log(f"removed {p}, left by a killed process", "cleanup")
-    run_id = new_run_id()
+
+
+def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOutcome]:
     outcomes: list[UnitOutcome] = []
     backbones: dict[tuple[str, int], Backbone] = {}
 
@@ -170,7 +191,9 @@ def run(cfg: RunConfig) -> list[UnitOutcome]:
                             f"seeds {', '.join(map(str, cfg.seeds))}"
                         )
                     key = unit_key(bb, bundle, card, cfg, seed if dependent else None, device)
-                    if not cfg.force and unit_done(cfg.results_dir, key):
+                    if not cfg.force and distributed.on_main(
+                        lambda k=key: unit_done(cfg.results_dir, k)
+                    ):
                         log(
                             f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): already in "
                             f"{cfg.results_dir} (use --force to redo)"
@@ -236,7 +259,7 @@ def _evaluate(
                 batch_size=cfg.batch_size,
                 dtype=cfg.feature_dtype,
                 num_workers=cfg.num_workers,
-                progress=cfg.progress,
+                progress=cfg.progress and distributed.is_main(),
                 decode_cache=cfg.decode_cache,
                 accel=accel_of(cfg),
             )
@@ -262,7 +285,8 @@ def _evaluate(
     train_idx, val_idx = split
     out = []
     # one process per unit: a unit another process finished while this one waited is skipped
-    claims = claim_each(
+    claims = distributed.follow_main(
+        claim_each,
         todo,
         lambda u: (
             lock_path(records_dir(cfg.results_dir) / u[1]),
@@ -304,6 +328,11 @@ def _evaluate(
         t0 = time.perf_counter()
         result = ptype.run(inputs, card.params)
         wall = time.perf_counter() - t0
+        if distributed.describe():  # provenance: the same number, computed by several processes
+            result.details["processes"] = distributed.describe()
+        if not distributed.is_main():  # rank 0 alone writes and reports
+            out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", dict(result.metrics)))
+            continue
         unit = Unit(
             key=key,
             run_id=run_id,

@@ -9,7 +9,9 @@ device kind and the autocast precision (``cache_key``). It holds ``features.npy`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .accel import Accel, prepared
 from .backbones.base import Backbone
 from .data.datasets import DatasetBundle, ImageSplit
@@ -147,6 +150,16 @@ def extract(
     key = sha256_json(key_obj)[:32]
     entry = Path(cache_dir) / "features" / key
     what = f"{backbone.tag} features for {bundle.name}/{split}"
+    if distributed.world() > 1:  # torchrun: every rank extracts a share, rank 0 writes
+        if decode_cache or accel != Accel():
+            # the sharded extraction reads images per image with the plain forward pass; an
+            # entry keyed with these options must have been computed with them
+            raise UserError(
+                "--decode-cache, --channels-last, --compile and --pin-memory are not supported "
+                "under torchrun yet; drop them, or run one process"
+            )
+        args = (entry, key, key_obj, what, dtype, device, batch_size, num_workers, progress)
+        return _extract_ranks(backbone, bundle, split, *args)
     fs = _cached(entry, key, what, discard=False)
     if fs is not None:
         return fs
@@ -352,3 +365,119 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None)
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+
+
+def _extract_ranks(
+    backbone, bundle, split, entry, key, key_obj, what, dtype, device, batch_size, nw, progress
+) -> FeatureSet:
+    """The entry, extracted by every rank of a torchrun world and written by rank 0 alone.
+
+    The images are cut into the batches one process would use, and rank r embeds batches r,
+    r + W, r + 2W ...: every image passes through the network in the same batch as in one
+    process, so its features are the same bits. Each round the ranks' batches are gathered and
+    rank 0 writes them in batch order into the same memory-mapped file one process writes; the
+    other ranks wait for the entry and then read it. Rank 0 alone takes the entry's lock."""
+    with (
+        file_lock(lock_path(entry), f"the feature cache entry {entry} ({what})")
+        if (distributed.is_main())
+        else contextlib.nullcontext()
+    ):
+        hit = distributed.on_main(lambda: _cached(entry, key, what, discard=True) is not None)
+        seconds = 0.0
+        if not hit:
+            seconds = _write_ranks(
+                backbone, bundle, split, entry, key_obj, dtype, device, batch_size, nw, progress
+            )
+    distributed.barrier()  # rank 0 has released the entry
+    error = None
+    try:
+        fs = _open(entry, key, hit=hit)
+    except _Damaged as e:
+        fs, error = (
+            None,
+            (
+                f"rank {distributed.rank()} cannot read the feature cache entry {entry} rank 0 "
+                f"wrote ({e}); put --cache-dir on a filesystem every node shares"
+            ),
+        )
+    distributed.agree(error)
+    fs.seconds = distributed.broadcast(seconds)
+    return fs
+
+
+def _write_ranks(
+    backbone, bundle, split, entry, key_obj, dtype, device, batch_size, nw, progress
+) -> float:
+    t0 = time.perf_counter()
+    images = _Images(bundle.split(split), backbone.preprocessing)
+    n = len(images)
+    if n == 0:
+        raise UserError(f"{bundle.name}/{split} is empty")
+    W, main = distributed.world(), distributed.is_main()
+    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    mine = batches[distributed.rank() :: W]
+    if nw is None:
+        nw = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
+    batch_iter = _worker_errors(DataLoader(images, batch_sampler=mine, num_workers=nw))
+    backbone.model.to(device).eval()
+    amp = autocast_dtype(device) == "bfloat16"
+    rounds_done, main_error = False, None
+    try:
+        with atomic_directory(entry) if main else contextlib.nullcontext() as tmp:
+            out, done = None, 0
+            bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress and main)
+            for r in range(math.ceil(len(batches) / W)):
+                f, error = None, None
+                if r < len(mine):
+                    try:
+                        batch = next(batch_iter)
+                        x = backbone.preprocessing.normalise(batch.to(device, non_blocking=True))
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                            f = backbone.embed(x).float().cpu().numpy()
+                    except UserError as e:
+                        error = str(e)
+                parts = distributed.all_gather((f, error))
+                distributed.agree(next((e for _, e in parts if e), None))
+                error = None
+                if main:  # rank 0 writes the round's batches, in batch order
+                    try:
+                        for f, _ in parts:
+                            if f is None:
+                                continue
+                            if out is None:
+                                shape = (n, f.shape[1])
+                                out = _open_output(
+                                    tmp / "features.npy", DTYPES[dtype], shape, entry
+                                )
+                            out[done : done + len(f)] = f
+                            if not np.isfinite(out[done : done + len(f)]).all():
+                                raise UserError(
+                                    f"{backbone.tag} features overflow {dtype} (or are NaN) on "
+                                    f"{bundle.name}/{split}; rerun with --feature-dtype float32"
+                                )
+                            done += len(f)
+                            bar.update(len(f))
+                    except (UserError, OSError) as e:
+                        error = str(e).splitlines()[0]
+                distributed.agree(error)
+            bar.close()
+            rounds_done = True
+            seconds = time.perf_counter() - t0
+            if main:
+                out.flush()
+                del out
+                np.save(tmp / "labels.npy", np.asarray(images.split.labels, dtype=np.int64))
+                sums = {f: file_checksum(tmp / f) for f in ("features.npy", "labels.npy")}
+                meta = {"key": key_obj, "n": n, "seconds": seconds, "checksum": CHECKSUM}
+                atomic_write_json(tmp / "meta.json", meta | {"checksums": sums})
+    except (UserError, OSError) as e:
+        if not rounds_done:
+            raise  # every rank raises it together
+        main_error = f"could not write the feature cache entry {entry}: {str(e).splitlines()[0]}"
+    distributed.agree(main_error)
+    if main:
+        log(f"wrote {backbone.tag} features for {bundle.name}/{split} in {seconds:.1f}s", "cache")
+    return seconds

@@ -93,6 +93,7 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> int:
     from ..config import RunConfig
     from ..data.datasets import DEFAULT_DATASET
+    from ..distributed import launched_main
     from ..evaluate import run as run_units
     from ..protocols.cards import load_cards
 
@@ -136,6 +137,8 @@ def run(a: argparse.Namespace) -> int:
     if cluster is not None:
         return _sweep(cfg, cluster, a.no_leaderboard)
     outcomes = run_units(cfg)
+    if not launched_main():  # torchrun: rank 0 reports and builds the leaderboard
+        return 0
     done = [o for o in outcomes if o.status == "done"]
     for o in done:
         shown = "\t".join(f"{m}={o.metrics[m]:.4f}" for m in ("top1", "top5") if m in o.metrics)

@@ -29,10 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from .. import distributed
 from ..backbones.base import FEATURE_KINDS
 from ..errors import UserError
 from ..fsutil import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
 from ..runtime import warn
+from . import finetune_dist
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
 
@@ -283,8 +285,11 @@ def _evaluate(clf, loader, pre, device, amp) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(scores), torch.cat(labels)
 
 
-def _save_state(path: Path, state: dict) -> None:
-    """The unit's state after an epoch, atomically, behind a length and crc32 header."""
+def _save_state(path: Path | None, state: dict) -> None:
+    """The unit's state after an epoch, atomically, behind a length and crc32 header; no
+    ``path``: another rank's, which rank 0 writes."""
+    if path is None:
+        return
     buf = io.BytesIO()
     torch.save(state, buf)
     write_checked(path, buf.getvalue())
@@ -348,10 +353,13 @@ def run_finetune(inp: ImageInputs, p: FinetuneParams) -> ProtocolOutput:
     """Fine-tune with the unit's state folder locked (a later run removes a folder nobody
     holds once it is empty); the folder is removed when the unit is finished."""
     state_dir = Path(inp.state_dir)
-    with file_lock(lock_path(state_dir), f"the fine-tune state {state_dir}"):
+    main = distributed.is_main()  # torchrun: rank 0 alone holds the lock and writes the state
+    lock = file_lock(lock_path(state_dir), f"the fine-tune state {state_dir}")
+    with lock if main else contextlib.nullcontext():
         out = _run_finetune(inp, p, state_dir / "state.pt")
         with contextlib.suppress(OSError):
-            state_dir.rmdir()
+            if main:
+                state_dir.rmdir()
     return out
 
 
@@ -389,11 +397,17 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
     )
     start, best = 0, {"val": -1.0, "epoch": -1, "model": None}
     history: list[dict] = []
-    try:
-        st = _resume(state_path, device, fingerprint, p, clf, opt)
-    except DamagedFile:
-        st = None
-        clf, opt = _model(inp, p)  # the failed load may have written into the first ones
+
+    def resume():
+        try:
+            return _resume(state_path, device, fingerprint, p, clf, opt), clf, opt
+        except DamagedFile:  # the failed load may have written into the first model
+            return None, *_model(inp, p)
+
+    finetune_dist.check(p, clf, device)
+    st, clf, opt = finetune_dist.share_resume(resume, clf, opt)  # torchrun: rank 0 reads it
+    model = finetune_dist.wrap(clf, device)  # DDP across a torchrun world, else clf
+    global_rows = min(p.batch_size, n)  # every batch's size across the ranks
     if st is not None:
         start, best, history = st["epoch"] + 1, st["best"], st["history"]
         print(f"[resume] fine-tune from epoch {start} of {p.epochs} ({state_path})", flush=True)
@@ -405,13 +419,11 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
         clf.train()
         torch.manual_seed(inp.seed * 1000 + epoch)  # drop path / dropout: reproducible on resume
         train_ds.epoch = epoch
+        g = torch.Generator().manual_seed(inp.seed * 1000 + epoch)
         loader = DataLoader(
             train_ds,
-            batch_size=p.batch_size,
-            shuffle=True,
-            drop_last=n > p.batch_size,
             num_workers=workers,
-            generator=torch.Generator().manual_seed(inp.seed * 1000 + epoch),
+            **finetune_dist.loader_args(train_ds, p.batch_size, n > p.batch_size, g),
         )
         rng = np.random.default_rng([inp.seed, epoch, 1])
         seen, loss_sum, steps = epoch * n, 0.0, 0
@@ -424,17 +436,18 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
             target = target * (1 - p.label_smoothing) + p.label_smoothing / bundle.num_classes
             x, target = _mix(x, target, p, rng)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = clf(x)
-            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
-            if not torch.isfinite(loss):
+                logits = model(x)
+            per_sample = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1)
+            loss, loss_value = finetune_dist.batch_loss(per_sample, global_rows)
+            if not math.isfinite(loss_value):
                 raise UserError(
-                    f"fine-tune diverged (loss {loss.item()}) at epoch {epoch}; lower lr"
+                    f"fine-tune diverged (loss {loss_value}) at epoch {epoch}; lower lr"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            seen += len(x)
-            loss_sum += loss.item()
+            seen += global_rows if distributed.world() > 1 else len(x)
+            loss_sum += loss_value
             steps += 1
         scores, labels = _evaluate(clf, val_loader, pre, device, amp)
         val = float((scores.argmax(1) == labels).float().mean())
@@ -451,7 +464,7 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
             {"epoch": epoch, "loss": loss_sum / max(steps, 1), "val_top1": val, "stale": stale}
         )
         _save_state(
-            state_path,
+            state_path if distributed.is_main() else None,
             {
                 "fingerprint": fingerprint,
                 "epoch": epoch,
@@ -471,7 +484,9 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
     )
     scores, labels = _evaluate(clf, test_loader, pre, device, amp)
     hits = topk_hits(scores, labels)
-    state_path.unlink(missing_ok=True)  # the unit is finished; its result is deterministic
+    distributed.barrier()  # every rank is done with the state
+    if distributed.is_main():
+        state_path.unlink(missing_ok=True)  # the unit is finished; its result is deterministic
     return ProtocolOutput(
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
         {

@@ -3,7 +3,9 @@ al. 2018 and DINO: each of the k nearest training examples votes for its class w
 exp(sim / T). The reported k is chosen on the validation split carved from train.
 
 The search and the vote live in ssl_eval/knn_search.py (shared with the trainer's online
-monitor); this file holds the card's params, the k selection and the protocol's registration.
+monitor); this file holds the card's params, the k selection, the protocol's registration, and
+the canonical order of neighbours (exact ties to the lower bank index, which the search leaves
+unspecified) that makes a bank searched in shards by several processes give the same votes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import distributed
 from ..errors import UserError
 from ..feature_stream import FeatureRows
 from ..knn_search import SEARCH_BACKENDS, knn_search, knn_vote, resolve_backend, search_plan
@@ -82,7 +85,7 @@ def preflight_knn(p: KnnParams, shape: DataShape) -> None:
 def _hits(bank: FeatureRows, bank_y, queries: FeatureRows, q_y, ks, p: KnnParams, C, backend):
     """Per query and k, whether the label is the top-1 / among the top-5 of the vote. One search
     for max(ks); the (Q, C) vote is formed 8,192 queries at a time."""
-    sims, idx = knn_search(bank.normalised(), queries.normalised(), max(ks), backend, p.memory_mb)
+    sims, idx = _search(bank.normalised(), queries.normalised(), max(ks), backend, p.memory_mb)
     top1 = {k: [] for k in ks}
     top5 = {k: [] for k in ks}
     for s in range(0, len(sims), 8192):
@@ -150,6 +153,61 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
         },
         per_sample=per_sample,
     )
+
+
+def _search(bank: FeatureRows, queries: FeatureRows, k: int, backend: str, memory_mb: int):
+    """The top ``k`` of every query, exact ties broken by the lower bank index
+    (``canonical_search``); across a torchrun world, each rank searches its contiguous shard
+    of the bank for every query, and the partial top-k are merged (``merge_topk``): the same
+    neighbours, in the same order, so the same votes to the bit."""
+    k = min(k, len(bank))
+    if distributed.world() == 1:
+        return canonical_search(bank, queries, k, backend, memory_mb)
+    part = distributed.shard(len(bank))
+    if part.stop > part.start:
+        rows = bank.rows[part] if bank.rows is not None else np.arange(part.start, part.stop)
+        shard = FeatureRows(bank.x, rows, bank.device, bank.normalise, bank._release_mb)
+        sims, idx = canonical_search(shard, queries, k, backend, memory_mb)
+        idx = idx + part.start
+    else:  # more ranks than bank rows
+        sims = torch.empty(len(queries), 0, device=bank.device)
+        idx = torch.empty(len(queries), 0, dtype=torch.long, device=bank.device)
+    parts = distributed.all_gather((sims.cpu(), idx.cpu()))
+    sims, idx = merge_topk([s for s, _ in parts], [i for _, i in parts], k)
+    return sims.to(bank.device), idx.to(bank.device)
+
+
+def canonical_search(bank, queries, k: int, backend: str, memory_mb: int):
+    """``knn_search`` for the top ``k``, exact ties broken by the lower bank index.
+
+    A search leaves the order of equal similarities unspecified (and which of them is kept at
+    the k-th place); equal similarities are common (duplicate images, saturated features). The
+    search fetches a margin beyond k and sorts it canonically; a query whose k-th similarity
+    still equals the last one fetched may have more equal ones left out, and is searched
+    again over the whole bank (in chunks of queries within ``memory_mb``)."""
+    k = min(k, len(bank))
+    kk = min(len(bank), k + max(16, k // 8))
+    sims, idx = knn_search(bank, queries, kk, backend, memory_mb)
+    sims, idx = merge_topk([sims], [idx], kk)
+    open_rows = (sims[:, k - 1] == sims[:, kk - 1]).nonzero().flatten() if kk < len(bank) else []
+    sims, idx = sims[:, :k].contiguous(), idx[:, :k].contiguous()
+    chunk = max(1, (memory_mb << 20) // (12 * len(bank)))
+    for c in range(0, len(open_rows), chunk):
+        rows = open_rows[c : c + chunk]
+        q = queries.take(rows.cpu().numpy()) if isinstance(queries, FeatureRows) else queries[rows]
+        s, i = knn_search(bank, q, len(bank), backend, memory_mb)
+        sims[rows], idx[rows] = merge_topk([s], [i], k)
+    return sims, idx
+
+
+def merge_topk(sims: list[torch.Tensor], idx: list[torch.Tensor], k: int):
+    """The ``k`` best of partial top-k lists (each (Q, k_i), bank indices already global):
+    by similarity, best first, equal similarities by the lower bank index."""
+    s, i = torch.cat(sims, 1), torch.cat(idx, 1)
+    order = i.argsort(dim=1, stable=True)
+    s, i = s.gather(1, order), i.gather(1, order)
+    order = s.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return s.gather(1, order), i.gather(1, order)
 
 
 PROTOCOL_TYPES.register(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import distributed
 from ..errors import UserError
 from ..feature_stream import FeatureRows, as_rows
 from .base import (
@@ -159,10 +160,13 @@ def train_heads(
     seed: int = 0,
     rows: torch.Tensor | None = None,
     stats_chunk: int = 4096,
+    heads: slice | None = None,
 ) -> HeadGrid:
     """Train one linear head per (lr, wd) in ``p``'s grid on features ``x`` (a tensor, an
     array or ``FeatureRows``) and labels ``y`` (all rows, or the rows listed in ``rows``: the
-    matrix is read a mini-batch at a time, never copied)."""
+    matrix is read a mini-batch at a time, never copied). ``heads``: train only this part of
+    the grid, diverged heads left as they are (the caller puts the parts together and calls
+    ``drop_diverged``)."""
     x = as_rows(x)
     dev = x.device
     n = len(rows) if rows is not None else len(x)
@@ -173,7 +177,7 @@ def train_heads(
     mean = inv_std = None
     if p.batchnorm:
         mean, inv_std = feature_stats(x, rows, stats_chunk)
-    settings = [(lr, wd) for lr in p.lrs for wd in p.weight_decays]
+    settings = [(lr, wd) for lr in p.lrs for wd in p.weight_decays][heads or slice(None)]
     H = len(settings)
     lr0 = torch.tensor([s[0] for s in settings], device=dev).repeat_interleave(C).view(1, H * C)
     wd = torch.tensor([s[1] for s in settings], device=dev).repeat_interleave(C).view(1, H * C)
@@ -216,7 +220,14 @@ def train_heads(
             b.addcmul_(mb, lr_t, value=-1.0)
             step += 1
     x.release()
-    W3, b2 = W.view(D, H, C), b.view(H, C)
+    grid = HeadGrid(W.view(D, H, C), b.view(H, C), settings, mean, inv_std, epochs, step)
+    return grid if heads is not None else drop_diverged(grid, p)
+
+
+def drop_diverged(grid: HeadGrid, p: LinearParams) -> HeadGrid:
+    """Zero the heads whose weights stopped being finite and mark them (never selected);
+    refuse when every head diverged."""
+    W3, b2 = grid.weight, grid.bias
     bad = ~(torch.isfinite(W3).all(dim=0).all(dim=1) & torch.isfinite(b2).all(dim=1))
     if bool(bad.all()):
         raise UserError(
@@ -227,7 +238,8 @@ def train_heads(
         # a diverged head is excluded from the selection (its validation score is -1 below)
         W3[:, bad] = 0.0
         b2[bad] = 0.0
-    return HeadGrid(W3, b2, settings, mean, inv_std, epochs, step, int(bad.sum()), bad)
+    grid.diverged, grid.diverged_mask = int(bad.sum()), bad
+    return grid
 
 
 def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
@@ -240,7 +252,7 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
         raise UserError("linear: the validation split is empty; raise --val-fraction")
     H = len(p.lrs) * len(p.weight_decays)
     chunks = linear_chunks(train.dim, H, inp.num_classes)
-    heads = train_heads(train, y_all, inp.num_classes, p, inp.seed, tr, chunks["stats"])
+    heads = _train(train, y_all, inp.num_classes, p, inp.seed, tr, chunks["stats"])
 
     val_x = FeatureRows(inp.train_x, inp.val_idx, dev)
     val_acc = heads.top1_per_head(val_x, y_all[va], chunks["eval"])  # (H,)
@@ -278,6 +290,31 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
         },
         per_sample={"top1": hits[1], "top5": hits[5]},
     )
+
+
+def _train(x, y, num_classes: int, p: LinearParams, seed: int, rows, stats_chunk: int) -> HeadGrid:
+    """``train_heads``; across a torchrun world the grid is shared out: each rank trains its
+    contiguous part of the heads on every training row, in the same mini-batches, and the parts
+    are put together in grid order. A head's columns never meet another head's in any sum, so
+    each head is the one a single process trains, bit for bit (an all-reduced gradient would
+    not be: the batch sum would be taken in another order)."""
+    if distributed.world() == 1:
+        return train_heads(x, y, num_classes, p, seed=seed, rows=rows, stats_chunk=stats_chunk)
+    part = distributed.shard(len(p.lrs) * len(p.weight_decays))
+    mine = train_heads(
+        x, y, num_classes, p, seed=seed, rows=rows, stats_chunk=stats_chunk, heads=part
+    )
+    parts = distributed.all_gather((mine.weight.cpu(), mine.bias.cpu(), mine.settings))
+    grid = HeadGrid(
+        torch.cat([w for w, _, _ in parts], 1).to(x.device),
+        torch.cat([b for _, b, _ in parts], 0).to(x.device),
+        [s for _, _, part_settings in parts for s in part_settings],
+        mine.mean,
+        mine.inv_std,
+        mine.epochs,
+        mine.steps,
+    )
+    return drop_diverged(grid, p)
 
 
 PROTOCOL_TYPES.register("linear", ProtocolType("linear", LinearParams, run_linear))

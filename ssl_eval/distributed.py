@@ -1,0 +1,140 @@
+"""Evaluation across processes (``torchrun --nproc-per-node N -m ssl_eval run ...``): the rank,
+the world size, the process group, and the few collectives the evaluation needs.
+
+A plain ``python`` launch is a world of one and every helper is then the identity, so the
+single-process code path is the multi-process one with W = 1. The process group itself is set
+up by the trainer's helper (``train/dist.py``: NCCL on GPUs, gloo on the CPU).
+
+Errors: a UserError raised on one rank while the others wait in a collective would leave them
+waiting for ever. Every step that can fail on one rank (decoding an image of its shard, the
+writing on rank 0) is therefore followed by ``agree``, which hands every rank the first failure
+so that all of them raise the same one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world() > 1 else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_main() -> bool:
+    """Whether this process is rank 0 of its torchrun launch, or a plain launch: what the
+    command layer asks, after the process group is closed, before it prints or writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init(device: torch.device) -> tuple[torch.device, bool]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns the device
+    this rank uses (``cuda:LOCAL_RANK`` on GPUs) and whether this call created the group (the
+    caller then ends it with ``close``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or world() > 1:
+        return device, False
+    from .train.dist import setup
+
+    info = setup(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return device, True
+
+
+def close() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def describe() -> dict | None:
+    """What the record's provenance says about the processes; None for a single process."""
+    if world() == 1:
+        return None
+    return {"world_size": world(), "backend": str(dist.get_backend())}
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (picklable objects)."""
+    if world() == 1:
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: object) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (picklable objects)."""
+    if world() == 1:
+        return [obj]
+    out: list = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(error: str | None) -> None:
+    """Raise on every rank the first (lowest-rank) error any rank met; nothing when none did."""
+    errors = [e for e in all_gather(error) if e]
+    if errors:
+        raise UserError(errors[0])
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run by rank 0 alone, its result (or its UserError) handed to every rank."""
+    out, err = None, None
+    if is_main():
+        try:
+            out = fn()
+        except UserError as e:
+            err = str(e)
+    out, err = broadcast((out, err))
+    if err:
+        raise UserError(err)
+    return out
+
+
+def shard(n: int, r: int | None = None, w: int | None = None) -> slice:
+    """Rank ``r``'s contiguous share of ``n`` items (sizes differ by at most one): every item in
+    exactly one shard, the shards in rank order."""
+    r = rank() if r is None else r
+    w = world() if w is None else w
+    return slice(r * n // w, (r + 1) * n // w)
+
+
+def follow_main(claim: Callable, items, *args) -> Iterator[tuple[object, bool]]:
+    """``claim(items, *args)`` (``fsutil.claim_each``: each item with its lock held, and
+    whether it is still this run's to do) run by rank 0 alone, each verdict handed to every
+    rank: the ranks work on the same items, under the lock rank 0 holds."""
+    if world() == 1:
+        yield from claim(items, *args)
+        return
+    items = list(items)
+    claims = claim(items, *args) if is_main() else None
+    try:
+        for item in items:
+            mine = on_main(lambda: next(claims)[1])
+            yield item, mine
+    finally:
+        if claims is not None:
+            claims.close()  # releases the last lock
