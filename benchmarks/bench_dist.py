@@ -8,9 +8,10 @@ Each configuration runs the same ``ssl-eval run`` command with a fresh cache and
   1 process, 1 thread          the reference for the scaling of the 2-process run
   2 processes, 1 thread each   torchrun's default (OMP_NUM_THREADS=1 per worker)
 
-Memory: the resident set of the whole process tree (the torchrun launcher and its workers, or
-the single process), sampled every 20 ms; "peak total" is the largest sum, "peak per process"
-the largest single process. The records of every configuration are checked to hold the same
+Memory, sampled every 20 ms over the whole process tree (the torchrun launcher and its
+workers, or the single process): "peak total" is the largest sum of proportional set sizes
+(PSS: a page shared by several processes counted once in all), "peak per process" the largest
+resident set (RSS) of one process. The records of every configuration are checked to hold the same
 values. Prints a table with ratios against the 1-process runs; writes
 results/benchmarks/bench_dist.json and bench_dist.md.
 
@@ -50,15 +51,20 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _rss_mb(pid: int) -> float:
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of ``pid`` in MB. PSS shares each shared page among the processes mapping
+    it, so PSS sums over processes without counting a page twice (a fork's child, the
+    libraries every rank maps)."""
+    out = [0.0, 0.0]
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                for j, field in enumerate(("Rss:", "Pss:")):
+                    if line.startswith(field):
+                        out[j] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return out[0], out[1]
 
 
 def measure(cmd: list[str], env: dict) -> dict:
@@ -69,9 +75,9 @@ def measure(cmd: list[str], env: dict) -> dict:
 
     def sample():
         while proc.poll() is None:
-            rss = [_rss_mb(p) for p in _tree(proc.pid)]
-            peak["total"] = max(peak["total"], sum(rss))
-            peak["one"] = max(peak["one"], max(rss, default=0.0))
+            mem = [_memory_mb(p) for p in _tree(proc.pid)]
+            peak["total"] = max(peak["total"], sum(pss for _, pss in mem))
+            peak["one"] = max(peak["one"], max((rss for rss, _ in mem), default=0.0))
             time.sleep(0.02)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -83,8 +89,8 @@ def measure(cmd: list[str], env: dict) -> dict:
         sys.exit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
     return {
         "wall_s": round(wall, 2),
-        "peak_total_mb": round(peak["total"], 1),
-        "peak_process_mb": round(peak["one"], 1),
+        "peak_pss_total_mb": round(peak["total"], 1),
+        "peak_rss_process_mb": round(peak["one"], 1),
     }
 
 
@@ -140,23 +146,23 @@ def main() -> None:
     for r in rows:
         r["wall_vs_1proc_default"] = round(r["wall_s"] / ref_default["wall_s"], 2)
         r["wall_vs_1proc_1thread"] = round(r["wall_s"] / ref_one["wall_s"], 2)
-        r["peak_total_vs_1proc_default"] = round(
-            r["peak_total_mb"] / ref_default["peak_total_mb"], 2
+        r["peak_pss_total_vs_1proc_default"] = round(
+            r["peak_pss_total_mb"] / ref_default["peak_pss_total_mb"], 2
         )
     cpus = os.cpu_count()
     lines = [
         f"command: python {' '.join(args)}  (cpus: {cpus}, {platform.processor() or platform.machine()})",
         "",
         "| configuration | wall s | x 1 proc (default threads) | x 1 proc (1 thread) | "
-        "extraction s | protocols s | peak RSS total MB | x 1 proc | peak RSS largest process MB |",
+        "extraction s | protocols s | peak PSS total MB | x 1 proc | peak RSS largest process MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['wall_s']:.1f} | {r['wall_vs_1proc_default']:.2f} | "
             f"{r['wall_vs_1proc_1thread']:.2f} | {r['extract_s']:.1f} | {r['protocols_s']:.1f} | "
-            f"{r['peak_total_mb']:.0f} | {r['peak_total_vs_1proc_default']:.2f} | "
-            f"{r['peak_process_mb']:.0f} |"
+            f"{r['peak_pss_total_mb']:.0f} | {r['peak_pss_total_vs_1proc_default']:.2f} | "
+            f"{r['peak_rss_process_mb']:.0f} |"
         )
     lines += ["", f"records: {len(seen)} values, identical in every configuration"]
     print("\n".join(lines))
