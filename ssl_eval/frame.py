@@ -118,7 +118,7 @@ def unit_row(path: Path, records: list[ResultRecord]) -> dict[str, object]:
     return row
 
 
-def _units(records: list[ResultRecord]) -> list[list[ResultRecord]]:
+def units_of(records: list[ResultRecord]) -> list[list[ResultRecord]]:
     """The records of a file grouped by unit run (a file ssl-eval writes holds one; a file
     merged by hand may hold several): each group becomes one row, so no metric of one unit
     run overwrites another's."""
@@ -176,7 +176,7 @@ def load_frame(results_dir: str | Path) -> pd.DataFrame:
             warn(f"skipping {p}: {e}")
             continue
         n_records += len(records)
-        for group in _units(records):
+        for group in units_of(records):
             rows.append(unit_row(p, group))
             metrics += [m for m in dict.fromkeys(r.metric for r in group) if m not in metrics]
     frame = pd.DataFrame(rows)

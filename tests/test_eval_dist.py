@@ -198,15 +198,15 @@ def test_fine_tune_refuses_what_processes_would_change(monkeypatch, change, arch
 
     from ssl_eval import distributed
     from ssl_eval.errors import UserError
-    from ssl_eval.protocols import finetune_dist
+    from ssl_eval.protocols import _finetune_dist
     from ssl_eval.protocols.finetune import FinetuneParams
 
     model = timm.create_model(arch, num_classes=0)
     p = dataclasses.replace(FinetuneParams(), **change)
-    finetune_dist.check(p, model, torch.device("cpu"))  # one process: all of it allowed
+    _finetune_dist.check(p, model, torch.device("cpu"))  # one process: all of it allowed
     monkeypatch.setattr(distributed, "world", lambda: 2)
     with pytest.raises(UserError, match=refused) as e:
-        finetune_dist.check(p, model, torch.device("cpu"))
+        _finetune_dist.check(p, model, torch.device("cpu"))
     assert "\n" not in str(e.value)
 
 
@@ -214,26 +214,26 @@ def test_ddp_batches_are_the_single_process_batches_cut_in_shares(monkeypatch):
     from torch.utils.data import DataLoader
 
     from ssl_eval import distributed
-    from ssl_eval.protocols import finetune_dist
+    from ssl_eval.protocols import _finetune_dist
 
     data = list(range(23))
 
     def batches(**kw):
         return [b.tolist() for b in DataLoader(data, **kw)]
 
-    one = batches(**finetune_dist.loader_args(data, 6, True, torch.Generator().manual_seed(3)))
+    one = batches(**_finetune_dist.loader_args(data, 6, True, torch.Generator().manual_seed(3)))
     monkeypatch.setattr(distributed, "world", lambda: 2)
     shares = []
     for r in range(2):
         monkeypatch.setattr(distributed, "rank", lambda r=r: r)
         g = torch.Generator().manual_seed(3)
-        shares.append(batches(**finetune_dist.loader_args(data, 6, True, g)))
+        shares.append(batches(**_finetune_dist.loader_args(data, 6, True, g)))
     assert len(one) == 3 and [a + b for a, b in zip(*shares, strict=True)] == one
 
 
 def test_ddp_loss_gradient_averages_to_the_global_batch_mean(monkeypatch):
     from ssl_eval import distributed
-    from ssl_eval.protocols import finetune_dist
+    from ssl_eval.protocols import _finetune_dist
 
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(4, generator=g, requires_grad=True), torch.randn(7, 4, generator=g)
@@ -244,10 +244,10 @@ def test_ddp_loss_gradient_averages_to_the_global_batch_mean(monkeypatch):
     want = torch.autograd.grad(per_sample(slice(None)).mean(), w)[0]
     total = per_sample(slice(None)).detach().sum()
     monkeypatch.setattr(distributed, "world", lambda: 2)
-    monkeypatch.setattr(finetune_dist.dist, "all_reduce", lambda t: t.copy_(total))
+    monkeypatch.setattr(_finetune_dist.dist, "all_reduce", lambda t: t.copy_(total))
     grads, values = [], []
     for rows in (slice(0, 3), slice(3, 7)):  # 7 rows over 2 ranks: unequal shares
-        loss, value = finetune_dist.batch_loss(per_sample(rows), 7)
+        loss, value = _finetune_dist.batch_loss(per_sample(rows), 7)
         grads.append(torch.autograd.grad(loss, w)[0])
         values.append(value)
     ddp = (grads[0] + grads[1]) / 2  # DDP averages the ranks' gradients

@@ -5,6 +5,9 @@ and the frame turn into a warning naming the file); never another exception."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pandas as pd
 
 import pytest
 from fuzzing import FEW, FUZZ, mutated_docs, one_line
@@ -12,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssl_eval.fsutil import sha256_json
+from ssl_eval.frame import unit_row, units_of
 from ssl_eval.leaderboard import build_table
 from ssl_eval.results import ResultRecord, load_records, read_unit_file
 
@@ -35,8 +39,8 @@ def _check_records(recs: list[ResultRecord]) -> None:
     for r in recs:
         assert isinstance(r, ResultRecord)
         json.dumps(r.to_dict(), default=str)
-    if recs:
-        build_table(recs)  # what the leaderboard builds from them
+    if recs:  # what the leaderboard builds from them: their frame rows, then the table
+        build_table(pd.DataFrame([unit_row(Path("fuzzed.json"), g) for g in units_of(recs)]))
 
 
 @FEW

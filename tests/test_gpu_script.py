@@ -60,16 +60,20 @@ def _slow_setup(delay):
     return prepare
 
 
-for _name, _delay in (("test_slow", 0.3), ("test_fast", 0.0)):
-    if _name not in GPU_SEARCHES:
-        GPU_SEARCHES.register(_name, GpuSearch("float32", _slow_setup(_delay), lambda d: None))
-if "test_absent" not in GPU_SEARCHES:
+@pytest.fixture
+def fake_searches(monkeypatch):
+    """Three stand-in searches, registered for one test only (a registry is global: left
+    there, they would be candidates of every later automatic choice)."""
+    fakes = dict(GPU_SEARCHES._exact)
+    monkeypatch.setattr(GPU_SEARCHES, "_exact", fakes)
+    for name, delay in (("test_slow", 0.3), ("test_fast", 0.0)):
+        GPU_SEARCHES.register(name, GpuSearch("float32", _slow_setup(delay), lambda d: None))
     GPU_SEARCHES.register(
         "test_absent", GpuSearch("float32", _slow_setup(0), lambda d: "not on this machine")
     )
 
 
-def test_the_fastest_search_is_chosen_and_the_choice_recorded():
+def test_the_fastest_search_is_chosen_and_the_choice_recorded(fake_searches):
     g = torch.Generator().manual_seed(0)
     bank = F.normalize(torch.randn(500, 16, generator=g), dim=1)
     q = F.normalize(torch.randn(40, 16, generator=g), dim=1)
@@ -84,7 +88,7 @@ def test_the_fastest_search_is_chosen_and_the_choice_recorded():
     assert torch.equal(idx, ref_i)
 
 
-def test_no_available_search_is_an_error_not_a_silent_fallback():
+def test_no_available_search_is_an_error_not_a_silent_fallback(fake_searches):
     x = torch.eye(4)
     with pytest.raises(RuntimeError, match="not on this machine"):
         choose(x, x, 1, names=["test_absent"])

@@ -34,7 +34,7 @@ from ..backbones.base import FEATURE_KINDS
 from ..errors import UserError
 from ..fsutil import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
 from ..runtime import warn
-from . import finetune_dist
+from . import _finetune_dist
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
 
@@ -404,9 +404,9 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
         except DamagedFile:  # the failed load may have written into the first model
             return None, *_model(inp, p)
 
-    finetune_dist.check(p, clf, device)
-    st, clf, opt = finetune_dist.share_resume(resume, clf, opt)  # torchrun: rank 0 reads it
-    model = finetune_dist.wrap(clf, device)  # DDP across a torchrun world, else clf
+    _finetune_dist.check(p, clf, device)
+    st, clf, opt = _finetune_dist.share_resume(resume, clf, opt)  # torchrun: rank 0 reads it
+    model = _finetune_dist.wrap(clf, device)  # DDP across a torchrun world, else clf
     global_rows = min(p.batch_size, n)  # every batch's size across the ranks
     if st is not None:
         start, best, history = st["epoch"] + 1, st["best"], st["history"]
@@ -423,7 +423,7 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
         loader = DataLoader(
             train_ds,
             num_workers=workers,
-            **finetune_dist.loader_args(train_ds, p.batch_size, n > p.batch_size, g),
+            **_finetune_dist.loader_args(train_ds, p.batch_size, n > p.batch_size, g),
         )
         rng = np.random.default_rng([inp.seed, epoch, 1])
         seen, loss_sum, steps = epoch * n, 0.0, 0
@@ -438,7 +438,7 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)
             per_sample = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1)
-            loss, loss_value = finetune_dist.batch_loss(per_sample, global_rows)
+            loss, loss_value = _finetune_dist.batch_loss(per_sample, global_rows)
             if not math.isfinite(loss_value):
                 raise UserError(
                     f"fine-tune diverged (loss {loss_value}) at epoch {epoch}; lower lr"
