@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 
 import pandas as pd
-
 import pytest
 from fuzzing import FEW, FUZZ, mutated_docs, one_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssl_eval.fsutil import sha256_json
 from ssl_eval.frame import unit_row, units_of
+from ssl_eval.fsutil import sha256_json
 from ssl_eval.leaderboard import build_table
 from ssl_eval.results import ResultRecord, load_records, read_unit_file
 
