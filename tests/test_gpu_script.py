@@ -39,7 +39,9 @@ def test_gpu_checks_smoke_runs_every_check_on_the_cpu(tmp_path):
     head = res["headline"]
     assert set(head["phases_s"]) == {"extract_train", "extract_test", "knn", "linear", "fewshot"}
     assert head["full_size_phases_s"]["knn"] == pytest.approx(
-        head["phases_s"]["knn"] * 100, rel=0.05
+        head["phases_s"]["knn"] * 100,
+        rel=0.05,
+        abs=0.6,  # phases are rounded to 10 ms, estimates to 0.1 s
     )
     assert "x 100" in head["extrapolation_rule"]
 
