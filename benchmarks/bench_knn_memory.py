@@ -3,6 +3,10 @@
 
     python benchmarks/bench_knn_memory.py                  # banks of 128k, 512k and 1,281,167 rows
     python benchmarks/bench_knn_memory.py --quick          # 16k, 32k, 64k rows (smoke run)
+    python benchmarks/bench_knn_memory.py --only linear --sizes 131072,524288
+
+Runs of separate invocations (``--only knn``, then ``--only linear``) are merged into one
+results file; a (run, N) measured again replaces its row.
 
 A seeded synthetic bank of float16 features (a Gaussian mixture, 1,024 dimensions: 2.6 GB at
 1.28M rows) is written in chunks to a temporary folder as a ``.npy`` file, exactly as the
