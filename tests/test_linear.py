@@ -224,3 +224,13 @@ def test_training_on_a_memmap_holds_release_mb_of_it_not_a_folio_per_batch_row(t
     finally:
         torch.set_num_threads(threads)
     assert _status_mb("VmHWM") - base < 8 + 12  # release_mb + batches, stats chunk, heads
+
+
+def test_a_gather_read_in_groups_returns_the_rows_asked_for_in_their_order(tmp_path):
+    """release_mb 8 reads 4 rows at a time (2 MB folios): the 37 scattered, repeated rows must
+    come back exactly as one numpy gather gives them."""
+    x = np.random.default_rng(0).normal(size=(5000, 16)).astype(np.float16)
+    mm = _fp16_memmap(tmp_path, "x.npy", x)
+    idx = np.random.default_rng(1).integers(0, 5000, 37)
+    got = FeatureRows(mm, release_mb=8).take(idx)
+    np.testing.assert_array_equal(got.numpy(), x[idx].astype(np.float32))
