@@ -3,6 +3,10 @@
 
     python benchmarks/bench_knn_memory.py                  # banks of 128k, 512k and 1,281,167 rows
     python benchmarks/bench_knn_memory.py --quick          # 16k, 32k, 64k rows (smoke run)
+    python benchmarks/bench_knn_memory.py --only linear --sizes 131072,524288
+
+Runs of separate invocations (``--only knn``, then ``--only linear``) are merged into one
+results file; a (run, N) measured again replaces its row.
 
 A seeded synthetic bank of float16 features (a Gaussian mixture, 1,024 dimensions: 2.6 GB at
 1.28M rows) is written in chunks to a temporary folder as a ``.npy`` file, exactly as the
@@ -120,6 +124,7 @@ def child(a) -> dict:
     out["rss_anon_end_mb"] = round(status_mb("RssAnon"), 1)
     out["rss_file_end_mb"] = round(status_mb("RssFile"), 1)
     out["within_bound"] = bool(out["peak_minus_base_mb"] <= out["bound_mb"])
+    out["load_1min_end"] = round(os.getloadavg()[0], 2)  # other jobs on the machine
     return out
 
 
@@ -146,13 +151,27 @@ def machine() -> dict:
     }
 
 
+def machine_line(info: dict) -> str:
+    """One line for the docs: the CPU, memory and the load other jobs put on it."""
+    cpu = {ln.split(":")[0].strip(): ln.split(":", 1)[1].strip() for ln in info["lscpu"]}
+    load = ", ".join(f"{x:.2f}" for x in info["load_average"])
+    load_end = ", ".join(f"{x:.2f}" for x in info.get("load_average_end", []))
+    return (
+        f"{info['started']}: {cpu.get('Model name', '?')}, {cpu.get('CPU(s)', '?')} CPU(s) "
+        f"({cpu.get('Thread(s) per core', '?')} thread(s) per core), {info['memory_gib']} GiB, "
+        f"torch {info['torch']}, numpy {info['numpy']}; load average (1/5/15 min) {load} at "
+        f"start, {load_end} at end; {info.get('total_s', '?')} s; `{' '.join(info['argv'][1:])}`"
+    )
+
+
 LSCPU_KEYS = {"Architecture", "CPU(s)", "Model name", "Thread(s) per core", "Core(s) per socket"}
 
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| run | bank N | backend / chunks | s | base MB | peak MB | peak - base MB | bound MB | within |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| run | bank N | backend / chunks | s | load | base MB | peak MB | peak - base MB "
+        "| bound MB | within |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ch = r.get("chunks", {})
@@ -164,10 +183,32 @@ def table(rows: list[dict]) -> str:
         bound = "-" if r["bound_mb"] != r["bound_mb"] else f"{r['bound_mb']:.0f}"
         within = "-" if bound == "-" else ("yes" if r["within_bound"] else "NO")
         out.append(
-            f"| {r['what']} | {r['n']:,} | {desc} | {r['seconds']} | {r['base_mb']:.0f} | "
+            f"| {r['what']} | {r['n']:,} | {desc} | {r['seconds']} | {r.get('load_1min_end', '-')} | "
+            f"{r['base_mb']:.0f} | "
             f"{r['peak_mb']:.0f} | {r['peak_minus_base_mb']:.0f} | {bound} | {within} |"
         )
     return "\n".join(out)
+
+
+def merge(path: Path, rows: list[dict], info: dict, queries: int) -> dict:
+    """This invocation's runs merged into the file's earlier ones (``--only knn`` then
+    ``--only linear`` keep both): a (run, N) measured again replaces the earlier row, the
+    others stay with the invocation (machine, load, command) that measured them. Runs of another
+    dimension or query count are not merged: refused, so one table never mixes settings."""
+    old = json.loads(path.read_text()) if path.exists() else {"runs": [], "invocations": []}
+    if old["runs"] and (old.get("dim"), old.get("queries")) != (DIM, queries):
+        raise SystemExit(
+            f"{path} holds runs with dim {old.get('dim')}, queries {old.get('queries')}: "
+            f"move it away or pass --out to another folder"
+        )
+    new_keys = {(r["what"], r["n"]) for r in rows}
+    kept = [r for r in old["runs"] if (r["what"], r["n"]) not in new_keys]
+    runs = sorted(
+        kept + rows, key=lambda r: (r["n"], ("knn", "linear", "inmemory").index(r["what"]))
+    )
+    used = {r["invocation"] for r in runs}
+    invocations = [i for i in old["invocations"] if i["started"] in used] + [info]
+    return {"dim": DIM, "queries": queries, "invocations": invocations, "runs": runs}
 
 
 def main(argv=None) -> int:
@@ -191,6 +232,7 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
     sizes = sizes or ([16_384, 32_768, 65_536] if a.quick else [131_072, 524_288, 1_281_167])
     info = machine()
+    info["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(json.dumps(info, indent=1), flush=True)
     rows = []
     t_start = time.perf_counter()
@@ -212,24 +254,23 @@ def main(argv=None) -> int:
             for what in whats:
                 rows.append(run_child(folder, what, n, a.memory_mb))
                 print(json.dumps(rows[-1]), flush=True)
-        for n in sorted(sizes)[:2]:
-            rows.append(run_child(folder, "inmemory", n, a.memory_mb))
-            print(json.dumps(rows[-1]), flush=True)
-    md = table(rows)
-    print(md)
+        if a.only != "linear":  # the reference is the same for both protocols: measured once
+            for n in sorted(sizes)[:2]:
+                rows.append(run_child(folder, "inmemory", n, a.memory_mb))
+                print(json.dumps(rows[-1]), flush=True)
+    info["load_average_end"] = os.getloadavg()
+    info["argv"] = sys.argv
+    info["total_s"] = round(time.perf_counter() - t_start)
+    for r in rows:
+        r["invocation"] = info["started"]
     a.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_knn_memory" + ("_quick" if a.quick else "")
-    info["load_average_end"] = os.getloadavg()
-    result = {
-        "machine": info,
-        "argv": sys.argv,
-        "dim": DIM,
-        "queries": a.queries,
-        "runs": rows,
-        "total_s": round(time.perf_counter() - t_start),
-    }
+    result = merge(a.out / f"{stem}.json", rows, info, a.queries)
+    md = table(result["runs"])
+    print(md)
     atomic_write_json(a.out / f"{stem}.json", result)
-    atomic_write_text(a.out / f"{stem}.md", f"# {stem}\n\n{md}\n")
+    lines = "\n".join(f"- {machine_line(i)}" for i in result["invocations"])
+    atomic_write_text(a.out / f"{stem}.md", f"# {stem}\n\n{md}\n\nMachines:\n\n{lines}\n")
     return 0
 
 

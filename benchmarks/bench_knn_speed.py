@@ -168,6 +168,20 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def machine_line(result: dict) -> str:
+    """The CPU and the load average at start and end (the machine is shared), in one line."""
+    info = result["machine"]
+    cpu = {ln.split(":")[0].strip(): ln.split(":", 1)[1].strip() for ln in info["lscpu"]}
+    start, end = (
+        ", ".join(f"{x:.2f}" for x in info[k]) for k in ("load_average_start", "load_average_end")
+    )
+    return (
+        f"Machine: {cpu.get('Model name', '?')}, {cpu.get('CPU(s)', '?')} CPU(s); load average "
+        f"(1/5/15 min) {start} at start, {end} at end; {result['total_s']} s; "
+        f"`{' '.join(result['argv'][1:])}`"
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a quarter of each size")
@@ -205,7 +219,7 @@ def main(argv=None) -> int:
     result = {"machine": info, "argv": sys.argv, "dim": DIM, "runs": rows}
     result["total_s"] = round(time.perf_counter() - t0)
     atomic_write_json(a.out / f"{stem}.json", result)
-    atomic_write_text(a.out / f"{stem}.md", f"# {stem}\n\n{md}\n\nload average {info}\n")
+    atomic_write_text(a.out / f"{stem}.md", f"# {stem}\n\n{md}\n\n{machine_line(result)}\n")
     return 0
 
 

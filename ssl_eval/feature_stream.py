@@ -13,6 +13,10 @@ read in order since the last release exceed ``release_mb`` (or after any gather 
 rows), the mapping's pages are dropped from this process (``madvise(MADV_DONTNEED)``: they stay in the page cache and are read back from there
 on the next touch; the file is opened read-only, so nothing is lost). Peak RSS is then bounded
 by the chunk sizes and ``release_mb``, not by the number of rows.
+
+A gather of scattered rows (a mini-batch) maps one whole folio per row (up to the PMD size, 2 MB
+on x86-64), so it reads ``release_mb`` / 2 MB rows at a time and releases in between: a 512-row
+batch of a 2.6 GB bank otherwise held up to 1 GB of it at once.
 """
 
 from __future__ import annotations
@@ -22,6 +26,18 @@ import mmap
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def _folio_bytes() -> int:
+    """The largest folio a page fault on a file mapping may map: the PMD size (2 MB on
+    x86-64), the cap of the page cache's large folios."""
+    try:
+        return int(open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+FOLIO_BYTES = _folio_bytes()
 
 
 def _mapping(x: np.ndarray) -> mmap.mmap | None:
@@ -89,7 +105,17 @@ class FeatureRows:
     def _gather(self, idx: np.ndarray) -> torch.Tensor:
         if isinstance(self.x, torch.Tensor):
             return self._finish(self.x[torch.from_numpy(idx).to(self.x.device)])
-        return self._finish(self.x[idx])
+        group = max(1, self._release_bytes // FOLIO_BYTES)
+        if self._map is None or len(idx) <= group:
+            return self._finish(self.x[idx])
+        # Each scattered row maps its whole folio (up to FOLIO_BYTES), so a 512-row gather of a
+        # large file would hold 512 folios at once (1 GB): gather ``group`` rows at a time and
+        # drop the pages in between, which bounds the mapped pages by release_mb.
+        out = np.empty((len(idx), self.x.shape[1]), dtype=self.x.dtype)
+        for s in range(0, len(idx), group):
+            out[s : s + group] = self.x[idx[s : s + group]]
+            self.release()
+        return self._finish(out)
 
     def _finish(self, part, contiguous: bool = False) -> torch.Tensor:
         if isinstance(part, torch.Tensor):

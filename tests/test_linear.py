@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,44 @@ def test_run_linear_on_a_memmap_equals_run_linear_in_memory_and_records_its_chun
     assert a.metrics == b.metrics and a.details == b.details
     assert (a.per_sample["top1"] == b.per_sample["top1"]).all()
     assert a.details["chunks"] == {"stats": 4096, "eval": 8192, "batch": 128}
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    pytest.skip(f"no {field} in /proc/self/status")
+
+
+def test_training_on_a_memmap_holds_release_mb_of_it_not_a_folio_per_batch_row(tmp_path):
+    """A mini-batch gathers rows from all over the file and every scattered row maps its whole
+    folio (up to 2 MB): gathered at once, a 512-row batch held up to 1 GB of the bank, so the
+    linear probe's peak grew with N (the defect). Peak RSS (VmHWM, reset first) while training
+    on a 64 MB float16 memmap must stay within release_mb (8) plus the small buffers."""
+    np.save(tmp_path / "x.npy", np.ones((32768, 1024), np.float16))
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    y = torch.from_numpy(np.arange(32768) % 5)
+    p = LinearParams(lrs=(0.01,), weight_decays=(0.0,), epochs=1, min_steps=0, batch_size=512)
+    # a first small run allocates what any run allocates once (threads, allocator pools)
+    train_heads(FeatureRows(x[:1024], release_mb=8), y[:1024], 5, p, 0, stats_chunk=256)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    except OSError:
+        pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs)")
+    base, threads = _status_mb("VmRSS"), torch.get_num_threads()
+    torch.set_num_threads(1)  # fast on a loaded 2-core machine; the memory is the same
+    try:
+        train_heads(FeatureRows(x, release_mb=8), y, 5, p, 0, stats_chunk=256)
+    finally:
+        torch.set_num_threads(threads)
+    assert _status_mb("VmHWM") - base < 8 + 12  # release_mb + batches, stats chunk, heads
+
+
+def test_a_gather_read_in_groups_returns_the_rows_asked_for_in_their_order(tmp_path):
+    """release_mb 8 reads 4 rows at a time (2 MB folios): the 37 scattered, repeated rows must
+    come back exactly as one numpy gather gives them."""
+    x = np.random.default_rng(0).normal(size=(5000, 16)).astype(np.float16)
+    mm = _fp16_memmap(tmp_path, "x.npy", x)
+    idx = np.random.default_rng(1).integers(0, 5000, 37)
+    got = FeatureRows(mm, release_mb=8).take(idx)
+    np.testing.assert_array_equal(got.numpy(), x[idx].astype(np.float32))
