@@ -93,6 +93,15 @@ def accel_of(cfg: RunConfig) -> Accel:
     return Accel(cfg.channels_last, cfg.compile, cfg.pin_memory)
 
 
+def _untrainable(card: ProtocolCard, bb: Backbone) -> UserError:
+    """The refusal of a protocol that trains the backbone for one without trainable parameters
+    (run and plan refuse alike)."""
+    return UserError(
+        f"{card.name} trains the backbone, but {bb.tag} has no trainable "
+        "parameters; evaluate it with a frozen protocol (knn, linear, fewshot)"
+    )
+
+
 def _seeded_backbone(bb: Backbone) -> bool:
     """A seeded random initialisation: each seed of the run is another network."""
     return bb.weights.source.startswith("random-init")
@@ -178,10 +187,7 @@ def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOut
                             )
                             outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "n/a", {}))
                             continue
-                        raise UserError(
-                            f"{card.name} trains the backbone, but {bb.tag} has no trainable "
-                            "parameters; evaluate it with a frozen protocol (knn, linear, fewshot)"
-                        )
+                        raise _untrainable(card, bb)
                     dependent = card.protocol.seeded or _seeded_backbone(bb)
                     if not dependent and seed != cfg.seeds[0]:
                         continue  # one run serves every seed
@@ -417,10 +423,7 @@ def plan(cfg: RunConfig, device: torch.device) -> list[PlannedUnit]:
                                 PlannedUnit("", bb_name, bb.tag, ds_name, card.name, seed, False)
                             )
                             continue
-                        raise UserError(
-                            f"{card.name} trains the backbone, but {bb.tag} has no trainable "
-                            "parameters; evaluate it with a frozen protocol (knn, linear, fewshot)"
-                        )
+                        raise _untrainable(card, bb)
                     dependent = card.protocol.seeded or _seeded_backbone(bb)
                     if not dependent and seed != cfg.seeds[0]:
                         continue  # one run serves every seed
