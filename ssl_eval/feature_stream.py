@@ -118,11 +118,13 @@ class FeatureRows:
         return self._finish(out)
 
     def _finish(self, part, contiguous: bool = False) -> torch.Tensor:
+        # normalising makes a fresh tensor anyway: no copy before it
         if isinstance(part, torch.Tensor):
-            out = part.to(self.device, torch.float32, copy=True)
+            out = part.to(self.device, torch.float32, copy=not self.normalise)
         else:
             out = torch.from_numpy(np.asarray(part, dtype=np.float32)).to(self.device)
-            if out.data_ptr() == np.asarray(part).__array_interface__["data"][0]:
+            same = out.data_ptr() == np.asarray(part).__array_interface__["data"][0]
+            if same and not self.normalise:
                 out = out.clone()  # a float32 in-memory array: never hand out its own memory
             self._account(part.nbytes, release=not contiguous)
         return F.normalize(out, dim=1) if self.normalise else out

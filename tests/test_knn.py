@@ -6,7 +6,7 @@ import torch
 
 from ssl_eval.errors import UserError
 from ssl_eval.feature_stream import FeatureRows
-from ssl_eval.knn_search import knn_classify, knn_search, search_plan
+from ssl_eval.knn_search import _group_factors, knn_classify, knn_search, search_plan
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.cards import load_card, parse_card
 from ssl_eval.protocols.knn import KnnParams, run_knn
@@ -58,6 +58,39 @@ def test_torch_backend_chunked_equals_unchunked():
     big = knn_classify(bank, y, q, (20, 200), 0.07, 5, backend="torch", memory_mb=512)
     for k in (20, 200):
         torch.testing.assert_close(small[k], big[k])
+
+
+@pytest.mark.parametrize(
+    "n, k, levels, memory_mb",
+    [
+        (500, 40, 0, 512),  # a direct partition of the whole row
+        (2003, 40, 1, 512),  # one group level, columns left over past the last group
+        (20011, 26, 2, 512),  # two group levels, columns left over
+        (20011, 26, 2, 1),  # ... in several bank chunks, merged
+        (6000, 6000, 0, 512),  # k = the whole bank
+        (6000, 6000, 0, 1),  # ... a query at a time: each block's result outlives the buffer
+    ],
+)
+def test_grouped_selection_returns_exactly_the_k_best(n, k, levels, memory_mb):
+    """The torch search's grouped selection (group maxima, then the members of the k best
+    groups) against a plain ``torch.topk`` of the full similarity matrix: the same values,
+    each index pointing at its value, no index twice. Duplicated bank rows make exact
+    ties, including at the k-th place; the last bank row is the best match of one query."""
+    g = torch.Generator().manual_seed(n)
+    bank = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1)
+    bank[n // 2 : n // 2 + 50] = bank[:50]  # exact duplicates
+    # queries: duplicated rows, the bank's last row (a column left over past the last whole
+    # group: the best match of its own query), random
+    rand = torch.nn.functional.normalize(torch.randn(44, 16, generator=g), dim=1)
+    q = torch.cat([bank[:5], bank[-1:], rand])
+    assert len(_group_factors(n, k)) == levels  # the path named in the case is the one taken
+    full = q @ bank.T
+    want = full.topk(k, dim=1).values
+    sims, idx = knn_search(bank, q, k, "torch", memory_mb)
+    # to float rounding: a chunk of one query is a matrix-vector product, summed in another order
+    torch.testing.assert_close(sims, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(full.gather(1, idx), sims, rtol=0, atol=1e-6)
+    assert (idx.sort(1).values.diff(1) > 0).all()
 
 
 def test_k_larger_than_bank_is_clamped():
