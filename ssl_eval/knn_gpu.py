@@ -1,24 +1,26 @@
-"""k-NN search on a GPU: whichever of the registered searches is fastest at the size at hand,
-chosen by measuring each on the real bank and a slice of the real queries, and recorded.
+"""k-NN search on a GPU: whichever registered search of the asked precision is fastest at the
+size at hand, chosen by measuring each on the real bank and a slice of the real queries, and
+recorded.
 
-Candidates (``GPU_SEARCHES``):
-  * ``torch``: knn_search's torch matmul + exact two-stage top-k, in float32;
-  * ``torch_fp16``: the same with bank and queries in float16 (tensor cores);
-  * ``faiss_gpu_fp16``: a FAISS GPU flat inner-product index storing the bank in float16
-    (needs a faiss GPU build; left out, and said so, when there is none).
-The float16 searches rank by float16 products: neighbours whose similarities differ by less
-than float16's resolution (about 1e-3 at 1) may swap, so the choice and its precision are
-returned for the protocol's details (``GpuChoice.record``), never implied.
+Candidates (``GPU_SEARCHES``), by precision:
+  * float32: ``torch`` (knn_search's torch matmul + grouped top-k) and ``faiss_gpu`` (a FAISS
+    GPU flat inner-product index, float32 storage). Both are exact float32 searches: they differ
+    only in the summation order of the dot products (float rounding), and exact ties are then
+    ordered canonically by the k-NN protocol;
+  * float16: ``torch_fp16`` (bank and queries rounded to float16, float16 products) and
+    ``faiss_gpu_fp16`` (bank stored in float16). Neighbours whose similarities differ by less
+    than float16's resolution (about 1e-3 at 1) may swap against a float32 search.
+
+Precision is never chosen by timing: the k-NN card's ``backend`` asks for it (``auto``:
+float32, ``auto_fp16``: float16, which is then part of the record's setting), and only the
+searches of that precision compete. A search that cannot return k neighbours (FAISS GPU
+indexes stop at k = 2,048) is left out for that k, and said so.
 
 Each candidate is timed as ``setup`` (bank to its form: a cast, an index) plus a probe search of
 up to ``PROBE_QUERIES`` queries, extrapolated linearly to all queries; the fastest estimate
-wins and the full search reuses the winner's prepared bank. The decision is not cached across
-calls: the probe costs a few percent of a large search.
-
-Hook (the k-NN protocol; not wired here): in ``knn_search.knn_search``, when ``backend`` is
-``auto`` and the queries are on a CUDA device, call ``gpu_knn_search(bank, queries, k,
-memory_mb)`` instead of resolving a backend, and pass ``choice.record()`` up into the k-NN
-protocol's details (protocols/knn.py's ``details["backend"]``).
+wins and the full search reuses the winner's prepared bank. Across a torchrun world the ranks
+must search alike, so there the torch search of the asked precision runs without a probe
+(recorded as such). The choice (``GpuChoice.record``) goes into the k-NN protocol's details.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ class GpuSearch:
     precision: str
     prepare: Callable[[torch.Tensor, int], Searcher]
     available: Callable[[torch.device], str | None]  # None if usable, else why not
+    max_k: int | None = None  # the most neighbours one search returns (None: any)
+
+    @property
+    def family(self) -> str:
+        """``float32`` or ``float16``: what the k-NN card's backend asks for."""
+        return self.precision.split()[0]
 
 
 GPU_SEARCHES: Registry[GpuSearch] = Registry("GPU k-NN search")
@@ -89,6 +97,8 @@ def choose(
     for name in names or GPU_SEARCHES.names():
         cand = GPU_SEARCHES.get(name)
         why = cand.available(dev)
+        if why is None and cand.max_k is not None and kk > cand.max_k:
+            why = f"returns at most {cand.max_k} neighbours, {kk} asked"
         if why is not None:
             unavailable[name] = why
             continue
@@ -129,13 +139,22 @@ def gpu_knn_search(
 
 
 def _torch(dtype: torch.dtype) -> Callable[[torch.Tensor, int], Searcher]:
+    """knn_search's torch search with every block's products in ``dtype``: the streamed
+    chunks arrive in float32 and are rounded to ``dtype`` before the matmul."""
+
     def prepare(bank: torch.Tensor, memory_mb: int) -> Searcher:
-        from .knn_search import _search_torch
+        from .knn_search import _block_topk, _search_blocks
 
         b = bank.to(dtype)
 
         def search(q: torch.Tensor, k: int):
-            return _search_torch(b, q.to(dtype), k, memory_mb)
+            scratch: list = []
+
+            def block(qc, blk, kk):
+                return _block_topk(qc.to(dtype), blk.to(dtype), kk, scratch)
+
+            s, i = _search_blocks(b, q.to(dtype), k, memory_mb, block)
+            return s.float(), i
 
         return search
 
@@ -158,30 +177,37 @@ def _faiss_gpu_available(device: torch.device) -> str | None:
     return None
 
 
-def _faiss_fp16(bank: torch.Tensor, memory_mb: int) -> Searcher:
-    import faiss
-    import numpy as np
+def _faiss_gpu(float16: bool) -> Callable[[torch.Tensor, int], Searcher]:
+    def prepare(bank: torch.Tensor, memory_mb: int) -> Searcher:
+        import faiss
+        import numpy as np
 
-    dev = bank.device
-    res = faiss.StandardGpuResources()
-    cfg = faiss.GpuIndexFlatConfig()
-    cfg.useFloat16 = True
-    cfg.device = dev.index if dev.index is not None else torch.cuda.current_device()
-    index = faiss.GpuIndexFlatIP(res, bank.shape[1], cfg)
-    index.add(np.ascontiguousarray(bank.float().cpu().numpy()))
-    chunk = max(1024, (memory_mb << 20) // (12 * 256))
+        dev = bank.device
+        res = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.useFloat16 = float16
+        cfg.device = dev.index if dev.index is not None else torch.cuda.current_device()
+        index = faiss.GpuIndexFlatIP(res, bank.shape[1], cfg)
+        index.add(np.ascontiguousarray(bank.float().cpu().numpy()))
+        chunk = max(1024, (memory_mb << 20) // (12 * 256))
 
-    def search(q: torch.Tensor, k: int):
-        sims, idx = [], []
-        for s in range(0, len(q), chunk):
-            d, i = index.search(np.ascontiguousarray(q[s : s + chunk].float().cpu().numpy()), k)
-            sims.append(torch.from_numpy(d))
-            idx.append(torch.from_numpy(i))
-        return torch.cat(sims).to(q.device), torch.cat(idx).to(q.device)
+        def search(q: torch.Tensor, k: int):
+            sims, idx = [], []
+            for s in range(0, len(q), chunk):
+                part = np.ascontiguousarray(q[s : s + chunk].float().cpu().numpy())
+                d, i = index.search(part, k)
+                sims.append(torch.from_numpy(d))
+                idx.append(torch.from_numpy(i))
+            return torch.cat(sims).to(q.device), torch.cat(idx).to(q.device)
 
-    search.index = index  # keeps the GPU resources alive with the searcher
-    search.res = res
-    return search
+        search.index = index  # keeps the GPU resources alive with the searcher
+        search.res = res
+        return search
+
+    return prepare
+
+
+FAISS_GPU_MAX_K = 2048  # a FAISS GPU flat index's largest k
 
 
 GPU_SEARCHES.register(
@@ -195,7 +221,35 @@ GPU_SEARCHES.register(
     "torch matmul + top-k, float16",
 )
 GPU_SEARCHES.register(
+    "faiss_gpu",
+    GpuSearch("float32", _faiss_gpu(False), _faiss_gpu_available, FAISS_GPU_MAX_K),
+    "FAISS GPU flat IP index, float32",
+)
+GPU_SEARCHES.register(
     "faiss_gpu_fp16",
-    GpuSearch("float16 (bank stored in float16)", _faiss_fp16, _faiss_gpu_available),
+    GpuSearch(
+        "float16 (bank stored in float16)", _faiss_gpu(True), _faiss_gpu_available, FAISS_GPU_MAX_K
+    ),
     "FAISS GPU flat IP index, float16 storage",
 )
+
+
+def auto_search(bank, queries, k: int, memory_mb: int, precision: str, record: list | None):
+    """The protocol's entry: the top ``k`` of ``queries`` (L2-normalised ``FeatureRows``,
+    tensors or arrays) in ``bank`` by the fastest search of ``precision`` (``float32`` or
+    ``float16``), the choice appended to ``record``."""
+    from . import distributed
+    from .feature_stream import as_rows
+
+    b, q = as_rows(bank), as_rows(queries)
+    b_t, q_t = b.read(0, len(b)), q.read(0, len(q))
+    names = [n for n in GPU_SEARCHES.names() if GPU_SEARCHES.get(n).family == precision]
+    if distributed.world() > 1:  # every rank must run the same search: no per-rank probe
+        names = ["torch" if precision == "float32" else "torch_fp16"]
+    sims, idx, choice = gpu_knn_search(b_t, q_t, k, memory_mb, names)
+    if record is not None:
+        rec = choice.record()
+        if distributed.world() > 1:
+            rec["chosen_by"] = "fixed under torchrun (every rank searches alike)"
+        record.append(rec | {"k": min(k, len(b)), "queries": len(q)})
+    return sims, idx

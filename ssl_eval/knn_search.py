@@ -248,28 +248,49 @@ SEARCH_BACKENDS.register("torch", _search_torch, "plain torch matmul + top-k")
 SEARCH_BACKENDS.register("faiss", _search_faiss, "FAISS exact inner-product index")
 
 
+AUTO_PRECISION = {"auto": "float32", "auto_fp16": "float16"}  # the card's automatic backends
+
+
+def _chooses_on(device: torch.device) -> bool:
+    """Whether an automatic backend is chosen by a probe among GPU searches (knn_gpu.py) on
+    ``device``: on CUDA. On the CPU ``auto`` is a fixed rule (``resolve_backend``)."""
+    return device.type == "cuda"
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend that runs: ``name`` itself, or for ``auto`` FAISS when it can serve
-    ``device`` (a GPU build on CUDA, any build on the CPU), else torch."""
-    if name != "auto":
-        SEARCH_BACKENDS.get(name)
-        return name
-    if device.type == "cuda":
-        return "faiss" if _faiss_gpu_available() else "torch"
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "faiss"
+    """The backend that runs: ``name`` itself; for ``auto`` on the CPU, FAISS when installed,
+    else torch; ``auto`` and ``auto_fp16`` on a GPU stay automatic (the fastest GPU search of
+    their precision, chosen per search and recorded). ``auto_fp16`` elsewhere is an error."""
+    if name in AUTO_PRECISION:
+        if _chooses_on(device):
+            return name
+        if name != "auto":
+            raise UserError(
+                f"knn: backend {name} searches in float16 on a GPU only, and this run is on "
+                f"{device.type}; use backend=auto (float32)"
+            )
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "faiss"
+    SEARCH_BACKENDS.get(name)
+    return name
 
 
-def knn_search(bank, queries, k: int, backend: str = "auto", memory_mb: int = 512):
+def knn_search(bank, queries, k: int, backend: str = "auto", memory_mb: int = 512, record=None):
     """Top-``k`` cosine neighbours of every query. Inputs must be L2-normalised: tensors, arrays
     (a memory-mapped cache is read a chunk at a time, never copied whole) or ``FeatureRows``.
-    Returns (similarities (Q, k) float32, indices (Q, k) int64 into the bank), best first."""
+    Returns (similarities (Q, k) float32, indices (Q, k) int64 into the bank), best first.
+    An automatic choice among GPU searches is appended to the list ``record``, if given."""
     bank, queries = as_rows(bank), as_rows(queries)
     k = min(k, len(bank))
     name = resolve_backend(backend, queries.device)
+    if name in AUTO_PRECISION:
+        from .knn_gpu import auto_search
+
+        sims, idx = auto_search(bank, queries, k, memory_mb, AUTO_PRECISION[name], record)
+        return _sort_desc(sims, idx)
     return SEARCH_BACKENDS.get(name)(bank, queries, k, memory_mb)
 
 

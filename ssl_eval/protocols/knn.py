@@ -18,7 +18,14 @@ import torch
 from .. import distributed
 from ..errors import UserError
 from ..feature_stream import FeatureRows
-from ..knn_search import SEARCH_BACKENDS, knn_search, knn_vote, resolve_backend, search_plan
+from ..knn_search import (
+    AUTO_PRECISION,
+    SEARCH_BACKENDS,
+    knn_search,
+    knn_vote,
+    resolve_backend,
+    search_plan,
+)
 from .base import (
     PROTOCOL_TYPES,
     DataShape,
@@ -33,7 +40,10 @@ from .base import (
 class KnnParams:
     ks: tuple[int, ...] = (10, 20, 100, 200)
     temperature: float = 0.07
-    backend: str = "auto"  # auto | faiss | torch
+    # auto: float32 (on the CPU FAISS if installed, else torch; on a GPU the fastest float32
+    # search, chosen per search and recorded); auto_fp16: the fastest float16 search (GPU only);
+    # faiss | torch: that backend, float32
+    backend: str = "auto"
     select_k: str = (
         "val"  # "val": the reported k is the best on the validation split; or an int as a string
     )
@@ -46,7 +56,7 @@ class KnnParams:
             )
         if not self.temperature > 0:
             raise UserError(f"knn: temperature must be > 0, got {self.temperature}")
-        backends = ("auto", *SEARCH_BACKENDS.names())
+        backends = (*AUTO_PRECISION, *SEARCH_BACKENDS.names())
         if self.backend not in backends:
             raise UserError(
                 f"knn: backend must be one of {', '.join(backends)}, got {self.backend!r}"
@@ -82,10 +92,13 @@ def preflight_knn(p: KnnParams, shape: DataShape) -> None:
 # ---------------------------------------------------------------- the protocol
 
 
-def _hits(bank: FeatureRows, bank_y, queries: FeatureRows, q_y, ks, p: KnnParams, C, backend):
+def _hits(
+    bank: FeatureRows, bank_y, queries: FeatureRows, q_y, ks, p: KnnParams, C, backend, record
+):
     """Per query and k, whether the label is the top-1 / among the top-5 of the vote. One search
     for max(ks); the (Q, C) vote is formed 8,192 queries at a time."""
-    sims, idx = _search(bank.normalised(), queries.normalised(), max(ks), backend, p.memory_mb)
+    bank, queries = bank.normalised(), queries.normalised()
+    sims, idx = _search(bank, queries, max(ks), backend, p.memory_mb, record)
     top1 = {k: [] for k in ks}
     top5 = {k: [] for k in ks}
     for s in range(0, len(sims), 8192):
@@ -113,7 +126,7 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
 
     # choose k on the validation split (bank = train minus val)
     tr, va = np.asarray(inp.train_idx), np.asarray(inp.val_idx)
-    val_acc, plans = {}, {}
+    val_acc, plans, searches = {}, {}, {}  # searches: automatic GPU choices, per search
     if p.select_k == "val":
         if len(va) == 0:
             raise UserError("knn: the validation split is empty; raise --val-fraction")
@@ -127,6 +140,7 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
             p,
             C,
             backend,
+            searches.setdefault("val", []),
         )
         val_acc = {k: int(h.sum()) / len(va) for k, h in top1.items()}
         best_k = max(ks, key=lambda k: (val_acc[k], -k))  # ties -> smaller k
@@ -135,7 +149,9 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
         best_k = int(p.select_k)  # one of ks (KnnParams checked it)
 
     bank, queries = FeatureRows(inp.train_x, None, dev), FeatureRows(inp.test_x, None, dev)
-    top1, top5 = _hits(bank, train_y, queries, test_y, ks, p, C, backend)
+    top1, top5 = _hits(
+        bank, train_y, queries, test_y, ks, p, C, backend, searches.setdefault("test", [])
+    )
     plans["test"] = search_plan(len(bank), len(queries), D, max(ks), p.memory_mb, itemsize)
     per_sample = {}
     for k in ks:
@@ -150,24 +166,27 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
             "backend": backend,
             "bank_size": len(train_y),
             "chunks": plans,  # query/bank chunk sizes of each search, from memory_mb
-        },
+        }
+        | ({"searches": searches} if any(searches.values()) else {}),
         per_sample=per_sample,
     )
 
 
-def _search(bank: FeatureRows, queries: FeatureRows, k: int, backend: str, memory_mb: int):
+def _search(
+    bank: FeatureRows, queries: FeatureRows, k: int, backend: str, memory_mb: int, record=None
+):
     """The top ``k`` of every query, exact ties broken by the lower bank index
     (``canonical_search``); across a torchrun world, each rank searches its contiguous shard
     of the bank for every query, and the partial top-k are merged (``merge_topk``): the same
     neighbours, in the same order, so the same votes to the bit."""
     k = min(k, len(bank))
     if distributed.world() == 1:
-        return canonical_search(bank, queries, k, backend, memory_mb)
+        return canonical_search(bank, queries, k, backend, memory_mb, record)
     part = distributed.shard(len(bank))
     if part.stop > part.start:
         rows = bank.rows[part] if bank.rows is not None else np.arange(part.start, part.stop)
         shard = FeatureRows(bank.x, rows, bank.device, bank.normalise, bank._release_mb)
-        sims, idx = canonical_search(shard, queries, k, backend, memory_mb)
+        sims, idx = canonical_search(shard, queries, k, backend, memory_mb, record)
         idx = idx + part.start
     else:  # more ranks than bank rows
         sims = torch.empty(len(queries), 0, device=bank.device)
@@ -177,7 +196,7 @@ def _search(bank: FeatureRows, queries: FeatureRows, k: int, backend: str, memor
     return sims.to(bank.device), idx.to(bank.device)
 
 
-def canonical_search(bank, queries, k: int, backend: str, memory_mb: int):
+def canonical_search(bank, queries, k: int, backend: str, memory_mb: int, record=None):
     """``knn_search`` for the top ``k``, exact ties broken by the lower bank index.
 
     A search leaves the order of equal similarities unspecified (and which of them is kept at
@@ -187,7 +206,7 @@ def canonical_search(bank, queries, k: int, backend: str, memory_mb: int):
     again over the whole bank (in chunks of queries within ``memory_mb``)."""
     k = min(k, len(bank))
     kk = min(len(bank), k + max(16, k // 8))
-    sims, idx = knn_search(bank, queries, kk, backend, memory_mb)
+    sims, idx = knn_search(bank, queries, kk, backend, memory_mb, record)
     sims, idx = merge_topk([sims], [idx], kk)
     open_rows = (sims[:, k - 1] == sims[:, kk - 1]).nonzero().flatten() if kk < len(bank) else []
     sims, idx = sims[:, :k].contiguous(), idx[:, :k].contiguous()
@@ -195,7 +214,7 @@ def canonical_search(bank, queries, k: int, backend: str, memory_mb: int):
     for c in range(0, len(open_rows), chunk):
         rows = open_rows[c : c + chunk]
         q = queries.take(rows.cpu().numpy()) if isinstance(queries, FeatureRows) else queries[rows]
-        s, i = knn_search(bank, q, len(bank), backend, memory_mb)
+        s, i = knn_search(bank, q, len(bank), backend, memory_mb, record)
         sims[rows], idx[rows] = merge_topk([s], [i], k)
     return sims, idx
 
