@@ -4,7 +4,9 @@ records. Units already in the results store are skipped unless ``force``."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,50 @@ def _prepare(cfg: RunConfig, cache_dir: Path) -> None:
             log(f"removed {p}, left by a killed process", "cleanup")
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """One unit of a run, in the run's order: ``key`` None for one that does not apply (a
+    training protocol on a backbone without trainable parameters, under skip_inapplicable)."""
+
+    ds_name: str  # the names asked for
+    bundle: DatasetBundle
+    split: tuple
+    bb_name: str
+    bb: Backbone
+    seed: int
+    card: ProtocolCard
+    key: str | None
+    dependent: bool = True  # whether the unit depends on the seed
+
+
+def _walk(cfg: RunConfig, device, cache_dir: Path, build) -> Iterator[_Unit]:
+    """Every unit of ``cfg`` on ``device``, in order: datasets, then backbones, seeds and
+    protocols. ``build(name, seed)`` gives the backbone (its weights and built state are in the
+    key). What ``run`` evaluates and what ``plan`` lists are both this walk, so their keys
+    cannot drift apart. Refuses an untrainable backbone under a training protocol."""
+    for ds_name in cfg.datasets:
+        bundle = get_dataset(
+            ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests")
+        )
+        split = stratified_val_split(bundle.train.labels, cfg.val_fraction, cfg.split_seed)
+        _preflight(bundle, cfg, split)
+        for bb_name in cfg.backbones:
+            for seed in cfg.seeds:
+                bb = build(bb_name, seed)
+                trainable = any(p.requires_grad for p in bb.model.parameters())
+                for card in cfg.protocols:
+                    if card.protocol.trains and not trainable:
+                        if not cfg.skip_inapplicable:
+                            raise _untrainable(card, bb)
+                        yield _Unit(ds_name, bundle, split, bb_name, bb, seed, card, None)
+                        continue
+                    dependent = card.protocol.seeded or _seeded_backbone(bb)
+                    if not dependent and seed != cfg.seeds[0]:
+                        continue  # one run serves every seed
+                    key = unit_key(bb, bundle, card, cfg, seed if dependent else None, device)
+                    yield _Unit(ds_name, bundle, split, bb_name, bb, seed, card, key, dependent)
+
+
 def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOutcome]:
     outcomes: list[UnitOutcome] = []
     backbones: dict[tuple[str, int], Backbone] = {}
@@ -166,49 +212,34 @@ def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOut
             backbones[(name, seed)] = build_backbone(name, _build_options(cfg, seed))
         return backbones[(name, seed)]
 
-    for ds_name in cfg.datasets:
-        bundle = get_dataset(
-            ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests")
-        )
-        split = stratified_val_split(bundle.train.labels, cfg.val_fraction, cfg.split_seed)
-        _preflight(bundle, cfg, split)
-        for bb_name in cfg.backbones:
-            todo: dict[int, list] = {}
-            for seed in cfg.seeds:
-                bb = backbone(bb_name, seed)
-                for card in cfg.protocols:
-                    if card.protocol.trains and not any(
-                        p.requires_grad for p in bb.model.parameters()
-                    ):
-                        if cfg.skip_inapplicable:  # a suite: the cell stays empty, and says why
-                            log(
-                                f"[n/a] {card.name} trains the backbone; {bb.tag} has no "
-                                "trainable parameters: not run",
-                            )
-                            outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "n/a", {}))
-                            continue
-                        raise _untrainable(card, bb)
-                    dependent = card.protocol.seeded or _seeded_backbone(bb)
-                    if not dependent and seed != cfg.seeds[0]:
-                        continue  # one run serves every seed
-                    if not dependent and len(cfg.seeds) > 1 and seed == cfg.seeds[0]:
-                        log(
-                            f"{card.name} on {bb.tag} does not depend on the seed: one run serves "
-                            f"seeds {', '.join(map(str, cfg.seeds))}"
-                        )
-                    key = unit_key(bb, bundle, card, cfg, seed if dependent else None, device)
-                    if not cfg.force and distributed.on_main(
-                        lambda k=key: unit_done(cfg.results_dir, k)
-                    ):
-                        log(
-                            f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): already in "
-                            f"{cfg.results_dir} (use --force to redo)"
-                        )
-                        outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
-                    else:
-                        todo.setdefault(id(bb), [bb, []])[1].append((card, key, seed, dependent))
-            for bb, units in todo.values():
-                outcomes += _evaluate(bb, bundle, split, units, cfg, device, cache_dir, run_id)
+    walk = _walk(cfg, device, cache_dir, backbone)
+    # one dataset x backbone at a time: its units are evaluated before the next is walked
+    for _, units in groupby(walk, key=lambda u: (u.ds_name, u.bb_name)):
+        todo: dict[int, list] = {}
+        for u in units:
+            where = (u.bundle, u.split)
+            bb, bundle, card, seed = u.bb, u.bundle, u.card, u.seed
+            if u.key is None:  # a suite: the cell stays empty, and says why
+                log(
+                    f"[n/a] {card.name} trains the backbone; {bb.tag} has no trainable parameters: not run"
+                )
+                outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "n/a", {}))
+                continue
+            if not u.dependent and len(cfg.seeds) > 1:
+                log(
+                    f"{card.name} on {bb.tag} does not depend on the seed: one run serves "
+                    f"seeds {', '.join(map(str, cfg.seeds))}"
+                )
+            if not cfg.force and distributed.on_main(lambda k=u.key: unit_done(cfg.results_dir, k)):
+                log(
+                    f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): already in "
+                    f"{cfg.results_dir} (use --force to redo)"
+                )
+                outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
+            else:
+                todo.setdefault(id(bb), [bb, []])[1].append((card, u.key, seed, u.dependent))
+        for bb, work in todo.values():
+            outcomes += _evaluate(bb, *where, work, cfg, device, cache_dir, run_id)
     return outcomes
 
 
@@ -398,39 +429,28 @@ class PlannedUnit:
 def plan(cfg: RunConfig, device: torch.device) -> list[PlannedUnit]:
     """The units ``run(cfg)`` would evaluate on ``device`` (done or not), in its order, with
     their keys: what a sweep (ssl_eval/sweep/) shards into jobs and ``ssl-eval status``
-    follows. Builds each backbone once at a time (the key holds its weights and built state);
-    refuses what ``run`` refuses. Keep in step with ``run``: tests/test_cluster.py checks that
-    the keys planned here are the keys ``run`` records."""
+    follows. The same walk as ``run`` (``_walk``); backbones are built one at a time (the key
+    holds their weights and built state)."""
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    units: list[PlannedUnit] = []
-    for ds_name in cfg.datasets:
-        bundle = get_dataset(
-            ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests")
+    held: dict = {}
+
+    def backbone(name: str, seed: int) -> Backbone:
+        if held.get("name") != name:
+            held.update(name=name, seed=cfg.seeds[0])
+            held["bb"] = build_backbone(name, _build_options(cfg, cfg.seeds[0]))
+        if _seeded_backbone(held["bb"]) and held["seed"] != seed:
+            held.update(seed=seed, bb=build_backbone(name, _build_options(cfg, seed)))
+        return held["bb"]
+
+    return [
+        PlannedUnit(
+            u.key or "",
+            u.bb_name,
+            u.bb.tag,
+            u.ds_name,
+            u.card.name,
+            u.seed if (u.dependent or u.key is None) else None,
+            u.key is not None,
         )
-        _preflight(
-            bundle, cfg, stratified_val_split(bundle.train.labels, cfg.val_fraction, cfg.split_seed)
-        )
-        for bb_name in cfg.backbones:
-            bb = build_backbone(bb_name, _build_options(cfg, cfg.seeds[0]))
-            for seed in cfg.seeds:
-                if seed != cfg.seeds[0] and _seeded_backbone(bb):
-                    bb = build_backbone(bb_name, _build_options(cfg, seed))
-                trainable = any(p.requires_grad for p in bb.model.parameters())
-                for card in cfg.protocols:
-                    if card.protocol.trains and not trainable:
-                        if cfg.skip_inapplicable:
-                            units.append(
-                                PlannedUnit("", bb_name, bb.tag, ds_name, card.name, seed, False)
-                            )
-                            continue
-                        raise _untrainable(card, bb)
-                    dependent = card.protocol.seeded or _seeded_backbone(bb)
-                    if not dependent and seed != cfg.seeds[0]:
-                        continue  # one run serves every seed
-                    key = unit_key(bb, bundle, card, cfg, seed if dependent else None, device)
-                    units.append(
-                        PlannedUnit(
-                            key, bb_name, bb.tag, ds_name, card.name, seed if dependent else None
-                        )
-                    )
-    return units
+        for u in _walk(cfg, device, cache_dir, backbone)
+    ]

@@ -238,3 +238,42 @@ def test_a_job_refuses_to_run_code_other_than_what_planned_it(tmp_path):
         run_job(cfg, planned_in="0" * 16)
     assert not records_dir(tmp_path).exists()  # refused before any work
     assert len(environment()) == 16 and environment() == environment()
+
+
+def test_plan_lists_every_unit_in_run_order_with_seeds_and_what_does_not_apply():
+    """Two seeds: a pretrained-like backbone's k-NN runs once (seed None), a seeded random
+    initialisation is another network per seed, and a training protocol on a backbone without
+    trainable parameters is listed as not applying, per seed, under skip_inapplicable."""
+    import torch
+
+    from ssl_eval.config import RunConfig
+    from ssl_eval.evaluate import plan
+    from ssl_eval.protocols.cards import load_cards
+
+    cards = load_cards(["knn", "finetune"], [])
+    cfg = RunConfig(
+        ("pixels", "random:resnet10t"), ("digits",), cards, seeds=(0, 1), skip_inapplicable=True
+    )
+    units = plan(cfg, torch.device("cpu"))
+    got = [(u.backbone, u.protocol, u.seed, u.applies) for u in units]
+    assert got == [
+        ("pixels", "knn", None, True),
+        ("pixels", "finetune", 0, False),
+        ("pixels", "finetune", 1, False),
+        ("random:resnet10t", "knn", 0, True),
+        ("random:resnet10t", "finetune", 0, True),
+        ("random:resnet10t", "knn", 1, True),
+        ("random:resnet10t", "finetune", 1, True),
+    ]
+    keys = [u.key for u in units if u.applies]
+    assert all(keys) and len(set(keys)) == len(keys)
+    assert all(u.key == "" for u in units if not u.applies)
+    # seed 1's unit is keyed on the network initialised with seed 1 (its weights' sha256)
+    from ssl_eval.backbones import BuildOptions, build_backbone
+    from ssl_eval.data.datasets import DatasetOptions, get_dataset
+    from ssl_eval.evaluate import unit_key
+
+    bb1 = build_backbone("random:resnet10t", BuildOptions(seed=1))
+    bundle = get_dataset("digits", DatasetOptions(None, False, None))
+    want = unit_key(bb1, bundle, cards[0], cfg, 1, torch.device("cpu"))
+    assert units[5].key == want
