@@ -121,6 +121,11 @@ class FeatureRows:
         # normalising makes a fresh tensor anyway: no copy before it
         if isinstance(part, torch.Tensor):
             out = part.to(self.device, torch.float32, copy=not self.normalise)
+        elif self.device.type != "cpu" and np.asarray(part).dtype != np.float32:
+            # to a GPU the stored values travel (half the bytes of float32 for the float16
+            # cache) and are converted there, exactly, instead of on the host
+            out = torch.from_numpy(np.array(part)).to(self.device).float()
+            self._account(part.nbytes, release=not contiguous)
         else:
             out = torch.from_numpy(np.asarray(part, dtype=np.float32)).to(self.device)
             same = out.data_ptr() == np.asarray(part).__array_interface__["data"][0]
