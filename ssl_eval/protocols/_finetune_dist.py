@@ -12,6 +12,9 @@ Refused across several processes, in one line, where the maths would change: a b
 not divide; mixup, cutmix and drop path (their draws span the global batch); and BatchNorm on
 CPUs (each rank would normalise with its share's statistics; SyncBatchNorm, which makes them
 global, needs GPUs and is used there).
+
+Validation and test evaluation are shared out by ``finetune._evaluate`` (whole single-process
+batches per rank, the per-image results gathered in rank order: the same bits as one process).
 """
 
 from __future__ import annotations

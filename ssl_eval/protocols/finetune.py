@@ -275,14 +275,41 @@ def _lr_at(samples: int, total: int, warmup: int, base: float) -> float:
 # ---------------------------------------------------------------- training
 
 
-def _evaluate(clf, loader, pre, device, amp) -> tuple[torch.Tensor, torch.Tensor]:
+def _evaluate(clf, split, idx, pre, p, device, amp, workers) -> tuple[torch.Tensor, dict]:
+    """Per image of ``split`` listed in ``idx``, in that order: whether its label has the
+    highest logit (argmax, the first class on a tie: the validation top-1) and its top-1 /
+    top-5 hits (``topk_hits``: the test's).
+
+    torchrun: one process's batches of ``eval_batch_size`` are shared out, a contiguous run of
+    them per rank (``distributed.shard``); each rank passes only its own through the model and
+    the per-image results are gathered in rank order, which is the order of ``idx``. In eval
+    mode an image's logits depend on its batch's inputs alone (BatchNorm, SyncBatchNorm too,
+    uses its running statistics), and the batches are the very ones one process forms (same
+    images, same size), so every kernel sees the same input: the logits are one process's to
+    the bit on the same device and kernels (a different thread count could in principle pick
+    another kernel), and so are the predictions. Cutting the images themselves into W shares
+    would balance better, but would form batches of other sizes and boundaries, which GEMM and
+    convolution kernels may block differently: logits equal to float precision only, and a
+    near tie could flip a prediction. A set of fewer batches than ranks leaves ranks idle.
+    """
+    b = p.eval_batch_size
+    part = distributed.shard(math.ceil(len(idx) / b))  # this rank's batches
+    mine = _TrainImages(split, np.asarray(idx)[part.start * b : part.stop * b], pre, p, 0, False)
     clf.eval()
-    scores, labels = [], []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        for x, y in loader:
-            scores.append(clf(pre.normalise(x.to(device))).float().cpu())
-            labels.append(y)
-    return torch.cat(scores), torch.cat(labels)
+    scores, labels = [torch.empty(0, clf.head.out_features)], [torch.empty(0, dtype=torch.long)]
+    error = None
+    try:  # a UserError (an image that does not decode) in one rank's share stops every rank
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            for x, y in DataLoader(mine, batch_size=b, num_workers=workers):
+                scores.append(clf(pre.normalise(x.to(device))).float().cpu())
+                labels.append(y)
+    except UserError as e:
+        error = str(e)
+    scores, labels = torch.cat(scores), torch.cat(labels)
+    parts = distributed.all_gather((error, scores.argmax(1) == labels, topk_hits(scores, labels)))
+    distributed.agree(next((e for e, _, _ in parts if e), None))
+    hits = {k: np.concatenate([h[k] for _, _, h in parts]) for k in parts[0][2]}
+    return torch.cat([c for _, c, _ in parts]), hits
 
 
 def _save_state(path: Path | None, state: dict) -> None:
@@ -384,11 +411,6 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
     pre = bb.preprocessing
     train_ds = _TrainImages(bundle.train, inp.train_idx, pre, p, inp.seed, augment=True)
     workers = 0 if inp.num_workers is None else inp.num_workers
-    val_loader = DataLoader(
-        _TrainImages(bundle.train, inp.val_idx, pre, p, inp.seed, augment=False),
-        batch_size=p.eval_batch_size,
-        num_workers=workers,
-    )
     n = len(train_ds)
     total, warmup = p.epochs * n, int(p.warmup_epochs * n)
 
@@ -449,8 +471,8 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
             seen += global_rows if distributed.world() > 1 else len(x)
             loss_sum += loss_value
             steps += 1
-        scores, labels = _evaluate(clf, val_loader, pre, device, amp)
-        val = float((scores.argmax(1) == labels).float().mean())
+        correct, _ = _evaluate(clf, bundle.train, inp.val_idx, pre, p, device, amp, workers)
+        val = float(correct.float().mean())
         if val > best["val"]:
             best = {
                 "val": val,
@@ -477,13 +499,7 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
         _after_epoch(epoch)
 
     clf.load_state_dict(best["model"])
-    test_loader = DataLoader(
-        _TrainImages(bundle.test, np.arange(len(bundle.test)), pre, p, inp.seed, augment=False),
-        batch_size=p.eval_batch_size,
-        num_workers=workers,
-    )
-    scores, labels = _evaluate(clf, test_loader, pre, device, amp)
-    hits = topk_hits(scores, labels)
+    _, hits = _evaluate(clf, bundle.test, np.arange(len(bundle.test)), pre, p, device, amp, workers)
     distributed.barrier()  # every rank is done with the state
     if distributed.is_main():
         state_path.unlink(missing_ok=True)  # the unit is finished; its result is deterministic
