@@ -87,3 +87,56 @@ def test_decoded_batches_by_number_are_the_single_process_batches(tmp_path):
     assert list(src.batches(5, numbers=[])) == []
     with pytest.raises(ValueError, match="beyond 23 images"):
         list(src.batches(5, numbers=[5]))
+
+
+def _decode_worker(rank: int, port: int, out: str) -> None:
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from ssl_eval import decode_cache, features
+    from ssl_eval.data.datasets import DatasetOptions, get_dataset
+    from ssl_eval.data.transforms import Preprocessing
+    from ssl_eval.errors import UserError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    bundle, pre, out = get_dataset("digits", DatasetOptions()), Preprocessing(), Path(out)
+    seen = []
+    try:  # a cache folder on each node's own disk: rank 1 cannot see what rank 0 built
+        features._decoded(bundle, "test", pre, out / f"node{rank}", 0, False)
+        seen.append(None)
+    except UserError as e:
+        seen.append(str(e))
+    if rank == 0:  # rank 0's build fails: every rank stops with its message, none builds
+
+        def full(*args):
+            raise UserError("no room for the decode cache entry")
+
+        decode_cache._build = full
+    try:
+        features._decoded(bundle, "train", pre, out / "shared", 0, False)
+        seen.append(None)
+    except UserError as e:
+        seen.append(str(e))
+    dist.destroy_process_group()
+    (out / f"{rank}.json").write_text(json.dumps(seen))
+
+
+def test_decode_cache_failures_stop_every_rank_with_one_line(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_decode_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        unseen, full = json.loads((tmp_path / f"{r}.json").read_text())
+        assert unseen.startswith("rank 1 cannot read the decode cache entry "), (r, unseen)
+        assert unseen.endswith("; put --cache-dir on a filesystem every node shares")
+        assert "\n" not in unseen
+        assert full == "no room for the decode cache entry", (r, full)
+    assert len(list((tmp_path / "node0" / "decoded").iterdir())) == 1
+    assert not list((tmp_path / "node1" / "decoded").iterdir())  # rank 1 built none of its own
+    assert not list((tmp_path / "shared" / "decoded").iterdir())  # nor after rank 0 failed
