@@ -21,9 +21,10 @@ rename, and one process builds an entry while others wait on its lock.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,17 +94,29 @@ class DecodedSplit:
         return x.pin_memory() if pin else x
 
     def batches(
-        self, size: int, channels_last: bool = False, pin: bool = False
+        self,
+        size: int,
+        channels_last: bool = False,
+        pin: bool = False,
+        numbers: Sequence[int] | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Every image in order, ``size`` at a time; the next batch is read from the map in a
-        background thread while the caller runs the model on this one."""
+        """The images ``size`` at a time, in order: every batch, or only the batches numbered
+        ``numbers`` (batch b holds images b*size to (b+1)*size: a torchrun rank reads its share
+        of the single-process batches). The next batch is read from the map in a background
+        thread while the caller runs the model on this one."""
         n = len(self)
+        numbers = range(math.ceil(n / size)) if numbers is None else numbers
+        starts = [b * size for b in numbers]
+        if any(not 0 <= s < n for s in starts):
+            raise ValueError(
+                f"batch numbers {list(numbers)} beyond {n} images in batches of {size}"
+            )
         with ThreadPoolExecutor(1) as ex:
-            nxt = ex.submit(self.batch, 0, size, channels_last, pin) if n else None
-            for s in range(0, n, size):
+            nxt = ex.submit(self.batch, starts[0], size, channels_last, pin) if starts else None
+            for i in range(len(starts)):
                 x = nxt.result()
-                if s + size < n:
-                    nxt = ex.submit(self.batch, s + size, size, channels_last, pin)
+                if i + 1 < len(starts):
+                    nxt = ex.submit(self.batch, starts[i + 1], size, channels_last, pin)
                 yield x
 
     def as_split(self) -> ImageSplit:
@@ -144,20 +157,61 @@ def decoded(
     progress: bool = True,
 ) -> DecodedSplit:
     """``bundle``'s ``split`` decoded under ``pre``'s geometry, from the cache when present."""
-    key_obj = decode_key(bundle, split, pre)
-    key = sha256_json(key_obj)[:32]
-    entry = Path(cache_dir) / "decoded" / key
-    what = f"decoded {bundle.name}/{split} at {_size_name(pre)}"
-    got = _cached(entry, key, what, discard=False)
+    spot = DecodeEntry.of(bundle, split, pre, cache_dir)
+    got = spot.cached(discard=False)
     if got is not None:
         return got
-    with file_lock(lock_path(entry), f"the decode cache entry {entry} ({what})"):
-        got = _cached(entry, key, what, discard=True)
-        return (
-            got
-            if got is not None
-            else _build(bundle, split, pre, entry, key, key_obj, num_workers, progress)
-        )
+    with spot.lock():
+        return spot.get(num_workers, progress)
+
+
+@dataclass(frozen=True)
+class DecodeEntry:
+    """Where ``bundle``'s ``split`` decoded under ``pre`` lives, and the steps of reaching it:
+    ``decoded`` takes them in one process; a torchrun world takes them rank by rank (rank 0
+    builds under the lock, the others wait on the lock and then ``read``: features._decoded)."""
+
+    bundle: DatasetBundle
+    split: str
+    pre: Preprocessing
+    path: Path
+    key: str
+    key_obj: dict
+    what: str
+
+    @classmethod
+    def of(
+        cls, bundle: DatasetBundle, split: str, pre: Preprocessing, cache_dir: Path
+    ) -> DecodeEntry:
+        key_obj = decode_key(bundle, split, pre)
+        key = sha256_json(key_obj)[:32]
+        what = f"decoded {bundle.name}/{split} at {_size_name(pre)}"
+        return cls(bundle, split, pre, Path(cache_dir) / "decoded" / key, key, key_obj, what)
+
+    def lock(self, quiet: bool = False):
+        """The entry's lock (``quiet``: a waiter does not say that it waits)."""
+        what = f"the decode cache entry {self.path} ({self.what})"
+        return file_lock(lock_path(self.path), what, **({"log": None} if quiet else {}))
+
+    def cached(self, discard: bool) -> DecodedSplit | None:
+        """The entry, verified, or None (a damaged one is removed only with ``discard``)."""
+        return _cached(self.path, self.key, self.what, discard)
+
+    def get(self, num_workers: int | None, progress: bool) -> DecodedSplit:
+        """With the lock held: the entry, verified, or built now."""
+        got = self.cached(discard=True)
+        if got is not None:
+            return got
+        args = (self.key, self.key_obj, num_workers, progress)
+        return _build(self.bundle, self.split, self.pre, self.path, *args)
+
+    def read(self) -> DecodedSplit:
+        """The entry another process built, verified and opened without a word; missing or
+        damaged, a UserError (never removed or rebuilt here)."""
+        try:
+            return _open(self.path, self.key, verify=True)
+        except _Damaged as e:
+            raise UserError(f"cannot read the decode cache entry {self.path} ({e})") from None
 
 
 def _size_name(pre: Preprocessing) -> str:

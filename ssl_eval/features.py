@@ -151,15 +151,8 @@ def extract(
     entry = Path(cache_dir) / "features" / key
     what = f"{backbone.tag} features for {bundle.name}/{split}"
     if distributed.world() > 1:  # torchrun: every rank extracts a share, rank 0 writes
-        if decode_cache or accel != Accel():
-            # the sharded extraction reads images per image with the plain forward pass; an
-            # entry keyed with these options must have been computed with them
-            raise UserError(
-                "--decode-cache, --channels-last, --compile and --pin-memory are not supported "
-                "under torchrun yet; drop them, or run one process"
-            )
         args = (entry, key, key_obj, what, dtype, device, batch_size, num_workers, progress)
-        return _extract_ranks(backbone, bundle, split, *args)
+        return _extract_ranks(backbone, bundle, split, *args, (cache_dir, decode_cache, accel))
     fs = _cached(entry, key, what, discard=False)
     if fs is not None:
         return fs
@@ -203,25 +196,15 @@ def _extract(
     fast: tuple = (None, False, Accel()),
 ) -> FeatureSet:
     t0 = time.perf_counter()
-    cache_dir, decode, accel = fast
-    # pinned memory serves host-to-GPU copies only; on the CPU the flag has nothing to do
-    gpu = device.type == "cuda"
-    pin = accel.pin_memory and gpu
     batches, n = _batches(
-        bundle, split, backbone, batch_size, num_workers, progress, (pin, gpu), *fast
+        bundle, split, backbone, batch_size, num_workers, progress, _pin_gpu(device, fast), *fast
     )
-    backbone.model.to(device).eval()
-    amp = autocast_dtype(device) == "bfloat16"
-    with atomic_directory(entry) as tmp, prepared(backbone, accel) as embed:
+    with atomic_directory(entry) as tmp, _embedding(backbone, device, fast[2]) as embed:
         out = None
         done = 0
         bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress)
         for batch in batches:
-            x = backbone.preprocessing.normalise(batch.to(device, non_blocking=True))
-            x = x.contiguous(memory_format=accel.memory_format())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                f = embed(x)
-            f = f.float().cpu().numpy()
+            f = embed(batch)
             if out is None:
                 out = _open_output(tmp / "features.npy", DTYPES[dtype], (n, f.shape[1]), entry)
             out[done : done + len(f)] = f
@@ -250,38 +233,97 @@ def _extract(
     return fs
 
 
+def _pin_gpu(device: torch.device, fast: tuple) -> tuple[bool, bool]:
+    """(pin host batches?, running on a GPU?): pinned memory serves host-to-GPU copies only; on
+    the CPU the flag has nothing to do."""
+    gpu = device.type == "cuda"
+    return fast[2].pin_memory and gpu, gpu
+
+
+@contextlib.contextmanager
+def _embedding(backbone: Backbone, device: torch.device, accel: Accel):
+    """A function from a uint8 NCHW batch to its float32 features (numpy): normalised on
+    ``device``, in the memory format ``accel`` asks, through ``accel.prepared``'s forward pass
+    (channels-last weights, compiled), under bf16 autocast where the device runs it. One
+    process and every torchrun rank embed through it, so a batch gets the same bits in both."""
+    backbone.model.to(device).eval()
+    amp = autocast_dtype(device) == "bfloat16"
+    with prepared(backbone, accel) as forward:
+
+        def embed(batch: torch.Tensor) -> np.ndarray:
+            x = backbone.preprocessing.normalise(batch.to(device, non_blocking=True))
+            x = x.contiguous(memory_format=accel.memory_format())
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                f = forward(x)
+            return f.float().cpu().numpy()
+
+        yield embed
+
+
 def _batches(
-    bundle, split, backbone, batch_size, num_workers, progress, pin_gpu, cache_dir, decode, accel
+    bundle,
+    split,
+    backbone,
+    batch_size,
+    num_workers,
+    progress,
+    pin_gpu,
+    cache_dir,
+    decode,
+    accel,
+    numbers=None,
 ):
-    """(uint8 NCHW batches, their total count): from the decode cache's map, or decoded and
-    resized per image by DataLoader workers."""
+    """(uint8 NCHW batches, the split's image count): from the decode cache's map, or decoded
+    and resized per image by DataLoader workers. Every batch of ``batch_size`` images in order,
+    or only the batches numbered ``numbers`` (a torchrun rank's share), cut the same way."""
     pin, gpu = pin_gpu
     if decode:
-        from .decode_cache import decoded
-
-        src = decoded(
-            bundle,
-            split,
-            backbone.preprocessing,
-            cache_dir=cache_dir,
-            num_workers=num_workers,
-            progress=progress,
-        )
+        src = _decoded(bundle, split, backbone.preprocessing, cache_dir, num_workers, progress)
         # on a GPU the map's NHWC rows travel as they are and the layout the model runs in is
-        # made there (_extract's .contiguous), not by a transposing copy on the host
+        # made there (_embedding's .contiguous), not by a transposing copy on the host
         nhwc = accel.channels_last or gpu
-        return src.batches(batch_size, nhwc, pin), len(src)
+        return src.batches(batch_size, nhwc, pin, numbers), len(src)
     images = _Images(bundle.split(split), backbone.preprocessing)
+    n = len(images)
     if num_workers is None:
         num_workers = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
-    loader = DataLoader(
-        images,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=pin,
-    )
-    return _worker_errors(loader), len(images)
+    if numbers is None:
+        cut = {"batch_size": batch_size, "shuffle": False}
+    else:
+        cut = {
+            "batch_sampler": [range(b * batch_size, min(n, (b + 1) * batch_size)) for b in numbers]
+        }
+    loader = DataLoader(images, num_workers=num_workers, pin_memory=pin, **cut)
+    return _worker_errors(loader), n
+
+
+def _decoded(bundle, split, pre, cache_dir, num_workers, progress):
+    """The split's decode cache entry, built once. One process: ``decode_cache.decoded``. A
+    torchrun world: rank 0 takes the entry's lock and builds the entry if it is missing, as one
+    process does; the other ranks wait on that lock, not in a collective (a build can outlast
+    the process group's timeout), then open the entry rank 0 left, verified."""
+    from .decode_cache import DecodeEntry, decoded
+
+    if distributed.world() == 1:
+        return decoded(
+            bundle, split, pre, cache_dir=cache_dir, num_workers=num_workers, progress=progress
+        )
+    spot, main = DecodeEntry.of(bundle, split, pre, cache_dir), distributed.is_main()
+    got, error = None, None
+    if not main:
+        distributed.barrier()  # until rank 0 holds the lock
+    with spot.lock(quiet=not main):
+        if main:
+            distributed.barrier()  # the others now wait on the lock
+        try:
+            got = spot.get(num_workers, progress) if main else spot.read()
+        except UserError as e:
+            error = str(e)
+            if not main:  # rank 0 built it, this rank cannot see it
+                where = "put --cache-dir on a filesystem every node shares"
+                error = f"rank {distributed.rank()} {error}; {where}"
+    distributed.agree(error)  # rank 0's failure first: the others then find no entry
+    return got
 
 
 def _open_output(path: Path, dtype, shape: tuple[int, int], entry: Path) -> np.memmap:
@@ -371,7 +413,19 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _extract_ranks(
-    backbone, bundle, split, entry, key, key_obj, what, dtype, device, batch_size, nw, progress
+    backbone,
+    bundle,
+    split,
+    entry,
+    key,
+    key_obj,
+    what,
+    dtype,
+    device,
+    batch_size,
+    nw,
+    progress,
+    fast: tuple = (None, False, Accel()),
 ) -> FeatureSet:
     """The entry, extracted by every rank of a torchrun world and written by rank 0 alone.
 
@@ -379,7 +433,9 @@ def _extract_ranks(
     r + W, r + 2W ...: every image passes through the network in the same batch as in one
     process, so its features are the same bits. Each round the ranks' batches are gathered and
     rank 0 writes them in batch order into the same memory-mapped file one process writes; the
-    other ranks wait for the entry and then read it. Rank 0 alone takes the entry's lock."""
+    other ranks wait for the entry and then read it. Rank 0 alone takes the entry's lock.
+    ``fast`` is one process's (cache_dir, decode cache?, Accel): a rank reads its batches from
+    the decode cache's map (built once, by rank 0) and embeds them as one process does."""
     with (
         file_lock(lock_path(entry), f"the feature cache entry {entry} ({what})")
         if (distributed.is_main())
@@ -388,9 +444,8 @@ def _extract_ranks(
         hit = distributed.on_main(lambda: _cached(entry, key, what, discard=True) is not None)
         seconds = 0.0
         if not hit:
-            seconds = _write_ranks(
-                backbone, bundle, split, entry, key_obj, dtype, device, batch_size, nw, progress
-            )
+            args = (entry, key_obj, dtype, device, batch_size, nw, progress, fast)
+            seconds = _write_ranks(backbone, bundle, split, *args)
     distributed.barrier()  # rank 0 has released the entry
     error = None
     try:
@@ -409,34 +464,33 @@ def _extract_ranks(
 
 
 def _write_ranks(
-    backbone, bundle, split, entry, key_obj, dtype, device, batch_size, nw, progress
+    backbone, bundle, split, entry, key_obj, dtype, device, batch_size, nw, progress, fast
 ) -> float:
     t0 = time.perf_counter()
-    images = _Images(bundle.split(split), backbone.preprocessing)
-    n = len(images)
+    labels = bundle.split(split).labels
+    n = len(labels)
     if n == 0:
         raise UserError(f"{bundle.name}/{split} is empty")
     W, main = distributed.world(), distributed.is_main()
-    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-    mine = batches[distributed.rank() :: W]
-    if nw is None:
-        nw = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
-    batch_iter = _worker_errors(DataLoader(images, batch_sampler=mine, num_workers=nw))
-    backbone.model.to(device).eval()
-    amp = autocast_dtype(device) == "bfloat16"
+    count = math.ceil(n / batch_size)  # the single-process batches; this rank's: r, r + W ...
+    mine = range(distributed.rank(), count, W)
+    pin_gpu = _pin_gpu(device, fast)
+    batch_iter, _ = _batches(
+        bundle, split, backbone, batch_size, nw, progress and main, pin_gpu, *fast, mine
+    )
     rounds_done, main_error = False, None
     try:
-        with atomic_directory(entry) if main else contextlib.nullcontext() as tmp:
+        with (
+            atomic_directory(entry) if main else contextlib.nullcontext() as tmp,
+            _embedding(backbone, device, fast[2]) as embed,
+        ):
             out, done = None, 0
             bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress and main)
-            for r in range(math.ceil(len(batches) / W)):
+            for r in range(math.ceil(count / W)):
                 f, error = None, None
                 if r < len(mine):
                     try:
-                        batch = next(batch_iter)
-                        x = backbone.preprocessing.normalise(batch.to(device, non_blocking=True))
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                            f = backbone.embed(x).float().cpu().numpy()
+                        f = embed(next(batch_iter))
                     except UserError as e:
                         error = str(e)
                 parts = distributed.all_gather((f, error))
@@ -469,7 +523,7 @@ def _write_ranks(
             if main:
                 out.flush()
                 del out
-                np.save(tmp / "labels.npy", np.asarray(images.split.labels, dtype=np.int64))
+                np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
                 sums = {f: file_checksum(tmp / f) for f in ("features.npy", "labels.npy")}
                 meta = {"key": key_obj, "n": n, "seconds": seconds, "checksum": CHECKSUM}
                 atomic_write_json(tmp / "meta.json", meta | {"checksums": sums})

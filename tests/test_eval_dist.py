@@ -78,8 +78,12 @@ def _records(folder) -> dict:
 
 def test_two_processes_write_the_records_one_process_writes(runs):
     out, _, _ = runs
-    one, two = _records(out / "r1"), _records(out / "r2")
-    assert one.keys() == two.keys() and len(one) >= 2 * UNITS
+    assert_same_records(_records(out / "r1"), _records(out / "r2"), 2 * UNITS)
+
+
+def assert_same_records(one: dict, two: dict, at_least: int) -> None:
+    """The records of 2 processes (``_records``) are one process's, but for the provenance."""
+    assert one.keys() == two.keys() and len(one) >= at_least
     for what, a in one.items():
         b = two[what]
         assert b["value"] == a["value"], what
@@ -104,13 +108,20 @@ def test_each_unit_written_once_by_rank_zero(runs):
 
 def test_feature_cache_entries_equal_to_the_byte(runs):
     out, _, _ = runs
-    entries = sorted(p.name for p in (out / "c1" / "features").iterdir() if p.is_dir())
-    assert len(entries) == 4  # 2 backbones x (train, test)
-    assert entries == sorted(p.name for p in (out / "c2" / "features").iterdir() if p.is_dir())
+    assert_same_entries(out / "c1", out / "c2", 4)  # 2 backbones x (train, test)
+
+
+def assert_same_entries(one, two, count: int) -> list[str]:
+    """The feature cache folders ``one`` and ``two`` hold the same ``count`` entries (same
+    keys), equal to the byte; their names."""
+    entries = sorted(p.name for p in (one / "features").iterdir() if p.is_dir())
+    assert len(entries) == count
+    assert entries == sorted(p.name for p in (two / "features").iterdir() if p.is_dir())
     for e in entries:
         for f in ("features.npy", "labels.npy"):
-            a = (out / "c1" / "features" / e / f).read_bytes()
-            assert (out / "c2" / "features" / e / f).read_bytes() == a, f"{e}/{f}"
+            a = (one / "features" / e / f).read_bytes()
+            assert (two / "features" / e / f).read_bytes() == a, f"{e}/{f}"
+    return entries
 
 
 def _reference(bank: torch.Tensor, queries: torch.Tensor, k: int):
