@@ -14,7 +14,8 @@ feature cache stores them, and memory-mapped. Each measurement runs in a fresh s
 its peak RSS (``VmHWM`` of /proc/self/status) is its own:
 
 - ``knn``: ``run_knn`` of the shipped k-NN card (ks 10/20/100/200, k chosen on a validation
-  split of the last 1,000 rows, then test) against the first N rows, with ``--queries`` test rows.
+  split of the last 1,000 rows, then test) against the first N rows, with ``--queries`` test rows;
+  ``knn_torch`` the same on the torch backend (its similarity block and group maxima).
 - ``linear``: ``run_linear`` with one epoch and ``min_steps`` 0 (the memory of a pass does not
   depend on the number of passes), 10 classes.
 - ``inmemory``: the reference the streaming replaces, at the two smaller sizes only: the bank
@@ -91,8 +92,8 @@ def child(a) -> dict:
     base = status_mb("VmRSS")
     t0 = time.perf_counter()
     out: dict = {"what": a.child, "n": a.n}
-    if a.child == "knn":
-        p = KnnParams(memory_mb=a.memory_mb)
+    if a.child in ("knn", "knn_torch"):
+        p = KnnParams(memory_mb=a.memory_mb, backend="torch" if a.child == "knn_torch" else "auto")
         res = run_knn(inp, p)
         out["top1"] = res.metrics["top1"]
         out["chunks"] = res.details["chunks"]
@@ -164,6 +165,10 @@ def machine_line(info: dict) -> str:
     )
 
 
+# the runs: k-NN with the card's backend (auto: FAISS here), k-NN on the torch backend, the
+# linear probe, and the whole-bank float32 copy streaming replaced
+WHATS = ("knn", "knn_torch", "linear", "inmemory")
+
 LSCPU_KEYS = {"Architecture", "CPU(s)", "Model name", "Thread(s) per core", "Core(s) per socket"}
 
 
@@ -177,7 +182,7 @@ def table(rows: list[dict]) -> str:
         ch = r.get("chunks", {})
         desc = (
             f"{r.get('backend', '')} q {ch['test']['query_chunk']} x b {ch['test']['bank_chunk']}"
-            if r["what"] == "knn"
+            if r["what"].startswith("knn")
             else (f"stats {ch['stats']}, eval {ch['eval']}, batch {ch['batch']}" if ch else "-")
         )
         bound = "-" if r["bound_mb"] != r["bound_mb"] else f"{r['bound_mb']:.0f}"
@@ -203,9 +208,7 @@ def merge(path: Path, rows: list[dict], info: dict, queries: int) -> dict:
         )
     new_keys = {(r["what"], r["n"]) for r in rows}
     kept = [r for r in old["runs"] if (r["what"], r["n"]) not in new_keys]
-    runs = sorted(
-        kept + rows, key=lambda r: (r["n"], ("knn", "linear", "inmemory").index(r["what"]))
-    )
+    runs = sorted(kept + rows, key=lambda r: (r["n"], WHATS.index(r["what"])))
     used = {r["invocation"] for r in runs}
     invocations = [i for i in old["invocations"] if i["started"] in used] + [info]
     return {"dim": DIM, "queries": queries, "invocations": invocations, "runs": runs}
@@ -217,9 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", help="comma-separated bank sizes")
     ap.add_argument("--queries", type=int, default=1000, help="test queries (k-NN and linear)")
     ap.add_argument("--memory-mb", type=int, default=512, help="k-NN memory_mb (the card's)")
-    ap.add_argument("--only", choices=("knn", "linear"), help="one protocol only")
+    ap.add_argument("--only", choices=WHATS[:-1], help="one run only")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks")
-    ap.add_argument("--child", choices=("knn", "linear", "inmemory"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=WHATS, help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -249,12 +252,12 @@ def main(argv=None) -> int:
             f"{time.perf_counter() - t0:.0f} s",
             flush=True,
         )
-        whats = [w for w in ("knn", "linear") if a.only in (None, w)]
+        whats = [w for w in WHATS[:-1] if a.only in (None, w)]
         for n in sizes:
             for what in whats:
                 rows.append(run_child(folder, what, n, a.memory_mb))
                 print(json.dumps(rows[-1]), flush=True)
-        if a.only != "linear":  # the reference is the same for both protocols: measured once
+        if a.only in (None, "knn"):  # the reference is the same for every run: measured once
             for n in sorted(sizes)[:2]:
                 rows.append(run_child(folder, "inmemory", n, a.memory_mb))
                 print(json.dumps(rows[-1]), flush=True)

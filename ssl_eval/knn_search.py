@@ -138,18 +138,19 @@ def _block_topk(q: torch.Tensor, blk: torch.Tensor, k: int, scratch: list):
 
 def search_plan(n_bank: int, n_query: int, dim: int, k: int, memory_mb: int, itemsize: int = 4):
     """Chunk sizes of a search within ``memory_mb``: ``query_chunk`` queries against
-    ``bank_chunk`` bank rows at a time. What one step holds: the similarity block (4 bytes per
-    query x bank row) and the query and bank blocks (per value: the stored rows gathered, their
-    float32 copy and its normalised copy, 2 x 4 + ``itemsize`` bytes). Queries come 1,024 at a
-    time (the GEMM runs near its peak from there) unless the budget needs fewer; the bank block
-    takes the rest, at least ``k`` rows. Deterministic: a protocol records the same plan that
-    ``knn_search`` uses."""
+    ``bank_chunk`` bank rows at a time. What one step holds: the similarity block and the group
+    maxima of the torch selection (at most a quarter of the block: ``_group_factors`` groups at
+    least 4 columns), 5 bytes per query x bank row, and the query and bank blocks (per value:
+    the stored rows gathered, their float32 copy and its normalised copy, 2 x 4 + ``itemsize``
+    bytes). Queries come 1,024 at a time (the GEMM runs near its peak from there) unless the
+    budget needs fewer; the bank block takes the rest, at least ``k`` rows. Deterministic: a
+    protocol records the same plan that ``knn_search`` uses."""
     budget = memory_mb << 20
     per_value = 8 + itemsize
     q = max(1, min(n_query, 1024))
-    while q > 1 and budget - q * dim * per_value < k * (4 * q + dim * per_value):
+    while q > 1 and budget - q * dim * per_value < k * (5 * q + dim * per_value):
         q //= 2
-    b = (budget - q * dim * per_value) // (4 * q + dim * per_value)
+    b = (budget - q * dim * per_value) // (5 * q + dim * per_value)
     b = max(1, min(n_bank, max(k, b)))
     return {"query_chunk": int(q), "bank_chunk": int(b), "memory_mb": int(memory_mb)}
 
