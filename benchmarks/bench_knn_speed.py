@@ -178,7 +178,7 @@ def machine_line(result: dict) -> str:
     return (
         f"Machine: {cpu.get('Model name', '?')}, {cpu.get('CPU(s)', '?')} CPU(s); load average "
         f"(1/5/15 min) {start} at start, {end} at end; {result['total_s']} s; "
-        f"`{' '.join(result['argv'][1:])}`"
+        f"`{' '.join(['python benchmarks/bench_knn_speed.py', *result['argv'][1:]])}`"
     )
 
 

@@ -53,8 +53,8 @@ def _partition(x: torch.Tensor, k: int, values: bool = True):
         return (v if values else None), idx
     a = x.detach().numpy()
 
-    def rows(r: range) -> np.ndarray:
-        return np.argpartition(a[r.start : r.stop], n - k, axis=1)[:, n - k :]
+    def rows(r: range) -> np.ndarray:  # a copy of the k columns frees the full-width order
+        return np.argpartition(a[r.start : r.stop], n - k, axis=1)[:, n - k :].copy()
 
     step = max(64, -(-len(a) // _threads()))
     parts = [range(s, min(len(a), s + step)) for s in range(0, len(a), step)]
@@ -138,19 +138,27 @@ def _block_topk(q: torch.Tensor, blk: torch.Tensor, k: int, scratch: list):
 
 def search_plan(n_bank: int, n_query: int, dim: int, k: int, memory_mb: int, itemsize: int = 4):
     """Chunk sizes of a search within ``memory_mb``: ``query_chunk`` queries against
-    ``bank_chunk`` bank rows at a time. What one step holds: the similarity block and the group
-    maxima of the torch selection (at most a quarter of the block: ``_group_factors`` groups at
-    least 4 columns), 5 bytes per query x bank row, and the query and bank blocks (per value:
-    the stored rows gathered, their float32 copy and its normalised copy, 2 x 4 + ``itemsize``
-    bytes). Queries come 1,024 at a time (the GEMM runs near its peak from there) unless the
-    budget needs fewer; the bank block takes the rest, at least ``k`` rows. Deterministic: a
-    protocol records the same plan that ``knn_search`` uses."""
+    ``bank_chunk`` bank rows at a time. What one step holds:
+
+    - the similarity block and the group maxima of the torch selection (at most a quarter of
+      the block: ``_group_factors`` groups at least 4 columns): 5 bytes per query x bank row;
+    - the selection's candidates per query: the members of the k best groups at a level (g k
+      values, g the group factor, at most the cube root of bank rows / k, at least 4) with
+      their orders and indices, about (20 g + 40) k bytes;
+    - the query and bank blocks, per value: the stored rows gathered, their float32 copy and
+      its normalised copy, 2 x 4 + ``itemsize`` bytes.
+
+    Queries come 1,024 at a time (the GEMM runs near its peak from there) unless the budget
+    needs fewer; the bank block takes the rest, at least ``k`` rows. Deterministic: a protocol
+    records the same plan that ``knn_search`` uses."""
     budget = memory_mb << 20
     per_value = 8 + itemsize
+    g = max(4, math.ceil((max(n_bank, k) / k) ** (1 / 3)))
+    per_query = dim * per_value + (20 * g + 40) * k
     q = max(1, min(n_query, 1024))
-    while q > 1 and budget - q * dim * per_value < k * (5 * q + dim * per_value):
+    while q > 1 and budget - q * per_query < k * (5 * q + dim * per_value):
         q //= 2
-    b = (budget - q * dim * per_value) // (5 * q + dim * per_value)
+    b = (budget - q * per_query) // (5 * q + dim * per_value)
     b = max(1, min(n_bank, max(k, b)))
     return {"query_chunk": int(q), "bank_chunk": int(b), "memory_mb": int(memory_mb)}
 

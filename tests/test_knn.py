@@ -181,7 +181,7 @@ def test_streamed_search_of_a_memmapped_bank_equals_the_in_memory_search(tmp_pat
     N or Q) gives exactly the neighbours of one in-memory float32 block, and the same votes to
     float32 rounding (a tie may be summed in another order)."""
     rng = np.random.default_rng(4)
-    N, Q, D, C = 1037, 1500, 8, 6
+    N, Q, D, C = 1037, 1500, 48, 6
     bank = _fp16_memmap(tmp_path, "bank.npy", rng.normal(size=(N, D)))
     queries = _fp16_memmap(tmp_path, "q.npy", rng.normal(size=(Q, D)))
     y = torch.from_numpy(rng.integers(0, C, N))
@@ -245,7 +245,7 @@ def test_run_knn_on_a_memmap_equals_run_knn_in_memory_and_records_its_chunks(tmp
         test_pred = reference_knn(x16, y, xt16, k, 0.07, 5).argmax(1)
         assert (a.per_sample[f"top1@k{k}"] == (test_pred == yt)).all()
     chunks = a.details["chunks"]
-    assert chunks["test"]["bank_chunk"] < 1300 and chunks["test"]["query_chunk"] == 1024
+    assert chunks["test"]["bank_chunk"] < 1300 and chunks["test"]["query_chunk"] < 1100
     assert chunks == {
         "val": search_plan(len(tr), len(va), 12, 50, 1, 2),
         "test": search_plan(1300, 1100, 12, 50, 1, 2),
