@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +35,15 @@ from torch.utils.data import DataLoader
 from .data.datasets import DatasetBundle, ImageSplit
 from .data.transforms import Preprocessing
 from .errors import UserError
-from .features import CHECKSUM, _Images, _progress, _worker_errors, file_checksum
+from .features import (
+    CHECKSUM,
+    _Damaged,
+    _Images,
+    _progress,
+    _worker_errors,
+    cached_entry,
+    file_checksum,
+)
 from .fsutil import (
     atomic_directory,
     atomic_write_json,
@@ -46,7 +53,7 @@ from .fsutil import (
     sha256_json,
 )
 from .provenance import library_versions, source_hash
-from .runtime import log, warn
+from .runtime import log
 
 DECODE_FORMAT_VERSION = 1
 DECODE_LIBRARIES = ("torch", "torchvision", "numpy", "pillow")  # decoding and resizing
@@ -220,23 +227,17 @@ def _size_name(pre: Preprocessing) -> str:
     return "native size" if pre.resize is None else f"shorter side {pre.resize}"
 
 
-class _Damaged(Exception):
-    pass
-
-
 def _cached(entry: Path, key: str, what: str, discard: bool) -> DecodedSplit | None:
     """The entry, verified, or None; a damaged one is removed only under its lock."""
-    if not entry.exists():
-        return None
-    try:
-        got = _open(entry, key, verify=True)
-    except _Damaged as e:
-        if discard:
-            warn(f"decode cache entry {entry} is damaged ({e}); discarding it and decoding again")
-            shutil.rmtree(entry, ignore_errors=True)
-        return None
-    log(f"reusing {what} ({entry})", "decode")
-    return got
+    return cached_entry(
+        entry,
+        lambda: _open(entry, key, verify=True),
+        what,
+        discard,
+        "decode cache entry",
+        "decoding again",
+        "decode",
+    )
 
 
 _VERIFIED: set[tuple] = set()  # entries this process checked, by identity of their files

@@ -166,19 +166,34 @@ def extract(
 
 
 def _cached(entry: Path, key: str, what: str, discard: bool) -> FeatureSet | None:
-    """The entry, verified, or None. A damaged entry is removed only under the entry's lock
-    (``discard``): unlocked, the path may already name a good entry another process wrote."""
+    return cached_entry(entry, lambda: _open(entry, key, hit=True, verify=True), what, discard)
+
+
+def cached_entry(
+    entry: Path,
+    open_verified,
+    what: str,
+    discard: bool,
+    kind: str = "cache entry",
+    redo: str = "extracting again",
+    tag: str = "cache",
+):
+    """``open_verified()`` of a cache entry, or None when the entry is absent or damaged (it
+    raised ``_Damaged``). A damaged entry is removed only under the entry's lock
+    (``discard``): unlocked, the path may already name a good entry another process wrote.
+    Shared by the feature cache and the decode cache (``kind``, ``redo`` and ``tag`` word
+    their messages)."""
     if not entry.exists():
         return None
     try:
-        fs = _open(entry, key, hit=True, verify=True)
+        got = open_verified()
     except _Damaged as e:
         if discard:
-            warn(f"cache entry {entry} is damaged ({e}); discarding it and extracting again")
+            warn(f"{kind} {entry} is damaged ({e}); discarding it and {redo}")
             shutil.rmtree(entry, ignore_errors=True)
         return None
-    log(f"reusing {what} ({entry})", "cache")
-    return fs
+    log(f"reusing {what} ({entry})", tag)
+    return got
 
 
 def _extract(
