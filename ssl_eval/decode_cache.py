@@ -38,6 +38,7 @@ from .errors import UserError
 from .features import (
     CHECKSUM,
     _Damaged,
+    _decoded,
     _Images,
     _progress,
     _worker_errors,
@@ -340,10 +341,9 @@ def native_bundle(
     if len(sizes) != 1:
         return bundle, f"original files (images of {len(sizes)} sizes cannot share one map)"
     native = Preprocessing()
+    # features._decoded: one process decodes; under torchrun rank 0 builds, the others wait
     splits = {
-        s: decoded(
-            bundle, s, native, cache_dir=cache_dir, num_workers=num_workers, progress=progress
-        ).as_split()
+        s: _decoded(bundle, s, native, cache_dir, num_workers, progress).as_split()
         for s in ("train", "test")
     }
     from dataclasses import replace

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .knn_search import FAISS_GPU_MAX_K
 from .registry import Registry
 
 PROBE_QUERIES = 2048
@@ -205,9 +206,6 @@ def _faiss_gpu(float16: bool) -> Callable[[torch.Tensor, int], Searcher]:
         return search
 
     return prepare
-
-
-FAISS_GPU_MAX_K = 2048  # a FAISS GPU flat index's largest k
 
 
 GPU_SEARCHES.register(

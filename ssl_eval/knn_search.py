@@ -200,6 +200,9 @@ def _search_torch(bank, queries, k: int, memory_mb: int):
     )
 
 
+FAISS_GPU_MAX_K = 2048  # the most neighbours a FAISS GPU flat index returns
+
+
 def _faiss_gpu_available() -> bool:
     try:
         import faiss
@@ -217,6 +220,11 @@ def _search_faiss(bank, queries, k: int, memory_mb: int):
         ) from e
     bank, queries = as_rows(bank), as_rows(queries)
     dev = queries.device
+    if dev.type == "cuda" and _faiss_gpu_available() and k > FAISS_GPU_MAX_K:
+        # a FAISS GPU index returns at most 2,048 neighbours (the k-NN protocol's re-search of
+        # a query with ties at the k-th place asks for the whole bank): the exact float32 torch
+        # search answers instead
+        return _search_torch(bank, queries, k, memory_mb)
     if dev.type == "cuda" and _faiss_gpu_available():
         # a GPU index holds the bank in GPU memory; the queries still come in chunks
         index = faiss.index_cpu_to_gpu(
