@@ -215,33 +215,13 @@ def _extract(
         bundle, split, backbone, batch_size, num_workers, progress, _pin_gpu(device, fast), *fast
     )
     with atomic_directory(entry) as tmp, _embedding(backbone, device, fast[2]) as embed:
-        out = None
-        done = 0
+        out = _EntryWriter(tmp, entry, n, dtype, backbone.tag, f"{bundle.name}/{split}")
         bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress)
         for batch in batches:
-            f = embed(batch)
-            if out is None:
-                out = _open_output(tmp / "features.npy", DTYPES[dtype], (n, f.shape[1]), entry)
-            out[done : done + len(f)] = f
-            if not np.isfinite(out[done : done + len(f)]).all():
-                raise UserError(
-                    f"{backbone.tag} features overflow {dtype} (or are NaN) on {bundle.name}/{split};"
-                    " rerun with --feature-dtype float32"
-                )
-            done += len(f)
-            bar.update(len(f))
+            bar.update(out.write(embed(batch)))
         bar.close()
-        if out is None:
-            raise UserError(f"{bundle.name}/{split} is empty")
-        out.flush()
-        del out
-        np.save(tmp / "labels.npy", np.asarray(bundle.split(split).labels, dtype=np.int64))
         seconds = time.perf_counter() - t0
-        sums = {f: file_checksum(tmp / f) for f in ("features.npy", "labels.npy")}
-        atomic_write_json(
-            tmp / "meta.json",
-            {"key": key_obj, "n": n, "seconds": seconds, "checksum": CHECKSUM, "checksums": sums},
-        )
+        out.finish(bundle.split(split).labels, key_obj, seconds)
     log(f"wrote {backbone.tag} features for {bundle.name}/{split} in {seconds:.1f}s", "cache")
     fs = _open(entry, key, hit=False)
     fs.seconds = seconds
@@ -339,6 +319,43 @@ def _decoded(bundle, split, pre, cache_dir, num_workers, progress):
                 error = f"rank {distributed.rank()} {error}; {where}"
     distributed.agree(error)  # rank 0's failure first: the others then find no entry
     return got
+
+
+class _EntryWriter:
+    """The files of a feature cache entry being written into its temporary folder ``tmp``:
+    batches of features in order (the memory-mapped array opened at the first, every value
+    checked finite), then the labels and meta.json with the files' checksums. Used by one
+    process (``_extract``) and by rank 0 of a torchrun world (``_write_ranks``)."""
+
+    def __init__(self, tmp: Path, entry: Path, n: int, dtype: str, tag: str, data: str):
+        self.tmp, self.entry, self.n, self.dtype = tmp, entry, n, dtype
+        self.tag, self.data = tag, data  # the backbone's tag, "dataset/split": for messages
+        self.out, self.done = None, 0
+
+    def write(self, f: np.ndarray) -> int:
+        """Append one batch of features; returns its row count."""
+        if self.out is None:
+            path, shape = self.tmp / "features.npy", (self.n, f.shape[1])
+            self.out = _open_output(path, DTYPES[self.dtype], shape, self.entry)
+        rows = slice(self.done, self.done + len(f))
+        self.out[rows] = f
+        if not np.isfinite(self.out[rows]).all():
+            raise UserError(
+                f"{self.tag} features overflow {self.dtype} (or are NaN) on {self.data}; rerun "
+                "with --feature-dtype float32"
+            )
+        self.done += len(f)
+        return len(f)
+
+    def finish(self, labels, key_obj: dict, seconds: float) -> None:
+        if self.out is None:
+            raise UserError(f"{self.data} is empty")
+        self.out.flush()
+        self.out = None  # the memmap closed before the checksums read the file
+        np.save(self.tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+        sums = {f: file_checksum(self.tmp / f) for f in ("features.npy", "labels.npy")}
+        meta = {"key": key_obj, "n": self.n, "seconds": seconds, "checksum": CHECKSUM}
+        atomic_write_json(self.tmp / "meta.json", meta | {"checksums": sums})
 
 
 def _open_output(path: Path, dtype, shape: tuple[int, int], entry: Path) -> np.memmap:
@@ -499,7 +516,8 @@ def _write_ranks(
             atomic_directory(entry) if main else contextlib.nullcontext() as tmp,
             _embedding(backbone, device, fast[2]) as embed,
         ):
-            out, done = None, 0
+            data = f"{bundle.name}/{split}"
+            out = _EntryWriter(tmp, entry, n, dtype, backbone.tag, data) if main else None
             bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress and main)
             for r in range(math.ceil(count / W)):
                 f, error = None, None
@@ -514,21 +532,8 @@ def _write_ranks(
                 if main:  # rank 0 writes the round's batches, in batch order
                     try:
                         for f, _ in parts:
-                            if f is None:
-                                continue
-                            if out is None:
-                                shape = (n, f.shape[1])
-                                out = _open_output(
-                                    tmp / "features.npy", DTYPES[dtype], shape, entry
-                                )
-                            out[done : done + len(f)] = f
-                            if not np.isfinite(out[done : done + len(f)]).all():
-                                raise UserError(
-                                    f"{backbone.tag} features overflow {dtype} (or are NaN) on "
-                                    f"{bundle.name}/{split}; rerun with --feature-dtype float32"
-                                )
-                            done += len(f)
-                            bar.update(len(f))
+                            if f is not None:
+                                bar.update(out.write(f))
                     except (UserError, OSError) as e:
                         error = str(e).splitlines()[0]
                 distributed.agree(error)
@@ -536,12 +541,7 @@ def _write_ranks(
             rounds_done = True
             seconds = time.perf_counter() - t0
             if main:
-                out.flush()
-                del out
-                np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-                sums = {f: file_checksum(tmp / f) for f in ("features.npy", "labels.npy")}
-                meta = {"key": key_obj, "n": n, "seconds": seconds, "checksum": CHECKSUM}
-                atomic_write_json(tmp / "meta.json", meta | {"checksums": sums})
+                out.finish(labels, key_obj, seconds)
     except (UserError, OSError) as e:
         if not rounds_done:
             raise  # every rank raises it together

@@ -209,3 +209,21 @@ def test_a_killed_extraction_leaves_nothing_after_the_next_run(tmp_path):
         == 0
     )
     assert not [p for p in (tmp_path / "cache" / "features").iterdir() if p.name.startswith(".")]
+
+
+def test_entry_writer_refuses_features_float16_cannot_hold_and_an_empty_split(tmp_path):
+    """Both the one-process and the torchrun extraction write entries through _EntryWriter:
+    a value beyond float16's range is refused in one line naming the way out, and an entry with
+    no batch is refused rather than written without features."""
+    import numpy as np
+
+    from ssl_eval.errors import UserError
+    from ssl_eval.features import _EntryWriter
+
+    w = _EntryWriter(tmp_path, tmp_path / "entry", 4, "float16", "bb", "digits/test")
+    assert w.write(np.ones((2, 3), np.float32)) == 2
+    with pytest.raises(UserError, match="bb features overflow float16.*--feature-dtype float32"):
+        w.write(np.full((2, 3), 1e6, np.float32))
+    empty = _EntryWriter(tmp_path / "e", tmp_path / "entry2", 4, "float16", "bb", "digits/test")
+    with pytest.raises(UserError, match="digits/test is empty"):
+        empty.finish([0, 1, 2, 3], {}, 0.0)
