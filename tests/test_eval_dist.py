@@ -292,7 +292,9 @@ def _agree_worker(rank: int, port: int, out: str) -> None:
         json.dump(seen, f)
 
 
-def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+def spawn_two(worker, out) -> None:
+    """Run ``worker(rank, port, str(out))`` in two processes that meet on a free local port
+    (each joins the gloo group itself)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -300,7 +302,11 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_agree_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(port, str(out)), nprocs=2, join=True)
+
+
+def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    spawn_two(_agree_worker, tmp_path)
     for r in range(2):
         seen = json.loads((tmp_path / f"{r}.json").read_text())
         assert seen == ["photo.jpg is not an image", "disk full", "from rank 0"], (r, seen)

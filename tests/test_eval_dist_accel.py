@@ -13,7 +13,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_eval_dist import TORCHRUN, _launch, _records, assert_same_entries, assert_same_records
+from test_eval_dist import (
+    TORCHRUN,
+    _launch,
+    _records,
+    assert_same_entries,
+    assert_same_records,
+    spawn_two,
+)
 
 from ssl_eval.decode_cache import DecodedSplit
 
@@ -123,14 +130,7 @@ def _decode_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_decode_cache_failures_stop_every_rank_with_one_line(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_decode_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_decode_worker, tmp_path)
     for r in range(2):
         unseen, full = json.loads((tmp_path / f"{r}.json").read_text())
         assert unseen.startswith("rank 1 cannot read the decode cache entry "), (r, unseen)
