@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .errors import UserError
@@ -33,8 +34,9 @@ from .results import ResultRecord, load_records
 from .stats import mcnemar, mean_ci, paired_bootstrap, unpack_bits
 
 HEADLINE = "top1"
-KIND_MARK = {"bootstrap": "ᵇ", "t-seeds": "ˢ", "t-draws": "ᵈ", "t-episodes": "ᵉ"}
+KIND_MARK = {"bootstrap": "ᵇ", "t-seeds": "ˢ", "t-draws": "ᵈ", "t-episodes": "ᵉ", "t-runs": "ʳ"}
 KIND_TEXT = {
+    "t-runs": "95% t interval over training runs of one recipe (mean over its training seeds)",
     "bootstrap": "95% bootstrap interval over test images (one run)",
     "t-seeds": "95% t interval over seeds (mean over seeds)",
     "t-draws": "95% t interval over the protocol's support draws",
@@ -127,7 +129,7 @@ class Cell:
                 s += f" [{self.lo:.2f}, {self.hi:.2f}]"
             else:
                 s += f" ± {self.half_width:.2f}"
-        if self.kind == "t-seeds":
+        if self.kind in ("t-seeds", "t-runs"):
             s += f" (n={self.n})"
         return s + KIND_MARK.get(self.kind, "")
 
@@ -150,7 +152,17 @@ def _present(v: object) -> bool:
 
 def make_cell(rows: pd.DataFrame, metric: str = HEADLINE) -> Cell:
     """The cell of one setting's frame rows (any seeds): the newest row per seed, then the t
-    interval over seeds where the setting depends on the seed, else the newest row's own."""
+    interval over seeds where the setting depends on the seed, else the newest row's own.
+    Rows of several training runs of one recipe (other trained weights, same everything
+    else) give the mean over the runs (each run's mean over its seeds) and the t interval over
+    the runs: a retrained model is another model, and the runs' spread is the honest one."""
+    weights = rows.get("setting.row.weights")
+    if weights is not None and weights.nunique(dropna=False) >= 2:
+        per_run = [make_cell(g, metric) for _, g in rows.groupby(weights.astype(str), sort=False)]
+        m, _, lo, hi = mean_ci(np.array([c.value / 100 for c in per_run]))
+        lo, hi, cut = _clip(lo, hi)
+        files = [f for c in per_run for f in c.files]
+        return Cell(100 * m, 100 * lo, 100 * hi, "t-runs", len(per_run), files, cut)
     rows = rows.assign(_seed=rows["seed"].where(rows["seed_dependent"].astype(bool), None))
     newest = (
         rows.sort_values(["time", "run_id"], kind="stable")
@@ -190,11 +202,22 @@ class Table:
 
 
 def _row_keys(frame: pd.DataFrame, rows: list[dict]) -> list[str]:
-    """The row key of each frame row. A row is a backbone (tag and weights); its preprocessing
+    """The row key of each frame row. A row is a backbone (tag and weights; for a model of
+    ssl-eval's trainer, tag and training recipe, so its training runs share a row); its preprocessing
     and feature kind split it into several rows only where records disagree on them. A record
     run with an ``--image-size`` or ``--feature-kind`` override (whose column says so) joins
     the row of its backbone's own preprocessing."""
-    base = [sha256_json({k: row.get(k) for k in ("backbone", "weights")})[:16] for row in rows]
+    col = "load_report.training.recipe"
+    recipes = [
+        r if isinstance(r, str) and r else None
+        for r in (frame[col] if col in frame.columns else [None] * len(frame))
+    ]
+    base = [
+        sha256_json({k: row.get(k) for k in ("backbone", "weights")})[:16]
+        if not recipe
+        else sha256_json({"backbone": row.get("backbone"), "recipe": recipe})[:16]
+        for row, recipe in zip(rows, recipes, strict=True)
+    ]
     variant = [
         sha256_json({k: row[k] for k in ("preprocessing", "feature_kind")})[:16]
         if "preprocessing" in row and "feature_kind" in row
@@ -380,6 +403,11 @@ def probe_table(results_dir: Path, frame: pd.DataFrame | None = None):
         for c in frame.columns
         if c.split(".")[0] == c and (c.startswith(("decode_", "inv_")) or c in DIAGNOSTICS)
     ]
+    # the newest record of each backbone, weights and setting; a model trained with several
+    # seeds (one row, several weights) shows the mean over its training runs
+    if "setting.row.weights" in frame.columns:
+        frame = frame.assign(_w=frame["setting.row.weights"].astype(str))
+        frame = frame.drop_duplicates(["backbone", "_w", "setting.column_hash"], keep="last")
     long = frame.melt(
         id_vars=["backbone", "dataset", "setting.column_hash"],
         value_vars=metric_cols,
@@ -392,7 +420,7 @@ def probe_table(results_dir: Path, frame: pd.DataFrame | None = None):
         long["dataset"] + tag.map(lambda t: f" [{t}]" if t else "") + " / " + long["metric"]
     )
     table = long.pivot_table(
-        index="backbone", columns="column", values="value", aggfunc="last", sort=False
+        index="backbone", columns="column", values="value", aggfunc="mean", sort=False
     )
     order = [c for m in metric_cols for c in table.columns if c.endswith(f" / {m}")]
     return table[list(dict.fromkeys(order))].sort_index()

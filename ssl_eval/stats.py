@@ -86,3 +86,47 @@ def pack_bits(correct: np.ndarray) -> str:
 
 def unpack_bits(s: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(s), dtype=np.uint8))[:n].astype(bool)
+
+
+def prediction_test(
+    reference: list[float], new: list[float], test_se: float
+) -> tuple[float, float, float, float]:
+    """Is the mean of ``new`` (m training runs of a recipe) where the reference's ``reference``
+    (n >= 2 runs of the same recipe, on the same test images) predicts it?
+
+    The statistic is the difference of the two means over the prediction standard error
+    ``sqrt(s^2 (1/n + 1/m) + test_se^2)``: ``s`` is the spread between the reference's runs
+    (training noise, as seen through these test images), ``test_se`` the test-image sampling
+    noise of one run (its recorded interval). The seeds already see that noise through the
+    shared test images, so adding it again is conservative; it is the floor that keeps a
+    reference whose few seeds happened to agree from claiming a zero tolerance. The
+    statistic follows a t distribution with the Welch-Satterthwaite degrees of freedom of the
+    two terms (the seeds' term has n - 1, the interval's is taken as known), so with the
+    interval term negligible it is the classical t prediction interval with n - 1 degrees of
+    freedom. Returns (difference new - reference, standard error, degrees of freedom, the
+    one-sided p-value that ``new`` is lower), the upper one being ``1 - p``."""
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(new, dtype=np.float64)
+    n, m = len(ref), len(cur)
+    if n < 2 or m < 1:
+        raise ValueError("a prediction test needs at least two reference runs and one new run")
+    s2 = float(ref.var(ddof=1))
+    a = s2 * (1 / n + 1 / m)
+    b = float(test_se) ** 2
+    se = math.sqrt(a + b)
+    diff = float(cur.mean() - ref.mean())
+    df = math.inf if a == 0 else (a + b) ** 2 / (a**2 / (n - 1))
+    if se == 0:
+        return diff, 0.0, df, (0.0 if diff < 0 else 1.0 if diff > 0 else 0.5)
+    return diff, se, df, _t_cdf(diff / se, df)
+
+
+def _t_cdf(x: float, df: float) -> float:
+    if math.isinf(df):
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+    try:
+        from scipy.stats import t
+
+        return float(t.cdf(x, df))
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        return 0.5 * math.erfc(-x / math.sqrt(2))

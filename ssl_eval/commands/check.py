@@ -1,4 +1,5 @@
-"""``ssl-eval check``: the regression gate (exit 0 nothing regressed, 1 regressions, 2 usage)."""
+"""``ssl-eval check``: the regression gate (exit 0 nothing regressed, 1 regressions, 2 usage);
+``--two-sided`` asks whether the records reproduce the baseline (a change either way fails)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="rows whose setting changed do not fail",
     )
     p.add_argument(
+        "--two-sided",
+        action="store_true",
+        help="ask whether the records reproduce the baseline: a significant change in either "
+        "direction fails (default: the one-sided regression gate, improvements only listed)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail retrained rows the baseline cannot judge (it holds one training run of "
+        "their recipe); by default they are reported as unverifiable",
+    )
+    p.add_argument(
         "--summary", type=Path, help="write a markdown summary (for a pull-request comment)"
     )
     p.add_argument("--junit", type=Path, help="write JUnit XML (one test case per row)")
@@ -52,8 +65,17 @@ def run(a: argparse.Namespace) -> int:
 
     tol = parse_tolerance(a.tolerance)
     base = read_baseline(a.baseline)
-    res = check(base, frame_rows(a.results_dir), tol, a.allow_missing, a.allow_changed_setting)
-    order = {"regression": 0, "missing": 1, "changed": 2, "improvement": 3, "new": 4}
+    res = check(
+        base,
+        frame_rows(a.results_dir),
+        tol,
+        a.allow_missing,
+        a.allow_changed_setting,
+        two_sided=a.two_sided,
+        strict=a.strict,
+    )
+    order = {"regression": 0, "missing": 1, "changed": 2, "improvement": 3}
+    order |= {"unverifiable": 4, "new": 5, "ok": 6}
     for f in sorted((f for f in res.findings if f.kind in order), key=lambda f: order[f.kind]):
         if not a.quiet or res.failed(f):
             print(f.line())
