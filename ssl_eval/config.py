@@ -212,6 +212,9 @@ class RunConfig:
     feature_kind: str | None = None
     family: str | None = None
     arch: str | None = None
+    # evaluate ckpt:DIR of an unfinished training (refused otherwise); recorded in the
+    # records' load_report.training.incomplete_allowed
+    allow_incomplete: bool = False
     feature_dtype: str = "float16"
     val_fraction: float = 0.1
     split_seed: int = 0

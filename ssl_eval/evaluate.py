@@ -277,6 +277,7 @@ def _build_options(cfg: RunConfig, seed: int) -> BuildOptions:
         seed=seed,
         family=cfg.family,
         arch=cfg.arch,
+        allow_incomplete=cfg.allow_incomplete,
     )
 
 

@@ -175,6 +175,7 @@ class BuildOptions:
     # 'vit_base_patch16', DINO 'vit_small'), for what the file does not declare itself; it
     # must agree with what the file does declare. Refused with tags (they fix their own).
     arch: str | None = None
+    allow_incomplete: bool = False  # ckpt:DIR of an unfinished `ssl-eval train` run (recorded)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,12 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
         "MAE vit_base_patch16, DINO vit_small, solo-learn resnet18 ...), for what the file does not "
         "declare; must agree with what it does (refused with tags)",
     )
+    r.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="evaluate ckpt:DIR of an unfinished `ssl-eval train` run (refused otherwise; "
+        "the records say so)",
+    )
     r.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
     r.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of train held out for selection"
@@ -122,6 +128,7 @@ def run(a: argparse.Namespace) -> int:
         feature_kind=a.feature_kind,
         family=a.family,
         arch=a.arch,
+        allow_incomplete=a.allow_incomplete,
         feature_dtype=a.feature_dtype,
         val_fraction=a.val_fraction,
         split_seed=a.split_seed,

@@ -31,6 +31,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ..errors import UserError
 from ..fsutil import DamagedFile, read_checked, write_checked
 from ..runtime import warn
+from .fingerprint import trainer_fingerprint
 
 STATE = "train_state.pt"
 
@@ -123,7 +124,8 @@ def make_sidecar(
     cfg: TrainConfig, arch: str, spec: MethodSpec, data: TrainData, epochs_done: int, history: list
 ) -> dict:
     """What the trainer exports beside the weights: how to rebuild and read the backbone
-    (architecture, preprocessing, feature kind) and the record of its training."""
+    (architecture, preprocessing, feature kind) and the record of its training: what trained
+    it (``trainer``: the trainer's source hash and library versions)."""
     last = history[-1] if history else {}
     return {
         "method": cfg.method,
@@ -139,6 +141,7 @@ def make_sidecar(
         "complete": epochs_done >= cfg.epochs,
         "seed": cfg.seed,
         "code_version": __version__,
+        "trainer": trainer_fingerprint(),
         "collapsed": bool(last.get("collapsed", False)),
         "final_diagnostics": last,
         "history": history,

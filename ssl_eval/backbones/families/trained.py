@@ -3,7 +3,10 @@ defined once, in ``trained_format.py``, which the trainer writes through).
 
 The evaluator needs no extra flags: the sidecar says how to rebuild the module (through the
 architecture registry in ``archs.py``, never through the trainer) and how to feed it. Weights
-load with safetensors (no unpickling) and strictly: every key must match.
+load with safetensors (no unpickling) and strictly: every key must match. An unfinished
+training is refused unless ``--allow-incomplete`` (``BuildOptions.allow_incomplete``), and
+then its record says so. The record's ``load_report.training`` says what trained the weights
+(the trainer's source hash and library versions).
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ from ..trained_format import (
 __all__ = ["build_from_training_dir", "is_training_dir"]
 
 
+def _incomplete(meta: dict) -> bool:
+    """The sidecar describes an unfinished training (``complete: false``, or fewer epochs done
+    than planned; sidecars without ``complete`` are judged by their epochs)."""
+    done, total = meta.get("epochs_done"), meta.get("epochs")
+    counted = isinstance(done, int) and isinstance(total, int) and done < total
+    return meta.get("complete") is False or counted
+
+
 def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = None) -> Backbone:
     """Rebuild the trained backbone in folder ``path``. ``opt.image_size`` and
     ``opt.feature_kind`` override the sidecar's preprocessing size and feature kind."""
@@ -47,6 +58,14 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
             "names its architecture; drop --arch"
         )
     meta = read_sidecar(root)
+    done, total = meta.get("epochs_done"), meta.get("epochs")
+    incomplete = _incomplete(meta)
+    if incomplete and not opt.allow_incomplete:
+        raise UserError(
+            f"{root} holds an unfinished training ({done}/{total} epochs); finish it with "
+            f"`ssl-eval train ... --out {root} --resume`, or pass --allow-incomplete to "
+            "evaluate it as it is (its records will say so)"
+        )
     sd = read_weights(root, meta.get(WEIGHTS_SHA256))
     arch = meta["architecture"]
     model = build_arch(arch["name"], arch.get("kwargs") or {})
@@ -61,8 +80,9 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
     pre = sidecar_preprocessing(meta)
     if opt.image_size:
         pre = pre.with_size(opt.image_size)
-    done, total = meta.get("epochs_done"), meta.get("epochs")
     desc = f"{meta.get('method')} {arch['name']} trained {done}/{total} epochs on {meta.get('dataset', {}).get('name')}"
+    if incomplete:
+        desc += " (INCOMPLETE: evaluated with --allow-incomplete)"
     if meta.get("collapsed"):
         desc += " (COLLAPSED during training)"
     wpath = root / WEIGHTS
@@ -72,29 +92,35 @@ def build_from_training_dir(path: str | os.PathLike, opt: BuildOptions | None = 
         preprocessing=pre,
         feature_kind=opt.feature_kind or meta.get("feature_kind", "model"),
         weights=WeightsInfo("file", sha256_file(wpath), str(wpath)),
-        load_report={
-            **report,
-            "training": {
-                **{
-                    k: meta.get(k)
-                    for k in (
-                        "method",
-                        "epochs",
-                        "epochs_done",
-                        "seed",
-                        "collapsed",
-                        "code_version",
-                    )
-                },
-                # the training recipe (its resolved config, the device left out): two machines
-                # that train one recipe write different weights, never a different recipe
-                "recipe": sha256_json(
-                    {k: v for k, v in (meta.get("train_config") or {}).items() if k != "device"}
-                )[:16],
-            },
-        },
+        load_report={**report, "training": _training_report(meta, incomplete)},
         description=desc,
     )
+
+
+def _training_report(meta: dict, incomplete: bool) -> dict:
+    """The record of the training, as the evaluation's records carry it
+    (``load_report.training``)."""
+    cfg = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
+    trainer = meta.get("trainer") if isinstance(meta.get("trainer"), dict) else {}
+    out = {
+        **{
+            k: meta.get(k)
+            for k in ("method", "epochs", "epochs_done", "seed", "collapsed", "code_version")
+        },
+        # the training recipe: its resolved config without the device and the seed. Two
+        # machines that train one recipe write different weights, never a different recipe,
+        # and the runs of one recipe with different seeds are runs of the same recipe (the
+        # seed is recorded apart, above). What trained it (the trainer's code and library
+        # versions) is recorded apart too (trainer_source, trainer_versions), not hashed in.
+        "recipe": sha256_json({k: v for k, v in cfg.items() if k not in ("device", "seed")})[:16],
+        # which code and libraries made the weights (train/fingerprint.py); None: a sidecar
+        # written before the trainer recorded them
+        "trainer_source": trainer.get("source"),
+        "trainer_versions": trainer.get("versions"),
+    }
+    if incomplete:
+        out["incomplete_allowed"] = True
+    return out
 
 
 register_folder_reader(
