@@ -23,6 +23,12 @@ import yaml
 
 from .errors import UserError
 
+# the evaluation's validation split, carved from train (data.splits.stratified_val_split): the
+# defaults of ``ssl-eval run --val-fraction --split-seed`` and of the trainer, which leaves
+# those images out of training (train/config.py)
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_SPLIT_SEED = 0
+
 
 def yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML parser's multi-line message as one line: what is wrong and where."""
@@ -216,8 +222,8 @@ class RunConfig:
     # records' load_report.training.incomplete_allowed
     allow_incomplete: bool = False
     feature_dtype: str = "float16"
-    val_fraction: float = 0.1
-    split_seed: int = 0
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    split_seed: int = DEFAULT_SPLIT_SEED
     force: bool = False
     offline: bool = False
     num_workers: int | None = None

@@ -321,6 +321,13 @@ def _evaluate(
         return image_source["bundle"]
 
     train_idx, val_idx = split
+    training = bb.load_report.get("training")  # ckpt:DIR of `ssl-eval train`: trained on val?
+    if training is not None and distributed.is_main():
+        from .backbones.families.trained import split_check
+
+        training["split_check"] = split_check(
+            training, bundle.name, bundle.fingerprint, val_idx, bundle.train.labels
+        )
     out = []
     # one process per unit: a unit another process finished while this one waited is skipped
     claims = distributed.follow_main(

@@ -42,6 +42,7 @@ def _edited(package, rel: str) -> str:
         "train/methods/simclr.py",  # reached only through the registry's folder scan
         "backbones/archs.py",  # the architectures (an absolute-depth relative import, ..)
         "data/shapes.py",  # the data generator
+        "data/splits.py",  # the evaluation's validation split the training images avoid
         "knn_search.py",  # the monitor's k-NN
         "train/fingerprint.py",  # itself, through the checkpoint module
     ],

@@ -10,6 +10,10 @@ which reads it back: an output folder of ``ssl-eval train`` holding
 Both files are written atomically, weights first, so a reader that finds the sidecar always
 finds the weights it describes. ``train/`` imports this module; it imports nothing from
 ``train/`` (data flows one way).
+
+Which train images the trainer may use is decided here too (``training_split``), once for both
+sides: the trainer draws from it, and the evaluator redraws it to check that the images it
+selects hyperparameters on were not trained on (``families.trained.split_check``).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..data.splits import stratified_val_split
 from ..data.transforms import Preprocessing
 from ..errors import UserError, one_line
 from ..fsutil import atomic_write_bytes, atomic_write_json
@@ -32,6 +38,27 @@ SUPPORTED_VERSIONS = (1,)  # what it reads
 WEIGHTS = "backbone.safetensors"
 SIDECAR = "backbone.json"
 WEIGHTS_SHA256 = "weights_sha256"  # the sidecar's checksum of the weights file
+EVAL_SPLIT = "eval_split"  # the sidecar's record of the evaluation's validation split it avoided
+
+
+def indices_sha256(idx) -> str:
+    """A short hash (16 hex) of a set of image indices (sorted, as int64)."""
+    a = np.sort(np.asarray(idx, dtype=np.int64)).astype("<i8")
+    return hashlib.sha256(a.tobytes()).hexdigest()[:16]
+
+
+def training_split(
+    labels: np.ndarray, subset: int | None, seed: int, val_fraction: float, split_seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, held-out, validation) indices of a train split with ``labels``. Validation is
+    the evaluation's own split (``stratified_val_split(labels, val_fraction, split_seed)``,
+    what ``ssl-eval run`` selects hyperparameters on); the trainer's images are the first
+    ``subset`` of a ``seed``-ed permutation of the rest (all of it when None), and held-out is
+    the rest of the rest: train images neither trained on nor in validation. Sorted."""
+    pool, val = stratified_val_split(np.asarray(labels), val_fraction, split_seed)
+    order = np.random.default_rng(seed).permutation(len(pool))
+    k = min(subset or len(pool), len(pool))
+    return np.sort(pool[order[:k]]), np.sort(pool[order[k:]]), val
 
 
 def is_training_dir(path: str | os.PathLike) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
 from ._args import add_cluster_options, add_results_dir, cluster_options, csv_list, int_list
 
 NAME = "run"
@@ -66,9 +67,12 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
     r.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of train held out for selection"
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="share of train held out for selection",
     )
-    r.add_argument("--split-seed", type=int, default=0)
+    r.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED)
     r.add_argument(
         "--cache-dir",
         type=Path,

@@ -21,6 +21,7 @@ from .. import __version__
 
 # the trained-backbone format is defined once, on the reading side; re-exported for the trainer
 from ..backbones.trained_format import (  # noqa: F401
+    EVAL_SPLIT,
     FORMAT,
     FORMAT_VERSION,
     SIDECAR,
@@ -125,7 +126,8 @@ def make_sidecar(
 ) -> dict:
     """What the trainer exports beside the weights: how to rebuild and read the backbone
     (architecture, preprocessing, feature kind) and the record of its training: what trained
-    it (``trainer``: the trainer's source hash and library versions)."""
+    it (``trainer``: the trainer's source hash and library versions), which evaluation
+    validation split its images avoid (``eval_split``) and what its monitor scored on."""
     last = history[-1] if history else {}
     return {
         "method": cfg.method,
@@ -136,6 +138,8 @@ def make_sidecar(
         "feature_kind": spec.feature_kind,
         "train_config": cfg.to_dict(),
         "dataset": {"name": data.name, "fingerprint": data.fingerprint},
+        EVAL_SPLIT: data.eval_split,
+        "monitor": data.monitor,
         "epochs": cfg.epochs,
         "epochs_done": epochs_done,
         "complete": epochs_done >= cfg.epochs,

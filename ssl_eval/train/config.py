@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
 from ..errors import UserError
 
 
@@ -87,7 +88,9 @@ class MonitorConfig:
     """Per-epoch diagnostics on held-out images (eval mode)."""
 
     knn_bank: int = 2000  # training images in the k-NN bank
-    knn_queries: int = 1000  # test images queried
+    # held-out train images queried: neither trained on nor in the evaluation's validation
+    # split (never test images); none when the whole train part is trained on
+    knn_queries: int = 1000
     knn_k: int = 20
     knn_temperature: float = 0.07
     collapse_std_ratio: float = (
@@ -113,7 +116,12 @@ class TrainConfig:
     arch_kwargs: dict = field(default_factory=dict)
     dataset: str = "shapes"
     data_root: str | None = None
-    train_subset: int | None = None  # first N of a seeded permutation of the train split
+    # first N of a seeded permutation of the train split minus the evaluation's validation
+    # split (``val_fraction``, ``split_seed``: the evaluation's defaults, ``ssl-eval run
+    # --val-fraction --split-seed``), so no image the evaluation selects on is trained on
+    train_subset: int | None = None
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    split_seed: int = DEFAULT_SPLIT_SEED
     image_size: int = 32
     epochs: int = 10
     batch_size: int = 256  # global, across all processes
@@ -133,6 +141,11 @@ class TrainConfig:
         _check(
             self.train_subset is None or self.train_subset >= 1,
             f"--train-subset must be at least 1 image, not {self.train_subset}",
+        )
+        _check(
+            0 < self.val_fraction < 1,
+            f"val_fraction (the evaluation's validation split, left out of training) is in "
+            f"(0, 1), not {self.val_fraction}",
         )
 
     def to_dict(self) -> dict:

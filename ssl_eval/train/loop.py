@@ -69,7 +69,18 @@ def train(
             cfg.monitor.knn_bank,
             cfg.monitor.knn_queries,
             cfg.data_root,
+            cfg.val_fraction,
+            cfg.split_seed,
         )
+    split = {k: data.eval_split.get(k) for k in ("val_fraction", "split_seed")}
+    if split != {"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}:
+        raise UserError(
+            f"the training data avoids the validation split {split}, the config says "
+            f"val_fraction={cfg.val_fraction} split_seed={cfg.split_seed}; load the data "
+            "with the config's split"
+        )
+    if di.main and not len(data.query_images):
+        log(f"monitor: {data.monitor.get('queries')}")
     n = len(data.images)
     steps = n // cfg.batch_size
     if steps < 1:

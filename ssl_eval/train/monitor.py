@@ -109,7 +109,9 @@ def monitor_epoch(
     backbone: nn.Module, data: TrainData, cfg: TrainConfig, epoch: int, device, kind: str
 ) -> dict:
     """The diagnostics of one epoch (every epoch) and the k-NN top-1 (every ``monitor.every``
-    epochs and at the last), all in eval mode on the monitor's held-out images."""
+    epochs and at the last), all in eval mode: a bank of training images, queried with
+    held-out train images (``data.query_images``: neither trained on nor in the evaluation's
+    validation split; never test images)."""
     mc = cfg.monitor
     read = FEATURE_KINDS.get(kind)
     bank = embed(backbone, data.bank_images, device, kind=kind)
@@ -129,7 +131,8 @@ def monitor_epoch(
         )
     backbone.train(was)
     out = diagnostics(bank, z1, z2, mc.collapse_std_ratio)
-    if mc.every > 0 and ((epoch + 1) % mc.every == 0 or epoch + 1 == cfg.epochs):
+    scheduled = mc.every > 0 and ((epoch + 1) % mc.every == 0 or epoch + 1 == cfg.epochs)
+    if scheduled and len(data.query_images):  # held-out train images (none: no k-NN)
         q = embed(backbone, data.query_images, device, kind=kind)
         out["knn_top1"] = knn_accuracy(
             bank,

@@ -6,33 +6,41 @@ architecture registry in ``archs.py``, never through the trainer) and how to fee
 load with safetensors (no unpickling) and strictly: every key must match. An unfinished
 training is refused unless ``--allow-incomplete`` (``BuildOptions.allow_incomplete``), and
 then its record says so. The record's ``load_report.training`` says what trained the weights
-(the trainer's source hash and library versions).
+(the trainer's source hash and library versions) and, once the evaluation knows its
+validation split (``split_check``), whether any validation image was a training image.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ...errors import UserError
 from ...fsutil import sha256_file, sha256_json
+from ...runtime import warn
 from ..adapters import FolderReader, register_folder_reader
 from ..architecture import describe
 from ..archs import build_arch
 from ..base import Backbone, BuildOptions, WeightsInfo
 from ..checkpoints import strict_load
 from ..trained_format import (
+    EVAL_SPLIT,
     FORMAT,
     SIDECAR,
     WEIGHTS,
     WEIGHTS_SHA256,
+    indices_sha256,
     is_training_dir,
     read_sidecar,
     read_weights,
     sidecar_preprocessing,
+    training_split,
 )
 
-__all__ = ["build_from_training_dir", "is_training_dir"]
+__all__ = ["build_from_training_dir", "is_training_dir", "split_check"]
 
 
 def _incomplete(meta: dict) -> bool:
@@ -117,10 +125,86 @@ def _training_report(meta: dict, incomplete: bool) -> dict:
         # written before the trainer recorded them
         "trainer_source": trainer.get("source"),
         "trainer_versions": trainer.get("versions"),
+        # what split_check needs: the data it trained on and the validation split it avoided
+        "dataset": meta.get("dataset"),
+        "train_subset": cfg.get("train_subset"),
+        EVAL_SPLIT: meta.get(EVAL_SPLIT),
     }
     if incomplete:
         out["incomplete_allowed"] = True
     return out
+
+
+def _plain(obj: object) -> object:
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def split_check(
+    training: dict,
+    dataset_name: str,
+    fingerprint: dict,
+    val_indices: np.ndarray,
+    labels: np.ndarray,
+) -> str | None:
+    """Whether the evaluation's validation images (``val_indices`` into the train split of
+    dataset ``dataset_name``, ``labels`` its labels) were training images of the backbone whose
+    ``load_report.training`` is ``training``: "ok", "overlap: N of M validation images were
+    training images", "unknown: ..." (the sidecar does not say, or its images cannot be
+    redrawn), or "other data: ..." (trained on another dataset: nothing to overlap). None for
+    a backbone not trained by ``ssl-eval train``. Anything but "ok" and "other data" is also
+    warned in one line.
+
+    The trainer draws its images with ``trained_format.training_split`` from train minus the
+    validation split it recorded (``eval_split``); with the evaluation's split (same hash)
+    nothing overlaps. With another split, the training images are redrawn from the sidecar's
+    settings, checked against the hash it recorded, and counted."""
+    if not isinstance(training, dict) or "recipe" not in training:
+        return None
+    ds = training.get("dataset") if isinstance(training.get("dataset"), dict) else {}
+    trained_fp = ds.get("fingerprint") if isinstance(ds.get("fingerprint"), dict) else {}
+    trained_fp = {k: v for k, v in trained_fp.items() if k != "train_images"}
+    if ds.get("name") != dataset_name or _plain(trained_fp) != _plain(fingerprint):
+        return f"other data: trained on {ds.get('name')}, evaluated on {dataset_name}"
+    verdict = _overlap(training, np.asarray(val_indices), np.asarray(labels))
+    if verdict != "ok":
+        split = training.get(EVAL_SPLIT) if isinstance(training.get(EVAL_SPLIT), dict) else {}
+        fix = (
+            f"evaluate with --val-fraction {split.get('val_fraction')} --split-seed "
+            f"{split.get('split_seed')}, the split it left out"
+            if split
+            else "retrain it with this ssl-eval, which records the split it leaves out"
+        )
+        warn(
+            f"{dataset_name} validation split vs the training of {training.get('method')} "
+            f"(recipe {training.get('recipe')}): {verdict}; choices made on validation are "
+            f"inflated for it: {fix}"
+        )
+    return verdict
+
+
+def _overlap(training: dict, val: np.ndarray, labels: np.ndarray) -> str:
+    split = training.get(EVAL_SPLIT)
+    if not isinstance(split, dict):
+        return "unknown: trained before ssl-eval recorded its split"
+    if split.get("val_sha256") == indices_sha256(val):
+        return "ok"  # the images it avoided are the ones the evaluation selects on
+    try:
+        train_idx, _, _ = training_split(
+            labels,
+            training.get("train_subset"),
+            int(training.get("seed")),
+            float(split["val_fraction"]),
+            int(split["split_seed"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        return f"unknown: its training images cannot be redrawn ({type(e).__name__})"
+    if indices_sha256(train_idx) != split.get("train_sha256"):
+        return "unknown: its training images cannot be redrawn (their hash differs)"
+    n = int(np.isin(val, train_idx).sum())
+    if not n:
+        return "ok"
+    return f"overlap: {n} of {len(val)} validation images were training images"
 
 
 register_folder_reader(
