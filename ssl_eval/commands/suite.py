@@ -29,8 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--reference",
-        help="baseline file to check this run against (default: "
-        "results/reference/<suite>/baseline.json when present; 'none' skips the check)",
+        help="baseline file to check this run against (default: the shipped suite's committed "
+        "reference, results/reference/<suite>/baseline.json, which travels with the package; "
+        "'none' skips the check)",
+    )
+    p.add_argument(
+        "--train-seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train every model N times (training seeds seed, seed+1, ...): the leaderboard "
+        "shows the mean over runs, and a baseline written from them knows the recipe's "
+        "retraining noise (default 1)",
     )
     p.add_argument(
         "--cache-dir",
@@ -76,6 +86,7 @@ def run(a: argparse.Namespace) -> int:
             progress=not a.no_progress,
             report=not a.no_report,
             retrain=a.retrain,
+            train_seeds=a.train_seeds,
             cluster=cluster_options(a),
         ),
     )
@@ -90,22 +101,29 @@ def run(a: argparse.Namespace) -> int:
         print(f"report: {report}")
     ref = a.reference
     if ref is None:
-        default = Path("results") / "reference" / suite.name / "baseline.json"
-        ref = str(default) if default.is_file() else "none"
+        from ..suite.spec import shipped_reference
+
+        found = shipped_reference(suite.name) if a.suite in (None, suite.name) else None
+        ref = str(found) if found is not None else "none"
         if ref == "none":
-            print(f"no reference at {default}: nothing to check against (--reference FILE)")
+            print(
+                f"suite {suite.name} has no committed reference: nothing to check against (--reference FILE)"
+            )
     if ref == "none":
         return 0
     from ..cli import main
 
-    print(f"checking against the reference {ref}:")
-    argv = ["check", "--baseline", ref, "--results-dir", str(results)]
+    print(
+        f"did this run reproduce the reference {ref}? (two-sided: a significant change either way is not a reproduction)"
+    )
+    argv = ["check", "--baseline", ref, "--results-dir", str(results), "--two-sided"]
     for flag, path in (("--junit", a.junit), ("--summary", a.summary)):
         if path is not None:
             argv += [flag, str(path)]
     code = main(argv)
     print(
-        "REPRODUCED: every number is within tolerance of the reference"
+        "REPRODUCED: no number differs significantly from the reference, in either direction "
+        "(retrained models judged against the reference's training runs)"
         if code == 0
         else "NOT REPRODUCED: see the rows above"
         if code == 1

@@ -2,8 +2,14 @@
 then write the leaderboard and the report, and check against a reference baseline.
 
 Resumable at every level: a trained model's folder is keyed by its full resolved training
-config (a changed recipe trains into a new folder, a killed training resumes from its last
-epoch), and evaluation units already in the results store are skipped by the orchestrator."""
+config, the trainer's own source code and the library versions that train
+(``train.fingerprint``): a changed recipe or a changed loss trains into a new folder, a killed
+training resumes from its last epoch; evaluation units already in the results store are
+skipped by the orchestrator.
+
+``train_seeds`` N trains every model N times (training seeds seed, seed+1, ...): the runs of
+one recipe share the model's label, the leaderboard shows their mean with the t interval over
+runs, and a baseline written from them knows the recipe's retraining noise."""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ class SuiteOptions:
     progress: bool = True
     report: bool = True
     retrain: bool = False
+    train_seeds: int = 1  # training runs per model (seeds seed, seed+1, ...)
     cluster: object | None = None  # sweep.ClusterOptions: evaluate as submitit jobs (waits)
 
 
@@ -39,45 +46,64 @@ class SuiteOutcome:
     units_done: int = 0
     units_skipped: int = 0
     inapplicable: list = field(default_factory=list)  # (backbone x protocol) not run, and why
+    train_seeds: int = 1
 
 
-def _resolved_train_config(suite: JobSuite, model, device: str):
+def _resolved_train_config(suite: JobSuite, model, device: str, run: int = 0):
+    """The model's training config for its ``run``-th training run (seed + run)."""
     from ..config import deep_update
     from ..train.resolve import resolve_config
 
     settings = deep_update(dict(suite.train_defaults), dict(model.config))
     settings.setdefault("image_size", suite.image_size)
     settings["device"] = device
+    if run:
+        settings["seed"] = int(settings.get("seed", 0)) + run
     image_size = int(settings.pop("image_size"))
     return resolve_config(model.method, image_size, None, settings, [])
 
 
-def _complete(folder: Path, cfg_dict: dict) -> bool:
+def _complete(folder: Path, cfg_dict: dict, trainer: dict) -> bool:
     from ..backbones.trained_format import SIDECAR
 
     try:
         side = json.loads((folder / SIDECAR).read_text())
     except (OSError, ValueError):
         return False
-    return bool(side.get("complete")) and side.get("train_config") == cfg_dict
+    return (
+        bool(side.get("complete"))
+        and side.get("train_config") == cfg_dict
+        and side.get("trainer") == trainer
+    )
 
 
-def train_models(suite: JobSuite, opt: SuiteOptions, out: SuiteOutcome) -> dict[str, Path]:
-    """Each model's checkpoint folder, training those not complete yet."""
+def train_models(suite: JobSuite, opt: SuiteOptions, out: SuiteOutcome) -> dict[str, list[Path]]:
+    """Each model's checkpoint folders (one per training run), training those not complete
+    yet. A folder's name holds the hash of the resolved config and of the trainer's
+    fingerprint (its source code and library versions): what trained the weights decides
+    whether they are reused, not only the recipe."""
     from ..train.checkpoint import STATE
+    from ..train.fingerprint import trainer_fingerprint
     from ..train.loop import train
 
+    if opt.train_seeds < 1:
+        raise UserError(f"--train-seeds {opt.train_seeds}: train each model at least once")
     root = ensure_writable_dir(opt.results_dir / "checkpoints", "checkpoint folder")
-    folders: dict[str, Path] = {}
+    trainer = _sidecar_config(trainer_fingerprint())
+    folders: dict[str, list[Path]] = {m.name: [] for m in suite.models}
     # resolve every config first: a bad model config fails before any training starts
-    configs = {m.name: _resolved_train_config(suite, m, opt.device) for m in suite.models}
-    for i, m in enumerate(suite.models, 1):
-        cfg = configs[m.name]
+    runs = [
+        (m, _resolved_train_config(suite, m, opt.device, r))
+        for m in suite.models
+        for r in range(opt.train_seeds)
+    ]
+    for i, (m, cfg) in enumerate(runs, 1):
         cfg_dict = cfg.to_dict()
-        folder = root / f"{m.name}-{sha256_json(cfg_dict)[:10]}"
-        folders[m.name] = folder
-        if _complete(folder, _sidecar_config(cfg_dict)) and not opt.retrain:
-            log(f"[skip] {m.name}: trained already in {folder}", "suite")
+        key = sha256_json({"config": cfg_dict, "trainer": trainer})[:10]
+        folder = root / f"{m.name}-s{cfg.seed}-{key}"
+        folders[m.name].append(folder)
+        if _complete(folder, _sidecar_config(cfg_dict), trainer) and not opt.retrain:
+            log(f"[skip] {m.name} (seed {cfg.seed}): trained already in {folder}", "suite")
             continue
         if opt.retrain and folder.exists():
             import shutil
@@ -85,14 +111,14 @@ def train_models(suite: JobSuite, opt: SuiteOptions, out: SuiteOutcome) -> dict[
             shutil.rmtree(folder)
         resume = (folder / STATE).exists()
         log(
-            f"training {i}/{len(suite.models)} {m.name} ({m.method}, {cfg.epochs} epochs)"
+            f"training {i}/{len(runs)} {m.name} ({m.method}, seed {cfg.seed}, {cfg.epochs} epochs)"
             + (" - resuming" if resume else ""),
             "suite",
         )
         t0 = time.perf_counter()
         train(cfg, folder, resume=resume, log=lambda s, n=m.name: log(s, f"train {n}"))
-        out.timings[f"train {m.name}"] = round(time.perf_counter() - t0, 1)
-        out.trained.append(m.name)
+        out.timings[f"train {m.name} s{cfg.seed}"] = round(time.perf_counter() - t0, 1)
+        out.trained.append(f"{m.name} (seed {cfg.seed})")
     return folders
 
 
@@ -111,13 +137,16 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
     if opt.cluster is not None and not opt.cluster.wait:
         raise UserError("a suite builds its tables from the evaluation's records: drop --no-wait")
     results = ensure_writable_dir(Path(opt.results_dir), "results folder")
-    out = SuiteOutcome(results)
+    out = SuiteOutcome(results, train_seeds=opt.train_seeds)
     cards = load_cards(list(suite.protocols), list(suite.set))  # bad cards fail before training
     t0 = time.perf_counter()
     folders = train_models(suite, opt, out)
     out.timings["training"] = round(time.perf_counter() - t0, 1)
-    out.checkpoints = {k: str(v) for k, v in folders.items()}
-    backbones = (*suite.baselines, *(f"{m.name}=ckpt:{folders[m.name]}" for m in suite.models))
+    out.checkpoints = {k: [str(f) for f in v] for k, v in folders.items()}
+    backbones = (
+        *suite.baselines,
+        *(f"{m.name}=ckpt:{f}" for m in suite.models for f in folders[m.name]),
+    )
     cfg = RunConfig(
         backbones=tuple(backbones),
         datasets=suite.datasets,
@@ -178,7 +207,7 @@ def _write_manifest(suite: JobSuite, out: SuiteOutcome) -> None:
     wall times of this run (provenance; the numbers live in the records)."""
     from dataclasses import asdict
 
-    from ..provenance import code_version, device_name
+    from ..provenance import code_version, device_name, machine_info
 
     try:
         import torch
@@ -190,6 +219,8 @@ def _write_manifest(suite: JobSuite, out: SuiteOutcome) -> None:
         "suite": asdict(suite),
         "code_version": code_version(),
         "device": dev,
+        "machine": machine_info(),
+        "train_seeds": out.train_seeds,
         "checkpoints": out.checkpoints,
         "trained_this_run": out.trained,
         "units": {

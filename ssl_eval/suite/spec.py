@@ -83,3 +83,16 @@ def load_job_suite(spec: str) -> JobSuite:
         raise UserError(f"{path}: a suite is a YAML mapping (name, version, models, protocols...)")
     raw = {"name": path.stem, **raw}
     return from_mapping(JobSuite, raw, f"suite {path}")
+
+
+def shipped_reference(name: str) -> Path | None:
+    """The committed reference baseline of shipped suite ``name``, wherever ssl-eval runs from:
+    inside the installed package (``ssl_eval/_reference/<name>/baseline.json``, put there by
+    the wheel build) or ``results/reference/<name>/baseline.json`` of a source checkout (an
+    editable install). None when the suite has no committed reference."""
+    pkg = Path(__file__).resolve().parent.parent
+    for root in (pkg / "_reference", pkg.parent / "results" / "reference"):
+        p = root / name / "baseline.json"
+        if p.is_file():
+            return p
+    return None
