@@ -130,3 +130,67 @@ def _t_cdf(x: float, df: float) -> float:
         return float(t.cdf(x, df))
     except ImportError:  # pragma: no cover - scipy comes with scikit-learn
         return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def holm(pvals: list[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down; family-wise error over all of ``pvals``): the i-th
+    smallest is multiplied by ``m - i`` (i from 0), made monotone and capped at 1. A claim is
+    significant at family-wise level alpha when its adjusted p-value is below alpha."""
+    m = len(pvals)
+    order = sorted(range(m), key=lambda i: (pvals[i], i))
+    adj, running = [1.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(pvals[i])))
+        adj[i] = running
+    return adj
+
+
+def _t_two_sided(t: float, df: float) -> float:
+    return min(1.0, 2 * _t_cdf(-abs(t), df))
+
+
+def t_test_1samp(values, mu: float) -> tuple[float, int, float]:
+    """One-sample t test of ``values`` (n >= 2 independent runs) against the fixed value
+    ``mu``: (t, degrees of freedom, two-sided p). Runs that agree exactly (no spread) give p = 0
+    when their mean differs from ``mu`` and 1 when it equals it."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    if n < 2:
+        raise ValueError("a one-sample t test needs at least two values")
+    diff = float(v.mean()) - float(mu)
+    se = float(v.std(ddof=1)) / math.sqrt(n)
+    if se == 0:
+        return (math.copysign(math.inf, diff) if diff else 0.0), n - 1, (1.0 if diff == 0 else 0.0)
+    t = diff / se
+    return t, n - 1, _t_two_sided(t, n - 1)
+
+
+def welch_t(a, b) -> tuple[float, float, float]:
+    """Welch's two-sample t test of the means of ``a`` and ``b`` (each n >= 2 independent
+    runs): (t of mean(a) - mean(b), Welch-Satterthwaite degrees of freedom, two-sided p)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError("Welch's t test needs at least two values on each side")
+    va, vb = float(x.var(ddof=1)) / len(x), float(y.var(ddof=1)) / len(y)
+    diff = float(x.mean() - y.mean())
+    if va + vb == 0:
+        return (math.copysign(math.inf, diff) if diff else 0.0), math.inf, float(diff == 0)
+    df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
+    t = diff / math.sqrt(va + vb)
+    return t, df, _t_two_sided(t, df)
+
+
+def interval_z_test(a: float, a_half: float, b: float, b_half: float, level: float = 0.95):
+    """Two values compared through their recorded intervals: each half-width is read as
+    ``z * se`` of a normal approximation (z = 1.96 at 95%), and the difference ``a - b`` is
+    tested against ``sqrt(se_a^2 + se_b^2)``: (z, two-sided p). Two intervals of width zero
+    give p = 0 for different values and 1 for equal ones."""
+    from statistics import NormalDist
+
+    q = NormalDist().inv_cdf(0.5 + level / 2)
+    se = math.hypot(float(a_half) / q, float(b_half) / q)
+    diff = float(a) - float(b)
+    if se == 0:
+        return (math.copysign(math.inf, diff) if diff else 0.0), (1.0 if diff == 0 else 0.0)
+    z = diff / se
+    return z, math.erfc(abs(z) / math.sqrt(2))
