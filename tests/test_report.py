@@ -146,6 +146,17 @@ def test_hostile_names_are_escaped(report):
     assert len(unescaped.findall(row)) == len(unescaped.findall(header))
 
 
+def test_findings_escape_names(report):
+    """The generated findings name every backbone (here all baselines): escaped in the page,
+    in report.md and in findings.md alike."""
+    page = report.read_text()
+    section = page.split('<div id="findings">', 1)[1].split("</div>", 1)[0]
+    assert html.escape(HOSTILE) in section and "<script>" not in section
+    md = (report.parent / "findings.md").read_text()
+    assert "<script>" not in md and "&lt;script&gt;x&lt;/script&gt;\\|y" in md
+    assert md.split("\n", 2)[2] in (report.parent / "report.md").read_text()
+
+
 def test_cells_carry_their_setting(report):
     page = report.read_text()
     titles = re.findall(r'<td data-v="[^"]+" title="([^"]*)"', page)

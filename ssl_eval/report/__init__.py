@@ -5,9 +5,12 @@ inlined as base64 PNG, no fetch of any kind): the leaderboard (sortable by click
 filtered by dataset and protocol, each cell's setting in its hover title), per-protocol bar
 charts with 95% interval whiskers, few-shot accuracy against K with 95% bands, a t-SNE map of each
 backbone's cached test features, the invariance heat map, and the label-free diagnostics with
-their rank correlation with linear accuracy. ``<results>/report/report.md`` holds the same with
-the figures as PNG files beside it. A section whose records (or cached features) are absent is
-left out; a figure that cannot be drawn is skipped with a warning.
+their rank correlation with linear accuracy; after the leaderboard, what the numbers say,
+generated from the records by the same tests for every model, column and probe
+(``findings.py``; also written alone as ``<results>/report/findings.md``, the text a README
+quotes). ``<results>/report/report.md`` holds the same with the figures as PNG files beside
+it. A section whose records (or cached features) are absent is left out; a figure that
+cannot be drawn is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ..fsutil import atomic_write_bytes, atomic_write_text, ensure_writable_dir
 from ..runtime import warn
 from . import html, markdown
 from .figures import Figure, bar_jobs, fewshot_jobs, invariance_jobs
+from .findings import TITLE as FINDINGS_TITLE
+from .findings import findings
 from .maps import diagnostics, tsne_jobs
 from .table import build_table
 
@@ -58,10 +63,10 @@ def write_report(
     progress: bool = True,
     out_dir: str | Path | None = None,
 ) -> Path:
-    """Write ``index.html`` and ``report.md`` (with its PNG figures) into ``out_dir`` (default
-    ``<results_dir>/report``) from the records under ``results_dir``; features for the t-SNE
-    maps come from ``cache_dir`` (default ``$SSL_EVAL_CACHE`` or ``~/.cache/ssl-eval``).
-    Returns the path of index.html."""
+    """Write ``index.html``, ``report.md`` (with its PNG figures) and ``findings.md`` into
+    ``out_dir`` (default ``<results_dir>/report``) from the records under ``results_dir``;
+    features for the t-SNE maps come from ``cache_dir`` (default ``$SSL_EVAL_CACHE`` or
+    ``~/.cache/ssl-eval``). Returns the path of index.html."""
     from ..features import default_cache_dir
     from ..frame import load_frame
 
@@ -79,6 +84,7 @@ def write_report(
         ("Invariance", _draw(invariance_jobs(frame), "report: invariance", progress)),
     ]
     diags = diagnostics(frame)
+    found = findings(results_dir, frame)
 
     figs = [f for _, fs in groups for f in fs]
     keep = {f.name for f in figs}
@@ -91,8 +97,14 @@ def write_report(
     n = 0 if frame.empty else len(frame)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = f"{n} record files from {results_dir.resolve()}, written {when}."
-    html_sections = [("Leaderboard", html.leaderboard_html(table))]
-    md_sections = [("Leaderboard", markdown.leaderboard_md(table))]
+    html_sections = [
+        ("Leaderboard", html.leaderboard_html(table)),
+        (FINDINGS_TITLE, html.findings_html(found)),
+    ]
+    md_sections = [
+        ("Leaderboard", markdown.leaderboard_md(table)),
+        (FINDINGS_TITLE, markdown.findings_md(found)),
+    ]
     for heading, fs in groups:
         if fs:
             html_sections.append((heading, html.figures_html(fs)))
@@ -103,4 +115,5 @@ def write_report(
     index = out_dir / "index.html"
     atomic_write_text(index, html.page(TITLE, subtitle, html_sections))
     atomic_write_text(out_dir / "report.md", markdown.document(TITLE, subtitle, md_sections))
+    atomic_write_text(out_dir / "findings.md", found.markdown())
     return index

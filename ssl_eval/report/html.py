@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import base64
 from html import escape
+from typing import TYPE_CHECKING
 
 from .figures import Figure
 from .maps import Diagnostics
 from .table import Table
+
+if TYPE_CHECKING:
+    from .findings import Findings
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -169,6 +173,28 @@ def diagnostics_html(diags: list[Diagnostics]) -> str:
                 "top-1 here: no rank correlation.</p>"
             )
     return "".join(out)
+
+
+def findings_html(f: Findings) -> str:
+    """The generated findings (``Findings.blocks``): the same text as findings.md."""
+
+    def seg(text: str, style: str) -> str:
+        return f"<b>{escape(text)}</b>" if style == "bold" else escape(text)
+
+    out: list[str] = []
+    items: list[str] = []
+    for kind, segs in f.blocks():
+        text = "".join(seg(t, s) for t, s in segs)
+        if kind == "li":
+            items.append(f"<li>{text}</li>")
+            continue
+        if items:
+            out.append(f"<ul>{''.join(items)}</ul>")
+            items = []
+        out.append(f'<p class="findings">{text}</p>')
+    if items:
+        out.append(f"<ul>{''.join(items)}</ul>")
+    return f'<div id="findings">{"".join(out)}</div>'
 
 
 def page(title: str, subtitle: str, sections: list[tuple[str, str]]) -> str:

@@ -4,10 +4,14 @@ beside it. Names are escaped so that neither a pipe (a table cell) nor markup su
 from __future__ import annotations
 
 from html import escape
+from typing import TYPE_CHECKING
 
 from .figures import Figure
 from .maps import Diagnostics
 from .table import Table
+
+if TYPE_CHECKING:
+    from .findings import Findings
 
 _MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\|[]*`"})
 
@@ -69,6 +73,25 @@ def diagnostics_md(diags: list[Diagnostics]) -> list[str]:
             out.append("Fewer than 3 backbones have both a diagnostic and a linear top-1 here.")
         out.append("")
     return out
+
+
+def findings_md(f: Findings) -> list[str]:
+    """The generated findings (``Findings.blocks``): paragraphs, list items, labels escaped
+    and the models' names in bold."""
+
+    def seg(text: str, style: str) -> str:
+        if style == "text":  # written by findings.py: numbers and its own words
+            return text
+        return f"**{md(text)}**" if style == "bold" else md(text)
+
+    out: list[str] = []
+    prev = ""
+    for kind, segs in f.blocks():
+        if out and (kind == "p" or prev == "p"):
+            out.append("")
+        out.append(("- " if kind == "li" else "") + "".join(seg(t, s) for t, s in segs))
+        prev = kind
+    return [*out, ""]
 
 
 def document(title: str, subtitle: str, sections: list[tuple[str, list[str]]]) -> str:
