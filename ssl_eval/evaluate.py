@@ -24,7 +24,14 @@ from .features import default_cache_dir, extract
 from .fsutil import claim_each, ensure_writable_dir, lock_path, sha256_json, sweep_leftovers
 from .protocols import DataShape, ImageInputs, ProtocolInputs
 from .protocols.cards import ProtocolCard
-from .provenance import autocast_dtype, device_name, library_versions, peak_memory_mb, source_hash
+from .provenance import (
+    PROTOCOL_LIBRARIES,
+    autocast_dtype,
+    device_name,
+    library_versions,
+    peak_memory_mb,
+    source_hash,
+)
 from .results import (
     SCHEMA_VERSION,
     Unit,
@@ -68,6 +75,7 @@ def unit_key(
             "feature_kind": backbone.feature_kind,
             "built": backbone.built(),
             "feature_options": _feature_options(cfg),
+            "extraction_batch_size": cfg.batch_size,  # the features' last bits depend on it
             "dataset": bundle.name,
             "fingerprint": bundle.fingerprint,
             "protocol": card.to_record() | {"source": None},
@@ -76,7 +84,7 @@ def unit_key(
             "bootstrap_resamples": cfg.bootstrap_resamples,  # the recorded interval depends on it
             # what computes the number: ssl-eval's source, the libraries, the device and precision
             "code": source_hash(),
-            "libraries": library_versions(),
+            "libraries": library_versions(PROTOCOL_LIBRARIES),
             "device": device.type,
             "autocast": autocast_dtype(device),
         }

@@ -99,13 +99,16 @@ def cache_key(
     dtype: str,
     device: torch.device | None = None,
     accel: Accel | None = None,
+    batch_size: int = 256,
 ) -> dict:
     """Everything that changes the features: the weights, the tag's preprocessing and feature
     kind, the data, the storage dtype, the code that computes them (the source of this file,
     of backbones/ and of data/, hashed), the library versions, the device kind and autocast
-    precision (bf16 features on a GPU are not float32 features on a CPU), and the speed options
-    that run other kernels (``Accel.key``: channels-last, compile). The decode cache is not in
-    it: its pixels are those of the per-image path, so the features are the same."""
+    precision (bf16 features on a GPU are not float32 features on a CPU), the speed options
+    that run other kernels (``Accel.key``: channels-last, compile), and the extraction batch
+    size (a batch of 1, 7 or 64 images gives other float16 bytes on this CPU: the kernels
+    block the GEMMs by batch; tests/test_keys_provenance.py). The decode cache is not in it:
+    its pixels are those of the per-image path, so the features are the same."""
     device = device or torch.device("cpu")
     fast = (accel or Accel()).key()
     return ({"accel": fast} if fast else {}) | {
@@ -123,6 +126,7 @@ def cache_key(
         "dataset_fingerprint": bundle.fingerprint,
         "split": split,
         "dtype": dtype,
+        "batch_size": batch_size,
     }
 
 
@@ -146,7 +150,7 @@ def extract(
     if dtype not in DTYPES:
         raise UserError(f"feature dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     accel = accel or Accel()
-    key_obj = cache_key(backbone, bundle, split, dtype, device, accel)
+    key_obj = cache_key(backbone, bundle, split, dtype, device, accel, batch_size)
     key = sha256_json(key_obj)[:32]
     entry = Path(cache_dir) / "features" / key
     what = f"{backbone.tag} features for {bundle.name}/{split}"

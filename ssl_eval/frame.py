@@ -97,6 +97,7 @@ def unit_row(path: Path, records: list[ResultRecord]) -> dict[str, object]:
     row |= flatten(first.weights, "weights")
     row |= flatten(first.preprocessing, "preprocessing")
     row |= flatten(first.packages, "packages")
+    row |= flatten(first.machine, "machine")
     row |= flatten(first.load_report, "load_report")
     row |= flatten(
         {k: v for k, v in head.details.items() if k not in _PER_METRIC_DETAILS}, "details"
@@ -161,6 +162,7 @@ def load_frame(results_dir: str | Path) -> pd.DataFrame:
       ``load_report.*`` (for ``ssl-eval train`` backbones ``load_report.training.*``, with
       ``load_report.training.recipe``, the sha256 of the training recipe);
     * provenance: ``code_version``, ``packages.<name>`` (library versions), ``device``,
+      ``machine.{cpu_model,cpu_capability,cpu_count}`` (schema 3),
       ``wall_time_s``, ``peak_memory_mb``, ``details.*`` (what the protocol reports besides
       its metrics: selected hyperparameters, validation scores, feature-cache keys ...).
 
@@ -199,6 +201,7 @@ _GROUPS = (
     "load_report.",
     "code_version",
     "packages.",
+    "machine.",
     "device",
     "wall_time_s",
     "peak_memory_mb",

@@ -18,6 +18,11 @@ from . import __version__
 PACKAGE_DIR = Path(__file__).resolve().parent
 # the libraries whose versions change features: the model code, decoding and resizing
 FEATURE_LIBRARIES = ("torch", "torchvision", "timm", "numpy", "pillow")
+# what computes a protocol's number from the features besides torch and numpy: scikit-learn
+# (few-shot's logistic regression, the probes), scipy (its solvers, the t quantiles of the
+# intervals) and faiss (the k-NN search); in every unit key, not in the feature key (features
+# are computed by the FEATURE_LIBRARIES alone). A library that is not installed is None.
+PROTOCOL_LIBRARIES = (*FEATURE_LIBRARIES, "scikit-learn", "scipy", "faiss-cpu", "faiss-gpu-cu12")
 
 
 @cache
@@ -76,6 +81,7 @@ def package_versions() -> dict:
         "numpy",
         "pillow",
         "scikit-learn",
+        "scipy",
         "faiss-cpu",
         "faiss-gpu-cu12",
     ):
@@ -141,3 +147,34 @@ def device_name(device) -> str:
 def autocast_dtype(device) -> str | None:
     """The autocast precision extraction and fine-tuning use on ``device`` (None: float32)."""
     return "bfloat16" if device.type == "cuda" else None
+
+
+CPUINFO = Path("/proc/cpuinfo")  # a module constant: tests point it at a fake file
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is empty on Linux),
+    else ``platform.processor()``, else "unknown"."""
+    try:
+        for line in CPUINFO.read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """What ran the numbers, as provenance (not part of any setting: another CPU does not make
+    two numbers incomparable, but a retrained model's weights differ with it): the CPU model,
+    the kernel capability torch dispatched to (AVX512, AVX2, DEFAULT ...) and the CPU count."""
+    import os
+
+    try:
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - provenance only
+        capability = "unknown"
+    return {"cpu_model": cpu_model(), "cpu_capability": capability, "cpu_count": os.cpu_count()}

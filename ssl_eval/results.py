@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .config import from_mapping
 from .errors import UserError
 from .fsutil import _umask, atomic_write_json, sha256_json
-from .provenance import code_version, package_versions
+from .provenance import code_version, machine_info, package_versions
 from .runtime import warn
 from .stats import bootstrap_ci, mean_ci, pack_bits
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # types only: the builder reads these objects, it does not im
     from .protocols.base import ProtocolOutput
     from .protocols.cards import ProtocolCard
 
-SCHEMA_VERSION = 2  # 2: ``setting`` and ``seed_dependent``
+SCHEMA_VERSION = 3  # 2: ``setting`` and ``seed_dependent``; 3: ``machine``
 
 
 @dataclass
@@ -66,6 +66,9 @@ class ResultRecord:
     seed_dependent: bool = (
         True  # whether the number changes with the seed (protocol or backbone init)
     )
+    # what ran it (provenance, not setting): CPU model, torch's kernel capability, CPU count;
+    # empty in records of schema < 3
+    machine: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,6 +250,7 @@ def build_records(
         packages=package_versions(),
         code_version=code_version(),
         seed_dependent=unit.seed_dependent,
+        machine=machine_info(),
     )
     common["setting"] = make_setting(
         common["backbone"],
