@@ -41,6 +41,7 @@ import numpy as np
 
 from .errors import UserError
 from .fsutil import atomic_write_text, sha256_json
+from .stats import holm as _holm  # Holm-adjusted p-values (family-wise error across rows)
 from .stats import prediction_test, unpack_bits
 
 BASELINE_FORMAT = "ssl-eval-baseline"
@@ -426,17 +427,6 @@ def _binom_tail(k: int, n: int) -> float:
     from math import comb
 
     return min(1.0, sum(comb(n, i) for i in range(k, n + 1)) / 2**n)
-
-
-def _holm(pvals: list[float]) -> list[float]:
-    """Holm-adjusted p-values (family-wise error across the compared rows)."""
-    m = len(pvals)
-    order = sorted(range(m), key=lambda i: pvals[i])
-    adj, running = [1.0] * m, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * pvals[i]))
-        adj[i] = running
-    return adj
 
 
 def _newest_per_weights(rows: list[dict]) -> list[dict]:
