@@ -15,9 +15,9 @@ def environment() -> str:
     of the libraries that compute features. A job that runs where these differ from the
     submitter's would record its units under keys the sweep did not plan."""
     from ..fsutil import sha256_json
-    from ..provenance import library_versions, source_hash
+    from ..provenance import PROTOCOL_LIBRARIES, library_versions, source_hash
 
-    return sha256_json([source_hash(), library_versions()])[:16]
+    return sha256_json([source_hash(), library_versions(PROTOCOL_LIBRARIES)])[:16]  # as unit_key
 
 
 def run_job(cfg: RunConfig, planned_in: str | None = None) -> list[tuple[str, str, str, str]]:
