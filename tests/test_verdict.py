@@ -157,13 +157,13 @@ def test_prediction_test_is_the_t_prediction_interval_without_the_test_term():
     expected = t.cdf((new - np.mean(ref_runs)) / (s * math.sqrt(1 + 1 / n)), n - 1)
     diff, se, df, p = prediction_test(ref_runs, [new], 0.0)
     assert df == pytest.approx(n - 1) and p == pytest.approx(expected, rel=1e-9)
-    # the test-image term widens it and raises the degrees of freedom (Welch-Satterthwaite)
+    # the test-image term widens it, the degrees of freedom stay the seeds' n - 1
     _, se2, df2, p2 = prediction_test(ref_runs, [new], 0.01)
-    assert se2 == pytest.approx(math.sqrt(se**2 + 0.01**2)) and df2 > df and p2 != p
-    # identical seeds: the test-image term alone (normal), never a zero tolerance
+    assert se2 == pytest.approx(math.sqrt(se**2 + 0.01**2)) and df2 == n - 1 and p2 > p
+    # identical seeds: the test-image term alone, never a zero tolerance
     _, se3, df3, p3 = prediction_test([0.4, 0.4, 0.4], [0.39], 0.01)
-    assert se3 == pytest.approx(0.01) and df3 > 1e6
-    assert p3 == pytest.approx(0.5 * math.erfc(1 / math.sqrt(2)))
+    assert se3 == pytest.approx(0.01) and df3 == 2
+    assert p3 == pytest.approx(t.cdf(-1.0, 2), rel=1e-6)
 
 
 def _row(backbone, correct, weights="w", recipe=None, seed=None):
