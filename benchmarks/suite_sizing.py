@@ -100,7 +100,11 @@ def sizing(results: Path) -> dict:
         p: round(float(s), 1) for p, s in f.groupby("protocol")["wall_time_s"].sum().items()
     }
     return {
-        "results": str(results),
+        "results": str(
+            results.resolve().relative_to(ROOT)
+            if results.resolve().is_relative_to(ROOT)
+            else results
+        ),
         "suite": manifest.get("suite", {}).get("name"),
         "suite_version": manifest.get("suite", {}).get("version"),
         "machine": manifest.get("machine"),

@@ -63,6 +63,10 @@ NO_INTERVAL = "no interval: not compared"
 TESTS = {  # every test a claim may name, with what it is (the text explains those it uses)
     "McNemar": "exact two-sided McNemar test, paired on the same test images (one training "
     "run on each side)",
+    "McNemar, every run": "each training run against the other side (one fixed model) by the "
+    "exact two-sided McNemar test on the same test images; the claim holds for every run (p: "
+    "the largest of the runs', an intersection-union test), about these runs, not every run "
+    "the recipe could give",
     "t over runs": "one-sample two-sided t test of a model's training runs against the other "
     "side's value",
     "Welch t over runs": "Welch's two-sided t test of the two sides' training runs",
@@ -90,7 +94,7 @@ class Claim:
     other_value: float
     runs: int  # training runs behind ``value``
     other_runs: int
-    test: str  # McNemar | t over runs | Welch t over runs | intervals | "" (not compared)
+    test: str  # McNemar | McNemar, every run | t over runs | Welch t over runs | intervals | ""
     p: float | None  # raw two-sided p-value; None when not compared
     p_holm: float | None = None  # Holm-adjusted over every tested claim of the Findings
     outcome: str = UNTESTED  # above | below | not separable | not compared
@@ -161,6 +165,7 @@ class _Side:
     half: float | None  # half-width of the 95% interval, display unit
     runs: list[float]  # one value per training run (display unit)
     bits: np.ndarray | None  # per-image correctness: one run, one unit run
+    run_bits: list[np.ndarray] | None = None  # per-image correctness of each training run
 
 
 def _scale(metric: str) -> float:
@@ -193,11 +198,17 @@ def _sides(frame: pd.DataFrame, table: Table, metric: str) -> dict[tuple[str, st
             & (frame["backbone"].astype(str) == str(table.row_summary[rk].get("backbone")))
         ]
         runs = [cell.value * scale]
+        pcol, ncol = f"{metric}.per_sample_correct", f"{metric}.n_test"
+        run_bits = None
         if cell.kind == "t-runs":
             w = rows["setting.row.weights"].astype(str)
-            runs = [make_cell(g, metric).value * scale for _, g in rows.groupby(w, sort=True)]
+            groups = [g for _, g in rows.groupby(w, sort=True)]
+            runs = [make_cell(g, metric).value * scale for g in groups]
+            if pcol in rows.columns and ncol in rows.columns and all(len(g) == 1 for g in groups):
+                packed = [(g[pcol].iloc[0], g[ncol].iloc[0]) for g in groups]
+                if all(isinstance(b, str) and n == n for b, n in packed):
+                    run_bits = [unpack_bits(b, int(n)) for b, n in packed]
         bits = None
-        pcol, ncol = f"{metric}.per_sample_correct", f"{metric}.n_test"
         if len(runs) == 1 and len(rows) == 1 and pcol in rows.columns and ncol in rows.columns:
             packed, n = rows[pcol].iloc[0], rows[ncol].iloc[0]
             if isinstance(packed, str) and n == n:
@@ -209,6 +220,7 @@ def _sides(frame: pd.DataFrame, table: Table, metric: str) -> dict[tuple[str, st
             None if half is None else half * scale,
             runs,
             bits,
+            run_bits,
         )
     return out
 
@@ -217,6 +229,14 @@ def _compare(a: _Side, b: _Side) -> tuple[str, float | None, str]:
     """(test, two-sided p, note) of ``a`` against ``b``."""
     if len(a.runs) >= 2 and len(b.runs) >= 2:
         return "Welch t over runs", welch_t(a.runs, b.runs)[2], ""
+    for many, one in ((a, b), (b, a)):
+        if (
+            len(many.runs) >= 2
+            and many.run_bits
+            and one.bits is not None
+            and all(len(x) == len(one.bits) for x in many.run_bits)
+        ):
+            return "McNemar, every run", _every_run(many, one), ""
     if len(a.runs) >= 2:
         return "t over runs", t_test_1samp(a.runs, b.value)[2], ""
     if len(b.runs) >= 2:
@@ -226,6 +246,19 @@ def _compare(a: _Side, b: _Side) -> tuple[str, float | None, str]:
     if a.half is not None and b.half is not None:
         return "intervals", interval_z_test(a.value, a.half, b.value, b.half)[1], ""
     return "", None, NO_INTERVAL
+
+
+def _every_run(many: _Side, one: _Side) -> float:
+    """Intersection-union test: each training run of ``many`` against the fixed model ``one``
+    by the exact two-sided McNemar test on the same test images; the claim (every run on the
+    same side of ``one``) holds at the largest of the runs' p-values, and not at all (p = 1)
+    when the runs fall on both sides. A claim about these runs, not about every run the
+    recipe could give (that is the t over runs, which a few seeds cannot power)."""
+    signs, ps = set(), []
+    for bits in many.run_bits or []:
+        signs.add(np.sign(float(bits.mean()) - float(one.bits.mean())))
+        ps.append(mcnemar(bits, one.bits)["p_value"])
+    return max(ps) if len(signs) == 1 and 0 not in signs else 1.0
 
 
 def _probe_metrics(frame: pd.DataFrame) -> list[str]:
