@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "deterministic", False):
+            # before any command imports torch: the pinned kernels are read at its first op
+            from .runtime import log
+            from .train.determinism import pin_environment
+
+            pin_environment(lambda s: log(s, "train"))
         return args.func(args)
     except UserError as e:
         # one line even when a library's several-line message reached the error's text

@@ -43,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "retraining noise (default 1)",
     )
     p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="train under pinned CPU kernels (ssl-eval train --deterministic): the same weights "
+        "on any x86-64 CPU with AVX2, about 4x slower training; the models train into other "
+        "folders than unpinned runs",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         help="feature cache (default $SSL_EVAL_CACHE or ~/.cache/ssl-eval)",
@@ -87,6 +94,7 @@ def run(a: argparse.Namespace) -> int:
             report=not a.no_report,
             retrain=a.retrain,
             train_seeds=a.train_seeds,
+            deterministic=a.deterministic,
             cluster=cluster_options(a),
         ),
     )

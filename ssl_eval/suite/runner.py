@@ -34,6 +34,7 @@ class SuiteOptions:
     report: bool = True
     retrain: bool = False
     train_seeds: int = 1  # training runs per model (seeds seed, seed+1, ...)
+    deterministic: bool = False  # pinned CPU kernels (train/determinism.py)
     cluster: object | None = None  # sweep.ClusterOptions: evaluate as submitit jobs (waits)
 
 
@@ -47,9 +48,12 @@ class SuiteOutcome:
     units_skipped: int = 0
     inapplicable: list = field(default_factory=list)  # (backbone x protocol) not run, and why
     train_seeds: int = 1
+    deterministic: bool = False
 
 
-def _resolved_train_config(suite: JobSuite, model, device: str, run: int = 0):
+def _resolved_train_config(
+    suite: JobSuite, model, device: str, run: int = 0, deterministic: bool = False
+):
     """The model's training config for its ``run``-th training run (seed + run)."""
     from ..config import deep_update
     from ..train.resolve import resolve_config
@@ -57,6 +61,8 @@ def _resolved_train_config(suite: JobSuite, model, device: str, run: int = 0):
     settings = deep_update(dict(suite.train_defaults), dict(model.config))
     settings.setdefault("image_size", suite.image_size)
     settings["device"] = device
+    if deterministic:
+        settings["deterministic"] = True
     if run:
         settings["seed"] = int(settings.get("seed", 0)) + run
     image_size = int(settings.pop("image_size"))
@@ -93,7 +99,7 @@ def train_models(suite: JobSuite, opt: SuiteOptions, out: SuiteOutcome) -> dict[
     folders: dict[str, list[Path]] = {m.name: [] for m in suite.models}
     # resolve every config first: a bad model config fails before any training starts
     runs = [
-        (m, _resolved_train_config(suite, m, opt.device, r))
+        (m, _resolved_train_config(suite, m, opt.device, r, opt.deterministic))
         for m in suite.models
         for r in range(opt.train_seeds)
     ]
@@ -137,7 +143,7 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
     if opt.cluster is not None and not opt.cluster.wait:
         raise UserError("a suite builds its tables from the evaluation's records: drop --no-wait")
     results = ensure_writable_dir(Path(opt.results_dir), "results folder")
-    out = SuiteOutcome(results, train_seeds=opt.train_seeds)
+    out = SuiteOutcome(results, train_seeds=opt.train_seeds, deterministic=opt.deterministic)
     cards = load_cards(list(suite.protocols), list(suite.set))  # bad cards fail before training
     t0 = time.perf_counter()
     folders = train_models(suite, opt, out)
@@ -221,6 +227,7 @@ def _write_manifest(suite: JobSuite, out: SuiteOutcome) -> None:
         "device": dev,
         "machine": machine_info(),
         "train_seeds": out.train_seeds,
+        "deterministic": out.deterministic,
         "checkpoints": out.checkpoints,
         "trained_this_run": out.trained,
         "units": {

@@ -122,7 +122,13 @@ def export_backbone(out: Path, backbone: nn.Module, sidecar: dict) -> None:
 
 
 def make_sidecar(
-    cfg: TrainConfig, arch: str, spec: MethodSpec, data: TrainData, epochs_done: int, history: list
+    cfg: TrainConfig,
+    arch: str,
+    spec: MethodSpec,
+    data: TrainData,
+    epochs_done: int,
+    history: list,
+    pins: dict | None = None,
 ) -> dict:
     """What the trainer exports beside the weights: how to rebuild and read the backbone
     (architecture, preprocessing, feature kind) and the record of its training: what trained
@@ -146,6 +152,8 @@ def make_sidecar(
         "seed": cfg.seed,
         "code_version": __version__,
         "trainer": trainer_fingerprint(),
+        # the pinned CPU kernels as read back (train/determinism.py); None: not pinned
+        "determinism": pins,
         "collapsed": bool(last.get("collapsed", False)),
         "final_diagnostics": last,
         "history": history,

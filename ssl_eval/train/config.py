@@ -131,6 +131,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     device: str = "auto"
+    # CPU kernels pinned so the weights do not depend on the CPU (train/determinism.py); it
+    # changes the rounding, not the recipe: runs with and without it are runs of one recipe
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}")

@@ -27,6 +27,7 @@ from .augment import make_views, step_generator
 from .checkpoint import STATE, export_backbone, load_state, make_sidecar, restore, save_state
 from .config import TrainConfig
 from .data import TrainData, load_train_data
+from .determinism import pinned
 from .methods import METHODS
 from .monitor import monitor_epoch
 from .optim import build_optimizer, lr_at
@@ -43,7 +44,24 @@ def train(
 ) -> dict:
     """Train ``cfg`` into folder ``out``; returns the sidecar written at the end.
     ``stop_after_epoch`` ends the process early as if killed (for resume tests); ``log``
-    receives the progress lines (default: ``[train] ...`` on stderr)."""
+    receives the progress lines (default: ``[train] ...`` on stderr). With
+    ``cfg.deterministic`` the whole training (data included) runs under the pinned CPU kernels
+    (``determinism.pinned``), and the sidecar records the pins as read back."""
+    if not cfg.deterministic:
+        return _train(cfg, out, resume, stop_after_epoch, data, log, None)
+    with pinned(resolve_device(cfg.device).type) as pins:
+        return _train(cfg, out, resume, stop_after_epoch, data, log, pins)
+
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    stop_after_epoch: int | None,
+    data: TrainData | None,
+    log: Callable[[str], None] | None,
+    pins: dict | None,
+) -> dict:
     log = log or partial(runtime_log, scope="train")
     out = ensure_writable_dir(Path(out), "training output folder")  # before any work
     spec = METHODS.get(cfg.method)
@@ -169,7 +187,7 @@ def train(
                 f"(ref {rec['std_ref']:.4f}) rank={rec['rank']:.1f} align={rec['alignment']:.3f} "
                 f"unif={rec['uniformity']:.3f} {rec['images_per_s']:.0f} img/s{flag}"
             )
-            sidecar = make_sidecar(cfg, arch, spec, data, epoch + 1, history)
+            sidecar = make_sidecar(cfg, arch, spec, data, epoch + 1, history, pins)
             export_backbone(out, method.backbone, sidecar)
             save_state(
                 out,
@@ -186,4 +204,4 @@ def train(
             break
     if di.world > 1:
         torch.distributed.barrier()
-    return make_sidecar(cfg, arch, spec, data, len(history), history)
+    return make_sidecar(cfg, arch, spec, data, len(history), history, pins)

@@ -120,7 +120,12 @@ def _training_report(meta: dict, incomplete: bool) -> dict:
         # and the runs of one recipe with different seeds are runs of the same recipe (the
         # seed is recorded apart, above). What trained it (the trainer's code and library
         # versions) is recorded apart too (trainer_source, trainer_versions), not hashed in.
-        "recipe": sha256_json({k: v for k, v in cfg.items() if k not in ("device", "seed")})[:16],
+        # ``deterministic`` (pinned CPU kernels) changes the rounding, not the recipe, and is
+        # recorded apart (``determinism``: the pins as read back; None: unpinned)
+        "recipe": sha256_json(
+            {k: v for k, v in cfg.items() if k not in ("device", "seed", "deterministic")}
+        )[:16],
+        "determinism": meta.get("determinism"),
         # which code and libraries made the weights (train/fingerprint.py); None: a sidecar
         # written before the trainer recorded them
         "trainer_source": trainer.get("source"),
