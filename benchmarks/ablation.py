@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from ssl_eval.backbones.families.trained import build_from_training_dir
+from ssl_eval.core.files import atomic_write_json, atomic_write_text
 from ssl_eval.data.datasets import DatasetBundle, ImageSplit
 from ssl_eval.data.splits import stratified_val_split
-from ssl_eval.features import extract
-from ssl_eval.fsutil import atomic_write_json, atomic_write_text
+from ssl_eval.features.extraction import extract
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.linear import LinearParams, run_linear
 from ssl_eval.train.config import AugConfig, ViewAug

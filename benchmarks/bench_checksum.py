@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_eval.features import file_checksum
-from ssl_eval.knn_search import knn_classify
+from ssl_eval.features.entries import file_checksum
+from ssl_eval.protocols.search.knn import knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from ssl_eval.backbones import BuildOptions, build_backbone
+from ssl_eval.core.files import atomic_write_json, atomic_write_text
+from ssl_eval.core.provenance import package_versions
 from ssl_eval.data.datasets import DatasetOptions, ImageSplit, get_dataset
-from ssl_eval.decode_cache import decoded
-from ssl_eval.features import extract
-from ssl_eval.fsutil import atomic_write_json, atomic_write_text
-from ssl_eval.provenance import package_versions
+from ssl_eval.features.decode_cache import decoded
+from ssl_eval.features.extraction import extract
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet56": "resnet56-4bfd9763.th"}

@@ -141,7 +141,7 @@ def recipe_settings(train_subset: int, epochs: int) -> dict:
     (suite/runner.py: train_defaults updated by the model's config), cut down."""
     import yaml
 
-    from ssl_eval.config import deep_update
+    from ssl_eval.core.config import deep_update
 
     q = yaml.safe_load((ROOT / "protocols/jobs/quick.yaml").read_text())
     model = next(m for m in q["models"] if m["name"] == "simclr")
@@ -348,7 +348,7 @@ def main() -> None:
         print(RESULT + json.dumps(res), flush=True)
         return
 
-    from ssl_eval.fsutil import atomic_write_json, atomic_write_text
+    from ssl_eval.core.files import atomic_write_json, atomic_write_text
 
     info = machine_info()
     settings = recipe_settings(a.train_subset, a.epochs)

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from ssl_eval.fsutil import atomic_write_json, atomic_write_text
+from ssl_eval.core.files import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]

@@ -91,10 +91,10 @@ def child(a) -> dict:
     """One measurement in this (fresh) process."""
     import torch
 
-    from ssl_eval.knn_search import search_plan
     from ssl_eval.protocols.base import ProtocolInputs
     from ssl_eval.protocols.knn import KnnParams, run_knn
     from ssl_eval.protocols.linear import LinearParams, run_linear
+    from ssl_eval.protocols.search.knn import search_plan
 
     torch.manual_seed(0)
     folder = Path(a.folder)
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(a)))
         return 0
 
-    from ssl_eval.fsutil import atomic_write_json, atomic_write_text
+    from ssl_eval.core.files import atomic_write_json, atomic_write_text
 
     sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
     sizes = sizes or ([16_384, 32_768, 65_536] if a.quick else [131_072, 524_288, 1_281_167])

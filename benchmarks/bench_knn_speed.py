@@ -69,7 +69,7 @@ def child(what: str, n: int, m: int, reps: int) -> dict:
         out.update(torch_gflops=rt / 1e9, numpy_gflops=rn / 1e9)
         out["seconds"] = 2 * n * m * DIM / max(rt, rn)
     elif what in ("torch", "faiss"):
-        from ssl_eval.knn_search import knn_classify
+        from ssl_eval.protocols.search.knn import knn_classify
 
         args = (torch.from_numpy(bx), torch.from_numpy(by), torch.from_numpy(qx))
         best = float("inf")
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(a.child, a.n, a.m, a.reps)))
         return 0
 
-    from ssl_eval.fsutil import atomic_write_json, atomic_write_text
+    from ssl_eval.core.files import atomic_write_json, atomic_write_text
 
     scale = 4 if a.quick else 1
     sizes = [(12_500 // scale, 2_500 // scale), (25_000 // scale, 5_000 // scale)]

@@ -54,10 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ssl_eval  # noqa: E402
 from ssl_eval.data.splits import stratified_val_split  # noqa: E402
-from ssl_eval.knn_search import knn_classify, knn_search  # noqa: E402
 from ssl_eval.protocols.base import ProtocolInputs  # noqa: E402
 from ssl_eval.protocols.cards import load_card  # noqa: E402
 from ssl_eval.protocols.linear import LinearParams, run_linear, train_heads  # noqa: E402
+from ssl_eval.protocols.search.knn import knn_classify, knn_search  # noqa: E402
 
 KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07

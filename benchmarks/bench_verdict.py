@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ssl_eval.gate import check, frame_rows, group_runs  # noqa: E402
+from ssl_eval.report.baseline import frame_rows, group_runs  # noqa: E402
+from ssl_eval.report.gate import check  # noqa: E402
 
 
 def leave_one_out(reference: Path) -> dict:
@@ -131,7 +132,7 @@ def main() -> None:
     }
     if not a.skip_power:
         doc["power"] = power(a.reference, a.suite, a.work)
-    from ssl_eval.provenance import machine_info
+    from ssl_eval.core.provenance import machine_info
 
     doc["machine"] = machine_info()
     doc["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

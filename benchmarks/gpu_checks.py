@@ -43,8 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssl_eval.accel import Accel  # noqa: E402
-from ssl_eval.registry import Registry  # noqa: E402
+from ssl_eval.core.registry import Registry  # noqa: E402
+from ssl_eval.features.accel import Accel  # noqa: E402
 
 SPEC_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}  # dense, SXM data sheets
 
@@ -129,7 +129,7 @@ def check_decode(ctx) -> dict:
 
     from ssl_eval.backbones import BuildOptions, build_backbone
     from ssl_eval.data.datasets import DatasetOptions, get_dataset
-    from ssl_eval.decode_cache import decoded
+    from ssl_eval.features.decode_cache import decoded
 
     z, work = ctx["sizes"], ctx["work"]
     rng = np.random.default_rng(0)
@@ -191,8 +191,8 @@ def _synthetic_bundle(n_train: int, n_test: int, size: int, classes: int, name: 
 
 def check_extract(ctx) -> dict:
     from ssl_eval.backbones import BuildOptions, build_backbone
-    from ssl_eval.decode_cache import decoded
-    from ssl_eval.features import extract
+    from ssl_eval.features.decode_cache import decoded
+    from ssl_eval.features.extraction import extract
 
     z, dev, work = ctx["sizes"], ctx["device"], ctx["work"]
     bb = build_backbone(z.vit_b, BuildOptions(image_size=z.vit_b_size))
@@ -249,7 +249,7 @@ def check_extract(ctx) -> dict:
 def check_knn(ctx) -> dict:
     import torch.nn.functional as F
 
-    from ssl_eval.knn_gpu import GPU_SEARCHES, gpu_knn_search
+    from ssl_eval.protocols.search.gpu import GPU_SEARCHES, gpu_knn_search
 
     z, dev = ctx["sizes"], ctx["device"]
     g = torch.Generator(device=dev).manual_seed(0)
@@ -327,12 +327,12 @@ def check_finetune(ctx) -> dict:
 
 def check_headline(ctx) -> dict:
     from ssl_eval.backbones import BuildOptions, build_backbone
-    from ssl_eval.config import RunConfig
+    from ssl_eval.core.config import RunConfig
     from ssl_eval.data.datasets import DATASETS, DatasetSpec
-    from ssl_eval.decode_cache import decoded
-    from ssl_eval.evaluate import run
+    from ssl_eval.features.decode_cache import decoded
+    from ssl_eval.orchestrate.evaluate import run
     from ssl_eval.protocols.cards import load_cards
-    from ssl_eval.results import read_unit_file
+    from ssl_eval.records.store import read_unit_file
 
     z, dev, work = ctx["sizes"], ctx["device"], ctx["work"]
     name = "synthetic-in1k-10pct"

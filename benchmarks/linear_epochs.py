@@ -35,7 +35,7 @@ Feature sources (``--sources``, comma-separated):
   ../shared/weights (about 13 minutes of feature extraction each on a 2-core CPU; not in the
   default list).
 
-Image features are extracted exactly as ``ssl-eval run`` does (``ssl_eval.features.extract``:
+Image features are extracted exactly as ``ssl-eval run`` does (``ssl_eval.features.extraction.extract``:
 float16 storage, the content-addressed cache in --cache-dir, so they are extracted once across
 E and across invocations). ``--reuse-features`` also accepts a cache entry written by other ssl-eval source
 (another edit of backbones/ or data/ since): same weights, backbone, preprocessing, data,
@@ -68,12 +68,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_protocols import loadavg, log, make_features, make_labels  # noqa: E402
 
 import ssl_eval  # noqa: E402
+from ssl_eval.core.runtime import seed_everything  # noqa: E402
 from ssl_eval.data.splits import stratified_val_split  # noqa: E402
 from ssl_eval.protocols import linear as linear_module  # noqa: E402
 from ssl_eval.protocols.base import ProtocolInputs  # noqa: E402
 from ssl_eval.protocols.cards import load_card  # noqa: E402
 from ssl_eval.protocols.linear import run_linear  # noqa: E402
-from ssl_eval.runtime import seed_everything  # noqa: E402
 
 VAL_FRACTION, SPLIT_SEED, SEED = 0.1, 0, 0  # the evaluator's defaults (RunConfig)
 DEFAULT_SOURCES = "synth384,synth2048,shapes,digits,cifar_pixels"
@@ -216,10 +216,10 @@ def older_entry(cache_dir: Path, key: dict) -> Path | None:
 def image_features(dataset: str, backbone: str, weights: Path | None, cache_dir: Path, reuse: bool):
     """Train and test features as ``ssl-eval run`` computes them (same cache, same dtype)."""
     from ssl_eval.backbones import BuildOptions, build_backbone
+    from ssl_eval.core.files import sha256_json
+    from ssl_eval.core.runtime import resolve_device
     from ssl_eval.data.datasets import DatasetOptions, get_dataset
-    from ssl_eval.features import cache_key, extract
-    from ssl_eval.fsutil import sha256_json
-    from ssl_eval.runtime import resolve_device
+    from ssl_eval.features.extraction import cache_key, extract
 
     device = resolve_device("cpu")
     bundle = get_dataset(dataset, DatasetOptions(manifest_dir=cache_dir / "manifests"))

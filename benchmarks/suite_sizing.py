@@ -48,7 +48,7 @@ def _val_top1(r) -> float | None:
 
 
 def sizing(results: Path) -> dict:
-    from ssl_eval.frame import load_frame
+    from ssl_eval.records.frame import load_frame
 
     f = load_frame(results)
     manifest = json.loads((results / "suite.json").read_text())
@@ -118,8 +118,8 @@ def sizing(results: Path) -> dict:
 def finetune_epochs(results: Path, epochs: list[int], cache: Path) -> list[dict]:
     """Fine-tune SimCLR (the first training run) and the random network at each E."""
     from ssl_eval.cli import main
-    from ssl_eval.frame import load_frame
-    from ssl_eval.suite import load_job_suite
+    from ssl_eval.orchestrate.suite import load_job_suite
+    from ssl_eval.records.frame import load_frame
 
     manifest = json.loads((results / "suite.json").read_text())
     suite = load_job_suite(manifest["suite"]["name"])

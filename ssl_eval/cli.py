@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError, one_line
+from .core.errors import UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "deterministic", False):
             # before any command imports torch: the pinned kernels are read at its first op
-            from .runtime import log
+            from .core.runtime import log
             from .train.determinism import pin_environment
 
             pin_environment(lambda s: log(s, "train"))

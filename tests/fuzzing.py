@@ -11,7 +11,7 @@ import math
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from ssl_eval.fsutil import sha256_json
+from ssl_eval.core.files import sha256_json
 
 FUZZ = settings(
     max_examples=60,

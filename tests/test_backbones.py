@@ -20,8 +20,8 @@ from ssl_eval.backbones import (
 )
 from ssl_eval.backbones.adapters import FAMILIES, TAGS
 from ssl_eval.backbones.catalog import get_spec
+from ssl_eval.core.errors import UserError
 from ssl_eval.data.transforms import Preprocessing
-from ssl_eval.errors import UserError
 
 
 def test_random_backbone_is_seeded_and_always_eval():

@@ -9,7 +9,7 @@ import torch
 
 from ssl_eval.backbones import BuildOptions, build_backbone
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
-from ssl_eval.features import extract
+from ssl_eval.features.extraction import extract
 
 
 def _extract(tmp_path):

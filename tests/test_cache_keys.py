@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import image_folder
 
-from ssl_eval import features
 from ssl_eval.backbones import BuildOptions, build_backbone
 from ssl_eval.cli import main
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
-from ssl_eval.features import cache_key, extract
-from ssl_eval.results import load_records
+from ssl_eval.features import extraction as features
+from ssl_eval.features.extraction import cache_key, extract
+from ssl_eval.records.store import load_records
 
 
 def _folder(root, colour_of=lambda c, i: (40 * c, 200 - 30 * c, 90), size=(8, 8)):
@@ -109,7 +109,7 @@ def test_cache_key_covers_code_libraries_device_and_precision(monkeypatch):
 
 
 def test_source_hash_follows_the_files(tmp_path, monkeypatch):
-    from ssl_eval import provenance
+    from ssl_eval.core import provenance
 
     pkg = tmp_path / "ssl_eval"
     (pkg / "data").mkdir(parents=True)
@@ -162,8 +162,8 @@ def test_plugin_whose_forward_changed_is_a_new_backbone(tmp_path, monkeypatch):
 def test_unit_key_covers_what_changes_the_recorded_numbers():
     from dataclasses import replace
 
-    from ssl_eval.config import RunConfig
-    from ssl_eval.evaluate import unit_key
+    from ssl_eval.core.config import RunConfig
+    from ssl_eval.orchestrate.evaluate import unit_key
     from ssl_eval.protocols.cards import load_card
 
     bb = build_backbone("pixels", BuildOptions())

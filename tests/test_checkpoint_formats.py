@@ -18,9 +18,9 @@ from torch import nn
 from ssl_eval.backbones import BuildOptions, build_backbone, get_spec, list_backbones
 from ssl_eval.backbones.checkpoints import uninitialised
 from ssl_eval.backbones.resnet import ResNet, resnet_shape
+from ssl_eval.core.errors import UserError
+from ssl_eval.core.files import sha256_file
 from ssl_eval.data.transforms import Preprocessing
-from ssl_eval.errors import UserError
-from ssl_eval.fsutil import sha256_file
 
 X224 = torch.randn(
     1, 3, 32, 32, generator=torch.Generator().manual_seed(1)
@@ -433,7 +433,7 @@ def test_detection_and_family_errors(tmp_path):
 def test_load_report_reaches_the_result_record(tmp_path):
     """Through the CLI: ckpt:PATH with --family, the record keeps the report and the sha256."""
     from ssl_eval.cli import main
-    from ssl_eval.results import load_records
+    from ssl_eval.records.store import load_records
 
     torch.save(
         {"state_dict": {f"module.{k}": v for k, v in cifar_state_dict(3).items()}},

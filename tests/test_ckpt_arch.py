@@ -36,8 +36,8 @@ from ssl_eval.backbones.adapters import FAMILIES
 from ssl_eval.backbones.catalog import _ensure_loaded
 from ssl_eval.backbones.checkpoints import uninitialised
 from ssl_eval.backbones.resnet import ResNet
+from ssl_eval.core.errors import UserError
 from ssl_eval.data.transforms import Preprocessing
-from ssl_eval.errors import UserError
 
 X16 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(21))
 X14 = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(22))

@@ -21,7 +21,7 @@ from ssl_eval.backbones import BuildOptions, build_backbone, list_backbones
 from ssl_eval.backbones.adapters import TAGS
 from ssl_eval.backbones.checkpoints import uninitialised
 from ssl_eval.backbones.families.mocov3 import VIT_VARIANTS
-from ssl_eval.errors import UserError
+from ssl_eval.core.errors import UserError
 
 X16 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 X14 = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(4))

@@ -5,7 +5,7 @@ import pytest
 from conftest import ROOT, cli_env, image_folder
 
 from ssl_eval.cli import main
-from ssl_eval.results import load_records
+from ssl_eval.records.store import load_records
 
 
 def _run(args, tmp_path):

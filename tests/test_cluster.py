@@ -1,4 +1,4 @@
-"""Sweeps through submitit's local executor (ssl_eval/sweep/): records identical to one process,
+"""Sweeps through submitit's local executor (ssl_eval/orchestrate/sweep/): records identical to one process,
 skip-existing reruns, a failed job shown by ``ssl-eval status`` and completed by resubmitting."""
 
 import json
@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 
 from ssl_eval.cli import main
-from ssl_eval.errors import UserError
-from ssl_eval.fsutil import file_lock, lock_path
-from ssl_eval.results import load_records, records_dir
-from ssl_eval.sweep.executors import (
+from ssl_eval.core.errors import UserError
+from ssl_eval.core.files import file_lock, lock_path
+from ssl_eval.orchestrate.sweep.executors import (
     ClusterOptions,
     _local_identity,
     _slurm_device,
     _slurm_parameters,
 )
-from ssl_eval.sweep.status import sweep_status
-from ssl_eval.sweep.sweepfile import load_sweeps, record_jobs
+from ssl_eval.orchestrate.sweep.status import sweep_status
+from ssl_eval.orchestrate.sweep.sweepfile import load_sweeps, record_jobs
+from ssl_eval.records.store import load_records, records_dir
 
 # 2 backbones x 1 dataset x 2 protocols; the linear grid cut to one head so the test is quick
 # (an override, recorded in every record like any --set)
@@ -229,9 +229,9 @@ def test_a_suite_evaluates_as_a_local_sweep(tmp_path, capsys):
 
 
 def test_a_job_refuses_to_run_code_other_than_what_planned_it(tmp_path):
-    from ssl_eval.config import RunConfig
+    from ssl_eval.core.config import RunConfig
+    from ssl_eval.orchestrate.sweep.job import environment, run_job
     from ssl_eval.protocols.cards import load_cards
-    from ssl_eval.sweep.job import environment, run_job
 
     cfg = RunConfig(("pixels",), ("digits",), load_cards(["knn"], []), results_dir=tmp_path)
     with pytest.raises(UserError, match="changed since this sweep was planned"):
@@ -246,8 +246,8 @@ def test_plan_lists_every_unit_in_run_order_with_seeds_and_what_does_not_apply()
     trainable parameters is listed as not applying, per seed, under skip_inapplicable."""
     import torch
 
-    from ssl_eval.config import RunConfig
-    from ssl_eval.evaluate import plan
+    from ssl_eval.core.config import RunConfig
+    from ssl_eval.orchestrate.evaluate import plan
     from ssl_eval.protocols.cards import load_cards
 
     cards = load_cards(["knn", "finetune"], [])
@@ -271,7 +271,7 @@ def test_plan_lists_every_unit_in_run_order_with_seeds_and_what_does_not_apply()
     # seed 1's unit is keyed on the network initialised with seed 1 (its weights' sha256)
     from ssl_eval.backbones import BuildOptions, build_backbone
     from ssl_eval.data.datasets import DatasetOptions, get_dataset
-    from ssl_eval.evaluate import unit_key
+    from ssl_eval.orchestrate.evaluate import unit_key
 
     bb1 = build_backbone("random:resnet10t", BuildOptions(seed=1))
     bundle = get_dataset("digits", DatasetOptions(None, False, None))

@@ -22,13 +22,13 @@ import pytest
 import torch
 from conftest import ROOT, cli_env
 
-from ssl_eval import results
 from ssl_eval.backbones import BuildOptions, build_backbone
+from ssl_eval.core.errors import UserError
+from ssl_eval.core.files import file_lock, lock_path, sha256_json
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
-from ssl_eval.errors import UserError
-from ssl_eval.features import cache_key
-from ssl_eval.fsutil import file_lock, lock_path, sha256_json
-from ssl_eval.results import load_records, write_unit
+from ssl_eval.features.extraction import cache_key
+from ssl_eval.records import store as results
+from ssl_eval.records.store import load_records, write_unit
 
 RUN = [
     "run",

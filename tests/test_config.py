@@ -1,7 +1,7 @@
 import pytest
 
+from ssl_eval.core.errors import UserError
 from ssl_eval.data.datasets import DATASETS
-from ssl_eval.errors import UserError
 from ssl_eval.protocols import PROTOCOL_TYPES
 from ssl_eval.protocols.cards import load_card, load_suite, shipped_cards, shipped_suites
 
@@ -101,7 +101,7 @@ def test_out_of_range_params_fail_when_the_card_loads(card, override, message):
 def test_a_yaml_mapping_loads_into_nested_dataclasses():
     from dataclasses import dataclass, field
 
-    from ssl_eval.config import from_mapping
+    from ssl_eval.core.config import from_mapping
 
     @dataclass
     class Inner:

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssl_eval.core.errors import UserError
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
 from ssl_eval.data.shapes import generate
 from ssl_eval.data.splits import stratified_val_split
-from ssl_eval.errors import UserError
 
 
 def test_shapes_is_deterministic_and_has_all_label_sets():

@@ -1,4 +1,4 @@
-"""The decode cache (ssl_eval/decode_cache.py): the features it gives are the per-image path's,
+"""The decode cache (ssl_eval/features/decode_cache.py): the features it gives are the per-image path's,
 bit for bit; entries are shared by backbones with the same resize/crop and only by them; a
 damaged entry is rebuilt; changed image files make a new entry."""
 
@@ -8,14 +8,14 @@ import torch
 from conftest import image_folder
 from PIL import Image
 
-from ssl_eval.accel import Accel
 from ssl_eval.backbones import BuildOptions, build_backbone
-from ssl_eval.config import RunConfig
+from ssl_eval.core.config import RunConfig
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
 from ssl_eval.data.transforms import Preprocessing
-from ssl_eval.decode_cache import decode_key, decoded, native_bundle
-from ssl_eval.evaluate import run
-from ssl_eval.features import extract
+from ssl_eval.features.accel import Accel
+from ssl_eval.features.decode_cache import decode_key, decoded, native_bundle
+from ssl_eval.features.extraction import extract
+from ssl_eval.orchestrate.evaluate import run
 from ssl_eval.protocols.cards import load_cards
 
 CPU = torch.device("cpu")

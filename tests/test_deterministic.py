@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_eval.errors import UserError
+from ssl_eval.core.errors import UserError
 from ssl_eval.train import determinism
 
 ARGS = [
@@ -151,9 +151,9 @@ def test_suite_trains_pinned_runs_into_their_own_folders():
     """A pinned run never reuses unpinned weights (the config, hence the folder key, differs)
     and stays a run of the same recipe (the record's recipe hash ignores the pins)."""
     from ssl_eval.backbones.families.trained import _training_report
-    from ssl_eval.fsutil import sha256_json
-    from ssl_eval.suite import load_job_suite
-    from ssl_eval.suite.runner import _resolved_train_config
+    from ssl_eval.core.files import sha256_json
+    from ssl_eval.orchestrate.suite import load_job_suite
+    from ssl_eval.orchestrate.suite.runner import _resolved_train_config
 
     suite = load_job_suite("quick")
     m = suite.models[0]

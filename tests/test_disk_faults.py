@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from ssl_eval import features, results
 from ssl_eval.cli import main
+from ssl_eval.features import extraction as features
+from ssl_eval.records import store as results
 
 
 def _run(tmp_path, *extra):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_eval.distributed import shard
+from ssl_eval.core.distributed import shard
 from ssl_eval.protocols.knn import canonical_search, merge_topk
 
 ARGS = [
@@ -207,8 +207,8 @@ def test_fine_tune_refuses_what_processes_would_change(monkeypatch, change, arch
 
     import timm
 
-    from ssl_eval import distributed
-    from ssl_eval.errors import UserError
+    from ssl_eval.core import distributed
+    from ssl_eval.core.errors import UserError
     from ssl_eval.protocols import _finetune_dist
     from ssl_eval.protocols.finetune import FinetuneParams
 
@@ -224,7 +224,7 @@ def test_fine_tune_refuses_what_processes_would_change(monkeypatch, change, arch
 def test_ddp_batches_are_the_single_process_batches_cut_in_shares(monkeypatch):
     from torch.utils.data import DataLoader
 
-    from ssl_eval import distributed
+    from ssl_eval.core import distributed
     from ssl_eval.protocols import _finetune_dist
 
     data = list(range(23))
@@ -243,7 +243,7 @@ def test_ddp_batches_are_the_single_process_batches_cut_in_shares(monkeypatch):
 
 
 def test_ddp_loss_gradient_averages_to_the_global_batch_mean(monkeypatch):
-    from ssl_eval import distributed
+    from ssl_eval.core import distributed
     from ssl_eval.protocols import _finetune_dist
 
     g = torch.Generator().manual_seed(0)
@@ -269,8 +269,8 @@ def test_ddp_loss_gradient_averages_to_the_global_batch_mean(monkeypatch):
 def _agree_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from ssl_eval import distributed
-    from ssl_eval.errors import UserError
+    from ssl_eval.core import distributed
+    from ssl_eval.core.errors import UserError
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     seen = []

@@ -22,7 +22,7 @@ from test_eval_dist import (
     spawn_two,
 )
 
-from ssl_eval.decode_cache import DecodedSplit
+from ssl_eval.features.decode_cache import DecodedSplit
 
 ARGS = ["run", "--backbone", "random:resnet10t", "--dataset", "digits", "--image-size", "16"]
 ARGS += ["--protocol", "knn", "--feature-dtype", "float32", "--no-progress", "--no-leaderboard"]
@@ -101,16 +101,16 @@ def _decode_worker(rank: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from ssl_eval import decode_cache, features
+    from ssl_eval.core.errors import UserError
     from ssl_eval.data.datasets import DatasetOptions, get_dataset
     from ssl_eval.data.transforms import Preprocessing
-    from ssl_eval.errors import UserError
+    from ssl_eval.features import decode_cache
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     bundle, pre, out = get_dataset("digits", DatasetOptions()), Preprocessing(), Path(out)
     seen = []
     try:  # a cache folder on each node's own disk: rank 1 cannot see what rank 0 built
-        features._decoded(bundle, "test", pre, out / f"node{rank}", 0, False)
+        decode_cache.decoded_in_world(bundle, "test", pre, out / f"node{rank}", 0, False)
         seen.append(None)
     except UserError as e:
         seen.append(str(e))
@@ -121,7 +121,7 @@ def _decode_worker(rank: int, port: int, out: str) -> None:
 
         decode_cache._build = full
     try:
-        features._decoded(bundle, "train", pre, out / "shared", 0, False)
+        decode_cache.decoded_in_world(bundle, "train", pre, out / "shared", 0, False)
         seen.append(None)
     except UserError as e:
         seen.append(str(e))

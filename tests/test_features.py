@@ -11,7 +11,7 @@ from conftest import ROOT, cli_env
 
 from ssl_eval.backbones import BuildOptions, build_backbone
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
-from ssl_eval.features import extract
+from ssl_eval.features.extraction import extract
 
 
 def _digits_pixels():
@@ -94,7 +94,7 @@ def test_killed_process_leaves_no_entry_and_next_run_recovers(tmp_path):
         import time, torch
         from ssl_eval.backbones import BuildOptions, build_backbone
         from ssl_eval.data.datasets import DatasetOptions, get_dataset
-        from ssl_eval.features import extract
+        from ssl_eval.features.extraction import extract
         bb = build_backbone("pixels", BuildOptions())
         real = bb._read
         def slow(m, x):
@@ -167,7 +167,7 @@ def test_a_killed_extraction_leaves_nothing_after_the_next_run(tmp_path):
         import time, torch
         from ssl_eval.backbones import BuildOptions, build_backbone
         from ssl_eval.data.datasets import DatasetOptions, get_dataset
-        from ssl_eval.features import extract
+        from ssl_eval.features.extraction import extract
         bb = build_backbone("pixels", BuildOptions())
         real = bb._read
         def slow(m, x):
@@ -217,8 +217,8 @@ def test_entry_writer_refuses_features_float16_cannot_hold_and_an_empty_split(tm
     no batch is refused rather than written without features."""
     import numpy as np
 
-    from ssl_eval.errors import UserError
-    from ssl_eval.features import _EntryWriter
+    from ssl_eval.core.errors import UserError
+    from ssl_eval.features.extraction import _EntryWriter
 
     w = _EntryWriter(tmp_path, tmp_path / "entry", 4, "float16", "bb", "digits/test")
     assert w.write(np.ones((2, 3), np.float32)) == 2

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_eval.errors import UserError
+from ssl_eval.core.errors import UserError
 from ssl_eval.protocols import fewshot
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.fewshot import (

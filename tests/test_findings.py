@@ -17,14 +17,14 @@ import pytest
 from scipy import stats as sps
 from test_gate import _worsen
 
-from ssl_eval.frame import load_frame
-from ssl_eval.fsutil import sha256_json
-from ssl_eval.gate import _holm
-from ssl_eval.leaderboard import build_table
+from ssl_eval.core.files import sha256_json
+from ssl_eval.core.stats import holm, interval_z_test, pack_bits, t_test_1samp, unpack_bits, welch_t
+from ssl_eval.records.frame import load_frame
+from ssl_eval.records.store import read_unit_file, records_dir, write_unit
 from ssl_eval.report import write_report
 from ssl_eval.report.findings import TITLE, findings
-from ssl_eval.results import read_unit_file, records_dir, write_unit
-from ssl_eval.stats import holm, interval_z_test, pack_bits, t_test_1samp, unpack_bits, welch_t
+from ssl_eval.report.gate import _holm
+from ssl_eval.report.leaderboard import build_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "results" / "reference" / "default"

@@ -9,7 +9,7 @@ from ssl_eval.data.splits import stratified_val_split
 from ssl_eval.protocols import finetune
 from ssl_eval.protocols.base import ImageInputs
 from ssl_eval.protocols.finetune import FinetuneParams, _lr_at, run_finetune
-from ssl_eval.results import load_records
+from ssl_eval.records.store import load_records
 
 
 def test_finetuned_random_backbone_beats_its_linear_probe_on_digits(tmp_path):
@@ -84,7 +84,7 @@ def test_schedule_counts_samples_not_steps():
 
 
 def test_layer_decay_needs_block_structure(tmp_path):
-    from ssl_eval.errors import UserError
+    from ssl_eval.core.errors import UserError
 
     inp = _inputs(tmp_path)
     inp.backbone = build_backbone("pixels", BuildOptions())  # no block structure
@@ -164,7 +164,7 @@ def test_layer_decay_refuses_a_parameter_it_cannot_place():
     import timm
 
     from ssl_eval.backbones.base import FEATURE_KINDS
-    from ssl_eval.errors import UserError
+    from ssl_eval.core.errors import UserError
 
     enc = timm.create_model(
         "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0

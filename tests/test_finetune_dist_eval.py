@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ssl_eval import distributed
+from ssl_eval.core import distributed
+from ssl_eval.core.errors import UserError
 from ssl_eval.data.datasets import ImageSplit
 from ssl_eval.data.transforms import Preprocessing
-from ssl_eval.errors import UserError
 from ssl_eval.protocols import finetune
 
 PRE, CPU = Preprocessing(), torch.device("cpu")  # no resize, no crop: the 8x8 images as they are

@@ -16,9 +16,9 @@ from fuzzing import FUZZ, assert_finite, one_line, scalars, values
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ssl_eval.config import apply_set, parse_set
-from ssl_eval.errors import UserError
-from ssl_eval.fsutil import sha256_json
+from ssl_eval.core.config import apply_set, parse_set
+from ssl_eval.core.errors import UserError
+from ssl_eval.core.files import sha256_json
 from ssl_eval.protocols.base import PROTOCOL_TYPES
 from ssl_eval.protocols.cards import load_card, load_cards, parse_card
 
@@ -179,8 +179,8 @@ def test_any_trainer_set_is_a_config_or_one_line(overrides):
 def test_the_cli_prints_any_user_error_on_one_line(tmp_path, monkeypatch, capsys):
     """The last net: a UserError whose text carries a library's line breaks is printed on one
     line (the message kept whole)."""
-    from ssl_eval import evaluate
     from ssl_eval.cli import main
+    from ssl_eval.orchestrate import evaluate
 
     def fail(*a, **k):
         raise UserError("cannot adapt w.pt:\n\tMissing key(s): a, b\n\tUnexpected key(s): c")
@@ -237,9 +237,9 @@ def test_any_name_keeps_the_leaderboard_and_report_tables_whole(
     keeps its cells, the HTML holds no tag the name brought."""
     from test_results import _rec
 
-    from ssl_eval.fsutil import atomic_write_json
-    from ssl_eval.leaderboard import write_leaderboard
+    from ssl_eval.core.files import atomic_write_json
     from ssl_eval.report import html, markdown, table
+    from ssl_eval.report.leaderboard import write_leaderboard
 
     folder = tmp_path_factory.mktemp("names")
     for i, rec in enumerate([_rec(backbone, dataset, card, 0.5), _rec("x", dataset, card, 0.2)]):
@@ -247,7 +247,7 @@ def test_any_name_keeps_the_leaderboard_and_report_tables_whole(
         atomic_write_json(folder / "records" / f"u{i}-r.json", doc)
     _, md_path = write_leaderboard(folder)
     _tables_hold(md_path.read_text().splitlines())
-    from ssl_eval.frame import load_frame
+    from ssl_eval.records.frame import load_frame
 
     tab = table.build_table(load_frame(folder))
     _tables_hold(markdown.leaderboard_md(tab))

@@ -17,7 +17,7 @@ from ssl_eval.backbones.adapters import detect_family
 from ssl_eval.backbones.catalog import _ensure_loaded
 from ssl_eval.backbones.checkpoints import read_checkpoint
 from ssl_eval.backbones.trained_format import FORMAT
-from ssl_eval.errors import UserError
+from ssl_eval.core.errors import UserError
 
 # ---------------------------------------------------------------- checkpoints
 

@@ -13,10 +13,11 @@ from fuzzing import FEW, FUZZ, mutated_docs, one_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssl_eval.frame import unit_row, units_of
-from ssl_eval.fsutil import sha256_json
-from ssl_eval.leaderboard import build_table
-from ssl_eval.results import ResultRecord, load_records, read_unit_file
+from ssl_eval.core.files import sha256_json
+from ssl_eval.records.frame import unit_row, units_of
+from ssl_eval.records.schema import ResultRecord
+from ssl_eval.records.store import load_records, read_unit_file
+from ssl_eval.report.leaderboard import build_table
 
 # ---------------------------------------------------------------- record files
 
@@ -92,7 +93,7 @@ def test_a_deeply_nested_record_file_is_refused_in_one_line(tmp_path, depth):
 
 
 def test_the_frame_reader_skips_what_the_record_reader_refuses(real_record_file, tmp_path):
-    from ssl_eval.frame import load_frame
+    from ssl_eval.records.frame import load_frame
 
     recs = tmp_path / "records"
     recs.mkdir()

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 
 from ssl_eval.cli import main
-from ssl_eval.gate import _setting_difference, check, frame_rows
-from ssl_eval.results import read_unit_file, records_dir, write_unit
-from ssl_eval.stats import pack_bits, unpack_bits
+from ssl_eval.core.stats import pack_bits, unpack_bits
+from ssl_eval.records.store import read_unit_file, records_dir, write_unit
+from ssl_eval.report.baseline import frame_rows
+from ssl_eval.report.gate import _setting_difference, check
 
 RUN = ["--dataset", "digits", "--protocol", "knn,linear", "--image-size", "16", "--no-progress"]
 
@@ -172,7 +173,7 @@ def test_usage_errors_are_one_line(store, tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_export_round_trips_the_frame(store, tmp_path, fmt):
-    from ssl_eval.frame import load_frame
+    from ssl_eval.records.frame import load_frame
 
     out = tmp_path / f"x.{fmt}"
     assert (

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
-from ssl_eval.knn_gpu import GPU_SEARCHES, GpuSearch, choose, gpu_knn_search
-from ssl_eval.knn_search import knn_search
+from ssl_eval.protocols.search.gpu import GPU_SEARCHES, GpuSearch, choose, gpu_knn_search
+from ssl_eval.protocols.search.knn import knn_search
 
 
 def _script():

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-import ssl_eval.provenance as prov
+import ssl_eval.core.provenance as prov
 from ssl_eval.cli import main
 
 RUN = ["--dataset", "digits", "--protocol", "knn", "--image-size", "16", "--no-progress"]
@@ -27,10 +27,10 @@ def test_protocol_libraries_enter_the_unit_key_not_the_feature_key(lib, monkeypa
     import torch
 
     from ssl_eval.backbones import BuildOptions, build_backbone
-    from ssl_eval.config import RunConfig
+    from ssl_eval.core.config import RunConfig
     from ssl_eval.data.datasets import DatasetOptions, get_dataset
-    from ssl_eval.evaluate import unit_key
-    from ssl_eval.features import cache_key
+    from ssl_eval.features.extraction import cache_key
+    from ssl_eval.orchestrate.evaluate import unit_key
     from ssl_eval.protocols.cards import load_cards
 
     bb = build_backbone("pixels", BuildOptions())
@@ -91,7 +91,7 @@ def test_records_name_the_cpu_from_proc_cpuinfo(tmp_path, monkeypatch):
     monkeypatch.setattr(prov, "CPUINFO", fake)
     monkeypatch.setattr(prov.platform, "processor", lambda: "")  # as on Linux
     assert main(["run", "--backbone", "pixels", *RUN, "--results-dir", str(tmp_path / "r")]) == 0
-    from ssl_eval.frame import load_frame
+    from ssl_eval.records.frame import load_frame
 
     f = load_frame(tmp_path / "r")
     assert set(f["machine.cpu_model"]) == {"Intel(R) Xeon(R) Test CPU @ 2.20GHz"}

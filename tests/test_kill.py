@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, cli_env, image_folder
 
 from ssl_eval.cli import main
-from ssl_eval.results import load_records
+from ssl_eval.records.store import load_records
 
 CHEAP_LINEAR = ["linear.lrs=[0.1]", "linear.weight_decays=[0.0]", "linear.min_steps=20"]
 EVAL = ["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "knn,linear"]

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_eval.errors import UserError
-from ssl_eval.feature_stream import FeatureRows
-from ssl_eval.knn_search import _group_factors, knn_classify, knn_search, search_plan
+from ssl_eval.core.errors import UserError
+from ssl_eval.features.stream import FeatureRows
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.cards import load_card, parse_card
 from ssl_eval.protocols.knn import KnnParams, run_knn
+from ssl_eval.protocols.search.knn import knn_classify, knn_search
+from ssl_eval.protocols.search.topk import _group_factors, search_plan
 
 
 def reference_knn(bank, bank_y, queries, k, T, C):

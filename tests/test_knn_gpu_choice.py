@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ssl_eval.knn_search as knn_search_mod
-from ssl_eval.errors import UserError
-from ssl_eval.knn_gpu import GPU_SEARCHES, GpuSearch, _torch, choose
-from ssl_eval.knn_search import knn_search
+import ssl_eval.protocols.search.knn as knn_search_mod
+from ssl_eval.core.errors import UserError
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.knn import KnnParams, run_knn
+from ssl_eval.protocols.search.gpu import GPU_SEARCHES, GpuSearch, _torch, choose
+from ssl_eval.protocols.search.knn import knn_search
 
 
 def _plain(delay, calls=None, name=""):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_eval.errors import UserError
-from ssl_eval.feature_stream import FeatureRows
+from ssl_eval.core.errors import UserError
+from ssl_eval.features.stream import FeatureRows
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.linear import LinearParams, feature_stats, run_linear, schedule, train_heads
 

@@ -45,7 +45,7 @@ def test_wheel_ships_protocol_cards_inside_the_package(tmp_path):
         [
             sys.executable,
             "-c",
-            "from ssl_eval.suite.spec import shipped_reference as r; print(r('quick'), r('nope'))",
+            "from ssl_eval.orchestrate.suite.spec import shipped_reference as r; print(r('quick'), r('nope'))",
         ],
         cwd=elsewhere,
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},

@@ -8,10 +8,10 @@ from torch import nn
 
 from ssl_eval.backbones.base import Backbone
 from ssl_eval.cli import main
+from ssl_eval.core.errors import UserError
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
 from ssl_eval.data.splits import stratified_val_split
 from ssl_eval.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ssl_eval.errors import UserError
 from ssl_eval.protocols import ImageInputs
 from ssl_eval.protocols.diagnostics import alignment, rankme, uniformity
 from ssl_eval.protocols.invariance import InvarianceParams, run_invariance

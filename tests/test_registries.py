@@ -11,8 +11,8 @@ import ssl_eval.data.datasets  # noqa: F401
 import ssl_eval.protocols  # noqa: F401
 import ssl_eval.train.methods as methods
 from ssl_eval.cli import build_parser
-from ssl_eval.errors import UserError
-from ssl_eval.registry import Registry
+from ssl_eval.core.errors import UserError
+from ssl_eval.core.registry import Registry
 
 
 def _registries() -> list[Registry]:
@@ -61,7 +61,7 @@ def test_every_protocol_module_registers_a_protocol_type():
     mods = [
         m.name
         for m in pkgutil.iter_modules(protocols.__path__)
-        if m.name not in ("base", "cards") and not m.name.startswith("_")
+        if not m.ispkg and m.name not in ("base", "cards") and not m.name.startswith("_")
     ]
     from ssl_eval.protocols import PROTOCOL_TYPES
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ssl_eval.backbones import BuildOptions, build_backbone
+from ssl_eval.core.files import DamagedFile, lock_path, sweep_leftovers, write_checked
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
 from ssl_eval.data.splits import stratified_val_split
-from ssl_eval.fsutil import DamagedFile, lock_path, sweep_leftovers, write_checked
 from ssl_eval.protocols import finetune
 from ssl_eval.protocols.base import ImageInputs
 from ssl_eval.protocols.finetune import FinetuneParams, _read_state, run_finetune
@@ -191,7 +191,7 @@ def test_a_state_that_does_not_fit_loads_nothing(tmp_path, capfd):
 HOLD = """
 import sys, time
 from pathlib import Path
-from ssl_eval.fsutil import file_lock, lock_path
+from ssl_eval.core.files import file_lock, lock_path
 with file_lock(lock_path(Path(sys.argv[1]))):
     print("held", flush=True)
     time.sleep(60)
@@ -232,7 +232,7 @@ def test_damaged_trained_weights_are_refused_not_scored(trained, tmp_path, kind)
     """A changed byte inside a tensor of backbone.safetensors still loads as weights (no
     format check sees it): the sidecar's sha256 refuses it in one line instead of scoring
     different weights under the run's name."""
-    from ssl_eval.errors import UserError
+    from ssl_eval.core.errors import UserError
 
     _, _, tmp = trained
     out = tmp_path / "run"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ssl_eval.cli import main
-from ssl_eval.fsutil import sha256_json
+from ssl_eval.core.files import sha256_json
 from ssl_eval.report import maps, write_report
 
 HOSTILE = "<script>x</script>|y"

@@ -3,9 +3,10 @@ import os
 
 import pytest
 
-from ssl_eval.fsutil import atomic_write_json
-from ssl_eval.leaderboard import write_leaderboard
-from ssl_eval.results import ResultRecord, load_records
+from ssl_eval.core.files import atomic_write_json
+from ssl_eval.records.schema import ResultRecord
+from ssl_eval.records.store import load_records
+from ssl_eval.report.leaderboard import write_leaderboard
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -38,7 +39,7 @@ def _rec(
     seeded=True,
 ):
     """A complete schema-2 record whose setting is built as the evaluator builds it."""
-    from ssl_eval.results import make_setting
+    from ssl_eval.records.schema import make_setting
 
     proto = {
         "name": protocol,
@@ -189,8 +190,8 @@ def test_markdown_names_are_escaped(tmp_path):
 
 
 def test_compare_refuses_records_of_different_settings(tmp_path):
-    from ssl_eval.errors import UserError
-    from ssl_eval.leaderboard import compare
+    from ssl_eval.core.errors import UserError
+    from ssl_eval.report.compare import compare
 
     recs = [
         _rec("a", "d", "linear", 0.8, params={"lrs": [0.1]}),
@@ -259,7 +260,7 @@ def test_bad_record_files_are_skipped_with_a_warning_naming_them(tmp_path, capsy
             bad["schema_version"] = 99
         body = {"schema_version": 2, "records": [bad]}
         if name.startswith("checksum"):
-            from ssl_eval.fsutil import sha256_json
+            from ssl_eval.core.files import sha256_json
 
             body["sha256"] = sha256_json([bad])
             body["records"][0] = dict(bad, value=0.99)  # a number changed by hand
@@ -272,7 +273,7 @@ def test_bad_record_files_are_skipped_with_a_warning_naming_them(tmp_path, capsy
 
 
 def test_a_damaged_record_does_not_count_as_done(tmp_path, capsys):
-    from ssl_eval.results import unit_done
+    from ssl_eval.records.store import unit_done
 
     good = _rec("a", "d", "knn", 0.5)
     atomic_write_json(tmp_path / "records" / "u1-r1.json", {"schema_version": 2, "records": [good]})

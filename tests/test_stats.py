@@ -1,7 +1,14 @@
 import numpy as np
 from scipy.stats import binomtest
 
-from ssl_eval.stats import bootstrap_ci, mcnemar, mean_ci, pack_bits, paired_bootstrap, unpack_bits
+from ssl_eval.core.stats import (
+    bootstrap_ci,
+    mcnemar,
+    mean_ci,
+    pack_bits,
+    paired_bootstrap,
+    unpack_bits,
+)
 
 
 def test_bootstrap_interval_covers_the_true_accuracy_at_about_95_percent():

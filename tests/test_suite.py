@@ -6,8 +6,8 @@ import json
 import pytest
 
 from ssl_eval.cli import main
-from ssl_eval.errors import UserError
-from ssl_eval.suite import load_job_suite, shipped_job_suites
+from ssl_eval.core.errors import UserError
+from ssl_eval.orchestrate.suite import load_job_suite, shipped_job_suites
 
 SMALL = """
 name: small

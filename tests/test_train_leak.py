@@ -11,10 +11,10 @@ import pytest
 from ssl_eval.backbones.base import BuildOptions
 from ssl_eval.backbones.families.trained import build_from_training_dir, split_check
 from ssl_eval.backbones.trained_format import indices_sha256, training_split
-from ssl_eval.config import RunConfig
+from ssl_eval.core.config import RunConfig
+from ssl_eval.core.errors import UserError
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
 from ssl_eval.data.splits import stratified_val_split
-from ssl_eval.errors import UserError
 from ssl_eval.train.config import TrainConfig
 from ssl_eval.train.data import _stack, load_train_data
 from ssl_eval.train.fingerprint import trainer_fingerprint
@@ -153,7 +153,7 @@ def test_split_check_ok_overlap_unknown_and_other_data(runs, data, digits, capfd
 
 def _run(tmp_path, backbone, *extra):
     from ssl_eval.cli import main
-    from ssl_eval.results import load_records
+    from ssl_eval.records.store import load_records
 
     out = tmp_path / "results"
     code = main(

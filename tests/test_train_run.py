@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ssl_eval.backbones.families.trained import build_from_training_dir, is_training_dir
+from ssl_eval.core.errors import UserError
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
 from ssl_eval.data.splits import stratified_val_split
-from ssl_eval.errors import UserError
-from ssl_eval.features import extract
+from ssl_eval.features.extraction import extract
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.knn import KnnParams, run_knn
 from ssl_eval.train.checkpoint import load_state

@@ -10,8 +10,8 @@ import torch
 
 from ssl_eval.backbones.base import BuildOptions
 from ssl_eval.backbones.families.trained import build_from_training_dir
-from ssl_eval.config import RunConfig
-from ssl_eval.errors import UserError
+from ssl_eval.core.config import RunConfig
+from ssl_eval.core.errors import UserError
 from ssl_eval.train import fingerprint as fp
 from ssl_eval.train.config import TrainConfig
 
@@ -43,7 +43,7 @@ def _edited(package, rel: str) -> str:
         "backbones/archs.py",  # the architectures (an absolute-depth relative import, ..)
         "data/shapes.py",  # the data generator
         "data/splits.py",  # the evaluation's validation split the training images avoid
-        "knn_search.py",  # the monitor's k-NN
+        "protocols/search/knn.py",  # the monitor's k-NN
         "train/fingerprint.py",  # itself, through the checkpoint module
     ],
 )
@@ -57,9 +57,9 @@ def test_editing_code_that_trains_changes_the_source_hash(package, rel):
 @pytest.mark.parametrize(
     "rel",
     [
-        "leaderboard.py",
-        "evaluate.py",
-        "features.py",
+        "report/leaderboard.py",
+        "orchestrate/evaluate.py",
+        "features/extraction.py",
         "protocols/knn.py",
         "backbones/families/dino.py",
         "train/resolve.py",  # assembles the config, which the sidecar records in full
@@ -72,9 +72,22 @@ def test_editing_code_that_does_not_train_keeps_the_source_hash(package, rel):
 def test_the_reached_modules_are_the_training_code(package):
     files = {p.relative_to(package).as_posix() for p in fp.trainer_files(package)}
     assert {"train/loop.py", "train/losses.py", "train/methods/dino.py", "train/data.py"} <= files
-    assert {"backbones/archs.py", "data/shapes.py", "data/datasets.py", "knn_search.py"} <= files
-    assert not files & {"leaderboard.py", "evaluate.py", "features.py", "gate.py"}
-    assert not any(f.startswith("protocols/") for f in files)
+    assert {
+        "backbones/archs.py",
+        "data/shapes.py",
+        "data/datasets.py",
+        "protocols/search/knn.py",
+    } <= files
+    assert not files & {
+        "report/leaderboard.py",
+        "orchestrate/evaluate.py",
+        "features/extraction.py",
+        "report/gate.py",
+    }
+    # of the protocols, only the k-NN search the monitor shares
+    assert not any(
+        f.startswith("protocols/") and not f.startswith("protocols/search/") for f in files
+    )
 
 
 def test_the_file_reader_is_what_is_hashed(package):
@@ -205,7 +218,7 @@ def test_allow_incomplete_reaches_the_builder_from_the_command_line():
 
     a = build_parser().parse_args(["run", "--backbone", "pixels", "--allow-incomplete"])
     assert a.allow_incomplete is True
-    from ssl_eval.evaluate import _build_options
+    from ssl_eval.orchestrate.evaluate import _build_options
 
     cfg = RunConfig(backbones=("pixels",), datasets=("digits",), protocols=(object(),))
     assert _build_options(cfg, 0).allow_incomplete is False

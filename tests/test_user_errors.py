@@ -154,7 +154,7 @@ def test_a_pickle_that_would_run_code_is_refused_as_such(tmp_path):
     import torch
 
     from ssl_eval.backbones.checkpoints import load_object
-    from ssl_eval.errors import UserError
+    from ssl_eval.core.errors import UserError
 
     p = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": _RunsCode()}, p)
@@ -169,7 +169,7 @@ def test_other_torch_wordings_of_the_refusal_are_recognised(tmp_path, monkeypatc
     import torch
 
     from ssl_eval.backbones.checkpoints import load_object
-    from ssl_eval.errors import UserError
+    from ssl_eval.core.errors import UserError
 
     p = tmp_path / "w.pth"
     torch.save({"w": torch.zeros(2)}, p)
@@ -188,7 +188,7 @@ def test_a_truncated_pickle_is_called_corrupt(tmp_path):
     import torch
 
     from ssl_eval.backbones.checkpoints import load_object
-    from ssl_eval.errors import UserError
+    from ssl_eval.core.errors import UserError
 
     p = tmp_path / "w.pth"
     torch.save({"w": torch.zeros(1000)}, p)

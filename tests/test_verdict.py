@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from ssl_eval.cli import main
-from ssl_eval.gate import _holm, check, frame_rows, group_runs
-from ssl_eval.stats import pack_bits, prediction_test
+from ssl_eval.core.stats import pack_bits, prediction_test
+from ssl_eval.report.baseline import frame_rows, group_runs
+from ssl_eval.report.gate import _holm, check
 
 TINY = """
 name: tiny

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from torch import nn
 
+from ..core.errors import UserError
+from ..core.registry import Registry
 from ..data.transforms import Preprocessing
-from ..errors import UserError
-from ..registry import Registry
 from .architecture import describe
 from .base import Backbone, BackboneSpec, BuildOptions, WeightsInfo
 from .checkpoints import Checkpoint, read_checkpoint, summarise_keys
@@ -131,7 +131,7 @@ def backbone_from_checkpoint(
     preprocessing: Preprocessing | None = None,
     description: str | None = None,
 ) -> Backbone:
-    from ..fsutil import sha256_file
+    from ..core.files import sha256_file
 
     loaded = family.build(ckpt, variant, opt)
     pre = preprocessing or loaded.preprocessing

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 T = TypeVar("T")
 

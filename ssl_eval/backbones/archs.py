@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..registry import Registry
+from ..core.errors import UserError
+from ..core.registry import Registry
 
 ArchBuilder = Callable[..., nn.Module]
 ARCHS: Registry[ArchBuilder] = Registry("architecture")

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.errors import UserError
+from ..core.registry import Registry
 from ..data.transforms import Preprocessing
-from ..errors import UserError
-from ..registry import Registry
 
 # ---------------------------------------------------------------- feature kinds
 

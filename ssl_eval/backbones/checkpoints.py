@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError, one_line
+from ..core.errors import UserError, one_line
 
 # Top-level containers that official checkpoints wrap their state dict in.
 _CONTAINERS = ("state_dict", "model", "model_state", "module", "net")

@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..core.errors import UserError
+from ..core.files import sha256_json
+from ..core.provenance import module_sources
 from ..data.transforms import Preprocessing
-from ..errors import UserError
-from ..fsutil import sha256_json
-from ..provenance import module_sources
 from .architecture import describe
 from .base import Backbone, BackboneSpec, BuildOptions, WeightsInfo, state_dict_sha256
 from .registry import BACKBONES

@@ -4,7 +4,7 @@ no family, so the dependency runs one way (catalog -> families -> registry)."""
 
 from __future__ import annotations
 
-from ..registry import Registry
+from ..core.registry import Registry
 from .base import BackboneSpec
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone", listing="ssl-eval list backbones")

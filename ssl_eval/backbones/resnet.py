@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .checkpoints import Checkpoint, strict_load, uninitialised
 
 HEAD = (r"^fc\.",)

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.errors import UserError, one_line
+from ..core.files import atomic_write_bytes, atomic_write_json
 from ..data.splits import stratified_val_split
 from ..data.transforms import Preprocessing
-from ..errors import UserError, one_line
-from ..fsutil import atomic_write_bytes, atomic_write_json
 
 FORMAT = "ssl-eval-trained-backbone"
 FORMAT_VERSION = 1  # what this ssl-eval writes

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .checkpoints import strict_load, uninitialised
 
 # Heads per width in the original ViT/DeiT sizes (timm's definitions). Each family has its own

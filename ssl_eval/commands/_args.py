@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 
 def csv_list(value: str) -> tuple[str, ...]:
@@ -72,7 +72,7 @@ def cluster_options(a: argparse.Namespace):
             if value:
                 raise UserError(f"{flag} applies to a sweep: add --executor local|slurm")
         return None
-    from ..sweep import EXECUTORS, ClusterOptions
+    from ..orchestrate.sweep import EXECUTORS, ClusterOptions
 
     EXECUTORS.get(a.executor)  # an unknown name: "did you mean"
     return ClusterOptions(

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..gate import write_baseline
+    from ..report.baseline import write_baseline
 
     n = write_baseline(a.results_dir, a.out, a.update)
     print(f"wrote {a.out}: {n} row(s) from {a.results_dir}")

@@ -53,15 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..fsutil import atomic_write_text
-    from ..gate import (
-        check,
-        frame_rows,
-        junit_xml,
-        parse_tolerance,
-        read_baseline,
-        summary_markdown,
-    )
+    from ..core.files import atomic_write_text
+    from ..report.baseline import frame_rows, read_baseline
+    from ..report.gate import check, junit_xml, parse_tolerance, summary_markdown
 
     tol = parse_tolerance(a.tolerance)
     base = read_baseline(a.baseline)

@@ -24,7 +24,7 @@ def add_arguments(cp: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..leaderboard import compare
+    from ..report.compare import compare
 
     rows = compare(
         a.results_dir, a.a, a.b, seed=a.seed, allow_different_settings=a.allow_different_settings

@@ -21,9 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> int:
     import io
 
-    from ..errors import UserError
-    from ..frame import load_frame
-    from ..fsutil import atomic_write_bytes
+    from ..core.errors import UserError
+    from ..core.files import atomic_write_bytes
+    from ..records.frame import load_frame
 
     frame = load_frame(a.results_dir)
     out = a.out or Path(a.results_dir) / f"records.{a.format}"

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..leaderboard import write_leaderboard
+    from ..report.leaderboard import write_leaderboard
 
     csv_path, md_path = write_leaderboard(a.results_dir, a.metric)
     print(md_path.read_text())

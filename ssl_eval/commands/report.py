@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..errors import UserError
+    from ..core.errors import UserError
+    from ..records.store import records_dir
     from ..report import write_report
-    from ..results import records_dir
 
     if not records_dir(a.results_dir).is_dir():
         raise UserError(

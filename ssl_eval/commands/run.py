@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+from ..core.config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
 from ._args import add_cluster_options, add_results_dir, cluster_options, csv_list, int_list
 
 NAME = "run"
@@ -101,10 +101,10 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..config import RunConfig
+    from ..core.config import RunConfig
+    from ..core.distributed import launched_main
     from ..data.datasets import DEFAULT_DATASET
-    from ..distributed import launched_main
-    from ..evaluate import run as run_units
+    from ..orchestrate.evaluate import run as run_units
     from ..protocols.cards import load_cards
 
     names = list(a.protocol or ())
@@ -158,7 +158,7 @@ def run(a: argparse.Namespace) -> int:
     if skipped:
         print(f"({skipped} unit(s) already in {cfg.results_dir}, skipped; --force redoes them)")
     if not a.no_leaderboard:
-        from ..leaderboard import write_leaderboard
+        from ..report.leaderboard import write_leaderboard
 
         csv_path, md_path = write_leaderboard(cfg.results_dir)
         print(f"leaderboard: {md_path}")
@@ -166,9 +166,9 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _sweep(cfg, cluster, no_leaderboard: bool) -> int:
-    """The units of ``cfg`` as jobs through ``cluster.executor`` (ssl_eval/sweep/)."""
-    from ..sweep import submit_sweep
-    from ..sweep.status import counts, format_counts, format_table
+    """The units of ``cfg`` as jobs through ``cluster.executor`` (ssl_eval/orchestrate/sweep/)."""
+    from ..orchestrate.sweep import submit_sweep
+    from ..orchestrate.sweep.status import counts, format_counts, format_table
 
     out = submit_sweep(cfg, cluster)
     print(
@@ -182,7 +182,7 @@ def _sweep(cfg, cluster, no_leaderboard: bool) -> int:
     print(format_table(out.states))
     print(format_counts(out.states))
     if not no_leaderboard:
-        from ..leaderboard import write_leaderboard
+        from ..report.leaderboard import write_leaderboard
 
         csv_path, md_path = write_leaderboard(cfg.results_dir)
         print(f"leaderboard: {md_path}")

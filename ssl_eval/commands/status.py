@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..sweep import sweep_status
-    from ..sweep.status import format_counts, format_table
+    from ..orchestrate.sweep import sweep_status
+    from ..orchestrate.sweep.status import format_counts, format_table
 
     states = sweep_status(a.results_dir, a.sweep)
     print(format_table(states))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ._args import add_cluster_options, cluster_options
@@ -67,9 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..suite import load_job_suite, shipped_job_suites
-    from ..suite.runner import SuiteOptions, run_suite
+    from ..core.errors import UserError
+    from ..orchestrate.suite import load_job_suite, shipped_job_suites
+    from ..orchestrate.suite.runner import SuiteOptions, run_suite
 
     if a.list:
         for name in shipped_job_suites():
@@ -109,7 +110,7 @@ def run(a: argparse.Namespace) -> int:
         print(f"report: {report}")
     ref = a.reference
     if ref is None:
-        from ..suite.spec import shipped_reference
+        from ..orchestrate.suite.spec import shipped_reference
 
         found = shipped_reference(suite.name) if a.suite in (None, suite.name) else None
         ref = str(found) if found is not None else "none"
@@ -119,8 +120,6 @@ def run(a: argparse.Namespace) -> int:
             )
     if ref == "none":
         return 0
-    from ..cli import main
-
     print(
         f"did this run reproduce the reference {ref}? (two-sided: a significant change either way is not a reproduction)"
     )
@@ -128,7 +127,7 @@ def run(a: argparse.Namespace) -> int:
     for flag, path in (("--junit", a.junit), ("--summary", a.summary)):
         if path is not None:
             argv += [flag, str(path)]
-    code = main(argv)
+    code = _check(argv)
     print(
         "REPRODUCED: no number differs significantly from the reference, in either direction "
         "(retrained models judged against the reference's training runs)"
@@ -138,3 +137,18 @@ def run(a: argparse.Namespace) -> int:
         else "the check could not run (see the error above)"
     )
     return code
+
+
+def _check(argv: list[str]) -> int:
+    """``ssl-eval check argv`` in this process: its exit code, 2 (its error printed on one
+    line) where it cannot run."""
+    from ..core.errors import UserError, one_line
+    from . import check
+
+    parser = argparse.ArgumentParser(prog="ssl-eval check")
+    check.add_arguments(parser)
+    try:
+        return check.run(parser.parse_args(argv[1:]))
+    except UserError as e:
+        print(f"ssl-eval: error: {one_line(e, limit=None)}", file=sys.stderr)
+        return 2

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..registry import Registry
+from ..core.errors import UserError
+from ..core.registry import Registry
 from . import shapes as shapes_gen
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -244,7 +244,7 @@ def _content_fingerprint(
     its path, size and modification time, so an unchanged large folder is not read again."""
     import json
 
-    from ..fsutil import atomic_write_json
+    from ..core.files import atomic_write_json
 
     manifest_path = None
     known: dict = {}

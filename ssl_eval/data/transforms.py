@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +70,7 @@ class Preprocessing:
         default would feed a backbone the wrong pixels); ``resize``, ``crop`` and
         ``interpolation`` default as in the class. Unknown keys are refused: a setting this
         version cannot apply must not be dropped silently."""
-        from ..config import from_mapping
+        from ..core.config import from_mapping
 
         if not isinstance(d, dict):
             raise UserError(f"preprocessing must be a mapping, not {type(d).__name__}")

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, RandomSampler
 
-from .. import distributed
-from ..errors import UserError
+from ..core import distributed
+from ..core.errors import UserError
 
 
 def check(p, clf: nn.Module, device: torch.device) -> None:

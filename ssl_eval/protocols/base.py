@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..registry import Registry
+from ..core.registry import Registry
 
 
 @dataclass

@@ -13,8 +13,8 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import check_keys, from_mapping, parse_set, read_yaml, refuse_non_finite
-from ..errors import UserError
+from ..core.config import check_keys, from_mapping, parse_set, read_yaml, refuse_non_finite
+from ..core.errors import UserError
 from .base import PROTOCOL_TYPES, ProtocolType
 
 CARD_KEYS = ("name", "version", "type", "description", "selection_split", "params")

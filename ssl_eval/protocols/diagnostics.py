@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.errors import UserError
 from ..data.views import augment_all
-from ..errors import UserError
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, embed_images
 
 RANKME_EPS = 1e-7

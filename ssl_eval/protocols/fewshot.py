@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..registry import Registry
+from ..core.errors import UserError
+from ..core.registry import Registry
 from .base import PROTOCOL_TYPES, DataShape, ProtocolInputs, ProtocolOutput, ProtocolType
 
 LOGREG_CS = (0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0, 31.6, 100.0)  # 10^-2 .. 10^2, half-decades

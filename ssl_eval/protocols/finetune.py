@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .. import distributed
 from ..backbones.base import FEATURE_KINDS
-from ..errors import UserError
-from ..fsutil import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
-from ..runtime import warn
+from ..core import distributed
+from ..core.errors import UserError
+from ..core.files import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
+from ..core.runtime import warn
 from . import _finetune_dist
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.errors import UserError
 from ..data.views import AUGMENTATIONS, augment_all
-from ..errors import UserError
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, embed_images
 
 

@@ -2,7 +2,7 @@
 al. 2018 and DINO: each of the k nearest training examples votes for its class with weight
 exp(sim / T). The reported k is chosen on the validation split carved from train.
 
-The search and the vote live in ssl_eval/knn_search.py (shared with the trainer's online
+The search and the vote live in ssl_eval/protocols/search/knn.py (shared with the trainer's online
 monitor); this file holds the card's params, the k selection, the protocol's registration, and
 the canonical order of neighbours (exact ties to the lower bank index, which the search leaves
 unspecified) that makes a bank searched in shards by several processes give the same votes.
@@ -15,17 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import distributed
-from ..errors import UserError
-from ..feature_stream import FeatureRows
-from ..knn_search import (
-    AUTO_PRECISION,
-    SEARCH_BACKENDS,
-    knn_search,
-    knn_vote,
-    resolve_backend,
-    search_plan,
-)
+from ..core import distributed
+from ..core.errors import UserError
+from ..features.stream import FeatureRows
 from .base import (
     PROTOCOL_TYPES,
     DataShape,
@@ -33,6 +25,14 @@ from .base import (
     ProtocolOutput,
     ProtocolType,
     topk_hits,
+)
+from .search.knn import (
+    AUTO_PRECISION,
+    SEARCH_BACKENDS,
+    knn_search,
+    knn_vote,
+    resolve_backend,
+    search_plan,
 )
 
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import distributed
-from ..errors import UserError
-from ..feature_stream import FeatureRows, as_rows
+from ..core import distributed
+from ..core.errors import UserError
+from ..features.stream import FeatureRows, as_rows
 from .base import (
     PROTOCOL_TYPES,
     ProtocolInputs,

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..fsutil import atomic_write_bytes, atomic_write_text, ensure_writable_dir
-from ..runtime import warn
+from ..core.files import atomic_write_bytes, atomic_write_text, ensure_writable_dir
+from ..core.runtime import warn
 from . import html, markdown
 from .figures import Figure, bar_jobs, fewshot_jobs, invariance_jobs
 from .findings import TITLE as FINDINGS_TITLE
@@ -67,8 +67,8 @@ def write_report(
     ``out_dir`` (default ``<results_dir>/report``) from the records under ``results_dir``;
     features for the t-SNE maps come from ``cache_dir`` (default ``$SSL_EVAL_CACHE`` or
     ``~/.cache/ssl-eval``). Returns the path of index.html."""
-    from ..features import default_cache_dir
-    from ..frame import load_frame
+    from ..features.extraction import default_cache_dir
+    from ..records.frame import load_frame
 
     results_dir = Path(results_dir)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -103,7 +103,7 @@ def write_report(
     ]
     md_sections = [
         ("Leaderboard", markdown.leaderboard_md(table)),
-        (FINDINGS_TITLE, markdown.findings_md(found)),
+        (FINDINGS_TITLE, markdown.findings_md(found.blocks())),
     ]
     for heading, fs in groups:
         if fs:

@@ -162,7 +162,7 @@ def _fewshot(g: pd.DataFrame, shots: list[str], title: str, chash: str) -> Figur
 
 def metric_columns(rows: pd.DataFrame) -> list[str]:
     """The metric columns some row of ``rows`` holds (a value, not an interval part)."""
-    from ..frame import IDENTITY
+    from ..records.frame import IDENTITY
 
     skip = ("setting.", "protocol.", "dataset.", "split.", "weights.", "preprocessing.")
     skip += ("load_report.", "packages.", "details.")

@@ -29,7 +29,11 @@ All p-values of one ``Findings`` are Holm-adjusted together (family-wise error 5
 ``above`` or ``below`` when its adjusted p-value is under 0.05, else ``not separable``.
 ``markdown()`` is deterministic: the same records give the same text, byte for byte (no path,
 no time), so a README can quote it and a test can compare the quote.
-"""
+
+
+Why one file of ~420 lines of code: the claims and the sentences that word them are one
+contract (every sentence names the test behind it, and the test picks the words), and
+``tests/test_findings.py`` checks them together; split, each half would import the other."""
 
 from __future__ import annotations
 
@@ -41,12 +45,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..stats import holm, interval_z_test, mcnemar, t_test_1samp, unpack_bits, welch_t
+from ..core.stats import holm, interval_z_test, mcnemar, t_test_1samp, unpack_bits, welch_t
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ..leaderboard import Table
+    from .leaderboard import Table
 
 __all__ = ["ALPHA", "TITLE", "Best", "Claim", "Findings", "findings"]
 
@@ -152,7 +156,7 @@ class Findings:
         """The whole section, heading included (``report/findings.md``)."""
         from .markdown import findings_md
 
-        return "\n".join([f"## {TITLE}", "", *findings_md(self)]).rstrip() + "\n"
+        return "\n".join([f"## {TITLE}", "", *findings_md(self.blocks())]).rstrip() + "\n"
 
 
 # ---------------------------------------------------------------- reading the records
@@ -186,7 +190,7 @@ def _is_trained(rows: pd.DataFrame) -> bool:
 
 def _sides(frame: pd.DataFrame, table: Table, metric: str) -> dict[tuple[str, str], _Side]:
     """{(row label, column key): the side of that cell}."""
-    from ..leaderboard import make_cell
+    from .leaderboard import make_cell
 
     scale = _scale(metric)
     out: dict[tuple[str, str], _Side] = {}
@@ -293,8 +297,8 @@ def findings(results_dir: str | Path, frame: pd.DataFrame | None = None) -> Find
     """Every claim of the records under ``results_dir`` (read through ``load_frame``, or
     ``frame`` when the caller has already read them); ``suite.json`` there names the
     ablation groups."""
-    from ..frame import load_frame
-    from ..leaderboard import build_table
+    from ..records.frame import load_frame
+    from .leaderboard import build_table
 
     results_dir = Path(results_dir)
     frame = load_frame(results_dir) if frame is None else frame

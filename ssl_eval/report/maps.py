@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..runtime import warn
+from ..core.runtime import warn
 from .figures import Figure, file_name, mpl_text, plt, to_png
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ MIN_FOR_CORRELATION = 3
 
 def test_features(cache_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The test features and labels of cache entry ``key``, or None where it is absent or
-    unreadable (the entry layout of ssl_eval/features.py)."""
+    unreadable (the entry layout of ssl_eval/features/extraction.py)."""
     entry = Path(cache_dir) / "features" / str(key)
     try:
         feats = np.load(entry / "features.npy", mmap_mode="r")

@@ -11,7 +11,7 @@ from .maps import Diagnostics
 from .table import Table
 
 if TYPE_CHECKING:
-    from .findings import Findings
+    pass
 
 _MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\|[]*`"})
 
@@ -75,8 +75,8 @@ def diagnostics_md(diags: list[Diagnostics]) -> list[str]:
     return out
 
 
-def findings_md(f: Findings) -> list[str]:
-    """The generated findings (``Findings.blocks``): paragraphs, list items, labels escaped
+def findings_md(blocks: list[tuple[str, list[tuple[str, str]]]]) -> list[str]:
+    """The generated findings (``Findings.blocks()``): paragraphs, list items, labels escaped
     and the models' names in bold."""
 
     def seg(text: str, style: str) -> str:
@@ -86,7 +86,7 @@ def findings_md(f: Findings) -> list[str]:
 
     out: list[str] = []
     prev = ""
-    for kind, segs in f.blocks():
+    for kind, segs in blocks:
         if out and (kind == "p" or prev == "p"):
             out.append("")
         out.append(("- " if kind == "li" else "") + "".join(seg(t, s) for t, s in segs))

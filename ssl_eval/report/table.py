@@ -1,4 +1,4 @@
-"""The report's leaderboard, from the frame (``ssl_eval.frame.load_frame``): one row per
+"""The report's leaderboard, from the frame (``ssl_eval.records.frame.load_frame``): one row per
 backbone, one column per dataset x protocol setting, each cell the headline metric with its 95%
 interval and the setting it was measured under.
 
@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..stats import mean_ci
+from ..core.stats import mean_ci
 
 if TYPE_CHECKING:
     import pandas as pd

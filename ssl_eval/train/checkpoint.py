@@ -28,10 +28,10 @@ from ..backbones.trained_format import (  # noqa: F401
     WEIGHTS,
     write_trained_backbone,
 )
+from ..core.errors import UserError
+from ..core.files import DamagedFile, read_checked, write_checked
+from ..core.runtime import warn
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ..errors import UserError
-from ..fsutil import DamagedFile, read_checked, write_checked
-from ..runtime import warn
 from .fingerprint import trainer_fingerprint
 
 STATE = "train_state.pt"

@@ -1,7 +1,7 @@
 """Training configuration: one ``TrainConfig`` dataclass holding the augmentation pipeline,
 the method's own settings and the optimisation schedule. Every field has a default per
 method, and the whole thing round-trips through YAML, so an ablation is a change of config,
-not of code. It is read by the one YAML-to-dataclass loader, ``ssl_eval.config.from_mapping``
+not of code. It is read by the one YAML-to-dataclass loader, ``ssl_eval.core.config.from_mapping``
 (train/resolve.py assembles it)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
-from ..errors import UserError
+from ..core.config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+from ..core.errors import UserError
 
 
 def _check(ok: bool, message: str) -> None:

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from ..backbones.trained_format import indices_sha256, training_split
-from ..config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+from ..core.config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+from ..core.errors import UserError
 from ..data.datasets import DatasetOptions, ImageSplit, get_dataset
 from ..data.transforms import Preprocessing
-from ..errors import UserError
 
 
 @dataclass

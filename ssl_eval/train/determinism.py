@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 CAPABILITY = "avx2"  # the pinned ATen kernel path (the pinned weights depend on this value)
 ENVIRONMENT = {

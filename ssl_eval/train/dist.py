@@ -1,5 +1,5 @@
-"""Data-parallel helpers: set up the process group from torchrun's environment, and gather a
-tensor from every process.
+"""Data-parallel helpers of the trainer: gather a tensor from every process (the process group
+itself is set up by ``core.distributed.setup``, shared with the evaluation).
 
 ``gather_with_grad`` is differentiable across processes: its backward sums, over processes,
 the gradient each one's loss sends to the gathered rows and hands every process the sum for
@@ -14,33 +14,10 @@ global batch, for every method.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup(device: torch.device) -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on
-    GPUs, gloo on CPU. A plain ``python`` launch is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+from ..core.distributed import DistInfo, setup  # noqa: F401  (the trainer's entry: dist.setup)
 
 
 def is_dist() -> bool:

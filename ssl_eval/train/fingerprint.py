@@ -120,7 +120,7 @@ def source_fingerprint(
 
 
 def training_library_versions() -> dict:
-    from ..provenance import package_versions
+    from ..core.provenance import package_versions
 
     v = package_versions()
     return {n: v.get(n) for n in TRAINING_LIBRARIES}

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from ..backbones.archs import build_arch
+from ..core.errors import UserError
+from ..core.files import ensure_writable_dir, sweep_leftovers
+from ..core.runtime import log as runtime_log
+from ..core.runtime import resolve_device
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..errors import UserError
-from ..fsutil import ensure_writable_dir, sweep_leftovers
-from ..runtime import log as runtime_log
-from ..runtime import resolve_device
 from . import dist
 from .augment import make_views, step_generator
 from .checkpoint import STATE, export_backbone, load_state, make_sidecar, restore, save_state

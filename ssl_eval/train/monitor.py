@@ -21,7 +21,7 @@ from torch import nn
 
 from ..backbones.base import FEATURE_KINDS
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..knn_search import knn_classify  # the same k-NN the evaluator's protocol uses
+from ..protocols.search.knn import knn_classify  # the same k-NN the evaluator's protocol uses
 from .augment import make_views, step_generator
 from .config import TrainConfig
 from .data import TrainData

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .config import OptimConfig
 
 

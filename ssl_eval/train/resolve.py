@@ -1,14 +1,14 @@
 """Resolve the training config: a TrainConfig from (in increasing precedence) the method's
 defaults, a YAML file, explicit settings and ``key=value`` overrides, read by the shared
-loader (ssl_eval.config). The CLI and the ablation both go through here."""
+loader (ssl_eval.core.config). The CLI and the ablation both go through here."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from ..config import apply_set, deep_update, from_mapping, read_yaml, refuse_non_finite
-from ..errors import UserError
+from ..core.config import apply_set, deep_update, from_mapping, read_yaml, refuse_non_finite
+from ..core.errors import UserError
 from .config import TrainConfig
 from .methods import METHODS
 

@@ -7,8 +7,8 @@ import sys
 import torch
 from torch import nn
 
+from ...core.errors import UserError, one_line
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ...errors import UserError, one_line
 from ..architecture import describe
 from ..base import Backbone, BackboneSpec, BuildOptions, WeightsInfo, state_dict_sha256
 from ..checkpoints import read_state_dict, strict_load
@@ -123,7 +123,7 @@ def timm_backbone(
         weights = WeightsInfo(f"random-init(seed={opt.seed})", state_dict_sha256(model))
         report = {"format": "random-init", "kept": len(model.state_dict())}
     else:
-        from ...fsutil import sha256_file
+        from ...core.files import sha256_file
 
         path = source.resolve(opt.weights, opt.offline)
         report = load_timm_weights(model, path)

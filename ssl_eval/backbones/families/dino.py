@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ...core.errors import UserError
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
 from ..architecture import ArchTable, Pick, agree, check_kind
 from ..checkpoints import Checkpoint

@@ -23,8 +23,8 @@ import re
 
 import torch
 
+from ...core.errors import UserError
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
 from ..architecture import ArchTable
 from ..checkpoints import Checkpoint, strict_load

@@ -25,8 +25,8 @@ import re
 
 import torch
 
+from ...core.errors import UserError
 from ...data.transforms import Preprocessing
-from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
 from ..architecture import ArchTable
 from ..checkpoints import Checkpoint

@@ -26,8 +26,8 @@ from pathlib import Path
 import torchvision
 from torch import nn
 
+from ...core.errors import UserError
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family
 from ..architecture import ArchTable
 from ..checkpoints import Checkpoint, strict_load, uninitialised

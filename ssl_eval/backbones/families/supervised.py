@@ -10,8 +10,8 @@ ImageNet mean/std. ``supervised_r50`` is V2, torchvision's current default (80.9
 
 from __future__ import annotations
 
+from ...core.errors import UserError
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from ...errors import UserError
 from ..adapters import Family, Loaded, finish_report, register_family, register_tag
 from ..architecture import ArchTable
 from ..checkpoints import Checkpoint

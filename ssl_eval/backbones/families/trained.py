@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UserError
-from ...fsutil import sha256_file, sha256_json
-from ...runtime import warn
+from ...core.errors import UserError
+from ...core.files import sha256_file, sha256_json
+from ...core.runtime import warn
 from ..adapters import FolderReader, register_folder_reader
 from ..architecture import describe
 from ..archs import build_arch

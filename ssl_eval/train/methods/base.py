@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...config import from_mapping
-from ...errors import UserError
-from ...registry import Registry
+from ...core.config import from_mapping
+from ...core.errors import UserError
+from ...core.registry import Registry
 from ..config import AugConfig, OptimConfig
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...backbones.archs import is_vit
-from ...errors import UserError
+from ...core.errors import UserError
 from ..config import AugConfig, OptimConfig, ViewAug
 from ..losses import mae_loss
 from .base import MethodSpec, SSLMethod, register

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from ..fsutil import atomic_write_text, ensure_writable_dir, sha256_json
-from ..runtime import log
+from ...core.errors import UserError
+from ...core.files import atomic_write_text, ensure_writable_dir, sha256_json
+from ...core.runtime import log
 from .spec import JobSuite
 
 
@@ -55,8 +55,8 @@ def _resolved_train_config(
     suite: JobSuite, model, device: str, run: int = 0, deterministic: bool = False
 ):
     """The model's training config for its ``run``-th training run (seed + run)."""
-    from ..config import deep_update
-    from ..train.resolve import resolve_config
+    from ...core.config import deep_update
+    from ...train.resolve import resolve_config
 
     settings = deep_update(dict(suite.train_defaults), dict(model.config))
     settings.setdefault("image_size", suite.image_size)
@@ -70,7 +70,7 @@ def _resolved_train_config(
 
 
 def _complete(folder: Path, cfg_dict: dict, trainer: dict) -> bool:
-    from ..backbones.trained_format import SIDECAR
+    from ...backbones.trained_format import SIDECAR
 
     try:
         side = json.loads((folder / SIDECAR).read_text())
@@ -88,9 +88,9 @@ def train_models(suite: JobSuite, opt: SuiteOptions, out: SuiteOutcome) -> dict[
     yet. A folder's name holds the hash of the resolved config and of the trainer's
     fingerprint (its source code and library versions): what trained the weights decides
     whether they are reused, not only the recipe."""
-    from ..train.checkpoint import STATE
-    from ..train.fingerprint import trainer_fingerprint
-    from ..train.loop import train
+    from ...train.checkpoint import STATE
+    from ...train.fingerprint import trainer_fingerprint
+    from ...train.loop import train
 
     if opt.train_seeds < 1:
         raise UserError(f"--train-seeds {opt.train_seeds}: train each model at least once")
@@ -134,10 +134,10 @@ def _sidecar_config(cfg_dict: dict) -> dict:
 
 
 def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
-    from ..config import RunConfig
+    from ...core.config import RunConfig
+    from ...protocols.cards import load_cards
+    from ...report.leaderboard import write_leaderboard
     from ..evaluate import run
-    from ..leaderboard import write_leaderboard
-    from ..protocols.cards import load_cards
 
     t_all = time.perf_counter()
     if opt.cluster is not None and not opt.cluster.wait:
@@ -179,7 +179,7 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
     write_leaderboard(results)
     if opt.report:
         try:
-            from ..report import write_report
+            from ...report import write_report
         except ImportError:  # the report package is optional in a minimal install
             write_report = None
         if write_report is not None:
@@ -191,7 +191,7 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
 
 
 def _evaluate_as_sweep(cfg, cluster, out: SuiteOutcome) -> None:
-    """The evaluation as a sweep of submitit jobs (ssl_eval/sweep/), waited for."""
+    """The evaluation as a sweep of submitit jobs (ssl_eval/orchestrate/sweep/), waited for."""
     from ..sweep import submit_sweep
     from ..sweep.status import counts
 
@@ -213,7 +213,7 @@ def _write_manifest(suite: JobSuite, out: SuiteOutcome) -> None:
     wall times of this run (provenance; the numbers live in the records)."""
     from dataclasses import asdict
 
-    from ..provenance import code_version, device_name, machine_info
+    from ...core.provenance import code_version, device_name, machine_info
 
     try:
         import torch

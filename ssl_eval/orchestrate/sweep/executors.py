@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..registry import Registry
+from ...core.errors import UserError
+from ...core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ EXECUTORS: Registry[ExecutorKind] = Registry("executor")
 
 
 def _local_device(device: str, opts: ClusterOptions) -> str:
-    from ..runtime import resolve_device
+    from ...core.runtime import resolve_device
 
     return str(resolve_device(device))  # the jobs run here: the same answer
 

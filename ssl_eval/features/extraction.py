@@ -13,24 +13,18 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from . import distributed
-from .accel import Accel, prepared
-from .backbones.base import Backbone
-from .data.datasets import DatasetBundle, ImageSplit
-from .data.transforms import Preprocessing
-from .errors import UserError
-from .fsutil import (
+from ..backbones.base import Backbone
+from ..core import distributed
+from ..core.errors import UserError
+from ..core.files import (
     atomic_directory,
     atomic_write_json,
     file_lock,
@@ -38,8 +32,13 @@ from .fsutil import (
     preallocate,
     sha256_json,
 )
-from .provenance import autocast_dtype, library_versions, source_hash
-from .runtime import log, warn
+from ..core.provenance import autocast_dtype, library_versions, source_hash
+from ..core.runtime import log
+from ..data.datasets import DatasetBundle
+from .accel import Accel, prepared
+from .decode_cache import decoded_in_world
+from .entries import CHECKSUM, Damaged, cached_entry, file_checksum
+from .loading import Images, progress_bar, worker_errors
 
 FEATURE_FORMAT_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -58,38 +57,6 @@ class FeatureSet:
     path: Path
     cache_hit: bool
     seconds: float = 0.0
-
-
-class _Images(Dataset):
-    """uint8 CHW images, resized and cropped; normalisation happens per batch."""
-
-    def __init__(self, split: ImageSplit, pre: Preprocessing):
-        self.split, self.pre = split, pre
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img = torch.from_numpy(np.ascontiguousarray(self.split.load(i))).permute(2, 0, 1)
-        out = self.pre.geometric(img).contiguous()
-        if self.pre.crop is None:  # no crop to a fixed size: the sizes must agree
-            first = self._first_shape()
-            if tuple(out.shape) != first:
-                where = self.split.paths[i] if self.split.paths else f"image {i}"
-                raise UserError(
-                    f"{where} is {out.shape[1]}x{out.shape[2]} but the first image is {first[1]}x{first[2]}, "
-                    "and this backbone does not resize; pass --image-size N to resize every image"
-                )
-        return out
-
-    def _first_shape(self) -> tuple[int, ...]:
-        if not hasattr(self, "_first"):
-            self._first = tuple(
-                self.pre.geometric(
-                    torch.from_numpy(np.ascontiguousarray(self.split.load(0))).permute(2, 0, 1)
-                ).shape
-            )
-        return self._first
 
 
 def cache_key(
@@ -113,7 +80,15 @@ def cache_key(
     fast = (accel or Accel()).key()
     return ({"accel": fast} if fast else {}) | {
         "format": FEATURE_FORMAT_VERSION,
-        "code": source_hash("features.py", "backbones", "data", "registry.py"),
+        "code": source_hash(
+            "features/extraction.py",
+            "features/loading.py",
+            "features/entries.py",
+            "features/accel.py",
+            "backbones",
+            "data",
+            "core/registry.py",
+        ),
         "libraries": library_versions(),
         "device": device.type,
         "autocast": autocast_dtype(device),
@@ -173,33 +148,6 @@ def _cached(entry: Path, key: str, what: str, discard: bool) -> FeatureSet | Non
     return cached_entry(entry, lambda: _open(entry, key, hit=True, verify=True), what, discard)
 
 
-def cached_entry(
-    entry: Path,
-    open_verified,
-    what: str,
-    discard: bool,
-    kind: str = "cache entry",
-    redo: str = "extracting again",
-    tag: str = "cache",
-):
-    """``open_verified()`` of a cache entry, or None when the entry is absent or damaged (it
-    raised ``_Damaged``). A damaged entry is removed only under the entry's lock
-    (``discard``): unlocked, the path may already name a good entry another process wrote.
-    Shared by the feature cache and the decode cache (``kind``, ``redo`` and ``tag`` word
-    their messages)."""
-    if not entry.exists():
-        return None
-    try:
-        got = open_verified()
-    except _Damaged as e:
-        if discard:
-            warn(f"{kind} {entry} is damaged ({e}); discarding it and {redo}")
-            shutil.rmtree(entry, ignore_errors=True)
-        return None
-    log(f"reusing {what} ({entry})", tag)
-    return got
-
-
 def _extract(
     backbone,
     bundle,
@@ -220,7 +168,7 @@ def _extract(
     )
     with atomic_directory(entry) as tmp, _embedding(backbone, device, fast[2]) as embed:
         out = _EntryWriter(tmp, entry, n, dtype, backbone.tag, f"{bundle.name}/{split}")
-        bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress)
+        bar = progress_bar(n, f"{backbone.tag} {bundle.name}/{split}", progress)
         for batch in batches:
             bar.update(out.write(embed(batch)))
         bar.close()
@@ -277,12 +225,14 @@ def _batches(
     or only the batches numbered ``numbers`` (a torchrun rank's share), cut the same way."""
     pin, gpu = pin_gpu
     if decode:
-        src = _decoded(bundle, split, backbone.preprocessing, cache_dir, num_workers, progress)
+        src = decoded_in_world(
+            bundle, split, backbone.preprocessing, cache_dir, num_workers, progress
+        )
         # on a GPU the map's NHWC rows travel as they are and the layout the model runs in is
         # made there (_embedding's .contiguous), not by a transposing copy on the host
         nhwc = accel.channels_last or gpu
         return src.batches(batch_size, nhwc, pin, numbers), len(src)
-    images = _Images(bundle.split(split), backbone.preprocessing)
+    images = Images(bundle.split(split), backbone.preprocessing)
     n = len(images)
     if num_workers is None:
         num_workers = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
@@ -293,36 +243,7 @@ def _batches(
             "batch_sampler": [range(b * batch_size, min(n, (b + 1) * batch_size)) for b in numbers]
         }
     loader = DataLoader(images, num_workers=num_workers, pin_memory=pin, **cut)
-    return _worker_errors(loader), n
-
-
-def _decoded(bundle, split, pre, cache_dir, num_workers, progress):
-    """The split's decode cache entry, built once. One process: ``decode_cache.decoded``. A
-    torchrun world: rank 0 takes the entry's lock and builds the entry if it is missing, as one
-    process does; the other ranks wait on that lock, not in a collective (a build can outlast
-    the process group's timeout), then open the entry rank 0 left, verified."""
-    from .decode_cache import DecodeEntry, decoded
-
-    if distributed.world() == 1:
-        return decoded(
-            bundle, split, pre, cache_dir=cache_dir, num_workers=num_workers, progress=progress
-        )
-    spot, main = DecodeEntry.of(bundle, split, pre, cache_dir), distributed.is_main()
-    got, error = None, None
-    if not main:
-        distributed.barrier()  # until rank 0 holds the lock
-    with spot.lock(quiet=not main):
-        if main:
-            distributed.barrier()  # the others now wait on the lock
-        try:
-            got = spot.get(num_workers, progress) if main else spot.read()
-        except UserError as e:
-            error = str(e)
-            if not main:  # rank 0 built it, this rank cannot see it
-                where = "put --cache-dir on a filesystem every node shares"
-                error = f"rank {distributed.rank()} {error}; {where}"
-    distributed.agree(error)  # rank 0's failure first: the others then find no entry
-    return got
+    return worker_errors(loader), n
 
 
 class _EntryWriter:
@@ -377,72 +298,25 @@ def _open_output(path: Path, dtype, shape: tuple[int, int], entry: Path) -> np.m
     return out
 
 
-def _worker_errors(loader):
-    """Iterate ``loader``; a UserError raised in a DataLoader worker (a corrupt image) arrives
-    wrapped in the worker's traceback text: reduce it to its own one-line message."""
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except UserError as e:
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            last = lines[-1] if lines else str(e)
-            raise UserError(last.split("UserError: ", 1)[-1]) from None
-        yield batch
-
-
-CHECKSUM = "crc32"  # detects damage (not tampering) at memory speed: see docs/reliability.md
-
-
-class _Damaged(Exception):
-    pass
-
-
-def file_checksum(path: Path, chunk: int = 1 << 22) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return f"{crc:08x}"
-
-
 def _open(entry: Path, key: str, hit: bool, verify: bool = False) -> FeatureSet:
     """Open an entry; with ``verify``, every file is checked against the checksums its
-    meta.json holds, and anything missing, truncated or altered raises ``_Damaged``."""
+    meta.json holds, and anything missing, truncated or altered raises ``Damaged``."""
     try:
         if verify:
             meta = json.loads((entry / "meta.json").read_text())
             sums = meta.get("checksums") if isinstance(meta, dict) else None
             if not isinstance(sums, dict) or set(sums) != {"features.npy", "labels.npy"}:
-                raise _Damaged("no checksums in meta.json")
+                raise Damaged("no checksums in meta.json")
             for f, want in sums.items():
                 if file_checksum(entry / f) != want:
-                    raise _Damaged(f"{f} does not match its checksum")
+                    raise Damaged(f"{f} does not match its checksum")
         feats = np.load(entry / "features.npy", mmap_mode="r")
         labels = np.load(entry / "labels.npy")
         if feats.ndim != 2 or len(feats) != len(labels):
-            raise _Damaged("features and labels disagree in length")
+            raise Damaged("features and labels disagree in length")
     except (OSError, ValueError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _Damaged(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+        raise Damaged(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     return FeatureSet(feats, labels, key, entry, hit)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None)
 
 
 # ---------------------------------------------------------------- several processes (torchrun)
@@ -486,7 +360,7 @@ def _extract_ranks(
     error = None
     try:
         fs = _open(entry, key, hit=hit)
-    except _Damaged as e:
+    except Damaged as e:
         fs, error = (
             None,
             (
@@ -522,7 +396,7 @@ def _write_ranks(
         ):
             data = f"{bundle.name}/{split}"
             out = _EntryWriter(tmp, entry, n, dtype, backbone.tag, data) if main else None
-            bar = _progress(n, f"{backbone.tag} {bundle.name}/{split}", progress and main)
+            bar = progress_bar(n, f"{backbone.tag} {bundle.name}/{split}", progress and main)
             for r in range(math.ceil(count / W)):
                 f, error = None, None
                 if r < len(mine):

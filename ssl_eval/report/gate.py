@@ -33,199 +33,17 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .fsutil import atomic_write_text, sha256_json
-from .stats import holm as _holm  # Holm-adjusted p-values (family-wise error across rows)
-from .stats import prediction_test, unpack_bits
+from ..core.errors import UserError
+from ..core.stats import holm as _holm  # Holm-adjusted p-values (family-wise error across rows)
+from ..core.stats import prediction_test, unpack_bits
+from .baseline import KEY, row_key, run_of, seed_order
 
-BASELINE_FORMAT = "ssl-eval-baseline"
-BASELINE_VERSION = 2  # 2: rows hold their training runs; 1 (one run per row) is still read
-KEY = ("backbone", "dataset", "protocol", "seed", "metric")
 ALPHA = 0.05
-RUN_FIELDS = ("train_seed", "weights", "setting_hash", "value", "ci95", "per_sample_correct")
-RUN_FIELDS += ("n_test", "time")
-
-
-# ---------------------------------------------------------------- baseline rows
-
-
-def frame_rows(results_dir: Path, metrics: tuple[str, ...] = ("top1",)) -> list[dict]:
-    """One row per (unit run, metric) of the records, the newest run of each key and setting."""
-    from .frame import load_frame
-
-    frame = load_frame(results_dir)
-    if frame.empty:
-        return []
-    frame = frame.sort_values("time", kind="stable")
-    rows: dict[tuple, dict] = {}
-    for _, r in frame.iterrows():
-        summary = json.loads(r["setting.summary"])
-        for m in metrics:
-            if m not in r or _missing(r[m]):
-                continue
-            row = {
-                "backbone": r["backbone"],
-                "dataset": r["dataset"],
-                "protocol": r["protocol"],
-                "seed": None if _missing(r.get("seed")) else int(r["seed"]),
-                "metric": m,
-                "value": float(r[m]),
-                "ci95": _pair(r, m),
-                "setting": {
-                    "hash": r["setting.hash"],
-                    "row": r["setting.row_hash"],
-                    "column": r["setting.column_hash"],
-                    "summary": summary,
-                },
-                "recipe": _get(r, "load_report.training.recipe"),
-                "train_seed": _int(_get(r, "load_report.training.seed")),
-                "weights": summary["row"].get("weights"),
-                "per_sample_correct": _get(r, f"{m}.per_sample_correct"),
-                "n_test": _int(_get(r, f"{m}.n_test")),
-                "time": r["time"],
-            }
-            rows[(*_key(row), row["setting"]["hash"])] = row  # newest wins
-    return list(rows.values())
-
-
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _get(r, col):
-    v = r.get(col)
-    return None if _missing(v) else v
-
-
-def _int(v):
-    return None if v is None else int(v)
-
-
-def _pair(r, m):
-    lo, hi = _get(r, f"{m}.lo"), _get(r, f"{m}.hi")
-    return None if lo is None or hi is None else [float(lo), float(hi)]
-
-
-def _key(row: dict) -> tuple:
-    return tuple(row[k] for k in KEY)
-
-
-def _recipe_group(row: dict) -> tuple:
-    """What two runs of one recipe share: everything but the trained weights (rows without a
-    training recipe are their own group)."""
-    s = row["setting"]
-    if not row.get("recipe"):
-        return (*_key(row), s["hash"])
-    others = {k: v for k, v in s["summary"]["row"].items() if k != "weights"}
-    return (*_key(row), s["column"], sha256_json(others), row["recipe"])
-
-
-def _run_of(row: dict) -> dict:
-    run = {k: row.get(k) for k in RUN_FIELDS if k != "setting_hash"}
-    run["setting_hash"] = row["setting"]["hash"]
-    return run
-
-
-def group_runs(rows: list[dict]) -> list[dict]:
-    """Baseline rows: the frame rows grouped by recipe, each keeping its ``runs`` (one per
-    trained weights, the newest of each), ``value`` the mean over them, the first run's
-    setting as the row's (runs sorted by training seed, then time)."""
-    groups: dict[tuple, dict[object, dict]] = {}
-    for r in sorted(rows, key=lambda r: str(r.get("time"))):
-        groups.setdefault(_recipe_group(r), {})[r["setting"]["hash"]] = r  # newest wins
-    out = []
-    for members in groups.values():
-        runs = sorted(members.values(), key=lambda r: (_seed_order(r), str(r.get("time"))))
-        first = runs[0]
-        row = {k: v for k, v in first.items() if k not in ("per_sample_correct", "n_test")}
-        row["runs"] = [_run_of(r) for r in runs]
-        row["value"] = float(np.mean([r["value"] for r in runs]))
-        row["per_sample_correct"], row["n_test"] = first.get("per_sample_correct"), first["n_test"]
-        out.append(row)
-    return out
-
-
-def _seed_order(r: dict) -> tuple:
-    s = r.get("train_seed")
-    return (s is None, s if s is not None else 0)
-
-
-def write_baseline(results_dir: Path, out: Path, update: bool = False) -> int:
-    """Write the baseline of ``results_dir`` to ``out``; refuses to replace a file unless
-    ``update``. Returns the number of rows."""
-    out = Path(out)
-    if out.exists() and not update:
-        raise UserError(f"{out} exists; add --update to replace it with the current records")
-    rows = group_runs(frame_rows(Path(results_dir)))
-    if not rows:
-        raise UserError(f"no records in {Path(results_dir) / 'records'}: nothing to write")
-    doc = {
-        "format": BASELINE_FORMAT,
-        "version": BASELINE_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": str(results_dir),
-        "rows": sorted(rows, key=lambda r: tuple(str(x) for x in _key(r))),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    return len(rows)
-
-
-def read_baseline(path: Path) -> list[dict]:
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError as e:
-        raise UserError(
-            f"baseline {path} does not exist; write one with `ssl-eval baseline`"
-        ) from e
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(
-            f"baseline {path} is not a readable JSON baseline ({e.__class__.__name__}); rewrite it with `ssl-eval baseline --update`"
-        ) from e
-    if not isinstance(doc, dict) or doc.get("format") != BASELINE_FORMAT:
-        raise UserError(f"{path} is not an ssl-eval baseline (no format {BASELINE_FORMAT!r})")
-    if doc.get("version") not in (1, BASELINE_VERSION):
-        raise UserError(
-            f"baseline {path} has version {doc.get('version')!r}; this ssl-eval reads 1 and {BASELINE_VERSION}"
-        )
-    rows = doc.get("rows")
-    need = {*KEY, "value", "setting"}
-    if not isinstance(rows, list) or not all(_row_ok(r, need) for r in rows):
-        raise UserError(
-            f"baseline {path}: every row needs {sorted(need)} (and a list of runs, each with a "
-            "value and a setting_hash); rewrite it with `ssl-eval baseline --update`"
-        )
-    for r in rows:
-        if "runs" not in r:  # version 1: one run per row
-            r["runs"] = [_run_of(r)]
-    return rows
-
-
-def _row_ok(r, need) -> bool:
-    if not isinstance(r, dict) or not need <= set(r):
-        return False
-    if not isinstance(r["setting"], dict) or "hash" not in r["setting"]:
-        return False
-    runs = r.get("runs", [])
-    return (
-        isinstance(runs, list)
-        and all(
-            isinstance(x, dict)
-            and isinstance(x.get("value"), int | float)
-            and not isinstance(x.get("value"), bool)
-            and "setting_hash" in x
-            for x in runs
-        )
-        and (("runs" not in r) or len(runs) > 0)
-    )
-
 
 # ---------------------------------------------------------------- the check
 
@@ -433,7 +251,7 @@ def _newest_per_weights(rows: list[dict]) -> list[dict]:
     out: dict[str, dict] = {}
     for r in sorted(rows, key=lambda r: str(r.get("time"))):
         out[r["setting"]["hash"]] = r
-    return sorted(out.values(), key=lambda r: (_seed_order(r), str(r.get("time"))))
+    return sorted(out.values(), key=lambda r: (seed_order(r), str(r.get("time"))))
 
 
 @dataclass
@@ -450,11 +268,11 @@ def _match(baseline: list[dict], current: list[dict], res: CheckResult):
     or a missing row. Returns the pairs and the ids of the current rows used."""
     by_key: dict[tuple, list[dict]] = {}
     for r in current:
-        by_key.setdefault(_key(r), []).append(r)
+        by_key.setdefault(row_key(r), []).append(r)
     used: set[int] = set()
     pairs: list[_Pair] = []
     for old in baseline:
-        k = _key(old)
+        k = row_key(old)
         cands = by_key.get(k, [])
         f = dict(zip(KEY, k, strict=True))
         if not cands:
@@ -504,7 +322,7 @@ def check(
         two_sided=two_sided,
         strict=strict,
     )
-    baseline = [r if "runs" in r else {**r, "runs": [_run_of(r)]} for r in baseline]
+    baseline = [r if "runs" in r else {**r, "runs": [run_of(r)]} for r in baseline]
     pairs, used = _match(baseline, current, res)
     tested: list[tuple[_Pair, float, float, str, str]] = []  # pair, p down, p up, test, how
     for pr in pairs:
@@ -524,7 +342,7 @@ def check(
         adj_up = _holm([u for _, _, u, _, _ in tested])
     judged = {id(t[0]): (i, t) for i, t in enumerate(tested)}
     for pr in pairs:
-        f = dict(zip(KEY, _key(pr.old), strict=True))
+        f = dict(zip(KEY, row_key(pr.old), strict=True))
         old_v = pr.ref["value"] if not pr.retrained else pr.old["value"]
         new_v = float(np.mean([r["value"] for r in pr.news]))
         drop = old_v - new_v
@@ -588,10 +406,10 @@ def _seeds(seeds: list) -> str:
 
 
 def _new_rows(baseline: list[dict], current: list[dict], used: set[int], res: CheckResult):
-    keys = {_key(old) for old in baseline}
-    known = {(_key(old), r["setting_hash"]) for old in baseline for r in old["runs"]}
+    keys = {row_key(old) for old in baseline}
+    known = {(row_key(old), r["setting_hash"]) for old in baseline for r in old["runs"]}
     for new in current:
-        k = _key(new)
+        k = row_key(new)
         if id(new) in used or (k, new["setting"]["hash"]) in known:
             continue
         what = "a setting not in the baseline" if k in keys else "not in the baseline"

@@ -5,12 +5,12 @@ by JPEG decoding.
 
 An entry is keyed by what fixes its pixels and nothing else (``decode_key``): the dataset's
 name and content fingerprint, the split, the *geometric* part of the preprocessing (resize,
-crop, interpolation), the source of this file, of features.py (whose ``_Images`` decodes) and
+crop, interpolation), the source of this file, of loading.py (whose ``Images`` decodes), entries.py and
 of ``data/`` (decoding and resizing code), and the versions of the libraries that decode and
 resize (Pillow, torchvision, torch, numpy).
 Mean and std are not in it: normalisation runs per batch on the uint8 pixels, so every backbone
 with the same resize and crop shares one entry. The pixels are exactly those the per-image path
-(``features._Images``) produces, built by that same code, so the features are identical and the
+(``loading.Images``) produces, built by that same code, so the features are identical and the
 feature-cache key does not change when the decode cache is used.
 
 Entries sit under ``<cache>/decoded/<key>/`` (images.npy, labels.npy, meta.json with crc32
@@ -32,20 +32,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data.datasets import DatasetBundle, ImageSplit
-from .data.transforms import Preprocessing
-from .errors import UserError
-from .features import (
-    CHECKSUM,
-    _Damaged,
-    _decoded,
-    _Images,
-    _progress,
-    _worker_errors,
-    cached_entry,
-    file_checksum,
-)
-from .fsutil import (
+from ..core import distributed
+from ..core.errors import UserError
+from ..core.files import (
     atomic_directory,
     atomic_write_json,
     file_lock,
@@ -53,8 +42,12 @@ from .fsutil import (
     preallocate,
     sha256_json,
 )
-from .provenance import library_versions, source_hash
-from .runtime import log
+from ..core.provenance import library_versions, source_hash
+from ..core.runtime import log
+from ..data.datasets import DatasetBundle, ImageSplit
+from ..data.transforms import Preprocessing
+from .entries import CHECKSUM, Damaged, cached_entry, file_checksum
+from .loading import Images, progress_bar, worker_errors
 
 DECODE_FORMAT_VERSION = 1
 DECODE_LIBRARIES = ("torch", "torchvision", "numpy", "pillow")  # decoding and resizing
@@ -70,7 +63,9 @@ def decode_key(bundle: DatasetBundle, split: str, pre: Preprocessing) -> dict:
     """Everything that changes the decoded pixels of ``bundle``'s ``split`` under ``pre``."""
     return {
         "format": DECODE_FORMAT_VERSION,
-        "code": source_hash("decode_cache.py", "features.py", "data"),  # features._Images decodes
+        "code": source_hash(
+            "features/decode_cache.py", "features/loading.py", "features/entries.py", "data"
+        ),  # loading.Images decodes
         "libraries": library_versions(DECODE_LIBRARIES),
         "dataset": bundle.name,
         "dataset_fingerprint": bundle.fingerprint,
@@ -177,7 +172,7 @@ def decoded(
 class DecodeEntry:
     """Where ``bundle``'s ``split`` decoded under ``pre`` lives, and the steps of reaching it:
     ``decoded`` takes them in one process; a torchrun world takes them rank by rank (rank 0
-    builds under the lock, the others wait on the lock and then ``read``: features._decoded)."""
+    builds under the lock, the others wait on the lock and then ``read``: ``decoded_in_world``)."""
 
     bundle: DatasetBundle
     split: str
@@ -218,7 +213,7 @@ class DecodeEntry:
         damaged, a UserError (never removed or rebuilt here)."""
         try:
             return _open(self.path, self.key, verify=True)
-        except _Damaged as e:
+        except Damaged as e:
             raise UserError(f"cannot read the decode cache entry {self.path} ({e})") from None
 
 
@@ -259,32 +254,32 @@ def _open(entry: Path, key: str, verify: bool) -> DecodedSplit:
         if verify and _stamp(entry) not in _VERIFIED:
             sums = meta.get("checksums") if isinstance(meta, dict) else None
             if not isinstance(sums, dict) or set(sums) != set(_FILES):
-                raise _Damaged("no checksums in meta.json")
+                raise Damaged("no checksums in meta.json")
             for f, want in sums.items():
                 if file_checksum(entry / f) != want:
-                    raise _Damaged(f"{f} does not match its checksum")
+                    raise Damaged(f"{f} does not match its checksum")
             _VERIFIED.add(_stamp(entry))
         images = np.load(entry / "images.npy", mmap_mode="r")
         labels = np.load(entry / "labels.npy")
         if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
-            raise _Damaged("images and labels disagree in shape")
+            raise Damaged("images and labels disagree in shape")
     except (OSError, ValueError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _Damaged(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+        raise Damaged(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     return DecodedSplit(images, labels, key, entry, cache_hit=True, seconds=meta.get("seconds", 0))
 
 
 def _build(bundle, split, pre, entry, key, key_obj, num_workers, progress) -> DecodedSplit:
     t0 = time.perf_counter()
     src = bundle.split(split)
-    images = _Images(src, pre)  # the very code the per-image extraction path runs
+    images = Images(src, pre)  # the very code the per-image extraction path runs
     if num_workers is None:
         num_workers = 0 if src.images is not None else min(4, _cpus())
     loader = DataLoader(images, batch_size=256, shuffle=False, num_workers=num_workers)
     n = len(images)
     with atomic_directory(entry) as tmp:
         out, done = None, 0
-        bar = _progress(n, f"decode {bundle.name}/{split}", progress)
-        for batch in _worker_errors(loader):
+        bar = progress_bar(n, f"decode {bundle.name}/{split}", progress)
+        for batch in worker_errors(loader):
             if out is None:
                 out = _open_output(tmp / "images.npy", (n, *batch.shape[2:], 3), entry)
             out[done : done + len(batch)] = batch.permute(0, 2, 3, 1).numpy()
@@ -341,9 +336,9 @@ def native_bundle(
     if len(sizes) != 1:
         return bundle, f"original files (images of {len(sizes)} sizes cannot share one map)"
     native = Preprocessing()
-    # features._decoded: one process decodes; under torchrun rank 0 builds, the others wait
+    # decoded_in_world: one process decodes; under torchrun rank 0 builds, the others wait
     splits = {
-        s: _decoded(bundle, s, native, cache_dir, num_workers, progress).as_split()
+        s: decoded_in_world(bundle, s, native, cache_dir, num_workers, progress).as_split()
         for s in ("train", "test")
     }
     from dataclasses import replace
@@ -359,3 +354,30 @@ def _header_size(path: Path) -> tuple[int, int]:
             return im.size
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path}: {e}. Remove or replace the file.") from e
+
+
+def decoded_in_world(bundle, split, pre, cache_dir, num_workers, progress):
+    """The split's decode cache entry, built once. One process: ``decode_cache.decoded``. A
+    torchrun world: rank 0 takes the entry's lock and builds the entry if it is missing, as one
+    process does; the other ranks wait on that lock, not in a collective (a build can outlast
+    the process group's timeout), then open the entry rank 0 left, verified."""
+    if distributed.world() == 1:
+        return decoded(
+            bundle, split, pre, cache_dir=cache_dir, num_workers=num_workers, progress=progress
+        )
+    spot, main = DecodeEntry.of(bundle, split, pre, cache_dir), distributed.is_main()
+    got, error = None, None
+    if not main:
+        distributed.barrier()  # until rank 0 holds the lock
+    with spot.lock(quiet=not main):
+        if main:
+            distributed.barrier()  # the others now wait on the lock
+        try:
+            got = spot.get(num_workers, progress) if main else spot.read()
+        except UserError as e:
+            error = str(e)
+            if not main:  # rank 0 built it, this rank cannot see it
+                where = "put --cache-dir on a filesystem every node shares"
+                error = f"rank {distributed.rank()} {error}; {where}"
+    distributed.agree(error)  # rank 0's failure first: the others then find no entry
+    return got

@@ -12,19 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
-from .accel import Accel
-from .backbones import BuildOptions, build_backbone
-from .backbones.base import Backbone
-from .config import RunConfig
-from .data.datasets import DatasetBundle, DatasetOptions, get_dataset
-from .data.splits import stratified_val_split
-from .errors import UserError
-from .features import default_cache_dir, extract
-from .fsutil import claim_each, ensure_writable_dir, lock_path, sha256_json, sweep_leftovers
-from .protocols import DataShape, ImageInputs, ProtocolInputs
-from .protocols.cards import ProtocolCard
-from .provenance import (
+from ..backbones import BuildOptions, build_backbone
+from ..backbones.base import Backbone
+from ..core import distributed
+from ..core.config import RunConfig
+from ..core.errors import UserError
+from ..core.files import claim_each, ensure_writable_dir, lock_path, sha256_json, sweep_leftovers
+from ..core.provenance import (
     PROTOCOL_LIBRARIES,
     autocast_dtype,
     device_name,
@@ -32,16 +26,16 @@ from .provenance import (
     peak_memory_mb,
     source_hash,
 )
-from .results import (
-    SCHEMA_VERSION,
-    Unit,
-    build_records,
-    new_run_id,
-    records_dir,
-    unit_done,
-    write_unit,
-)
-from .runtime import log, resolve_device, seed_everything
+from ..core.runtime import log, resolve_device, seed_everything
+from ..data.datasets import DatasetBundle, DatasetOptions, get_dataset
+from ..data.splits import stratified_val_split
+from ..features.accel import Accel
+from ..features.extraction import default_cache_dir, extract
+from ..protocols import DataShape, ImageInputs, ProtocolInputs
+from ..protocols.cards import ProtocolCard
+from ..records.build import Unit, build_records
+from ..records.schema import SCHEMA_VERSION
+from ..records.store import new_run_id, records_dir, unit_done, write_unit
 
 
 @dataclass
@@ -319,7 +313,7 @@ def _evaluate(
         if not image_source:
             source, how = bundle, "original files or arrays (--decode-cache off)"
             if cfg.decode_cache:
-                from .decode_cache import native_bundle
+                from ..features.decode_cache import native_bundle
 
                 source, how = native_bundle(
                     bundle, cache_dir=cache_dir, num_workers=cfg.num_workers, progress=cfg.progress
@@ -331,7 +325,7 @@ def _evaluate(
     train_idx, val_idx = split
     training = bb.load_report.get("training")  # ckpt:DIR of `ssl-eval train`: trained on val?
     if training is not None and distributed.is_main():
-        from .backbones.families.trained import split_check
+        from ..backbones.families.trained import split_check
 
         training["split_check"] = split_check(
             training, bundle.name, bundle.fingerprint, val_idx, bundle.train.labels
@@ -444,7 +438,7 @@ class PlannedUnit:
 
 def plan(cfg: RunConfig, device: torch.device) -> list[PlannedUnit]:
     """The units ``run(cfg)`` would evaluate on ``device`` (done or not), in its order, with
-    their keys: what a sweep (ssl_eval/sweep/) shards into jobs and ``ssl-eval status``
+    their keys: what a sweep (ssl_eval/orchestrate/sweep/) shards into jobs and ``ssl-eval status``
     follows. The same walk as ``run`` (``_walk``); backbones are built one at a time (the key
     holds their weights and built state)."""
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .results import ResultRecord, read_unit_file, records_dir
-from .runtime import warn
+from ..core.runtime import warn
+from .schema import ResultRecord
+from .store import read_unit_file, records_dir
 
 if TYPE_CHECKING:
     import pandas as pd

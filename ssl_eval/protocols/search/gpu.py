@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .knn_search import FAISS_GPU_MAX_K
-from .registry import Registry
+from ...core.registry import Registry
+from .topk import block_topk, search_blocks
+
+FAISS_GPU_MAX_K = 2048  # the most neighbours a FAISS GPU flat index returns
 
 PROBE_QUERIES = 2048
 
@@ -144,17 +146,15 @@ def _torch(dtype: torch.dtype) -> Callable[[torch.Tensor, int], Searcher]:
     chunks arrive in float32 and are rounded to ``dtype`` before the matmul."""
 
     def prepare(bank: torch.Tensor, memory_mb: int) -> Searcher:
-        from .knn_search import _block_topk, _search_blocks
-
         b = bank.to(dtype)
 
         def search(q: torch.Tensor, k: int):
             scratch: list = []
 
             def block(qc, blk, kk):
-                return _block_topk(qc.to(dtype), blk.to(dtype), kk, scratch)
+                return block_topk(qc.to(dtype), blk.to(dtype), kk, scratch)
 
-            s, i = _search_blocks(b, q.to(dtype), k, memory_mb, block)
+            s, i = search_blocks(b, q.to(dtype), k, memory_mb, block)
             return s.float(), i
 
         return search
@@ -236,8 +236,8 @@ def auto_search(bank, queries, k: int, memory_mb: int, precision: str, record: l
     """The protocol's entry: the top ``k`` of ``queries`` (L2-normalised ``FeatureRows``,
     tensors or arrays) in ``bank`` by the fastest search of ``precision`` (``float32`` or
     ``float16``), the choice appended to ``record``."""
-    from . import distributed
-    from .feature_stream import as_rows
+    from ...core import distributed
+    from ...features.stream import as_rows
 
     b, q = as_rows(bank), as_rows(queries)
     b_t, q_t = b.read(0, len(b)), q.read(0, len(q))

@@ -1,9 +1,11 @@
-"""Evaluation across processes (``torchrun --nproc-per-node N -m ssl_eval run ...``): the rank,
-the world size, the process group, and the few collectives the evaluation needs.
+"""Several processes under torchrun (``torchrun --nproc-per-node N -m ssl_eval run|train ...``):
+the rank, the world size, the process group (``setup``), and the few collectives extraction,
+the protocols and the trainer need.
 
 A plain ``python`` launch is a world of one and every helper is then the identity, so the
-single-process code path is the multi-process one with W = 1. The process group itself is set
-up by the trainer's helper (``train/dist.py``: NCCL on GPUs, gloo on the CPU).
+single-process code path is the multi-process one with W = 1. ``setup`` starts the process group
+from torchrun's environment (NCCL on GPUs, gloo on the CPU) for the evaluation and the trainer
+alike; the trainer's differentiable gathers are in ``train/dist.py``.
 
 Errors: a UserError raised on one rank while the others wait in a collective would leave them
 waiting for ever. Every step that can fail on one rank (decoding an image of its shard, the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -49,8 +52,6 @@ def init(device: torch.device) -> tuple[torch.device, bool]:
     caller then ends it with ``close``)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or world() > 1:
         return device, False
-    from .train.dist import setup
-
     info = setup(device)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
@@ -138,3 +139,25 @@ def follow_main(claim: Callable, items, *args) -> Iterator[tuple[object, bool]]:
     finally:
         if claims is not None:
             claims.close()  # releases the last lock
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: torch.device) -> DistInfo:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on
+    GPUs, gloo on CPU. A plain ``python`` launch is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -6,16 +6,16 @@ units. submitit pickles this function by reference and the RunConfig (a frozen d
 
 from __future__ import annotations
 
-from ..config import RunConfig
-from ..errors import UserError
+from ...core.config import RunConfig
+from ...core.errors import UserError
 
 
 def environment() -> str:
     """What, besides the config, goes into every unit key: ssl-eval's source and the versions
     of the libraries that compute features. A job that runs where these differ from the
     submitter's would record its units under keys the sweep did not plan."""
-    from ..fsutil import sha256_json
-    from ..provenance import PROTOCOL_LIBRARIES, library_versions, source_hash
+    from ...core.files import sha256_json
+    from ...core.provenance import PROTOCOL_LIBRARIES, library_versions, source_hash
 
     return sha256_json([source_hash(), library_versions(PROTOCOL_LIBRARIES)])[:16]  # as unit_key
 

@@ -10,9 +10,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import UserError
-from ..fsutil import atomic_write_json, file_lock, lock_path, sha256_json
-from ..results import utc_now
+from ...core.errors import UserError
+from ...core.files import atomic_write_json, file_lock, lock_path, sha256_json
+from ...records.store import utc_now
 
 SWEEP_VERSION = 1
 

@@ -1,4 +1,4 @@
-"""Job suites: YAML validated into frozen dataclasses by the one loader (``ssl_eval.config``).
+"""Job suites: YAML validated into frozen dataclasses by the one loader (``ssl_eval.core.config``).
 
 A job suite declares everything its numbers depend on: the evaluation dataset(s) and image size,
 the baselines, the protocols (with card overrides), and each trained model's method and
@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import from_mapping, read_yaml
-from ..errors import UserError
-from ..protocols.cards import _resolve, cards_dir
+from ...core.config import from_mapping, read_yaml
+from ...core.errors import UserError
+from ...protocols.cards import _resolve, cards_dir
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ def shipped_reference(name: str) -> Path | None:
     inside the installed package (``ssl_eval/_reference/<name>/baseline.json``, put there by
     the wheel build) or ``results/reference/<name>/baseline.json`` of a source checkout (an
     editable install). None when the suite has no committed reference."""
-    pkg = Path(__file__).resolve().parent.parent
+    from ...core.provenance import PACKAGE_DIR as pkg
+
     for root in (pkg / "_reference", pkg.parent / "results" / "reference"):
         p = root / name / "baseline.json"
         if p.is_file():

@@ -13,9 +13,9 @@ import sys
 from functools import cache, lru_cache
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # ssl_eval/
 # the libraries whose versions change features: the model code, decoding and resizing
 FEATURE_LIBRARIES = ("torch", "torchvision", "timm", "numpy", "pillow")
 # what computes a protocol's number from the features besides torch and numpy: scikit-learn
@@ -31,6 +31,9 @@ def source_hash(*parts: str) -> str:
     e.g. ``features.py``, ``backbones``; none: the whole package and its shipped cards),
     derived from the files themselves, so no version constant has to be bumped by hand."""
     roots = [PACKAGE_DIR / p for p in parts] if parts else [PACKAGE_DIR]
+    missing = [str(r) for r in roots if not r.exists()]
+    if missing:  # a moved or renamed file would silently drop out of the keys
+        raise FileNotFoundError(f"source_hash: no such part of the package: {missing}")
     if not parts:
         cards = next(
             (d for d in (PACKAGE_DIR / "_cards", PACKAGE_DIR.parent / "protocols") if d.is_dir()),

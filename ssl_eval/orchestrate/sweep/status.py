@@ -15,9 +15,9 @@ from pathlib import Path
 
 from submitit.core.utils import JobPaths
 
-from ..errors import UserError
-from ..fsutil import lock_held, lock_path
-from ..results import load_records, records_dir, unit_done
+from ...core.errors import UserError
+from ...core.files import lock_held, lock_path
+from ...records.store import load_records, records_dir, unit_done
 from .executors import EXECUTORS
 from .sweepfile import load_sweeps, sweeps_dir
 

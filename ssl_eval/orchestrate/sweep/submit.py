@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig
-from ..results import unit_done, utc_now
-from ..runtime import log
+from ...core.config import RunConfig
+from ...core.runtime import log
+from ...records.store import unit_done, utc_now
 from .executors import EXECUTORS, ClusterOptions, make_executor
 from .status import UnitState, counts, format_counts, sweep_status
 from .sweepfile import record_jobs, sweep_id, sweeps_dir
@@ -81,7 +81,7 @@ def submit_sweep(cfg: RunConfig, opts: ClusterOptions) -> SweepOutcome:
 
 
 def _states(results_dir: Path, sid: str) -> list[UnitState]:
-    from ..errors import UserError
+    from ...core.errors import UserError
 
     try:
         return sweep_status(results_dir, sid)

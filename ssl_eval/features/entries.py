@@ -1,0 +1,53 @@
+"""The checksummed cache entries the feature cache and the decode cache share: a crc32 per file
+in the entry's meta.json (``file_checksum``), ``Damaged`` for an entry that fails it, and
+``cached_entry``, which opens an entry verified or discards a damaged one under its lock."""
+
+from __future__ import annotations
+
+import shutil
+import zlib
+from pathlib import Path
+
+from ..core.runtime import log, warn
+
+
+def cached_entry(
+    entry: Path,
+    open_verified,
+    what: str,
+    discard: bool,
+    kind: str = "cache entry",
+    redo: str = "extracting again",
+    tag: str = "cache",
+):
+    """``open_verified()`` of a cache entry, or None when the entry is absent or damaged (it
+    raised ``Damaged``). A damaged entry is removed only under the entry's lock
+    (``discard``): unlocked, the path may already name a good entry another process wrote.
+    Shared by the feature cache and the decode cache (``kind``, ``redo`` and ``tag`` word
+    their messages)."""
+    if not entry.exists():
+        return None
+    try:
+        got = open_verified()
+    except Damaged as e:
+        if discard:
+            warn(f"{kind} {entry} is damaged ({e}); discarding it and {redo}")
+            shutil.rmtree(entry, ignore_errors=True)
+        return None
+    log(f"reusing {what} ({entry})", tag)
+    return got
+
+
+CHECKSUM = "crc32"  # detects damage (not tampering) at memory speed: see docs/reliability.md
+
+
+class Damaged(Exception):
+    pass
+
+
+def file_checksum(path: Path, chunk: int = 1 << 22) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
