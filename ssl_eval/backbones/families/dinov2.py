@@ -15,8 +15,26 @@ start with Identity modules), so un-chunking just drops the chunk number.
 Conversion to timm (written here): register models become timm's ``reg_token`` with
 ``no_embed_class`` (the class token's position embedding is folded into ``cls_token``);
 ``w12``/``w3`` become ``fc1``/``fc2``. The 37x37 position table is resized to the
-evaluation grid exactly as DINOv2's ``interpolate_pos_encoding`` does with the hub models'
-settings (bicubic, scale factor (new + 0.1) / old, no antialiasing). The head count is
+evaluation grid once, at load, exactly as DINOv2's ``interpolate_pos_encoding`` does in every
+forward pass with the settings its builder gives each variant (:data:`PLAIN`,
+:data:`REGISTERS`), which differ:
+
+- ``dinov2_vit{s,b,l,g}14``: ``hub/backbones.py`` ``_make_dinov2_model``'s defaults,
+  ``interpolate_offset=0.1``, ``interpolate_antialias=False``: bicubic by a scale factor of
+  (new + 0.1) / 37, no antialiasing (also ``configs/ssl_default_config.yaml``'s, which training
+  checkpoints without registers were made with);
+- ``dinov2_vit{s,b,l,g}14_reg``: ``hub/backbones.py`` ``dinov2_vit*14_reg``,
+  ``num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True``: bicubic to the
+  new size, antialiased (also ``configs/eval/vit*14_reg4_pretrain.yaml``'s, so a training
+  checkpoint with registers is read the same way);
+
+all from facebookresearch/dinov2 at b8931f7bf91576930313be2c6d6af376033b35f0 (the settings date
+from 9c7e324, "Add new backbones trained with registers"; the offset-0 branch resizes to the
+size since e1277af), with img_size 518, patch 14, layer scale, ``vit_giant2`` with
+``ffn_layer="swiglufused"``. Until issue 20 the register models were resized with the plain
+ones' settings (their 224 px table 7% off, features 2.3% on the released weights per the
+issue, 0.3-0.7% on random ones); ``tests/test_dinov2_variants.py`` checks every tag against a
+transcription of its builder. The head count is
 DINOv2's for the width (the files declare no architecture; ``--arch vit_small`` ... fixes one,
 depth included). Evaluation as DINOv2's: resize 256 bicubic, centre crop
 224, ImageNet mean/std; feature: the class token after the final norm (k-NN protocol;
@@ -28,6 +46,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 
 from ...core.errors import UserError
 from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -35,7 +54,14 @@ from ..adapters import Family, Loaded, finish_report, register_family, register_
 from ..architecture import ArchTable
 from ..checkpoints import Checkpoint
 from ..registry import BACKBONES
-from ..vit import bicubic_with_offset, create_timm, load_vit, split_keys, vit_shape
+from ..vit import (
+    PosEmbedResize,
+    bicubic_with_offset,
+    create_timm,
+    load_vit,
+    split_keys,
+    vit_shape,
+)
 from ..weights import WeightsSource
 
 DINOV2_EVAL = Preprocessing(
@@ -61,12 +87,37 @@ ARCHS = ArchTable(
     },
 )
 _BY_WIDTH = {width: name for name, (width, _, _) in _OWN.items()}
-# The hub models' settings (hub/backbones.py): interpolate_offset 0.1, interpolate_antialias False
-POS_EMBED = bicubic_with_offset(
+
+
+def _to_size_antialiased(who: str) -> PosEmbedResize:
+    """``interpolate_pos_encoding`` with ``interpolate_offset`` 0: bicubic to the new size
+    (no scale factor), antialiased as the register models set it, float32."""
+
+    def resize(tokens: torch.Tensor, old: int, new: tuple[int, int]) -> torch.Tensor:
+        grid = tokens.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        out = F.interpolate(grid, size=tuple(new), mode="bicubic", antialias=True)
+        return out.permute(0, 2, 3, 1).reshape(1, -1, grid.shape[1])
+
+    return PosEmbedResize(f"bicubic to the new size, antialiased ({who})", resize)
+
+
+# The builders' interpolate_offset / interpolate_antialias (dinov2 hub/backbones.py @ b8931f7).
+PLAIN = bicubic_with_offset(
     0.1,
-    "DINOv2 vision_transformer.py interpolate_pos_encoding, "
-    "the hub's interpolate_offset=0.1, interpolate_antialias=False",
+    "DINOv2 vision_transformer.py interpolate_pos_encoding with hub/backbones.py "
+    "dinov2_vit*14's interpolate_offset=0.1, interpolate_antialias=False",
 )
+REGISTERS = _to_size_antialiased(
+    "DINOv2 vision_transformer.py interpolate_pos_encoding with hub/backbones.py "
+    "dinov2_vit*14_reg's interpolate_offset=0.0, interpolate_antialias=True"
+)
+
+
+def pos_embed_rule(registers: int) -> PosEmbedResize:
+    """How DINOv2's builder for a model with that many register tokens resizes its table."""
+    return REGISTERS if registers else PLAIN
+
+
 _ROOTS = (
     "teacher.backbone.",
     "model.teacher.backbone.",
@@ -137,7 +188,7 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
             kw["reg_tokens"] = shape.registers
     arch = variant or f"vit_{_TIMM_SIZE[name]}_patch14_{'reg4_' if shape.registers else ''}dinov2"
     model = create_timm(arch, opt.image_size or 224, **kw)
-    report = load_vit(model, sd, "dinov2", POS_EMBED)
+    report = load_vit(model, sd, "dinov2", pos_embed_rule(getattr(model, "num_reg_tokens", 0)))
     chunked = any(_CHUNKED.match(k) for k in ckpt.section(prefix))
     fmt = f"dinov2 ({prefix.rstrip('.') or 'flat'}{', chunked blocks' if chunked else ''})"
     return Loaded(
