@@ -1,6 +1,11 @@
 """Where weights come from, in order: ``--weights FILE``, the ssl-eval weights folder
 ($SSL_EVAL_WEIGHTS_DIR, default ~/.cache/ssl-eval/weights), the Hugging Face and torch.hub
-caches, then a download when online. Otherwise a clear error says which file to put where."""
+caches, then a download when online. Otherwise a clear error says which file to put where.
+
+Every download goes through ``WeightsSource.download``: offline (``--offline``,
+SSL_EVAL_OFFLINE, HF_HUB_OFFLINE) it is never tried, and a host that does not answer one probe
+(``core/network.py``, ~2 s) is skipped, so no network ends in one line within seconds instead
+of the hub client's retries."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.network import hf_endpoint, offline_reason, unreachable_many
 
 
 def weights_dir() -> Path:
@@ -69,25 +75,43 @@ class WeightsSource:
         return "downloadable" if (self.hf_repo or self.url) else "missing"
 
     def download(self) -> Path:
-        errors = []
+        """Download from the first source whose host answers the probe (Hugging Face, then
+        the official address); a UserError naming the file otherwise."""
+        errors, unreachable_hosts = [], []
+        hosts = ([hf_endpoint()] if self.hf_repo else []) + ([self.url] if self.url else [])
+        probes = unreachable_many(hosts)  # at once: ~2 s at most, however many hosts
         if self.hf_repo:
-            try:
-                from huggingface_hub import hf_hub_download
+            why = probes[hf_endpoint()]
+            if why:
+                unreachable_hosts.append(why)
+            else:
+                try:
+                    from huggingface_hub import hf_hub_download
 
-                return Path(hf_hub_download(self.hf_repo, self.hf_filenames[0]))
-            except Exception as e:  # network errors come in many types
-                errors.append(f"{self.hf_repo}: {type(e).__name__}")
+                    return Path(hf_hub_download(self.hf_repo, self.hf_filenames[0]))
+                except Exception as e:  # network errors come in many types
+                    errors.append(f"{self.hf_repo}: {type(e).__name__}")
         if self.url:
-            import torch.hub
+            why = probes[self.url]
+            if why:
+                unreachable_hosts.append(why)
+            else:
+                import torch.hub
 
-            dest = torch_hub_checkpoints() / os.path.basename(self.url)
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(self.url, str(dest), progress=True)
-                return dest
-            except Exception as e:
-                errors.append(f"{self.url}: {type(e).__name__}")
-        raise UserError(self.missing_message(f"download failed ({'; '.join(errors)})"))
+                dest = torch_hub_checkpoints() / os.path.basename(self.url)
+                try:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    torch.hub.download_url_to_file(self.url, str(dest), progress=True)
+                    return dest
+                except Exception as e:
+                    errors.append(f"{self.url}: {type(e).__name__}")
+        if errors:
+            why = f"download failed ({'; '.join(errors + unreachable_hosts)})"
+        elif unreachable_hosts:
+            why = f"no network ({'; '.join(unreachable_hosts)})"
+        else:
+            why = "no download address is known"
+        raise UserError(self.missing_message(why))
 
     def missing_message(self, why: str) -> str:
         where = weights_dir()
@@ -97,6 +121,11 @@ class WeightsSource:
         msg += f" in {where} (set SSL_EVAL_WEIGHTS_DIR to move that folder)"
         if self.url:
             msg += f", or at {torch_hub_checkpoints() / os.path.basename(self.url)} (torch.hub's cache)"
+        if self.hf_repo:
+            msg += (
+                f", or fetch it into the Hugging Face cache with "
+                f"`hf download {self.hf_repo} {self.hf_filenames[0]}`"
+            )
         msg += ", or pass --weights FILE"
         if self.how:
             msg += f". {self.how}"
@@ -111,6 +140,7 @@ class WeightsSource:
         local = self.find_local()
         if local is not None:
             return local
-        if offline or os.environ.get("SSL_EVAL_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"):
-            raise UserError(self.missing_message("offline mode and no local copy"))
+        why = offline_reason(offline)
+        if why:
+            raise UserError(self.missing_message(f"offline ({why}) and no local copy"))
         return self.download()

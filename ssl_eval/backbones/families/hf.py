@@ -22,7 +22,6 @@ models give ``pooler_output`` when they have one, else the mean patch token. ``m
 
 from __future__ import annotations
 
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 
 from ...core.errors import UserError, one_line
 from ...core.files import sha256_file, sha256_json
+from ...core.network import hf_endpoint, offline_reason, unreachable
 from ...data.transforms import Preprocessing
 from ..base import Backbone, BackboneSpec, BuildOptions, WeightsInfo
 from ..checkpoints import summarise_keys
@@ -97,9 +97,7 @@ def require_transformers():
 
 
 def _offline(opt: BuildOptions) -> bool:
-    return bool(
-        opt.offline or os.environ.get("SSL_EVAL_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")
-    )
+    return offline_reason(opt.offline) is not None
 
 
 # ---------------------------------------------------------------- where the folder is
@@ -131,6 +129,9 @@ def resolve_folder(rest: str, opt: BuildOptions) -> tuple[Path, str]:
         raise UserError(
             f"hf:{rest} is not in the local Hugging Face cache and ssl-eval is offline; {hint}"
         )
+    why = unreachable(hf_endpoint())  # one ~2 s probe, not the hub client's retries
+    if why:
+        raise UserError(f"hf:{rest} is not in the local Hugging Face cache and {why}; {hint}")
     from huggingface_hub import snapshot_download
 
     try:

@@ -26,7 +26,6 @@ square images, and recorded in the load report.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from torch import nn
 
 from ...core.errors import UserError, one_line
 from ...core.files import sha256_file
+from ...core.network import hf_endpoint, offline_reason, unreachable
 from ...data.transforms import Preprocessing
 from ..adapters import finish_report
 from ..base import Backbone, BackboneSpec, BuildOptions, WeightsInfo
@@ -84,9 +84,7 @@ def require_open_clip():
 
 
 def _offline(opt: BuildOptions) -> bool:
-    return bool(
-        opt.offline or os.environ.get("SSL_EVAL_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")
-    )
+    return offline_reason(opt.offline) is not None
 
 
 def _download_hint(repo: str, filename: str = "") -> str:
@@ -207,6 +205,12 @@ def _hub_file(repo: str, filename: str, opt: BuildOptions) -> Path:
         raise UserError(
             f"openclip:hf-hub:{repo}: {filename} is not in the Hugging Face cache and ssl-eval "
             f"is offline; {_download_hint(repo)}"
+        )
+    why = unreachable(hf_endpoint())  # one ~2 s probe, not the hub client's retries
+    if why:
+        raise UserError(
+            f"openclip:hf-hub:{repo}: {filename} is not in the Hugging Face cache and {why}; "
+            f"{_download_hint(repo)}"
         )
     try:
         return Path(hf_hub_download(repo, filename))
