@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ssl_eval.cli import main
-from ssl_eval.features import extraction as features
+from ssl_eval.features import entries
 from ssl_eval.records import store as results
 
 
@@ -50,7 +50,7 @@ def test_full_disk_while_writing_a_cache_entry_is_one_error_and_leaves_nothing(
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(features, "preallocate", full)
+    monkeypatch.setattr(entries, "preallocate", full)
     assert _run(tmp_path, "--results-dir", str(tmp_path / "r")) == 2
     err = capsys.readouterr().err
     assert "no room for the feature cache entry" in err and "--cache-dir" in err

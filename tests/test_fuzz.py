@@ -229,6 +229,7 @@ class _Tags(HTMLParser):
 @given(backbone=HOSTILE, card=HOSTILE, dataset=HOSTILE)
 @example(backbone="<script>x</script>|y", card="my|card", dataset="d")
 @example(backbone="a\\|b", card="c\\", dataset="|")
+@example(backbone="\r", card="a", dataset="a")  # a carriage return split a markdown row
 def test_any_name_keeps_the_leaderboard_and_report_tables_whole(
     tmp_path_factory, backbone, card, dataset
 ):

@@ -39,14 +39,13 @@ from ..core.files import (
     atomic_write_json,
     file_lock,
     lock_path,
-    preallocate,
     sha256_json,
 )
 from ..core.provenance import library_versions, source_hash
 from ..core.runtime import log
 from ..data.datasets import DatasetBundle, ImageSplit
 from ..data.transforms import Preprocessing
-from .entries import CHECKSUM, Damaged, cached_entry, file_checksum
+from .entries import CHECKSUM, Damaged, cached_entry, file_checksum, reserved_memmap
 from .loading import Images, progress_bar, worker_errors
 
 DECODE_FORMAT_VERSION = 1
@@ -281,7 +280,13 @@ def _build(bundle, split, pre, entry, key, key_obj, num_workers, progress) -> De
         bar = progress_bar(n, f"decode {bundle.name}/{split}", progress)
         for batch in worker_errors(loader):
             if out is None:
-                out = _open_output(tmp / "images.npy", (n, *batch.shape[2:], 3), entry)
+                out = reserved_memmap(
+                    tmp / "images.npy",
+                    np.uint8,
+                    (n, *batch.shape[2:], 3),
+                    f"the decode cache entry {entry}",
+                    "free space, pass --cache-dir on another disk or drop --decode-cache",
+                )
             out[done : done + len(batch)] = batch.permute(0, 2, 3, 1).numpy()
             done += len(batch)
             bar.update(len(batch))
@@ -301,20 +306,6 @@ def _build(bundle, split, pre, entry, key, key_obj, num_workers, progress) -> De
     got = _open(entry, key, verify=False)
     got.cache_hit, got.seconds = False, seconds
     return got
-
-
-def _open_output(path: Path, shape: tuple[int, ...], entry: Path) -> np.memmap:
-    """The map, its blocks reserved up front (a full disk is a clear error, not a SIGBUS)."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    try:
-        preallocate(path, out.offset + out.nbytes)
-    except OSError as e:
-        del out
-        raise UserError(
-            f"no room for the decode cache entry {entry} ({int(np.prod(shape)) / 2**20:.0f} MB; "
-            f"{e.strerror or e}): free space, pass --cache-dir on another disk or drop --decode-cache"
-        ) from e
-    return out
 
 
 def _cpus() -> int:

@@ -8,6 +8,10 @@ import shutil
 import zlib
 from pathlib import Path
 
+import numpy as np
+
+from ..core.errors import UserError
+from ..core.files import preallocate
 from ..core.runtime import log, warn
 
 
@@ -51,3 +55,17 @@ def file_checksum(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             crc = zlib.crc32(block, crc)
     return f"{crc:08x}"
+
+
+def reserved_memmap(path: Path, dtype, shape: tuple[int, ...], what: str, hint: str) -> np.memmap:
+    """A new memory-mapped ``.npy`` array at ``path``, its blocks reserved up front: a full disk
+    is a clear one-line error now (``what`` names the entry, ``hint`` what to do; the temporary
+    entry is then removed), never a SIGBUS half-way through writing it."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        preallocate(path, out.offset + out.nbytes)
+    except OSError as e:
+        del out
+        size = np.dtype(dtype).itemsize * int(np.prod(shape)) / 2**20
+        raise UserError(f"no room for {what} ({size:.0f} MB; {e.strerror or e}): {hint}") from e
+    return out

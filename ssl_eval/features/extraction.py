@@ -29,7 +29,6 @@ from ..core.files import (
     atomic_write_json,
     file_lock,
     lock_path,
-    preallocate,
     sha256_json,
 )
 from ..core.provenance import autocast_dtype, library_versions, source_hash
@@ -37,7 +36,7 @@ from ..core.runtime import log
 from ..data.datasets import DatasetBundle
 from .accel import Accel, prepared
 from .decode_cache import decoded_in_world
-from .entries import CHECKSUM, Damaged, cached_entry, file_checksum
+from .entries import CHECKSUM, Damaged, cached_entry, file_checksum, reserved_memmap
 from .loading import Images, progress_bar, worker_errors
 
 FEATURE_FORMAT_VERSION = 1
@@ -261,7 +260,13 @@ class _EntryWriter:
         """Append one batch of features; returns its row count."""
         if self.out is None:
             path, shape = self.tmp / "features.npy", (self.n, f.shape[1])
-            self.out = _open_output(path, DTYPES[self.dtype], shape, self.entry)
+            self.out = reserved_memmap(
+                path,
+                DTYPES[self.dtype],
+                shape,
+                f"the feature cache entry {self.entry}",
+                "free space or pass --cache-dir on another disk",
+            )
         rows = slice(self.done, self.done + len(f))
         self.out[rows] = f
         if not np.isfinite(self.out[rows]).all():
@@ -281,21 +286,6 @@ class _EntryWriter:
         sums = {f: file_checksum(self.tmp / f) for f in ("features.npy", "labels.npy")}
         meta = {"key": key_obj, "n": self.n, "seconds": seconds, "checksum": CHECKSUM}
         atomic_write_json(self.tmp / "meta.json", meta | {"checksums": sums})
-
-
-def _open_output(path: Path, dtype, shape: tuple[int, int], entry: Path) -> np.memmap:
-    """The memory-mapped output array, its blocks reserved up front: a full disk is a clear
-    error now (the temporary entry is then removed), never a SIGBUS half-way."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    try:
-        preallocate(path, out.offset + out.nbytes)
-    except OSError as e:
-        del out
-        raise UserError(
-            f"no room for the feature cache entry {entry} ({np.dtype(dtype).itemsize * shape[0] * shape[1] / 2**20:.0f} MB; "
-            f"{e.strerror or e}): free space or pass --cache-dir on another disk"
-        ) from e
-    return out
 
 
 def _open(entry: Path, key: str, hit: bool, verify: bool = False) -> FeatureSet:

@@ -20,6 +20,7 @@ An interval is clipped to the metric's range [0, 100].
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,8 +462,17 @@ def _summary_text(s: dict) -> str:
     return "; ".join(f"{k}={_short(v)}" for k, v in sorted(_flat(s).items()))
 
 
+def single_line(text: str) -> str:
+    """``text`` with every line break (``\\n``, ``\\r`` and the rest ``str.splitlines``
+    splits on) made a space: a markdown row stays one row."""
+    return _BREAKS.sub(" ", text)
+
+
+_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 def _md(text: str) -> str:
-    """A table-safe markdown string: pipes and backticks escaped, no newlines."""
-    return (
-        str(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("\n", " ")
-    )
+    """A table-safe markdown string: pipes and backticks escaped, no line breaks of any kind
+    (``\\r``, ``\\n`` and every other character ``str.splitlines`` splits on)."""
+    escaped = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+    return single_line(escaped)

@@ -7,6 +7,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 from .figures import Figure
+from .leaderboard import single_line
 from .maps import Diagnostics
 from .table import Table
 
@@ -18,7 +19,7 @@ _MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\|[]*`"})
 
 def md(text: object) -> str:
     """One line of markdown showing ``text`` literally (table-cell safe)."""
-    return escape(str(text), quote=False).translate(_MD_SPECIAL).replace("\n", " ")
+    return single_line(escape(str(text), quote=False).translate(_MD_SPECIAL))
 
 
 def _row(cells: list[str]) -> str:
