@@ -310,8 +310,8 @@ def _suite_config(model: str, device: str = "cpu") -> dict:
     model with its own config dropped), as a plain dict."""
     from dataclasses import replace
 
-    from ssl_eval.suite import load_job_suite
-    from ssl_eval.suite.runner import _resolved_train_config
+    from ssl_eval.orchestrate.suite import load_job_suite
+    from ssl_eval.orchestrate.suite.runner import _resolved_train_config
 
     suite = load_job_suite(SUITE)
     name, _, how = model.partition(":")
@@ -323,7 +323,7 @@ def _suite_config(model: str, device: str = "cpu") -> dict:
 
 def _train_config(d: dict):
     """A TrainConfig from a config dict, checked as every training config is."""
-    from ssl_eval.config import from_mapping, refuse_non_finite
+    from ssl_eval.core.config import from_mapping, refuse_non_finite
     from ssl_eval.train.config import TrainConfig
     from ssl_eval.train.resolve import get_method
 
@@ -361,14 +361,14 @@ def val_knn(backbone: str, dataset: str, image_size: int, cache: Path) -> dict:
 
     from ssl_eval.backbones.base import BuildOptions
     from ssl_eval.backbones.catalog import build_backbone
-    from ssl_eval.config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+    from ssl_eval.core.config import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
     from ssl_eval.data.datasets import DatasetOptions, get_dataset
     from ssl_eval.data.splits import stratified_val_split
-    from ssl_eval.feature_stream import FeatureRows
-    from ssl_eval.features import extract
+    from ssl_eval.features.extraction import extract
+    from ssl_eval.features.stream import FeatureRows
+    from ssl_eval.orchestrate.suite import load_job_suite
     from ssl_eval.protocols import knn as K
     from ssl_eval.protocols.cards import load_cards
-    from ssl_eval.suite import load_job_suite
 
     suite = load_job_suite(SUITE)
     card = load_cards(["knn"], [s for s in suite.set if s.startswith("knn.")])[0]
@@ -457,7 +457,7 @@ def _machine(t: str) -> dict:
 
     import torch
 
-    from ssl_eval.provenance import cpu_model
+    from ssl_eval.core.provenance import cpu_model
 
     return {
         "cpu_model": cpu_model(),
@@ -485,8 +485,8 @@ def _sweep(work: Path, smoke: bool, only: list[str] | None) -> dict:
     import os
     import shutil
 
+    from ssl_eval.core.provenance import code_version
     from ssl_eval.data.datasets import DatasetOptions, get_dataset
-    from ssl_eval.provenance import code_version
     from ssl_eval.train.loop import train
 
     t_all = time.perf_counter()
