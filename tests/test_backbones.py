@@ -93,6 +93,7 @@ def _official_dinov2_file(path):
     return ref
 
 
+@pytest.mark.slow
 def test_dinov2_official_layout_from_weights_folder(tmp_path, monkeypatch):
     wdir = tmp_path / "weights"
     wdir.mkdir()
@@ -269,6 +270,7 @@ print(json.dumps({"imported": sorted(sys.modules), "owners": sorted(owners)}))
 """
 
 
+@pytest.mark.slow
 def test_every_file_in_families_is_discovered_and_registers_something(tmp_path):
     """Dropping a module file in backbones/families/ is all a new family needs: the listing
     imports it, and it registers something."""

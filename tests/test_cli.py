@@ -19,6 +19,7 @@ def _run(args, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_embedded_default_end_to_end(tmp_path):
     """`ssl-eval run` with no --dataset evaluates on shapes, writes records and a leaderboard;
     the second run skips what exists; --force recomputes from the feature cache."""
@@ -69,6 +70,7 @@ def test_embedded_default_end_to_end(tmp_path):
     assert len(new) == 2 and new[0].value == new[1].value  # same seed, same number
 
 
+@pytest.mark.slow
 def test_digits_pixels_linear_at_least_093(tmp_path, capsys):
     rc = main(
         [
@@ -119,6 +121,7 @@ def test_results_dir_and_leaderboard_command(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -144,6 +147,7 @@ def test_user_errors_exit_nonzero_with_one_clear_line(tmp_path, capsys, args, me
     assert err.strip().splitlines()[-1].startswith("ssl-eval: error:")
 
 
+@pytest.mark.slow
 def test_user_error_in_subprocess_has_no_traceback(tmp_path):
     r = _run(["run", "--backbone", "nonexistent_backbone"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown backbone" in r.stderr
@@ -186,6 +190,7 @@ def test_validate_and_suite(capsys, tmp_path):
     assert "knn, linear, fewshot, finetune" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compare_two_backbones_paired(tmp_path, capsys):
     r = str(tmp_path / "r")
     for bb in ("pixels", "random:resnet10t"):
@@ -216,6 +221,7 @@ def test_compare_two_backbones_paired(tmp_path, capsys):
     assert main(["compare", "pixels", "nobody", "--results-dir", r]) == 2
 
 
+@pytest.mark.slow
 def test_multiple_seeds_give_a_spread_in_the_leaderboard(tmp_path, capsys):
     r = tmp_path / "r"
     assert (
@@ -276,6 +282,7 @@ def test_knn_does_not_depend_on_the_seed_so_it_runs_once_with_a_bootstrap_interv
     assert "ᵇ" in md and "(n=3)" not in md and "± 0.00" not in md
 
 
+@pytest.mark.slow
 def test_seed_reaches_the_random_initialisation(tmp_path):
     r = tmp_path / "r"
     assert (
@@ -368,6 +375,7 @@ def test_one_class_dataset_is_refused(tmp_path, capsys):
     assert "single class" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_top5_is_not_reported_with_five_or_fewer_classes(tmp_path, capsys):
     r = tmp_path / "r"
     assert (

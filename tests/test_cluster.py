@@ -65,6 +65,7 @@ def _status(results: Path, capsys) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_local_sweep_records_are_those_of_one_process_and_a_rerun_submits_nothing(tmp_path, capsys):
     one, swept = tmp_path / "one", tmp_path / "swept"
     # separate feature caches: the jobs extract their own features
@@ -90,6 +91,7 @@ def test_local_sweep_records_are_those_of_one_process_and_a_rerun_submits_nothin
     assert len(load_sweeps(swept)[0]["jobs"]) == 2 and _record_files(swept) == files
 
 
+@pytest.mark.slow
 def test_a_failed_job_shows_in_status_and_a_resubmission_completes_only_the_missing_units(
     tmp_path, capsys, monkeypatch
 ):
@@ -213,6 +215,7 @@ protocols: [knn, finetune]
 """
 
 
+@pytest.mark.slow
 def test_a_suite_evaluates_as_a_local_sweep(tmp_path, capsys):
     (tmp_path / "tiny.yaml").write_text(TINY_SUITE)
     results = tmp_path / "r"

@@ -66,6 +66,7 @@ def _collect(proc, lines, waited):
             waited.set()
 
 
+@pytest.mark.slow
 def test_four_concurrent_runs_record_each_unit_once_and_extract_each_entry_once(tmp_path):
     results, cache = tmp_path / "r", tmp_path / "c"
     args = [*RUN, "--results-dir", str(results), "--cache-dir", str(cache), "--device", "cpu"]
@@ -142,6 +143,7 @@ def _full_disk(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_every_file_ssl_eval_writes_has_the_umask_mode(tmp_path, monkeypatch, mask):
     """Records, leaderboard, cache entries and their metadata, trainer checkpoints and states,

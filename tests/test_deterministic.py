@@ -109,6 +109,7 @@ def test_pinned_weights_do_not_depend_on_the_kernel_paths(tmp_path):
     assert pinned["recipe"] == free["recipe"]
 
 
+@pytest.mark.slow
 def test_refused_when_torch_ran_before_the_pins(tmp_path):
     """The ATen capability is fixed at torch's first operation: a process that ran one before
     asking for --deterministic cannot honour it and must not train under that name."""

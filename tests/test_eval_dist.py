@@ -76,6 +76,7 @@ def _records(folder) -> dict:
     return recs
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_records_one_process_writes(runs):
     out, _, _ = runs
     assert_same_records(_records(out / "r1"), _records(out / "r2"), 2 * UNITS)
@@ -98,6 +99,7 @@ def assert_same_records(one: dict, two: dict, at_least: int) -> None:
         assert b["details"] == a["details"], what
 
 
+@pytest.mark.slow
 def test_each_unit_written_once_by_rank_zero(runs):
     out, _, two = runs
     assert len(list((out / "r2" / "records").glob("*.json"))) == UNITS
@@ -178,6 +180,7 @@ def test_shards_cover_every_item_once_in_order():
             assert covered.tolist() == list(range(n))
 
 
+@pytest.mark.slow
 def test_ddp_fine_tune_trains_on_the_single_process_global_batch(finetune_runs):
     one, two = finetune_runs
     assert one.keys() == two.keys() and one
@@ -305,6 +308,7 @@ def spawn_two(worker, out) -> None:
     mp.spawn(worker, args=(port, str(out)), nprocs=2, join=True)
 
 
+@pytest.mark.slow
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     spawn_two(_agree_worker, tmp_path)
     for r in range(2):

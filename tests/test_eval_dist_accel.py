@@ -39,6 +39,7 @@ def runs(request, tmp_path_factory):
     return request.param, out, one, two
 
 
+@pytest.mark.slow
 def test_feature_entries_equal_to_the_single_process_bytes(runs):
     what, out, _, _ = runs
     entries = assert_same_entries(out / "c1", out / "c2", 2)  # (train, test)
@@ -48,6 +49,7 @@ def test_feature_entries_equal_to_the_single_process_bytes(runs):
             assert key["accel"] == {"channels_last": True}, key
 
 
+@pytest.mark.slow
 def test_records_equal_to_the_single_process_records(runs):
     what, out, _, _ = runs
     one, two = _records(out / "r1"), _records(out / "r2")
@@ -129,6 +131,7 @@ def _decode_worker(rank: int, port: int, out: str) -> None:
     (out / f"{rank}.json").write_text(json.dumps(seen))
 
 
+@pytest.mark.slow
 def test_decode_cache_failures_stop_every_rank_with_one_line(tmp_path):
     spawn_two(_decode_worker, tmp_path)
     for r in range(2):

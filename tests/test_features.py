@@ -88,6 +88,7 @@ def test_exception_mid_write_leaves_no_entry(tmp_path):
     assert not fs.cache_hit and np.isfinite(np.asarray(fs.features, dtype=np.float32)).all()
 
 
+@pytest.mark.slow
 def test_killed_process_leaves_no_entry_and_next_run_recovers(tmp_path):
     """SIGKILL in the middle of writing features: no cache entry appears; a rerun succeeds."""
     script = textwrap.dedent(f"""
@@ -161,6 +162,7 @@ def test_leftovers_of_a_killed_process_are_swept_and_a_live_ones_kept(tmp_path):
     assert live.name in names
 
 
+@pytest.mark.slow
 def test_a_killed_extraction_leaves_nothing_after_the_next_run(tmp_path):
     """SIGKILL during extraction, then a run: no temporary folder is left behind."""
     script = textwrap.dedent(f"""

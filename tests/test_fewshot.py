@@ -39,6 +39,7 @@ def test_small_class_is_an_error_or_a_recorded_cap():
     assert capped == {1: 3} and np.bincount(y[idx]).tolist() == [5, 3, 5]
 
 
+@pytest.mark.slow
 def test_support_comes_from_train_only(monkeypatch):
     x, y = _blobs(400, 0)
     xt, yt = _blobs(100, 1)
@@ -107,6 +108,7 @@ def test_logreg_c_is_chosen_on_val_as_scikit_learn_would(monkeypatch):
         )
 
 
+@pytest.mark.slow
 def test_the_choice_of_c_never_reads_the_test_split():
     p = FewShotParams(shots=(1, 5), seeds=3, logreg_cs=(0.01, 0.1, 1.0, 10.0, 100.0))
     a = run_fewshot(_split_inputs(test_seed=1), p)
@@ -139,6 +141,7 @@ def test_an_empty_grid_means_the_fixed_c_and_a_grid_needs_val():
         FewShotParams(logreg_cs=(1.0, 0.0))
 
 
+@pytest.mark.slow
 def test_fewshot_reports_mean_and_interval_over_seeds():
     x, y = _blobs(500, 0)
     xt, yt = _blobs(200, 1)
@@ -163,6 +166,7 @@ def test_episodic_mode():
     assert out.details["spread_over"] == "t-episodes"
 
 
+@pytest.mark.slow
 def test_batched_logreg_with_one_c_per_problem_and_a_warm_start_matches_scikit_learn():
     from sklearn.linear_model import LogisticRegression
 

@@ -131,6 +131,7 @@ def test_t_tests_and_interval_test_against_scipy():
 # ---------------------------------------------------------------- the reference records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ref", [DEFAULT, QUICK], ids=["default", "quick"])
 def test_every_trained_model_and_column_has_its_claims(ref):
     """Nothing can be left out: every (trained model, column) pair, top-1 and probe, has a
@@ -166,6 +167,7 @@ def test_every_trained_model_and_column_has_its_claims(ref):
         assert f"{b} under {column}" in text.split("No record, not compared: ", 1)[1]
 
 
+@pytest.mark.slow
 def test_every_claim_is_printed_whatever_its_outcome(default):
     """A claim that contradicts the story reads like one that agrees: the same entry, with
     both values, the adjusted p and the test, under its outcome."""
@@ -230,6 +232,7 @@ def test_holm_decides(default):
             assert f"p={c.p_holm:.2g} {c.test}" in entry
 
 
+@pytest.mark.slow
 def test_text_is_deterministic_and_names_no_path(default, tmp_path):
     text = default.markdown()
     assert text.startswith(f"## {TITLE}\n\n") and text.endswith(".\n")
@@ -251,6 +254,7 @@ def _entry(line: str, head: str, other: str, column: str) -> str:
     return cols.split(f"{column} (", 1)[1].split(")", 1)[0]
 
 
+@pytest.mark.slow
 def test_a_worse_run_flips_the_claim(subset):
     col = "shapes / linear"
     v, n = _top1(subset, "simclr", "linear")
@@ -316,6 +320,7 @@ def _retrain(results: Path, backbone: str, protocol: str, n_flip: int, seed: int
     write_unit(results, rec.unit, f"20990101T000000Z-{seed:06x}", out)
 
 
+@pytest.mark.slow
 def test_several_training_runs_are_tested_by_their_spread(subset):
     """Three training runs of SimCLR's recipe, at v, v - d and v - 2d with d a quarter of its
     lead over pixels: each run is paired with the fixed pixels model on the same test images
@@ -360,6 +365,7 @@ def test_several_training_runs_are_tested_by_their_spread(subset):
 # ---------------------------------------------------------------- the report
 
 
+@pytest.mark.slow
 def test_report_writes_and_shows_the_findings(subset, tmp_path):
     index = write_report(subset, cache_dir=tmp_path / "no-cache", progress=False)
     out = index.parent

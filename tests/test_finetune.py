@@ -12,6 +12,7 @@ from ssl_eval.protocols.finetune import FinetuneParams, _lr_at, run_finetune
 from ssl_eval.records.store import load_records
 
 
+@pytest.mark.slow
 def test_finetuned_random_backbone_beats_its_linear_probe_on_digits(tmp_path):
     r = tmp_path / "r"
     rc = main(
@@ -51,6 +52,7 @@ def _inputs(tmp_path, seed=0):
     return ImageInputs(bb, ds, tr[:300], va, torch.device("cpu"), seed, tmp_path / "state")
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     p = FinetuneParams(epochs=3, batch_size=32, mixup_alpha=0.2, cutmix_alpha=1.0, hflip=False)
     full = run_finetune(_inputs(tmp_path / "a"), p)
@@ -175,6 +177,7 @@ def test_layer_decay_refuses_a_parameter_it_cannot_place():
         finetune._param_groups(clf, FinetuneParams(layer_decay=0.65))
 
 
+@pytest.mark.slow
 def test_layer_decay_on_a_vit(tmp_path, monkeypatch):
     bb = build_backbone("random:vit_tiny_patch16_224", BuildOptions(image_size=32))
     ds = get_dataset("digits", DatasetOptions())

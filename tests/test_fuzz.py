@@ -12,6 +12,7 @@ import json
 import re
 from html.parser import HTMLParser
 
+import pytest
 from fuzzing import FUZZ, assert_finite, one_line, scalars, values
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -225,6 +226,7 @@ class _Tags(HTMLParser):
         self.tags.add(tag)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=30)
 @given(backbone=HOSTILE, card=HOSTILE, dataset=HOSTILE)
 @example(backbone="<script>x</script>|y", card="my|card", dataset="d")

@@ -256,6 +256,7 @@ def test_any_bytes_as_a_trained_sidecar_are_refused_in_one_line(tmp_path, raw):
     _read_sidecar(tmp_path, raw)
 
 
+@pytest.mark.slow
 def test_a_library_message_of_several_lines_reaches_the_user_in_one_line(tmp_path):
     """torch's refusal of a damaged file is paragraphs long: the CLI prints one line of it."""
     import subprocess

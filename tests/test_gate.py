@@ -72,6 +72,7 @@ def _check(store, results, *extra, capsys=None):
     return code, (capsys.readouterr().out if capsys else "")
 
 
+@pytest.mark.slow
 def test_same_records_pass_and_junit_parses(store, tmp_path, capsys):
     code, out = _check(store, store / "r", "--junit", str(tmp_path / "j.xml"), capsys=capsys)
     assert code == 0 and "PASS: 4 row(s) compared" in out, out
@@ -81,6 +82,7 @@ def test_same_records_pass_and_junit_parses(store, tmp_path, capsys):
     assert len(suite.findall("testcase")) == 4
 
 
+@pytest.mark.slow
 def test_injected_regression_fails_with_old_new_and_tolerance(store, tmp_path, capsys):
     r = _copy(store, tmp_path)
     _worsen(r, "random:resnet10t", "linear", 60)  # 60 of ~540 test images

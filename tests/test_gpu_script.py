@@ -25,6 +25,7 @@ def _script():
     return mod
 
 
+@pytest.mark.slow
 def test_gpu_checks_smoke_runs_every_check_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     assert _script().main(["--smoke", "--out", str(out)]) == 0

@@ -143,7 +143,7 @@ def test_no_class_token_refuses_cls(tmp_path):
 
 
 def test_hub_id_offline_names_the_download_command():
-    with pytest.raises(UserError, match="huggingface-cli download facebook/dinov2-small") as e:
+    with pytest.raises(UserError, match="hf download facebook/dinov2-small") as e:
         build_backbone("hf:facebook/dinov2-small")
     assert "\n" not in str(e.value)
 

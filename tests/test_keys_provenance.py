@@ -67,6 +67,7 @@ def _extract(tmp_path, bs, cache):
     return _entries(cache)
 
 
+@pytest.mark.slow
 def test_the_extraction_batch_size_changes_features_so_it_is_in_the_key(tmp_path):
     """On this CPU a network's float16 features of batch 5, 7 and 64 are not the same bytes
     (the kernels block their GEMMs by batch), so the batch size is part of the feature key:

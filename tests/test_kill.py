@@ -87,6 +87,7 @@ def eval_reference(tmp_path_factory):
     return _reference(tmp_path_factory.mktemp("ref"), EVAL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "point,left",
     [
@@ -123,6 +124,7 @@ def test_a_killed_run_reruns_to_the_uninterrupted_numbers(
     assert err.count("[done]") == (1 if left == "one record" else 2), err
 
 
+@pytest.mark.slow
 def test_a_killed_training_resumes_to_the_uninterrupted_weights(tmp_path, capfd):
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main([*TRAIN, "--out", str(ref)]) == 0
@@ -142,6 +144,7 @@ def test_a_killed_training_resumes_to_the_uninterrupted_weights(tmp_path, capfd)
     assert not _leftovers(out)
 
 
+@pytest.mark.slow
 def test_a_killed_finetune_resumes_to_the_uninterrupted_numbers(tmp_path_factory, capfd):
     data = tmp_path_factory.mktemp("data")
     image_folder(data, {"train": 24, "val": 8}, classes=3, pixel=lambda c, i: (60 * c, 7 * i, 0))

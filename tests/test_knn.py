@@ -50,6 +50,7 @@ def test_knn_matches_reference_for_every_k(backend):
         assert (got.argmax(1) == ref.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_torch_backend_chunked_equals_unchunked():
     rng = np.random.default_rng(1)
     bank = torch.from_numpy(rng.normal(size=(3000, 8)).astype(np.float32))
@@ -176,6 +177,7 @@ def _fp16_memmap(tmp_path, name, a):
     return np.load(tmp_path / name, mmap_mode="r")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_streamed_search_of_a_memmapped_bank_equals_the_in_memory_search(tmp_path, backend):
     """A float16 memmap read in chunks (bank and queries both chunked, sizes that do not divide

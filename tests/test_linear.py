@@ -24,6 +24,7 @@ def _separable(n, seed=0, margin=1.0):
     return x, (x @ W_TRUE).argmax(1)
 
 
+@pytest.mark.slow
 def test_linear_probe_reaches_100_percent_on_separable_features():
     x, y = _separable(3000)
     xt, yt = _separable(1000, seed=1)

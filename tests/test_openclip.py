@@ -175,10 +175,10 @@ def test_named_tags_carry_open_clips_settings():
 
 def test_offline_without_a_local_copy_names_the_download_command():
     for name in ("clip_vitb16", "openclip:ViT-L-14/openai", "siglip2_vitb16"):
-        with pytest.raises(UserError, match="huggingface-cli download timm/") as e:
+        with pytest.raises(UserError, match="hf download timm/") as e:
             build_backbone(name)
         assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="huggingface-cli download org/model"):
+    with pytest.raises(UserError, match="hf download org/model"):
         build_backbone("openclip:hf-hub:org/model")
 
 

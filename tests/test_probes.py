@@ -50,11 +50,13 @@ def _probe(shapes, bb, p=SMALL):
     return run_invariance(inp, p).metrics
 
 
+@pytest.mark.slow
 def test_grayscale_pixels_cannot_tell_colours_apart(shapes):
     rgb, gray = _probe(shapes, _bb("rgb")), _probe(shapes, _bb("gray", gray=True))
     assert rgb["decode_colour"] > gray["decode_colour"] + 0.2, (rgb, gray)
 
 
+@pytest.mark.slow
 def test_flip_invariant_by_construction_scores_one(shapes):
     sym, plain = _probe(shapes, _bb("sym", flip_sum=True)), _probe(shapes, _bb("plain"))
     assert sym["inv_flip"] > 0.999 and plain["inv_flip"] < 0.9, (sym["inv_flip"], plain["inv_flip"])
@@ -89,6 +91,7 @@ def test_alignment_and_uniformity():
     assert uniformity(rng.normal(size=(200, 32))) < -2.0
 
 
+@pytest.mark.slow
 def test_probes_from_the_cli_reach_the_leaderboard(tmp_path, capsys):
     r = tmp_path / "r"
     args = [

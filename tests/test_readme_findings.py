@@ -4,6 +4,7 @@ without updating the quote fails here."""
 
 import re
 
+import pytest
 from conftest import ROOT
 
 from ssl_eval.report.findings import findings
@@ -20,6 +21,7 @@ def _quote() -> str:
     )
 
 
+@pytest.mark.slow
 def test_readme_quotes_the_generated_top1_findings_of_the_default_reference():
     generated = findings(ROOT / "results/reference/default").markdown()
     quote = _quote()

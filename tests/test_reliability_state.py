@@ -69,6 +69,7 @@ def finetuned(tmp_path_factory):
     return full, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
 def test_read_state_calls_every_damage_damage(finetuned, tmp_path, kind):
     path = tmp_path / "state.pt"
@@ -91,6 +92,7 @@ def test_a_truncated_legacy_state_is_damage_not_an_index_error(finetuned, tmp_pa
             _read_state(path, "cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated to half", "a byte flipped in the middle"])
 def test_a_damaged_finetune_state_is_reported_removed_and_the_unit_starts_over(
     finetuned, tmp_path, capfd, kind

@@ -111,6 +111,7 @@ def report(tmp_path_factory):
     return index
 
 
+@pytest.mark.slow
 def test_report_files_and_figures(report):
     out = report.parent
     assert report == out / "index.html" and report.is_file()

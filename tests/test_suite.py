@@ -54,6 +54,7 @@ def _run(tmp_path, suite, capsys, *extra):
     return code, out.out + out.err
 
 
+@pytest.mark.slow
 def test_suite_trains_evaluates_and_resumes(tmp_path, capsys):
     suite = _suite(tmp_path)
     code, out = _run(tmp_path, suite, capsys)
@@ -80,6 +81,7 @@ def test_suite_trains_evaluates_and_resumes(tmp_path, capsys):
     assert "0 model(s) trained, 0 unit(s) evaluated, 8 reused" in out
 
 
+@pytest.mark.slow
 def test_changed_recipe_trains_into_a_new_folder(tmp_path, capsys):
     suite = _suite(tmp_path)
     assert _run(tmp_path, suite, capsys)[0] == 0
@@ -97,6 +99,7 @@ def test_changed_recipe_trains_into_a_new_folder(tmp_path, capsys):
     assert len(after) == 3 and set(before) < set(after)
 
 
+@pytest.mark.slow
 def test_killed_training_resumes(tmp_path, capsys, monkeypatch):
     """A suite stopped after one model's first epoch resumes that model, not from scratch."""
     import ssl_eval.train.loop as loop

@@ -204,6 +204,7 @@ def two_processes(tmp_path_factory):
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LOSS_CASES))
 def test_gathered_loss_and_every_input_gradient_equal_one_process(two_processes, name):
     _, ranks = two_processes

@@ -40,6 +40,7 @@ def _cfg(method="simclr", **kw):
     return resolve_config(method, 32, settings={**SETTINGS, **kw}, overrides=small)
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoint_the_evaluator_reads(tmp_path, data):
     out = tmp_path / "run"
     side = train(_cfg(epochs=1), out, data=data)
@@ -85,6 +86,7 @@ def test_run_writes_checkpoint_the_evaluator_reads(tmp_path, data):
         train(_cfg(epochs=1), out, data=data)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, data):
     full, cut = tmp_path / "full", tmp_path / "cut"
     cfg = _cfg("byol")  # an EMA target and a momentum schedule make resume non-trivial

@@ -82,6 +82,7 @@ def ref(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_reference_rows_hold_every_training_run(ref):
     rows = json.loads((ref / "ref.json").read_text())["rows"]
     sup = [r for r in rows if r["backbone"] == "supervised"]
@@ -94,6 +95,7 @@ def test_reference_rows_hold_every_training_run(ref):
     assert "(n=4)ʳ" in board  # one row, the mean and the t interval over the four runs
 
 
+@pytest.mark.slow
 def test_another_training_seed_reproduces_a_multi_seed_reference(ref, capsys):
     code = _run(_suite(ref, 7), ref / "s7", ref / "cache", "--reference", str(ref / "ref.json"))
     out = capsys.readouterr().out
@@ -107,6 +109,7 @@ def test_another_training_seed_reproduces_a_multi_seed_reference(ref, capsys):
     assert "reproduction, two-sided" in out
 
 
+@pytest.mark.slow
 def test_a_trainer_bug_with_every_setting_unchanged_is_a_regression(ref, capsys, monkeypatch):
     """The supervised loss sees each image with its neighbour's label (a misaligned batch):
     recipe, config and setting are those of the reference, only the trained model is worse."""

@@ -121,7 +121,7 @@ def resolve_folder(rest: str, opt: BuildOptions) -> tuple[Path, str]:
         return folder, str(folder)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", rest):
         raise UserError(f"hf:{rest}: expected hf:ORG/NAME (a hub repo) or hf:/path/to/folder")
-    hint = f"fetch it with `huggingface-cli download {rest}`"
+    hint = f"fetch it with `hf download {rest}`"
     cached = _cached_snapshot(rest)
     if cached is not None:
         return cached, f"the Hugging Face cache ({cached})"

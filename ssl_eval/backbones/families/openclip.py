@@ -88,7 +88,7 @@ def _offline(opt: BuildOptions) -> bool:
 
 
 def _download_hint(repo: str, filename: str = "") -> str:
-    return f"fetch it with `huggingface-cli download {repo}{' ' + filename if filename else ''}`"
+    return f"fetch it with `hf download {repo}{' ' + filename if filename else ''}`"
 
 
 # ---------------------------------------------------------------- the tower and its features
@@ -334,7 +334,7 @@ def _weights_source(arch: str, tag: str, repo: str) -> WeightsSource:
         filenames=(f"{stem}.safetensors", f"{stem}.bin"),
         hf_repo=repo or None,
         hf_filenames=FILES[:1] + FILES[2:3],
-        how=f"The Hugging Face CLI fetches it: `huggingface-cli download {repo} {FILES[0]}`"
+        how=f"The Hugging Face CLI fetches it: `hf download {repo} {FILES[0]}`"
         if repo
         else "",
     )
