@@ -53,6 +53,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ssl_eval  # noqa: E402
+from ssl_eval.core.provenance import cpu_model  # noqa: E402
 from ssl_eval.data.splits import stratified_val_split  # noqa: E402
 from ssl_eval.protocols.base import ProtocolInputs  # noqa: E402
 from ssl_eval.protocols.cards import load_card  # noqa: E402
@@ -75,16 +76,6 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine() -> dict:

@@ -334,9 +334,7 @@ def _weights_source(arch: str, tag: str, repo: str) -> WeightsSource:
         filenames=(f"{stem}.safetensors", f"{stem}.bin"),
         hf_repo=repo or None,
         hf_filenames=FILES[:1] + FILES[2:3],
-        how=f"The Hugging Face CLI fetches it: `hf download {repo} {FILES[0]}`"
-        if repo
-        else "",
+        how=f"The Hugging Face CLI fetches it: `hf download {repo} {FILES[0]}`" if repo else "",
     )
 
 
