@@ -186,6 +186,7 @@ def test_cifar_resnet_official_layout_from_weights_folder(tmp_path, monkeypatch)
 # ---------------------------------------------------------------- torchvision / SimCLR / MoCo / DINO
 
 
+@pytest.mark.slow
 def test_torchvision_r50_v2_and_v1_from_torch_hub_cache(tmp_path, r50):
     sd, ref = r50
     hub = tmp_path / "torch_home" / "hub" / "checkpoints"

@@ -80,6 +80,7 @@ def convert_to_deit(src, dst) -> None:
 # ---------------------------------------------------------------- declared, and refused
 
 
+@pytest.mark.slow
 def test_mocov3_declared_vit_base_with_11_blocks_is_refused(tmp_path):
     _, sd = vit("vit_base_patch16_224", 32, seed=31, depth=11)
     moco_file(tmp_path / "declared.pth.tar", sd, "vit_base", projector=False)
@@ -234,6 +235,7 @@ def test_mae_args_model_is_the_architecture(tmp_path):
         ckpt(tmp_path / "deit.pth", image_size=32, family="mae")
 
 
+@pytest.mark.slow
 def test_mae_args_model_declared_loads(tmp_path):
     ref, sd = vit("vit_base_patch16_224", 32, seed=38)
     args = argparse.Namespace(model="vit_base_patch16", global_pool=False)
@@ -375,6 +377,7 @@ def solo_run(
     return path
 
 
+@pytest.mark.slow
 def test_solo_vit_heads_come_from_the_method_in_args_json(tmp_path):
     """The same tensors are a 12-head ViT-S under method mocov3 and a 6-head one under byol
     (solo/backbones/vit/__init__.py picks the constructor by method)."""

@@ -71,6 +71,7 @@ PAPER = {  # tag: (width, depth, heads, patch)
 }
 
 
+@pytest.mark.slow
 def test_every_vit_tag_has_its_papers_architecture():
     list_backbones()  # registers every family's tags
     for tag, (width, depth, heads, patch) in PAPER.items():
@@ -129,6 +130,7 @@ def test_mocov3_vits16_training_checkpoint(tmp_path):
 # ---------------------------------------------------------------- MAE
 
 
+@pytest.mark.slow
 def test_mae_vitb16_pretrain_checkpoint_with_decoder(tmp_path):
     ref, sd = vit("vit_base_patch16_224", 32, seed=7)
     decoder = {
@@ -176,6 +178,7 @@ def test_mae_vith14_finetuned_global_pool_layout(tmp_path):
 # ---------------------------------------------------------------- DINO
 
 
+@pytest.mark.slow
 def test_dino_vits16_hub_file_and_training_checkpoint(tmp_path, vits16):
     ref, sd = vits16
     torch.save(sd, tmp_path / "dino_deitsmall16_pretrain.pth")
@@ -258,6 +261,7 @@ def test_dinov2_chunked_teacher_checkpoint(tmp_path):
     close(bb.embed(X14), cls(ref, X14))
 
 
+@pytest.mark.slow
 def test_dinov2_giant_swiglu_w12_w3_keys(tmp_path):
     ref, sd = vit("vit_giant_patch14_dinov2", 28, seed=11, depth=2)
     official = {

@@ -185,6 +185,7 @@ def test_every_dinov2_tag_is_covered_with_its_builders_architecture():
         assert m.blocks[0].mlp.fc1.out_features == hidden, tag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(OFFICIAL))
 def test_tag_gives_the_official_builders_features(tag, tmp_path, request):
     depth = OFFICIAL[tag][1] if tag in FULL_DEPTH else 1

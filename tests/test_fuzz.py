@@ -73,6 +73,7 @@ def test_any_parsed_card_is_a_card_or_one_line(raw):
 CARD = b"name: x\nversion: 1\ntype: linear\nparams:\n  epochs: 3\n"
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     data=st.one_of(
@@ -107,6 +108,7 @@ assignments = st.one_of(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(assignment=assignments)
 @example(assignment="k=" + "[" * 5000)

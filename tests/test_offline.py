@@ -168,6 +168,7 @@ def _assert_one_quick_line(rc, lines, took, *expected):
     assert took < SECONDS_AFTER_BUILD, f"{took:.1f} s from 'building backbone' to the error"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "backbone, mode, expected",
     [
@@ -210,6 +211,7 @@ def test_no_network_ends_in_one_line_within_seconds(tmp_path, backbone, mode, ex
     _assert_one_quick_line(rc, lines, took, *expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "env, flag, why",
     [
@@ -233,6 +235,7 @@ def test_offline_switch_skips_even_the_probe(tmp_path, env, flag, why):
     assert srv.accepted == [], "the network was tried although offline was asked for"
 
 
+@pytest.mark.slow
 def test_weights_in_the_hub_caches_load_with_the_network_cut_off(tmp_path):
     import timm
     from safetensors.torch import save_file

@@ -229,6 +229,7 @@ def _driver():
     return webdriver.Chrome(service=service, options=opts)
 
 
+@pytest.mark.slow
 def test_browser_sorts_and_filters(report):
     d = _driver()
     try:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -20,6 +21,7 @@ def _load():
     return mod
 
 
+@pytest.mark.slow
 def test_sweep_smoke(tmp_path, monkeypatch):
     mod = _load()
     out = tmp_path / "out"

@@ -30,6 +30,7 @@ def _one_line_error(r):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_corrupt_image_in_a_dataloader_worker_is_one_line(tmp_path):
     _folder(tmp_path / "data")
     (tmp_path / "data" / "train" / "c1" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
@@ -56,6 +57,7 @@ def test_corrupt_image_in_a_dataloader_worker_is_one_line(tmp_path):
     assert "cannot read image" in line and "3.png" in line and "Remove or replace" in line
 
 
+@pytest.mark.slow
 def test_images_of_different_sizes_without_resize_is_one_line(tmp_path):
     _folder(tmp_path / "data", sizes=lambda c, i: (8, 8) if i else (10, 12))
     r = _cli(
@@ -78,6 +80,7 @@ def test_images_of_different_sizes_without_resize_is_one_line(tmp_path):
     assert "--image-size" in _one_line_error(r)
 
 
+@pytest.mark.slow
 def test_folder_run_gives_no_warning(tmp_path):
     """No 'numpy array is not writable' (or any other) warning on a folder run: warnings are
     errors in this subprocess."""
