@@ -96,10 +96,6 @@ def require_transformers():
     return transformers
 
 
-def _offline(opt: BuildOptions) -> bool:
-    return offline_reason(opt.offline) is not None
-
-
 # ---------------------------------------------------------------- where the folder is
 
 
@@ -125,7 +121,7 @@ def resolve_folder(rest: str, opt: BuildOptions) -> tuple[Path, str]:
     cached = _cached_snapshot(rest)
     if cached is not None:
         return cached, f"the Hugging Face cache ({cached})"
-    if _offline(opt):
+    if offline_reason(opt.offline) is not None:
         raise UserError(
             f"hf:{rest} is not in the local Hugging Face cache and ssl-eval is offline; {hint}"
         )

@@ -83,10 +83,6 @@ def require_open_clip():
     return open_clip
 
 
-def _offline(opt: BuildOptions) -> bool:
-    return offline_reason(opt.offline) is not None
-
-
 def _download_hint(repo: str, filename: str = "") -> str:
     return f"fetch it with `hf download {repo}{' ' + filename if filename else ''}`"
 
@@ -201,7 +197,7 @@ def _hub_file(repo: str, filename: str, opt: BuildOptions) -> Path:
     hit = try_to_load_from_cache(repo, filename)
     if isinstance(hit, str) and Path(hit).is_file():
         return Path(hit)
-    if _offline(opt):
+    if offline_reason(opt.offline) is not None:
         raise UserError(
             f"openclip:hf-hub:{repo}: {filename} is not in the Hugging Face cache and ssl-eval "
             f"is offline; {_download_hint(repo)}"
