@@ -14,37 +14,30 @@ from torch import nn
 from ..core.errors import UserError
 from ..core.registry import Registry
 from ..data.transforms import Preprocessing
+from .tokens import PatchGrid, forward_tokens, num_prefix_tokens, patch_grid
 
 # ---------------------------------------------------------------- feature kinds
-
-
-def _tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model.forward_features(x)
-    if isinstance(out, dict):  # some timm models return dicts
-        out = out.get("x", next(iter(out.values())))
-    return out
 
 
 def _patch_mean(model: nn.Module, out: torch.Tensor) -> torch.Tensor:
     if out.ndim == 4:  # CNN: N C H W
         return out.mean(dim=(2, 3))
-    n_prefix = getattr(model, "num_prefix_tokens", 1)
-    return out[:, n_prefix:].mean(dim=1)
+    return out[:, num_prefix_tokens(model) :].mean(dim=1)
 
 
 def _cls(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = _tokens(model, x)
+    out = forward_tokens(model, x)
     if out.ndim != 3:
         raise UserError("feature kind 'cls' needs a transformer with a class token; use 'avgpool'")
     return out[:, 0]
 
 
 def _avgpool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return _patch_mean(model, _tokens(model, x))
+    return _patch_mean(model, forward_tokens(model, x))
 
 
 def _cls_avgpool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = _tokens(model, x)
+    out = forward_tokens(model, x)
     if out.ndim != 3:
         raise UserError("feature kind 'cls+avgpool' needs a transformer; use 'avgpool'")
     return torch.cat([out[:, 0], _patch_mean(model, out)], dim=1)
@@ -143,6 +136,15 @@ class Backbone:
         if self.model.training:
             self.model.eval()
         return self._read(self.model, x).float()
+
+    @torch.inference_mode()
+    def patch_grid(self, x: torch.Tensor) -> PatchGrid:
+        """Preprocessed float batch -> the last block's patch tokens as an (N, h, w, D) grid
+        (and the class/register tokens), eval mode, float32."""
+        if self.model.training:
+            self.model.eval()
+        g = patch_grid(self.model, x)
+        return PatchGrid(g.tokens.float(), None if g.prefix is None else g.prefix.float())
 
     def embed_dim(self) -> int:
         size = self.preprocessing.crop or 32
