@@ -190,19 +190,22 @@ def _is_trained(rows: pd.DataFrame) -> bool:
 
 def _sides(frame: pd.DataFrame, table: Table, metric: str) -> dict[tuple[str, str], _Side]:
     """{(row label, column key): the side of that cell}."""
-    from .leaderboard import make_cell
+    from .leaderboard import cell_columns, make_cell, narrow
 
     scale = _scale(metric)
+    pcol, ncol = f"{metric}.per_sample_correct", f"{metric}.n_test"
+    keep = [*cell_columns(metric), pcol, ncol, "setting.column_hash", "backbone"]
+    frame = narrow(frame, keep)
+    frame = frame[frame[metric].notna()]
+    column_hash, backbone = frame["setting.column_hash"].astype(str), frame["backbone"].astype(str)
     out: dict[tuple[str, str], _Side] = {}
     for (rk, ck), cell in table.cells.items():
         rows = frame[
             frame["file"].isin(cell.files)
-            & (frame["setting.column_hash"].astype(str) == ck)
-            & frame[metric].notna()
-            & (frame["backbone"].astype(str) == str(table.row_summary[rk].get("backbone")))
+            & (column_hash == ck)
+            & (backbone == str(table.row_summary[rk].get("backbone")))
         ]
         runs = [cell.value * scale]
-        pcol, ncol = f"{metric}.per_sample_correct", f"{metric}.n_test"
         run_bits = None
         if cell.kind == "t-runs":
             w = rows["setting.row.weights"].astype(str)
@@ -298,7 +301,7 @@ def findings(results_dir: str | Path, frame: pd.DataFrame | None = None) -> Find
     ``frame`` when the caller has already read them); ``suite.json`` there names the
     ablation groups."""
     from ..records.frame import load_frame
-    from .leaderboard import build_table
+    from .leaderboard import build_table, narrow
 
     results_dir = Path(results_dir)
     frame = load_frame(results_dir) if frame is None else frame
@@ -309,10 +312,11 @@ def findings(results_dir: str | Path, frame: pd.DataFrame | None = None) -> Find
 
     trained: set[str] = set()
     untrained: set[str] = set()
+    recipes = narrow(frame, ["file", "load_report.training.recipe"])
     for table in tables.values():
         for rk in table.rows:
             files = {f for (r, _), c in table.cells.items() if r == rk for f in c.files}
-            rows = frame[frame["file"].isin(files)]
+            rows = recipes[recipes["file"].isin(files)]
             (trained if _is_trained(rows) else untrained).add(table.row_label[rk])
     out.models = sorted(trained, key=str.lower)
     out.baselines = sorted(untrained - trained, key=str.lower)

@@ -150,12 +150,33 @@ def _present(v: object) -> bool:
     return v is not None and v == v  # NaN is a value the frame lacks
 
 
+def cell_columns(metric: str = HEADLINE) -> list[str]:
+    """The frame columns a cell of ``metric`` is made of (``make_cell`` reads no other)."""
+    return [
+        "setting.row.weights",
+        "seed",
+        "seed_dependent",
+        "time",
+        "run_id",
+        "file",
+        metric,
+        *(f"{metric}.{k}" for k in ("lo", "hi", "n", "ci_method")),
+    ]
+
+
+def narrow(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Only ``columns`` (those present) of ``frame``: pandas copies every column on each
+    sort and selection, and a results folder's frame has hundreds."""
+    return frame[[c for c in dict.fromkeys(columns) if c in frame.columns]]
+
+
 def make_cell(rows: pd.DataFrame, metric: str = HEADLINE) -> Cell:
     """The cell of one setting's frame rows (any seeds): the newest row per seed, then the t
     interval over seeds where the setting depends on the seed, else the newest row's own.
     Rows of several training runs of one recipe (other trained weights, same everything
     else) give the mean over the runs (each run's mean over its seeds) and the t interval over
     the runs: a retrained model is another model, and the runs' spread is the honest one."""
+    rows = narrow(rows, cell_columns(metric))
     weights = rows.get("setting.row.weights")
     if weights is not None and weights.nunique(dropna=False) >= 2:
         per_run = [make_cell(g, metric) for _, g in rows.groupby(weights.astype(str), sort=False)]
@@ -163,13 +184,16 @@ def make_cell(rows: pd.DataFrame, metric: str = HEADLINE) -> Cell:
         lo, hi, cut = _clip(lo, hi)
         files = [f for c in per_run for f in c.files]
         return Cell(100 * m, 100 * lo, 100 * hi, "t-runs", len(per_run), files, cut)
-    rows = rows.assign(_seed=rows["seed"].where(rows["seed_dependent"].astype(bool), None))
-    newest = (
-        rows.sort_values(["time", "run_id"], kind="stable")
-        .groupby("_seed", dropna=False, sort=False)
-        .tail(1)
-        .sort_values(["seed", "time"], kind="stable")
-    )
+    if len(rows) == 1:  # most cells: one record, newest of its seed by itself
+        newest = rows
+    else:
+        rows = rows.assign(_seed=rows["seed"].where(rows["seed_dependent"].astype(bool), None))
+        newest = (
+            rows.sort_values(["time", "run_id"], kind="stable")
+            .groupby("_seed", dropna=False, sort=False)
+            .tail(1)
+            .sort_values(["seed", "time"], kind="stable")
+        )
     files = newest["file"].astype(str).tolist()
     if len(newest) >= 2:
         m, _, lo, hi = mean_ci(newest[metric].astype(float).to_numpy())
@@ -287,7 +311,8 @@ def build_table(frame: pd.DataFrame, metric: str = HEADLINE) -> Table:
         labels = difference_labels({k: row_summary[k] for k in keys}, counts_row)
         for k in keys:
             row_label[k] = tag + (f" [{labels[k]}]" if labels[k] else "")
-    cells = {(rk, ck): make_cell(g, metric) for (rk, ck), g in frame.groupby(["_row", "_col"])}
+    cell_rows = narrow(frame, [*cell_columns(metric), "_row", "_col"])
+    cells = {(rk, ck): make_cell(g, metric) for (rk, ck), g in cell_rows.groupby(["_row", "_col"])}
     rows = sorted(row_label, key=lambda k: row_label[k])
     cols = sorted(col_label, key=lambda k: col_label[k])
     return Table(rows, cols, row_label, col_label, col_summary, row_summary, cells)
