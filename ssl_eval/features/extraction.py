@@ -37,6 +37,7 @@ from ..data.datasets import DatasetBundle
 from .accel import Accel, prepared
 from .decode_cache import decoded_in_world
 from .entries import CHECKSUM, Damaged, cached_entry, file_checksum, reserved_memmap
+from .layers import layout
 from .loading import Images, progress_bar, worker_errors
 
 FEATURE_FORMAT_VERSION = 1
@@ -77,31 +78,36 @@ def cache_key(
     its pixels are those of the per-image path, so the features are the same."""
     device = device or torch.device("cpu")
     fast = (accel or Accel()).key()
-    return ({"accel": fast} if fast else {}) | {
-        "format": FEATURE_FORMAT_VERSION,
-        "code": source_hash(
-            "features/extraction.py",
-            "features/loading.py",
-            "features/entries.py",
-            "features/accel.py",
-            "backbones",
-            "data",
-            "core/registry.py",
-        ),
-        "libraries": library_versions(),
-        "device": device.type,
-        "autocast": autocast_dtype(device),
-        "weights_sha256": backbone.weights.sha256,
-        "backbone": backbone.tag,
-        "preprocessing": backbone.preprocessing.to_dict(),
-        "feature_kind": backbone.feature_kind,
-        "built": backbone.built(),  # two readings of one file are two backbones
-        "dataset": bundle.name,
-        "dataset_fingerprint": bundle.fingerprint,
-        "split": split,
-        "dtype": dtype,
-        "batch_size": batch_size,
-    }
+    multi = layout(backbone.feature_kind)  # which blocks and poolings a layers:N row holds
+    return (
+        ({"accel": fast} if fast else {})
+        | ({"layout": multi} if multi else {})
+        | {
+            "format": FEATURE_FORMAT_VERSION,
+            "code": source_hash(
+                "features/extraction.py",
+                "features/loading.py",
+                "features/entries.py",
+                "features/accel.py",
+                "backbones",
+                "data",
+                "core/registry.py",
+            ),
+            "libraries": library_versions(),
+            "device": device.type,
+            "autocast": autocast_dtype(device),
+            "weights_sha256": backbone.weights.sha256,
+            "backbone": backbone.tag,
+            "preprocessing": backbone.preprocessing.to_dict(),
+            "feature_kind": backbone.feature_kind,
+            "built": backbone.built(),  # two readings of one file are two backbones
+            "dataset": bundle.name,
+            "dataset_fingerprint": bundle.fingerprint,
+            "split": split,
+            "dtype": dtype,
+            "batch_size": batch_size,
+        }
+    )
 
 
 def extract(
