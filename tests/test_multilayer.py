@@ -15,8 +15,8 @@ from ssl_eval.backbones.base import Backbone, WeightsInfo
 from ssl_eval.core.errors import UserError
 from ssl_eval.data.transforms import Preprocessing
 from ssl_eval.features.layers import head_columns, layout
+from ssl_eval.protocols._linear_grid import settings_of
 from ssl_eval.protocols.linear import LinearParams, train_heads
-from ssl_eval.protocols.linear_grid import settings_of
 
 
 def _vit(depth: int = 3, reg: int = 1) -> nn.Module:

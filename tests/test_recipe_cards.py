@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_eval.protocols.base import ProtocolInputs
-from ssl_eval.protocols.cards import load_card
-from ssl_eval.protocols.linear_grid import (
+from ssl_eval.protocols._linear_grid import (
     cosine_lr,
     feature_kind,
     num_heads,
     settings_of,
     total_steps,
 )
+from ssl_eval.protocols.base import ProtocolInputs
+from ssl_eval.protocols.cards import load_card
 
 # dinov2/eval/linear.py get_args_parser defaults; dinov3 _DEFAULT_LR_LIST is the same list
 LEARNING_RATES = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
@@ -53,6 +53,8 @@ def test_linear_recipe_grid_and_schedule(card, blocks, avgpools, heads):
         assert total_steps(n, p)[2] == EPOCHS * EPOCH_LENGTH
     assert p.momentum == 0.9 and p.weight_decays == (0.0,) and p.init_std == 0.01
     assert not p.batchnorm and p.report_test_choice
+    # the script's rates as a user types them (1e-5: a string to YAML 1.1) are numbers
+    assert load_card(card, ["lrs=[1e-5, 2e-5]"]).params.lrs == (1e-5, 2e-5)
     # CosineAnnealingLR(optimizer, max_iter, eta_min=0) stepped after each iteration
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=got[-1][2], momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS * EPOCH_LENGTH, eta_min=0)

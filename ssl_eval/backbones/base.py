@@ -94,7 +94,7 @@ def _per_block(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
             raise UserError(
                 f"feature kind 'layers:{n}' asks for the last {n} blocks, but this "
                 f"{type(model).__name__} has {len(blocks)}; ask for at most {len(blocks)} "
-                f"(e.g. --set n_last_blocks=[1,{len(blocks)}])"
+                "(a card's n_last_blocks, or --feature-kind layers:N)"
             )
         inter = model.forward_intermediates(
             x,

@@ -19,7 +19,7 @@ dataset is not probed with a handful of updates.
 Recipe cards (linear@dinov2, linear@dinov3) add the official scripts' grid over layers and
 poolings (``n_last_blocks`` x ``avgpool``: heads reading column subsets of one ``layers:N``
 cache entry), their learning-rate scaling, fixed iteration count and N(0, 0.01) start
-(``linear_grid.py``).
+(``_linear_grid.py``).
 """
 
 from __future__ import annotations
@@ -33,14 +33,7 @@ import torch
 from ..core import distributed
 from ..core.errors import UserError
 from ..features.stream import FeatureRows, as_rows
-from .base import (
-    PROTOCOL_TYPES,
-    ProtocolInputs,
-    ProtocolOutput,
-    ProtocolType,
-    topk_hits,
-)
-from .linear_grid import (
+from ._linear_grid import (
     column_plan,
     feature_kind,
     initial_weights,
@@ -49,6 +42,13 @@ from .linear_grid import (
     setting_name,
     settings_of,
     total_steps,
+)
+from .base import (
+    PROTOCOL_TYPES,
+    ProtocolInputs,
+    ProtocolOutput,
+    ProtocolType,
+    topk_hits,
 )
 
 STREAM_MB = 256  # memory for one streamed chunk of features and its logits
