@@ -165,3 +165,28 @@ def test_a_head_in_the_grid_is_the_head_trained_alone():
     )
     assert torch.count_nonzero(w[torch.from_numpy(~mine)]) == 0
     torch.testing.assert_close(grid.bias[h], lin.bias.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_shares_of_the_grid_are_the_whole_grid():
+    """What torchrun ranks train (``heads=`` a contiguous share, protocols/linear._train):
+    put together in grid order, the heads, their N(0, 0.01) starts and their column masks are
+    those one process trains."""
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(70, 2 * 2 * 3)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 3, 70))
+    p = LinearParams(
+        lrs=(0.1, 1.0, 4.0),
+        weight_decays=(0.0,),
+        batch_size=16,
+        iterations=9,
+        n_last_blocks=(1, 2),
+        avgpool=(False, True),
+        init_std=0.01,
+        batchnorm=False,
+        min_steps=0,
+    )
+    whole = train_heads(x, y, 3, p, seed=5)
+    parts = [train_heads(x, y, 3, p, seed=5, heads=s) for s in (slice(0, 5), slice(5, 12))]
+    torch.testing.assert_close(torch.cat([g.weight for g in parts], 1), whole.weight)
+    torch.testing.assert_close(torch.cat([g.bias for g in parts], 0), whole.bias)
+    assert [s for g in parts for s in g.settings] == whole.settings
