@@ -27,7 +27,8 @@ from ..features.layers import block_dim, head_columns, layers_kind
 
 def scaled_lrs(p) -> tuple[float, ...]:
     """The learning rates the heads train with: the card's, times batch_size / lr_batch_ref
-    when the card scales them (dinov2 ``scale_lr``: lr * batch_size * world / 256)."""
+    when the card scales them (dinov2 ``scale_lr``: lr * batch_size * world / 256). The card's
+    batch (the script's global batch) sets the scale, also on data smaller than one batch."""
     if not p.lr_batch_ref:
         return tuple(p.lrs)
     return tuple(lr * p.batch_size / p.lr_batch_ref for lr in p.lrs)
