@@ -69,7 +69,7 @@ def cache_key(
     batch_size: int = 256,
 ) -> dict:
     """Everything that changes the features: the weights, the tag's preprocessing and feature
-    kind, the data, the storage dtype, the code that computes them (the source of this file,
+    kind (for ``layers:N``, also its layout: which blocks, which poolings), the data, the storage dtype, the code that computes them (the source of this file,
     of backbones/ and of data/, hashed), the library versions, the device kind and autocast
     precision (bf16 features on a GPU are not float32 features on a CPU), the speed options
     that run other kernels (``Accel.key``: channels-last, compile), and the extraction batch
@@ -78,36 +78,33 @@ def cache_key(
     its pixels are those of the per-image path, so the features are the same."""
     device = device or torch.device("cpu")
     fast = (accel or Accel()).key()
-    multi = layout(backbone.feature_kind)  # which blocks and poolings a layers:N row holds
-    return (
-        ({"accel": fast} if fast else {})
-        | ({"layout": multi} if multi else {})
-        | {
-            "format": FEATURE_FORMAT_VERSION,
-            "code": source_hash(
-                "features/extraction.py",
-                "features/loading.py",
-                "features/entries.py",
-                "features/accel.py",
-                "backbones",
-                "data",
-                "core/registry.py",
-            ),
-            "libraries": library_versions(),
-            "device": device.type,
-            "autocast": autocast_dtype(device),
-            "weights_sha256": backbone.weights.sha256,
-            "backbone": backbone.tag,
-            "preprocessing": backbone.preprocessing.to_dict(),
-            "feature_kind": backbone.feature_kind,
-            "built": backbone.built(),  # two readings of one file are two backbones
-            "dataset": bundle.name,
-            "dataset_fingerprint": bundle.fingerprint,
-            "split": split,
-            "dtype": dtype,
-            "batch_size": batch_size,
-        }
-    )
+    key = ({"accel": fast} if fast else {}) | {
+        "format": FEATURE_FORMAT_VERSION,
+        "code": source_hash(
+            "features/extraction.py",
+            "features/loading.py",
+            "features/entries.py",
+            "features/accel.py",
+            "backbones",
+            "data",
+            "core/registry.py",
+        ),
+        "libraries": library_versions(),
+        "device": device.type,
+        "autocast": autocast_dtype(device),
+        "weights_sha256": backbone.weights.sha256,
+        "backbone": backbone.tag,
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "feature_kind": backbone.feature_kind,
+        "built": backbone.built(),  # two readings of one file are two backbones
+        "dataset": bundle.name,
+        "dataset_fingerprint": bundle.fingerprint,
+        "split": split,
+        "dtype": dtype,
+        "batch_size": batch_size,
+    }
+    multi = layout(backbone.feature_kind)  # the blocks and poolings of a layers:N row
+    return key | {"layout": multi} if multi else key
 
 
 def extract(
