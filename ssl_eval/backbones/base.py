@@ -64,6 +64,47 @@ def _last_blocks(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     return read
 
 
+def _per_block(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """For each of the last ``n`` blocks, oldest first: its class token and the mean of its
+    patch tokens (registers left out), both after the final norm, as DINOv2's and DINOv3's
+    ``get_intermediate_layers(n, return_class_token=True)`` give them: a row of 2 x n x D
+    values, ``[cls, patch mean]`` per block (``features/layers.py`` names the columns)."""
+
+    def read(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        blocks = getattr(model, "blocks", None)
+        if (
+            not hasattr(model, "forward_intermediates")
+            or blocks is None
+            or getattr(model, "num_prefix_tokens", 0) < 1
+        ):
+            raise UserError(
+                f"feature kind 'layers:{n}' reads the class token and mean patch token of a "
+                f"ViT's last blocks (timm forward_intermediates); a {type(model).__name__} has "
+                "no such blocks: use a single-layer card (linear, knn) with feature kind "
+                "model, cls, avgpool or cls+avgpool"
+            )
+        if n > len(blocks):
+            raise UserError(
+                f"feature kind 'layers:{n}' asks for the last {n} blocks, but this "
+                f"{type(model).__name__} has {len(blocks)}; ask for at most {len(blocks)} "
+                "(a card's n_last_blocks, or --feature-kind layers:N)"
+            )
+        inter = model.forward_intermediates(
+            x,
+            indices=n,
+            return_prefix_tokens=True,
+            norm=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+        )
+        parts = []
+        for patches, prefix in inter:
+            parts += [prefix[:, 0], patches.mean(dim=1)]
+        return torch.cat(parts, dim=1)
+
+    return read
+
+
 def _model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     return out.flatten(1)
@@ -86,6 +127,19 @@ def _last_factory(n: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
 
 FEATURE_KINDS.register_prefix(
     "last", _last_factory, "last:N: class tokens of the last N blocks + mean patch token"
+)
+
+
+def _layers_factory(n: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    if not n.isdigit() or int(n) < 1:
+        raise UserError(f"feature kind 'layers:{n}' needs a positive block count, e.g. 'layers:4'")
+    return _per_block(int(n))
+
+
+FEATURE_KINDS.register_prefix(
+    "layers",
+    _layers_factory,
+    "layers:N: class token and mean patch token of each of the last N blocks (normed)",
 )
 
 

@@ -37,6 +37,7 @@ from ..data.datasets import DatasetBundle
 from .accel import Accel, prepared
 from .decode_cache import decoded_in_world
 from .entries import CHECKSUM, Damaged, cached_entry, file_checksum, reserved_memmap
+from .layers import layout
 from .loading import Images, progress_bar, worker_errors
 
 FEATURE_FORMAT_VERSION = 1
@@ -68,7 +69,7 @@ def cache_key(
     batch_size: int = 256,
 ) -> dict:
     """Everything that changes the features: the weights, the tag's preprocessing and feature
-    kind, the data, the storage dtype, the code that computes them (the source of this file,
+    kind (for ``layers:N``, also its layout: which blocks, which poolings), the data, the storage dtype, the code that computes them (the source of this file,
     of backbones/ and of data/, hashed), the library versions, the device kind and autocast
     precision (bf16 features on a GPU are not float32 features on a CPU), the speed options
     that run other kernels (``Accel.key``: channels-last, compile), and the extraction batch
@@ -77,7 +78,7 @@ def cache_key(
     its pixels are those of the per-image path, so the features are the same."""
     device = device or torch.device("cpu")
     fast = (accel or Accel()).key()
-    return ({"accel": fast} if fast else {}) | {
+    key = ({"accel": fast} if fast else {}) | {
         "format": FEATURE_FORMAT_VERSION,
         "code": source_hash(
             "features/extraction.py",
@@ -102,6 +103,8 @@ def cache_key(
         "dtype": dtype,
         "batch_size": batch_size,
     }
+    multi = layout(backbone.feature_kind)  # the blocks and poolings of a layers:N row
+    return key | {"layout": multi} if multi else key
 
 
 def extract(

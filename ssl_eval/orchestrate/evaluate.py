@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from ..data.datasets import DatasetBundle, DatasetOptions, get_dataset
 from ..data.splits import stratified_val_split
 from ..features.accel import Accel
 from ..features.extraction import default_cache_dir, extract
+from ..features.layers import layout
 from ..protocols import DataShape, ImageInputs, ProtocolInputs
 from ..protocols.cards import ProtocolCard
 from ..records.build import Unit, build_records
@@ -287,11 +288,17 @@ def _evaluate(
     bb, bundle, split, todo, cfg: RunConfig, device, cache_dir, run_id
 ) -> list[UnitOutcome]:
     feats: dict = {}
+    readers: dict = {}  # feature kind -> the backbone reading it (the same model)
 
-    def features(split: str):
-        if split not in feats:
-            feats[split] = extract(
-                bb,
+    def features(split: str, kind: str | None = None):
+        """``split``'s features in the backbone's own kind, or in ``kind`` (a card that reads
+        several layers): one cache entry per (split, kind), shared by every card reading it."""
+        kind = kind or bb.feature_kind
+        if kind not in readers:
+            readers[kind] = bb if kind == bb.feature_kind else replace(bb, feature_kind=kind)
+        if (split, kind) not in feats:
+            feats[(split, kind)] = extract(
+                readers[kind],
                 bundle,
                 split,
                 cache_dir=cache_dir,
@@ -303,7 +310,7 @@ def _evaluate(
                 decode_cache=cfg.decode_cache,
                 accel=accel_of(cfg),
             )
-        return feats[split]
+        return feats[(split, kind)]
 
     image_source: dict = {}
 
@@ -348,6 +355,7 @@ def _evaluate(
             continue
         seed_everything(seed)
         ptype = card.protocol
+        kind = ptype.features_of(card.params) if ptype.inputs != "images" else None
         if ptype.inputs == "images":
             inputs = ImageInputs(
                 bb,
@@ -360,7 +368,7 @@ def _evaluate(
                 cfg.num_workers,
             )
         else:
-            tr, te = features("train"), features("test")
+            tr, te = features("train", kind), features("test", kind)
             inputs = ProtocolInputs(
                 tr.features,
                 tr.labels,
@@ -375,11 +383,15 @@ def _evaluate(
         t0 = time.perf_counter()
         result = ptype.run(inputs, card.params)
         wall = time.perf_counter() - t0
+        if kind is not None:
+            result.details["features_read"] = {"feature_kind": kind, "layout": layout(kind)}
         if distributed.describe():  # provenance: the same number, computed by several processes
             result.details["processes"] = distributed.describe()
         if not distributed.is_main():  # rank 0 alone writes and reports
             out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", dict(result.metrics)))
             continue
+        # the cache entries extracted so far in this unit's feature kind
+        read = {s: f for (s, k), f in feats.items() if k == (kind or bb.feature_kind)}
         unit = Unit(
             key=key,
             run_id=run_id,
@@ -390,9 +402,9 @@ def _evaluate(
             feature_options=_feature_options(cfg),
             seed_dependent=dependent,
             features={
-                "feature_cache": {s: f.key for s, f in feats.items()},
+                "feature_cache": {s: f.key for s, f in read.items()},
                 "feature_dtype": cfg.feature_dtype,
-                "feature_seconds": {s: round(f.seconds, 2) for s, f in feats.items()},
+                "feature_seconds": {s: round(f.seconds, 2) for s, f in read.items()},
                 "decode_cache": cfg.decode_cache,
                 "accel": accel_of(cfg).record(device.type),
             }

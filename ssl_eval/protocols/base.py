@@ -81,6 +81,12 @@ class ProtocolType:
     seeded: bool = True  # False: the numbers do not depend on the seed (k-NN on fixed features)
     preflight: Callable[[object, DataShape], None] | None = None  # data-dependent checks of params
     trains: bool = False  # True: it trains the backbone (refused for one without parameters)
+    # the feature kind a card's params read instead of the backbone's own (a multi-layer
+    # card reads ``layers:N``), or None: the backbone's
+    feature_kind: Callable[[object], str | None] | None = None
+
+    def features_of(self, params: object) -> str | None:
+        return self.feature_kind(params) if self.feature_kind is not None else None
 
 
 PROTOCOL_TYPES: Registry[ProtocolType] = Registry("protocol type")
