@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,9 +129,14 @@ def _coerce(tp: Any, v: object, where: str) -> object:
     return _coerce_scalar(tp, v, where)
 
 
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _coerce_scalar(tp: type, v: object, where: str) -> object:
     if tp is float and isinstance(v, int | float) and not isinstance(v, bool):
         return float(v)
+    if tp is float and isinstance(v, str) and _EXPONENT.fullmatch(v.strip()):
+        return float(v)  # YAML 1.1 reads 1e-5 (no dot) as a string; a float field takes it
     if tp is int and isinstance(v, int) and not isinstance(v, bool):
         return v
     if tp is bool and isinstance(v, bool):

@@ -358,6 +358,7 @@ def _evaluate(
                 seed,
                 cache_dir / "train_state" / key,
                 cfg.num_workers,
+                cache_dir,
             )
         else:
             tr, te = features("train"), features("test")
