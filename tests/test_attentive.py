@@ -327,3 +327,23 @@ def test_set_takes_exponent_floats_yaml_reads_as_strings():
     assert load_card("attentive@capi", ["lrs=[1e-3,2E-4]"]).params.lrs == (1e-3, 2e-4)
     with pytest.raises(UserError, match="expected float"):
         load_card("attentive@capi", ["lrs=[small]"])
+
+
+def test_streamed_tokens_train_and_score_as_cached_ones(tmp_path):
+    from ssl_eval.protocols.attentive import run_attentive
+    from ssl_eval.protocols.base import ImageInputs
+
+    bb, ds = tiny_vit(8), _bundle(n=24, size=8)
+    out = {}
+    for gb in (1.0, 0.0):  # within the budget: cached; a budget of 0: every batch computed
+        inp = ImageInputs(
+            bb, ds, np.arange(18), np.arange(18, 24), CPU, 0, tmp_path / "s", 0, tmp_path
+        )
+        p = AttentiveParams(iterations=4, batch_size=6, lrs=(0.01, 0.1), token_budget_gb=gb)
+        out[gb] = run_attentive(inp, p)
+    cached, streamed = out[1.0], out[0.0]
+    assert cached.details["tokens_train"]["tokens"] == "cached"
+    assert streamed.details["tokens_train"]["tokens"] == "streamed"
+    assert streamed.details["tokens_test"]["token_bytes"] == 24 * (4 + 1) * 32 * 2
+    assert cached.details["grid"] == streamed.details["grid"]
+    np.testing.assert_array_equal(cached.per_sample["top1"], streamed.per_sample["top1"])
