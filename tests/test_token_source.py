@@ -130,3 +130,15 @@ def test_a_backbone_without_patch_tokens_is_one_line(tmp_path):
             bb, _bundle(), "train", budget_bytes=0, device=CPU, batch_size=4, cache_dir=tmp_path
         )
     assert "\n" not in str(e.value) and "forward_features" in str(e.value)
+
+
+def test_a_killed_runs_half_written_token_entry_is_swept_before_a_run(tmp_path):
+    from ssl_eval.core.config import RunConfig
+    from ssl_eval.orchestrate.evaluate import _prepare
+
+    dead = 2**22 + 12345  # beyond pid_max on Linux: no live process has it
+    tmp = tmp_path / "c" / "tokens" / f".abc.pid{dead}.x1.tmp"
+    tmp.mkdir(parents=True)
+    cfg = RunConfig(("pixels",), ("digits",), ("knn",), results_dir=str(tmp_path / "r"))
+    _prepare(cfg, tmp_path / "c")
+    assert not tmp.exists()

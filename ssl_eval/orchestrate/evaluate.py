@@ -145,6 +145,7 @@ def _prepare(cfg: RunConfig, cache_dir: Path) -> None:
     for folder in (
         records_dir(cfg.results_dir),
         cache_dir / "features",
+        cache_dir / "tokens",
         cache_dir / "decoded",
         cache_dir / "manifests",
         *state_dirs,
