@@ -347,3 +347,38 @@ def test_streamed_tokens_train_and_score_as_cached_ones(tmp_path):
     assert streamed.details["tokens_test"]["token_bytes"] == 24 * (4 + 1) * 32 * 2
     assert cached.details["grid"] == streamed.details["grid"]
     np.testing.assert_array_equal(cached.per_sample["top1"], streamed.per_sample["top1"])
+
+
+def test_each_cards_lr_at_step_s_is_its_scripts():
+    steps = [0, 1, 249, 250, 251, 999, 1249, 1250, 6000, 12_499]
+    # attentive@capi: base_lr = lr * 128 / 256; warmup linspace(0, 1, 1250), then the cosine
+    card = load_card("attentive@capi").params
+    pl = plan(10_000, card)
+    sched = np.concatenate(
+        [np.linspace(0.0, 1.0, 1250), (np.cos(np.linspace(0, np.pi, 12_500 - 1250)) + 1) / 2]
+    )
+    for lr in card.lrs:
+        np.testing.assert_allclose(
+            [pl.lr(s, lr, card) for s in steps], [lr * 128 / 256 * sched[s] for s in steps]
+        )
+    # attentive@vjepa2 at the script's batch (1024) with 50 iterations an epoch: 1000 steps,
+    # int(5 * 50) warmup steps from 2e-4, the schedule stepped once before iteration s
+    card = load_card("attentive@vjepa2").params
+    pl = plan(1024 * 50, card)
+    for ref in card.lrs:
+        for s in [x for x in steps if x < 1000]:
+            step, w = s + 1, 250
+            want = (
+                2e-4 + step / w * (ref - 2e-4)
+                if step < w
+                else ref * 0.5 * (1 + math.cos(math.pi * (step - w) / (1000 - w)))
+            )
+            assert pl.lr(s, ref, card) == pytest.approx(want, rel=1e-12)
+    # attentive@eff at the README's batch 4096 with 10 iterations an epoch: lr 1.6, the
+    # fractional epoch e = s / 10, 10 warmup epochs of 90
+    card = load_card("attentive@eff").params
+    pl = plan(4096 * 10, card)
+    for s in [x for x in steps if x < 900]:
+        e = s / 10
+        want = 1.6 * e / 10 if e < 10 else 1.6 * 0.5 * (1 + math.cos(math.pi * (e - 10) / 80))
+        assert pl.lr(s, 0.1, card) == pytest.approx(want, rel=1e-12)
