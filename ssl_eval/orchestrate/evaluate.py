@@ -146,6 +146,7 @@ def _prepare(cfg: RunConfig, cache_dir: Path) -> None:
     for folder in (
         records_dir(cfg.results_dir),
         cache_dir / "features",
+        cache_dir / "tokens",
         cache_dir / "decoded",
         cache_dir / "manifests",
         *state_dirs,
@@ -366,6 +367,7 @@ def _evaluate(
                 seed,
                 cache_dir / "train_state" / key,
                 cfg.num_workers,
+                cache_dir,
             )
         else:
             tr, te = features("train", kind), features("test", kind)

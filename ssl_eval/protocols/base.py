@@ -51,6 +51,7 @@ class ImageInputs:
     seed: int
     state_dir: object  # pathlib.Path: where training state is checkpointed for resume
     num_workers: int | None = None
+    cache_dir: object = None  # pathlib.Path: the run's cache folder (token caches); None: default
 
 
 @dataclass(frozen=True)

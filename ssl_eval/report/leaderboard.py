@@ -315,7 +315,31 @@ def build_table(frame: pd.DataFrame, metric: str = HEADLINE) -> Table:
     cells = {(rk, ck): make_cell(g, metric) for (rk, ck), g in cell_rows.groupby(["_row", "_col"])}
     rows = sorted(row_label, key=lambda k: row_label[k])
     cols = sorted(col_label, key=lambda k: col_label[k])
+    cols = _beside_linear(
+        cols, {k: (ds_label(s), s["protocol"].get("type")) for k, s in col_summary.items()}
+    )
     return Table(rows, cols, row_label, col_label, col_summary, row_summary, cells)
+
+
+def _beside_linear(cols: list[str], kind: dict[str, tuple]) -> list[str]:
+    """Each attentive-probe column moved right after its dataset's linear-probe columns, so a
+    row reads linear and attentive side by side (as the efficient-probing leaderboard sets LP
+    beside EP); ``kind`` maps a column to (dataset label, protocol type). Columns of a table
+    without both keep their order."""
+    moved = [
+        k
+        for k in cols
+        if kind[k][1] == "attentive" and any(kind[c] == (kind[k][0], "linear") for c in cols)
+    ]
+    out = [k for k in cols if k not in moved]
+    for k in moved:
+        last = max(
+            i
+            for i, c in enumerate(out)
+            if kind[c][0] == kind[k][0] and kind[c][1] in ("linear", "attentive")
+        )
+        out.insert(last + 1, k)
+    return out
 
 
 def _without_dataset(s: dict) -> dict:

@@ -1,0 +1,298 @@
+"""Attentive probing: a pooler (protocols/_poolers.py) and a linear classifier trained on the
+frozen backbone's patch tokens, a grid of learning rates x weight decays at once.
+
+Every step reads one batch of tokens (from the token cache when the bank fits the card's
+budget, computed from the images otherwise: features/tokens.py) and trains every head of the
+grid on it: the heads' losses are summed, so each head gets exactly the gradient it would get
+alone (tests/test_attentive.py trains a grid and its heads one by one). Each head starts from
+its own seeded initialisation, a function of (seed, lr, weight decay). The head with the best
+top-1 on the validation rows (the first on ties) alone is scored on test, with per-image hits
+for bootstrap intervals. The learning-rate schedules are those of the official scripts
+(``SCHEDULES``), the step counted from 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import UserError
+from ..core.registry import Registry
+from ..features.extraction import default_cache_dir
+from ..features.tokens import token_source
+from ._poolers import POOLERS
+from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
+
+# ------------------------------------------------------------------ the official schedules
+
+
+def _capi(i: int, total: int, warm: float, peak: float, p) -> float:
+    """CAPI eval_classification.py: linspace(0, 1, W) then (cos(linspace(0, pi, T - W)) + 1) / 2
+    times the peak, indexed by the iteration (from 0)."""
+    w = int(warm)
+    if i < w:
+        return peak * (i / (w - 1) if w > 1 else 0.0)
+    rest = total - w
+    return peak * ((math.cos(math.pi * (i - w) / (rest - 1)) + 1) / 2 if rest > 1 else 1.0)
+
+
+def _vjepa2(i: int, total: int, warm: float, peak: float, p) -> float:
+    """V-JEPA 2 WarmupCosineLRSchedule, stepped before each iteration (step = i + 1): linear
+    from start_lr over int(warmup x iterations per epoch) steps, then cosine to final_lr."""
+    w, step = int(warm), i + 1
+    if step < w:
+        return p.start_lr + step / max(1, w) * (peak - p.start_lr)
+    progress = (step - w) / max(1, total - w)
+    return max(
+        p.final_lr, p.final_lr + (peak - p.final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
+
+
+def _mae(i: int, total: int, warm: float, peak: float, p) -> float:
+    """MAE util/lr_sched.py (efficient probing): at the fractional epoch e = i / iterations per
+    epoch, linear warmup to the peak, then half-cycle cosine to final_lr (min_lr)."""
+    if i < warm:
+        return peak * i / warm
+    return p.final_lr + (peak - p.final_lr) * 0.5 * (
+        1 + math.cos(math.pi * (i - warm) / (total - warm))
+    )
+
+
+SCHEDULES: Registry[Callable] = Registry("attentive schedule")
+SCHEDULES.register("capi", _capi)
+SCHEDULES.register("vjepa2", _vjepa2)
+SCHEDULES.register("mae", _mae)
+LR_SCALING = {"none": lambda batch: 1.0, "batch/256": lambda batch: batch / 256}
+
+
+@dataclass(frozen=True)
+class AttentiveParams:
+    pooler: str = "capi"  # POOLERS: capi | ep | vjepa2
+    heads: int = 0  # attention heads (0: width / 64, CAPI's rule)
+    depth: int = 1  # vjepa2: depth - 1 self-attention blocks + the cross-attention block
+    queries: int = 32  # ep: learned queries
+    with_prefix: bool = False  # class and register tokens join the patch tokens
+    lrs: tuple[float, ...] = (1e-4, 1e-3)
+    weight_decays: tuple[float, ...] = (0.0,)
+    lr_scaling: str = "batch/256"  # the peak lr is lr x this of the batch: none | batch/256
+    optimizer: str = "adamw"  # adamw | lars
+    betas: tuple[float, ...] = (0.9, 0.999)  # adamw
+    momentum: float = 0.9  # lars
+    no_decay: str = "none"  # adamw: which parameters skip weight decay: none | bias
+    schedule: str = "capi"  # SCHEDULES: capi | vjepa2 | mae
+    epochs: float = 0.0  # the length: epochs over the training rows, or
+    iterations: int = 0  # a number of steps (exactly one of the two is set)
+    warmup: float = 0.0  # in the unit of the length (epochs or iterations)
+    start_lr: float = 0.0  # vjepa2: the warmup starts here (absolute)
+    final_lr: float = 0.0  # vjepa2 / mae: the cosine ends here (absolute)
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    token_budget_gb: float = 4.0  # cache the float16 tokens when they fit, stream otherwise
+    reference: str = ""  # the official script this card follows
+
+    def __post_init__(self):
+        POOLERS.get(self.pooler)
+        SCHEDULES.get(self.schedule)
+        bad = []
+        if (self.epochs > 0) == (self.iterations > 0) or self.epochs < 0 or self.iterations < 0:
+            bad.append("exactly one of epochs and iterations must be > 0")
+        length = self.epochs or self.iterations
+        if not 0 <= self.warmup < max(length, 1e-12):
+            bad.append("warmup must be >= 0 and shorter than the run")
+        if not self.lrs or not self.weight_decays or min(self.lrs) <= 0:
+            bad.append("lrs (each > 0) and weight_decays must list at least one value")
+        if self.weight_decays and min(self.weight_decays) < 0:
+            bad.append("weight decays must be >= 0")
+        if min(self.batch_size, self.eval_batch_size, self.depth, self.queries) < 1:
+            bad.append("batch sizes, depth and queries must be at least 1")
+        if self.heads < 0 or self.token_budget_gb < 0 or min(self.start_lr, self.final_lr) < 0:
+            bad.append("heads, token_budget_gb, start_lr and final_lr must be >= 0")
+        if self.lr_scaling not in LR_SCALING:
+            bad.append(f"lr_scaling must be one of {sorted(LR_SCALING)}")
+        if self.optimizer not in ("adamw", "lars") or self.no_decay not in ("none", "bias"):
+            bad.append("optimizer must be adamw or lars, no_decay none or bias")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in (*self.betas, self.momentum)):
+            bad.append("betas must be two values in [0, 1), momentum in [0, 1)")
+        if bad:
+            raise UserError(f"attentive: {bad[0]}")
+
+    def settings(self) -> list[tuple[float, float]]:
+        return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The schedule of a run on ``n`` training rows: batch, steps per epoch, total, warmup."""
+
+    batch: int
+    per_epoch: int
+    total: int
+    warmup: float  # in steps (a float: the schedules round it as their script does)
+    scale: float  # the lr multiplier of the batch rule
+
+    def lr(self, i: int, peak: float, p: AttentiveParams) -> float:
+        return SCHEDULES.get(p.schedule)(i, self.total, self.warmup, peak * self.scale, p)
+
+
+def plan(n: int, p: AttentiveParams) -> Plan:
+    """Full batches only (the scripts drop the last partial batch); a batch larger than the
+    training rows shrinks to them (tiny data), and the lr rule follows the batch used."""
+    batch = min(p.batch_size, n)
+    per_epoch = n // batch
+    if p.iterations:
+        total, warm = p.iterations, float(p.warmup)
+    else:
+        total, warm = int(p.epochs * per_epoch), p.warmup * per_epoch
+    if total < 1:
+        raise UserError(f"attentive: {p.epochs} epochs of {n} rows is no step; raise epochs")
+    return Plan(batch, per_epoch, total, warm, LR_SCALING[p.lr_scaling](batch))
+
+
+class _Lars(torch.optim.Optimizer):
+    """LARS as MAE's util/lars.py: on parameters of 2+ dims, weight decay added to the gradient
+    and the update scaled by 0.001 |w| / |update|; momentum on every parameter."""
+
+    def __init__(self, groups, momentum: float):
+        super().__init__(groups, {"lr": 0.0, "weight_decay": 0.0, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for w in g["params"]:
+                if w.grad is None:
+                    continue
+                d = w.grad
+                if w.ndim > 1:
+                    d = d.add(w, alpha=g["weight_decay"])
+                    wn, dn = torch.norm(w), torch.norm(d)
+                    one = torch.ones_like(wn)
+                    d = d * torch.where(wn > 0, torch.where(dn > 0, 0.001 * wn / dn, one), one)
+                mu = self.state[w].setdefault("mu", torch.zeros_like(w))
+                mu.mul_(g["momentum"]).add_(d)
+                w.add_(mu, alpha=-g["lr"])
+
+
+def _head(dim: int, classes: int, setting, seed: int, p: AttentiveParams) -> nn.Module:
+    """A head initialised from (seed, lr, wd): the same head alone or in any grid."""
+    tag = hashlib.sha256(f"{seed}:{setting[0]!r}:{setting[1]!r}".encode()).hexdigest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(tag[:8], 16))
+        return POOLERS.get(p.pooler).build(dim, classes, p)
+
+
+def _optimizer(heads, settings, p: AttentiveParams):
+    groups = []
+    for h, (lr, wd) in zip(heads, settings, strict=True):
+        named = list(h.named_parameters())
+        skip = [w for n, w in named if p.no_decay == "bias" and n.endswith("bias")]
+        keep = [w for n, w in named if not (p.no_decay == "bias" and n.endswith("bias"))]
+        groups += [{"params": keep, "weight_decay": wd, "peak": lr}]
+        if skip:
+            groups += [{"params": skip, "weight_decay": 0.0, "peak": lr}]
+    if p.optimizer == "lars":
+        return _Lars(groups, p.momentum)
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(p.betas))
+
+
+def _token_set(t: torch.Tensor, pre: torch.Tensor | None, p: AttentiveParams, device):
+    x = t.reshape(t.shape[0], -1, t.shape[-1])
+    if p.with_prefix and pre is not None:
+        x = torch.cat([pre, x], dim=1)
+    return x.to(device)
+
+
+def train_heads(src, rows, labels: dict, classes: int, p: AttentiveParams, settings, seed, device):
+    """The grid's heads trained together on ``rows`` of ``src``; ``labels`` maps row -> class."""
+    pl = plan(len(rows), p)
+    heads = [_head(src.dim, classes, s, seed, p).to(device).train() for s in settings]
+    opt = _optimizer(heads, settings, p)
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    while step < pl.total:
+        perm = np.asarray(rows)[torch.randperm(len(rows), generator=g).numpy()]
+        order = perm[: pl.per_epoch * pl.batch]
+        for take, t, pre in src.batches(order, pl.batch):
+            for group in opt.param_groups:
+                group["lr"] = pl.lr(step, group["peak"], p)
+            x = _token_set(t, pre, p, device)
+            y = torch.as_tensor([labels[int(r)] for r in take], device=device)
+            loss = sum(F.cross_entropy(h(x), y) for h in heads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == pl.total:
+                break
+    return [h.eval() for h in heads], pl
+
+
+@torch.no_grad()
+def _scores(heads, src, rows, p: AttentiveParams, device) -> list[torch.Tensor]:
+    out = [[] for _ in heads]
+    for _, t, pre in src.batches(rows, p.eval_batch_size):
+        x = _token_set(t, pre, p, device)
+        for o, h in zip(out, heads, strict=True):
+            o.append(h(x).float().cpu())
+    return [torch.cat(o) for o in out]
+
+
+def run_attentive(inp: ImageInputs, p: AttentiveParams) -> ProtocolOutput:
+    bb, bundle, device = inp.backbone, inp.bundle, inp.device
+    budget = int(p.token_budget_gb * 2**30)
+    rows = np.sort(np.concatenate([inp.train_idx, inp.val_idx]))
+    cache = inp.cache_dir or default_cache_dir()
+    kw = {"device": device, "batch_size": 64, "cache_dir": cache, "num_workers": inp.num_workers}
+    try:
+        tr = token_source(bb, bundle, "train", rows, budget_bytes=budget, **kw)
+    except UserError as e:
+        raise UserError(f"the attentive probe reads patch tokens: {e}") from None
+    te = token_source(bb, bundle, "test", None, budget_bytes=budget - tr.nbytes * tr.cached, **kw)
+    labels = {int(r): int(bundle.train.labels[r]) for r in rows}
+    settings = p.settings()
+    heads, pl = train_heads(
+        tr, inp.train_idx, labels, bundle.num_classes, p, settings, inp.seed, device
+    )
+    y_val = torch.as_tensor(bundle.train.labels[inp.val_idx])
+    val = [
+        float((s.argmax(1) == y_val).float().mean())
+        for s in _scores(heads, tr, inp.val_idx, p, device)
+    ]
+    best = int(np.argmax(val))  # the first of equal scores
+    (test_scores,) = _scores([heads[best]], te, None, p, device)
+    hits = topk_hits(test_scores, torch.as_tensor(bundle.test.labels), (1, 5))
+    lr, wd = settings[best]
+    return ProtocolOutput(
+        {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
+        {
+            "best_lr": lr,
+            "best_weight_decay": wd,
+            "peak_lr": lr * pl.scale,
+            "best_val_top1": val[best],
+            "grid": [
+                {"lr": s[0], "weight_decay": s[1], "val_top1": v}
+                for s, v in zip(settings, val, strict=True)
+            ],
+            "pooler": p.pooler,
+            "steps": pl.total,
+            "steps_per_epoch": pl.per_epoch,
+            "batch_size": pl.batch,
+            "head_params": sum(w.numel() for w in heads[best].parameters()),
+            "tokens_train": tr.record(),
+            "tokens_test": te.record(),
+            "train_size": len(inp.train_idx),
+            "val_size": len(inp.val_idx),
+        },
+        per_sample={"top1": hits[1], "top5": hits[5]},
+    )
+
+
+PROTOCOL_TYPES.register(
+    "attentive", ProtocolType("attentive", AttentiveParams, run_attentive, inputs="images")
+)
