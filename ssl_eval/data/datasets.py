@@ -57,6 +57,11 @@ class DatasetBundle:
     # every label set of a dataset whose images carry several (shapes: shape, colour, size,
     # position): {"train": {factor: labels}, "test": {...}}; None elsewhere
     factors: dict | None = None
+    # the metric the dataset is reported in (data/transfer.py): top1, mean_per_class or map11
+    metric: str = "top1"
+    # a multi-label dataset's targets {"train": (N, C), "test": ...} in the VOC devkit's
+    # encoding (1 present, 0 only difficult, -1 absent); None for single-label datasets
+    multilabel: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -333,3 +338,5 @@ for _name, _desc in [
 DATASETS.register_prefix("folder", _folder_loader, "folder:PATH with train/ and val/ or test/")
 
 DEFAULT_DATASET = "shapes"
+
+from . import transfer as _transfer  # noqa: E402,F401  (registers the transfer datasets)

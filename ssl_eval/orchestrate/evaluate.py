@@ -32,10 +32,14 @@ from ..data.splits import stratified_val_split
 from ..features.accel import Accel
 from ..features.extraction import default_cache_dir, extract
 from ..protocols import DataShape, ImageInputs, ProtocolInputs
+from ..protocols.base import PROTOCOL_TYPES
 from ..protocols.cards import ProtocolCard
+from ..protocols.metrics import with_dataset_metric
 from ..records.build import Unit, build_records
 from ..records.schema import SCHEMA_VERSION
 from ..records.store import new_run_id, records_dir, unit_done, write_unit
+
+SHOWN_METRICS = ("top1", "top5", "mean_per_class", "map11")  # what a finished unit prints
 
 
 @dataclass
@@ -168,6 +172,22 @@ class _Unit:
     card: ProtocolCard
     key: str | None
     dependent: bool = True  # whether the unit depends on the seed
+    why: str = ""  # for a unit that does not apply: why
+
+
+def _label_kind(bundle: DatasetBundle) -> str:
+    return "multi" if bundle.multilabel is not None else "single"
+
+
+def _kind_mismatch(card: ProtocolCard, bundle: DatasetBundle) -> str:
+    """Why ``card`` cannot evaluate ``bundle`` (a single-label protocol on a multi-label
+    dataset or the reverse), or "" where it can."""
+    if card.protocol.labels == _label_kind(bundle):
+        return ""
+    return (
+        f"{card.name} is for {card.protocol.labels}-label data; {bundle.name} is "
+        f"{_label_kind(bundle)}-label"
+    )
 
 
 def _walk(cfg: RunConfig, device, cache_dir: Path, build) -> Iterator[_Unit]:
@@ -186,6 +206,10 @@ def _walk(cfg: RunConfig, device, cache_dir: Path, build) -> Iterator[_Unit]:
                 bb = build(bb_name, seed)
                 trainable = any(p.requires_grad for p in bb.model.parameters())
                 for card in cfg.protocols:
+                    why = _kind_mismatch(card, bundle)
+                    if why:  # another protocol of the run evaluates it (_preflight checked)
+                        yield _Unit(ds_name, bundle, split, bb_name, bb, seed, card, None, why=why)
+                        continue
                     if card.protocol.trains and not trainable:
                         if not cfg.skip_inapplicable:
                             raise _untrainable(card, bb)
@@ -223,7 +247,10 @@ def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOut
             bb, bundle, card, seed = u.bb, u.bundle, u.card, u.seed
             if u.key is None:  # a suite: the cell stays empty, and says why
                 log(
-                    f"[n/a] {card.name} trains the backbone; {bb.tag} has no trainable parameters: not run"
+                    f"[n/a] {u.why}: not run"
+                    if u.why
+                    else f"[n/a] {card.name} trains the backbone; {bb.tag} has no trainable "
+                    "parameters: not run"
                 )
                 outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "n/a", {}))
                 continue
@@ -248,6 +275,14 @@ def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOut
 def _preflight(bundle: DatasetBundle, cfg: RunConfig, split: tuple[np.ndarray, np.ndarray]) -> None:
     """Data-dependent checks of every card (k beyond the bank, K beyond a class, a dataset of
     one class), before any backbone is built or feature extracted."""
+    if all(_kind_mismatch(card, bundle) for card in cfg.protocols):
+        kind = _label_kind(bundle)
+        fits = sorted(e.name for e in PROTOCOL_TYPES.entries() if e.obj.labels == kind)
+        raise UserError(
+            f"dataset {bundle.name} is {kind}-label and none of the protocols "
+            f"({', '.join(c.name for c in cfg.protocols)}) evaluates {kind}-label data; add "
+            f"--protocol {fits[0] if fits else '...'} (or --suite transfer)"
+        )
     labels = np.asarray(bundle.train.labels)
     if bundle.num_classes < 2 or len(np.unique(labels)) < 2:
         raise UserError(
@@ -371,9 +406,16 @@ def _evaluate(
                 bundle.num_classes,
                 device,
                 seed,
+                *(
+                    (bundle.multilabel["train"], bundle.multilabel["test"])
+                    if bundle.multilabel is not None
+                    else ()
+                ),
             )
         t0 = time.perf_counter()
-        result = ptype.run(inputs, card.params)
+        result = with_dataset_metric(
+            ptype.run(inputs, card.params), bundle.metric, bundle.test.labels
+        )
         wall = time.perf_counter() - t0
         if distributed.describe():  # provenance: the same number, computed by several processes
             result.details["processes"] = distributed.describe()
@@ -415,7 +457,7 @@ def _evaluate(
         metrics = {r.metric: r.value for r in records}
         log(
             f"[done] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): "
-            + ", ".join(f"{m}={metrics[m]:.4f}" for m in ("top1", "top5") if m in metrics)
+            + ", ".join(f"{m}={metrics[m]:.4f}" for m in SHOWN_METRICS if m in metrics)
             + f" ({wall:.1f}s) -> {path}"
         )
         out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", metrics, path))

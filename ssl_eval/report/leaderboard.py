@@ -330,7 +330,10 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
     n_records = frame.attrs.get("n_records", len(frame))
     t = build_table(frame, metric)
     probes = probe_table(results_dir, frame)
-    if not t.cells and probes is None:
+    from .transfer import transfer_md, transfer_tables  # it reads this module's tables
+
+    transfer = transfer_tables(frame)
+    if not t.cells and probes is None and not transfer:
         raise UserError(f"no records carry the metric {metric!r}")
     best = {c: t.best(c) for c in t.cols}
     csv_path = results_dir / "leaderboard.csv"
@@ -375,6 +378,8 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
             f"- `{b}` **{_md(t.row_label[b])}**: {_md(_summary_text(t.row_summary[b]))}"
             for b in labelled
         ]
+    if transfer:
+        lines += ["", "## Transfer", "", *transfer_md(transfer)]
     if probes is not None:
         lines += ["", *probe_markdown(probes)]
         atomic_write_text(results_dir / "probes.csv", probes.to_csv(float_format="%.4f"))
