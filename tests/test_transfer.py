@@ -10,7 +10,7 @@ from ssl_eval.core.errors import UserError
 from ssl_eval.core.stats import bootstrap_ci, bootstrap_stat
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
 from ssl_eval.data.transfer import COLLECTIONS, SPECS, expand_collections
-from ssl_eval.protocols.metrics import ap11, map11, mean_per_class_accuracy
+from ssl_eval.protocols._metrics import ap11, map11, mean_per_class_accuracy
 
 
 @pytest.mark.parametrize("name", sorted(fakes.BUILDERS))
@@ -236,6 +236,41 @@ def test_cli_transfer_end_to_end(tmp_path, capsys):
     assert mpc.ci_method == "bootstrap-test" and mpc.ci95[0] <= mpc.value <= mpc.ci95[1]
     voc = got["voc2007", "multilabel", "map11"]
     assert voc.ci95 is not None and 0 < voc.value <= 1 and voc.dataset["sizes"]["test"] == 40
+    # the transfer table: each dataset in its metric, the average of the two cells
+    md = (tmp_path / "results" / "leaderboard.md").read_text()
+    row = next(
+        ln
+        for ln in md.splitlines()
+        if ln.startswith("| pixels |") and "voc2007" not in ln and ln.count("|") == 5
+    )
+    assert f"{100 * voc.value:.2f}" in row and f"{100 * mpc.value:.2f}" in row
+    assert f"{50 * (voc.value + mpc.value):.2f} ±" in row.rsplit("|", 2)[1]
+    assert "voc2007: 11-point mAP; flowers102: mean per-class accuracy" in md
     assert main(["run", *common, "--dataset", "voc2007", "--protocol", "knn"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "voc2007 is multi-label" in err and "--protocol multilabel" in err
+
+
+def test_transfer_average_says_what_it_covers():
+    from ssl_eval.report.leaderboard import Cell
+    from ssl_eval.report.transfer import TransferTable, transfer_md
+
+    def cell(v, h):
+        return Cell(v, v - h, v + h, "bootstrap", 1, [])
+
+    cells = {("a", "dtd"): cell(60.0, 3.0), ("a", "food101"): cell(80.0, 4.0)}
+    cells[("b", "dtd")] = cell(70.0, 2.0)
+    t = TransferTable(
+        "linear",
+        ["food101", "dtd"],
+        ["a", "b"],
+        cells,
+        {"food101": "food101 / linear", "dtd": "dtd / linear"},
+    )
+    mean, half, got = t.average("a")
+    assert (mean, got) == (70.0, ["food101", "dtd"]) and half == pytest.approx(5.0 / 2)
+    lines = transfer_md([t])
+    a_row = next(ln for ln in lines if ln.startswith("| a |"))
+    b_row = next(ln for ln in lines if ln.startswith("| b |"))
+    assert a_row.endswith("| 70.00 ± 2.50 |") and "†" not in a_row
+    assert "| – |" in b_row and "70.00 ± 2.00 † (1/2: dtd)" in b_row

@@ -1,5 +1,5 @@
 """The dataset registry: built-in (digits, shapes), torchvision (cifar10, cifar100, stl10) and
-image folders. Every dataset yields a train and a test split of uint8 RGB images plus labels,
+image folders (the transfer datasets register themselves from transfer.py). Every dataset yields a train and a test split of uint8 RGB images plus labels,
 and a fingerprint that identifies its content in cache keys and result records."""
 
 from __future__ import annotations
@@ -338,5 +338,3 @@ for _name, _desc in [
 DATASETS.register_prefix("folder", _folder_loader, "folder:PATH with train/ and val/ or test/")
 
 DEFAULT_DATASET = "shapes"
-
-from . import transfer as _transfer  # noqa: E402,F401  (registers the transfer datasets)

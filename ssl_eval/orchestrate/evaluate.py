@@ -32,9 +32,9 @@ from ..data.splits import stratified_val_split
 from ..features.accel import Accel
 from ..features.extraction import default_cache_dir, extract
 from ..protocols import DataShape, ImageInputs, ProtocolInputs
+from ..protocols._metrics import with_dataset_metric
 from ..protocols.base import PROTOCOL_TYPES
 from ..protocols.cards import ProtocolCard
-from ..protocols.metrics import with_dataset_metric
 from ..records.build import Unit, build_records
 from ..records.schema import SCHEMA_VERSION
 from ..records.store import new_run_id, records_dir, unit_done, write_unit

@@ -1,5 +1,5 @@
 """Multi-label classification on frozen features: one linear SVM per class, VOC2007's 11-point
-mAP on test (protocols/metrics.py).
+mAP on test (protocols/_metrics.py).
 
 The recipe is the VOC07 SVM benchmark of Goyal et al. 2019 (facebookresearch/
 fair_self_supervision_benchmark, tools/svm/train_svm_kfold.py and svm_helper.py at commit
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.errors import UserError
+from ._metrics import ap11, map11
 from .base import PROTOCOL_TYPES, ProtocolInputs, ProtocolOutput, ProtocolType
-from .metrics import ap11, map11
 
 FAIR_COSTS = (0.01, 0.1, *(0.5**k for k in range(4, 20)))
 

@@ -20,7 +20,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 from ..data.transfer import COLLECTIONS, dataset_metric
-from .leaderboard import Cell, _md, build_table
+from .leaderboard import SECTIONS, Cell, _md, build_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -157,3 +157,6 @@ def transfer_html(tables: list[TransferTable]) -> str:
             + "".join(f'<p class="note">{escape(x)}</p>' for x in _legend(t))
         )
     return "".join(parts)
+
+
+SECTIONS.append(("Transfer", lambda frame: transfer_md(transfer_tables(frame))))
