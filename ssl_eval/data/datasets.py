@@ -62,13 +62,18 @@ class DatasetBundle:
     # a multi-label dataset's targets {"train": (N, C), "test": ...} in the VOC devkit's
     # encoding (1 present, 0 only difficult, -1 absent); None for single-label datasets
     multilabel: dict | None = None
+    # test sets evaluated with the head or bank trained on ``train`` (ImageNet's robustness
+    # sets, data/imagenet.py), labelled in ``classes``; and for those that cover only some
+    # classes, the classes a prediction is chosen among
+    extra_tests: dict[str, ImageSplit] = field(default_factory=dict)
+    class_subsets: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def split(self, name: str) -> ImageSplit:
-        return {"train": self.train, "test": self.test}[name]
+        return {"train": self.train, "test": self.test, **self.extra_tests}[name]
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "test": len(self.test)}

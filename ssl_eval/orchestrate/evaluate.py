@@ -412,6 +412,14 @@ def _evaluate(
                     else ()
                 ),
             )
+            if ptype.extra_tests:  # the robustness sets, scored with the same head or bank
+                for name in bundle.extra_tests:
+                    fs = features(name)
+                    inputs.extra_tests[name] = (
+                        fs.features,
+                        fs.labels,
+                        bundle.class_subsets.get(name),
+                    )
         t0 = time.perf_counter()
         result = with_dataset_metric(
             ptype.run(inputs, card.params), bundle.metric, bundle.test.labels

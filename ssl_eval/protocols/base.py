@@ -29,6 +29,10 @@ class ProtocolInputs:
     # difficult, -1 absent), for protocols with labels="multi"; None for single-label data
     train_targets: np.ndarray | None = None
     test_targets: np.ndarray | None = None
+    # test sets scored with the same head or bank (robustness sets of imagenet-robust), for
+    # protocols with extra_tests=True: name -> (features, labels, the classes a prediction is
+    # chosen among, or None for all)
+    extra_tests: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -89,6 +93,7 @@ class ProtocolType:
     preflight: Callable[[object, DataShape], None] | None = None  # data-dependent checks of params
     trains: bool = False  # True: it trains the backbone (refused for one without parameters)
     labels: str = "single"  # "single" (one class per image) or "multi" (multi-label datasets)
+    extra_tests: bool = False  # True: it scores the dataset's extra test sets too
 
 
 PROTOCOL_TYPES: Registry[ProtocolType] = Registry("protocol type")
