@@ -172,28 +172,10 @@ def _flowers102(root: Path) -> Read:
     return [str(i + 1) for i in range(102)], split("trnid", "valid"), split("tstid"), None
 
 
-VOC_CLASSES = [
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-]
+VOC_CLASSES = (  # noqa: SIM905 (one line per word would be 20 lines)
+    "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
+    "person pottedplant sheep sofa train tvmonitor"
+).split()
 
 
 def _voc2007(root: Path) -> Read:
@@ -346,6 +328,11 @@ SPECS = {
 
 # the collection ``--dataset transfer`` expands to (CIFAR-10/100 are registered in datasets.py)
 COLLECTIONS = {"transfer": (*SPECS, "cifar10", "cifar100")}
+
+
+def label_kind(name: str) -> str | None:
+    """ "multi" or "single" for a dataset of this module, None for others (known on loading)."""
+    return ("multi" if SPECS[name].metric == "map11" else "single") if name in SPECS else None
 
 
 def dataset_metric(name: str) -> str:

@@ -29,6 +29,7 @@ from ..core.provenance import (
 from ..core.runtime import log, resolve_device, seed_everything
 from ..data.datasets import DatasetBundle, DatasetOptions, get_dataset
 from ..data.splits import stratified_val_split
+from ..data.transfer import label_kind
 from ..features.accel import Accel
 from ..features.extraction import default_cache_dir, extract
 from ..protocols import DataShape, ImageInputs, ProtocolInputs
@@ -175,6 +176,15 @@ class _Unit:
     why: str = ""  # for a unit that does not apply: why
 
 
+def _no_protocol(dataset: str, kind: str, cfg: RunConfig) -> UserError:
+    fits = sorted(e.name for e in PROTOCOL_TYPES.entries() if e.obj.labels == kind)
+    return UserError(
+        f"dataset {dataset} is {kind}-label and none of the protocols "
+        f"({', '.join(c.name for c in cfg.protocols)}) evaluates {kind}-label data; add "
+        f"--protocol {fits[0] if fits else '...'} (or --suite transfer)"
+    )
+
+
 def _label_kind(bundle: DatasetBundle) -> str:
     return "multi" if bundle.multilabel is not None else "single"
 
@@ -195,6 +205,10 @@ def _walk(cfg: RunConfig, device, cache_dir: Path, build) -> Iterator[_Unit]:
     protocols. ``build(name, seed)`` gives the backbone (its weights and built state are in the
     key). What ``run`` evaluates and what ``plan`` lists are both this walk, so their keys
     cannot drift apart. Refuses an untrainable backbone under a training protocol."""
+    for ds_name in cfg.datasets:  # before any work: a dataset no protocol of the run can read
+        kind = label_kind(ds_name)
+        if kind is not None and all(c.protocol.labels != kind for c in cfg.protocols):
+            raise _no_protocol(ds_name, kind, cfg)
     for ds_name in cfg.datasets:
         bundle = get_dataset(
             ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests")
@@ -276,13 +290,7 @@ def _preflight(bundle: DatasetBundle, cfg: RunConfig, split: tuple[np.ndarray, n
     """Data-dependent checks of every card (k beyond the bank, K beyond a class, a dataset of
     one class), before any backbone is built or feature extracted."""
     if all(_kind_mismatch(card, bundle) for card in cfg.protocols):
-        kind = _label_kind(bundle)
-        fits = sorted(e.name for e in PROTOCOL_TYPES.entries() if e.obj.labels == kind)
-        raise UserError(
-            f"dataset {bundle.name} is {kind}-label and none of the protocols "
-            f"({', '.join(c.name for c in cfg.protocols)}) evaluates {kind}-label data; add "
-            f"--protocol {fits[0] if fits else '...'} (or --suite transfer)"
-        )
+        raise _no_protocol(bundle.name, _label_kind(bundle), cfg)
     labels = np.asarray(bundle.train.labels)
     if bundle.num_classes < 2 or len(np.unique(labels)) < 2:
         raise UserError(
