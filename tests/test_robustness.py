@@ -129,7 +129,7 @@ def test_same_head_and_bank_as_linear_and_knn():
 
 
 @pytest.mark.slow
-def test_cli_robustness_records(tmp_path):
+def test_cli_robustness_records(tmp_path, capsys):
     from ssl_eval.cli import main
     from ssl_eval.records.store import load_records
 
@@ -166,3 +166,7 @@ def test_cli_robustness_records(tmp_path):
         assert recs[m].ci95 is not None and recs[m].ci_method == "bootstrap-test"
     assert len({r.setting["hash"] for r in recs.values()}) == 1  # one setting
     assert recs["top1:imagenet-a"].details["test_sets"]["imagenet-a"] == {"size": 4, "classes": 2}
+    # on a dataset without robustness sets: refused before any work, in one line
+    args = ["run", "--backbone", "pixels", "--dataset", "imagenet", "--protocol", "knn@robust"]
+    assert main([*args, "--data-root", str(tmp_path / "data"), "--no-progress"]) == 2
+    assert "has none; use it with --dataset imagenet-robust" in capsys.readouterr().err

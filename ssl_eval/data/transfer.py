@@ -413,7 +413,8 @@ def _load(spec: TransferSpec, opt: DatasetOptions) -> DatasetBundle:
 
 
 for _spec in SPECS.values():
-    _desc = f"{_spec.title} via torchvision's layout ({_spec.metric}; --data-root, --download)"
+    _how = "--data-root" if _spec.download is None else "--data-root, --download"
+    _desc = f"{_spec.title} via torchvision's layout ({_spec.metric}; {_how})"
     DATASETS.register(
         _spec.name, DatasetSpec(_spec.name, lambda o, s=_spec: _load(s, o), _desc), _desc
     )

@@ -291,6 +291,12 @@ def _preflight(bundle: DatasetBundle, cfg: RunConfig, split: tuple[np.ndarray, n
     one class), before any backbone is built or feature extracted."""
     if all(_kind_mismatch(card, bundle) for card in cfg.protocols):
         raise _no_protocol(bundle.name, _label_kind(bundle), cfg)
+    for card in cfg.protocols:
+        if card.protocol.extra_tests and not bundle.extra_tests:
+            raise UserError(
+                f"{card.name} scores robustness test sets, and {bundle.name} has none; use it "
+                "with --dataset imagenet-robust, or linear / knn here"
+            )
     labels = np.asarray(bundle.train.labels)
     if bundle.num_classes < 2 or len(np.unique(labels)) < 2:
         raise UserError(
