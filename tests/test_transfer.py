@@ -218,7 +218,7 @@ def test_cli_transfer_end_to_end(tmp_path, capsys):
             "--protocol",
             "knn,multilabel",
             "--set",
-            "costs=[0.1,1.0]",
+            "costs=[1.0]",
             "--set",
             "ks=[1,3]",
             "--val-fraction",
