@@ -260,7 +260,7 @@ def test_cli_transfer_end_to_end(tmp_path, capsys):
 
 def test_transfer_average_says_what_it_covers():
     from ssl_eval.report.leaderboard import Cell
-    from ssl_eval.report.transfer import TransferTable, transfer_md
+    from ssl_eval.report.transfer import TransferTable, transfer_html, transfer_md
 
     def cell(v, h):
         return Cell(v, v - h, v + h, "bootstrap", 1, [])
@@ -281,3 +281,5 @@ def test_transfer_average_says_what_it_covers():
     b_row = next(ln for ln in lines if ln.startswith("| b |"))
     assert a_row.endswith("| 70.00 ± 2.50 |") and "†" not in a_row
     assert "| – |" in b_row and "70.00 ± 2.00 † (1/2: dtd)" in b_row
+    html = transfer_html([t])
+    assert "<td>70.00 ± 2.50</td>" in html and "<td>70.00 ± 2.00 † (1/2: dtd)</td>" in html
