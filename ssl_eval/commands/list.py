@@ -35,6 +35,10 @@ def run(a: argparse.Namespace) -> int:
             print(f"  {e.name:28s} {e.obj.description}{mark}")
         for e in DATASETS.prefixes():
             print(f"  {e.name + ':<...>':28s} {e.help}")
+        from ..data.transfer import COLLECTIONS
+
+        for name, members in COLLECTIONS.items():
+            print(f"  {name:28s} collection: {', '.join(members)}")
     if what in ("protocols", "all"):
         from ..protocols.cards import load_card, shipped_cards
 

@@ -25,7 +25,10 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--suite", help="a named collection of protocols (e.g. standard, frozen)")
     r.add_argument(
-        "--dataset", type=csv_list, default=None, help="comma-separated datasets (default: shapes)"
+        "--dataset",
+        type=csv_list,
+        default=None,
+        help="comma-separated datasets or the collection 'transfer' (default: shapes)",
     )
     r.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a protocol param (recorded)"
@@ -104,6 +107,8 @@ def run(a: argparse.Namespace) -> int:
     from ..core.config import RunConfig
     from ..core.distributed import launched_main
     from ..data.datasets import DEFAULT_DATASET
+    from ..data.transfer import expand_collections
+    from ..orchestrate.evaluate import SHOWN_METRICS
     from ..orchestrate.evaluate import run as run_units
     from ..protocols.cards import load_cards
 
@@ -118,7 +123,7 @@ def run(a: argparse.Namespace) -> int:
     cards = load_cards(names, a.set or [])
     cfg = RunConfig(
         backbones=a.backbone,
-        datasets=a.dataset or (DEFAULT_DATASET,),
+        datasets=expand_collections(a.dataset or (DEFAULT_DATASET,)),
         protocols=cards,
         results_dir=a.results_dir,
         cache_dir=a.cache_dir,
@@ -152,9 +157,12 @@ def run(a: argparse.Namespace) -> int:
         return 0
     done = [o for o in outcomes if o.status == "done"]
     for o in done:
-        shown = "\t".join(f"{m}={o.metrics[m]:.4f}" for m in ("top1", "top5") if m in o.metrics)
+        shown = "\t".join(f"{m}={o.metrics[m]:.4f}" for m in SHOWN_METRICS if m in o.metrics)
         print(f"{o.backbone}\t{o.dataset}\t{o.protocol}\t{shown}")
-    skipped = len(outcomes) - len(done)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    not_applicable = sum(o.status == "n/a" for o in outcomes)
+    if not_applicable:
+        print(f"({not_applicable} unit(s) not applicable, not run: the log above says why)")
     if skipped:
         print(f"({skipped} unit(s) already in {cfg.results_dir}, skipped; --force redoes them)")
     if not a.no_leaderboard:

@@ -29,6 +29,23 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def bootstrap_stat(
+    statistic, n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(idx)``, a metric computed on the test
+    images of an index array (mean per-class accuracy, mAP): ``resamples`` draws of ``n``
+    indices with replacement, NaN draws (a resample the metric is undefined on) left out."""
+    if n == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, n, size=n)) for _ in range(resamples)])
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return (math.nan, math.nan)
+    lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
 def _t_quantile(df: int, level: float = 0.95) -> float:
     try:
         from scipy.stats import t

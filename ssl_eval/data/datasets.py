@@ -1,5 +1,5 @@
 """The dataset registry: built-in (digits, shapes), torchvision (cifar10, cifar100, stl10) and
-image folders. Every dataset yields a train and a test split of uint8 RGB images plus labels,
+image folders (the transfer datasets register themselves from transfer.py). Every dataset yields a train and a test split of uint8 RGB images plus labels,
 and a fingerprint that identifies its content in cache keys and result records."""
 
 from __future__ import annotations
@@ -57,13 +57,23 @@ class DatasetBundle:
     # every label set of a dataset whose images carry several (shapes: shape, colour, size,
     # position): {"train": {factor: labels}, "test": {...}}; None elsewhere
     factors: dict | None = None
+    # the metric the dataset is reported in (data/transfer.py): top1, mean_per_class or map11
+    metric: str = "top1"
+    # a multi-label dataset's targets {"train": (N, C), "test": ...} in the VOC devkit's
+    # encoding (1 present, 0 only difficult, -1 absent); None for single-label datasets
+    multilabel: dict | None = None
+    # test sets evaluated with the head or bank trained on ``train`` (ImageNet's robustness
+    # sets, data/imagenet.py), labelled in ``classes``; and for those that cover only some
+    # classes, the classes a prediction is chosen among
+    extra_tests: dict[str, ImageSplit] = field(default_factory=dict)
+    class_subsets: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def split(self, name: str) -> ImageSplit:
-        return {"train": self.train, "test": self.test}[name]
+        return {"train": self.train, "test": self.test, **self.extra_tests}[name]
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "test": len(self.test)}

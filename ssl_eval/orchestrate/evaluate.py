@@ -29,14 +29,19 @@ from ..core.provenance import (
 from ..core.runtime import log, resolve_device, seed_everything
 from ..data.datasets import DatasetBundle, DatasetOptions, get_dataset
 from ..data.splits import stratified_val_split
+from ..data.transfer import label_kind
 from ..features.accel import Accel
 from ..features.extraction import default_cache_dir, extract
 from ..features.layers import layout
 from ..protocols import DataShape, ImageInputs, ProtocolInputs
+from ..protocols._metrics import with_dataset_metric
+from ..protocols.base import PROTOCOL_TYPES
 from ..protocols.cards import ProtocolCard
 from ..records.build import Unit, build_records
 from ..records.schema import SCHEMA_VERSION
 from ..records.store import new_run_id, records_dir, unit_done, write_unit
+
+SHOWN_METRICS = ("top1", "top5", "mean_per_class", "map11")  # what a finished unit prints
 
 
 @dataclass
@@ -170,6 +175,31 @@ class _Unit:
     card: ProtocolCard
     key: str | None
     dependent: bool = True  # whether the unit depends on the seed
+    why: str = ""  # for a unit that does not apply: why
+
+
+def _no_protocol(dataset: str, kind: str, cfg: RunConfig) -> UserError:
+    fits = sorted(e.name for e in PROTOCOL_TYPES.entries() if e.obj.labels == kind)
+    return UserError(
+        f"dataset {dataset} is {kind}-label and none of the protocols "
+        f"({', '.join(c.name for c in cfg.protocols)}) evaluates {kind}-label data; add "
+        f"--protocol {fits[0] if fits else '...'} (or --suite transfer)"
+    )
+
+
+def _label_kind(bundle: DatasetBundle) -> str:
+    return "multi" if bundle.multilabel is not None else "single"
+
+
+def _kind_mismatch(card: ProtocolCard, bundle: DatasetBundle) -> str:
+    """Why ``card`` cannot evaluate ``bundle`` (a single-label protocol on a multi-label
+    dataset or the reverse), or "" where it can."""
+    if card.protocol.labels == _label_kind(bundle):
+        return ""
+    return (
+        f"{card.name} is for {card.protocol.labels}-label data; {bundle.name} is "
+        f"{_label_kind(bundle)}-label"
+    )
 
 
 def _walk(cfg: RunConfig, device, cache_dir: Path, build) -> Iterator[_Unit]:
@@ -177,6 +207,10 @@ def _walk(cfg: RunConfig, device, cache_dir: Path, build) -> Iterator[_Unit]:
     protocols. ``build(name, seed)`` gives the backbone (its weights and built state are in the
     key). What ``run`` evaluates and what ``plan`` lists are both this walk, so their keys
     cannot drift apart. Refuses an untrainable backbone under a training protocol."""
+    for ds_name in cfg.datasets:  # before any work: a dataset no protocol of the run can read
+        kind = label_kind(ds_name)
+        if kind is not None and all(c.protocol.labels != kind for c in cfg.protocols):
+            raise _no_protocol(ds_name, kind, cfg)
     for ds_name in cfg.datasets:
         bundle = get_dataset(
             ds_name, DatasetOptions(cfg.data_root, cfg.download, cache_dir / "manifests")
@@ -188,6 +222,10 @@ def _walk(cfg: RunConfig, device, cache_dir: Path, build) -> Iterator[_Unit]:
                 bb = build(bb_name, seed)
                 trainable = any(p.requires_grad for p in bb.model.parameters())
                 for card in cfg.protocols:
+                    why = _kind_mismatch(card, bundle)
+                    if why:  # another protocol of the run evaluates it (_preflight checked)
+                        yield _Unit(ds_name, bundle, split, bb_name, bb, seed, card, None, why=why)
+                        continue
                     if card.protocol.trains and not trainable:
                         if not cfg.skip_inapplicable:
                             raise _untrainable(card, bb)
@@ -225,7 +263,10 @@ def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOut
             bb, bundle, card, seed = u.bb, u.bundle, u.card, u.seed
             if u.key is None:  # a suite: the cell stays empty, and says why
                 log(
-                    f"[n/a] {card.name} trains the backbone; {bb.tag} has no trainable parameters: not run"
+                    f"[n/a] {u.why}: not run"
+                    if u.why
+                    else f"[n/a] {card.name} trains the backbone; {bb.tag} has no trainable "
+                    "parameters: not run"
                 )
                 outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "n/a", {}))
                 continue
@@ -250,6 +291,14 @@ def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOut
 def _preflight(bundle: DatasetBundle, cfg: RunConfig, split: tuple[np.ndarray, np.ndarray]) -> None:
     """Data-dependent checks of every card (k beyond the bank, K beyond a class, a dataset of
     one class), before any backbone is built or feature extracted."""
+    if all(_kind_mismatch(card, bundle) for card in cfg.protocols):
+        raise _no_protocol(bundle.name, _label_kind(bundle), cfg)
+    for card in cfg.protocols:
+        if card.protocol.extra_tests and not bundle.extra_tests:
+            raise UserError(
+                f"{card.name} scores robustness test sets, and {bundle.name} has none; use it "
+                "with --dataset imagenet-robust, or linear / knn here"
+            )
     labels = np.asarray(bundle.train.labels)
     if bundle.num_classes < 2 or len(np.unique(labels)) < 2:
         raise UserError(
@@ -381,9 +430,24 @@ def _evaluate(
                 bundle.num_classes,
                 device,
                 seed,
+                *(
+                    (bundle.multilabel["train"], bundle.multilabel["test"])
+                    if bundle.multilabel is not None
+                    else ()
+                ),
             )
+            if ptype.extra_tests:  # the robustness sets, scored with the same head or bank
+                for name in bundle.extra_tests:
+                    fs = features(name)
+                    inputs.extra_tests[name] = (
+                        fs.features,
+                        fs.labels,
+                        bundle.class_subsets.get(name),
+                    )
         t0 = time.perf_counter()
-        result = ptype.run(inputs, card.params)
+        result = with_dataset_metric(
+            ptype.run(inputs, card.params), bundle.metric, bundle.test.labels
+        )
         wall = time.perf_counter() - t0
         if kind is not None:
             result.details["features_read"] = {"feature_kind": kind, "layout": layout(kind)}
@@ -429,7 +493,7 @@ def _evaluate(
         metrics = {r.metric: r.value for r in records}
         log(
             f"[done] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): "
-            + ", ".join(f"{m}={metrics[m]:.4f}" for m in ("top1", "top5") if m in metrics)
+            + ", ".join(f"{m}={metrics[m]:.4f}" for m in SHOWN_METRICS if m in metrics)
             + f" ({wall:.1f}s) -> {path}"
         )
         out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", metrics, path))

@@ -25,18 +25,29 @@ class ProtocolInputs:
     num_classes: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    # a multi-label dataset's targets (N, C) in the VOC devkit's encoding (1 present, 0 only
+    # difficult, -1 absent), for protocols with labels="multi"; None for single-label data
+    train_targets: np.ndarray | None = None
+    test_targets: np.ndarray | None = None
+    # test sets scored with the same head or bank (robustness sets of imagenet-robust), for
+    # protocols with extra_tests=True: name -> (features, labels, the classes a prediction is
+    # chosen among, or None for all)
+    extra_tests: dict = field(default_factory=dict)
 
 
 @dataclass
 class ProtocolOutput:
     """``metrics`` are fractions in [0, 1]. For each metric, a protocol gives either
     ``per_sample`` (0/1 per test image, for bootstrap intervals and paired tests) or
-    ``spread`` (the values over seeds or episodes, for a t interval)."""
+    ``spread`` (the values over seeds or episodes, for a t interval), or ``resampled``: for a
+    metric that is no mean over images (mean per-class accuracy, mAP), the function that
+    computes it on the test images of an index array (a bootstrap resample of the test set)."""
 
     metrics: dict[str, float]
     details: dict = field(default_factory=dict)  # selected hyperparameters, per-setting scores
     per_sample: dict[str, np.ndarray] = field(default_factory=dict)
     spread: dict[str, list[float]] = field(default_factory=dict)
+    resampled: dict[str, Callable[[np.ndarray], float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +93,8 @@ class ProtocolType:
     seeded: bool = True  # False: the numbers do not depend on the seed (k-NN on fixed features)
     preflight: Callable[[object, DataShape], None] | None = None  # data-dependent checks of params
     trains: bool = False  # True: it trains the backbone (refused for one without parameters)
+    labels: str = "single"  # "single" (one class per image) or "multi" (multi-label datasets)
+    extra_tests: bool = False  # True: it scores the dataset's extra test sets too
     # the feature kind a card's params read instead of the backbone's own (a multi-layer
     # card reads ``layers:N``), or None: the backbone's
     feature_kind: Callable[[object], str | None] | None = None

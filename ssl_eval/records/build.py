@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..core.provenance import code_version, machine_info, package_versions
-from ..core.stats import bootstrap_ci, mean_ci, pack_bits
+from ..core.stats import bootstrap_ci, bootstrap_stat, mean_ci, pack_bits
 from .schema import SCHEMA_VERSION, ResultRecord, make_setting
 from .store import utc_now
 
@@ -50,7 +50,8 @@ def build_records(
 ) -> list[ResultRecord]:
     """One record per metric of ``output``, each with the unit's full provenance and a 95%
     interval: the t interval over the protocol's own repetitions where it reports a spread,
-    else the bootstrap over test images (whose per-image correctness top-1 keeps, packed)."""
+    else the bootstrap over test images (whose per-image correctness top-1 keeps, packed); a
+    metric that is no mean over images (``output.resampled``) is recomputed on each resample."""
     details = dict(output.details)
     if unit.features:
         details.update(unit.features)
@@ -111,6 +112,13 @@ def build_records(
             )
             if metric == "top1":
                 extra = {"per_sample_correct": pack_bits(correct), "n_test": len(correct)}
+        elif metric in output.resampled:  # a metric recomputed on each resample of the test set
+            ci = list(
+                bootstrap_stat(
+                    output.resampled[metric], unit.sizes["test"], bootstrap_resamples, unit.seed
+                )
+            )
+            method = "bootstrap-test"
         records.append(
             ResultRecord(
                 metric=metric,

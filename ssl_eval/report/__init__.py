@@ -3,7 +3,8 @@
 ``<results>/report/index.html`` is one static, self-contained page (inline CSS and JS, figures
 inlined as base64 PNG, no fetch of any kind): the leaderboard (sortable by clicking a header,
 filtered by dataset and protocol, each cell's setting in its hover title), per-protocol bar
-charts with 95% interval whiskers, few-shot accuracy against K with 95% bands, a t-SNE map of each
+charts with 95% interval whiskers, the transfer table (each dataset in its own metric, the
+average over the datasets each backbone covers; ``transfer.py``), few-shot accuracy against K with 95% bands, a t-SNE map of each
 backbone's cached test features, the invariance heat map, and the label-free diagnostics with
 their rank correlation with linear accuracy; after the leaderboard, what the numbers say,
 generated from the records by the same tests for every model, column and probe
@@ -29,6 +30,7 @@ from .findings import TITLE as FINDINGS_TITLE
 from .findings import findings
 from .maps import diagnostics, tsne_jobs
 from .table import build_table
+from .transfer import transfer_html, transfer_md, transfer_tables
 
 __all__ = ["write_report"]
 
@@ -105,6 +107,10 @@ def write_report(
         ("Leaderboard", markdown.leaderboard_md(table)),
         (FINDINGS_TITLE, markdown.findings_md(found.blocks())),
     ]
+    transfer = transfer_tables(frame)
+    if transfer:
+        html_sections.append(("Transfer", transfer_html(transfer)))
+        md_sections.append(("Transfer", transfer_md(transfer)))
     for heading, fs in groups:
         if fs:
             html_sections.append((heading, html.figures_html(fs)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,11 @@ KIND_TEXT = {
     "t-draws": "95% t interval over the protocol's support draws",
     "t-episodes": "95% t interval over the protocol's episodes",
 }
+
+
+# more sections of leaderboard.md: (title, frame -> markdown lines, [] for none), registered by
+# the modules that build them on this module's tables (the transfer table, report/transfer.py)
+SECTIONS: list[tuple[str, Callable[[pd.DataFrame], list[str]]]] = []
 
 
 # ---------------------------------------------------------------- labels
@@ -379,7 +385,8 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
     n_records = frame.attrs.get("n_records", len(frame))
     t = build_table(frame, metric)
     probes = probe_table(results_dir, frame)
-    if not t.cells and probes is None:
+    extra = [(title, body) for title, make in SECTIONS if (body := make(frame))]
+    if not t.cells and probes is None and not extra:
         raise UserError(f"no records carry the metric {metric!r}")
     best = {c: t.best(c) for c in t.cols}
     csv_path = results_dir / "leaderboard.csv"
@@ -424,6 +431,8 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
             f"- `{b}` **{_md(t.row_label[b])}**: {_md(_summary_text(t.row_summary[b]))}"
             for b in labelled
         ]
+    for title, body in extra:
+        lines += ["", f"## {title}", "", *body]
     if probes is not None:
         lines += ["", *probe_markdown(probes)]
         atomic_write_text(results_dir / "probes.csv", probes.to_csv(float_format="%.4f"))
