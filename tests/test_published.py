@@ -13,7 +13,7 @@ from ssl_eval.cli import main
 from ssl_eval.core.errors import UserError
 from ssl_eval.protocols.cards import load_card, shipped_cards
 from ssl_eval.protocols.published import PublishedEntry, check_runnable, load_published
-from ssl_eval.report.published import compare, matches
+from ssl_eval.report.published import cells, compare, matches
 
 # the seed lecture's table, as printed in the sources the shipped file cites
 SEED_TABLE = {
@@ -108,6 +108,9 @@ def _file(tmp_path, entries=ENTRY, head="version: 1\n", name="pub.yaml"):
         ("version: 1\n", ENTRY.replace(SOURCE, "    source: |\n      a\n      b\n"), "one line"),
         ("version: 1\n", ENTRY + ENTRY, "published twice"),
         ("version: 1\ndatasets:\n  digits:\n    url: x\n", ENTRY, "unknown key 'url'"),
+        ("version: 1\ndatasets:\n  digits: {}\n", ENTRY, "missing required key(s) download"),
+        ("version: 1\n", ENTRY.replace(SOURCE, ""), "entries[0]: missing required key(s) source"),
+        ("version: 1\n", "  - 3\n", "entries[0]: expected a mapping, got int"),
     ],
 )
 def test_schema_refusals_are_one_line(tmp_path, head, entries, says):
@@ -162,6 +165,11 @@ def test_compare_arithmetic():
     assert compare(_entry(74.0), rec).inside is False
     none = compare(_entry(), SimpleNamespace(value=0.5, ci95=None, ci_method="", unit="u"))
     assert none.interval is None and none.inside is None
+    # the table: theirs as printed (79.0 keeps its decimal), ours and the difference in points
+    assert cells(compare(_entry(79.0), rec))[4:] == [
+        "75.12", "79.0", "-3.88", "[74.01, 76.23]", "no",
+    ]  # fmt: skip
+    assert cells(none)[7:] == ["none", "n/a"]
 
 
 def _run(argv, capsys):

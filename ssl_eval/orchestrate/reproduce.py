@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.config import RunConfig
+from ..core.distributed import launched_main
 from ..core.errors import UserError, one_line
 from ..protocols.published import Published, PublishedEntry, check_runnable, load_published
 from ..records.store import read_unit_file, records_dir
@@ -113,6 +114,8 @@ def reproduce(rc: ReproduceConfig) -> list[Comparison]:
     _need_weights(rc.tag, rc.offline)
     _need_data(published, entries[0], rc)
     outcomes = run_units(run_config(rc, tuple(cards.values())))
+    if not launched_main():  # torchrun: rank 0 wrote the records and compares
+        return []
     by_card = {o.protocol: o for o in outcomes}
     out = []
     for e in entries:

@@ -12,7 +12,7 @@ entry is run (``check_runnable``), so a file naming cards that land later still 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from ..core.config import check_keys, from_mapping, read_yaml
@@ -110,6 +110,17 @@ class Published:
         raise UserError(f"no published number for {want} in {self.path}; {have}")
 
 
+def _required(cls: type, raw: object, where: str) -> None:
+    """``raw`` is a mapping of ``cls``'s fields holding every one that has no default."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    check_keys(raw, [f.name for f in fields(cls)], where)  # a misspelt key: "did you mean"
+    need = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in need if k not in raw]
+    if missing:
+        raise UserError(f"{where}: missing required key(s) {', '.join(missing)}")
+
+
 def published_path() -> Path:
     return cards_dir() / PUBLISHED_FILE
 
@@ -129,6 +140,11 @@ def load_published(path: str | Path | None = None) -> Published:
         raise UserError(f"{p}: 'version' and 'entries' are required")
     if not isinstance(raw["entries"], list):
         raise UserError(f"{p}: entries must be a list of mappings")
+    for i, e in enumerate(raw["entries"]):
+        _required(PublishedEntry, e, f"{p}: entries[{i}]")
+    if isinstance(raw.get("datasets"), dict):
+        for name, hint in raw["datasets"].items():
+            _required(DatasetHint, hint, f"{p}: datasets.{name}")
     parsed = from_mapping(_File, raw, str(p))
     if parsed.version != VERSION:
         raise UserError(f"{p}: version {parsed.version} is not {VERSION}, the one ssl-eval reads")

@@ -99,7 +99,7 @@ def cells(c: Comparison) -> list[str]:
     e = c.entry
     interval = "none" if c.interval is None else f"[{c.interval[0]:.2f}, {c.interval[1]:.2f}]"
     inside = {None: "n/a", True: "yes", False: "no"}[c.inside]
-    return [e.tag, e.dataset, e.recipe, e.metric, f"{c.ours:.2f}", f"{e.value:g}",
+    return [e.tag, e.dataset, e.recipe, e.metric, f"{c.ours:.2f}", repr(e.value),
             f"{c.difference:+.2f}", interval, inside]  # fmt: skip
 
 
