@@ -225,6 +225,37 @@ def test_reproduce_end_to_end_and_report(tmp_path, capsys):
     assert "Published numbers" in (res / "report" / "index.html").read_text()
 
 
+def _record(backbone="pixels", path=None):
+    card = load_card("knn")
+    return SimpleNamespace(
+        backbone=backbone,
+        weights={"source": "file", "sha256": "0" * 64, "path": path},
+        dataset={"name": "digits"},
+        metric="top1",
+        protocol={"name": "knn", "source": "shipped:knn", "version": card.version, "overrides": {}},
+        setting={"summary": {"column": {"features": {"image_size": None, "feature_kind": None}}}},
+    )
+
+
+def test_a_tag_on_another_weights_file_is_not_theirs():
+    from ssl_eval.backbones.weights import WeightsSource
+
+    hub = "/hf/hub/models--timm--vit_small_patch14_dinov2.lvd142m/snapshots/ab/model.safetensors"
+    src = WeightsSource(
+        ("dinov2_vits14_pretrain.pth",),
+        hf_repo="timm/vit_small_patch14_dinov2.lvd142m",
+        url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+    )
+    assert src.is_official("/w/dinov2_vits14_pretrain.pth") and src.is_official(hub)
+    assert not src.is_official("/w/finetuned.pth")
+    assert not src.is_official("/hf/hub/models--me--mine/snapshots/ab/model.safetensors")
+    entry = PublishedEntry("dinov2_vits14", "digits", "knn", "top1", 79.0, "src")
+    version = load_card("knn").version
+    assert matches(entry, _record("dinov2_vits14", hub), version, src)
+    assert not matches(entry, _record("dinov2_vits14", "/w/finetuned.pth"), version, src)
+    assert not matches(entry, _record("dinov2_vits14", None), version, src)
+
+
 def test_matches_only_the_entrys_setting():
     entry = PublishedEntry("pixels", "digits", "knn", "top1", 97.5, "src")
     card = load_card("knn")

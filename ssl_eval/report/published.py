@@ -5,7 +5,8 @@ table.
 A record stands for an entry only when it is that entry's setting: the entry's backbone tag and
 dataset, its recipe card as shipped (same name, the card's current version, no ``--set``
 override) and the backbone's own preprocessing and feature kind (no ``--image-size`` or
-``--feature-kind``). Anything else is another number, and is not shown against theirs.
+``--feature-kind``), on the tag's own weights file (not another ``--weights`` file). Anything
+else is another number, and is not shown against theirs.
 """
 
 from __future__ import annotations
@@ -52,8 +53,12 @@ def compare(entry: PublishedEntry, record: ResultRecord) -> Comparison:
     return Comparison(entry, 100.0 * record.value, interval, record.ci_method, record.unit)
 
 
-def matches(entry: PublishedEntry, record: ResultRecord, card_version: int) -> bool:
-    """Whether ``record`` is ``entry``'s setting (see the module's docstring)."""
+def matches(entry: PublishedEntry, record: ResultRecord, card_version: int, official=None) -> bool:
+    """Whether ``record`` is ``entry``'s setting (see the module's docstring); ``official``
+    (the tag's ``WeightsSource``, None for a tag without a weights file) must own the
+    record's weights file, so a tag run on another ``--weights`` file is not theirs."""
+    if official is not None and not official.is_official(str(record.weights.get("path") or "")):
+        return False
     p = record.protocol
     features = record.setting.get("summary", {}).get("column", {}).get("features", {})
     return (
@@ -72,6 +77,8 @@ def matches(entry: PublishedEntry, record: ResultRecord, card_version: int) -> b
 def comparisons(records: list[ResultRecord], published: Published) -> list[Comparison]:
     """For each entry with a matching record, the newest such record against it (entries whose
     card is not shipped here are skipped: no record can be their setting)."""
+    from ..backbones.adapters import TAG_WEIGHTS
+    from ..backbones.catalog import get_spec
     from ..core.errors import UserError
     from ..protocols.cards import load_card
 
@@ -85,7 +92,12 @@ def comparisons(records: list[ResultRecord], published: Published) -> list[Compa
                 versions[e.recipe] = None
         if versions[e.recipe] is None:
             continue
-        mine = [r for r in records if matches(e, r, versions[e.recipe])]
+        try:
+            get_spec(e.tag)  # registers the tags (and their weights sources)
+        except UserError:
+            continue  # a tag this installation does not have: no record can be its setting
+        official = TAG_WEIGHTS.get(e.tag)
+        mine = [r for r in records if matches(e, r, versions[e.recipe], official)]
         if mine:
             out.append(compare(e, max(mine, key=lambda r: r.time)))
     return out
