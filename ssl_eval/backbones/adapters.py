@@ -55,6 +55,8 @@ class Family:
 
 FAMILIES: Registry[Family] = Registry("checkpoint family")
 TAGS: dict[str, tuple[str, str]] = {}  # tag -> (family, variant), for listings and tests
+# tag -> where its official file is found: a record's file is the tag's own or a --weights file
+TAG_WEIGHTS: dict[str, WeightsSource] = {}
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ def register_tag(
 
     BACKBONES.register(tag, BackboneSpec(tag, build, source.status, description))
     TAGS[tag] = (family, variant)
+    TAG_WEIGHTS[tag] = source
 
 
 def _ckpt_spec(rest: str) -> BackboneSpec:

@@ -68,6 +68,17 @@ class WeightsSource:
                 return p
         return self._hf_cached() or self._hub_cached()
 
+    def is_official(self, path: str | Path) -> bool:
+        """Whether ``path`` is one of the places this source puts or finds its file (by name,
+        or inside the Hugging Face cache of its repository), not a ``--weights`` file of
+        another name."""
+        p = Path(path)
+        if p.name in self.filenames or (self.url and p.name == os.path.basename(self.url)):
+            return True
+        repos = ((self.hf_repo,) if self.hf_repo else ()) + self.extra_hf_repos
+        folders = {"models--" + r.replace("/", "--") for r in repos}
+        return p.name in self.hf_filenames and any(part in folders for part in p.parts)
+
     def status(self) -> str:
         local = self.find_local()
         if local is not None:

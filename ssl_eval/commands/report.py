@@ -26,6 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="folder for index.html, report.md and its figures (default <results-dir>/report)",
     )
+    p.add_argument(
+        "--published",
+        type=Path,
+        default=None,
+        help="published numbers to set our records against (default: the shipped "
+        "protocols/published.yaml)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -39,7 +46,11 @@ def run(a: argparse.Namespace) -> int:
             f"no records under {a.results_dir}: run 'ssl-eval run' first or pass --results-dir"
         )
     index = write_report(
-        a.results_dir, cache_dir=a.cache_dir, progress=not a.no_progress, out_dir=a.out
+        a.results_dir,
+        cache_dir=a.cache_dir,
+        progress=not a.no_progress,
+        out_dir=a.out,
+        published=a.published,
     )
     print(f"wrote {index} and {index.parent / 'report.md'}")
     return 0

@@ -52,6 +52,7 @@ class UnitOutcome:
     status: str  # "done", "skipped", "n/a" (the protocol cannot apply to the backbone)
     metrics: dict
     path: Path | None = None
+    key: str | None = None  # the unit's key (its records' file name), None where it did not apply
 
 
 def unit_key(
@@ -280,7 +281,9 @@ def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOut
                     f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): already in "
                     f"{cfg.results_dir} (use --force to redo)"
                 )
-                outcomes.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
+                outcomes.append(
+                    UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}, key=u.key)
+                )
             else:
                 todo.setdefault(id(bb), [bb, []])[1].append((card, u.key, seed, u.dependent))
         for bb, work in todo.values():
@@ -401,7 +404,7 @@ def _evaluate(
     for (card, key, seed, dependent), mine in claims:
         if not mine:
             log(f"[skip] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): done meanwhile")
-            out.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}))
+            out.append(UnitOutcome(bb.tag, bundle.name, card.name, "skipped", {}, key=key))
             continue
         seed_everything(seed)
         ptype = card.protocol
@@ -496,7 +499,7 @@ def _evaluate(
             + ", ".join(f"{m}={metrics[m]:.4f}" for m in SHOWN_METRICS if m in metrics)
             + f" ({wall:.1f}s) -> {path}"
         )
-        out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", metrics, path))
+        out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", metrics, path, key))
     return out
 
 

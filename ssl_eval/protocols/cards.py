@@ -30,8 +30,12 @@ def cards_dir() -> Path:
     raise UserError("ssl-eval's protocol cards are missing from this installation; reinstall it")
 
 
+# protocols/ also holds the published numbers (protocols/published.py): data, not a card
+NOT_CARDS = ("published.yaml",)
+
+
 def shipped_cards() -> list[str]:
-    return sorted(p.stem for p in cards_dir().glob("*.yaml"))
+    return sorted(p.stem for p in cards_dir().glob("*.yaml") if p.name not in NOT_CARDS)
 
 
 def shipped_suites() -> list[str]:

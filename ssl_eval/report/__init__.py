@@ -29,12 +29,14 @@ from .figures import Figure, bar_jobs, fewshot_jobs, invariance_jobs
 from .findings import TITLE as FINDINGS_TITLE
 from .findings import findings
 from .maps import diagnostics, tsne_jobs
+from .published import comparisons, published_html, published_md
 from .table import build_table
 from .transfer import transfer_html, transfer_md, transfer_tables
 
 __all__ = ["write_report"]
 
 TITLE = "ssl-eval report"
+PUBLISHED_TITLE = "Published numbers"
 # the names figures.file_name gives: what a report may remove from its folder
 _OURS = re.compile(r"^(bars|fewshot|tsne|invariance)-[A-Za-z0-9_.-]*-[0-9a-f]{8}\.png$")
 
@@ -64,11 +66,14 @@ def write_report(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     out_dir: str | Path | None = None,
+    published: str | Path | None = None,
 ) -> Path:
     """Write ``index.html``, ``report.md`` (with its PNG figures) and ``findings.md`` into
     ``out_dir`` (default ``<results_dir>/report``) from the records under ``results_dir``;
     features for the t-SNE maps come from ``cache_dir`` (default ``$SSL_EVAL_CACHE`` or
-    ``~/.cache/ssl-eval``). Returns the path of index.html."""
+    ``~/.cache/ssl-eval``); records that are the setting of a published number
+    (``published``, default protocols/published.yaml) are shown against it in a "Published"
+    table. Returns the path of index.html."""
     from ..features.extraction import default_cache_dir
     from ..records.frame import load_frame
 
@@ -87,6 +92,7 @@ def write_report(
     ]
     diags = diagnostics(frame)
     found = findings(results_dir, frame)
+    against = _published(results_dir, published)
 
     figs = [f for _, fs in groups for f in fs]
     keep = {f.name for f in figs}
@@ -111,6 +117,9 @@ def write_report(
     if transfer:
         html_sections.append(("Transfer", transfer_html(transfer)))
         md_sections.append(("Transfer", transfer_md(transfer)))
+    if against:
+        html_sections.append((PUBLISHED_TITLE, published_html(against)))
+        md_sections.append((PUBLISHED_TITLE, published_md(against)))
     for heading, fs in groups:
         if fs:
             html_sections.append((heading, html.figures_html(fs)))
@@ -123,3 +132,11 @@ def write_report(
     atomic_write_text(out_dir / "report.md", markdown.document(TITLE, subtitle, md_sections))
     atomic_write_text(out_dir / "findings.md", found.markdown())
     return index
+
+
+def _published(results_dir: Path, path: str | Path | None) -> list:
+    """Our records that are a published entry's setting, each against the entry."""
+    from ..protocols.published import load_published
+    from ..records.store import load_records
+
+    return comparisons(load_records(results_dir), load_published(path))
