@@ -309,12 +309,12 @@ def test_reproduce_without_data_says_what_to_download_and_where(tmp_path, capsys
 
 
 def test_reproduce_refuses_a_recipe_card_not_shipped(tmp_path, capsys):
-    pub = _file(tmp_path, ENTRY.replace("recipe: knn", "recipe: linear@dinov2"))
+    pub = _file(tmp_path, ENTRY.replace("recipe: knn", "recipe: linear@nowhere"))
     rc, _, err = _run(
         ["reproduce", "pixels", "--dataset", "digits", "--published", str(pub)], capsys
     )
     (line,) = err.strip().splitlines()
-    assert rc == 2 and "recipe card 'linear@dinov2' is not shipped" in line
+    assert rc == 2 and "recipe card 'linear@nowhere' is not shipped" in line
 
 
 def test_shipped_file_text_is_what_it_loads():
