@@ -296,7 +296,30 @@ def drop_diverged(grid: HeadGrid, p: LinearParams) -> HeadGrid:
     return grid
 
 
-def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
+@dataclass
+class Fitted:
+    """The trained grid and the head chosen on validation (``best``), with what ``run_linear``
+    records of them; ``scores(x)`` yields that head's logits of ``x`` a chunk at a time."""
+
+    heads: HeadGrid
+    best: int
+    val_acc: torch.Tensor
+    chunks: dict[str, int]
+    train_size: int
+    val_size: int
+    device: torch.device
+
+    def scores(self, x):
+        rows = FeatureRows(x, device=self.device)
+        step = self.chunks["eval"]
+        for s in range(0, len(rows), step):
+            yield self.heads.logits(rows.read(s, s + step), head=self.best)
+        rows.release()
+
+
+def fit_and_select(inp: ProtocolInputs, p: LinearParams) -> Fitted:
+    """Every head of the grid trained on the training rows, and the best validation top-1
+    chosen (the first in grid order on ties; a diverged head never)."""
     dev = inp.device
     torch.manual_seed(inp.seed)
     train = FeatureRows(inp.train_x, device=dev)
@@ -304,45 +327,51 @@ def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
     tr, va = torch.from_numpy(inp.train_idx).to(dev), torch.from_numpy(inp.val_idx).to(dev)
     if len(va) == 0:
         raise UserError("linear: the validation split is empty; raise --val-fraction")
-    H = num_heads(p)
-    chunks = linear_chunks(train.dim, H, inp.num_classes)
+    chunks = linear_chunks(train.dim, num_heads(p), inp.num_classes)
     heads = _train(train, y_all, inp.num_classes, p, inp.seed, tr, chunks["stats"])
-
     val_x = FeatureRows(inp.train_x, inp.val_idx, dev)
     val_acc = heads.top1_per_head(val_x, y_all[va], chunks["eval"])  # (H,)
     sel = val_acc
     if heads.diverged_mask is not None:  # a diverged head is never selected
         sel = torch.where(heads.diverged_mask.to(val_acc.device), -1.0, val_acc)
     best = int(torch.argmax(sel))  # first best in grid order on ties
-    test_x = FeatureRows(inp.test_x, device=dev)
-    test_y = torch.from_numpy(np.asarray(inp.test_y)).to(dev)
-    hits = {1: [], 5: []}
-    for s in range(0, len(test_x), chunks["eval"]):
-        h = topk_hits(
-            heads.logits(test_x.read(s, s + chunks["eval"]), head=best),
-            test_y[s : s + chunks["eval"]],
-        )
+    return Fitted(heads, best, val_acc, chunks, len(tr), len(va), dev)
+
+
+def run_linear(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
+    return linear_output(inp, p, fit_and_select(inp, p))
+
+
+def linear_output(inp: ProtocolInputs, p: LinearParams, fit: Fitted) -> ProtocolOutput:
+    """The chosen head scored on the test split, with what the record says of the grid."""
+    heads, best, chunks = fit.heads, fit.best, fit.chunks
+    test_y = torch.from_numpy(np.asarray(inp.test_y)).to(fit.device)
+    hits, s = {1: [], 5: []}, 0
+    for scores in fit.scores(inp.test_x):
+        h = topk_hits(scores, test_y[s : s + len(scores)])
+        s += len(scores)
         hits[1].append(h[1])
         hits[5].append(h[5])
-    test_x.release()
     hits = {k: np.concatenate(v) for k, v in hits.items()}
     extra = {}
     if p.report_test_choice:
+        test_x = FeatureRows(inp.test_x, device=fit.device)
         extra["script_choice"] = _test_choice(heads, test_x, test_y, chunks["eval"], p)
+        test_x.release()
     return ProtocolOutput(
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
         extra
         | {
             "selected": setting_dict(heads.settings[best], p),
             "val_top1": {
-                setting_name(s): float(v) for s, v in zip(heads.settings, val_acc, strict=False)
+                setting_name(s): float(v) for s, v in zip(heads.settings, fit.val_acc, strict=False)
             },
-            "train_size": len(tr),
-            "val_size": len(va),
+            "train_size": fit.train_size,
+            "val_size": fit.val_size,
             "epochs_run": heads.epochs,
             "steps": heads.steps,
             "diverged_heads": heads.diverged,
-            "chunks": {**chunks, "batch": min(p.batch_size, len(tr))},  # rows per streamed chunk
+            "chunks": {**chunks, "batch": min(p.batch_size, fit.train_size)},
         },
         per_sample={"top1": hits[1], "top5": hits[5]},
     )

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from ..core.errors import UserError
-from ..features.stream import FeatureRows
 from .base import PROTOCOL_TYPES, ProtocolInputs, ProtocolOutput, ProtocolType, topk_hits
 from .knn import KnnParams, preflight_knn, run_knn
-from .linear import LinearParams, _train, linear_chunks
+from .linear import LinearParams, fit_and_select, linear_output
 from .search.knn import knn_classify, resolve_backend
 
 
@@ -65,54 +64,10 @@ def _with_extra(out: ProtocolOutput, inp: ProtocolInputs, score_chunks) -> Proto
 
 
 def run_linear_robust(inp: ProtocolInputs, p: LinearParams) -> ProtocolOutput:
-    """``run_linear``'s head (same training, same selection on validation), scored on
-    ImageNet's validation images and on every extra test set."""
-    dev, C = inp.device, inp.num_classes
-    torch.manual_seed(inp.seed)
-    train = FeatureRows(inp.train_x, device=dev)
-    y_all = torch.from_numpy(np.asarray(inp.train_y)).to(dev)
-    tr, va = torch.from_numpy(inp.train_idx).to(dev), torch.from_numpy(inp.val_idx).to(dev)
-    if len(va) == 0:
-        raise UserError("linear: the validation split is empty; raise --val-fraction")
-    chunks = linear_chunks(train.dim, len(p.lrs) * len(p.weight_decays), C)
-    heads = _train(train, y_all, C, p, inp.seed, tr, chunks["stats"])
-    val_acc = heads.top1_per_head(
-        FeatureRows(inp.train_x, inp.val_idx, dev), y_all[va], chunks["eval"]
-    )
-    sel = val_acc
-    if heads.diverged_mask is not None:
-        sel = torch.where(heads.diverged_mask.to(val_acc.device), -1.0, val_acc)
-    best = int(torch.argmax(sel))
-
-    def score_chunks(x):
-        rows = FeatureRows(x, device=dev)
-        for s in range(0, len(rows), chunks["eval"]):
-            yield heads.logits(rows.read(s, s + chunks["eval"]), head=best)
-        rows.release()
-
-    test_y = torch.from_numpy(np.asarray(inp.test_y)).to(dev)
-    hits, s = {1: [], 5: []}, 0
-    for scores in score_chunks(inp.test_x):
-        h = topk_hits(scores, test_y[s : s + len(scores)])
-        s += len(scores)
-        for k in hits:
-            hits[k].append(h[k])
-    hits = {k: np.concatenate(v) for k, v in hits.items()}
-    lr, wd = heads.settings[best]
-    out = ProtocolOutput(
-        {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
-        {
-            "selected": {"lr": lr, "weight_decay": wd},
-            "val_top1": {
-                f"lr={a},wd={b}": float(v)
-                for (a, b), v in zip(heads.settings, val_acc, strict=False)
-            },
-            "epochs_run": heads.epochs,
-            "diverged_heads": heads.diverged,
-        },
-        per_sample={"top1": hits[1], "top5": hits[5]},
-    )
-    return _with_extra(out, inp, score_chunks)
+    """``run_linear`` (the same grid trained, the same head chosen on validation, the same
+    numbers on ImageNet's validation images), then that head on every extra test set."""
+    fit = fit_and_select(inp, p)
+    return _with_extra(linear_output(inp, p, fit), inp, fit.scores)
 
 
 def run_knn_robust(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
