@@ -45,7 +45,14 @@ from ..core.provenance import library_versions, source_hash
 from ..core.runtime import log
 from ..data.datasets import DatasetBundle, ImageSplit
 from ..data.transforms import Preprocessing
-from .entries import CHECKSUM, Damaged, cached_entry, file_checksum, reserved_memmap
+from .entries import (
+    CHECKSUM,
+    Damaged,
+    cached_entry,
+    file_checksum,
+    reserved_memmap,
+    verify_checksums,
+)
 from .loading import Images, progress_bar, worker_errors
 
 DECODE_FORMAT_VERSION = 1
@@ -251,12 +258,7 @@ def _open(entry: Path, key: str, verify: bool) -> DecodedSplit:
     try:
         meta = json.loads((entry / "meta.json").read_text())
         if verify and _stamp(entry) not in _VERIFIED:
-            sums = meta.get("checksums") if isinstance(meta, dict) else None
-            if not isinstance(sums, dict) or set(sums) != set(_FILES):
-                raise Damaged("no checksums in meta.json")
-            for f, want in sums.items():
-                if file_checksum(entry / f) != want:
-                    raise Damaged(f"{f} does not match its checksum")
+            verify_checksums(entry, meta, _FILES)
             _VERIFIED.add(_stamp(entry))
         images = np.load(entry / "images.npy", mmap_mode="r")
         labels = np.load(entry / "labels.npy")

@@ -57,6 +57,17 @@ def file_checksum(path: Path, chunk: int = 1 << 22) -> str:
     return f"{crc:08x}"
 
 
+def verify_checksums(entry: Path, meta: object, files: tuple[str, ...]) -> None:
+    """Raise ``Damaged`` unless ``meta`` (an entry's meta.json) holds a checksum for exactly
+    ``files`` and each file of ``entry`` matches its own."""
+    sums = meta.get("checksums") if isinstance(meta, dict) else None
+    if not isinstance(sums, dict) or set(sums) != set(files):
+        raise Damaged("no checksums in meta.json")
+    for f, want in sums.items():
+        if file_checksum(entry / f) != want:
+            raise Damaged(f"{f} does not match its checksum")
+
+
 def reserved_memmap(path: Path, dtype, shape: tuple[int, ...], what: str, hint: str) -> np.memmap:
     """A new memory-mapped ``.npy`` array at ``path``, its blocks reserved up front: a full disk
     is a clear one-line error now (``what`` names the entry, ``hint`` what to do; the temporary

@@ -36,7 +36,14 @@ from ..core.runtime import log
 from ..data.datasets import DatasetBundle
 from .accel import Accel, prepared
 from .decode_cache import decoded_in_world
-from .entries import CHECKSUM, Damaged, cached_entry, file_checksum, reserved_memmap
+from .entries import (
+    CHECKSUM,
+    Damaged,
+    cached_entry,
+    file_checksum,
+    reserved_memmap,
+    verify_checksums,
+)
 from .layers import layout
 from .loading import Images, progress_bar, worker_errors
 
@@ -297,12 +304,7 @@ def _open(entry: Path, key: str, hit: bool, verify: bool = False) -> FeatureSet:
     try:
         if verify:
             meta = json.loads((entry / "meta.json").read_text())
-            sums = meta.get("checksums") if isinstance(meta, dict) else None
-            if not isinstance(sums, dict) or set(sums) != {"features.npy", "labels.npy"}:
-                raise Damaged("no checksums in meta.json")
-            for f, want in sums.items():
-                if file_checksum(entry / f) != want:
-                    raise Damaged(f"{f} does not match its checksum")
+            verify_checksums(entry, meta, ("features.npy", "labels.npy"))
         feats = np.load(entry / "features.npy", mmap_mode="r")
         labels = np.load(entry / "labels.npy")
         if feats.ndim != 2 or len(feats) != len(labels):

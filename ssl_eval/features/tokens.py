@@ -34,7 +34,14 @@ from ..core.files import atomic_directory, atomic_write_json, file_lock, lock_pa
 from ..core.provenance import autocast_dtype, source_hash
 from ..core.runtime import log
 from ..data.datasets import DatasetBundle
-from .entries import CHECKSUM, Damaged, cached_entry, file_checksum, reserved_memmap
+from .entries import (
+    CHECKSUM,
+    Damaged,
+    cached_entry,
+    file_checksum,
+    reserved_memmap,
+    verify_checksums,
+)
 from .extraction import cache_key
 from .loading import Images, worker_errors
 
@@ -247,12 +254,7 @@ def _open(entry: Path, verify: bool = True):
     try:
         if verify:
             meta = json.loads((entry / "meta.json").read_text())
-            sums = meta.get("checksums") if isinstance(meta, dict) else None
-            if not isinstance(sums, dict) or set(sums) != set(_FILES):
-                raise Damaged("no checksums in meta.json")
-            for f, want in sums.items():
-                if file_checksum(entry / f) != want:
-                    raise Damaged(f"{f} does not match its checksum")
+            verify_checksums(entry, meta, _FILES)
         rows = np.load(entry / "rows.npy")
         tokens = np.load(entry / "tokens.npy", mmap_mode="r")
         prefix = np.load(entry / "prefix.npy", mmap_mode="r")
