@@ -358,6 +358,7 @@ def _evaluate(
                 seed,
                 cache_dir / "train_state" / key,
                 cfg.num_workers,
+                accel_of(cfg),
             )
         else:
             tr, te = features("train"), features("test")

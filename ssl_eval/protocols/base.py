@@ -51,6 +51,7 @@ class ImageInputs:
     seed: int
     state_dir: object  # pathlib.Path: where training state is checkpointed for resume
     num_workers: int | None = None
+    accel: object = None  # ssl_eval.features.accel.Accel: channels-last / compile of the forward
 
 
 @dataclass(frozen=True)
