@@ -1,0 +1,127 @@
+"""The cards linear@mae and finetune@mae against facebookresearch/mae (commit efb2a80): their
+numbers against the scripts' defaults and FINETUNE.md's commands, their learning rate at every
+step against util/lr_sched.adjust_learning_rate, their RandAugment against timm's
+create_transform as util/datasets.build_transform calls it."""
+
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_eval.data.transforms import Preprocessing
+from ssl_eval.protocols import augmented, finetune
+from ssl_eval.protocols.cards import load_card
+from ssl_eval.protocols.images import TrainImages, random_erase
+
+
+def adjust_learning_rate(epoch: float, args) -> float:
+    """util/lr_sched.py, as written there (returns the lr instead of setting it)."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (
+        1.0 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs))
+    )
+
+
+def test_linear_mae_card_holds_the_scripts_numbers():
+    p = load_card("linear@mae").params
+    # main_linprobe.py defaults and FINETUNE.md's command (--batch_size 512 on 4 x 8 GPUs)
+    assert (p.base_lrs, p.weight_decays, p.optimizer) == ((0.1,), (0.0,), "lars")
+    assert (p.momentum, p.trust_coefficient) == (0.9, 0.001)  # util/lars.py defaults
+    assert (p.epochs, p.warmup_epochs, p.min_lr) == (90, 10.0, 0.0)
+    assert (p.batch_size, p.bn_rows, p.drop_last) == (512 * 4 * 8, 512, True)
+    assert (p.batchnorm, p.bn_eps, p.bn_momentum, p.head_init_std) == (True, 1e-6, 0.1, 0.01)
+    assert (p.crop, p.crop_scale, p.hflip) == ("mae", (0.08, 1.0), True)
+
+
+@pytest.mark.parametrize("n", [1_281_167, 300])  # ImageNet-1k's train split; a tiny one
+def test_linear_mae_lr_at_every_step_is_lr_sched(n):
+    p = load_card("linear@mae").params
+    eff = min(512 * 32, n)  # eff_batch_size; a tiny split is one batch (ssl-eval's choice)
+    iters = n // eff  # len(data_loader_train) with drop_last=True
+    args = SimpleNamespace(lr=0.1 * eff / 256, min_lr=0.0, warmup_epochs=10, epochs=90)
+    batch, per_epoch, scale = augmented.plan(n, p)
+    assert (batch, per_epoch) == (eff, iters)
+    for epoch in range(p.epochs):
+        for it in range(iters):  # engine_finetune: adjust at it / len(loader) + epoch
+            want = adjust_learning_rate(it / iters + epoch, args)
+            got = augmented.lr_at(epoch * iters + it, per_epoch, 0.1, scale, p)
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (epoch, it)
+
+
+def test_finetune_mae_card_holds_finetune_md_vit_b_numbers():
+    p = load_card("finetune@mae").params
+    assert (p.epochs, p.batch_size, p.lr) == (100, 32 * 32, 5e-4 * 1024 / 256)
+    assert (p.layer_decay, p.weight_decay, p.drop_path) == (0.65, 0.05, 0.1)
+    assert (p.warmup_epochs, p.min_lr, p.label_smoothing) == (5.0, 1e-6, 0.1)
+    assert (p.mixup_alpha, p.cutmix_alpha, p.random_erase) == (0.8, 1.0, 0.25)
+    assert (p.rand_augment, p.crop_scale, p.hflip) == ("rand-m9-mstd0.5-inc1", (0.08, 1.0), True)
+
+
+def test_finetune_mae_lr_at_every_step_is_lr_sched():
+    p = load_card("finetune@mae").params
+    n = 1024 * 40  # a split the batch divides: fractional epochs and samples seen agree
+    iters = n // p.batch_size
+    args = SimpleNamespace(lr=5e-4 * 1024 / 256, min_lr=1e-6, warmup_epochs=5, epochs=100)
+    total, warmup = p.epochs * n, int(p.warmup_epochs * n)  # as finetune._run_finetune counts
+    for epoch in range(p.epochs):
+        for it in range(iters):
+            want = adjust_learning_rate(it / iters + epoch, args)
+            got = finetune._lr_at(epoch * n + it * p.batch_size, total, warmup, p.lr, p.min_lr)
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (epoch, it)
+
+
+def test_rand_augment_is_timms_create_transform_policy():
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
+
+    pre = Preprocessing(resize=36, crop=32, interpolation="bicubic")
+    ds = TrainImages(None, [], pre, 0, True, rand_augment="rand-m9-mstd0.5-inc1")
+    from ssl_eval.protocols.images import rand_augment
+
+    ours = rand_augment(ds.rand_augment, pre)
+    # util/datasets.build_transform: create_transform(..., auto_augment=args.aa, 'bicubic')
+    ref = create_transform(
+        32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic"
+    )
+    theirs = next(t for t in ref.transforms if isinstance(t, RandAugment))
+    assert ours.num_layers == theirs.num_layers == 2
+    assert [o.name for o in ours.ops] == [o.name for o in theirs.ops]
+    for a, b in zip(ours.ops, theirs.ops, strict=True):
+        assert (a.magnitude, a.magnitude_std, a.prob) == (b.magnitude, b.magnitude_std, b.prob)
+        assert a.hparams == b.hparams and a.kwargs == b.kwargs
+
+
+def test_rand_augment_draws_per_image_and_leaves_global_generators_alone():
+    from ssl_eval.data.datasets import ImageSplit
+
+    rng = np.random.default_rng(0)
+    split = ImageSplit(np.zeros(2, np.int64), rng.integers(0, 255, (2, 40, 40, 3), np.uint8))
+    pre = Preprocessing(resize=36, crop=32)
+    ds = TrainImages(split, [0, 1], pre, 0, True, rand_augment="rand-m9-mstd0.5-inc1")
+    plain = TrainImages(split, [0, 1], pre, 0, True)
+    random.seed(5)
+    np.random.seed(5)
+    before = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    a = [ds[i][0] for i in (0, 1)]
+    assert (random.random(), np.random.rand()) == before  # state restored after each image
+    assert all(torch.equal(x, y) for x, y in zip(a, [ds[i][0] for i in (0, 1)], strict=True))
+    assert not all(torch.equal(x, plain[i][0]) for i, x in enumerate(a))  # it did augment
+
+
+def test_random_erase_one_box_of_timms_size_range():
+    x = torch.zeros(64, 3, 40, 40)
+    random_erase(x, 1.0, np.random.default_rng(0))
+    for img in x:
+        ys, xs = np.nonzero(img.abs().sum(0).numpy())
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert len(ys) == h * w  # one filled rectangle
+        assert 0.02 * 1600 * 0.8 <= h * w <= 1600 / 3 * 1.2
+        assert 0.3 / 1.5 <= h / w <= 1.5 / 0.3
+    y = torch.zeros(8, 3, 40, 40)
+    assert not random_erase(y, 0.0, np.random.default_rng(0)).any()
