@@ -15,9 +15,9 @@ from ssl_eval.data.datasets import DatasetOptions, ImageSplit, get_dataset
 from ssl_eval.data.transforms import Preprocessing
 from ssl_eval.features.loading import Images
 from ssl_eval.protocols import augmented
+from ssl_eval.protocols._images import TrainImages, crop_box_mae
 from ssl_eval.protocols.augmented import AugmentedParams, Heads, run_augmented
 from ssl_eval.protocols.base import ImageInputs, embed_images
-from ssl_eval.protocols.images import TrainImages, crop_box_mae
 from ssl_eval.records.store import load_records
 
 

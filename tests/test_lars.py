@@ -4,7 +4,7 @@ torch.optim.SGD."""
 import numpy as np
 import torch
 
-from ssl_eval.protocols.lars import LARS, lars_step, sgd_step
+from ssl_eval.protocols._lars import LARS, lars_step, sgd_step
 
 
 def _mae_lars(p, g, mu, lr, wd, momentum=0.9, trust=0.001):

@@ -13,8 +13,8 @@ import torch
 
 from ssl_eval.data.transforms import Preprocessing
 from ssl_eval.protocols import augmented, finetune
+from ssl_eval.protocols._images import TrainImages, random_erase
 from ssl_eval.protocols.cards import load_card
-from ssl_eval.protocols.images import TrainImages, random_erase
 
 
 def adjust_learning_rate(epoch: float, args) -> float:
@@ -80,7 +80,7 @@ def test_rand_augment_is_timms_create_transform_policy():
 
     pre = Preprocessing(resize=36, crop=32, interpolation="bicubic")
     ds = TrainImages(None, [], pre, 0, True, rand_augment="rand-m9-mstd0.5-inc1")
-    from ssl_eval.protocols.images import rand_augment
+    from ssl_eval.protocols._images import rand_augment
 
     ours = rand_augment(ds.rand_augment, pre)
     # util/datasets.build_transform: create_transform(..., auto_augment=args.aa, 'bicubic')

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,8 +129,15 @@ def _coerce(tp: Any, v: object, where: str) -> object:
     return _coerce_scalar(tp, v, where)
 
 
+# a number in exponent notation without a dot (1e-6, 5E+3): YAML 1.2 reads it as a float, but
+# PyYAML (YAML 1.1) as a string, and Python writes small floats that way (repr(1e-06))
+_EXP_FLOAT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
 def _coerce_scalar(tp: type, v: object, where: str) -> object:
     if tp is float and isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    if tp is float and isinstance(v, str) and _EXP_FLOAT.fullmatch(v.strip()):
         return float(v)
     if tp is int and isinstance(v, int) and not isinstance(v, bool):
         return v

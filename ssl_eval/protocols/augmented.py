@@ -9,7 +9,7 @@ those same features: one GEMM gives all heads' logits. Before the heads, optiona
 BatchNorm1d(affine=False, eps=1e-6): in training each group of ``bn_rows`` rows is normalised
 by its own statistics (MAE's BatchNorm is per GPU, 512 rows, not synchronised) and the running
 statistics follow the first group (DDP broadcasts rank 0's buffers); evaluation uses the
-running statistics. LARS or SGD (lars.py), the learning rate base_lr x batch / 256, linear
+running statistics. LARS or SGD (_lars.py), the learning rate base_lr x batch / 256, linear
 warmup then half cosine evaluated every step at its fractional epoch (MAE's lr_sched).
 
 Validation and test images get the backbone's deterministic resize and centre crop; they are
@@ -35,9 +35,9 @@ from ..core.errors import UserError
 from ..core.provenance import autocast_dtype
 from ..features.accel import Accel, prepared
 from ..features.loading import worker_errors
+from ._images import TrainImages, check_crop
+from ._lars import OPTIMISERS, mae_lr
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
-from .images import TrainImages, check_crop
-from .lars import OPTIMISERS, mae_lr
 
 
 @dataclass(frozen=True)

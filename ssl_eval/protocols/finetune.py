@@ -5,7 +5,7 @@ AdamW; for ViTs, MAE's layer-wise learning-rate decay (its ``param_groups_lrd``:
 the position embedding), otherwise a lower learning rate for the encoder; warmup then cosine,
 counted in training samples, so the schedule does not depend on the number of devices or the
 batch size; label smoothing; as MAE, training crops are random resized crops of the full image
-(evaluation: the backbone's resize and centre crop; images.py); optional mixup / cutmix, drop path,
+(evaluation: the backbone's resize and centre crop; _images.py); optional mixup / cutmix, drop path,
 timm's RandAugment and random erasing;
 selection and early stopping on the validation split; bf16 autocast on GPU.
 The training state is checkpointed atomically after every epoch, and a rerun of the same unit
@@ -34,9 +34,9 @@ from ..core.errors import UserError
 from ..core.files import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
 from ..core.runtime import warn
 from . import _finetune_dist
+from ._images import TrainImages, rand_augment, random_erase
+from ._images import crop_box as _crop_box  # noqa: F401  (its tests call it here)
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
-from .images import TrainImages, random_erase
-from .images import crop_box as _crop_box  # noqa: F401  (its tests call it here)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class FinetuneParams:
     hflip: bool = True
     patience: int = 0  # early stop after this many epochs without a better val top-1; 0 = off
     eval_batch_size: int = 256
-    rand_augment: str = ""  # a timm RandAugment policy (MAE: 'rand-m9-mstd0.5-inc1'); '' = off
+    rand_augment: str = "none"  # a timm RandAugment policy (MAE: rand-m9-mstd0.5-inc1) or none
     random_erase: float = 0.0  # probability of timm's pixel-mode random erasing (MAE: 0.25)
     min_lr: float = 0.0  # the cosine schedule's floor, an absolute lr (MAE: 1e-6)
 
@@ -78,6 +78,10 @@ class FinetuneParams:
             )
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_path < 1:
             raise UserError("fine-tune: label_smoothing and drop_path are in [0, 1)")
+        if self.rand_augment != "none":
+            from ..data.transforms import Preprocessing
+
+            rand_augment(self.rand_augment, Preprocessing())  # an unknown policy: UserError
         if not 0 <= self.random_erase <= 1 or not 0 <= self.min_lr <= self.lr:
             raise UserError("fine-tune: random_erase is in [0, 1] and min_lr in [0, lr]")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0 or self.patience < 0:

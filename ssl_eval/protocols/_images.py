@@ -88,8 +88,8 @@ def check_crop(where: str, crop: str, scale) -> None:
 def rand_augment(policy: str, pre) -> Callable | None:
     """timm's RandAugment for ``policy`` (e.g. 'rand-m9-mstd0.5-inc1'), with the hparams timm's
     create_transform gives it (translate 45% of the input size, fill with the mean colour,
-    the backbone's interpolation); None for ''."""
-    if not policy:
+    the backbone's interpolation); None for 'none'."""
+    if policy == "none":
         return None
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.transforms import str_to_pil_interp
@@ -103,7 +103,9 @@ def rand_augment(policy: str, pre) -> Callable | None:
     try:
         return rand_augment_transform(policy, hparams)
     except Exception as e:  # timm asserts on an unknown policy string
-        raise UserError(f"rand_augment {policy!r} is not a timm RandAugment policy: {e}") from e
+        raise UserError(
+            f"rand_augment {policy!r} is not a timm RandAugment policy (e.g. rand-m9-mstd0.5-inc1)"
+        ) from e
 
 
 def _seeded_call(fn: Callable, img: torch.Tensor, seed: int) -> torch.Tensor:
@@ -138,7 +140,7 @@ class TrainImages(Dataset):
         crop_scale=(0.08, 1.0),
         hflip: bool = True,
         crop: str = "torchvision",
-        rand_augment: str = "",
+        rand_augment: str = "none",
     ):
         self.split, self.indices, self.pre = split, indices, pre
         self.seed, self.augment, self.epoch = seed, augment, 0
@@ -164,7 +166,7 @@ class TrainImages(Dataset):
         img = TF.resized_crop(full, top, left, h, w, size, interpolation=interp, antialias=True)
         if self.hflip and torch.rand(1, generator=g).item() < 0.5:
             img = TF.horizontal_flip(img)
-        if self.rand_augment:
+        if self.rand_augment != "none":
             if self._ra is None:
                 self._ra = rand_augment(self.rand_augment, self.pre)
             img = _seeded_call(self._ra, img, draw)
