@@ -151,7 +151,7 @@ def main() -> None:
         "epochs_per_rep": a.epochs,
         "threads": a.threads,
         "machine": {"cpu": cpu_model(), "python": platform.python_version()},
-        "packages": package_versions(["torch", "torchvision", "timm"]),
+        "packages": package_versions(),
     }
     print(json.dumps(res, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -186,3 +186,28 @@ def test_cli_runs_linear_mae_with_intervals(tmp_path):
     assert d["batch"] == 256 and d["steps"] == 2 * d["steps_per_epoch"]
     assert d["selected"]["lr"] == pytest.approx(0.1 * 256 / 256)
     assert len(d["history"]) == 2
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    p = AugmentedParams(
+        base_lrs=(1.0, 3.0), optimizer="sgd", epochs=2, warmup_epochs=1.0, batch_size=32
+    )
+    full = run_augmented(_inputs(tmp_path / "a"), p)
+
+    def stop(epoch, heads):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(augmented, "_after_epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_augmented(_inputs(tmp_path / "b"), p)
+    assert (tmp_path / "b" / "state" / "state.pt").is_file()
+    monkeypatch.setattr(augmented, "_after_epoch", lambda epoch, heads: None)
+    resumed = run_augmented(_inputs(tmp_path / "b"), p)
+    assert resumed.metrics == full.metrics
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(resumed.details["history"]) == strip(full.details["history"])
+    assert resumed.details["selected"] == full.details["selected"]
+    np.testing.assert_array_equal(resumed.per_sample["top1"], full.per_sample["top1"])
+    assert not (tmp_path / "b" / "state").exists()

@@ -16,23 +16,31 @@ Validation and test images get the backbone's deterministic resize and centre cr
 embedded once. After every epoch every head is scored on validation; the (epoch, head) with
 the best validation top-1 (the first on ties) is the one reported on test. ``details`` also
 keeps MAE's own rule for comparison with the paper: the best test top-1 over epochs of the
-selected setting (chosen on test, so not ssl-eval's number).
+selected setting (chosen on test, so not ssl-eval's number). The state is saved after every
+epoch and a rerun of the unit resumes from it. Under torchrun every rank runs the whole probe
+(the same draws, the same numbers) and rank 0 alone writes; sharing out the forward passes is
+left for later.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..core import distributed
 from ..core.errors import UserError
+from ..core.files import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
 from ..core.provenance import autocast_dtype
+from ..core.runtime import warn
 from ..features.accel import Accel, prepared
 from ..features.loading import worker_errors
 from ._images import TrainImages, check_crop
@@ -187,7 +195,61 @@ def _after_epoch(epoch: int, heads: Heads) -> None:
     """Hook called after each epoch's validation (tests look at the heads here)."""
 
 
+_HEAD_STATE = ("W", "b", "mW", "mb", "rmean", "rvar")
+
+
+def _save(path: Path | None, state: dict) -> None:
+    """The unit's state after an epoch, atomically behind a length and crc32 header (rank 0)."""
+    if path is not None and distributed.is_main():
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_checked(path, buf.getvalue())
+
+
+def _load(path: Path | None, fingerprint: str, p: AugmentedParams, device) -> dict | None:
+    """This unit's saved state; None when there is none or it is another setting's; a damaged
+    one is reported in one line, removed, and the unit starts over."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        payload = read_checked(path)
+        try:
+            st = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+        except Exception as e:  # torch raises many types on a damaged file
+            raise DamagedFile(f"not a readable torch file ({type(e).__name__})") from e
+        if not isinstance(st, dict) or st.get("fingerprint") != fingerprint:
+            return None
+        if not 0 <= st.get("epoch", -1) < p.epochs or set(st.get("heads", {})) != set(_HEAD_STATE):
+            raise DamagedFile("not a linear_aug state of the form ssl-eval writes")
+    except DamagedFile as e:
+        warn(f"linear_aug state {path} is damaged ({e}); discarding it, the unit starts over")
+        path.unlink(missing_ok=True)
+        return None
+    return st
+
+
 def run_augmented(inp: ImageInputs, p: AugmentedParams) -> ProtocolOutput:
+    """The probe, with the unit's state folder locked; the state is saved after every epoch
+    and a rerun of the unit resumes from it, ending where an uninterrupted run ends (every
+    draw comes from generators seeded by seed and epoch)."""
+    if inp.state_dir is None:
+        return _run(inp, p, None)
+    state_dir, main = Path(inp.state_dir), distributed.is_main()
+    with (
+        file_lock(lock_path(state_dir), f"the linear_aug state {state_dir}")
+        if main
+        else (contextlib.nullcontext())
+    ):
+        out = _run(inp, p, state_dir / "state.pt")
+        distributed.barrier()
+        if main:
+            (state_dir / "state.pt").unlink(missing_ok=True)  # finished: the result is kept
+            with contextlib.suppress(OSError):
+                state_dir.rmdir()
+    return out
+
+
+def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> ProtocolOutput:
     bb, bundle, dev = inp.backbone, inp.bundle, inp.device
     tr, va = np.asarray(inp.train_idx), np.asarray(inp.val_idx)
     if len(va) == 0 or len(tr) == 0:
@@ -209,8 +271,20 @@ def run_augmented(inp: ImageInputs, p: AugmentedParams) -> ProtocolOutput:
         torch.manual_seed(inp.seed)
         heads = Heads(len(settings), val_x.shape[1], C, p, dev)
         finite = torch.ones(len(settings), dtype=torch.bool, device=dev)
-        step = 0
-        for epoch in range(p.epochs):
+        step, start = 0, 0
+        fingerprint = sha256_json(
+            {"params": asdict(p), "seed": inp.seed, "n": n, "backbone": bb.weights.sha256}
+        )
+        st = _load(state_path, fingerprint, p, dev)
+        if st is not None:
+            for k in _HEAD_STATE:
+                setattr(heads, k, st["heads"][k])
+            finite, step, best = st["finite"], st["step"], st["best"]
+            history, per_epoch_test, start = st["history"], list(st["test"]), st["epoch"] + 1
+            print(
+                f"[resume] linear_aug from epoch {start} of {p.epochs} ({state_path})", flush=True
+            )
+        for epoch in range(start, p.epochs):
             t0 = time.perf_counter()
             train_ds.epoch = epoch
             g = torch.Generator().manual_seed(inp.seed * 1000 + epoch)
@@ -259,6 +333,20 @@ def run_augmented(inp: ImageInputs, p: AugmentedParams) -> ProtocolOutput:
                     "val_top1": [float(v) for v in val_acc],
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
+            )
+            state = {k: getattr(heads, k) for k in _HEAD_STATE}
+            _save(
+                state_path,
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "heads": state,
+                    "finite": finite,
+                    "step": step,
+                    "best": best,
+                    "history": history,
+                    "test": torch.stack(per_epoch_test),
+                },
             )
             _after_epoch(epoch, heads)
     z = heads.norm(test_x, best["stats"])
