@@ -12,7 +12,10 @@ seconds are both given: on a shared machine the CPU seconds are the steadier fig
 
 Usage:
   mkdir -p /tmp/cifar10 && tar -xzf ../shared/data/cifar10_jpeg.tar.gz -C /tmp/cifar10
-  python benchmarks/bench_augmented.py --data /tmp/cifar10 --per-class 200
+  python benchmarks/bench_augmented.py --data /tmp/cifar10 --per-class 100
+  # on a GPU (bf16 autocast; crops drawn by 8 DataLoader workers unless --num-workers says):
+  python benchmarks/bench_augmented.py --data /tmp/cifar10 --device cuda --channels-last \
+      --backbone random:vit_small_patch16_224 --per-class 500 --out $OUT/augmented
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ssl_eval.backbones import BuildOptions, build_backbone
 from ssl_eval.core.files import atomic_write_json, atomic_write_text
 from ssl_eval.core.provenance import cpu_model, package_versions
 from ssl_eval.data.datasets import DatasetOptions, ImageSplit, get_dataset
+from ssl_eval.features.accel import Accel
 from ssl_eval.features.decode_cache import native_bundle
 from ssl_eval.features.extraction import extract
 from ssl_eval.protocols import augmented
@@ -42,6 +46,11 @@ from ssl_eval.protocols.base import ImageInputs
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet56": "resnet56-4bfd9763.th"}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _cpu() -> float:
@@ -75,9 +84,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="augmented epochs timed per rep")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    ap.add_argument("--channels-last", action="store_true", help="as the CLI's --channels-last")
+    ap.add_argument(
+        "--num-workers", type=int, default=None, help="crop workers (default: 0 on CPU, 8 on GPU)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "augmented")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    dev, accel = torch.device(a.device), Accel(channels_last=a.channels_last)
+    kw = {"device": dev, "batch_size": a.batch_size, "accel": accel, "progress": False}
     w = a.weights_dir / WEIGHTS[a.backbone] if a.backbone in WEIGHTS else None
     bb = build_backbone(a.backbone, BuildOptions(weights=w, offline=True))
     bundle = _subset(get_dataset(f"folder:{a.data}", DatasetOptions()), a.per_class, 10)
@@ -101,10 +117,8 @@ def main() -> None:
             "train",
             cache_dir=work / "dc",
             decode_cache=True,
-            progress=False,
-            device=torch.device("cpu"),
-            batch_size=a.batch_size,
-        )  # builds the decode entry
+            **kw,
+        )  # a warm-up
         ext, epoch = {"wall": [], "cpu": []}, {"wall": [], "cpu": []}
         for r in range(a.reps):
             shutil.rmtree(work / "dc" / "features", ignore_errors=True)
@@ -115,17 +129,16 @@ def main() -> None:
                 "train",
                 cache_dir=work / "dc",
                 decode_cache=True,
-                progress=False,
-                device=torch.device("cpu"),
-                batch_size=a.batch_size,
+                **kw,
             )
+            _sync(dev)
             ext["wall"].append((time.perf_counter() - t0) / n)
             ext["cpu"].append((_cpu() - c0) / n)
             marks: list[tuple[float, float]] = []
             augmented._after_epoch = lambda e, heads, m=marks: m.append(
                 (time.perf_counter(), _cpu())
             )
-            inp = ImageInputs(bb, native, train, val, torch.device("cpu"), r, work / "state", 0)
+            inp = ImageInputs(bb, native, train, val, dev, r, None, a.num_workers, accel)
             t0, c0 = time.perf_counter(), _cpu()
             out = augmented.run_augmented(inp, p)
             hist = out.details["history"]
@@ -150,7 +163,13 @@ def main() -> None:
         "reps": a.reps,
         "epochs_per_rep": a.epochs,
         "threads": a.threads,
-        "machine": {"cpu": cpu_model(), "python": platform.python_version()},
+        "device": str(dev),
+        "channels_last": a.channels_last,
+        "machine": {
+            "cpu": cpu_model(),
+            "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
+            "python": platform.python_version(),
+        },
         "packages": package_versions(),
     }
     print(json.dumps(res, indent=1))

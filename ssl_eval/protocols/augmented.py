@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -255,7 +256,11 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
     if len(va) == 0 or len(tr) == 0:
         raise UserError("linear_aug: the train or validation split is empty")
     n, C, pre = len(tr), bundle.num_classes, bb.preprocessing
-    workers = inp.num_workers or 0
+    # crops are drawn from (seed, epoch, index): workers change the speed, never the numbers;
+    # on a GPU the per-image crops would starve the forward pass without them
+    workers = inp.num_workers
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0
     batch, per_epoch, scale = plan(n, p)
     settings = p.settings()
     wd = torch.tensor([s[1] for s in settings], device=dev)
