@@ -125,3 +125,51 @@ def test_random_erase_one_box_of_timms_size_range():
         assert 0.3 / 1.5 <= h / w <= 1.5 / 0.3
     y = torch.zeros(8, 3, 40, 40)
     assert not random_erase(y, 0.0, np.random.default_rng(0)).any()
+
+
+@pytest.mark.slow
+def test_finetune_mae_trains_through_rand_augment_and_random_erasing(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ssl_eval.backbones import BuildOptions, build_backbone
+    from ssl_eval.data.datasets import DatasetOptions, ImageSplit, get_dataset
+    from ssl_eval.protocols import _images
+    from ssl_eval.protocols.base import ImageInputs
+
+    bb = build_backbone("random:resnet10t", BuildOptions(image_size=16))
+    ds = get_dataset("digits", DatasetOptions())
+    cut = lambda s, n: ImageSplit(s.labels[:n], s.images[:n])  # noqa: E731
+    ds = dataclasses.replace(ds, train=cut(ds.train, 80), test=cut(ds.test, 40))
+    inp = ImageInputs(bb, ds, np.arange(64), np.arange(64, 80), torch.device("cpu"), 0, tmp_path)
+    p = dataclasses.replace(
+        load_card("finetune@mae").params, epochs=1, batch_size=32, layer_decay=0.0
+    )
+    calls = {"ra": 0, "erase": []}
+    ra, erase = _images._seeded_call, finetune.random_erase
+
+    def count_ra(*a):
+        calls["ra"] += 1
+        return ra(*a)
+
+    def spy_erase(x, prob, rng):
+        calls["erase"].append((len(x), prob))
+        return erase(x, prob, rng)
+
+    monkeypatch.setattr(_images, "_seeded_call", count_ra)
+    monkeypatch.setattr(finetune, "random_erase", spy_erase)
+    out = finetune.run_finetune(inp, p)
+    assert calls["ra"] == 64  # every training image, once in the one epoch
+    assert calls["erase"] == [(32, 0.25), (32, 0.25)]  # every batch, at the card's probability
+    assert len(out.per_sample["top1"]) == 40 and out.details["epochs_run"] == 1
+
+
+def test_posterize_keeps_the_top_bits_down_to_zero_as_old_pillow():
+    from PIL import Image
+
+    from ssl_eval.protocols._images import _posterize
+
+    arr = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    for bits in range(9):  # Pillow < 10: a lookup table i & ~(2 ** (8 - bits) - 1)
+        want = arr & np.uint8(~(2 ** (8 - bits) - 1) & 0xFF)
+        got = np.asarray(_posterize(Image.fromarray(arr), bits))
+        np.testing.assert_array_equal(got, want, err_msg=f"bits={bits}")

@@ -101,11 +101,27 @@ def rand_augment(policy: str, pre) -> Callable | None:
         "interpolation": str_to_pil_interp(pre.interpolation),
     }
     try:
-        return rand_augment_transform(policy, hparams)
+        ra = rand_augment_transform(policy, hparams)
     except Exception as e:  # timm asserts on an unknown policy string
         raise UserError(
             f"rand_augment {policy!r} is not a timm RandAugment policy (e.g. rand-m9-mstd0.5-inc1)"
         ) from e
+    for op in ra.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return ra
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize with the Pillow the recipes ran on: keeping 0 bits (the top level of
+    'inc' policies) makes the image black, where Pillow 10+ refuses 0 bits."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def _seeded_call(fn: Callable, img: torch.Tensor, seed: int) -> torch.Tensor:
