@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import image_folder
 
 from ssl_eval.backbones import BuildOptions, build_backbone
 from ssl_eval.cli import main
@@ -83,36 +84,47 @@ def _inputs(tmp_path, n_train=96):
     return ImageInputs(bb, ds, tr, va, torch.device("cpu"), 0, tmp_path / "state")
 
 
-@pytest.mark.slow
-def test_heads_chosen_on_validation_and_lr_of_every_step(tmp_path, monkeypatch):
-    inp = _inputs(tmp_path)
-    p = AugmentedParams(
-        base_lrs=(0.3, 3.0),
-        weight_decays=(0.0, 0.01),
-        optimizer="sgd",
-        epochs=3,
-        warmup_epochs=1.0,
-        min_lr=0.001,
-        batch_size=40,
-        bn_rows=16,
-        forward_batch=16,
-    )
+P = AugmentedParams(
+    base_lrs=(0.3, 3.0),
+    weight_decays=(0.0, 0.01),
+    optimizer="sgd",
+    epochs=3,
+    warmup_epochs=1.0,
+    min_lr=0.001,
+    batch_size=40,
+    bn_rows=16,
+    forward_batch=16,
+)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted run of ``P``, with the lr of every step and the heads after every
+    epoch (the two tests below share it)."""
     lrs, kept = [], []
-    upd = augmented.OPTIMISERS["sgd"]
+    upd, hook = augmented.OPTIMISERS["sgd"], augmented._after_epoch
 
     def spy(param, grad, mu, lr, *a, **k):
         if param.ndim == 3:
             lrs.append(lr.clone())
         upd(param, grad, mu, lr, *a, **k)
 
-    monkeypatch.setitem(augmented.OPTIMISERS, "sgd", spy)
-
     def keep(epoch, heads):
         kept.append((heads.W.clone(), heads.b.clone(), heads.rmean.clone(), heads.rvar.clone()))
 
-    monkeypatch.setattr(augmented, "_after_epoch", keep)
-    out = run_augmented(inp, p)
+    augmented.OPTIMISERS["sgd"], augmented._after_epoch = spy, keep
+    try:
+        inp = _inputs(tmp_path_factory.mktemp("full"))
+        out = run_augmented(inp, P)
+    finally:
+        augmented.OPTIMISERS["sgd"], augmented._after_epoch = upd, hook
+    return inp, out, lrs, kept
 
+
+@pytest.mark.slow
+def test_heads_chosen_on_validation_and_lr_of_every_step(full_run):
+    inp, out, lrs, kept = full_run
+    p = P
     # the schedule: 96 rows, batch 40, drop_last -> 2 steps an epoch; lr = base * 40 / 256,
     # util/lr_sched at the fractional epoch of each step, floor 0.001
     assert len(lrs) == 6 and out.details["steps_per_epoch"] == 2
@@ -153,6 +165,14 @@ def test_heads_chosen_on_validation_and_lr_of_every_step(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_runs_linear_mae_with_intervals(tmp_path):
+    # an image folder of 2 classes (30 training and 10 test images each, 12 x 12 flat grey),
+    # read through the decode cache's full-size maps
+    image_folder(
+        tmp_path / "data",
+        {"train": 30, "test": 10},
+        pixel=lambda c, i: 100 + 3 * i + 10 * c,  # overlapping grey levels: some errors
+        shape=lambda c, i: (12, 12),
+    )
     r = tmp_path / "r"
     rc = main(
         [
@@ -162,7 +182,7 @@ def test_cli_runs_linear_mae_with_intervals(tmp_path):
             "--image-size",
             "16",
             "--dataset",
-            "digits",
+            f"folder:{tmp_path / 'data'}",
             "--protocol",
             "linear@mae",
             "--set",
@@ -170,7 +190,8 @@ def test_cli_runs_linear_mae_with_intervals(tmp_path):
             "--set",
             "warmup_epochs=1",
             "--set",
-            "batch_size=256",
+            "batch_size=16",
+            "--decode-cache",
             "--results-dir",
             str(r),
             "--no-progress",
@@ -183,31 +204,30 @@ def test_cli_runs_linear_mae_with_intervals(tmp_path):
     lo, hi = top1.ci95
     assert lo <= top1.value <= hi and hi > lo
     d = top1.details
-    assert d["batch"] == 256 and d["steps"] == 2 * d["steps_per_epoch"]
-    assert d["selected"]["lr"] == pytest.approx(0.1 * 256 / 256)
-    assert len(d["history"]) == 2
+    assert d["batch"] == 16 and d["steps"] == 2 * d["steps_per_epoch"]
+    assert d["steps_per_epoch"] == d["train_size"] // 16  # drop_last, as MAE's loader
+    assert d["selected"]["lr"] == pytest.approx(0.1 * 16 / 256)
+    assert len(d["history"]) == 2 and d["selected"]["epoch"] in (0, 1)
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
-    p = AugmentedParams(
-        base_lrs=(1.0, 3.0), optimizer="sgd", epochs=2, warmup_epochs=1.0, batch_size=32
-    )
-    full = run_augmented(_inputs(tmp_path / "a"), p)
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, full_run):
+    _, full, _, _ = full_run
 
     def stop(epoch, heads):
-        if epoch == 0:
+        if epoch == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(augmented, "_after_epoch", stop)
     with pytest.raises(KeyboardInterrupt):
-        run_augmented(_inputs(tmp_path / "b"), p)
-    assert (tmp_path / "b" / "state" / "state.pt").is_file()
+        run_augmented(_inputs(tmp_path), P)
+    assert (tmp_path / "state" / "state.pt").is_file()
     monkeypatch.setattr(augmented, "_after_epoch", lambda epoch, heads: None)
-    resumed = run_augmented(_inputs(tmp_path / "b"), p)
+    resumed = run_augmented(_inputs(tmp_path), P)
     assert resumed.metrics == full.metrics
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(resumed.details["history"]) == strip(full.details["history"])
     assert resumed.details["selected"] == full.details["selected"]
+    assert resumed.details["mae_rule_test_top1"] == full.details["mae_rule_test_top1"]
     np.testing.assert_array_equal(resumed.per_sample["top1"], full.per_sample["top1"])
-    assert not (tmp_path / "b" / "state").exists()
+    assert not (tmp_path / "state").exists()
