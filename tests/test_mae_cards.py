@@ -3,6 +3,7 @@ numbers against the scripts' defaults and FINETUNE.md's commands, their learning
 step against util/lr_sched.adjust_learning_rate, their RandAugment against timm's
 create_transform as util/datasets.build_transform calls it."""
 
+import dataclasses
 import math
 import random
 from types import SimpleNamespace
@@ -52,26 +53,53 @@ def test_linear_mae_lr_at_every_step_is_lr_sched(n):
             assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (epoch, it)
 
 
-def test_finetune_mae_card_holds_finetune_md_vit_b_numbers():
-    p = load_card("finetune@mae").params
-    assert (p.epochs, p.batch_size, p.lr) == (100, 32 * 32, 5e-4 * 1024 / 256)
-    assert (p.layer_decay, p.weight_decay, p.drop_path) == (0.65, 0.05, 0.1)
-    assert (p.warmup_epochs, p.min_lr, p.label_smoothing) == (5.0, 1e-6, 0.1)
+# FINETUNE.md's commands: (card, per-GPU batch x GPUs, blr, layer_decay, epochs, drop_path,
+# the model's depth: vit_base_patch16 12, vit_large_patch16 24, vit_huge_patch14 32 blocks)
+FT = [
+    ("finetune@mae", 32 * 4 * 8, 5e-4, 0.65, 100, 0.1, 12),
+    ("finetune@mae-l", 32 * 4 * 8, 1e-3, 0.75, 50, 0.2, 24),
+    ("finetune@mae-h", 16 * 8 * 8, 1e-3, 0.75, 50, 0.3, 32),
+]
+
+
+@pytest.mark.parametrize("card, batch, blr, decay, epochs, drop, depth", FT)
+def test_finetune_mae_cards_hold_finetune_md_numbers(card, batch, blr, decay, epochs, drop, depth):
+    p = load_card(card).params
+    assert (p.batch_size, p.lr, p.layer_decay) == (batch, pytest.approx(blr * batch / 256), decay)
+    assert (p.epochs, p.drop_path, p.vit_depth) == (epochs, drop, depth)
+    # the commands' shared flags and main_finetune.py's defaults
+    assert (p.weight_decay, p.warmup_epochs, p.min_lr, p.label_smoothing) == (0.05, 5.0, 1e-6, 0.1)
     assert (p.mixup_alpha, p.cutmix_alpha, p.random_erase) == (0.8, 1.0, 0.25)
     assert (p.rand_augment, p.crop_scale, p.hflip) == ("rand-m9-mstd0.5-inc1", (0.08, 1.0), True)
 
 
-def test_finetune_mae_lr_at_every_step_is_lr_sched():
-    p = load_card("finetune@mae").params
-    n = 1024 * 40  # a split the batch divides: fractional epochs and samples seen agree
-    iters = n // p.batch_size
-    args = SimpleNamespace(lr=5e-4 * 1024 / 256, min_lr=1e-6, warmup_epochs=5, epochs=100)
+@pytest.mark.parametrize("card, batch, blr, decay, epochs, drop, depth", FT)
+def test_finetune_mae_lr_at_every_step_is_lr_sched(card, batch, blr, decay, epochs, drop, depth):
+    p = load_card(card).params
+    n = batch * 40  # a split the batch divides: fractional epochs and samples seen agree
+    iters = n // batch
+    args = SimpleNamespace(lr=blr * batch / 256, min_lr=1e-6, warmup_epochs=5, epochs=epochs)
     total, warmup = p.epochs * n, int(p.warmup_epochs * n)  # as finetune._run_finetune counts
     for epoch in range(p.epochs):
         for it in range(iters):
             want = adjust_learning_rate(it / iters + epoch, args)
-            got = finetune._lr_at(epoch * n + it * p.batch_size, total, warmup, p.lr, p.min_lr)
+            got = finetune._lr_at(epoch * n + it * batch, total, warmup, p.lr, p.min_lr)
             assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (epoch, it)
+
+
+def test_a_size_card_refuses_a_vit_of_another_depth(tmp_path):
+    from ssl_eval.backbones import BuildOptions, build_backbone
+    from ssl_eval.core.errors import UserError
+    from ssl_eval.protocols.base import ImageInputs
+
+    bb = build_backbone("random:vit_micro_p4", BuildOptions(image_size=16))
+    depth = len(bb.model.blocks)
+    ds = SimpleNamespace(num_classes=3)  # _model reads only the class count
+    inp = ImageInputs(bb, ds, np.arange(8), np.arange(8, 12), torch.device("cpu"), 0, tmp_path)
+    p = load_card("finetune@mae-l").params
+    with pytest.raises(UserError, match=f"ViT of 24 blocks, but .* has {depth} blocks"):
+        finetune._model(inp, p)
+    finetune._model(inp, dataclasses.replace(p, vit_depth=depth))  # its own depth: accepted
 
 
 def test_rand_augment_is_timms_create_transform_policy():
@@ -142,7 +170,7 @@ def test_finetune_mae_trains_through_rand_augment_and_random_erasing(tmp_path, m
     ds = dataclasses.replace(ds, train=cut(ds.train, 80), test=cut(ds.test, 40))
     inp = ImageInputs(bb, ds, np.arange(64), np.arange(64, 80), torch.device("cpu"), 0, tmp_path)
     p = dataclasses.replace(
-        load_card("finetune@mae").params, epochs=1, batch_size=32, layer_decay=0.0
+        load_card("finetune@mae").params, epochs=1, batch_size=32, layer_decay=0.0, vit_depth=0
     )
     calls = {"ra": 0, "erase": []}
     ra, erase = _images._seeded_call, finetune.random_erase

@@ -59,6 +59,7 @@ class FinetuneParams:
     rand_augment: str = "none"  # a timm RandAugment policy (MAE: rand-m9-mstd0.5-inc1) or none
     random_erase: float = 0.0  # probability of timm's pixel-mode random erasing (MAE: 0.25)
     min_lr: float = 0.0  # the cosine schedule's floor, an absolute lr (MAE: 1e-6)
+    vit_depth: int = 0  # a recipe for one ViT size: refuse a backbone of another depth; 0 = any
 
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.eval_batch_size) < 1:
@@ -82,6 +83,8 @@ class FinetuneParams:
             from ..data.transforms import Preprocessing
 
             rand_augment(self.rand_augment, Preprocessing())  # an unknown policy: UserError
+        if self.vit_depth < 0:
+            raise UserError(f"fine-tune: vit_depth is a block count or 0, not {self.vit_depth}")
         if not 0 <= self.random_erase <= 1 or not 0 <= self.min_lr <= self.lr:
             raise UserError("fine-tune: random_erase is in [0, 1] and min_lr in [0, lr]")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0 or self.patience < 0:
@@ -349,6 +352,13 @@ def _model(inp: ImageInputs, p: FinetuneParams):
     """The classifier (a copy of the backbone plus a new head) and its optimiser, initialised
     from the unit's seed."""
     bb, device = inp.backbone, inp.device
+    blocks = getattr(bb.model, "blocks", None)
+    depth = len(blocks) if isinstance(blocks, nn.Sequential | nn.ModuleList) else 0
+    if p.vit_depth and depth != p.vit_depth:
+        raise UserError(
+            f"fine-tune: these settings are a recipe for a ViT of {p.vit_depth} blocks, but "
+            f"{bb.tag} has {depth or 'no'} blocks; use its size's card or --set vit_depth=0"
+        )
     torch.manual_seed(inp.seed)
     read = FEATURE_KINDS.get(bb.feature_kind)
     encoder = copy.deepcopy(bb.model).to(device)  # the shared backbone stays untouched
