@@ -2,9 +2,9 @@
 random crop and flip of every training image each epoch, as the papers' headline linear
 numbers are trained (MAE's main_linprobe.py, MoCo v3, DINO), instead of one fixed embedding.
 
-Each training batch goes through the backbone once (eval mode, no gradient; bf16 autocast and
-the channels-last layout where the device and ``--channels-last`` ask; images from the decode
-cache when it is on), and every head of the grid (base learning rate x weight decay) trains on
+Each training batch goes through the backbone once (eval mode, no gradient; bf16 autocast on
+a GPU, the channels-last layout and pinned host batches where ``--channels-last`` and
+``--pin-memory`` ask; images from the decode cache when it is on), and every head of the grid (base learning rate x weight decay) trains on
 those same features: one GEMM gives all heads' logits. Before the heads, optionally, MAE's
 BatchNorm1d(affine=False, eps=1e-6): in training each group of ``bn_rows`` rows is normalised
 by its own statistics (MAE's BatchNorm is per GPU, 512 rows, not synchronised) and the running
@@ -184,9 +184,9 @@ def frozen_forward(backbone, device, accel: Accel):
         yield embed
 
 
-def _embed_all(embed, ds, batch: int, workers: int):
+def _embed_all(embed, ds, batch: int, loading: dict):
     feats, labels = [], []
-    for x, y in worker_errors(DataLoader(ds, batch_size=batch, num_workers=workers)):
+    for x, y in worker_errors(DataLoader(ds, batch_size=batch, **loading)):
         feats.append(embed(x))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -268,10 +268,13 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
     fb = p.forward_batch
     history, best = [], {"val": -1.0}
     per_epoch_test = []
-    with frozen_forward(bb, dev, getattr(inp, "accel", None) or Accel()) as embed:
-        val_x, val_y = _embed_all(embed, TrainImages(bundle.train, va, pre, 0, False), fb, workers)
+    accel = inp.accel or Accel()
+    # pinned host batches (--pin-memory) travel to the GPU while the previous one computes
+    loading = {"num_workers": workers, "pin_memory": accel.pin_memory and dev.type == "cuda"}
+    with frozen_forward(bb, dev, accel) as embed:
+        val_x, val_y = _embed_all(embed, TrainImages(bundle.train, va, pre, 0, False), fb, loading)
         test_ds = TrainImages(bundle.test, np.arange(len(bundle.test)), pre, 0, False)
-        test_x, test_y = _embed_all(embed, test_ds, fb, workers)
+        test_x, test_y = _embed_all(embed, test_ds, fb, loading)
         val_y, test_y = val_y.to(dev), test_y.to(dev)
         torch.manual_seed(inp.seed)
         heads = Heads(len(settings), val_x.shape[1], C, p, dev)
@@ -297,7 +300,7 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             rows = [order[s : s + batch] for s in range(0, len(order), batch)]  # one per step
             # each step's rows, cut into backbone forwards of at most forward_batch images
             cuts = [r[c : c + fb] for r in rows for c in range(0, len(r), fb)]
-            loader = DataLoader(train_ds, batch_sampler=cuts, num_workers=workers)
+            loader = DataLoader(train_ds, batch_sampler=cuts, **loading)
             feats, labels, losses, want = [], [], [], iter([len(r) for r in rows])
             need = next(want, 0)
             for x, y in worker_errors(loader):
