@@ -159,3 +159,11 @@ def test_set_value_that_is_not_yaml_is_one_line():
     with pytest.raises(UserError, match="not valid YAML") as e:
         load_card("linear", ["lrs=[0.1, 0.2"])
     assert "\n" not in str(e.value)
+
+
+def test_a_float_in_exponent_notation_without_a_dot_is_a_float():
+    # PyYAML reads 1e-6 as a string (YAML 1.1); Python writes small floats that way (1e-06)
+    card = load_card("finetune", ["min_lr=1e-6", "lr=2E-3"])
+    assert (card.params.min_lr, card.params.lr) == (1e-6, 2e-3)
+    with pytest.raises(UserError, match="expected float"):
+        load_card("finetune", ["lr=1e"])

@@ -420,6 +420,7 @@ def _evaluate(
                 cache_dir / "train_state" / key,
                 cfg.num_workers,
                 cache_dir,
+                accel_of(cfg),
             )
         else:
             tr, te = features("train", kind), features("test", kind)

@@ -63,6 +63,7 @@ class ImageInputs:
     state_dir: object  # pathlib.Path: where training state is checkpointed for resume
     num_workers: int | None = None
     cache_dir: object = None  # pathlib.Path: the run's cache folder (token caches); None: default
+    accel: object = None  # ssl_eval.features.accel.Accel: channels-last / compile of the forward
 
 
 @dataclass(frozen=True)

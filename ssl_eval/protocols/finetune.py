@@ -5,7 +5,8 @@ AdamW; for ViTs, MAE's layer-wise learning-rate decay (its ``param_groups_lrd``:
 the position embedding), otherwise a lower learning rate for the encoder; warmup then cosine,
 counted in training samples, so the schedule does not depend on the number of devices or the
 batch size; label smoothing; as MAE, training crops are random resized crops of the full image
-(evaluation: the backbone's resize and centre crop); optional mixup / cutmix and drop path;
+(evaluation: the backbone's resize and centre crop; _images.py); optional mixup / cutmix, drop path,
+timm's RandAugment and random erasing;
 selection and early stopping on the validation split; bf16 autocast on GPU.
 The training state is checkpointed atomically after every epoch, and a rerun of the same unit
 resumes from it and ends where an uninterrupted run ends: all randomness is drawn from
@@ -25,9 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+from torch.utils.data import DataLoader
 
 from ..backbones.base import FEATURE_KINDS
 from ..core import distributed
@@ -35,6 +34,8 @@ from ..core.errors import UserError
 from ..core.files import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
 from ..core.runtime import warn
 from . import _finetune_dist
+from ._images import TrainImages, rand_augment, random_erase
+from ._images import crop_box as _crop_box  # noqa: F401  (its tests call it here)
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
 
@@ -55,6 +56,10 @@ class FinetuneParams:
     hflip: bool = True
     patience: int = 0  # early stop after this many epochs without a better val top-1; 0 = off
     eval_batch_size: int = 256
+    rand_augment: str = "none"  # a timm RandAugment policy (MAE: rand-m9-mstd0.5-inc1) or none
+    random_erase: float = 0.0  # probability of timm's pixel-mode random erasing (MAE: 0.25)
+    min_lr: float = 0.0  # the cosine schedule's floor, an absolute lr (MAE: 1e-6)
+    vit_depth: int = 0  # a recipe for one ViT size: refuse a backbone of another depth; 0 = any
 
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.eval_batch_size) < 1:
@@ -74,6 +79,14 @@ class FinetuneParams:
             )
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_path < 1:
             raise UserError("fine-tune: label_smoothing and drop_path are in [0, 1)")
+        if self.rand_augment != "none":
+            from ..data.transforms import Preprocessing
+
+            rand_augment(self.rand_augment, Preprocessing())  # an unknown policy: UserError
+        if self.vit_depth < 0:
+            raise UserError(f"fine-tune: vit_depth is a block count or 0, not {self.vit_depth}")
+        if not 0 <= self.random_erase <= 1 or not 0 <= self.min_lr <= self.lr:
+            raise UserError("fine-tune: random_erase is in [0, 1] and min_lr in [0, lr]")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0 or self.patience < 0:
             raise UserError("fine-tune: mixup_alpha, cutmix_alpha and patience must be >= 0")
         lo_hi = self.crop_scale
@@ -86,72 +99,14 @@ class FinetuneParams:
 # ---------------------------------------------------------------- data
 
 
-class _TrainImages(Dataset):
-    """uint8 CHW images. Evaluation: the backbone's preprocessing (resize, centre crop).
-    Training (``augment``), as MAE: a random resized crop of the full decoded image, resized
-    to the backbone's input size, then a flip; the randomness comes from a generator seeded
-    by (seed, epoch, index)."""
+class _TrainImages(TrainImages):
+    """``TrainImages`` with the crop, flip and RandAugment of fine-tune params ``p``."""
 
     def __init__(self, split, indices, pre, p: FinetuneParams, seed: int, augment: bool):
-        self.split, self.indices, self.pre, self.p = split, indices, pre, p
-        self.seed, self.augment, self.epoch = seed, augment, 0
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        j = int(self.indices[i])
-        full = torch.from_numpy(np.ascontiguousarray(self.split.load(j))).permute(2, 0, 1)
-        label = int(self.split.labels[j])
-        if not self.augment:
-            return self.pre.geometric(full).contiguous(), label
-        g = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31)
+        super().__init__(
+            split, indices, pre, seed, augment, p.crop_scale, p.hflip, "torchvision", p.rand_augment
         )
-        # the input size is what evaluation feeds the backbone
-        size = [self.pre.crop] * 2 if self.pre.crop else list(self.pre.geometric(full).shape[-2:])
-        top, left, h, w = _crop_box(full.shape[-2:], self.p.crop_scale, g)
-        img = TF.resized_crop(
-            full,
-            top,
-            left,
-            h,
-            w,
-            size,
-            interpolation=InterpolationMode(self.pre.interpolation),
-            antialias=True,
-        )
-        if self.p.hflip and torch.rand(1, generator=g).item() < 0.5:
-            img = TF.horizontal_flip(img)
-        return img.contiguous(), label
-
-
-def _crop_box(hw, scale, g: torch.Generator, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random crop covering a fraction in ``scale`` of the
-    image's area, with aspect ratio log-uniform in ``ratio``; after 10 misses (or when the
-    scale is 1), the largest centred box whose aspect ratio is within ``ratio``."""
-    H, W = int(hw[0]), int(hw[1])
-    lo, hi = float(scale[0]), float(scale[-1])
-    for _ in range(10 if lo < 1.0 else 0):
-        area = H * W * (lo + (hi - lo) * torch.rand(1, generator=g).item())
-        logr = (
-            math.log(ratio[0])
-            + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(1, generator=g).item()
-        )
-        w = round(math.sqrt(area * math.exp(logr)))
-        h = round(math.sqrt(area / math.exp(logr)))
-        if 0 < w <= W and 0 < h <= H:
-            top = int(torch.randint(0, H - h + 1, (1,), generator=g))
-            left = int(torch.randint(0, W - w + 1, (1,), generator=g))
-            return top, left, h, w
-    aspect, (r_lo, r_hi) = W / H, ratio
-    if aspect < r_lo:
-        w, h = W, min(H, round(W / r_lo))
-    elif aspect > r_hi:
-        w, h = min(W, round(H * r_hi)), H
-    else:
-        w, h = W, H
-    return (H - h) // 2, (W - w) // 2, h, w
+        self.p = p
 
 
 def _mix(x, y_soft, p: FinetuneParams, rng: np.random.Generator):
@@ -266,10 +221,13 @@ def _param_groups(clf: _Classifier, p: FinetuneParams) -> list[dict]:
     return [{"params": ts, "lr_scale": s, "weight_decay": wd} for (s, wd), ts in groups.items()]
 
 
-def _lr_at(samples: int, total: int, warmup: int, base: float) -> float:
+def _lr_at(samples: int, total: int, warmup: int, base: float, floor: float = 0.0) -> float:
+    """Linear warmup, then a half cosine from ``base`` down to ``floor`` (MAE's lr_sched),
+    as a function of training samples seen."""
     if samples < warmup:
         return base * samples / max(warmup, 1)
-    return base * 0.5 * (1 + math.cos(math.pi * (samples - warmup) / max(total - warmup, 1)))
+    cos = 0.5 * (1 + math.cos(math.pi * (samples - warmup) / max(total - warmup, 1)))
+    return floor + (base - floor) * cos
 
 
 # ---------------------------------------------------------------- training
@@ -394,6 +352,13 @@ def _model(inp: ImageInputs, p: FinetuneParams):
     """The classifier (a copy of the backbone plus a new head) and its optimiser, initialised
     from the unit's seed."""
     bb, device = inp.backbone, inp.device
+    blocks = getattr(bb.model, "blocks", None)
+    depth = len(blocks) if isinstance(blocks, nn.Sequential | nn.ModuleList) else 0
+    if p.vit_depth and depth != p.vit_depth:
+        raise UserError(
+            f"fine-tune: these settings are a recipe for a ViT of {p.vit_depth} blocks, but "
+            f"{bb.tag} has {depth or 'no'} blocks; use its size's card or --set vit_depth=0"
+        )
     torch.manual_seed(inp.seed)
     read = FEATURE_KINDS.get(bb.feature_kind)
     encoder = copy.deepcopy(bb.model).to(device)  # the shared backbone stays untouched
@@ -450,12 +415,13 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
         rng = np.random.default_rng([inp.seed, epoch, 1])
         seen, loss_sum, steps = epoch * n, 0.0, 0
         for x, y in loader:
-            lr = _lr_at(seen, total, warmup, p.lr)
+            lr = _lr_at(seen, total, warmup, p.lr, p.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             x = pre.normalise(x.to(device))
             target = F.one_hot(y.to(device), bundle.num_classes).float()
             target = target * (1 - p.label_smoothing) + p.label_smoothing / bundle.num_classes
+            random_erase(x, p.random_erase, rng)  # per image, before mixing, as in timm's loader
             x, target = _mix(x, target, p, rng)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)

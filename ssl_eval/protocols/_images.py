@@ -1,0 +1,213 @@
+"""Training images for the protocols that read images (fine-tuning, augmented linear probing):
+uint8 CHW crops drawn afresh each epoch, and evaluation images through the backbone's own
+resize and centre crop.
+
+Every random draw comes from a generator seeded by (seed, epoch, image index), never from
+global state, so a resumed or repeated run draws the same crops. Two random-resized-crop
+rules: ``torchvision`` (10 tries, then the largest centred box within the aspect range) and
+``mae`` (MAE's util/crop.py, after BYOL's TF code: one draw, the box clipped to the image).
+RandAugment is timm's (``rand_augment_transform``, the policy string MAE passes as ``--aa``),
+run on a PIL image with Python's and NumPy's generators seeded per image and restored after.
+Random erasing follows timm's ``RandomErasing`` (DeiT's, MAE's ``--reprob``) on the normalised
+batch, drawn from a generator seeded per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from ..core.errors import UserError
+
+RATIO = (3 / 4, 4 / 3)
+
+
+def _uniform(g: torch.Generator) -> float:
+    return torch.rand(1, generator=g).item()
+
+
+def crop_box(hw, scale, g: torch.Generator, ratio=RATIO) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop covering a fraction in ``scale`` of the
+    image's area, with aspect ratio log-uniform in ``ratio``; after 10 misses (or when the
+    scale is 1), the largest centred box whose aspect ratio is within ``ratio``."""
+    H, W = int(hw[0]), int(hw[1])
+    lo, hi = float(scale[0]), float(scale[-1])
+    for _ in range(10 if lo < 1.0 else 0):
+        area = H * W * (lo + (hi - lo) * _uniform(g))
+        logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _uniform(g)
+        w = round(math.sqrt(area * math.exp(logr)))
+        h = round(math.sqrt(area / math.exp(logr)))
+        if 0 < w <= W and 0 < h <= H:
+            top = int(torch.randint(0, H - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, W - w + 1, (1,), generator=g))
+            return top, left, h, w
+    aspect, (r_lo, r_hi) = W / H, ratio
+    if aspect < r_lo:
+        w, h = W, min(H, round(W / r_lo))
+    elif aspect > r_hi:
+        w, h = min(W, round(H * r_hi)), H
+    else:
+        w, h = W, H
+    return (H - h) // 2, (W - w) // 2, h, w
+
+
+def crop_box_mae(hw, scale, g: torch.Generator, ratio=RATIO) -> tuple[int, int, int, int]:
+    """MAE's RandomResizedCrop.get_params: one area and one log-uniform aspect ratio, the
+    box's sides clipped to the image's, its corner uniform over the positions that fit."""
+    H, W = int(hw[0]), int(hw[1])
+    lo, hi = float(scale[0]), float(scale[-1])
+    area = H * W * (lo + (hi - lo) * _uniform(g))
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _uniform(g)
+    w = min(int(round(math.sqrt(area * math.exp(logr)))), W)
+    h = min(int(round(math.sqrt(area / math.exp(logr)))), H)
+    top = int(torch.randint(0, H - h + 1, (1,), generator=g))
+    left = int(torch.randint(0, W - w + 1, (1,), generator=g))
+    return top, left, h, w
+
+
+CROPS: dict[str, Callable] = {"torchvision": crop_box, "mae": crop_box_mae}
+
+
+def check_crop(where: str, crop: str, scale) -> None:
+    """One-line refusals of an unknown crop rule or a bad area range."""
+    if crop not in CROPS:
+        raise UserError(f"{where}: crop is one of {sorted(CROPS)}, not {crop!r}")
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise UserError(
+            f"{where}: crop_scale is [min, max] with 0 < min <= max <= 1, not {list(scale)}"
+        )
+
+
+def rand_augment(policy: str, pre) -> Callable | None:
+    """timm's RandAugment for ``policy`` (e.g. 'rand-m9-mstd0.5-inc1'), with the hparams timm's
+    create_transform gives it (translate 45% of the input size, fill with the mean colour,
+    the backbone's interpolation); None for 'none'."""
+    if policy == "none":
+        return None
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    size = pre.crop or 224
+    hparams = {
+        "translate_const": int(size * 0.45),
+        "img_mean": tuple(min(255, round(255 * x)) for x in pre.mean),
+        "interpolation": str_to_pil_interp(pre.interpolation),
+    }
+    try:
+        ra = rand_augment_transform(policy, hparams)
+    except Exception as e:  # timm asserts on an unknown policy string
+        raise UserError(
+            f"rand_augment {policy!r} is not a timm RandAugment policy (e.g. rand-m9-mstd0.5-inc1)"
+        ) from e
+    for op in ra.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return ra
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize with the Pillow the recipes ran on: keeping 0 bits (the top level of
+    'inc' policies) makes the image black, where Pillow 10+ refuses 0 bits."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _seeded_call(fn: Callable, img: torch.Tensor, seed: int) -> torch.Tensor:
+    """``fn`` on ``img`` (uint8 CHW) as a PIL image, with Python's and NumPy's global
+    generators seeded by ``seed`` for the call and restored after (timm draws from both)."""
+    from PIL import Image
+
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        out = fn(Image.fromarray(img.permute(1, 2, 0).numpy()))
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
+
+
+class TrainImages(Dataset):
+    """uint8 CHW images of ``split`` at ``indices``, with their labels. Evaluation: the
+    backbone's preprocessing (resize, centre crop). Training (``augment``): a random resized
+    crop of the full decoded image to the backbone's input size, then a flip, then
+    RandAugment if given; set ``epoch`` before each epoch for new draws."""
+
+    def __init__(
+        self,
+        split,
+        indices,
+        pre,
+        seed: int,
+        augment: bool,
+        crop_scale=(0.08, 1.0),
+        hflip: bool = True,
+        crop: str = "torchvision",
+        rand_augment: str = "none",
+    ):
+        self.split, self.indices, self.pre = split, indices, pre
+        self.seed, self.augment, self.epoch = seed, augment, 0
+        self.crop_scale, self.hflip, self.box = crop_scale, hflip, CROPS[crop]
+        self.rand_augment = rand_augment  # the policy; the transform is built per process
+        self._ra = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        full = torch.from_numpy(np.ascontiguousarray(self.split.load(j))).permute(2, 0, 1)
+        label = int(self.split.labels[j])
+        if not self.augment:
+            return self.pre.geometric(full).contiguous(), label
+        draw = (self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31)
+        g = torch.Generator().manual_seed(draw)
+        # the input size is what evaluation feeds the backbone
+        size = [self.pre.crop] * 2 if self.pre.crop else list(self.pre.geometric(full).shape[-2:])
+        top, left, h, w = self.box(full.shape[-2:], self.crop_scale, g)
+        interp = InterpolationMode(self.pre.interpolation)
+        img = TF.resized_crop(full, top, left, h, w, size, interpolation=interp, antialias=True)
+        if self.hflip and torch.rand(1, generator=g).item() < 0.5:
+            img = TF.horizontal_flip(img)
+        if self.rand_augment != "none":
+            if self._ra is None:
+                self._ra = rand_augment(self.rand_augment, self.pre)
+            img = _seeded_call(self._ra, img, draw)
+        return img.contiguous(), label
+
+
+def random_erase(x: torch.Tensor, prob: float, rng: np.random.Generator) -> torch.Tensor:
+    """timm's RandomErasing(prob, mode='pixel', max_count=1) on a normalised NCHW batch, in
+    place: per image, with probability ``prob``, one box of 2%-33% of the area and aspect
+    ratio log-uniform in [0.3, 1/0.3] (10 tries to fit strictly inside) gets standard normal
+    noise per pixel."""
+    if prob <= 0:
+        return x
+    _, C, H, W = x.shape
+    lo, hi = math.log(0.3), math.log(1 / 0.3)
+    for n in range(len(x)):
+        if rng.random() > prob:
+            continue
+        for _ in range(10):
+            area = rng.uniform(0.02, 1 / 3) * H * W
+            aspect = math.exp(rng.uniform(lo, hi))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < W and h < H:
+                top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+                noise = torch.from_numpy(rng.standard_normal((C, h, w)).astype(np.float32))
+                x[n, :, top : top + h, left : left + w] = noise.to(x.device, x.dtype)
+                break
+    return x

@@ -1,0 +1,394 @@
+"""Augmented (online) linear probing: linear heads on a frozen backbone that embeds a new
+random crop and flip of every training image each epoch, as the papers' headline linear
+numbers are trained (MAE's main_linprobe.py, MoCo v3, DINO), instead of one fixed embedding.
+
+Each training batch goes through the backbone once (eval mode, no gradient; bf16 autocast on
+a GPU, the channels-last layout and pinned host batches where ``--channels-last`` and
+``--pin-memory`` ask; images from the decode cache when it is on), and every head of the grid (base learning rate x weight decay) trains on
+those same features: one GEMM gives all heads' logits. Before the heads, optionally, MAE's
+BatchNorm1d(affine=False, eps=1e-6): in training each group of ``bn_rows`` rows is normalised
+by its own statistics (MAE's BatchNorm is per GPU, 512 rows, not synchronised) and the running
+statistics follow the first group (DDP broadcasts rank 0's buffers); evaluation uses the
+running statistics. LARS or SGD (_lars.py), the learning rate base_lr x batch / 256, linear
+warmup then half cosine evaluated every step at its fractional epoch (MAE's lr_sched).
+
+Validation and test images get the backbone's deterministic resize and centre crop; they are
+embedded once. After every epoch every head is scored on validation; the (epoch, head) with
+the best validation top-1 (the first on ties) is the one reported on test. ``details`` also
+keeps MAE's own rule for comparison with the paper: the best test top-1 over epochs of the
+selected setting (chosen on test, so not ssl-eval's number). The state is saved after every
+epoch and a rerun of the unit resumes from it. Under torchrun every rank runs the whole probe
+(the same draws, the same numbers) and rank 0 alone writes; sharing out the forward passes is
+left for later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..core import distributed
+from ..core.errors import UserError
+from ..core.files import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
+from ..core.provenance import autocast_dtype
+from ..core.runtime import warn
+from ..features.accel import Accel, prepared
+from ..features.loading import worker_errors
+from ._images import TrainImages, check_crop
+from ._lars import OPTIMISERS, mae_lr
+from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
+
+
+@dataclass(frozen=True)
+class AugmentedParams:
+    base_lrs: tuple[float, ...] = (0.1,)  # lr = base_lr * batch / 256 with lr_batch_scaling
+    weight_decays: tuple[float, ...] = (0.0,)
+    optimizer: str = "lars"  # lars | sgd
+    momentum: float = 0.9
+    trust_coefficient: float = 0.001  # LARS only
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    min_lr: float = 0.0  # the cosine's floor (absolute)
+    batch_size: int = 16384  # rows per optimiser step; min(batch_size, training rows) is used
+    lr_batch_scaling: bool = True  # MAE's linear scaling rule over the batch actually used
+    drop_last: bool = True  # as MAE's loader: the partial last batch of an epoch is dropped
+    batchnorm: bool = True  # BatchNorm1d(affine=False) before the heads
+    bn_eps: float = 1e-6
+    bn_momentum: float = 0.1
+    bn_rows: int = 512  # rows normalised together in training (MAE: 512 per GPU); 0 = the batch
+    head_init_std: float = 0.01  # trunc_normal weights, zero biases
+    crop: str = "mae"  # random-resized-crop rule: mae | torchvision
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    hflip: bool = True
+    forward_batch: int = 256  # images per backbone forward (a batch is gathered from these)
+
+    def __post_init__(self):
+        if min(self.epochs, self.batch_size, self.forward_batch) < 1 or self.bn_rows < 0:
+            raise UserError(
+                "linear_aug: epochs, batch_size and forward_batch must be >= 1, bn_rows >= 0"
+            )
+        if not self.base_lrs or not self.weight_decays:
+            raise UserError("linear_aug: base_lrs and weight_decays each list at least one value")
+        if min(self.base_lrs) <= 0 or min(self.weight_decays) < 0 or self.min_lr < 0:
+            raise UserError("linear_aug: base_lrs must be > 0, weight_decays and min_lr >= 0")
+        if self.optimizer not in OPTIMISERS:
+            raise UserError(
+                f"linear_aug: optimizer is one of {sorted(OPTIMISERS)}, not {self.optimizer!r}"
+            )
+        if not 0 <= self.momentum < 1 or self.trust_coefficient <= 0:
+            raise UserError("linear_aug: momentum is in [0, 1), trust_coefficient > 0")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise UserError(
+                f"linear_aug: warmup_epochs is in [0, epochs={self.epochs}), not {self.warmup_epochs}"
+            )
+        if self.bn_eps <= 0 or not 0 < self.bn_momentum <= 1 or self.head_init_std < 0:
+            raise UserError("linear_aug: bn_eps > 0, bn_momentum in (0, 1], head_init_std >= 0")
+        check_crop("linear_aug", self.crop, self.crop_scale)
+
+    def settings(self) -> list[tuple[float, float]]:
+        return [(lr, wd) for lr in self.base_lrs for wd in self.weight_decays]
+
+
+def plan(n: int, p: AugmentedParams) -> tuple[int, int, float]:
+    """(rows per step, steps per epoch, lr scale) for ``n`` training rows."""
+    batch = min(p.batch_size, n)
+    steps = n // batch if p.drop_last else math.ceil(n / batch)
+    return batch, steps, (batch / 256 if p.lr_batch_scaling else 1.0)
+
+
+def lr_at(step: int, steps_per_epoch: int, base_lr: float, scale: float, p: AugmentedParams):
+    """The learning rate of optimiser step ``step`` (from 0): MAE's schedule at the fractional
+    epoch step / steps_per_epoch, peak base_lr * scale."""
+    return mae_lr(step / steps_per_epoch, base_lr * scale, p.warmup_epochs, p.epochs, p.min_lr)
+
+
+class Heads:
+    """The grid: weights (H, C, D), biases (H, C), their momentum buffers, and the shared
+    BatchNorm's running statistics."""
+
+    def __init__(self, H: int, D: int, C: int, p: AugmentedParams, device):
+        self.p = p
+        self.W = torch.empty(H, C, D, device=device)
+        torch.nn.init.trunc_normal_(self.W, std=p.head_init_std)
+        self.b = torch.zeros(H, C, device=device)
+        self.mW, self.mb = torch.zeros_like(self.W), torch.zeros_like(self.b)
+        self.rmean, self.rvar = torch.zeros(D, device=device), torch.ones(D, device=device)
+
+    def _train_norm(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p
+        if not p.batchnorm:
+            return x
+        out = []
+        for i, g in enumerate(x.split(p.bn_rows or len(x))):
+            mean, var = g.mean(0), g.var(0, unbiased=False)
+            out.append((g - mean) / torch.sqrt(var + p.bn_eps))
+            if i == 0:
+                unbiased = var * len(g) / max(len(g) - 1, 1)
+                self.rmean.mul_(1 - p.bn_momentum).add_(mean, alpha=p.bn_momentum)
+                self.rvar.mul_(1 - p.bn_momentum).add_(unbiased, alpha=p.bn_momentum)
+        return torch.cat(out)
+
+    def norm(self, x: torch.Tensor, stats=None) -> torch.Tensor:
+        if not self.p.batchnorm:
+            return x
+        mean, var = stats if stats is not None else (self.rmean, self.rvar)
+        return (x - mean) / torch.sqrt(var + self.p.bn_eps)
+
+    def logits(self, z: torch.Tensor, W=None, b=None) -> torch.Tensor:
+        """(N, D) normalised -> (N, H, C) (or (N, C) for one head's ``W``, ``b``)."""
+        W, b = (self.W, self.b) if W is None else (W, b)
+        return (z @ W.reshape(-1, W.shape[-1]).T + b.reshape(-1)).view(len(z), *b.shape)
+
+    def step(self, x, y, lr: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
+        """One optimiser step of every head on features ``x``; per-head mean losses."""
+        z = self._train_norm(x)
+        W, b = self.W.requires_grad_(), self.b.requires_grad_()
+        logits = self.logits(z, W, b)
+        B, H, C = logits.shape
+        per = F.cross_entropy(logits.reshape(B * H, C), y.repeat_interleave(H), reduction="none")
+        per_head = per.view(B, H).mean(0)
+        W.grad = b.grad = None
+        per_head.sum().backward()  # each head's gradient is that of its own mean loss
+        self.W, self.b = W.detach(), b.detach()
+        upd, p = OPTIMISERS[self.p.optimizer], self.p
+        upd(self.W, W.grad, self.mW, lr, wd, p.momentum, p.trust_coefficient, heads=True)
+        upd(self.b, b.grad, self.mb, lr, wd, p.momentum, p.trust_coefficient, heads=True)
+        return per_head.detach()
+
+
+@contextlib.contextmanager
+def frozen_forward(backbone, device, accel: Accel):
+    """uint8 NCHW batch -> float32 features on ``device``: eval mode, no gradient, the layout
+    and bf16 autocast of feature extraction."""
+    backbone.model.to(device).eval()
+    amp = autocast_dtype(device) == "bfloat16"
+    pre = backbone.preprocessing
+    with prepared(backbone, accel) as forward:
+
+        def embed(batch: torch.Tensor) -> torch.Tensor:
+            x = pre.normalise(batch.to(device, non_blocking=True))
+            x = x.contiguous(memory_format=accel.memory_format())
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                return forward(x).float()
+
+        yield embed
+
+
+def _embed_all(embed, ds, batch: int, loading: dict):
+    feats, labels = [], []
+    for x, y in worker_errors(DataLoader(ds, batch_size=batch, **loading)):
+        feats.append(embed(x))
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _after_epoch(epoch: int, heads: Heads) -> None:
+    """Hook called after each epoch's validation (tests look at the heads here)."""
+
+
+_HEAD_STATE = ("W", "b", "mW", "mb", "rmean", "rvar")
+
+
+def _save(path: Path | None, state: dict) -> None:
+    """The unit's state after an epoch, atomically behind a length and crc32 header (rank 0)."""
+    if path is not None and distributed.is_main():
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_checked(path, buf.getvalue())
+
+
+def _load(path: Path | None, fingerprint: str, p: AugmentedParams, device) -> dict | None:
+    """This unit's saved state; None when there is none or it is another setting's; a damaged
+    one is reported in one line, removed, and the unit starts over."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        payload = read_checked(path)
+        try:
+            st = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+        except Exception as e:  # torch raises many types on a damaged file
+            raise DamagedFile(f"not a readable torch file ({type(e).__name__})") from e
+        if not isinstance(st, dict) or st.get("fingerprint") != fingerprint:
+            return None
+        if not 0 <= st.get("epoch", -1) < p.epochs or set(st.get("heads", {})) != set(_HEAD_STATE):
+            raise DamagedFile("not a linear_aug state of the form ssl-eval writes")
+    except DamagedFile as e:
+        warn(f"linear_aug state {path} is damaged ({e}); discarding it, the unit starts over")
+        path.unlink(missing_ok=True)
+        return None
+    return st
+
+
+def run_augmented(inp: ImageInputs, p: AugmentedParams) -> ProtocolOutput:
+    """The probe, with the unit's state folder locked; the state is saved after every epoch
+    and a rerun of the unit resumes from it, ending where an uninterrupted run ends (every
+    draw comes from generators seeded by seed and epoch)."""
+    if inp.state_dir is None:
+        return _run(inp, p, None)
+    state_dir, main = Path(inp.state_dir), distributed.is_main()
+    with (
+        file_lock(lock_path(state_dir), f"the linear_aug state {state_dir}")
+        if main
+        else (contextlib.nullcontext())
+    ):
+        out = _run(inp, p, state_dir / "state.pt")
+        distributed.barrier()
+        if main:
+            (state_dir / "state.pt").unlink(missing_ok=True)  # finished: the result is kept
+            with contextlib.suppress(OSError):
+                state_dir.rmdir()
+    return out
+
+
+def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> ProtocolOutput:
+    bb, bundle, dev = inp.backbone, inp.bundle, inp.device
+    tr, va = np.asarray(inp.train_idx), np.asarray(inp.val_idx)
+    if len(va) == 0 or len(tr) == 0:
+        raise UserError("linear_aug: the train or validation split is empty")
+    n, C, pre = len(tr), bundle.num_classes, bb.preprocessing
+    # crops are drawn from (seed, epoch, index): workers change the speed, never the numbers;
+    # on a GPU the per-image crops would starve the forward pass without them
+    workers = inp.num_workers
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0
+    batch, per_epoch, scale = plan(n, p)
+    settings = p.settings()
+    wd = torch.tensor([s[1] for s in settings], device=dev)
+    train_ds = TrainImages(bundle.train, tr, pre, inp.seed, True, p.crop_scale, p.hflip, p.crop)
+    fb = p.forward_batch
+    history, best = [], {"val": -1.0}
+    per_epoch_test = []
+    accel = inp.accel or Accel()
+    # pinned host batches (--pin-memory) travel to the GPU while the previous one computes
+    loading = {"num_workers": workers, "pin_memory": accel.pin_memory and dev.type == "cuda"}
+    with frozen_forward(bb, dev, accel) as embed:
+        val_x, val_y = _embed_all(embed, TrainImages(bundle.train, va, pre, 0, False), fb, loading)
+        test_ds = TrainImages(bundle.test, np.arange(len(bundle.test)), pre, 0, False)
+        test_x, test_y = _embed_all(embed, test_ds, fb, loading)
+        val_y, test_y = val_y.to(dev), test_y.to(dev)
+        torch.manual_seed(inp.seed)
+        heads = Heads(len(settings), val_x.shape[1], C, p, dev)
+        finite = torch.ones(len(settings), dtype=torch.bool, device=dev)
+        step, start = 0, 0
+        fingerprint = sha256_json(
+            {"params": asdict(p), "seed": inp.seed, "n": n, "backbone": bb.weights.sha256}
+        )
+        st = _load(state_path, fingerprint, p, dev)
+        if st is not None:
+            for k in _HEAD_STATE:
+                setattr(heads, k, st["heads"][k])
+            finite, step, best = st["finite"], st["step"], st["best"]
+            history, per_epoch_test, start = st["history"], list(st["test"]), st["epoch"] + 1
+            print(
+                f"[resume] linear_aug from epoch {start} of {p.epochs} ({state_path})", flush=True
+            )
+        for epoch in range(start, p.epochs):
+            t0 = time.perf_counter()
+            train_ds.epoch = epoch
+            g = torch.Generator().manual_seed(inp.seed * 1000 + epoch)
+            order = torch.randperm(n, generator=g)[: per_epoch * batch].tolist()
+            rows = [order[s : s + batch] for s in range(0, len(order), batch)]  # one per step
+            # each step's rows, cut into backbone forwards of at most forward_batch images
+            cuts = [r[c : c + fb] for r in rows for c in range(0, len(r), fb)]
+            loader = DataLoader(train_ds, batch_sampler=cuts, **loading)
+            feats, labels, losses, want = [], [], [], iter([len(r) for r in rows])
+            need = next(want, 0)
+            for x, y in worker_errors(loader):
+                feats.append(embed(x))
+                labels.append(y)
+                if sum(len(f) for f in feats) < need:
+                    continue
+                lr = torch.tensor(
+                    [lr_at(step, per_epoch, s[0], scale, p) for s in settings], device=dev
+                )
+                loss = heads.step(torch.cat(feats), torch.cat(labels).to(dev), lr, wd)
+                finite &= torch.isfinite(loss)
+                losses.append(loss)
+                feats, labels, step, need = [], [], step + 1, next(want, 0)
+            if not bool(finite.any()):
+                raise UserError(
+                    f"linear_aug: every head diverged at epoch {epoch} (base_lrs "
+                    f"{list(p.base_lrs)}); lower them, e.g. --set base_lrs=[0.01]"
+                )
+            val_acc = _top1(heads, val_x, val_y)
+            test_acc = _top1(heads, test_x, test_y)  # reported in details only (MAE's rule)
+            sel = torch.where(finite, val_acc, -1.0)
+            h = int(torch.argmax(sel))
+            if float(sel[h]) > best["val"]:
+                best = {
+                    "val": float(sel[h]),
+                    "epoch": epoch,
+                    "head": h,
+                    "W": heads.W[h].clone(),
+                    "b": heads.b[h].clone(),
+                    "stats": (heads.rmean.clone(), heads.rvar.clone()),
+                }
+            per_epoch_test.append(test_acc.cpu())
+            history.append(
+                {
+                    "epoch": epoch,
+                    "loss": [float(v) for v in torch.stack(losses).mean(0)] if losses else [],
+                    "val_top1": [float(v) for v in val_acc],
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+            )
+            state = {k: getattr(heads, k) for k in _HEAD_STATE}
+            _save(
+                state_path,
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "heads": state,
+                    "finite": finite,
+                    "step": step,
+                    "best": best,
+                    "history": history,
+                    "test": torch.stack(per_epoch_test),
+                },
+            )
+            _after_epoch(epoch, heads)
+    z = heads.norm(test_x, best["stats"])
+    hits = topk_hits(z @ best["W"].T + best["b"], test_y)
+    h = best["head"]
+    return ProtocolOutput(
+        {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
+        {
+            "selected": {
+                "base_lr": settings[h][0],
+                "lr": settings[h][0] * scale,
+                "weight_decay": settings[h][1],
+                "epoch": best["epoch"],
+            },
+            "best_val_top1": best["val"],
+            "settings": [{"base_lr": a, "weight_decay": w} for a, w in settings],
+            "history": history,
+            "mae_rule_test_top1": float(torch.stack(per_epoch_test)[:, h].max()),
+            "batch": batch,
+            "steps_per_epoch": per_epoch,
+            "steps": step,
+            "diverged_heads": int((~finite).sum()),
+            "train_size": n,
+            "val_size": len(va),
+        },
+        per_sample={"top1": hits[1], "top5": hits[5]},
+    )
+
+
+def _top1(heads: Heads, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (heads.logits(heads.norm(x)).argmax(2) == y.view(-1, 1)).float().mean(0)
+
+
+PROTOCOL_TYPES.register(
+    "linear_aug",
+    ProtocolType("linear_aug", AugmentedParams, run_augmented, inputs="images"),
+)
