@@ -57,6 +57,8 @@ class DatasetBundle:
     # every label set of a dataset whose images carry several (shapes: shape, colour, size,
     # position): {"train": {factor: labels}, "test": {...}}; None elsewhere
     factors: dict | None = None
+    # per-pixel targets of a dense dataset (data/dense.py: DenseTargets); None elsewhere
+    dense: object | None = None
 
     @property
     def num_classes(self) -> int:
