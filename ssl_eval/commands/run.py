@@ -152,7 +152,9 @@ def run(a: argparse.Namespace) -> int:
         return 0
     done = [o for o in outcomes if o.status == "done"]
     for o in done:
-        shown = "\t".join(f"{m}={o.metrics[m]:.4f}" for m in ("top1", "top5") if m in o.metrics)
+        shown = "\t".join(
+            f"{m}={o.metrics[m]:.4f}" for m in ("top1", "top5", "miou", "rmse") if m in o.metrics
+        )
         print(f"{o.backbone}\t{o.dataset}\t{o.protocol}\t{shown}")
     skipped = len(outcomes) - len(done)
     if skipped:

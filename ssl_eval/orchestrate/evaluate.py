@@ -248,6 +248,9 @@ def _units(cfg: RunConfig, device, cache_dir: Path, run_id: str) -> list[UnitOut
 def _preflight(bundle: DatasetBundle, cfg: RunConfig, split: tuple[np.ndarray, np.ndarray]) -> None:
     """Data-dependent checks of every card (k beyond the bank, K beyond a class, a dataset of
     one class), before any backbone is built or feature extracted."""
+    _dense_preflight(bundle, cfg)
+    if all(card.protocol.dense for card in cfg.protocols):
+        return  # dense protocols score pixels: the image-level labels play no part
     labels = np.asarray(bundle.train.labels)
     if bundle.num_classes < 2 or len(np.unique(labels)) < 2:
         raise UserError(
@@ -268,6 +271,25 @@ def _preflight(bundle: DatasetBundle, cfg: RunConfig, split: tuple[np.ndarray, n
     for card in cfg.protocols:
         if card.protocol.preflight is not None:
             card.protocol.preflight(card.params, shape)
+
+
+def _dense_preflight(bundle: DatasetBundle, cfg: RunConfig) -> None:
+    """A dense protocol needs per-pixel targets of its kind; a dataset with per-pixel targets
+    only (no image labels) takes dense protocols only."""
+    dense = bundle.dense
+    for card in cfg.protocols:
+        need = card.protocol.dense
+        if need and (dense is None or dense.task != need):
+            raise UserError(
+                f"{card.name} scores {need} per pixel, but dataset {bundle.name} has no {need} "
+                "targets; use a dense dataset (ssl-eval list datasets: shapes-seg, voc2012-seg, "
+                "shapes-depth, nyu-depth ...)"
+            )
+        if not need and dense is not None and not dense.image_labels:
+            raise UserError(
+                f"dataset {bundle.name} has per-pixel {dense.task} targets and no image labels: "
+                f"{card.name} cannot score it; use a dense protocol (linseg, knnseg, lindepth)"
+            )
 
 
 def _build_options(cfg: RunConfig, seed: int) -> BuildOptions:
@@ -358,6 +380,9 @@ def _evaluate(
                 seed,
                 cache_dir / "train_state" / key,
                 cfg.num_workers,
+                cache_dir,
+                cfg.batch_size,
+                cfg.bootstrap_resamples,
             )
         else:
             tr, te = features("train"), features("test")
@@ -415,7 +440,9 @@ def _evaluate(
         metrics = {r.metric: r.value for r in records}
         log(
             f"[done] {bb.tag} x {bundle.name} x {card.name} (seed {seed}): "
-            + ", ".join(f"{m}={metrics[m]:.4f}" for m in ("top1", "top5") if m in metrics)
+            + ", ".join(
+                f"{m}={metrics[m]:.4f}" for m in ("top1", "top5", "miou", "rmse") if m in metrics
+            )
             + f" ({wall:.1f}s) -> {path}"
         )
         out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", metrics, path))

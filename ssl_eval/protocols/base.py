@@ -29,14 +29,17 @@ class ProtocolInputs:
 
 @dataclass
 class ProtocolOutput:
-    """``metrics`` are fractions in [0, 1]. For each metric, a protocol gives either
-    ``per_sample`` (0/1 per test image, for bootstrap intervals and paired tests) or
-    ``spread`` (the values over seeds or episodes, for a t interval)."""
+    """``metrics`` are fractions in [0, 1] (dense depth errors excepted: RMSE in metres,
+    AbsRel). For each metric, a protocol gives either ``per_sample`` (0/1 or a score per test
+    image, for bootstrap intervals and paired tests), ``spread`` (the values over seeds or
+    episodes, for a t interval) or ``intervals`` (a bootstrap over test images it computed
+    itself, for a statistic that is not a mean over images: mIoU)."""
 
     metrics: dict[str, float]
     details: dict = field(default_factory=dict)  # selected hyperparameters, per-setting scores
     per_sample: dict[str, np.ndarray] = field(default_factory=dict)
     spread: dict[str, list[float]] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +54,9 @@ class ImageInputs:
     seed: int
     state_dir: object  # pathlib.Path: where training state is checkpointed for resume
     num_workers: int | None = None
+    cache_dir: object = None  # pathlib.Path: the run's cache (dense probes' token cache)
+    batch_size: int = 64  # the run's extraction batch size
+    bootstrap_resamples: int = 1000  # for intervals a protocol computes itself
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class ProtocolType:
     seeded: bool = True  # False: the numbers do not depend on the seed (k-NN on fixed features)
     preflight: Callable[[object, DataShape], None] | None = None  # data-dependent checks of params
     trains: bool = False  # True: it trains the backbone (refused for one without parameters)
+    dense: str | None = None  # the per-pixel target it scores ("segmentation", "depth")
 
 
 PROTOCOL_TYPES: Registry[ProtocolType] = Registry("protocol type")
