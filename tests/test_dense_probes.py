@@ -160,3 +160,37 @@ def test_gate_reads_a_rise_of_rmse_as_the_regression():
     better = check(base, [row("rmse", 0.40), row("miou", 0.30)])
     kinds = {f.metric: f.kind for f in better.findings}
     assert kinds == {"rmse": "improvement", "miou": "regression"}
+
+
+@pytest.mark.slow
+def test_cli_dense_run_on_shapes_leaderboard_and_check(tmp_path, monkeypatch, capsys):
+    """`ssl-eval run` on shapes-seg with a tiny random ViT, linseg and knnseg: records with
+    intervals, an mIoU column beside top-1 in the leaderboard, a baseline the check passes;
+    a classification protocol on a dense-only dataset and a dense one on shapes are refused."""
+    from ssl_eval.cli import main
+    from ssl_eval.data import dense
+    from ssl_eval.records.store import load_records
+
+    monkeypatch.setattr(dense, "SHAPES_DENSE_TRAIN", 40)
+    monkeypatch.setattr(dense, "SHAPES_DENSE_TEST", 12)
+    monkeypatch.chdir(tmp_path)
+    common = ["--backbone", "random:vit_tiny_patch16_224", "--image-size", "32", "--no-progress",
+              "--results-dir", "r", "--cache-dir", "c"]  # fmt: skip
+    sets = ["--set", "linseg@dinov3.samples=64", "--set", "linseg@dinov3.warmup_samples=16"]
+    argv = ["run", "--dataset", "shapes-seg", "--protocol", "linseg@dinov3,knnseg@capi"]
+    assert main(argv + common + sets) == 0
+    recs = {(r.protocol["name"], r.metric): r for r in load_records(tmp_path / "r")}
+    for proto in ("linseg@dinov3", "knnseg@capi"):
+        r = recs[(proto, "miou")]
+        assert r.ci95[0] <= r.value <= r.ci95[1] and r.ci_method == "bootstrap-test"
+        assert len(r.details["per_class_iou"]) == 7 and r.details["examples"]
+    md = (tmp_path / "r" / "leaderboard.md").read_text()
+    assert "shapes-seg / linseg@dinov3 (mIoU %)" in md and "shapes-seg / knnseg@capi" in md
+    assert main(["baseline", "--results-dir", "r", "--out", "b.json"]) == 0
+    assert main(["check", "--results-dir", "r", "--baseline", "b.json"]) == 0
+    assert main(["report", "--results-dir", "r", "--cache-dir", "c", "--no-progress"]) == 0
+    assert "Dense predictions" in (tmp_path / "r" / "report" / "index.html").read_text()
+    assert len(list((tmp_path / "r" / "report").glob("dense-*.png"))) == 2
+    capsys.readouterr()
+    assert main(["run", "--dataset", "shapes", "--protocol", "linseg@dinov3", *common]) != 0
+    assert "no segmentation targets" in capsys.readouterr().err
