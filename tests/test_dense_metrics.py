@@ -7,7 +7,7 @@ import pytest
 
 from ssl_eval.core.errors import UserError
 from ssl_eval.core.stats import bootstrap_sum_ci
-from ssl_eval.protocols.dense_metrics import DepthScorer, SegmentationScorer, valid_depth
+from ssl_eval.protocols.dense.metrics import DepthScorer, SegmentationScorer, valid_depth
 
 IGN = 255
 

@@ -13,8 +13,8 @@ from ssl_eval.backbones.base import Backbone
 from ssl_eval.data.datasets import DatasetBundle, ImageSplit
 from ssl_eval.data.dense import DenseSplit, DenseTargets
 from ssl_eval.data.transforms import Preprocessing
-from ssl_eval.protocols import dense_metrics
 from ssl_eval.protocols.base import ImageInputs
+from ssl_eval.protocols.dense import metrics as dense_metrics
 from ssl_eval.protocols.dense_knn import KnnsegParams, run_knnseg
 from ssl_eval.protocols.dense_seg import LinsegParams, run_linseg
 from ssl_eval.protocols.depth import LindepthParams, run_lindepth
@@ -194,3 +194,12 @@ def test_cli_dense_run_on_shapes_leaderboard_and_check(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert main(["run", "--dataset", "shapes", "--protocol", "linseg@dinov3", *common]) != 0
     assert "no segmentation targets" in capsys.readouterr().err
+
+
+def test_the_dense_job_loads_and_names_dense_cards():
+    from ssl_eval.orchestrate.suite.spec import load_job_suite
+
+    job = load_job_suite("dense")
+    assert job.datasets == ("shapes-seg",)
+    assert set(job.protocols) == {"linseg@dinov3", "knnseg@capi"}
+    assert {m.name for m in job.models} >= {"mae", "simclr"}

@@ -25,8 +25,8 @@ from ..core.errors import UserError
 from ..data.dense import IGNORE
 from ..features.tokens import token_source
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
-from .dense_common import TargetBank, crop_backbone, dense_size, dense_targets
-from .dense_metrics import SegmentationScorer
+from .dense.common import TargetBank, crop_backbone, dense_size, dense_targets
+from .dense.metrics import SegmentationScorer
 from .dense_seg import score_segmentation
 from .search.knn import knn_search
 

@@ -4,11 +4,11 @@ The head is BatchNorm over the token width, dropout and a 1x1 convolution to the
 applied to the last block's patch-token grid; its logits are upsampled bilinearly to the
 label's resolution for the cross-entropy (ignore index 255) and, at test, to each image's
 original resolution, where mIoU, pixel accuracy and per-class IoU are computed
-(dense_metrics). Optimiser and schedule are DINOv3's config-ade20k-linear-training.yaml:
+(dense/metrics.py). Optimiser and schedule are DINOv3's config-ade20k-linear-training.yaml:
 AdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-3), a linear warm-up of 1,500 iterations
 then a cosine to 0 at 40,000 iterations of 16 images (2 per GPU x 8), counted here in samples;
 test images by sliding windows (crop 512, stride 341 on images resized to a 512 shorter side).
-Training reads cached tokens of one centre crop per image (dense_common explains why).
+Training reads cached tokens of one centre crop per image (dense/common.py explains why).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..core.runtime import log
 from ..data.dense import IGNORE
 from ..features.tokens import token_source
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
-from .dense_common import (
+from .dense.common import (
     TargetBank,
     crop_backbone,
     dense_size,
@@ -37,7 +37,7 @@ from .dense_common import (
     mask_png,
     slide_predict,
 )
-from .dense_metrics import SegmentationScorer
+from .dense.metrics import SegmentationScorer
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from torch import nn
 
 from ..core.errors import UserError
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
-from .dense_common import dense_targets, slide_predict
-from .dense_metrics import DepthScorer
+from .dense.common import dense_targets, slide_predict
+from .dense.metrics import DepthScorer
 from .dense_seg import DenseTrainParams, _token_dim, geometry, train_head
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.errors import UserError
-from ..core.stats import bootstrap_ci, bootstrap_sum_ci
+from ...core.errors import UserError
+from ...core.stats import bootstrap_ci, bootstrap_sum_ci
 
 LOWER_IS_BETTER = frozenset({"rmse", "abs_rel"})  # every other dense metric: higher is better
 

@@ -13,7 +13,7 @@ average upsampled bilinearly to the image's original size, where it is scored):
   a cache of frozen tokens cannot hold: ssl-eval's dense probes train on one fixed crop per
   image and say so in their cards;
 * test images are never cropped: the windows cover the resized image, and scores are
-  computed against the original target (dense_metrics refuses any other shape).
+  computed against the original target (metrics.py refuses any other shape).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from ..core.errors import UserError
-from ..data.transforms import Preprocessing
+from ...core.errors import UserError
+from ...data.transforms import Preprocessing
 
 
 def dense_targets(inp, task: str):
