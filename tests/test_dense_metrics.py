@@ -95,3 +95,35 @@ def test_depth_metrics_match_numpy_on_valid_pixels():
     assert r["abs_rel"] == pytest.approx(np.mean(ar), rel=1e-6)
     assert r["delta1"] == pytest.approx(np.mean(d1))
     assert valid_depth(gts[0], (1e-3, 10.0), (0.25, 0.75, 0, 1))[1].sum() == 0
+
+
+def test_depth_head_and_sigloss_follow_the_official_formulas():
+    """The bins head (ReLU + 0.1, normalised, weighted sum of linear bins; the class token
+    concatenated to every patch) and SigLoss, against numpy written from DINOv3's code."""
+    import torch
+
+    from ssl_eval.protocols.depth import LindepthParams, LinearDepthHead, sigloss
+
+    torch.manual_seed(0)
+    p = LindepthParams(bins=5, min_depth=0.5, max_depth=4.5, use_cls_token=True)
+    head = LinearDepthHead(3, p).eval()
+    tokens, prefix = torch.randn(2, 2, 3, 3), torch.randn(2, 1, 3)
+    out = head(tokens, prefix).detach().numpy()
+    bn = head.bn
+    x = np.concatenate(
+        [tokens.numpy(), np.broadcast_to(prefix.numpy()[:, :, None], (2, 2, 3, 3))], -1
+    )
+    x = (x - bn.running_mean.numpy()) / np.sqrt(bn.running_var.numpy() + bn.eps)
+    x = x * bn.weight.detach().numpy() + bn.bias.detach().numpy()
+    logits = x @ head.conv.weight.detach().numpy()[:, :, 0, 0].T + head.conv.bias.detach().numpy()
+    w = np.maximum(logits, 0) + 0.1
+    w /= w.sum(-1, keepdims=True)
+    expect = w @ np.linspace(0.5, 4.5, 5)
+    np.testing.assert_allclose(out[:, 0], expect, rtol=1e-5)
+    pred, gt = torch.tensor([1.0, 2.0, 3.0, 9.0]), torch.tensor([1.5, 2.0, 2.5, 0.0])
+    valid = gt > 0
+    g = np.log(pred.numpy()[:3] + 1e-3) - np.log(gt.numpy()[:3] + 1e-3)
+    full = np.sqrt(np.var(g, ddof=1) + 0.15 * g.mean() ** 2)
+    assert float(sigloss(pred, gt, valid, variance=True)) == pytest.approx(full, rel=1e-5)
+    warm = np.sqrt(0.15 * g.mean() ** 2)
+    assert float(sigloss(pred, gt, valid, variance=False)) == pytest.approx(warm, rel=1e-5)
