@@ -203,3 +203,15 @@ def test_the_dense_job_loads_and_names_dense_cards():
     assert job.datasets == ("shapes-seg",)
     assert set(job.protocols) == {"linseg@dinov3", "knnseg@capi"}
     assert {m.name for m in job.models} >= {"mae", "simclr"}
+
+
+def test_leaderboard_best_rmse_is_the_smallest():
+    from ssl_eval.report.leaderboard import Cell, Table, _clip
+
+    cells = {(b, c): Cell(v, None, None, "", 1, []) for b, c, v in
+             (("a", "seg", 40.0), ("b", "seg", 50.0), ("a", "depth", 0.6), ("b", "depth", 0.4))}  # fmt: skip
+    t = Table(["a", "b"], ["seg", "depth"], {}, {}, {}, {}, cells, "top1",
+              {"seg": "miou", "depth": "rmse"})  # fmt: skip
+    assert t.best("seg") == 50.0 and t.best("depth") == 0.4
+    assert _clip(0.3, 1.7, "rmse") == (0.3, 1.7, False)  # an error in metres: no cut at 1
+    assert _clip(0.3, 1.7, "miou") == (0.3, 1.0, True)

@@ -31,6 +31,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from ...core.errors import UserError
+from ...core.provenance import autocast_dtype
 from ...data.transforms import Preprocessing
 
 
@@ -128,7 +129,7 @@ def slide_predict(
     upsampled bilinearly to the window, overlaps averaged, upsampled to the original size."""
     pre = backbone.preprocessing
     backbone.model.to(device).eval()
-    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp = autocast_dtype(device) == "bfloat16"  # as the token source embeds
     rows = [int(r) for r in rows]
     per_chunk = max(1, batch_size)
     for c in range(0, len(rows), per_chunk):
