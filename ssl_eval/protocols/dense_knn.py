@@ -25,7 +25,7 @@ from ..core.errors import UserError
 from ..data.dense import IGNORE
 from ..features.tokens import token_source
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
-from .dense.common import TargetBank, crop_backbone, dense_size, dense_targets
+from .dense.common import TargetBank, cache_of, crop_backbone, dense_size, dense_targets
 from .dense.metrics import SegmentationScorer
 from .dense_seg import score_segmentation
 from .search.knn import knn_search
@@ -63,7 +63,7 @@ def _tokens_and_shares(inp, p, dense, rows, size, classes):
         budget_bytes=p.token_budget_mb * 2**20,
         device=inp.device,
         batch_size=inp.batch_size,
-        cache_dir=inp.cache_dir,
+        cache_dir=cache_of(inp),
         num_workers=inp.num_workers,
     )
     targets = TargetBank(dense.train, rows, size, False, p.target_budget_mb * 2**20)
@@ -114,7 +114,7 @@ def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
         vsrc = token_source(
             crop_backbone(inp.backbone, size), inp.bundle, "train", val_rows,
             budget_bytes=p.token_budget_mb * 2**20, device=inp.device,
-            batch_size=inp.batch_size, cache_dir=inp.cache_dir, num_workers=inp.num_workers,
+            batch_size=inp.batch_size, cache_dir=cache_of(inp), num_workers=inp.num_workers,
         )  # fmt: skip
         vt = TargetBank(dense.train, val_rows, size, False, p.target_budget_mb * 2**20)
         scorers = {k: SegmentationScorer(classes, IGNORE) for k in p.ks}

@@ -28,6 +28,7 @@ from ..features.tokens import token_source
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
 from .dense.common import (
     TargetBank,
+    cache_of,
     crop_backbone,
     dense_size,
     dense_targets,
@@ -119,7 +120,7 @@ def train_head(inp: ImageInputs, p: DenseTrainParams, head: nn.Module, loss_fn, 
         budget_bytes=p.token_budget_mb * 2**20,
         device=inp.device,
         batch_size=inp.batch_size,
-        cache_dir=inp.cache_dir,
+        cache_dir=cache_of(inp),
         num_workers=inp.num_workers,
     )
     targets = TargetBank(dense.train, rows, size, task == "depth", p.target_budget_mb * 2**20)

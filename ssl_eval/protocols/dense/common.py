@@ -43,6 +43,15 @@ def dense_targets(inp, task: str):
     return dense
 
 
+def cache_of(inp):
+    """The run's cache folder (a direct caller without one: the default cache)."""
+    if inp.cache_dir is not None:
+        return inp.cache_dir
+    from ...features.extraction import default_cache_dir
+
+    return default_cache_dir()
+
+
 def dense_size(backbone, size: int) -> int:
     """The shorter side images are resized to: the card's ``size``, else the backbone's crop."""
     s = size or backbone.preprocessing.crop or backbone.preprocessing.resize
