@@ -45,8 +45,11 @@ def test_masks_and_depth_follow_the_drawing():
     assert a[0] < a[1] < a[2]
 
 
-@pytest.mark.slow
-def test_shapes_seg_dataset_is_offline():
+def test_shapes_seg_dataset_is_offline(monkeypatch):
+    from ssl_eval.data import dense
+
+    monkeypatch.setattr(dense, "SHAPES_DENSE_TRAIN", 12)  # the registered sizes: 2,000 / 500
+    monkeypatch.setattr(dense, "SHAPES_DENSE_TEST", 4)
     b = get_dataset("shapes-seg", DatasetOptions())
     assert b.dense.task == "segmentation" and b.dense.classes[0] == "background"
     assert b.dense.train.load(0).shape == b.train.load(0).shape[:2]

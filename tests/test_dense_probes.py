@@ -134,7 +134,7 @@ def test_linseg_scores_the_original_targets(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_lindepth_learns_depth_from_pixel_tokens(tmp_path):
-    p = LindepthParams(samples=4000, batch_size=8, warmup_samples=80, lr=0.03, grad_clip=35,
+    p = LindepthParams(samples=1600, batch_size=8, warmup_samples=80, lr=0.05, grad_clip=35,
                        sigloss_warmup_samples=80, bins=64, max_depth=4.0)  # fmt: skip
     out = run_lindepth(_inputs(_pixels(), _bundle("depth"), tmp_path), p)
     m = out.metrics
