@@ -14,8 +14,8 @@ measured in the same run.
    ViT-S/14 at 448 px, synthetic images, batches of 16), each pass in its own process, with
    the bank over the budget (streamed) and within it (cached: written to a memory-mapped
    entry), against the float16 bank's own size. Bound stated and checked: the streamed pass
-   over n images adds at most what the pass over n/4 adds plus a tenth of the n-image bank
-   (it holds one batch, not the set: its memory does not grow with the set).
+   over n images adds at most 1.25x what the pass over n/4 (at least one batch) adds (it holds
+   one batch, not the set: its memory does not grow with the set).
 3. Full-resolution scoring: per test image of VOC's typical 500x375, upsampling the 21-class
    output to the original size, argmax and the confusion counts, against the same at the
    token grid's resolution (32x32, what downsampled scoring would cost): the ratio is the
@@ -58,7 +58,37 @@ def best(fn, reps: int) -> float:
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The current resident size (MiB), from /proc (the peak since process start would hide a
+    pass below the model's own construction peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRss:
+    """The highest resident size seen while the block runs, polled every 2 ms."""
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.peak = rss_mb()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(0.002):
+                self.peak = max(self.peak, rss_mb())
+
+        self._t = threading.Thread(target=poll, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_mb())
+
+    @property
+    def added(self) -> float:
+        return self.peak - self.start
 
 
 def bench_step(reps: int) -> dict:
@@ -93,12 +123,13 @@ def _pass(n: int, batch: int, budget_frac: float, cache: str) -> tuple[float, fl
     split = ImageSplit(np.zeros(n, np.int64), images)
     bundle = DatasetBundle("voc-size", ["x"], split, split, {"bench": n})
     budget = int(budget_frac * n * (32 * 32 + 1) * 384 * 2)
-    before, t = rss_mb(), time.perf_counter()
-    src = token_source(bb, bundle, "train", budget_bytes=budget, device=torch.device("cpu"),
-                       batch_size=batch, cache_dir=Path(cache), num_workers=0)  # fmt: skip
-    for _ in src.batches():
-        pass
-    return rss_mb() - before, time.perf_counter() - t
+    t = time.perf_counter()
+    with PeakRss() as peak:
+        src = token_source(bb, bundle, "train", budget_bytes=budget, device=torch.device("cpu"),
+                           batch_size=batch, cache_dir=Path(cache), num_workers=0)  # fmt: skip
+        for _ in src.batches():
+            pass
+    return peak.added, time.perf_counter() - t
 
 
 def bench_memory(n: int, batch: int) -> dict:
@@ -109,14 +140,15 @@ def bench_memory(n: int, batch: int) -> dict:
     out = {"images": n, "bank_mb": bank}
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as cache:
-        for mode, m, frac in (("streamed", n, 0.0), ("streamed_quarter", max(1, n // 4), 0.0),
+        for mode, m, frac in (("streamed", n, 0.0), ("streamed_quarter", max(batch, n // 4), 0.0),
                               ("cached", n, 1.0)):  # fmt: skip
             with ctx.Pool(1) as pool:
                 added, secs = pool.apply(_pass, (m, batch, frac, cache))
             out[mode] = {"images": m, "added_peak_mb": added, "seconds": secs}
-    # bounded memory: the streamed pass over n images adds no more than the pass over n/4
-    # plus a tenth of the n-image bank (its memory does not grow with the set)
-    out["bound_mb"] = out["streamed_quarter"]["added_peak_mb"] + bank / 10
+    # bounded memory: the streamed pass over n images adds at most 1.25x what the pass over
+    # n/4 (at least one batch) adds: its memory does not grow with the set (at VOC size the
+    # 1,464-image bank alone, 1.1 GiB, is far past that)
+    out["bound_mb"] = 1.25 * out["streamed_quarter"]["added_peak_mb"]
     out["streamed_within_bound"] = out["streamed"]["added_peak_mb"] <= out["bound_mb"]
     return out
 
@@ -159,7 +191,7 @@ def main() -> None:
         print(f"   {mode}: {r['images']} images, peak RSS added {r['added_peak_mb']:.0f} MiB "
               f"in {r['seconds']:.1f} s")  # fmt: skip
     verdict = "within" if m["streamed_within_bound"] else "OVER"
-    print(f"   bound (streamed(n) <= streamed(n/4) + bank/10 = {m['bound_mb']:.0f} MiB): {verdict}")
+    print(f"   bound (streamed(n) <= 1.25 x streamed(n/4) = {m['bound_mb']:.0f} MiB): {verdict}")
     print(f"load average after: {os.getloadavg()}")
 
 
