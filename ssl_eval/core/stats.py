@@ -46,6 +46,34 @@ def bootstrap_stat(
     return float(lo), float(hi)
 
 
+def bootstrap_sum_ci(
+    parts: np.ndarray,
+    statistic,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of summed per-image parts: ``parts``
+    (n, k), one row per test image (e.g. its per-class intersections and areas);
+    ``statistic((b, k) sums) -> (b,)`` (e.g. the mIoU of each resample's summed areas). The
+    resamples draw images as ``bootstrap_ci`` does (same seed, same draws)."""
+    x = np.asarray(parts, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(resamples)
+    chunk = max(1, (1 << 22) // max(n, x.shape[1]))
+    for s in range(0, resamples, chunk):
+        b = min(chunk, resamples - s)
+        idx = rng.integers(0, n, size=(b, n))
+        counts = np.zeros((b, n))
+        np.add.at(counts, (np.arange(b)[:, None], idx), 1.0)
+        stats[s : s + b] = statistic(counts @ x)
+    lo, hi = np.nanquantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
 def _t_quantile(df: int, level: float = 0.95) -> float:
     try:
         from scipy.stats import t

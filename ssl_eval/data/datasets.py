@@ -67,6 +67,8 @@ class DatasetBundle:
     # classes, the classes a prediction is chosen among
     extra_tests: dict[str, ImageSplit] = field(default_factory=dict)
     class_subsets: dict[str, list[int]] = field(default_factory=dict)
+    # per-pixel targets of a dense dataset (data/dense.py: DenseTargets); None elsewhere
+    dense: object | None = None
 
     @property
     def num_classes(self) -> int:

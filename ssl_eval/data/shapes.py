@@ -107,6 +107,30 @@ def generate(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Return ``(images uint8 (n, size, size, 3), {label_set: int64 labels})``, rendered by
     generator version ``generator`` (one of ``GENERATORS``)."""
+    images, labels, _, _ = _render(n, size, seed, generator, dense=False)
+    return images, labels
+
+
+def generate_dense(
+    n: int, size: int = 32, seed: int = 0, generator: int = GENERATOR_VERSION
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """``generate``'s images and labels (the same bytes: the masks and depth are computed from
+    the drawing parameters, no random number more is drawn), plus per image
+
+    * ``masks`` uint8 (n, size, size): 0 background, 1 + the shape's class where the shape
+      covers at least half of the pixel's supersampled area (``DENSE_CLASSES``);
+    * ``depth`` float32 (n, size, size), in metres: a ground plane receding upwards (from
+      ``DEPTH_NEAR_FLOOR`` m at the bottom row to ``DEPTH_FAR_FLOOR`` m at the top) and the shape
+      standing in front of it at ``DEPTH_SCALE / r`` m (r: its radius as a fraction of the side,
+      so a larger shape is nearer), averaged over each pixel's supersampled area."""
+    return _render(n, size, seed, generator, dense=True)
+
+
+DENSE_CLASSES = ("background", *SHAPES)  # the segmentation classes of ``generate_dense``
+DEPTH_NEAR_FLOOR, DEPTH_FAR_FLOOR, DEPTH_SCALE = 3.0, 6.0, 0.5
+
+
+def _render(n: int, size: int, seed: int, generator: int, dense: bool):
     if generator not in GENERATORS:
         raise ValueError(f"shapes generator {generator!r}: one of {list(GENERATORS)}")
     rng = np.random.default_rng(seed)
@@ -115,6 +139,13 @@ def generate(
     labels = {name: rng.integers(0, len(vals), n) for name, vals in LABEL_SETS.items()}
     palette = np.array(list(COLOURS.values()), dtype=np.float32)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
+    masks = np.zeros((n, size, size), dtype=np.uint8) if dense else None
+    depth = np.empty((n, size, size), dtype=np.float32) if dense else None
+    floor = DEPTH_FAR_FLOOR + (DEPTH_NEAR_FLOOR - DEPTH_FAR_FLOOR) * yy  # far at the top
+
+    def pool(a: np.ndarray) -> np.ndarray:  # supersampled -> pixel: the mean of each block
+        return a.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
+
     for i in range(n):
         img = _background(rng, xx, yy, generator)
         # the shape
@@ -129,4 +160,8 @@ def generate(
         img[m] = colour + rng.normal(0, 6, (int(m.sum()), 3))
         img = img.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE, 3).mean(axis=(1, 3))
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
-    return images, labels
+        if dense:
+            cover = pool(m.astype(np.float32))
+            masks[i][cover >= 0.5] = 1 + labels["shape"][i]
+            depth[i] = pool(np.where(m, np.float32(DEPTH_SCALE / r), floor))
+    return images, labels, masks, depth

@@ -41,7 +41,14 @@ from ..records.build import Unit, build_records
 from ..records.schema import SCHEMA_VERSION
 from ..records.store import new_run_id, records_dir, unit_done, write_unit
 
-SHOWN_METRICS = ("top1", "top5", "mean_per_class", "map11")  # what a finished unit prints
+SHOWN_METRICS = (
+    "top1",
+    "top5",
+    "mean_per_class",
+    "map11",
+    "miou",
+    "rmse",
+)  # what a finished unit prints
 
 
 @dataclass
@@ -302,6 +309,9 @@ def _preflight(bundle: DatasetBundle, cfg: RunConfig, split: tuple[np.ndarray, n
                 f"{card.name} scores robustness test sets, and {bundle.name} has none; use it "
                 "with --dataset imagenet-robust, or linear / knn here"
             )
+    _dense_preflight(bundle, cfg)
+    if all(card.protocol.dense for card in cfg.protocols):
+        return  # dense protocols score pixels: the image-level labels play no part
     labels = np.asarray(bundle.train.labels)
     if bundle.num_classes < 2 or len(np.unique(labels)) < 2:
         raise UserError(
@@ -322,6 +332,25 @@ def _preflight(bundle: DatasetBundle, cfg: RunConfig, split: tuple[np.ndarray, n
     for card in cfg.protocols:
         if card.protocol.preflight is not None:
             card.protocol.preflight(card.params, shape)
+
+
+def _dense_preflight(bundle: DatasetBundle, cfg: RunConfig) -> None:
+    """A dense protocol needs per-pixel targets of its kind; a dataset with per-pixel targets
+    only (no image labels) takes dense protocols only."""
+    dense = bundle.dense
+    for card in cfg.protocols:
+        need = card.protocol.dense
+        if need and (dense is None or dense.task != need):
+            raise UserError(
+                f"{card.name} scores {need} per pixel, but dataset {bundle.name} has no {need} "
+                "targets; use a dense dataset (ssl-eval list datasets: shapes-seg, voc2012-seg, "
+                "shapes-depth, nyu-depth ...)"
+            )
+        if not need and dense is not None and not dense.image_labels:
+            raise UserError(
+                f"dataset {bundle.name} has per-pixel {dense.task} targets and no image labels: "
+                f"{card.name} cannot score it; use a dense protocol (linseg, knnseg, lindepth)"
+            )
 
 
 def _build_options(cfg: RunConfig, seed: int) -> BuildOptions:
@@ -421,6 +450,8 @@ def _evaluate(
                 cfg.num_workers,
                 cache_dir,
                 accel_of(cfg),
+                cfg.batch_size,
+                cfg.bootstrap_resamples,
             )
         else:
             tr, te = features("train", kind), features("test", kind)

@@ -37,17 +37,20 @@ class ProtocolInputs:
 
 @dataclass
 class ProtocolOutput:
-    """``metrics`` are fractions in [0, 1]. For each metric, a protocol gives either
-    ``per_sample`` (0/1 per test image, for bootstrap intervals and paired tests) or
-    ``spread`` (the values over seeds or episodes, for a t interval), or ``resampled``: for a
-    metric that is no mean over images (mean per-class accuracy, mAP), the function that
-    computes it on the test images of an index array (a bootstrap resample of the test set)."""
+    """``metrics`` are fractions in [0, 1] (dense depth errors excepted: RMSE in metres,
+    AbsRel). For each metric, a protocol gives either ``per_sample`` (0/1 or a score per test
+    image, for bootstrap intervals and paired tests), ``spread`` (the values over seeds or
+    episodes, for a t interval), ``resampled``: for a metric that is no mean over images (mean
+    per-class accuracy, mAP), the function that computes it on the test images of an index
+    array (a bootstrap resample of the test set), or ``intervals`` (a bootstrap over test
+    images it computed itself, for a statistic of summed per-image parts: mIoU)."""
 
     metrics: dict[str, float]
     details: dict = field(default_factory=dict)  # selected hyperparameters, per-setting scores
     per_sample: dict[str, np.ndarray] = field(default_factory=dict)
     spread: dict[str, list[float]] = field(default_factory=dict)
     resampled: dict[str, Callable[[np.ndarray], float]] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +67,8 @@ class ImageInputs:
     num_workers: int | None = None
     cache_dir: object = None  # pathlib.Path: the run's cache folder (token caches); None: default
     accel: object = None  # ssl_eval.features.accel.Accel: channels-last / compile of the forward
+    batch_size: int = 64  # the run's extraction batch size
+    bootstrap_resamples: int = 1000  # for intervals a protocol computes itself
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,8 @@ class ProtocolType:
 
     def features_of(self, params: object) -> str | None:
         return self.feature_kind(params) if self.feature_kind is not None else None
+
+    dense: str | None = None  # the per-pixel target it scores ("segmentation", "depth")
 
 
 PROTOCOL_TYPES: Registry[ProtocolType] = Registry("protocol type")

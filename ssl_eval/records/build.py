@@ -104,6 +104,8 @@ def build_records(
             m, sd, lo, hi = mean_ci(output.spread[metric])
             ci, method = [lo, hi], output.details.get("spread_over", "t-seeds")
             spread = {"mean": m, "std": sd, "n": len(output.spread[metric])}
+        elif metric in output.intervals:
+            ci, method = [float(v) for v in output.intervals[metric]], "bootstrap-test"
         elif metric in output.per_sample:
             correct = output.per_sample[metric]
             ci, method = (

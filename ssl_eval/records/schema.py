@@ -12,6 +12,12 @@ from ..core.files import sha256_json
 
 SCHEMA_VERSION = 3  # 2: ``setting`` and ``seed_dependent``; 3: ``machine``
 
+# metrics whose lower value is the better one (dense depth errors); they are also the metrics
+# that are not fractions in [0, 1] (RMSE in metres, AbsRel a ratio that can pass 1). Every
+# other metric is a fraction where higher is better (top-1, mIoU, pixel accuracy, delta1).
+LOWER_IS_BETTER = frozenset({"rmse", "abs_rel"})
+DENSE_HEADLINES = ("miou", "rmse")  # the leaderboard's columns beside top-1
+
 
 @dataclass
 class ResultRecord:

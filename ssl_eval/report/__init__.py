@@ -6,7 +6,8 @@ filtered by dataset and protocol, each cell's setting in its hover title), per-p
 charts with 95% interval whiskers, the transfer table (each dataset in its own metric, the
 average over the datasets each backbone covers; ``transfer.py``), few-shot accuracy against K with 95% bands, a t-SNE map of each
 backbone's cached test features, the invariance heat map, and the label-free diagnostics with
-their rank correlation with linear accuracy; after the leaderboard, what the numbers say,
+their rank correlation with linear accuracy, the dense probes' predicted masks beside the
+ground truth for a few test images; after the leaderboard, what the numbers say,
 generated from the records by the same tests for every model, column and probe
 (``findings.py``; also written alone as ``<results>/report/findings.md``, the text a README
 quotes). ``<results>/report/report.md`` holds the same with the figures as PNG files beside
@@ -25,6 +26,7 @@ from pathlib import Path
 from ..core.files import atomic_write_bytes, atomic_write_text, ensure_writable_dir
 from ..core.runtime import warn
 from . import html, markdown
+from .dense_figures import dense_jobs
 from .figures import Figure, bar_jobs, fewshot_jobs, invariance_jobs
 from .findings import TITLE as FINDINGS_TITLE
 from .findings import findings
@@ -38,7 +40,7 @@ __all__ = ["write_report"]
 TITLE = "ssl-eval report"
 PUBLISHED_TITLE = "Published numbers"
 # the names figures.file_name gives: what a report may remove from its folder
-_OURS = re.compile(r"^(bars|fewshot|tsne|invariance)-[A-Za-z0-9_.-]*-[0-9a-f]{8}\.png$")
+_OURS = re.compile(r"^(bars|fewshot|tsne|invariance|dense)-[A-Za-z0-9_.-]*-[0-9a-f]{8}\.png$")
 
 
 def _draw(
@@ -89,6 +91,10 @@ def write_report(
         ("Few-shot accuracy against K", _draw(fewshot_jobs(frame), "report: few-shot", progress)),
         ("t-SNE of test features", _draw(tsne_jobs(frame, cache), "report: t-SNE", progress)),
         ("Invariance", _draw(invariance_jobs(frame), "report: invariance", progress)),
+        (
+            "Dense predictions (test images: ground truth and predicted masks)",
+            _draw(dense_jobs(results_dir), "report: dense", progress),
+        ),
     ]
     diags = diagnostics(frame)
     found = findings(results_dir, frame)

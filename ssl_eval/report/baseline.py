@@ -19,10 +19,12 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..core.files import atomic_write_text, sha256_json
+from ..records.schema import DENSE_HEADLINES
 
 BASELINE_FORMAT = "ssl-eval-baseline"
 BASELINE_VERSION = 2  # 2: rows hold their training runs; 1 (one run per row) is still read
 KEY = ("backbone", "dataset", "protocol", "seed", "metric")
+GATED = ("top1", *DENSE_HEADLINES)
 RUN_FIELDS = ("train_seed", "weights", "setting_hash", "value", "ci95", "per_sample_correct")
 RUN_FIELDS += ("n_test", "time")
 
@@ -30,8 +32,9 @@ RUN_FIELDS += ("n_test", "time")
 # ---------------------------------------------------------------- baseline rows
 
 
-def frame_rows(results_dir: Path, metrics: tuple[str, ...] = ("top1",)) -> list[dict]:
-    """One row per (unit run, metric) of the records, the newest run of each key and setting."""
+def frame_rows(results_dir: Path, metrics: tuple[str, ...] = GATED) -> list[dict]:
+    """One row per (unit run, metric) of the records, the newest run of each key and setting.
+    The gated metrics: top-1, and the dense probes' mIoU and RMSE (lower is better)."""
     from ..records.frame import load_frame
 
     frame = load_frame(results_dir)

@@ -24,6 +24,8 @@ All p-values of the tested rows are corrected together with Holm's method (famil
 significant drop fails, a significant rise is listed) and reproduction (``--two-sided``, what
 ``ssl-eval suite`` asks: a significant change either way fails). A number tolerance is an
 absolute change allowed per row (0.01 = one percentage point), applied to the means of the runs.
+Errors, where lower is better (``records.schema.LOWER_IS_BETTER``: a dense probe's RMSE and
+AbsRel), are negated before any test, so a significant rise of RMSE is the regression.
 
 A baseline row keeps every training run of its recipe (``runs``); ``write_baseline`` groups the
 records' runs that differ only by their trained weights (one per training seed) into one row.
@@ -41,6 +43,7 @@ import numpy as np
 from ..core.errors import UserError
 from ..core.stats import holm as _holm  # Holm-adjusted p-values (family-wise error across rows)
 from ..core.stats import prediction_test, unpack_bits
+from ..records.schema import LOWER_IS_BETTER
 from .baseline import KEY, row_key, run_of, seed_order
 
 ALPHA = 0.05
@@ -72,7 +75,7 @@ class Finding:
         return f"{self.backbone} x {self.dataset} x {self.protocol}{seed} [{self.metric}]"
 
     def line(self) -> str:
-        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        pct = lambda v: "-" if v is None else _shown(self.metric, v)  # noqa: E731
         head = f"{self.kind.upper():12s} {self.name}"
         if self.old is not None or self.new is not None:
             head += f": {pct(self.old)} -> {pct(self.new)}"
@@ -129,6 +132,24 @@ class CheckResult:
             f"{n['changed']} changed setting(s){allowed('changed', self.allow_changed)}, "
             f"{n['new']} new [{self.question}]"
         )
+
+
+def _shown(metric: str, v: float) -> str:
+    """A value as the tables show it: percent for fractions, the unit itself for errors."""
+    return f"{v:.4f}" if metric in LOWER_IS_BETTER else f"{100 * v:.2f}"
+
+
+def _oriented(row: dict, metric: str) -> dict:
+    """``row`` with a lower-is-better metric negated (value, interval, runs), so that every
+    test below reads higher as better and a rise of an error is the drop that fails."""
+    if metric not in LOWER_IS_BETTER:
+        return row
+    out = dict(row, value=-float(row["value"]))
+    if row.get("ci95"):
+        out["ci95"] = [-row["ci95"][1], -row["ci95"][0]]
+    if row.get("runs"):
+        out["runs"] = [_oriented(r, metric) for r in row["runs"]]
+    return out
 
 
 def parse_tolerance(text: str) -> float | None:
@@ -323,6 +344,9 @@ def check(
         strict=strict,
     )
     baseline = [r if "runs" in r else {**r, "runs": [run_of(r)]} for r in baseline]
+    # errors (RMSE, AbsRel) negated: the tests below read higher as better throughout
+    baseline = [_oriented(r, r["metric"]) for r in baseline]
+    current = [_oriented(r, r["metric"]) for r in current]
     pairs, used = _match(baseline, current, res)
     tested: list[tuple[_Pair, float, float, str, str]] = []  # pair, p down, p up, test, how
     for pr in pairs:
@@ -345,7 +369,7 @@ def check(
         f = dict(zip(KEY, row_key(pr.old), strict=True))
         old_v = pr.ref["value"] if not pr.retrained else pr.old["value"]
         new_v = float(np.mean([r["value"] for r in pr.news]))
-        drop = old_v - new_v
+        drop = old_v - new_v  # oriented: > 0 is worse for every metric
         detail = _pair_detail(pr)
         if tolerance is not None:
             worse, better = drop > tolerance, -drop > tolerance
@@ -389,6 +413,10 @@ def check(
             )
         )
     _new_rows(baseline, current, used, res)
+    for f in res.findings:  # errors shown as recorded, not as the tests read them
+        if f.metric in LOWER_IS_BETTER:
+            f.old = None if f.old is None else -f.old
+            f.new = None if f.new is None else -f.new
     return res
 
 
@@ -438,8 +466,8 @@ def summary_markdown(res: CheckResult, baseline: Path) -> str:
             "| result | backbone | dataset | protocol | metric | baseline | current | how |",
             "|---|---|---|---|---|---:|---:|---|",
         ]
-        pct = lambda v: "" if v is None else f"{100 * v:.2f}"  # noqa: E731
         for f in shown:
+            pct = lambda v, m=f.metric: "" if v is None else _shown(m, v)  # noqa: E731
             how = f.tolerance + (f"; {f.detail}" if f.detail else "")
             lines.append(
                 f"| {f.kind}{' (fails)' if res.failed(f) else ''} | {esc(f.backbone)} | {esc(f.dataset)} | "

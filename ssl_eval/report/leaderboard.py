@@ -15,10 +15,15 @@ The interval of a cell is one of (and the markdown marks which):
     (``bootstrap-test``), or for protocols that repeat themselves, the t interval over their
     draws (few-shot) or episodes.
 An interval is clipped to the metric's range [0, 100].
+
+Dense probes' headline metrics stand in columns beside top-1 (``DENSE_HEADLINES``): mIoU in %
+like top-1, RMSE in metres (lower is better: its best is the smallest; its interval is cut at
+0 only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -33,6 +38,7 @@ from ..core.errors import UserError
 from ..core.files import atomic_write_text, sha256_json
 from ..core.stats import mean_ci
 from ..records.frame import load_frame
+from ..records.schema import DENSE_HEADLINES, LOWER_IS_BETTER
 
 HEADLINE = "top1"
 KIND_MARK = {"bootstrap": "ᵇ", "t-seeds": "ˢ", "t-draws": "ᵈ", "t-episodes": "ᵉ", "t-runs": "ʳ"}
@@ -148,8 +154,15 @@ def _interval_kind(ci_method: object) -> str:
     return "t-episodes" if "episode" in ci_method else "t-draws"
 
 
-def _clip(lo: float, hi: float) -> tuple[float, float, bool]:
+def _clip(lo: float, hi: float, metric: str = HEADLINE) -> tuple[float, float, bool]:
+    if metric in LOWER_IS_BETTER:  # an error: at least 0, no upper end
+        return max(lo, 0.0), hi, lo < 0.0
     return max(lo, 0.0), min(hi, 1.0), lo < 0.0 or hi > 1.0
+
+
+def _scale(metric: str) -> float:
+    """Fractions are shown in percent; errors (RMSE in metres, AbsRel) as they are."""
+    return 1.0 if metric in LOWER_IS_BETTER else 100.0
 
 
 def _present(v: object) -> bool:
@@ -183,13 +196,14 @@ def make_cell(rows: pd.DataFrame, metric: str = HEADLINE) -> Cell:
     else) give the mean over the runs (each run's mean over its seeds) and the t interval over
     the runs: a retrained model is another model, and the runs' spread is the honest one."""
     rows = narrow(rows, cell_columns(metric))
+    k = _scale(metric)
     weights = rows.get("setting.row.weights")
     if weights is not None and weights.nunique(dropna=False) >= 2:
         per_run = [make_cell(g, metric) for _, g in rows.groupby(weights.astype(str), sort=False)]
-        m, _, lo, hi = mean_ci(np.array([c.value / 100 for c in per_run]))
-        lo, hi, cut = _clip(lo, hi)
+        m, _, lo, hi = mean_ci(np.array([c.value / k for c in per_run]))
+        lo, hi, cut = _clip(lo, hi, metric)
         files = [f for c in per_run for f in c.files]
-        return Cell(100 * m, 100 * lo, 100 * hi, "t-runs", len(per_run), files, cut)
+        return Cell(k * m, k * lo, k * hi, "t-runs", len(per_run), files, cut)
     if len(rows) == 1:  # most cells: one record, newest of its seed by itself
         newest = rows
     else:
@@ -203,18 +217,18 @@ def make_cell(rows: pd.DataFrame, metric: str = HEADLINE) -> Cell:
     files = newest["file"].astype(str).tolist()
     if len(newest) >= 2:
         m, _, lo, hi = mean_ci(newest[metric].astype(float).to_numpy())
-        lo, hi, cut = _clip(lo, hi)
-        return Cell(100 * m, 100 * lo, 100 * hi, "t-seeds", len(newest), files, cut)
+        lo, hi, cut = _clip(lo, hi, metric)
+        return Cell(k * m, k * lo, k * hi, "t-seeds", len(newest), files, cut)
     r = newest.iloc[0]
-    value = 100 * float(r[metric])
+    value = k * float(r[metric])
     lo, hi = r.get(f"{metric}.lo"), r.get(f"{metric}.hi")
     if not (_present(lo) and _present(hi)):
         return Cell(value, None, None, "", 1, files)
-    lo, hi, cut = _clip(float(lo), float(hi))
+    lo, hi, cut = _clip(float(lo), float(hi), metric)
     n = r.get(f"{metric}.n")
     n = int(n) if _present(n) else 1
     kind = _interval_kind(r.get(f"{metric}.ci_method"))
-    return Cell(value, 100 * lo, 100 * hi, kind, n, files, cut)
+    return Cell(value, k * lo, k * hi, kind, n, files, cut)
 
 
 @dataclass
@@ -226,9 +240,15 @@ class Table:
     col_summary: dict[str, dict]
     row_summary: dict[str, dict]
     cells: dict[tuple[str, str], Cell]
+    metric: str = HEADLINE
+    col_metric: dict[str, str] = dataclasses.field(default_factory=dict)  # merged tables
+
+    def metric_of(self, col: str) -> str:
+        return self.col_metric.get(col, self.metric)
 
     def best(self, col: str) -> float:
-        return max(c.value for (_, k), c in self.cells.items() if k == col)
+        pick = min if self.metric_of(col) in LOWER_IS_BETTER else max
+        return pick(c.value for (_, k), c in self.cells.items() if k == col)
 
 
 def _row_keys(frame: pd.DataFrame, rows: list[dict]) -> list[str]:
@@ -324,7 +344,32 @@ def build_table(frame: pd.DataFrame, metric: str = HEADLINE) -> Table:
     cols = _beside_linear(
         cols, {k: (ds_label(s), s["protocol"].get("type")) for k, s in col_summary.items()}
     )
-    return Table(rows, cols, row_label, col_label, col_summary, row_summary, cells)
+    return Table(rows, cols, row_label, col_label, col_summary, row_summary, cells, metric)
+
+
+METRIC_LABEL = {"miou": "mIoU %", "rmse": "RMSE m"}
+
+
+def headline_table(frame: pd.DataFrame) -> Table:
+    """Top-1 columns, then the dense probes' mIoU and RMSE columns, in one table."""
+    parts = [build_table(frame, HEADLINE)] + [build_table(frame, m) for m in DENSE_HEADLINES]
+    out = Table([], [], {}, {}, {}, {}, {}, HEADLINE)
+    for t in parts:
+        for c in t.cols:
+            if c in out.col_label:  # a column of one setting under two metrics: kept once
+                continue
+            out.cols.append(c)
+            out.col_metric[c] = t.metric
+            extra = "" if t.metric == HEADLINE else f" ({METRIC_LABEL[t.metric]})"
+            out.col_label[c] = t.col_label[c] + extra
+            out.col_summary[c] = t.col_summary[c]
+            out.cells.update({(r, k): v for (r, k), v in t.cells.items() if k == c})
+        for r in t.rows:
+            if r not in out.row_label:
+                out.rows.append(r)
+                out.row_label[r], out.row_summary[r] = t.row_label[r], t.row_summary[r]
+    out.rows.sort(key=lambda k: out.row_label[k])
+    return out
 
 
 def _beside_linear(cols: list[str], kind: dict[str, tuple]) -> list[str]:
@@ -383,7 +428,7 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
             f"no result records under {results_dir / 'records'}; run `ssl-eval run` first"
         )
     n_records = frame.attrs.get("n_records", len(frame))
-    t = build_table(frame, metric)
+    t = headline_table(frame) if metric == HEADLINE else build_table(frame, metric)
     probes = probe_table(results_dir, frame)
     extra = [(title, body) for title, make in SECTIONS if (body := make(frame))]
     if not t.cells and probes is None and not extra:
@@ -394,7 +439,10 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
 
     kinds = sorted({cell.kind for cell in t.cells.values() if cell.kind})
     lines = [
-        f"# Leaderboard ({metric}, %, ± half-width of the 95% interval)",
+        f"# Leaderboard ({metric}, %, ± half-width of the 95% interval)"
+        if not t.col_metric or set(t.col_metric.values()) == {metric}
+        else "# Leaderboard (top-1 and mIoU in %, RMSE in metres, lower better; ± half-width "
+        "of the 95% interval)",
         "",
         f"Generated by `ssl-eval leaderboard` from {n_records} records in `records/`; "
         "do not edit by hand. Best per column in **bold**. See README.md for the columns.",

@@ -1,0 +1,225 @@
+"""What the dense probes share: the geometry, the training tokens, the targets and the
+sliding-window prediction at each test image's full resolution.
+
+Geometry (DINOv3's eval/segmentation and eval/depth: images resized so their shorter side is
+``size``; test images covered by ``crop`` x ``crop`` windows every ``stride`` pixels, each
+window's per-pixel output upsampled bilinearly to the window, overlaps averaged, and the
+average upsampled bilinearly to the image's original size, where it is scored):
+
+* training reads the backbone's patch tokens of each training image resized to ``size`` and
+  centre-cropped to ``size`` x ``size`` (the token source: cached as float16 when the bank
+  fits the byte budget, streamed otherwise), with its target put through the same geometry
+  (nearest neighbour); the official recipes draw random scaled crops and flips instead, which
+  a cache of frozen tokens cannot hold: ssl-eval's dense probes train on one fixed crop per
+  image and say so in their cards;
+* test images are never cropped: the windows cover the resized image, and scores are
+  computed against the original target (metrics.py refuses any other shape).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from ...core.errors import UserError
+from ...core.provenance import autocast_dtype
+from ...data.transforms import Preprocessing
+
+
+def dense_targets(inp, task: str):
+    """The bundle's per-pixel targets of ``task`` (checked again here for direct callers)."""
+    dense = getattr(inp.bundle, "dense", None)
+    if dense is None or dense.task != task:
+        raise UserError(f"dataset {inp.bundle.name} has no per-pixel {task} targets")
+    return dense
+
+
+def cache_of(inp):
+    """The run's cache folder (a direct caller without one: the default cache)."""
+    if inp.cache_dir is not None:
+        return inp.cache_dir
+    from ...features.extraction import default_cache_dir
+
+    return default_cache_dir()
+
+
+def dense_size(backbone, size: int) -> int:
+    """The shorter side images are resized to: the card's ``size``, else the backbone's crop."""
+    s = size or backbone.preprocessing.crop or backbone.preprocessing.resize
+    if not s:
+        raise UserError(f"{backbone.tag} has no input size; set the probe's size (--set size=N)")
+    return int(s)
+
+
+def crop_backbone(backbone, size: int):
+    """``backbone`` whose preprocessing resizes the shorter side to ``size`` and centre-crops
+    ``size`` x ``size`` (its own mean, std and interpolation kept)."""
+    pre = backbone.preprocessing
+    return replace(
+        backbone, preprocessing=Preprocessing(size, size, pre.mean, pre.std, pre.interpolation)
+    )
+
+
+def crop_target(target: np.ndarray, size: int) -> np.ndarray:
+    """A target through the training geometry (shorter side ``size``, nearest neighbour,
+    centre crop), aligned with the image's crop because the same functions compute both."""
+    t = torch.from_numpy(np.ascontiguousarray(target))[None]
+    t = TF.resize(t, [size], interpolation=InterpolationMode.NEAREST_EXACT, antialias=False)
+    return TF.center_crop(t, [size, size])[0].numpy()
+
+
+class TargetBank:
+    """Training targets through ``crop_target``, held in memory when they fit ``budget_bytes``
+    (uint8 class ids or float32 depth), else decoded per batch."""
+
+    def __init__(self, split, rows: np.ndarray, size: int, depth: bool, budget_bytes: int):
+        self.split, self.size, self.depth = split, size, depth
+        self.dtype = np.float32 if depth else np.uint8
+        nbytes = len(rows) * size * size * np.dtype(self.dtype).itemsize
+        self.held: dict[int, int] | None = None
+        if nbytes <= budget_bytes:
+            self.bank = np.stack([self._one(int(r)) for r in rows])
+            self.held = {int(r): i for i, r in enumerate(rows)}
+
+    def _one(self, r: int) -> np.ndarray:
+        t = crop_target(self.split.load(r), self.size)
+        if not self.depth and t.max(initial=0) > 255:
+            raise UserError(f"target {r} holds class id {int(t.max())} > 255")
+        return t.astype(self.dtype)
+
+    def get(self, rows) -> torch.Tensor:
+        if self.held is not None:
+            out = self.bank[[self.held[int(r)] for r in rows]]
+        else:
+            out = np.stack([self._one(int(r)) for r in rows])
+        t = torch.from_numpy(out)
+        return t.float() if self.depth else t.long()
+
+
+def windows(length: int, crop: int, stride: int) -> list[int]:
+    """Window starts along one side: every ``stride``, the last flush with the end (mmseg)."""
+    if length <= crop:
+        return [0]
+    n = math.ceil((length - crop) / stride) + 1
+    return [min(i * stride, length - crop) for i in range(n)]
+
+
+def _resized(img: np.ndarray, size: int, interpolation: str) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    mode = getattr(InterpolationMode, interpolation.upper())
+    return TF.resize(x, [size], interpolation=mode, antialias=True)
+
+
+def slide_predict(
+    backbone,
+    split,
+    rows,
+    *,
+    size: int,
+    crop: int,
+    stride: int,
+    head: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    device: torch.device,
+    batch_size: int,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(row, (C, H, W) float32 output at the image's original size) for each of ``rows``:
+    the image's shorter side resized to ``size``, windows of ``crop`` every ``stride``, the
+    patch tokens (rounded through float16, the values the training cache holds) of each
+    window through ``head`` ((n, h, w, D), prefix -> (n, C, h, w)), each window's output
+    upsampled bilinearly to the window, overlaps averaged, upsampled to the original size."""
+    pre = backbone.preprocessing
+    backbone.model.to(device).eval()
+    amp = autocast_dtype(device) == "bfloat16"  # as the token source embeds
+    rows = [int(r) for r in rows]
+    per_chunk = max(1, batch_size)
+    for c in range(0, len(rows), per_chunk):
+        chunk = rows[c : c + per_chunk]
+        images = {r: split.load(r) for r in chunk}
+        resized = {r: _resized(images[r], size, pre.interpolation) for r in chunk}
+        jobs = []  # (row, y, x, window)
+        for r in chunk:
+            _, h, w = resized[r].shape
+            cy, cx = min(crop, h), min(crop, w)
+            for y in windows(h, cy, stride):
+                for x in windows(w, cx, stride):
+                    jobs.append((r, y, x, resized[r][:, y : y + cy, x : x + cx]))
+        canvas: dict[int, torch.Tensor] = {}
+        count: dict[int, torch.Tensor] = {}
+        for s in range(0, len(jobs), batch_size):
+            part = jobs[s : s + batch_size]
+            shapes = {tuple(j[3].shape) for j in part}
+            groups = [[j for j in part if tuple(j[3].shape) == sh] for sh in shapes]
+            for group in groups:
+                batch = torch.stack([j[3] for j in group]).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    g = backbone.patch_grid(pre.normalise(batch))
+                tokens = g.tokens.float().half().float()
+                prefix = None if g.prefix is None else g.prefix.float().half().float()
+                with torch.no_grad():
+                    out = head(tokens, prefix).float()
+                out = F.interpolate(
+                    out, size=batch.shape[-2:], mode="bilinear", align_corners=False
+                )
+                for (r, y, x, win), o in zip(group, out, strict=True):
+                    if r not in canvas:
+                        _, h, w = resized[r].shape
+                        canvas[r] = torch.zeros(o.shape[0], h, w, device=o.device)
+                        count[r] = torch.zeros(1, h, w, device=o.device)
+                    canvas[r][:, y : y + win.shape[1], x : x + win.shape[2]] += o
+                    count[r][:, y : y + win.shape[1], x : x + win.shape[2]] += 1
+        for r in chunk:
+            avg = (canvas[r] / count[r])[None]
+            h0, w0 = images[r].shape[:2]
+            yield r, F.interpolate(avg, size=(h0, w0), mode="bilinear", align_corners=False)[0]
+
+
+def lr_at(step: int, steps: int, warmup: int, lr: float, final_fraction: float) -> float:
+    """Linear warm-up from 0 to ``lr`` over ``warmup`` steps, then a cosine to
+    ``lr * final_fraction`` at the last step (WarmupOneCycleLR's shape)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))
+    end = lr * final_fraction
+    return end + (lr - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def epoch_orders(rows: np.ndarray, steps: int, batch: int, seed: int) -> Iterator[np.ndarray]:
+    """Shuffled passes over ``rows`` (seeded), cut so the run takes ``steps`` batches."""
+    rng = np.random.default_rng(seed)
+    need = steps * batch
+    while need > 0:
+        order = rng.permutation(rows)[: min(len(rows), need)]
+        need -= len(order)
+        yield order
+
+
+def mask_png(mask: np.ndarray, longest: int = 256) -> str:
+    """A class-id mask as a base64 greyscale PNG of ids (255 stays 255), for the report's
+    pictures only (nearest-neighbour thumbnail, longer side at most ``longest``)."""
+    from PIL import Image
+
+    im = Image.fromarray(mask.astype(np.uint8), "L")
+    im.thumbnail((longest, longest), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def image_png(img: np.ndarray, longest: int = 256) -> str:
+    """An RGB image as a base64 PNG, its longer side at most ``longest``."""
+    from PIL import Image
+
+    im = Image.fromarray(img)
+    im.thumbnail((longest, longest))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode()

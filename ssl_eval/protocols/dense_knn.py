@@ -1,0 +1,151 @@
+"""Patch k-NN segmentation, training-free (CAPI's kNN segmentation classifier).
+
+CAPI (facebookresearch/capi @ 98b4fa1, eval_segmentation.py, KNNClassifier) gives each
+training patch the labels of its pixels, finds each test patch's nearest training patches and
+takes the most common label per pixel among them; k in (1, 3, 10, 30) and the distance
+(cosine, L2) are chosen on a validation split by mIoU, and training patches whose most
+common label is ignored are dropped. Here: each training patch carries the share of each
+class among its labelled pixels; a test patch scores each class by the mean share over its
+k nearest training patches (cosine similarity, the exact search the k-NN protocol uses);
+those scores go through the same sliding windows and bilinear upsampling as the linear probe's
+logits, and the image is scored at its original resolution. k is chosen on the validation rows
+(train rows held out, their crops scored at the crop's resolution: a choice, not a reported
+number); the L2 distance of CAPI's grid is not searched (cosine only, stated in the card).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import UserError
+from ..data.dense import IGNORE
+from ..features.tokens import token_source
+from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
+from .dense.common import TargetBank, cache_of, crop_backbone, dense_size, dense_targets
+from .dense.metrics import SegmentationScorer
+from .dense_seg import score_segmentation
+from .search.knn import knn_search
+
+
+@dataclass(frozen=True)
+class KnnsegParams:
+    ks: tuple[int, ...] = (1, 3, 10, 30)
+    size: int = 0  # shorter side; 0: the backbone's input size (CAPI: 224)
+    crop: int = 0
+    stride: int = 0
+    max_bank_patches: int = 2_000_000  # training patches kept (a seeded subsample beyond)
+    token_budget_mb: int = 2048
+    target_budget_mb: int = 1024
+    memory_mb: int = 512  # the search's working memory
+    examples: int = 3
+
+    def __post_init__(self):
+        if not self.ks or min(self.ks) < 1:
+            raise UserError("knnseg: ks must list neighbour counts >= 1")
+        if min(self.size, self.crop, self.stride, self.examples) < 0:
+            raise UserError("knnseg: size, crop, stride and examples must be >= 0")
+        if min(self.max_bank_patches, self.token_budget_mb, self.memory_mb) < 1:
+            raise UserError("knnseg: max_bank_patches, token_budget_mb, memory_mb must be >= 1")
+
+
+def _tokens_and_shares(inp, p, dense, rows, size, classes):
+    """L2-normalised patch tokens (P, D) of ``rows``' crops and each patch's class shares
+    (P, C) among its labelled pixels, with the crop targets (for validation)."""
+    src = token_source(
+        crop_backbone(inp.backbone, size),
+        inp.bundle,
+        "train",
+        rows,
+        budget_bytes=p.token_budget_mb * 2**20,
+        device=inp.device,
+        batch_size=inp.batch_size,
+        cache_dir=cache_of(inp),
+        num_workers=inp.num_workers,
+    )
+    targets = TargetBank(dense.train, rows, size, False, p.target_budget_mb * 2**20)
+    feats, shares, crops = [], [], []
+    for take, tokens, _ in src.batches(rows):
+        n, h, w, d = tokens.shape
+        t = targets.get(take)
+        onehot = F.one_hot(torch.where(t == IGNORE, classes, t), classes + 1).float()
+        onehot = onehot[..., :classes].permute(0, 3, 1, 2)  # ignored pixels count for none
+        share = F.adaptive_avg_pool2d(onehot, (h, w))
+        share = share / share.sum(1, keepdim=True).clamp_min(1e-12)
+        feats.append(F.normalize(tokens.reshape(-1, d), dim=1))
+        shares.append(share.permute(0, 2, 3, 1).reshape(-1, classes))
+        crops.append(t)
+    return torch.cat(feats), torch.cat(shares), torch.cat(crops), src
+
+
+def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
+    dense = dense_targets(inp, "segmentation")
+    classes = len(dense.classes)
+    size = dense_size(inp.backbone, p.size)
+    train_rows = np.sort(np.asarray(inp.train_idx, dtype=np.int64))
+    bank, shares, _, src = _tokens_and_shares(inp, p, dense, train_rows, size, classes)
+    labelled = shares.sum(1) > 0  # patches with no labelled pixel carry nothing
+    bank, shares = bank[labelled], shares[labelled]
+    if len(bank) > p.max_bank_patches:
+        keep = np.random.default_rng(0).choice(len(bank), p.max_bank_patches, False)
+        keep = torch.from_numpy(np.sort(keep))
+        bank, shares = bank[keep], shares[keep]
+    if len(bank) == 0:
+        raise UserError("knnseg: no training patch has a labelled pixel")
+    kmax = min(max(p.ks), len(bank))
+
+    def vote(tokens: torch.Tensor, ks) -> dict[int, torch.Tensor]:
+        n, h, w, d = tokens.shape
+        q = F.normalize(tokens.reshape(-1, d).float().cpu(), dim=1)
+        _, idx = knn_search(bank, q, kmax, memory_mb=p.memory_mb)
+        neigh = shares[idx]  # (Q, k, C), best first
+        return {
+            k: neigh[:, : min(k, kmax)].mean(1).reshape(n, h, w, classes).permute(0, 3, 1, 2)
+            for k in ks
+        }
+
+    # k chosen on the validation rows' crops (at the crop resolution: a choice only)
+    val_rows = np.sort(np.asarray(inp.val_idx, dtype=np.int64))
+    val_miou = {}
+    if len(val_rows) and len(p.ks) > 1:
+        vsrc = token_source(
+            crop_backbone(inp.backbone, size), inp.bundle, "train", val_rows,
+            budget_bytes=p.token_budget_mb * 2**20, device=inp.device,
+            batch_size=inp.batch_size, cache_dir=cache_of(inp), num_workers=inp.num_workers,
+        )  # fmt: skip
+        vt = TargetBank(dense.train, val_rows, size, False, p.target_budget_mb * 2**20)
+        scorers = {k: SegmentationScorer(classes, IGNORE) for k in p.ks}
+        for take, tokens, _ in vsrc.batches(val_rows):
+            t = vt.get(take)
+            for k, sc in vote(tokens, p.ks).items():
+                up = F.interpolate(sc, size=t.shape[-2:], mode="bilinear", align_corners=False)
+                for pr, tg in zip(up.argmax(1).numpy(), t.numpy(), strict=True):
+                    scorers[k].add(pr, tg)
+        val_miou = {k: s.results(resamples=0)["miou"] for k, s in scorers.items()}
+        best_k = max(p.ks, key=lambda k: (val_miou[k], -k))
+    else:
+        best_k = p.ks[0]
+    out = score_segmentation(
+        inp,
+        p,
+        dense,
+        lambda tokens, prefix: vote(tokens, (best_k,))[best_k],
+        src.record()
+        | {
+            "k": best_k,
+            "val_miou_at_crop": {str(k): v for k, v in val_miou.items()},
+            "bank_patches": len(bank),
+        },
+    )
+    return out
+
+
+PROTOCOL_TYPES.register(
+    "knnseg",
+    ProtocolType(
+        "knnseg", KnnsegParams, run_knnseg, inputs="images", seeded=False, dense="segmentation"
+    ),
+)

@@ -1,0 +1,129 @@
+"""Dense metrics against direct numpy formulas on hand-made arrays (mmseg's mIoU / aAcc,
+DINOv3's depth metrics), the bootstrap over test images, and the refusal of a prediction that
+is not at the target's full resolution."""
+
+import numpy as np
+import pytest
+
+from ssl_eval.core.errors import UserError
+from ssl_eval.core.stats import bootstrap_sum_ci
+from ssl_eval.protocols.dense.metrics import DepthScorer, SegmentationScorer, valid_depth
+
+IGN = 255
+
+
+def _pairs():
+    g = np.random.default_rng(3)
+    out = []
+    for h, w in ((7, 9), (5, 11), (8, 8)):
+        t = g.integers(0, 4, (h, w))
+        t[g.random((h, w)) < 0.2] = IGN
+        p = np.where(g.random((h, w)) < 0.6, np.where(t == IGN, 0, t), g.integers(0, 4, (h, w)))
+        out.append((p, t))
+    return out
+
+
+def test_miou_pixel_acc_and_per_class_iou_match_numpy():
+    pairs = _pairs()
+    s = SegmentationScorer(5, IGN)  # class 4 never occurs: absent from the mean
+    for p, t in pairs:
+        s.add(p, t)
+    res = s.results(200, 0)
+    pr_all = np.concatenate([p.ravel() for p, _ in pairs])
+    tg_all = np.concatenate([t.ravel() for _, t in pairs])
+    keep = tg_all != IGN
+    pr_all, tg_all = pr_all[keep], tg_all[keep]
+    ious = []
+    for c in range(4):
+        inter = np.sum((pr_all == c) & (tg_all == c))
+        union = np.sum((pr_all == c) | (tg_all == c))
+        ious.append(inter / union)
+    assert res["per_class_iou"][:4] == pytest.approx(ious)
+    assert res["per_class_iou"][4] is None
+    assert res["miou"] == pytest.approx(np.mean(ious))
+    assert res["pixel_acc"] == pytest.approx(np.mean(pr_all == tg_all))
+    lo, hi = res["intervals"]["miou"]
+    assert lo <= res["miou"] <= hi
+
+
+def test_predicted_but_absent_class_scores_zero():
+    s = SegmentationScorer(3, IGN)
+    s.add(np.array([[0, 2]]), np.array([[0, 0]]))  # class 2 predicted, never labelled: IoU 0
+    r = s.results(0)
+    assert r["per_class_iou"] == [0.5, None, 0.0] and r["miou"] == pytest.approx(0.25)
+
+
+def test_downsampled_target_refused():
+    s = SegmentationScorer(3, IGN)
+    with pytest.raises(UserError, match="full resolution"):
+        s.add(np.zeros((8, 8), int), np.zeros((4, 4), int))
+    with pytest.raises(UserError, match="full resolution"):
+        DepthScorer().add(np.ones((8, 8)), np.ones((16, 16)))
+
+
+def test_bootstrap_sum_ci_is_the_statistic_of_resampled_sums():
+    parts = np.array([[1.0, 2.0], [3.0, 1.0], [0.0, 4.0], [2.0, 2.0]])
+    stat = lambda s: s[:, 0] / s[:, 1]  # noqa: E731
+    lo, hi = bootstrap_sum_ci(parts, stat, 300, seed=5)
+    rng = np.random.default_rng(5)  # the same draws, by hand
+    idx = rng.integers(0, 4, size=(300, 4))
+    vals = [parts[i, 0].sum() / parts[i, 1].sum() for i in idx]
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(vals, [0.025, 0.975])))
+
+
+def test_depth_metrics_match_numpy_on_valid_pixels():
+    g = np.random.default_rng(0)
+    gts, preds = [], []
+    s = DepthScorer(depth_range=(1e-3, 10.0), eval_box=(0.25, 0.75, 0.0, 1.0))
+    for _ in range(3):
+        gt = g.uniform(0.5, 12.0, (8, 6)).astype(np.float32)
+        gt[1, 1] = 0.0
+        pr = (gt * g.uniform(0.7, 1.4, gt.shape)).astype(np.float32)
+        s.add(pr, gt)
+        gts.append(gt)
+        preds.append(pr)
+    r = s.results(100, 0)
+    rm, ar, d1 = [], [], []
+    for gt, pr in zip(gts, preds, strict=True):
+        v = (gt > 0) & (gt <= 10.0)
+        v[:2], v[6:] = False, False  # rows 2..5 of 8: the box
+        e, t = pr[v].astype(float), gt[v].astype(float)
+        rm.append(np.sqrt(np.mean((e - t) ** 2)))
+        ar.append(np.mean(np.abs(e - t) / t))
+        d1.append(np.mean(np.maximum(e / t, t / e) < 1.25))
+    assert r["rmse"] == pytest.approx(np.mean(rm), rel=1e-6)
+    assert r["abs_rel"] == pytest.approx(np.mean(ar), rel=1e-6)
+    assert r["delta1"] == pytest.approx(np.mean(d1))
+    assert valid_depth(gts[0], (1e-3, 10.0), (0.25, 0.75, 0, 1))[1].sum() == 0
+
+
+def test_depth_head_and_sigloss_follow_the_official_formulas():
+    """The bins head (ReLU + 0.1, normalised, weighted sum of linear bins; the class token
+    concatenated to every patch) and SigLoss, against numpy written from DINOv3's code."""
+    import torch
+
+    from ssl_eval.protocols.depth import LindepthParams, LinearDepthHead, sigloss
+
+    torch.manual_seed(0)
+    p = LindepthParams(bins=5, min_depth=0.5, max_depth=4.5, use_cls_token=True)
+    head = LinearDepthHead(3, p).eval()
+    tokens, prefix = torch.randn(2, 2, 3, 3), torch.randn(2, 1, 3)
+    out = head(tokens, prefix).detach().numpy()
+    bn = head.bn
+    x = np.concatenate(
+        [tokens.numpy(), np.broadcast_to(prefix.numpy()[:, :, None], (2, 2, 3, 3))], -1
+    )
+    x = (x - bn.running_mean.numpy()) / np.sqrt(bn.running_var.numpy() + bn.eps)
+    x = x * bn.weight.detach().numpy() + bn.bias.detach().numpy()
+    logits = x @ head.conv.weight.detach().numpy()[:, :, 0, 0].T + head.conv.bias.detach().numpy()
+    w = np.maximum(logits, 0) + 0.1
+    w /= w.sum(-1, keepdims=True)
+    expect = w @ np.linspace(0.5, 4.5, 5)
+    np.testing.assert_allclose(out[:, 0], expect, rtol=1e-5)
+    pred, gt = torch.tensor([1.0, 2.0, 3.0, 9.0]), torch.tensor([1.5, 2.0, 2.5, 0.0])
+    valid = gt > 0
+    g = np.log(pred.numpy()[:3] + 1e-3) - np.log(gt.numpy()[:3] + 1e-3)
+    full = np.sqrt(np.var(g, ddof=1) + 0.15 * g.mean() ** 2)
+    assert float(sigloss(pred, gt, valid, variance=True)) == pytest.approx(full, rel=1e-5)
+    warm = np.sqrt(0.15 * g.mean() ** 2)
+    assert float(sigloss(pred, gt, valid, variance=False)) == pytest.approx(warm, rel=1e-5)
