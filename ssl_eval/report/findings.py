@@ -195,6 +195,8 @@ def _sides(frame: pd.DataFrame, table: Table, metric: str) -> dict[tuple[str, st
     scale = _scale(metric)
     pcol, ncol = f"{metric}.per_sample_correct", f"{metric}.n_test"
     keep = [*cell_columns(metric), pcol, ncol, "setting.column_hash", "backbone"]
+    if not table.cells or metric not in frame.columns:
+        return {}
     frame = narrow(frame, keep)
     frame = frame[frame[metric].notna()]
     column_hash, backbone = frame["setting.column_hash"].astype(str), frame["backbone"].astype(str)
