@@ -245,3 +245,37 @@ def test_cifar10_resnet56_features_agree_with_sklearn_cold():
     out, best_c, top1, worst = _agree(inp, LogregParams(c_num=12), coef_rtol=1e-3)
     assert top1 > 0.6  # a supervised ResNet-56's features: far above chance
     print(f"cifar10 resnet56: C={best_c:.4g} top1={top1:.4f} max rel coef diff {worst:.1e}")
+
+
+# ---------------------------------------------------------------- the closed-form objective
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_loss_and_gradient_are_sklearns_objective(backend, monkeypatch):
+    """f and its gradient against scikit-learn's own LinearModelLoss (HalfMultinomialLoss, the
+    objective LogisticRegression(lbfgs) minimises: mean loss + r ||W||^2 / 2, b unpenalised), on
+    rows that span several cache blocks (the last one partial)."""
+    from sklearn._loss.loss import HalfMultinomialLoss
+    from sklearn.linear_model._linear_loss import LinearModelLoss
+
+    from ssl_eval.protocols import lbfgs
+
+    monkeypatch.setattr(lbfgs, "L2_BYTES", 16 * 8 * 7)  # 16 rows a block: 53 rows -> 4 blocks
+    rng = np.random.default_rng(1)
+    n, d, k, r = 53, 7, 4, 0.3
+    x, y = rng.standard_normal((n, d)) + 2.0, rng.integers(0, k, n)
+    coef = rng.standard_normal((k, d + 1))  # sklearn's layout: (classes, features + intercept)
+    ref = LinearModelLoss(base_loss=HalfMultinomialLoss(n_classes=k), fit_intercept=True)
+    f_ref, g_ref = ref.loss_gradient(coef, x, y.astype(np.float64), l2_reg_strength=r)
+    theta = np.concatenate([coef[:, :d].ravel(), coef[:, d]])
+    if backend == "numpy":
+        loss = lbfgs.NumpyLoss(x, y, k)
+        assert loss.rows == 16
+        f, g = loss(theta, r)
+    else:
+        loss = lbfgs.TorchLoss(torch.from_numpy(x), torch.from_numpy(y), k)
+        f, g = loss(torch.from_numpy(theta), r)
+        g = g.numpy()
+    assert f == pytest.approx(f_ref, rel=1e-12)
+    np.testing.assert_allclose(g[: k * d].reshape(k, d), g_ref[:, :d], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(g[k * d :], g_ref[:, d], rtol=1e-10, atol=1e-13)

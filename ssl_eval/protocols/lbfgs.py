@@ -16,12 +16,13 @@ one closed-form pass (softmax minus one-hot; no autograd):
 * on a GPU, torch over all rows at once.
 
 The optimiser is the classic limited-memory BFGS (Nocedal & Wright, Algorithm 7.4: two-loop
-recursion, m pairs, H0 = (s.y / y.y) I) with a backtracking Armijo line search, which on a
-convex objective keeps every curvature pair valid (s.y > 0 by monotonicity of the gradient).
-Along the path the pairs are carried from one C to the next, corrected exactly: the penalty's
-Hessian is r I on W, so a pair (s, y) of f_C is a pair of f_C' once y_W += (r' - r) s_W.
-The first step at C' is then a quasi-Newton step from the previous solution along the path,
-and the fit needs a few iterations where a cold start needs dozens.
+recursion, m pairs) with a backtracking Armijo line search, which on a convex objective keeps
+every curvature pair valid (s.y > 0 by monotonicity of the gradient). Its H0 is
+(s.y / y.P y) P with P a Kronecker preconditioner (``Kron``, built at the start of each fit):
+on features that are not centred (post-ReLU embeddings) plain L-BFGS needs ~10x the
+iterations. Each C gets a fresh memory: pairs carried from the previous C, even corrected
+for the new penalty (y_W += (r' - r) s_W, exact), measured more iterations on the benchmark's
+mixture (26 % to 60 % more loss evaluations), so they are not kept.
 
 A fit ends as scipy's L-BFGS-B ends one (scikit-learn's solver): the largest gradient entry
 at most ``gtol``, a relative decrease of f at most ``ftol``
