@@ -279,3 +279,23 @@ def test_loss_and_gradient_are_sklearns_objective(backend, monkeypatch):
     assert f == pytest.approx(f_ref, rel=1e-12)
     np.testing.assert_allclose(g[: k * d].reshape(k, d), g_ref[:, :d], rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(g[k * d :], g_ref[:, d], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.slow
+def test_device_path_reaches_the_cpu_paths_minimisers(monkeypatch):
+    """The GPU path (TorchLoss, the torch preconditioner and L-BFGS on tensors), forced on the
+    CPU, ends at the same minimisers as the CPU path (numpy) over part of the grid."""
+    from ssl_eval.protocols import lbfgs, logreg
+
+    inp = _digits()
+    x = torch.from_numpy(inp.train_x[inp.train_idx][:400]).double()
+    y = torch.from_numpy(inp.train_y[inp.train_idx][:400])
+    cs = LogregParams().grid()[:24:3]  # 1e-6 .. 10**-0.75
+    cpu = fit_path(x, y, 10, cs, LogregParams())
+    monkeypatch.setattr(logreg, "make_loss", lambda x, y, k: lbfgs.TorchLoss(x, y, k))
+    dev = fit_path(x, y, 10, cs, LogregParams())
+    assert isinstance(dev[0].weight, torch.Tensor) and dev[-1].iterations > 0
+    for a, b in zip(cpu, dev, strict=True):
+        assert a.grad_max <= 1e-8 and b.grad_max <= 1e-8, (a.C, a.grad_max, b.grad_max)
+        rel = float((a.weight - b.weight).norm() / a.weight.norm())
+        assert rel < 1e-5, (a.C, rel)
