@@ -245,3 +245,57 @@ def test_cifar10_resnet56_features_agree_with_sklearn_cold():
     out, best_c, top1, worst = _agree(inp, LogregParams(c_num=12), coef_rtol=1e-3)
     assert top1 > 0.6  # a supervised ResNet-56's features: far above chance
     print(f"cifar10 resnet56: C={best_c:.4g} top1={top1:.4f} max rel coef diff {worst:.1e}")
+
+
+# ---------------------------------------------------------------- the closed-form objective
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_loss_and_gradient_are_sklearns_objective(backend, monkeypatch):
+    """f and its gradient against scikit-learn's own LinearModelLoss (HalfMultinomialLoss, the
+    objective LogisticRegression(lbfgs) minimises: mean loss + r ||W||^2 / 2, b unpenalised), on
+    rows that span several cache blocks (the last one partial)."""
+    from sklearn._loss.loss import HalfMultinomialLoss
+    from sklearn.linear_model._linear_loss import LinearModelLoss
+
+    from ssl_eval.protocols import lbfgs
+
+    monkeypatch.setattr(lbfgs, "L2_BYTES", 16 * 8 * 7)  # 16 rows a block: 53 rows -> 4 blocks
+    rng = np.random.default_rng(1)
+    n, d, k, r = 53, 7, 4, 0.3
+    x, y = rng.standard_normal((n, d)) + 2.0, rng.integers(0, k, n)
+    coef = rng.standard_normal((k, d + 1))  # sklearn's layout: (classes, features + intercept)
+    ref = LinearModelLoss(base_loss=HalfMultinomialLoss(n_classes=k), fit_intercept=True)
+    f_ref, g_ref = ref.loss_gradient(coef, x, y.astype(np.float64), l2_reg_strength=r)
+    theta = np.concatenate([coef[:, :d].ravel(), coef[:, d]])
+    if backend == "numpy":
+        loss = lbfgs.NumpyLoss(x, y, k)
+        assert loss.rows == 16
+        f, g = loss(theta, r)
+    else:
+        loss = lbfgs.TorchLoss(torch.from_numpy(x), torch.from_numpy(y), k)
+        f, g = loss(torch.from_numpy(theta), r)
+        g = g.numpy()
+    assert f == pytest.approx(f_ref, rel=1e-12)
+    np.testing.assert_allclose(g[: k * d].reshape(k, d), g_ref[:, :d], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(g[k * d :], g_ref[:, d], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.slow
+def test_device_path_reaches_the_cpu_paths_minimisers(monkeypatch):
+    """The GPU path (TorchLoss, the torch preconditioner and L-BFGS on tensors), forced on the
+    CPU, ends at the same minimisers as the CPU path (numpy) over part of the grid."""
+    from ssl_eval.protocols import lbfgs, logreg
+
+    inp = _digits()
+    x = torch.from_numpy(inp.train_x[inp.train_idx][:400]).double()
+    y = torch.from_numpy(inp.train_y[inp.train_idx][:400])
+    cs = LogregParams().grid()[:24:3]  # 1e-6 .. 10**-0.75
+    cpu = fit_path(x, y, 10, cs, LogregParams())
+    monkeypatch.setattr(logreg, "make_loss", lambda x, y, k: lbfgs.TorchLoss(x, y, k))
+    dev = fit_path(x, y, 10, cs, LogregParams())
+    assert isinstance(dev[0].weight, torch.Tensor) and dev[-1].iterations > 0
+    for a, b in zip(cpu, dev, strict=True):
+        assert a.grad_max <= 1e-8 and b.grad_max <= 1e-8, (a.C, a.grad_max, b.grad_max)
+        rel = float((a.weight - b.weight).norm() / a.weight.norm())
+        assert rel < 1e-5, (a.C, rel)
