@@ -221,3 +221,28 @@ def test_arch_protocols_match_by_pattern_and_may_not_repeat_a_suite_protocol(tmp
     code = main(["suite", str(p), "--results-dir", str(tmp_path / "r"), "--reference", "none"])
     err = capsys.readouterr().err
     assert code == 2 and "name it once" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_arch_protocols_run_on_the_vit_alone_end_to_end(tmp_path, capsys):
+    """A multi-layer probe in arch_protocols: the ViT gets it, the CNN model and the baselines
+    are listed n/a in suite.json, and the suite ends normally (a multi-layer probe on a CNN
+    would end it with an error)."""
+    text = SMALL.replace(
+        "  - {name: supervised, method: supervised}\n",
+        "  - name: mae\n    method: mae\n    config:\n      arch: vit_tiny_p4\n"
+        "      arch_kwargs: {embed_dim: 32, depth: 2, num_heads: 2, img_size: 16}\n",
+    )
+    text += "arch_protocols: {'vit_*': [linear@dinov2]}\n"
+    text += "set: [linear@dinov2.iterations=5, 'linear@dinov2.n_last_blocks=[1,2]']\n"
+    code, out = _run(tmp_path, _suite(tmp_path, text), capsys)
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "r" / "suite.json").read_text())
+    assert manifest["arch_protocols"] == {"mae": ["linear@dinov2"]}
+    na = manifest["units"]["not_applicable"]
+    assert any(x.startswith("simclr x linear@dinov2") for x in na)
+    assert any(x.startswith("pixels x linear@dinov2") for x in na)
+    from ssl_eval.records.frame import load_frame
+
+    df = load_frame(tmp_path / "r")
+    assert sorted(df[df["protocol"] == "linear@dinov2"]["backbone"].unique()) == ["mae"]
