@@ -186,3 +186,51 @@ def test_export_round_trips_the_frame(store, tmp_path, fmt):
     assert len(back) == len(frame) == 4
     assert sorted(back["backbone"]) == sorted(frame["backbone"])
     np.testing.assert_allclose(sorted(back["top1"]), sorted(frame["top1"]))
+
+
+def _row(backbone, protocol, value, setting):
+    return {
+        "backbone": backbone,
+        "dataset": "shapes",
+        "protocol": protocol,
+        "seed": 0,
+        "metric": "top1",
+        "value": value,
+        "ci95": [value - 0.02, value + 0.02],
+        "setting": {
+            "hash": setting,
+            "row": "r",
+            "column": "c",
+            "summary": {"row": {}, "column": {}},
+        },
+        "recipe": None,
+        "train_seed": None,
+        "weights": None,
+        "per_sample_correct": None,
+        "n_test": None,
+        "time": "2026-12-06T00:00:00Z",
+    }
+
+
+def test_a_row_the_reference_lacks_is_listed_not_judged(tmp_path):
+    """A suite that adds a protocol (mae x attentive) checked against a reference without it:
+    the new row is neither passed nor failed. It is listed as NEW with 'no reference, not
+    judged', left out of the rows compared, counted in the verdict under that name, and a
+    JUnit skip, never a passing test case."""
+    from ssl_eval.report.gate import junit_xml, summary_markdown
+
+    base = [_row("mae", "linear", 0.40, "h1")]
+    current = [_row("mae", "linear", 0.40, "h1"), _row("mae", "attentive@capi", 0.45, "h2")]
+    res = check(base, current, two_sided=True)
+    new = [f for f in res.findings if f.kind == "new"]
+    assert [(f.backbone, f.protocol, f.new) for f in new] == [("mae", "attentive@capi", 0.45)]
+    assert res.exit_code == 0 and not res.failed(new[0])
+    assert "no reference, not judged" in new[0].line()
+    verdict = res.verdict()
+    assert "PASS: 1 row(s) compared" in verdict
+    assert "1 new (no reference, not judged)" in verdict
+    suite = ET.fromstring(junit_xml(res)).find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("skipped") == "1"
+    case = next(c for c in suite.findall("testcase") if "attentive" in c.get("classname"))
+    assert case.find("skipped") is not None and case.find("system-out") is None
+    assert "no reference, not judged" in summary_markdown(res, tmp_path / "b.json")

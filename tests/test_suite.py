@@ -178,3 +178,71 @@ def test_shipped_suites_load():
     assert {"knn", "linear", "fewshot", "finetune"} <= set(default.protocols)
     with pytest.raises(UserError, match="unknown suite"):
         load_job_suite("defualt")
+
+
+def test_default_suite_asks_its_vit_probes_of_the_vits_alone():
+    """The arch protocols of the default suite (the attentive and multi-layer linear probes)
+    go to the trained models whose arch is a ViT, read from the YAML itself, and to no CNN
+    model or baseline: a multi-layer probe on a CNN would end the suite."""
+    import yaml
+
+    from ssl_eval.orchestrate.suite.runner import _arch_extra, _evaluation_runs
+    from ssl_eval.protocols.cards import cards_dir, load_cards
+
+    suite = load_job_suite("default")
+    raw = yaml.safe_load((cards_dir() / "jobs" / "default.yaml").read_text())
+    arch = {
+        m["name"]: (m.get("config") or {}).get("arch", raw["train_defaults"]["arch"])
+        for m in raw["models"]
+    }
+    vits = {n for n, a in arch.items() if a.startswith("vit")}
+    assert vits == {"mae"}
+    extra = _arch_extra(suite, "cpu")
+    assert {n for n, c in extra.items() if c} == vits
+    names = suite.all_protocols()
+    cards = dict(zip(names, load_cards(list(names), suite.set), strict=True))
+    types = {cards[p].protocol.name for p in extra["mae"]}
+    assert types == {"attentive", "linear"}
+    assert any(cards[p].params.n_last_blocks for p in extra["mae"] if p.startswith("linear"))
+    ckpts = {n: [f"{n}=ckpt:/x/{n}"] for n in arch}
+    runs = _evaluation_runs(suite, ckpts, extra)
+    assert runs[0][1] == (*suite.baselines, *(b for v in ckpts.values() for b in v))
+    assert runs[0][2] == suite.protocols and not set(runs[0][2]) & set(extra["mae"])
+    assert [(r[1], r[2]) for r in runs[1:]] == [(("mae=ckpt:/x/mae",), extra["mae"])]
+
+
+def test_arch_protocols_match_by_pattern_and_may_not_repeat_a_suite_protocol(tmp_path, capsys):
+    text = SMALL + "arch_protocols: {'vit_*': [attentive@capi], 'cifar_*': [linear@dinov2]}\n"
+    suite = load_job_suite(str(_suite(tmp_path, text)))
+    assert suite.arch_extra("vit_tiny_p4") == ("attentive@capi",)
+    assert suite.arch_extra("cifar_resnet_tiny") == ("linear@dinov2",)
+    assert suite.arch_extra("resnet18") == ()
+    p = _suite(tmp_path, SMALL + "arch_protocols: {'vit_*': [knn]}\n")
+    code = main(["suite", str(p), "--results-dir", str(tmp_path / "r"), "--reference", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "name it once" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_arch_protocols_run_on_the_vit_alone_end_to_end(tmp_path, capsys):
+    """A multi-layer probe in arch_protocols: the ViT gets it, the CNN model and the baselines
+    are listed n/a in suite.json, and the suite ends normally (a multi-layer probe on a CNN
+    would end it with an error)."""
+    text = SMALL.replace(
+        "  - {name: supervised, method: supervised}\n",
+        "  - name: mae\n    method: mae\n    config:\n      arch: vit_tiny_p4\n"
+        "      arch_kwargs: {embed_dim: 32, depth: 2, num_heads: 2, img_size: 16}\n",
+    )
+    text += "arch_protocols: {'vit_*': [linear@dinov2]}\n"
+    text += "set: [linear@dinov2.iterations=5, 'linear@dinov2.n_last_blocks=[1,2]']\n"
+    code, out = _run(tmp_path, _suite(tmp_path, text), capsys)
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "r" / "suite.json").read_text())
+    assert manifest["arch_protocols"] == {"mae": ["linear@dinov2"]}
+    na = manifest["units"]["not_applicable"]
+    assert any(x.startswith("simclr x linear@dinov2") for x in na)
+    assert any(x.startswith("pixels x linear@dinov2") for x in na)
+    from ssl_eval.records.frame import load_frame
+
+    df = load_frame(tmp_path / "r")
+    assert sorted(df[df["protocol"] == "linear@dinov2"]["backbone"].unique()) == ["mae"]

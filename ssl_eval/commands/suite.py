@@ -129,8 +129,9 @@ def run(a: argparse.Namespace) -> int:
             argv += [flag, str(path)]
     code = _check(argv)
     print(
-        "REPRODUCED: no number differs significantly from the reference, in either direction "
-        "(retrained models judged against the reference's training runs)"
+        "REPRODUCED: no number the reference holds differs significantly from it, in either "
+        "direction (retrained models judged against the reference's training runs; rows it "
+        "does not hold are listed NEW: no reference, not judged)"
         if code == 0
         else "NOT REPRODUCED: see the rows above"
         if code == 1

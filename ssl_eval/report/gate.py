@@ -51,6 +51,10 @@ ALPHA = 0.05
 # ---------------------------------------------------------------- the check
 
 KINDS = ("regression", "improvement", "unverifiable", "missing", "changed", "new", "ok")
+# a current row the baseline has no row (or no run of this setting) for: listed and counted,
+# neither passed nor failed (JUnit: skipped); a suite that adds a protocol shows its rows so
+# until its reference is regenerated
+NOT_JUDGED = "no reference, not judged"
 
 
 @dataclass
@@ -130,7 +134,7 @@ class CheckResult:
             f"{n['unverifiable']} unverifiable{' (fails: --strict)' if self.strict and n['unverifiable'] else ''}, "
             f"{n['missing']} missing{allowed('missing', self.allow_missing)}, "
             f"{n['changed']} changed setting(s){allowed('changed', self.allow_changed)}, "
-            f"{n['new']} new [{self.question}]"
+            f"{n['new']} new (no reference, not judged) [{self.question}]"
         )
 
 
@@ -442,7 +446,13 @@ def _new_rows(baseline: list[dict], current: list[dict], used: set[int], res: Ch
             continue
         what = "a setting not in the baseline" if k in keys else "not in the baseline"
         res.findings.append(
-            Finding("new", new=new["value"], detail=what, **dict(zip(KEY, k, strict=True)))
+            Finding(
+                "new",
+                new=new["value"],
+                tolerance=NOT_JUDGED,
+                detail=what,
+                **dict(zip(KEY, k, strict=True)),
+            )
         )
 
 
@@ -481,14 +491,19 @@ def junit_xml(res: CheckResult) -> str:
 
     cases = res.findings
     failures = sum(res.failed(f) for f in cases)
+    skipped = sum(f.kind == "new" for f in cases)
     out = [
         '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<testsuites name="ssl-eval check" tests="{len(cases)}" failures="{failures}">',
-        f'<testsuite name="ssl-eval check" tests="{len(cases)}" failures="{failures}" errors="0" skipped="0">',
+        f'<testsuites name="ssl-eval check" tests="{len(cases)}" failures="{failures}" skipped="{skipped}">',
+        f'<testsuite name="ssl-eval check" tests="{len(cases)}" failures="{failures}" errors="0" skipped="{skipped}">',
     ]
     for f in cases:
         attrs = f"classname={quoteattr(f'{f.dataset}.{f.protocol}')} name={quoteattr(f'{f.backbone} {f.metric}' + ('' if f.seed is None else f' seed {f.seed}'))}"
-        if res.failed(f):
+        if f.kind == "new":  # nothing to judge it against: skipped, never a pass
+            out.append(
+                f"<testcase {attrs}><skipped message={quoteattr(NOT_JUDGED)}>{escape(f.line())}</skipped></testcase>"
+            )
+        elif res.failed(f):
             out.append(
                 f"<testcase {attrs}><failure message={quoteattr(f.kind)}>{escape(f.line())}</failure></testcase>"
             )

@@ -47,6 +47,7 @@ class SuiteOutcome:
     units_done: int = 0
     units_skipped: int = 0
     inapplicable: list = field(default_factory=list)  # (backbone x protocol) not run, and why
+    arch_protocols: dict = field(default_factory=dict)  # model -> the arch protocols it gets
     train_seeds: int = 1
     deterministic: bool = False
 
@@ -144,37 +145,58 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
         raise UserError("a suite builds its tables from the evaluation's records: drop --no-wait")
     results = ensure_writable_dir(Path(opt.results_dir), "results folder")
     out = SuiteOutcome(results, train_seeds=opt.train_seeds, deterministic=opt.deterministic)
-    cards = load_cards(list(suite.protocols), list(suite.set))  # bad cards fail before training
+    # every card, the arch protocols' too, loaded with the suite's overrides: bad cards fail
+    # before training
+    names = suite.all_protocols()
+    by_name = dict(zip(names, load_cards(list(names), list(suite.set)), strict=True))
+    extra = _arch_extra(suite, opt.device)
+    out.arch_protocols = {m: list(c) for m, c in extra.items() if c}
     t0 = time.perf_counter()
     folders = train_models(suite, opt, out)
     out.timings["training"] = round(time.perf_counter() - t0, 1)
     out.checkpoints = {k: [str(f) for f in v] for k, v in folders.items()}
-    backbones = (
-        *suite.baselines,
-        *(f"{m.name}=ckpt:{f}" for m in suite.models for f in folders[m.name]),
-    )
-    cfg = RunConfig(
-        backbones=tuple(backbones),
-        datasets=suite.datasets,
-        protocols=cards,
-        results_dir=results,
-        cache_dir=opt.cache_dir,
-        device=opt.device,
-        seeds=suite.seeds,
-        image_size=suite.image_size,
-        force=opt.force,
-        progress=opt.progress,
-        skip_inapplicable=True,
-    )
-    t0 = time.perf_counter()
-    if opt.cluster is not None:
-        _evaluate_as_sweep(cfg, opt.cluster, out)
-    else:
-        outcomes = run(cfg)
-        out.units_done = sum(o.status == "done" for o in outcomes)
-        out.units_skipped = sum(o.status == "skipped" for o in outcomes)
-        out.inapplicable = [f"{o.backbone} x {o.protocol}" for o in outcomes if o.status == "n/a"]
-    out.timings["evaluation"] = round(time.perf_counter() - t0, 1)
+    ckpts = {m.name: [f"{m.name}=ckpt:{f}" for f in folders[m.name]] for m in suite.models}
+    runs = _evaluation_runs(suite, ckpts, extra)
+    arch_only = suite.all_protocols()[len(suite.protocols) :]
+    out.inapplicable += [
+        f"{b} x {p} (arch protocol; not a trained model)"
+        for b in suite.baselines
+        for p in arch_only
+    ]
+    for m, protos in extra.items():
+        out.inapplicable += [
+            f"{m} x {p} (arch protocol; {m}'s arch does not match {_patterns(suite, p)})"
+            for p in arch_only
+            if p not in protos
+        ]
+    t_eval = time.perf_counter()
+    for label, backbones, protos in runs:
+        cfg = RunConfig(
+            backbones=tuple(backbones),
+            datasets=suite.datasets,
+            protocols=tuple(by_name[p] for p in protos),
+            results_dir=results,
+            cache_dir=opt.cache_dir,
+            device=opt.device,
+            seeds=suite.seeds,
+            image_size=suite.image_size,
+            force=opt.force,
+            progress=opt.progress,
+            skip_inapplicable=True,
+        )
+        t0 = time.perf_counter()
+        if opt.cluster is not None:
+            _evaluate_as_sweep(cfg, opt.cluster, out)
+        else:
+            outcomes = run(cfg)
+            out.units_done += sum(o.status == "done" for o in outcomes)
+            out.units_skipped += sum(o.status == "skipped" for o in outcomes)
+            out.inapplicable += [
+                f"{o.backbone} x {o.protocol}" for o in outcomes if o.status == "n/a"
+            ]
+        out.timings[label] = round(time.perf_counter() - t0, 1)
+    if len(runs) > 1:
+        out.timings["evaluation, all"] = round(time.perf_counter() - t_eval, 1)
     t0 = time.perf_counter()
     write_leaderboard(results)
     if opt.report:
@@ -190,6 +212,33 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
     return out
 
 
+def _arch_extra(suite: JobSuite, device: str) -> dict[str, tuple[str, ...]]:
+    """Each trained model's arch protocols: those whose pattern matches its resolved arch."""
+    return {
+        m.name: suite.arch_extra(str(_resolved_train_config(suite, m, device).arch))
+        for m in suite.models
+    }
+
+
+def _evaluation_runs(
+    suite: JobSuite, ckpts: dict[str, list[str]], extra: dict[str, tuple[str, ...]]
+) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(timing label, backbones, protocols) of each evaluation run: the suite-wide protocols on
+    every backbone (baselines and trained models), then each distinct set of arch protocols
+    on the trained models whose arch matched it, and on no other backbone."""
+    every = (*suite.baselines, *(b for m in suite.models for b in ckpts[m.name]))
+    runs = [("evaluation", every, tuple(suite.protocols))]
+    for protos in dict.fromkeys(c for c in extra.values() if c):
+        models = [m.name for m in suite.models if extra[m.name] == protos]
+        backbones = tuple(b for m in models for b in ckpts[m])
+        runs.append((f"evaluation {', '.join(protos)}", backbones, protos))
+    return runs
+
+
+def _patterns(suite: JobSuite, protocol: str) -> str:
+    return " or ".join(repr(k) for k, v in suite.arch_protocols.items() if protocol in v)
+
+
 def _evaluate_as_sweep(cfg, cluster, out: SuiteOutcome) -> None:
     """The evaluation as a sweep of submitit jobs (ssl_eval/orchestrate/sweep/), waited for."""
     from ..sweep import submit_sweep
@@ -203,9 +252,9 @@ def _evaluate_as_sweep(cfg, cluster, out: SuiteOutcome) -> None:
             f"--results-dir {cfg.results_dir}` shows why; run the suite again to resubmit only "
             "the missing units"
         )
-    out.units_skipped = sweep.recorded
-    out.units_done = c["done"] - sweep.recorded
-    out.inapplicable = sweep.inapplicable
+    out.units_skipped += sweep.recorded
+    out.units_done += c["done"] - sweep.recorded
+    out.inapplicable += sweep.inapplicable
 
 
 def _write_manifest(suite: JobSuite, out: SuiteOutcome) -> None:
@@ -229,6 +278,7 @@ def _write_manifest(suite: JobSuite, out: SuiteOutcome) -> None:
         "train_seeds": out.train_seeds,
         "deterministic": out.deterministic,
         "checkpoints": out.checkpoints,
+        "arch_protocols": out.arch_protocols,
         "trained_this_run": out.trained,
         "units": {
             "done": out.units_done,

@@ -3,11 +3,17 @@
 A job suite declares everything its numbers depend on: the evaluation dataset(s) and image size,
 the baselines, the protocols (with card overrides), and each trained model's method and
 training config (defaults shared by all models, deep-merged with each model's own ``config``).
-Its ``version`` is recorded with the run, so a changed suite is told apart."""
+Its ``version`` is recorded with the run, so a changed suite is told apart.
+
+``protocols`` apply to every backbone; ``arch_protocols`` maps a pattern of training
+architectures (fnmatch, e.g. ``vit_*``) to protocols evaluated on the trained models whose
+resolved ``arch`` matches it, and on no other backbone: a protocol that only fits some
+architectures (a multi-layer probe reads a ViT's blocks) is asked of those alone."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ...core.config import from_mapping, read_yaml
@@ -38,6 +44,8 @@ class JobSuite:
     train_defaults: dict = field(default_factory=dict)  # a TrainConfig mapping (partial)
     models: tuple[TrainedModel, ...] = ()
     budget_s: float | None = None  # the wall time the suite is sized for (measured, not enforced)
+    # {arch pattern: [protocols]}: evaluated on the trained models of a matching arch only
+    arch_protocols: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.version < 1:
@@ -55,6 +63,37 @@ class JobSuite:
                 raise UserError(
                     f"suite {self.name}: model name {n!r} may hold only letters, digits, - and _"
                 )
+        if not isinstance(self.arch_protocols, dict):
+            raise UserError(
+                f"suite {self.name}: arch_protocols maps an arch pattern to protocols, e.g. "
+                "{'vit_*': [attentive@capi]}"
+            )
+        for pattern, cards in self.arch_protocols.items():
+            if not isinstance(cards, list | tuple) or not cards:
+                raise UserError(
+                    f"suite {self.name}: arch_protocols[{pattern!r}] must list at least one protocol"
+                )
+            both = sorted(set(cards) & set(self.protocols))
+            if both:
+                raise UserError(
+                    f"suite {self.name}: {both} is in protocols (every backbone) and in "
+                    f"arch_protocols[{pattern!r}]; name it once"
+                )
+
+    def arch_extra(self, arch: str) -> tuple[str, ...]:
+        """The protocols of ``arch_protocols`` whose pattern matches ``arch``, in file order."""
+        out: list[str] = []
+        for pattern, cards in self.arch_protocols.items():
+            if fnmatchcase(arch, str(pattern)):
+                out += [c for c in cards if c not in out]
+        return tuple(out)
+
+    def all_protocols(self) -> tuple[str, ...]:
+        """Every protocol the suite names, the suite-wide ones first."""
+        out = list(self.protocols)
+        for cards in self.arch_protocols.values():
+            out += [c for c in cards if c not in out]
+        return tuple(out)
 
     def backbone_labels(self) -> list[str]:
         return [*self.baselines, *(m.name for m in self.models)]
