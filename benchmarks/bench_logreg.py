@@ -1,5 +1,5 @@
 """Logistic regression over DINOv3's C grid: ssl-eval's warm-started, preconditioned L-BFGS
-path (ssl_eval/protocols/logreg.py, lbfgs.py) against the official scripts' loop, scikit-learn's
+path (ssl_eval/protocols/logreg.py, _lbfgs.py) against the official scripts' loop, scikit-learn's
 LogisticRegression(lbfgs, tol=1e-12, max_iter=1000, float64) fitted cold at each C, timed in
 the same run on the same features.
 

@@ -258,7 +258,7 @@ def test_loss_and_gradient_are_sklearns_objective(backend, monkeypatch):
     from sklearn._loss.loss import HalfMultinomialLoss
     from sklearn.linear_model._linear_loss import LinearModelLoss
 
-    from ssl_eval.protocols import lbfgs
+    from ssl_eval.protocols import _lbfgs as lbfgs
 
     monkeypatch.setattr(lbfgs, "L2_BYTES", 16 * 8 * 7)  # 16 rows a block: 53 rows -> 4 blocks
     rng = np.random.default_rng(1)
@@ -285,7 +285,8 @@ def test_loss_and_gradient_are_sklearns_objective(backend, monkeypatch):
 def test_device_path_reaches_the_cpu_paths_minimisers(monkeypatch):
     """The GPU path (TorchLoss, the torch preconditioner and L-BFGS on tensors), forced on the
     CPU, ends at the same minimisers as the CPU path (numpy) over part of the grid."""
-    from ssl_eval.protocols import lbfgs, logreg
+    from ssl_eval.protocols import _lbfgs as lbfgs
+    from ssl_eval.protocols import logreg
 
     inp = _digits()
     x = torch.from_numpy(inp.train_x[inp.train_idx][:400]).double()

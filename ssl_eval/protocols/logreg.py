@@ -7,7 +7,7 @@ several classes (multinomial), divided by C n as scikit-learn 1.x divides it:
 
 It is strictly convex in W and its minimiser is the one a cold fit at each C reaches, so a fit
 that starts from the previous C's solution ends at the same point in fewer steps: the grid is
-walked from small C (strong penalty, an easy problem) to large. The solver (lbfgs.py) is
+walked from small C (strong penalty, an easy problem) to large. The solver (_lbfgs.py) is
 L-BFGS written out: f and its gradient in closed form (softmax minus one-hot, one pass over
 the features per evaluation: numpy in L2-cache-sized row blocks on a CPU, torch GEMMs on a
 GPU), a backtracking Armijo line search, and H0 shaped by a Kronecker preconditioner (the
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from ..core.errors import UserError
+from ._lbfgs import Memory, kron_for, make_loss, minimise, one_blas_thread
 from .base import PROTOCOL_TYPES, DataShape, ProtocolInputs, ProtocolOutput, ProtocolType, topk_hits
-from .lbfgs import Memory, kron_for, make_loss, minimise, one_blas_thread
 
 FINAL_FITS = ("train+val", "train")
 
