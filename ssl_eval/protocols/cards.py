@@ -58,9 +58,15 @@ class ProtocolCard:
         return self.protocol.name
 
     def params_dict(self) -> dict:
+        """The resolved params, less each param its dataclass lists in ``NEUTRAL`` whose value
+        is the neutral one: a param added to a protocol type later, whose neutral value gives
+        exactly the numbers of the type before it (tested), does not change the setting of the
+        cards that do not use it (their records, keys and gate rows stay what they were)."""
+        neutral = getattr(type(self.params), "NEUTRAL", {})
         return {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(self.params).items()
+            if not (k in neutral and _same(v, neutral[k]))
         }
 
     def to_record(self) -> dict:
@@ -73,6 +79,12 @@ class ProtocolCard:
             "overrides": {k: v for k, v in self.overrides},
             "source": self.source,
         }
+
+
+def _same(value: object, neutral: object) -> bool:
+    if isinstance(value, list | tuple) and isinstance(neutral, list | tuple):
+        return list(value) == list(neutral)
+    return type(value) is type(neutral) and value == neutral
 
 
 def parse_card(
