@@ -25,7 +25,14 @@ from ..core.errors import UserError
 from ..data.dense import IGNORE
 from ..features.tokens import token_source
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
-from .dense.common import TargetBank, cache_of, crop_backbone, dense_size, dense_targets
+from .dense.common import (
+    TargetBank,
+    cache_of,
+    crop_backbone,
+    dense_size,
+    dense_targets,
+    train_tokens,
+)
 from .dense.metrics import SegmentationScorer
 from .dense_seg import score_segmentation
 from .search.knn import knn_search
@@ -55,17 +62,7 @@ class KnnsegParams:
 def _tokens_and_shares(inp, p, dense, rows, size, classes):
     """L2-normalised patch tokens (P, D) of ``rows``' crops and each patch's class shares
     (P, C) among its labelled pixels, with the crop targets (for validation)."""
-    src = token_source(
-        crop_backbone(inp.backbone, size),
-        inp.bundle,
-        "train",
-        rows,
-        budget_bytes=p.token_budget_mb * 2**20,
-        device=inp.device,
-        batch_size=inp.batch_size,
-        cache_dir=cache_of(inp),
-        num_workers=inp.num_workers,
-    )
+    src = train_tokens(inp, size, rows, p.token_budget_mb)
     targets = TargetBank(dense.train, rows, size, False, p.target_budget_mb * 2**20)
     feats, shares, crops = [], [], []
     for take, tokens, _ in src.batches(rows):

@@ -24,19 +24,17 @@ from torch import nn
 from ..core.errors import UserError
 from ..core.runtime import log
 from ..data.dense import IGNORE
-from ..features.tokens import token_source
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
 from .dense.common import (
     TargetBank,
-    cache_of,
-    crop_backbone,
     dense_size,
     dense_targets,
     epoch_orders,
     image_png,
     lr_at,
     mask_png,
-    slide_predict,
+    predict_test,
+    train_tokens,
 )
 from .dense.metrics import SegmentationScorer
 
@@ -112,17 +110,7 @@ def train_head(inp: ImageInputs, p: DenseTrainParams, head: nn.Module, loss_fn, 
     dense = dense_targets(inp, task)
     size, _, _ = geometry(inp, p)
     rows = np.sort(np.asarray(inp.train_idx, dtype=np.int64))
-    src = token_source(
-        crop_backbone(inp.backbone, size),
-        inp.bundle,
-        "train",
-        rows,
-        budget_bytes=p.token_budget_mb * 2**20,
-        device=inp.device,
-        batch_size=inp.batch_size,
-        cache_dir=cache_of(inp),
-        num_workers=inp.num_workers,
-    )
+    src = train_tokens(inp, size, rows, p.token_budget_mb)
     targets = TargetBank(dense.train, rows, size, task == "depth", p.target_budget_mb * 2**20)
     device = inp.device
     torch.manual_seed(inp.seed)
@@ -194,17 +182,7 @@ def score_segmentation(inp, p, dense, head, details: dict) -> ProtocolOutput:
     scorer = SegmentationScorer(len(dense.classes), IGNORE)
     examples = []
     test = inp.bundle.test
-    for r, out in slide_predict(
-        inp.backbone,
-        test,
-        range(len(test)),
-        size=size,
-        crop=crop,
-        stride=stride,
-        head=head,
-        device=inp.device,
-        batch_size=inp.batch_size,
-    ):
+    for r, out in predict_test(inp, head, size, crop, stride):
         pred = out.argmax(0).cpu().numpy()
         target = dense.test.load(r)
         scorer.add(pred, target)

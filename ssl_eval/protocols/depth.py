@@ -24,7 +24,7 @@ from torch import nn
 
 from ..core.errors import UserError
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
-from .dense.common import dense_targets, slide_predict
+from .dense.common import dense_targets, predict_test
 from .dense.metrics import DepthScorer
 from .dense_seg import DenseTrainParams, _token_dim, geometry, train_head
 
@@ -97,18 +97,7 @@ def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
     record, losses = train_head(inp, p, head, loss_fn, "depth")
     size, crop, stride = geometry(inp, p)
     scorer = DepthScorer(dense.depth_range, dense.eval_box)
-    test = inp.bundle.test
-    for r, out in slide_predict(
-        inp.backbone,
-        test,
-        range(len(test)),
-        size=size,
-        crop=crop,
-        stride=stride,
-        head=head,
-        device=inp.device,
-        batch_size=inp.batch_size,
-    ):
+    for r, out in predict_test(inp, head, size, crop, stride):
         scorer.add(out[0].cpu().numpy(), dense.test.load(r))
     res = scorer.results(inp.bootstrap_resamples, inp.seed)
     n_valid = len(res["per_image"]["rmse"])

@@ -52,6 +52,24 @@ def cache_of(inp):
     return default_cache_dir()
 
 
+def train_tokens(inp, size: int, rows, budget_mb: float):
+    """The token source of the training ``rows`` at ``size`` (the run's cache, batch and
+    workers), cached within ``budget_mb``, streamed beyond."""
+    from ...features.tokens import token_source
+
+    return token_source(
+        crop_backbone(inp.backbone, size),
+        inp.bundle,
+        "train",
+        rows,
+        budget_bytes=budget_mb * 2**20,
+        device=inp.device,
+        batch_size=inp.batch_size,
+        cache_dir=cache_of(inp),
+        num_workers=inp.num_workers,
+    )
+
+
 def dense_size(backbone, size: int) -> int:
     """The shorter side images are resized to: the card's ``size``, else the backbone's crop."""
     s = size or backbone.preprocessing.crop or backbone.preprocessing.resize
@@ -180,6 +198,22 @@ def slide_predict(
             avg = (canvas[r] / count[r])[None]
             h0, w0 = images[r].shape[:2]
             yield r, F.interpolate(avg, size=(h0, w0), mode="bilinear", align_corners=False)[0]
+
+
+def predict_test(inp, head, size: int, crop: int, stride: int):
+    """(row, output) of ``head`` slid over every test image at the given geometry."""
+    test = inp.bundle.test
+    return slide_predict(
+        inp.backbone,
+        test,
+        range(len(test)),
+        size=size,
+        crop=crop,
+        stride=stride,
+        head=head,
+        device=inp.device,
+        batch_size=inp.batch_size,
+    )
 
 
 def lr_at(step: int, steps: int, warmup: int, lr: float, final_fraction: float) -> float:
