@@ -43,6 +43,19 @@ def _cls_avgpool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([out[:, 0], _patch_mean(model, out)], dim=1)
 
 
+def _normed_last_blocks(model: nn.Module, x: torch.Tensor, n: int) -> list:
+    """[(patch tokens, prefix tokens)] of the last ``n`` blocks, oldest first, each through
+    the final norm (timm's ``forward_intermediates``)."""
+    return model.forward_intermediates(
+        x,
+        indices=n,
+        return_prefix_tokens=True,
+        norm=True,
+        intermediates_only=True,
+        output_fmt="NLC",
+    )
+
+
 def _last_blocks(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     """Class tokens of the last ``n`` blocks (normed) and the mean patch token of the last
     block, concatenated: DINOv2's linear-evaluation features."""
@@ -50,14 +63,7 @@ def _last_blocks(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     def read(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not hasattr(model, "forward_intermediates"):
             raise UserError(f"feature kind 'last{n}' needs a timm ViT with forward_intermediates")
-        inter = model.forward_intermediates(
-            x,
-            indices=n,
-            return_prefix_tokens=True,
-            norm=True,
-            intermediates_only=True,
-            output_fmt="NLC",
-        )
+        inter = _normed_last_blocks(model, x, n)
         cls = [prefix[:, 0] for _, prefix in inter]
         return torch.cat(cls + [inter[-1][0].mean(dim=1)], dim=1)
 
@@ -89,14 +95,7 @@ def _per_block(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
                 f"{type(model).__name__} has {len(blocks)}; ask for at most {len(blocks)} "
                 "(a card's n_last_blocks, or --feature-kind layers:N)"
             )
-        inter = model.forward_intermediates(
-            x,
-            indices=n,
-            return_prefix_tokens=True,
-            norm=True,
-            intermediates_only=True,
-            output_fmt="NLC",
-        )
+        inter = _normed_last_blocks(model, x, n)
         parts = []
         for patches, prefix in inter:
             parts += [prefix[:, 0], patches.mean(dim=1)]
