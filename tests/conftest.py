@@ -7,6 +7,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch (and the subprocesses its tests start) gets its
+    share of the cores: two workers with two OpenMP threads each on two cores spend their time
+    waiting on each other's threads (tests/test_verdict.py's module setup: 36 s alone, 201 s
+    beside another worker so oversubscribed)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    import torch
+
+    threads = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = threads
+    torch.set_num_threads(int(threads))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     """Every test gets its own feature cache and weights folder, and never downloads."""
