@@ -23,6 +23,16 @@ def pytest_configure(config):
     torch.set_num_threads(int(threads))
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that asks for a fixture its module names in ``SLOW_FIXTURES`` (a module fixture
+    that trains or runs processes) is slow, marked or not: ``-m "not slow"`` would otherwise
+    build that fixture for the one unmarked test that reads it."""
+    for item in items:
+        slow = getattr(item.module, "SLOW_FIXTURES", ())
+        if any(name in slow for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     """Every test gets its own feature cache and weights folder, and never downloads."""

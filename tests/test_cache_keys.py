@@ -64,6 +64,7 @@ def test_manifest_does_not_reread_unchanged_files(tmp_path, monkeypatch):
     assert again == first and calls == []
 
 
+@pytest.mark.slow
 def test_rerun_after_same_size_overwrite_recomputes(tmp_path):
     """End to end: the unit is not 'already done' and the old features are not served."""
     _folder(tmp_path / "data")

@@ -220,6 +220,7 @@ def test_missing_weights_name_the_official_file_and_places(tmp_path):
         build_backbone("mocov3_vitb16", BuildOptions(offline=True))
 
 
+@pytest.mark.slow
 def test_simclr_v1_converted_layout(tmp_path, r50):
     sd, ref = r50
     torch.save({"state_dict": sd}, tmp_path / "resnet50-1x.pth")  # the converter's output
@@ -255,6 +256,7 @@ def to_simclr_v2(sd: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_simclr_v2_converted_layout(tmp_path, r50):
     sd, ref = r50
     head = {
@@ -316,6 +318,7 @@ def mlp_keys(prefix: str, dims: list[int]) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_mocov3_r50_training_checkpoint(tmp_path, r50):
     sd, ref = r50
     enc = {k: v for k, v in sd.items() if not k.startswith("fc.")} | mlp_keys("fc", [2048, 256, 64])
@@ -343,6 +346,7 @@ def test_mocov3_r50_training_checkpoint(tmp_path, r50):
     close(via.embed(X224), ref)
 
 
+@pytest.mark.slow
 def test_dino_resnet50_hub_and_training_checkpoint(tmp_path, r50):
     sd, ref = r50
     backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}  # DINO's fc is Identity
@@ -377,6 +381,7 @@ def test_dino_resnet50_hub_and_training_checkpoint(tmp_path, r50):
 # ---------------------------------------------------------------- failures
 
 
+@pytest.mark.slow
 def test_wrong_architecture_and_extra_keys_are_errors(tmp_path, r50):
     sd, _ = r50
     torch.save(sd | {"layer5.0.conv1.weight": torch.zeros(1)}, tmp_path / "extra.pth")
@@ -431,6 +436,7 @@ def test_detection_and_family_errors(tmp_path):
         build_backbone("cifar_resnet20", BuildOptions(family="dino"))
 
 
+@pytest.mark.slow
 def test_load_report_reaches_the_result_record(tmp_path):
     """Through the CLI: ckpt:PATH with --family, the record keeps the report and the sha256."""
     from ssl_eval.cli import main

@@ -95,6 +95,7 @@ def test_mocov3_declared_vit_base_with_11_blocks_is_refused(tmp_path):
     assert arch["from"].startswith("the tensor shapes")
 
 
+@pytest.mark.slow
 def test_mocov3_declared_vit_small_but_another_width_is_refused(tmp_path):
     _, sd = vit("vit_tiny_patch16_224", 32, seed=32, num_heads=12)  # 12 blocks, 192 wide
     moco_file(tmp_path / "narrow.pth.tar", sd, "vit_small")
@@ -109,6 +110,7 @@ def test_mocov3_declared_vit_small_but_another_width_is_refused(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_mocov3_declared_vit_small_loads_with_its_12_heads_and_says_so(tmp_path):
     ref, sd = vit("vit_small_patch16_224", 32, seed=33, num_heads=12)
     moco_file(tmp_path / "vit-s.pth.tar", sd, "vit_small")
@@ -167,6 +169,7 @@ def test_mocov3_convstem_and_resnet_declarations(tmp_path):
 # ---------------------------------------------------------------- convert_to_deit.py
 
 
+@pytest.mark.slow
 def test_convert_to_deit_vits_is_refused_unless_mocov3_is_named(tmp_path):
     """convert_to_deit.py's {"model": encoder} is MAE's and DeiT's layout too. A ViT-S there is
     MoCo v3's (12 heads) or DeiT's (6 heads) and the weights cannot tell: refused, unless
@@ -195,6 +198,7 @@ def test_convert_to_deit_vits_is_refused_unless_mocov3_is_named(tmp_path):
     close(tagged.embed(X16), cls(ref, X16))
 
 
+@pytest.mark.slow
 def test_convert_to_deit_vitb_loads_as_mae_with_a_note(tmp_path):
     """At ViT-B width MAE, MoCo v3 and DeiT agree (12 heads): read, and the note says who else."""
     ref, sd = vit("vit_base_patch16_224", 32, seed=36, depth=1)
@@ -215,6 +219,7 @@ def test_convert_to_deit_vitb_loads_as_mae_with_a_note(tmp_path):
 # ---------------------------------------------------------------- MAE, DINO, DINOv2 declarations
 
 
+@pytest.mark.slow
 def test_mae_args_model_is_the_architecture(tmp_path):
     _, sd = vit("vit_small_patch16_224", 32, seed=37)  # 12 blocks, but 384 wide
     decoder = {"decoder_embed.weight": torch.randn(16, 384), "mask_token": torch.zeros(1, 1, 16)}
@@ -248,6 +253,7 @@ def test_mae_args_model_declared_loads(tmp_path):
     close(bb.embed(X16), cls(ref, X16))
 
 
+@pytest.mark.slow
 def test_dino_args_arch_and_patch_size_are_the_architecture(tmp_path):
     def training_file(name, sd, **args):
         torch.save(
@@ -285,6 +291,7 @@ def test_dino_args_arch_and_patch_size_are_the_architecture(tmp_path):
         build_backbone("dino_vits8", BuildOptions(weights=tmp_path / "ok.pth", image_size=32))
 
 
+@pytest.mark.slow
 def test_a_flat_vit_no_dino_model_is_as_wide_is_refused(tmp_path):
     _, sd = vit("vit_large_patch16_224", 32, seed=40, depth=1)
     torch.save(sd, tmp_path / "flat_large.pth")
@@ -431,6 +438,7 @@ def solo_cifar_resnet18(sd: dict, x: torch.Tensor) -> torch.Tensor:
         return ref.eval()(x)
 
 
+@pytest.mark.slow
 def test_solo_resnet18_cifar_stem_comes_from_args_json(tmp_path):
     import torchvision
 
@@ -623,6 +631,7 @@ def _family_files(tmp_path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_every_family_reports_the_architecture_it_built(tmp_path):
     _ensure_loaded()
     files = _family_files(tmp_path)
@@ -638,6 +647,7 @@ def test_every_family_reports_the_architecture_it_built(tmp_path):
             assert arch["num_heads"] == bb.model.blocks[0].attn.num_heads
 
 
+@pytest.mark.slow
 def test_tags_timm_random_pixels_and_trained_folders_report_it_too(tmp_path):
     _, d2 = vit("vit_small_patch14_dinov2", 28, seed=49)
     torch.save(d2 | {"mask_token": torch.zeros(1, 384)}, tmp_path / "dinov2_vits14_pretrain.pth")

@@ -94,6 +94,7 @@ def test_every_vit_tag_has_its_papers_architecture():
 # ---------------------------------------------------------------- MoCo v3
 
 
+@pytest.mark.slow
 def test_mocov3_vits16_training_checkpoint(tmp_path):
     ref, sd = vit("vit_small_patch16_224", 32, seed=6, num_heads=12)  # MoCo v3's ViT-S: 12 heads
     enc = sd | mlp_keys("head", [384, 64, 64, 32])  # the 3-layer projector replaced `head`
@@ -157,6 +158,7 @@ def test_mae_vitb16_pretrain_checkpoint_with_decoder(tmp_path):
     close(via.embed(X16), cls(ref, X16))
 
 
+@pytest.mark.slow
 def test_mae_vith14_finetuned_global_pool_layout(tmp_path):
     """Fine-tuned MAE: `norm` deleted, `fc_norm` on the mean patch token, a `head` (ViT-H/14
     width and heads, 2 blocks)."""
@@ -219,6 +221,7 @@ def test_dino_vits16_hub_file_and_training_checkpoint(tmp_path, vits16):
 # ---------------------------------------------------------------- DINOv2
 
 
+@pytest.mark.slow
 def test_dinov2_reg4_hub_layout(tmp_path):
     ref, sd = vit("vit_small_patch14_reg4_dinov2", 28, seed=9)
     r = 0.1 * torch.randn(1, 1, 384)  # DINOv2 keeps the class token's position in pos_embed
@@ -238,6 +241,7 @@ def test_dinov2_reg4_hub_layout(tmp_path):
     assert bb.load_report["dropped"] == ["mask_token"]
 
 
+@pytest.mark.slow
 def test_dinov2_chunked_teacher_checkpoint(tmp_path):
     ref, sd = vit("vit_small_patch14_dinov2", 28, seed=10)
     backbone = {}
@@ -313,6 +317,7 @@ def to_dinov3(sd: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_dinov3_vits16_official_layout(tmp_path):
     ref, sd = vit("vit_small_patch16_dinov3_qkvb", 32, seed=12, global_pool="token")
     torch.save(to_dinov3(sd), tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
@@ -330,6 +335,7 @@ def test_dinov3_vits16_official_layout(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_dinov3_swiglu_and_timm_layouts_by_detection(tmp_path):
     """ViT-S+/16 (SwiGLU w1/w2/w3) official layout, and timm's own (bias-free) hub layout."""
     ref, sd = vit("vit_small_plus_patch16_dinov3_qkvb", 32, seed=13, global_pool="token", depth=2)
@@ -349,6 +355,7 @@ def test_dinov3_swiglu_and_timm_layouts_by_detection(tmp_path):
     close(via2.embed(X16), cls(ref2, X16))
 
 
+@pytest.mark.slow
 def test_dinov3_convnext_tiny_official_layout(tmp_path):
     ref, sd = vit("convnext_tiny", 32, seed=15)
     official = {}

@@ -171,6 +171,7 @@ def shallow(monkeypatch):
     monkeypatch.setattr(dinov2_family, "create_timm", one_block)
 
 
+@pytest.mark.slow
 def test_every_dinov2_tag_is_covered_with_its_builders_architecture():
     list_backbones()  # registers every family's tags
     assert {t for t, (family, _) in TAGS.items() if family == "dinov2"} == set(OFFICIAL)
@@ -223,6 +224,7 @@ def test_position_table_at_every_grid(tag, tmp_path, shallow):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=f"{tag} at {size} px")
 
 
+@pytest.mark.slow
 def test_detected_files_take_the_settings_of_their_registers(tmp_path):
     """ckpt:PATH (no tag): a file with registers is read as the _reg builders (and the eval
     configs vit*14_reg4_pretrain.yaml) build it, one without as the plain ones."""

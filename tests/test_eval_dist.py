@@ -17,6 +17,11 @@ import torch
 from ssl_eval.core.distributed import shard
 from ssl_eval.protocols.knn import canonical_search, merge_topk
 
+SLOW_FIXTURES = (
+    "runs",
+    "finetune_runs",
+)  # module fixtures that train or start processes (conftest)
+
 ARGS = [
     "run",
     "--backbone",

@@ -24,6 +24,8 @@ from test_eval_dist import (
 
 from ssl_eval.features.decode_cache import DecodedSplit
 
+SLOW_FIXTURES = ("runs",)  # module fixtures that train or start processes (conftest)
+
 ARGS = ["run", "--backbone", "random:resnet10t", "--dataset", "digits", "--image-size", "16"]
 ARGS += ["--protocol", "knn", "--feature-dtype", "float32", "--no-progress", "--no-leaderboard"]
 ARGS += ["--batch-size", "100"]  # 13 train batches over 2 ranks: an odd count, the last one short

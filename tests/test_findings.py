@@ -26,6 +26,8 @@ from ssl_eval.report.findings import TITLE, findings
 from ssl_eval.report.gate import _holm
 from ssl_eval.report.leaderboard import build_table
 
+SLOW_FIXTURES = ("default",)  # module fixtures that train or start processes (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "results" / "reference" / "default"
 QUICK = ROOT / "results" / "reference" / "quick"

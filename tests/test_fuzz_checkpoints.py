@@ -165,6 +165,7 @@ def _as_file(tmp_path, obj, name="w.pt"):
 @FUZZ
 @given(sd=st.one_of(mutated_layouts(), mutated_layouts(), state_dicts(), values))
 @example(sd={"cls_token": torch.zeros(()), "pos_embed": torch.zeros(0)})
+@pytest.mark.slow
 def test_any_state_dict_is_detected_or_refused_in_one_line(tmp_path, sd):
     path = _as_file(tmp_path, sd)
     try:

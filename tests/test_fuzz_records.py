@@ -45,6 +45,7 @@ def _check_records(recs: list[ResultRecord]) -> None:
 
 @FEW
 @given(data=st.data())
+@pytest.mark.slow
 def test_any_edit_of_a_record_file_is_read_or_refused_in_one_line(real_record_file, data):
     doc = data.draw(mutated_docs(real_record_file))
     recs = doc.get("records")
@@ -57,6 +58,7 @@ def test_any_edit_of_a_record_file_is_read_or_refused_in_one_line(real_record_fi
 
 @FEW
 @given(data=st.data())
+@pytest.mark.slow
 def test_any_record_file_is_read_or_skipped_with_a_warning(
     real_record_file, tmp_path_factory, data
 ):

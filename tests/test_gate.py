@@ -19,6 +19,8 @@ from ssl_eval.records.store import read_unit_file, records_dir, write_unit
 from ssl_eval.report.baseline import frame_rows
 from ssl_eval.report.gate import _setting_difference, check
 
+SLOW_FIXTURES = ("store",)  # module fixtures that train or start processes (conftest)
+
 RUN = ["--dataset", "digits", "--protocol", "knn,linear", "--image-size", "16", "--no-progress"]
 
 

@@ -77,6 +77,7 @@ def fake_searches(monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_the_fastest_search_is_chosen_and_the_choice_recorded(fake_searches):
     g = torch.Generator().manual_seed(0)
     bank = F.normalize(torch.randn(500, 16, generator=g), dim=1)

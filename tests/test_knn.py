@@ -216,6 +216,7 @@ def test_streamed_search_of_a_memmapped_bank_equals_the_in_memory_search(tmp_pat
         assert torch.equal(streamed[k].argmax(1), ref[k].argmax(1))
 
 
+@pytest.mark.slow
 def test_run_knn_on_a_memmap_equals_run_knn_in_memory_and_records_its_chunks(tmp_path):
     rng = np.random.default_rng(5)
     means = rng.normal(size=(5, 12)) * 2
@@ -263,6 +264,7 @@ def _rss_file_mb() -> float:
 
 
 @pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.slow
 def test_streaming_a_memmap_releases_its_pages_past_the_budget(tmp_path, gather):
     """Reading a 64 MB float16 memmap through FeatureRows keeps at most about release_mb of it
     resident; without the release the whole file stays mapped (the defect: RSS grows with N)."""

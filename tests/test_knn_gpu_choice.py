@@ -63,6 +63,7 @@ def _inputs(seed=0):
     return ProtocolInputs(x, y, xt, yt, tr, va, 4)
 
 
+@pytest.mark.slow
 def test_auto_chooses_among_float32_searches_and_records_the_choice(gpu_standin):
     out = run_knn(_inputs(), KnnParams(ks=(5, 20), backend="auto"))
     assert out.details["backend"] == "auto"

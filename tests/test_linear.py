@@ -203,6 +203,7 @@ def _status_mb(field: str) -> float:
     pytest.skip(f"no {field} in /proc/self/status")
 
 
+@pytest.mark.slow
 def test_training_on_a_memmap_holds_release_mb_of_it_not_a_folio_per_batch_row(tmp_path):
     """A mini-batch gathers rows from all over the file and every scattered row maps its whole
     folio (up to 2 MB): gathered at once, a 512-row batch held up to 1 GB of the bank, so the

@@ -285,6 +285,7 @@ def test_offline_reason_reads_the_switches_as_huggingface_hub_does(monkeypatch):
         monkeypatch.delenv(var)
 
 
+@pytest.mark.slow
 def test_probe_is_bounded_concurrent_and_asked_once_per_host(monkeypatch):
     a, b = _SilentProxy(), _SilentProxy()
     urls = [f"{s.url}/x.pth" for s in (a, b)]
@@ -302,6 +303,7 @@ def test_probe_is_bounded_concurrent_and_asked_once_per_host(monkeypatch):
     assert network.unreachable(urls[0]) == why[urls[0]] and calls == []  # remembered
 
 
+@pytest.mark.slow
 def test_a_host_that_answers_at_all_is_reachable():
     class NotFound(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):

@@ -25,6 +25,8 @@ from ssl_eval.train.data import load_train_data
 from ssl_eval.train.loop import train
 from ssl_eval.train.resolve import resolve_config
 
+SLOW_FIXTURES = ("finetuned", "trained")  # module fixtures that train (conftest)
+
 P = FinetuneParams(epochs=2, batch_size=32, hflip=False)
 
 

@@ -16,6 +16,8 @@ from ssl_eval.cli import main
 from ssl_eval.core.files import sha256_json
 from ssl_eval.report import maps, write_report
 
+SLOW_FIXTURES = ("report",)  # module fixtures that train or start processes (conftest)
+
 HOSTILE = "<script>x</script>|y"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 RUN_FILE = re.compile(r"^[0-9a-f]{20}-")  # the record files ssl-eval run writes

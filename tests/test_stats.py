@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from scipy.stats import binomtest
 
 from ssl_eval.core.stats import (
@@ -11,6 +12,7 @@ from ssl_eval.core.stats import (
 )
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_covers_the_true_accuracy_at_about_95_percent():
     rng = np.random.default_rng(0)
     trials, covered = 300, 0

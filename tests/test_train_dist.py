@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from ssl_eval.train import losses
 from ssl_eval.train.dist import all_reduce_mean, gather, gather_with_grad
 
+SLOW_FIXTURES = ("two_processes",)  # module fixtures that train or start processes (conftest)
+
 WORLD = 2
 N, D = 8, 6  # global batch, embedding width
 TOL = 1e-5

@@ -21,6 +21,8 @@ from ssl_eval.train.fingerprint import trainer_fingerprint
 from ssl_eval.train.loop import train
 from ssl_eval.train.resolve import resolve_config
 
+SLOW_FIXTURES = ("runs",)  # module fixtures that train or start processes (conftest)
+
 SETTINGS = {
     "arch": "cifar_resnet_tiny",
     "dataset": "digits",
@@ -52,6 +54,7 @@ def runs(tmp_path_factory, data):
     return tmp
 
 
+@pytest.mark.slow
 def test_the_training_images_avoid_the_evaluations_validation_split():
     """The issue's case: 4,000 of the 10,000 shapes train images. Drawn from all of train,
     395 of the evaluation's 1,000 validation images were in the supervised model's labelled
@@ -177,6 +180,7 @@ def _run(tmp_path, backbone, *extra):
     return code, (load_records(out) if out.exists() else [])
 
 
+@pytest.mark.slow
 def test_evaluation_records_the_split_check_and_warns(runs, tmp_path, capfd):
     """Through `ssl-eval run`: the evaluation's split is the trainer's (ok), or another one
     (overlap, warned in one line); an unfinished training is refused in one line unless

@@ -47,6 +47,7 @@ def _edited(package, rel: str) -> str:
         "train/fingerprint.py",  # itself, through the checkpoint module
     ],
 )
+@pytest.mark.slow
 def test_editing_code_that_trains_changes_the_source_hash(package, rel):
     base = fp.source_fingerprint(package)
     assert len(base) == 16 and int(base, 16) >= 0
@@ -65,6 +66,7 @@ def test_editing_code_that_trains_changes_the_source_hash(package, rel):
         "train/resolve.py",  # assembles the config, which the sidecar records in full
     ],
 )
+@pytest.mark.slow
 def test_editing_code_that_does_not_train_keeps_the_source_hash(package, rel):
     assert _edited(package, rel) == fp.source_fingerprint(package)
 

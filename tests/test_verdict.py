@@ -19,6 +19,8 @@ from ssl_eval.core.stats import pack_bits, prediction_test
 from ssl_eval.report.baseline import frame_rows, group_runs
 from ssl_eval.report.gate import _holm, check
 
+SLOW_FIXTURES = ("ref",)  # module fixtures that train or start processes (conftest)
+
 TINY = """
 name: tiny
 version: 1
