@@ -208,7 +208,12 @@ def test_default_suite_asks_its_vit_probes_of_the_vits_alone():
     runs = _evaluation_runs(suite, ckpts, extra)
     assert runs[0][1] == (*suite.baselines, *(b for v in ckpts.values() for b in v))
     assert runs[0][2] == suite.protocols and not set(runs[0][2]) & set(extra["mae"])
-    assert [(r[1], r[2]) for r in runs[1:]] == [(("mae=ckpt:/x/mae",), extra["mae"])]
+    assert [(r[1], r[2], r[3]) for r in runs[1:-1]] == [
+        (("mae=ckpt:/x/mae",), extra["mae"], suite.datasets)
+    ]
+    # the dense column: every backbone, shapes-seg alone, its own protocols alone
+    assert runs[-1][1:] == (runs[0][1], ("knnseg@capi",), ("shapes-seg",))
+    assert "shapes-seg" not in suite.datasets
 
 
 def test_arch_protocols_match_by_pattern_and_may_not_repeat_a_suite_protocol(tmp_path, capsys):
@@ -221,6 +226,65 @@ def test_arch_protocols_match_by_pattern_and_may_not_repeat_a_suite_protocol(tmp
     code = main(["suite", str(p), "--results-dir", str(tmp_path / "r"), "--reference", "none"])
     err = capsys.readouterr().err
     assert code == 2 and "name it once" in err and err.count("\n") == 1, err
+
+
+BASELINES_ONLY = """
+name: dense-small
+version: 1
+datasets: [digits]
+image_size: 16
+baselines: [pixels, random:cifar_resnet_tiny]
+protocols: [knn]
+dataset_protocols: {shapes-seg: [knnseg@capi]}
+set: ['knnseg@capi.ks=[1,3]']
+"""
+
+
+@pytest.mark.slow
+def test_dataset_protocols_score_their_dataset_alone_and_tokenless_backbones_are_na(
+    tmp_path, capsys
+):
+    """shapes-seg under knnseg@capi beside digits under knn: each dataset gets its own
+    protocols only, the pixel baseline (no patch tokens) is n/a under knnseg with the reason,
+    not an error that ends the suite, and the leaderboard gains the mIoU column."""
+    code, out = _run(tmp_path, _suite(tmp_path, BASELINES_ONLY), capsys)
+    assert code == 0, out
+    from ssl_eval.records.frame import load_frame
+
+    df = load_frame(tmp_path / "r")
+    got = sorted({(r.backbone, r.dataset, r.protocol) for r in df.itertuples()})
+    assert got == [
+        ("pixels", "digits", "knn"),
+        ("random:cifar_resnet_tiny", "digits", "knn"),
+        ("random:cifar_resnet_tiny", "shapes-seg", "knnseg@capi"),
+    ]
+    na = json.loads((tmp_path / "r" / "suite.json").read_text())["units"]["not_applicable"]
+    assert any(x.startswith("pixels x knnseg@capi") for x in na), na
+    assert "reads patch tokens; pixels gives none" in out
+    board = (tmp_path / "r" / "leaderboard.md").read_text()
+    assert "shapes-seg / knnseg@capi (mIoU %)" in board, board
+
+
+def test_a_dataset_in_datasets_and_dataset_protocols_is_refused(tmp_path, capsys):
+    text = BASELINES_ONLY.replace("[shapes-seg: ", "[").replace(
+        "{shapes-seg: [knnseg@capi]}", "{digits: [linear]}"
+    )
+    code = main(["suite", str(_suite(tmp_path, text)), "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "name it once" in err and err.count("\n") == 1, err
+
+
+def test_a_protocol_of_patch_tokens_refuses_a_tokenless_backbone_before_any_work(tmp_path, capsys):
+    code = main(
+        ["run", "--backbone", "pixels", "--dataset", "shapes-seg", "--image-size", "16",
+         "--protocol", "knnseg@capi", "--results-dir", str(tmp_path / "r")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("ssl-eval: error")]
+    assert code == 2 and "reads patch tokens" in line and "Traceback" not in err, err
+    assert not (tmp_path / "r" / "records").exists() or not any(
+        (tmp_path / "r" / "records").iterdir()
+    )
 
 
 @pytest.mark.slow

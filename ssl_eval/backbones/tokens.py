@@ -18,9 +18,14 @@ from torch import nn
 from ..core.errors import UserError
 
 
+def has_tokens(model: nn.Module) -> bool:
+    """Whether ``model`` gives token-level outputs (``forward_features``) at all."""
+    return hasattr(model, "forward_features")
+
+
 def forward_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's ``forward_features`` (the last block, after its final norm)."""
-    if not hasattr(model, "forward_features"):
+    if not has_tokens(model):
         raise UserError(
             f"{type(model).__name__} gives only its pooled output (no forward_features): "
             "token features need a ViT or a CNN backbone"

@@ -14,6 +14,7 @@ import torch
 
 from ..backbones import BuildOptions, build_backbone
 from ..backbones.base import Backbone
+from ..backbones.tokens import has_tokens
 from ..core import distributed
 from ..core.config import RunConfig
 from ..core.errors import UserError
@@ -199,6 +200,14 @@ def _label_kind(bundle: DatasetBundle) -> str:
     return "multi" if bundle.multilabel is not None else "single"
 
 
+def _no_tokens(card: ProtocolCard, bb: Backbone) -> UserError:
+    """The refusal of a protocol that reads patch tokens for a backbone that gives none."""
+    return UserError(
+        f"{card.name} reads patch tokens, but {bb.tag} gives only its pooled output; use a "
+        "ViT or CNN backbone, or a protocol of pooled features (knn, linear)"
+    )
+
+
 def _kind_mismatch(card: ProtocolCard, bundle: DatasetBundle) -> str:
     """Why ``card`` cannot evaluate ``bundle`` (a single-label protocol on a multi-label
     dataset or the reverse), or "" where it can."""
@@ -232,6 +241,12 @@ def _walk(cfg: RunConfig, device, cache_dir: Path, build) -> Iterator[_Unit]:
                 for card in cfg.protocols:
                     why = _kind_mismatch(card, bundle)
                     if why:  # another protocol of the run evaluates it (_preflight checked)
+                        yield _Unit(ds_name, bundle, split, bb_name, bb, seed, card, None, why=why)
+                        continue
+                    if card.protocol.reads_tokens and not has_tokens(bb.model):
+                        if not cfg.skip_inapplicable:
+                            raise _no_tokens(card, bb)
+                        why = f"{card.name} reads patch tokens; {bb.tag} gives none"
                         yield _Unit(ds_name, bundle, split, bb_name, bb, seed, card, None, why=why)
                         continue
                     if card.protocol.trains and not trainable:

@@ -294,5 +294,6 @@ def run_attentive(inp: ImageInputs, p: AttentiveParams) -> ProtocolOutput:
 
 
 PROTOCOL_TYPES.register(
-    "attentive", ProtocolType("attentive", AttentiveParams, run_attentive, inputs="images")
+    "attentive",
+    ProtocolType("attentive", AttentiveParams, run_attentive, inputs="images", tokens=True),
 )

@@ -109,6 +109,11 @@ class ProtocolType:
         return self.feature_kind(params) if self.feature_kind is not None else None
 
     dense: str | None = None  # the per-pixel target it scores ("segmentation", "depth")
+    tokens: bool = False  # True: it reads the backbone's patch tokens (dense protocols do too)
+
+    @property
+    def reads_tokens(self) -> bool:
+        return self.tokens or self.dense is not None
 
 
 PROTOCOL_TYPES: Registry[ProtocolType] = Registry("protocol type")

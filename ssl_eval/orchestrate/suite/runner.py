@@ -157,7 +157,7 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
     out.checkpoints = {k: [str(f) for f in v] for k, v in folders.items()}
     ckpts = {m.name: [f"{m.name}=ckpt:{f}" for f in folders[m.name]] for m in suite.models}
     runs = _evaluation_runs(suite, ckpts, extra)
-    arch_only = suite.all_protocols()[len(suite.protocols) :]
+    arch_only = suite.arch_only()
     out.inapplicable += [
         f"{b} x {p} (arch protocol; not a trained model)"
         for b in suite.baselines
@@ -170,10 +170,10 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
             if p not in protos
         ]
     t_eval = time.perf_counter()
-    for label, backbones, protos in runs:
+    for label, backbones, protos, datasets in runs:
         cfg = RunConfig(
             backbones=tuple(backbones),
-            datasets=suite.datasets,
+            datasets=datasets,
             protocols=tuple(by_name[p] for p in protos),
             results_dir=results,
             cache_dir=opt.cache_dir,
@@ -222,16 +222,19 @@ def _arch_extra(suite: JobSuite, device: str) -> dict[str, tuple[str, ...]]:
 
 def _evaluation_runs(
     suite: JobSuite, ckpts: dict[str, list[str]], extra: dict[str, tuple[str, ...]]
-) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
-    """(timing label, backbones, protocols) of each evaluation run: the suite-wide protocols on
-    every backbone (baselines and trained models), then each distinct set of arch protocols
-    on the trained models whose arch matched it, and on no other backbone."""
+) -> list[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+    """(timing label, backbones, protocols, datasets) of each evaluation run: the suite-wide
+    protocols on every backbone (baselines and trained models), then each distinct set of arch
+    protocols on the trained models whose arch matched it, and on no other backbone, then each
+    dataset of ``dataset_protocols`` under its own protocols on every backbone."""
     every = (*suite.baselines, *(b for m in suite.models for b in ckpts[m.name]))
-    runs = [("evaluation", every, tuple(suite.protocols))]
+    runs = [("evaluation", every, tuple(suite.protocols), tuple(suite.datasets))]
     for protos in dict.fromkeys(c for c in extra.values() if c):
         models = [m.name for m in suite.models if extra[m.name] == protos]
         backbones = tuple(b for m in models for b in ckpts[m])
-        runs.append((f"evaluation {', '.join(protos)}", backbones, protos))
+        runs.append((f"evaluation {', '.join(protos)}", backbones, protos, suite.datasets))
+    for ds, protos in suite.dataset_protocols.items():
+        runs.append((f"evaluation {ds}", every, tuple(protos), (ds,)))
     return runs
 
 

@@ -8,7 +8,10 @@ Its ``version`` is recorded with the run, so a changed suite is told apart.
 ``protocols`` apply to every backbone; ``arch_protocols`` maps a pattern of training
 architectures (fnmatch, e.g. ``vit_*``) to protocols evaluated on the trained models whose
 resolved ``arch`` matches it, and on no other backbone: a protocol that only fits some
-architectures (a multi-layer probe reads a ViT's blocks) is asked of those alone."""
+architectures (a multi-layer probe reads a ViT's blocks) is asked of those alone.
+``dataset_protocols`` maps a dataset to the protocols evaluated on it alone, on every backbone:
+a dense dataset (``shapes-seg``) is scored by its per-pixel probes, never by the image-level
+protocols of ``datasets``."""
 
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ class JobSuite:
     budget_s: float | None = None  # the wall time the suite is sized for (measured, not enforced)
     # {arch pattern: [protocols]}: evaluated on the trained models of a matching arch only
     arch_protocols: dict = field(default_factory=dict)
+    # {dataset: [protocols]}: evaluated on that dataset alone, on every backbone
+    dataset_protocols: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.version < 1:
@@ -80,6 +85,22 @@ class JobSuite:
                     f"arch_protocols[{pattern!r}]; name it once"
                 )
 
+        if not isinstance(self.dataset_protocols, dict):
+            raise UserError(
+                f"suite {self.name}: dataset_protocols maps a dataset to protocols, e.g. "
+                "{'shapes-seg': [knnseg@capi]}"
+            )
+        for ds, cards in self.dataset_protocols.items():
+            if not isinstance(cards, list | tuple) or not cards:
+                raise UserError(
+                    f"suite {self.name}: dataset_protocols[{ds!r}] must list at least one protocol"
+                )
+            if ds in self.datasets:
+                raise UserError(
+                    f"suite {self.name}: {ds!r} is in datasets (every protocol) and in "
+                    "dataset_protocols (its own); name it once"
+                )
+
     def arch_extra(self, arch: str) -> tuple[str, ...]:
         """The protocols of ``arch_protocols`` whose pattern matches ``arch``, in file order."""
         out: list[str] = []
@@ -88,10 +109,17 @@ class JobSuite:
                 out += [c for c in cards if c not in out]
         return tuple(out)
 
-    def all_protocols(self) -> tuple[str, ...]:
-        """Every protocol the suite names, the suite-wide ones first."""
-        out = list(self.protocols)
+    def arch_only(self) -> tuple[str, ...]:
+        """The protocols of ``arch_protocols`` not also suite-wide, in file order."""
+        out: list[str] = []
         for cards in self.arch_protocols.values():
+            out += [c for c in cards if c not in out and c not in self.protocols]
+        return tuple(out)
+
+    def all_protocols(self) -> tuple[str, ...]:
+        """Every protocol the suite names: suite-wide, arch, then dataset protocols."""
+        out = [*self.protocols, *self.arch_only()]
+        for cards in self.dataset_protocols.values():
             out += [c for c in cards if c not in out]
         return tuple(out)
 
