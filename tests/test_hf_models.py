@@ -58,6 +58,11 @@ def save(folder, kind):
     elif kind == "siglip":
         model = tf.SiglipVisionModel(tf.SiglipVisionConfig(**vit))
         proc = tf.SiglipImageProcessor(size={"height": 32, "width": 32})
+    elif kind == "dinov3":  # a class token and 4 registers in front of the patches
+        model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(**vit, num_register_tokens=4))
+        proc = tf.BitImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
     model.save_pretrained(folder)
     proc.save_pretrained(folder)
     return folder
@@ -218,3 +223,62 @@ def test_another_image_size_interpolates_position_embeddings(tmp_path):
     bb = build_backbone(f"hf:{save(tmp_path / 'm', 'mae')}", BuildOptions(image_size=48))
     assert bb.preprocessing.crop == 48 and bb.embed(torch.randn(2, 3, 48, 48)).shape == (2, 32)
     assert any("interpolate_pos_encoding" in n for n in bb.load_report["preprocessing_notes"])
+
+
+# ---------------------------------------------------------------- layers:N
+
+
+def _block_reference(model, x, final_norm, prefix, n):
+    """[class token, mean patch token] of each of the last ``n`` blocks, after the final norm,
+    from transformers' own outputs: the last block is the model's ``last_hidden_state`` (its
+    own norm), the one before it ``output_hidden_states``' entry with the final norm's weights
+    applied here by hand (``F.layer_norm``), registers (``prefix`` tokens) left out of the mean."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)
+    hidden = out.hidden_states
+    assert len(hidden) == 1 + model.config.num_hidden_layers  # the embeddings, then each block
+    w, b, eps = final_norm.weight, final_norm.bias, final_norm.eps
+    blocks = [F.layer_norm(h, (h.shape[-1],), w, b, eps) for h in hidden[-n:-1]]
+    blocks.append(out.last_hidden_state)
+    return torch.cat([t for h in blocks for t in (h[:, 0], h[:, prefix:].mean(dim=1))], dim=1)
+
+
+@pytest.mark.parametrize("kind, prefix", [("dinov2", 1), ("mae", 1), ("dinov3", 5)])
+def test_layers_are_the_blocks_through_the_final_norm(tmp_path, kind, prefix):
+    """layers:N of a Hugging Face tower: per block, the class token and the mean patch token
+    (DINOv3's registers left out) after the model's final norm (Dinov2Model and ViTMAEModel:
+    layernorm; DINOv3ViTModel: norm); layers:1's class token is the cls feature."""
+    from dataclasses import replace
+
+    folder = save(tmp_path / kind, kind)
+    extra = {"mask_ratio": 0.0} if kind == "mae" else {}  # MAE keeps every patch (shuffled)
+    model = transformers.AutoModel.from_pretrained(folder, use_kernels=False, **extra).eval()
+    final_norm = model.norm if kind == "dinov3" else model.layernorm
+    bb = build_backbone(f"hf:{folder}", BuildOptions(feature_kind="layers:2"))
+    x = torch.randn(3, 3, 32, 32)
+    for n in (1, 2):
+        got = replace(bb, feature_kind=f"layers:{n}").embed(x)
+        want = _block_reference(model, x, final_norm, prefix, n)
+        assert got.shape == (3, 2 * n * 32)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    cls = replace(bb, feature_kind="cls").embed(x)
+    torch.testing.assert_close(replace(bb, feature_kind="layers:1").embed(x)[:, :32], cls)
+    with pytest.raises(UserError, match="has 2; ask for at most 2") as e:
+        replace(bb, feature_kind="layers:3").embed(x)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kind, says",
+    [
+        ("ijepa", "I-JEPA has none.*use avgpool"),
+        ("siglip", "SigLIP has none.*use model or avgpool"),
+    ],
+)
+def test_layers_without_a_class_token_is_one_line(tmp_path, kind, says):
+    bb = build_backbone(f"hf:{save(tmp_path / kind, kind)}", BuildOptions(feature_kind="layers:1"))
+    with pytest.raises(UserError, match=f"read each block's class token; {says}") as e:
+        bb.embed(torch.randn(1, 3, 32, 32))
+    assert "\n" not in str(e.value)

@@ -187,3 +187,88 @@ def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r'pip install "ssleval-bench\[clip\]"') as e:
         build_backbone(f"openclip:{tmp_path}")
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- layers:N
+
+
+def _rows(blocks, n, prefix=1):
+    """[class token, mean patch token] of each of the last ``n`` normed blocks."""
+    return torch.cat([t for h in blocks[-n:] for t in (h[:, 0], h[:, prefix:].mean(dim=1))], 1)
+
+
+def _clip_blocks_by_hand(visual, x):
+    """open_clip's ViT walked here one resblock at a time: conv1 patches behind the class
+    embedding, the position embedding, ln_pre, each resblock (in the layout the transformer
+    runs: LND unless ``batch_first``), and ln_post, the final norm, on every block's output."""
+    t = visual.conv1(x).flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.reshape(1, 1, -1).expand(t.shape[0], 1, -1)
+    h = visual.ln_pre(torch.cat([cls, t], dim=1) + visual.positional_embedding)
+    lnd = not getattr(visual.transformer, "batch_first", False)
+    outs = []
+    for blk in visual.transformer.resblocks:
+        h = blk(h.transpose(0, 1)).transpose(0, 1) if lnd else blk(h)
+        outs.append(visual.ln_post(h))
+    return outs
+
+
+def test_clip_layers_are_the_resblocks_through_ln_post(tmp_path):
+    from dataclasses import replace
+
+    folder = publish(tmp_path / "clip", CLIP_CFG, OPENAI, "shortest")
+    bb = build_backbone(f"openclip:{folder}", BuildOptions(feature_kind="layers:2"))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        blocks = _clip_blocks_by_hand(bb.model.visual, x)
+    for n in (1, 2):
+        got = replace(bb, feature_kind=f"layers:{n}").embed(x)
+        assert got.shape == (3, 2 * n * 32)
+        torch.testing.assert_close(got, _rows(blocks, n), rtol=1e-5, atol=1e-5)
+    cls = replace(bb, feature_kind="cls").embed(x)  # the pooled token before the projection
+    torch.testing.assert_close(replace(bb, feature_kind="layers:1").embed(x)[:, :32], cls)
+    with pytest.raises(UserError, match="has 2; ask for at most 2") as e:
+        replace(bb, feature_kind="layers:3").embed(x)
+    assert "\n" not in str(e.value)
+
+
+def test_timm_trunk_layers_are_the_trunks_blocks_through_its_norm(tmp_path):
+    """A timm trunk (test_vit: a class token, attention pooling) read through the trunk's
+    forward_intermediates, against its blocks walked here with its final norm on each."""
+    folder = publish(tmp_path / "siglip", SIGLIP_CFG, HALF, "squash")
+    bb = build_backbone(f"openclip:{folder}", BuildOptions(feature_kind="layers:2"))
+    trunk = bb.model.visual.trunk
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        h = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(x)))
+        blocks = []
+        for blk in trunk.blocks:
+            h = blk(h)
+            blocks.append(trunk.norm(h))
+    want = _rows(blocks, 2, prefix=trunk.num_prefix_tokens)
+    torch.testing.assert_close(bb.embed(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_without_a_class_token_or_final_norm_is_one_line():
+    """SigLIP's timm trunk has no class token; a CoCa-style tower's ln_post follows its
+    attentional pooler: both refused in one line naming the single-layer kinds."""
+    import timm
+    from torch import nn
+
+    from ssl_eval.backbones.base import Backbone, WeightsInfo
+    from ssl_eval.backbones.families.openclip import OpenClipImageTower
+    from ssl_eval.data.transforms import Preprocessing
+
+    pre = Preprocessing(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    siglip = nn.Module()
+    siglip.trunk = timm.create_model(
+        "test_vit", img_size=32, class_token=False, global_pool="map", num_classes=0
+    )
+    coca = open_clip.model._build_vision_tower(
+        16, {**CLIP_CFG["vision_cfg"], "attentional_pool": True, "attn_pooler_queries": 4}
+    )
+    x = torch.randn(1, 3, 32, 32)
+    for visual, says in ((siglip, "SigLIP pools"), (coca, "attentional pooler")):
+        bb = Backbone("t", OpenClipImageTower(visual), pre, "layers:1", WeightsInfo("none", "0"))
+        with pytest.raises(UserError, match=f"{says}.*use model, cls or avgpool") as e:
+            bb.embed(x)
+        assert "\n" not in str(e.value)

@@ -14,7 +14,7 @@ from torch import nn
 from ..core.errors import UserError
 from ..core.registry import Registry
 from ..data.transforms import Preprocessing
-from .tokens import PatchGrid, forward_tokens, num_prefix_tokens, patch_grid
+from .tokens import PatchGrid, block_reader, forward_tokens, num_prefix_tokens, patch_grid
 
 # ---------------------------------------------------------------- feature kinds
 
@@ -43,17 +43,27 @@ def _cls_avgpool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([out[:, 0], _patch_mean(model, out)], dim=1)
 
 
-def _normed_last_blocks(model: nn.Module, x: torch.Tensor, n: int) -> list:
+def _normed_last_blocks(model: nn.Module, x: torch.Tensor, n: int, kind: str) -> list:
     """[(patch tokens, prefix tokens)] of the last ``n`` blocks, oldest first, each through
-    the final norm (timm's ``forward_intermediates``)."""
-    return model.forward_intermediates(
-        x,
-        indices=n,
-        return_prefix_tokens=True,
-        norm=True,
-        intermediates_only=True,
-        output_fmt="NLC",
-    )
+    the final norm: the model's :class:`~.tokens.LastBlocks` (timm's ``forward_intermediates``,
+    or a Hugging Face or open_clip tower's own). Refused in one line for a model without
+    blocks, without a class token, or with fewer than ``n`` blocks."""
+    reader = block_reader(model)
+    if reader is None:
+        raise UserError(
+            f"feature kind '{kind}' reads the class token and mean patch token of a ViT's last "
+            "blocks (a timm ViT, or a Hugging Face or open_clip tower with a class token); a "
+            f"{type(model).__name__} has no such blocks: use a single-layer card (linear, knn) "
+            "with feature kind model, cls, avgpool or cls+avgpool"
+        )
+    depth = reader.block_count()  # a tower without a class token refuses here
+    if n > depth:
+        raise UserError(
+            f"feature kind '{kind}' asks for the last {n} blocks, but this "
+            f"{type(model).__name__} has {depth}; ask for at most {depth} "
+            "(a card's n_last_blocks, or --feature-kind layers:N)"
+        )
+    return reader.last_blocks(x, n)
 
 
 def _last_blocks(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
@@ -61,9 +71,7 @@ def _last_blocks(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     block, concatenated: DINOv2's linear-evaluation features."""
 
     def read(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not hasattr(model, "forward_intermediates"):
-            raise UserError(f"feature kind 'last{n}' needs a timm ViT with forward_intermediates")
-        inter = _normed_last_blocks(model, x, n)
+        inter = _normed_last_blocks(model, x, n, f"last:{n}")
         cls = [prefix[:, 0] for _, prefix in inter]
         return torch.cat(cls + [inter[-1][0].mean(dim=1)], dim=1)
 
@@ -77,27 +85,8 @@ def _per_block(n: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     values, ``[cls, patch mean]`` per block (``features/layers.py`` names the columns)."""
 
     def read(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        blocks = getattr(model, "blocks", None)
-        if (
-            not hasattr(model, "forward_intermediates")
-            or blocks is None
-            or getattr(model, "num_prefix_tokens", 0) < 1
-        ):
-            raise UserError(
-                f"feature kind 'layers:{n}' reads the class token and mean patch token of a "
-                f"ViT's last blocks (timm forward_intermediates); a {type(model).__name__} has "
-                "no such blocks: use a single-layer card (linear, knn) with feature kind "
-                "model, cls, avgpool or cls+avgpool"
-            )
-        if n > len(blocks):
-            raise UserError(
-                f"feature kind 'layers:{n}' asks for the last {n} blocks, but this "
-                f"{type(model).__name__} has {len(blocks)}; ask for at most {len(blocks)} "
-                "(a card's n_last_blocks, or --feature-kind layers:N)"
-            )
-        inter = _normed_last_blocks(model, x, n)
         parts = []
-        for patches, prefix in inter:
+        for patches, prefix in _normed_last_blocks(model, x, n, f"layers:{n}"):
             parts += [prefix[:, 0], patches.mean(dim=1)]
         return torch.cat(parts, dim=1)
 

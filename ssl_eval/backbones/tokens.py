@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -91,3 +92,57 @@ def patch_grid(model: nn.Module, x: torch.Tensor) -> PatchGrid:
     return PatchGrid(
         patches.reshape(out.shape[0], h, w, out.shape[-1]), out[:, :prefix] if prefix else None
     )
+
+
+# ---------------------------------------------------------------- the last blocks
+
+
+class LastBlocks(Protocol):
+    """What the multi-layer feature kinds (``layers:N``, ``last:N``) read of a model: the class
+    and register tokens and the patch tokens of each of its last blocks, after its final norm,
+    as DINOv2's and DINOv3's ``get_intermediate_layers(n, return_class_token=True)`` give them.
+
+    ``block_count()`` is the depth; a model whose blocks carry no class token refuses there
+    with one line naming the kinds it does give. ``last_blocks(x, n)`` is
+    ``[(patch tokens (N, L, D), prefix tokens (N, P, D))]`` for the last ``n`` blocks, oldest
+    first. timm ViTs give it through :class:`TimmBlocks`; the Hugging Face and open_clip towers
+    (``families/hf.py``, ``families/openclip.py``) implement it themselves, each from its
+    library's own intermediate outputs and final norm."""
+
+    def block_count(self) -> int: ...
+
+    def last_blocks(self, x: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class TimmBlocks:
+    """A timm ViT's ``forward_intermediates`` (``norm=True``: its final norm on every block)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def block_count(self) -> int:
+        return len(self.model.blocks)
+
+    def last_blocks(self, x: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.model.forward_intermediates(
+            x,
+            indices=n,
+            return_prefix_tokens=True,
+            norm=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+        )
+
+
+def block_reader(model: nn.Module) -> LastBlocks | None:
+    """The model's own :class:`LastBlocks` (a tower that implements it), a timm ViT with a class
+    token read through :class:`TimmBlocks`, or None (a CNN, a model without blocks)."""
+    if hasattr(model, "last_blocks") and hasattr(model, "block_count"):
+        return model
+    if (
+        hasattr(model, "forward_intermediates")
+        and getattr(model, "blocks", None) is not None
+        and getattr(model, "num_prefix_tokens", 0) >= 1
+    ):
+        return TimmBlocks(model)
+    return None

@@ -69,6 +69,19 @@ FEATURE: dict[str, tuple[str, str]] = {
         "SigLIP 2's image embedding is its attention-pooled (MAP) output",
     ),
 }
+# what the multi-layer kinds say of a model without a class token
+NO_CLASS_TOKEN = {
+    "ijepa": "I-JEPA has none (its probes read the mean patch token): use avgpool",
+    "siglip_vision_model": (
+        "SigLIP has none (its embedding is the attention-pooled output): use model or avgpool"
+    ),
+    "siglip2_vision_model": (
+        "SigLIP 2 has none (its embedding is the attention-pooled output): use model or avgpool"
+    ),
+}
+# where a transformers vision model keeps the norm after its last block (Dinov2Model,
+# ViTMAEModel, IJepaModel, ViTModel: layernorm; DINOv3ViTModel: norm)
+FINAL_NORM = ("layernorm", "norm")
 # keys a checkpoint may hold beyond the feature extractor: heads, decoders, the other tower
 DROPPABLE = (
     r"^decoder\.",
@@ -229,8 +242,8 @@ class HFImageTower(nn.Module):
         self.kwargs = kwargs  # e.g. interpolate_pos_encoding at another resolution
         self.mae = model.config.model_type == "vit_mae"
 
-    def _run(self, x: torch.Tensor):
-        kw = dict(self.kwargs)
+    def _run(self, x: torch.Tensor, **extra):
+        kw = dict(self.kwargs, **extra)
         if self.mae:  # MAE's model masks a random 75% of patches; keep all, in order
             n = (x.shape[-2] // self.hf.config.patch_size) * (
                 x.shape[-1] // self.hf.config.patch_size
@@ -251,6 +264,56 @@ class HFImageTower(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x).last_hidden_state
+
+    # the last blocks (backbones/tokens.LastBlocks): layers:N and last:N
+
+    def block_count(self) -> int:
+        if self.num_prefix_tokens < 1:
+            kind = self.hf.config.model_type
+            raise UserError(
+                "the multi-layer feature kinds (layers:N, last:N) read each block's class token; "
+                + NO_CLASS_TOKEN.get(kind, f"{kind} has none: use model or avgpool")
+            )
+        return int(self.hf.config.num_hidden_layers)
+
+    def _final_norm(self) -> nn.Module:
+        for name in FINAL_NORM:
+            norm = getattr(self.hf, name, None)
+            if isinstance(norm, nn.Module):
+                return norm
+        raise UserError(
+            f"{type(self.hf).__name__} has none of {list(FINAL_NORM)} (its final norm): "
+            "layers:N cannot read its blocks as its own output does; use cls or avgpool"
+        )
+
+    def last_blocks(self, x: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``output_hidden_states``: every block's output before the final norm; the model's
+        own final norm applied to the last ``n``, then split into prefix and patch tokens."""
+        norm = self._final_norm()
+        out = self._run(x, output_hidden_states=True)
+        hidden = out.hidden_states
+        if hidden is None or len(hidden) < n:
+            raise UserError(
+                f"{type(self.hf).__name__} gave {0 if hidden is None else len(hidden)} hidden "
+                f"states for {n} blocks (transformers {_version()}); use cls or avgpool"
+            )
+        blocks = [norm(h) for h in hidden[-n:]]
+        # the last block through the norm is the model's own output: the hidden states are the
+        # blocks' outputs before the final norm, and the norm is the one the model applies
+        if not torch.allclose(blocks[-1], out.last_hidden_state, rtol=1e-3, atol=1e-3):
+            raise UserError(
+                f"{type(self.hf).__name__}'s last hidden state through its final norm is not its "
+                f"last_hidden_state (transformers {_version()}): layers:N cannot read its blocks; "
+                "use cls or avgpool"
+            )
+        p = self.num_prefix_tokens
+        return [(h[:, p:], h[:, :p]) for h in blocks]
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _prefix_tokens(model: nn.Module) -> int:

@@ -39,6 +39,7 @@ from ..adapters import finish_report
 from ..base import Backbone, BackboneSpec, BuildOptions, WeightsInfo
 from ..checkpoints import read_state_dict, strict_load, strip_prefix
 from ..registry import BACKBONES
+from ..tokens import LastBlocks, block_reader
 from ..weights import WeightsSource
 
 EXTRA = 'pip install "ssleval-bench[clip]"'
@@ -123,6 +124,46 @@ class OpenClipImageTower(nn.Module):
                 "use --feature-kind model"
             )
         return torch.cat([pooled[:, None], tokens], dim=1)
+
+    # the last blocks (backbones/tokens.LastBlocks): layers:N and last:N
+
+    def _trunk(self) -> LastBlocks:
+        reader = block_reader(self.visual.trunk)
+        if reader is None:
+            raise UserError(
+                "the multi-layer feature kinds (layers:N, last:N) read each block's class token; "
+                f"this open_clip tower's timm trunk ({type(self.visual.trunk).__name__}) has "
+                "none (SigLIP pools its patch tokens by attention): use model, cls or avgpool"
+            )
+        return reader
+
+    def block_count(self) -> int:
+        v = self.visual
+        if hasattr(v, "trunk"):
+            return self._trunk().block_count()
+        if not hasattr(v, "forward_intermediates") or getattr(v, "attn_pool", None) is not None:
+            raise UserError(
+                f"this open_clip tower ({type(v).__name__}) has no blocks the multi-layer "
+                "feature kinds (layers:N, last:N) can read (its ln_post follows an attentional "
+                "pooler): use model, cls or avgpool"
+            )
+        return len(v.transformer.resblocks)
+
+    def last_blocks(self, x: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A CLIP ViT: open_clip's own ``forward_intermediates`` with ``ln_post`` on every
+        block (class token first); a timm trunk: the trunk's ``forward_intermediates``."""
+        v = self.visual
+        if hasattr(v, "trunk"):
+            return self._trunk().last_blocks(x, n)
+        out = v.forward_intermediates(
+            x,
+            indices=n,
+            normalize_intermediates=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        return list(zip(out["image_intermediates"], out["image_intermediates_prefix"], strict=True))
 
 
 # ---------------------------------------------------------------- configs
