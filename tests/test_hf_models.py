@@ -282,3 +282,25 @@ def test_layers_without_a_class_token_is_one_line(tmp_path, kind, says):
     with pytest.raises(UserError, match=f"read each block's class token; {says}") as e:
         bb.embed(torch.randn(1, 3, 32, 32))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_linear_dinov2_runs_on_a_hf_tower_from_the_cli(tmp_path, capsys):
+    """`ssl-eval run --protocol linear@dinov2` on a tiny Dinov2Model: the heads read its
+    layers:2 row; a layer count beyond its 2 blocks is one line and a non-zero exit."""
+    from ssl_eval.cli import main
+    from ssl_eval.records.store import load_records
+
+    folder = save(tmp_path / "d", "dinov2")
+    common = ["--dataset", "digits", "--no-progress", "--results-dir", str(tmp_path / "r")]
+    args = ["run", "--backbone", f"hf:{folder}", "--protocol", "linear@dinov2"]
+    sets = ["--set", "n_last_blocks=[1,2]", "--set", "iterations=20", "--set", "batch_size=256"]
+    assert main(args + sets + common + ["--cache-dir", str(tmp_path / "c")]) == 0
+    rec = next(r for r in load_records(tmp_path / "r") if r.metric == "top1")
+    read = rec.details["features_read"]
+    assert read["feature_kind"] == "layers:2" and read["layout"]["blocks"] == [-2, -1]
+    assert len(rec.details["val_top1"]) == 52 and rec.ci95 is not None
+    deep = ["--set", "n_last_blocks=[1,3]", "--set", "iterations=5"]
+    assert main(args + deep + common + ["--cache-dir", str(tmp_path / "c")]) != 0
+    err = capsys.readouterr().err
+    assert "has 2; ask for at most 2" in err and "Traceback" not in err

@@ -4,7 +4,8 @@ Every model ssl-eval builds exposes ``forward_features``: a (N, C, H, W) map for
 (N, L, D) token sequence for transformers whose first ``num_prefix_tokens`` are the class and
 register tokens (timm ViTs, the official families, the Hugging Face and open_clip towers). The
 dense probes and the attentive probes read patch tokens through :func:`patch_grid` and nothing
-else, so a family that builds its model differently adapts ``forward_features``, not them.
+else, so a family that builds its model differently adapts ``forward_features``, not them. The
+multi-layer kinds read the last blocks through :class:`LastBlocks` in the same way.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ the class token after the final norm for DINOv2/DINOv3 and MAE, the mean patch t
 I-JEPA (no class token), the attention-pooled output (``pooler_output``) for SigLIP; other
 models give ``pooler_output`` when they have one, else the mean patch token. ``model`` is
 ``pooler_output``; ``cls`` and ``avgpool`` read ``last_hidden_state`` (registers skipped).
+``layers:N`` reads ``output_hidden_states`` through the model's own final norm (a model without
+a class token refuses it).
 """
 
 from __future__ import annotations

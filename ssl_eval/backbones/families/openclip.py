@@ -14,7 +14,8 @@ are the only keys allowed to be left over, and the load report lists them. Featu
 is ``encode_image`` (the projected image embedding, unnormalised); ``cls`` is the pooled token
 before the projection (the class token after ``ln_post`` for CLIP ViTs; for SigLIP, whose
 towers have no projection, the attention-pooled output, equal to ``model``); ``avgpool`` the
-mean patch token. The weights are read by ssl-eval (safetensors or weights-only torch.load),
+mean patch token; ``layers:N`` the resblocks through ``ln_post`` (open_clip's own
+``forward_intermediates``; a timm trunk's). The weights are read by ssl-eval (safetensors or weights-only torch.load),
 never by open_clip's loader.
 
 Preprocessing is open_clip's, as ssl-eval's ``Preprocessing``: ``resize_mode`` ``shortest``
