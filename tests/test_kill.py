@@ -224,3 +224,21 @@ def test_a_killed_augmented_linear_probe_resumes_to_the_uninterrupted_numbers(
         "mid-write:state.pt#2",
         "[resume] linear_aug from epoch 1 of 3",
     )
+
+
+ATTENTIVE = ["run", "--backbone", "py:test_attentive:tiny_vit", "--image-size", "8"]
+ATTENTIVE += ["--protocol", "attentive@capi", "--set", "iterations=12", "--set", "warmup=2"]
+ATTENTIVE += ["--set", "lrs=[0.03,0.3]", "--set", "batch_size=8"]
+
+
+@pytest.mark.slow
+def test_a_killed_attentive_probe_resumes_to_the_uninterrupted_numbers(tmp_path_factory, capfd):
+    # 21 training rows, batches of 8: 2 steps an epoch, a state after every epoch; killed while
+    # the third (step 6) is half-written: step 4's state stays beside the temporary file
+    _killed_unit_reruns(
+        tmp_path_factory,
+        capfd,
+        ATTENTIVE,
+        "mid-write:state.pt#3",
+        "[resume] attentive from step 4 of 12",
+    )
