@@ -307,6 +307,32 @@ def test_attentive_capi_from_the_command_line_selects_on_val(tmp_path):
     assert top1.value > 0.3  # ten classes: a head that learned something
 
 
+@pytest.mark.slow
+def test_a_saved_state_resumes_and_a_damaged_one_starts_over(tmp_path, capsys):
+    bb, ds = tiny_vit(8), _bundle(n=24, size=8)
+    src = token_source(bb, ds, "train", budget_bytes=10**8, device=CPU, cache_dir=tmp_path)
+    labels = {i: int(ds.train.labels[i]) for i in range(len(ds.train))}
+    rows, state = np.arange(20), tmp_path / "state" / "state.pt"
+    p = AttentiveParams(iterations=6, batch_size=8, lrs=(1e-2, 3e-3), warmup=1)
+    train = lambda: train_heads(src, rows, labels, 3, p, p.settings(), 7, CPU, state)  # noqa: E731
+    ref = [h.state_dict() for h in train()[0]]  # 2 steps an epoch: states after steps 2 and 4
+    capsys.readouterr()
+    for damage in (None, "flip"):
+        if damage:
+            data = bytearray(state.read_bytes())
+            data[-9] ^= 0xFF
+            state.write_bytes(bytes(data))
+        heads, _ = train()
+        out, err = capsys.readouterr()
+        if damage:
+            assert "is damaged" in err and "starts over" in err and "[resume]" not in out
+        else:
+            assert "[resume] attentive from step 4 of 6" in out, out
+        for h, r in zip(heads, ref, strict=True):
+            for (name, a), b in zip(h.state_dict().items(), r.values(), strict=True):
+                assert torch.equal(a, b), name
+
+
 def test_the_leaderboard_sets_attentive_beside_linear():
     from ssl_eval.report.leaderboard import _beside_linear
 

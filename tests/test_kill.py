@@ -163,3 +163,82 @@ def test_a_killed_finetune_resumes_to_the_uninterrupted_numbers(tmp_path_factory
     assert _numbers(tmp / "r") == ref
     assert not _leftovers(tmp / "r", tmp / "c")
     assert list((tmp / "c" / "train_state").iterdir()) == []
+
+
+def _details(results: Path) -> dict:
+    """Every record's details (the training history: losses, validation accuracies, the step
+    count) less wall times, by (backbone, protocol, metric)."""
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {
+                k: strip(v)
+                for k, v in x.items()
+                if k not in ("seconds", "tokens_train", "tokens_test")
+            }
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    return {
+        (r.backbone, r.protocol["name"], r.metric): strip(r.details) for r in load_records(results)
+    }
+
+
+def _killed_unit_reruns(tmp_path_factory, capfd, args, point, resumed):
+    """The reference run, a run killed at ``point`` that leaves a state and its lock in the
+    unit's state folder, the rerun; the rerun says ``resumed`` and ends on the reference."""
+    data = tmp_path_factory.mktemp("data")
+    image_folder(data, {"train": 8, "val": 4}, classes=3, pixel=lambda c, i: (60 * c, 20 * i, 0))
+    args = [*args, "--dataset", f"folder:{data}", "--num-workers", "0", *COMMON]
+    ref_dir = tmp_path_factory.mktemp("ref")
+    ref = _reference(ref_dir, args)
+    tmp = tmp_path_factory.mktemp("killed")
+    _killed([*args, *_dirs(tmp)], point, tmp)
+    (state,) = [d for d in (tmp / "c" / "train_state").iterdir() if d.is_dir()]
+    assert (state / "state.pt").is_file()  # the state of the last whole save
+    assert _leftovers(tmp / "c")  # the temporary state and the dead process's lock
+    capfd.readouterr()
+    assert main([*args, *_dirs(tmp)]) == 0
+    out, err = capfd.readouterr()
+    assert resumed in out + err, out + err
+    assert _numbers(tmp / "r") == ref
+    assert _details(tmp / "r") == _details(ref_dir / "r")
+    assert not _leftovers(tmp / "r", tmp / "c")
+    assert list((tmp / "c" / "train_state").iterdir()) == []
+
+
+LINEAR_AUG = ["run", "--backbone", "random:cifar_resnet_tiny", "--image-size", "16"]
+LINEAR_AUG += ["--protocol", "linear@mae", "--set", "epochs=3", "--set", "warmup_epochs=1"]
+LINEAR_AUG += ["--set", "batch_size=8"]
+
+
+@pytest.mark.slow
+def test_a_killed_augmented_linear_probe_resumes_to_the_uninterrupted_numbers(
+    tmp_path_factory, capfd
+):
+    # killed while epoch 1's state is half-written: epoch 0's state stays beside the temporary
+    # file; the rerun trains epochs 1 and 2 (2 steps each, the lr of steps 2-5)
+    _killed_unit_reruns(
+        tmp_path_factory,
+        capfd,
+        LINEAR_AUG,
+        "mid-write:state.pt#2",
+        "[resume] linear_aug from epoch 1 of 3",
+    )
+
+
+ATTENTIVE = ["run", "--backbone", "py:test_attentive:tiny_vit", "--image-size", "8"]
+ATTENTIVE += ["--protocol", "attentive@capi", "--set", "iterations=12", "--set", "warmup=2"]
+ATTENTIVE += ["--set", "lrs=[0.03,0.3]", "--set", "batch_size=8"]
+
+
+@pytest.mark.slow
+def test_a_killed_attentive_probe_resumes_to_the_uninterrupted_numbers(tmp_path_factory, capfd):
+    # 21 training rows, batches of 8: 2 steps an epoch, a state after every epoch; killed while
+    # the third (step 6) is half-written: step 4's state stays beside the temporary file
+    _killed_unit_reruns(
+        tmp_path_factory,
+        capfd,
+        ATTENTIVE,
+        "mid-write:state.pt#3",
+        "[resume] attentive from step 4 of 12",
+    )

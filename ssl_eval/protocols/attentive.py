@@ -9,22 +9,33 @@ its own seeded initialisation, a function of (seed, lr, weight decay). The head 
 top-1 on the validation rows (the first on ties) alone is scored on test, with per-image hits
 for bootstrap intervals. The learning-rate schedules are those of the official scripts
 (``SCHEDULES``), the step counted from 0.
+
+The training state (heads, optimiser, step, the shuffling generator) is saved at the end of an
+epoch, at most every total / 20 steps, in the unit's state folder (atomically, behind a length
+and crc32 header); a rerun of a killed unit resumes from it and ends where an uninterrupted run
+ends (tests/test_kill.py). The folder is removed when the unit finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import distributed
 from ..core.errors import UserError
+from ..core.files import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
 from ..core.registry import Registry
+from ..core.runtime import warn
 from ..features.extraction import default_cache_dir
 from ..features.tokens import token_source
 from ._poolers import POOLERS
@@ -208,13 +219,74 @@ def _token_set(t: torch.Tensor, pre: torch.Tensor | None, p: AttentiveParams, de
     return x.to(device)
 
 
-def train_heads(src, rows, labels: dict, classes: int, p: AttentiveParams, settings, seed, device):
-    """The grid's heads trained together on ``rows`` of ``src``; ``labels`` maps row -> class."""
+def _save(path: Path | None, state: dict) -> None:
+    if path is not None and distributed.is_main():
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_checked(path, buf.getvalue())
+
+
+def _load(path: Path | None, fingerprint: str, total: int) -> dict | None:
+    """This run's saved state; None when there is none or it is another setting's; a damaged
+    one is reported in one line, removed, and the run starts over."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        payload = read_checked(path)
+        try:
+            st = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types on a damaged file
+            raise DamagedFile(f"not a readable torch file ({type(e).__name__})") from e
+        if not isinstance(st, dict) or st.get("fingerprint") != fingerprint:
+            return None
+        if not 0 < st.get("step", 0) < total or not {"heads", "opt", "generator"} <= set(st):
+            raise DamagedFile("not an attentive state of the form ssl-eval writes")
+    except DamagedFile as e:
+        warn(f"attentive state {path} is damaged ({e}); discarding it, the unit starts over")
+        path.unlink(missing_ok=True)
+        return None
+    return st
+
+
+def train_heads(
+    src,
+    rows,
+    labels: dict,
+    classes: int,
+    p: AttentiveParams,
+    settings,
+    seed,
+    device,
+    state_path: Path | None = None,
+):
+    """The grid's heads trained together on ``rows`` of ``src``; ``labels`` maps row -> class.
+    With ``state_path``, the state is saved there after an epoch (at most every total / 20
+    steps) and a saved state of the same run is resumed."""
     pl = plan(len(rows), p)
     heads = [_head(src.dim, classes, s, seed, p).to(device).train() for s in settings]
     opt = _optimizer(heads, settings, p)
     g = torch.Generator().manual_seed(seed)
-    step = 0
+    step = saved = 0
+    fingerprint = sha256_json(
+        {
+            "params": asdict(p),
+            "settings": settings,
+            "seed": seed,
+            "classes": classes,
+            "rows": hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest(),
+            "labels": [labels[int(r)] for r in rows],
+            "dim": src.dim,
+        }
+    )
+    st = _load(state_path, fingerprint, pl.total)
+    if st is not None:
+        for h, w in zip(heads, st["heads"], strict=True):
+            h.load_state_dict(w)
+        opt.load_state_dict(st["opt"])
+        g.set_state(st["generator"])
+        torch.set_rng_state(st["rng"])
+        step = saved = st["step"]
+        print(f"[resume] attentive from step {step} of {pl.total} ({state_path})", flush=True)
     while step < pl.total:
         perm = np.asarray(rows)[torch.randperm(len(rows), generator=g).numpy()]
         order = perm[: pl.per_epoch * pl.batch]
@@ -230,6 +302,11 @@ def train_heads(src, rows, labels: dict, classes: int, p: AttentiveParams, setti
             step += 1
             if step == pl.total:
                 break
+        if step < pl.total and step - saved >= pl.total / 20:
+            state = {"fingerprint": fingerprint, "step": step, "generator": g.get_state()}
+            state |= {"rng": torch.get_rng_state(), "opt": opt.state_dict()}
+            _save(state_path, state | {"heads": [h.state_dict() for h in heads]})
+            saved = step
     return [h.eval() for h in heads], pl
 
 
@@ -244,6 +321,23 @@ def _scores(heads, src, rows, p: AttentiveParams, device) -> list[torch.Tensor]:
 
 
 def run_attentive(inp: ImageInputs, p: AttentiveParams) -> ProtocolOutput:
+    """The probe, with the unit's state folder locked (rank 0) while it trains; the folder is
+    removed when the unit finishes."""
+    if inp.state_dir is None:
+        return _run(inp, p, None)
+    state_dir, main = Path(inp.state_dir), distributed.is_main()
+    lock = file_lock(lock_path(state_dir), f"the attentive state {state_dir}")
+    with lock if main else contextlib.nullcontext():
+        out = _run(inp, p, state_dir / "state.pt")
+        distributed.barrier()
+        if main:
+            (state_dir / "state.pt").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                state_dir.rmdir()
+    return out
+
+
+def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> ProtocolOutput:
     bb, bundle, device = inp.backbone, inp.bundle, inp.device
     budget = int(p.token_budget_gb * 2**30)
     rows = np.sort(np.concatenate([inp.train_idx, inp.val_idx]))
@@ -257,7 +351,7 @@ def run_attentive(inp: ImageInputs, p: AttentiveParams) -> ProtocolOutput:
     labels = {int(r): int(bundle.train.labels[r]) for r in rows}
     settings = p.settings()
     heads, pl = train_heads(
-        tr, inp.train_idx, labels, bundle.num_classes, p, settings, inp.seed, device
+        tr, inp.train_idx, labels, bundle.num_classes, p, settings, inp.seed, device, state_path
     )
     y_val = torch.as_tensor(bundle.train.labels[inp.val_idx])
     val = [
