@@ -5,16 +5,9 @@ One cell holds the records of one setting (results.make_setting): rows are backb
 side of the setting), columns are ``dataset / protocol`` (the column side). Records of the
 same protocol under another setting (other params, another image size, another split) get a
 column of their own, labelled with what differs from the column most records share
-(``linear [lrs=30]``, ``knn @64px``); a footnote lists every column's full setting. A newer
-record of the same setting and seed replaces the older one.
-
-The interval of a cell is one of (and the markdown marks which):
-  * ``t-seeds``: the t interval over seeds, where the setting depends on the seed and at least
-    two seeds ran (the value is then the mean over seeds);
-  * otherwise the newest record's own interval: the bootstrap over test images
-    (``bootstrap-test``), or for protocols that repeat themselves, the t interval over their
-    draws (few-shot) or episodes.
-An interval is clipped to the metric's range [0, 100].
+(``linear [lrs=30]``, ``knn @64px``; labels.py); a footnote lists every column's full setting.
+A newer record of the same setting and seed replaces the older one. What a cell holds and which
+interval it carries: cells.py (``Cell``, ``make_cell`` and the rest stay importable from here).
 
 Dense probes' headline metrics stand in columns beside top-1 (``DENSE_HEADLINES``): mIoU in %
 like top-1, RMSE in metres (lower is better: its best is the smallest; its interval is cut at
@@ -31,204 +24,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..core.errors import UserError
 from ..core.files import atomic_write_text, sha256_json
-from ..core.stats import mean_ci
 from ..records.frame import load_frame
 from ..records.schema import DENSE_HEADLINES, LOWER_IS_BETTER
-
-HEADLINE = "top1"
-KIND_MARK = {"bootstrap": "ᵇ", "t-seeds": "ˢ", "t-draws": "ᵈ", "t-episodes": "ᵉ", "t-runs": "ʳ"}
-KIND_TEXT = {
-    "t-runs": "95% t interval over training runs of one recipe (mean over its training seeds)",
-    "bootstrap": "95% bootstrap interval over test images (one run)",
-    "t-seeds": "95% t interval over seeds (mean over seeds)",
-    "t-draws": "95% t interval over the protocol's support draws",
-    "t-episodes": "95% t interval over the protocol's episodes",
-}
-
+from .cells import HEADLINE, KIND_MARK, KIND_TEXT, Cell, cell_columns, make_cell, narrow
+from .cells import _clip as _clip
+from .labels import _summary_text, difference_labels
 
 # more sections of leaderboard.md: (title, frame -> markdown lines, [] for none), registered by
 # the modules that build them on this module's tables (the transfer table, report/transfer.py)
 SECTIONS: list[tuple[str, Callable[[pd.DataFrame], list[str]]]] = []
-
-
-# ---------------------------------------------------------------- labels
-
-
-def _flat(d: object, prefix: str = "") -> dict[str, object]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
-
-
-def _short(v: object) -> str:
-    if isinstance(v, list | tuple):
-        return ",".join(_short(x) for x in v)
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def _describe(path: str, v: object) -> str:
-    """One difference of a setting, readably: ``lrs=30``, ``@64px``, ``v1``."""
-    leaf = path.rsplit(".", 1)[-1]
-    if path == "features.image_size":
-        return f"@{v}px" if isinstance(v, int) else f"size {v}"
-    if path == "features.feature_kind":
-        return f"feature={v}"
-    if path == "features.dtype":
-        return str(v)
-    if path == "protocol.version":
-        return f"v{v}"
-    if path == "split.val_fraction":
-        return f"val={_short(v)}"
-    if path == "weights":
-        return f"weights {str(v)[:8]}"
-    return f"{leaf}={_short(v)}"
-
-
-def difference_labels(summaries: dict[str, dict], weights: Counter) -> dict[str, str]:
-    """{key: label of how its summary differs from the reference}; the reference (the one with
-    the most records, then the smallest key) gets the empty label."""
-    if len(summaries) < 2:
-        return {k: "" for k in summaries}
-    ref = min(summaries, key=lambda k: (-weights[k], k))
-    flat_ref = _flat(summaries[ref])
-    labels = {}
-    for k, s in summaries.items():
-        if k == ref:
-            labels[k] = ""
-            continue
-        flat = _flat(s)
-        diffs = [
-            _describe(p, flat.get(p))
-            for p in sorted(set(flat) | set(flat_ref))
-            if flat.get(p) != flat_ref.get(p)
-        ]
-        labels[k] = " ".join(diffs) or k[:8]
-    seen = Counter(labels.values())
-    return {k: (f"{v} #{k[:6]}" if v and seen[v] > 1 else v) for k, v in labels.items()}
-
-
-# ---------------------------------------------------------------- cells
-
-
-@dataclass
-class Cell:
-    value: float  # percent
-    lo: float | None  # percent, clipped to [0, 100]
-    hi: float | None
-    kind: str  # bootstrap | t-seeds | t-draws | t-episodes | "" (no interval)
-    n: int  # seeds averaged (t-seeds), draws / episodes, else 1
-    files: list[str]  # the record files behind the value
-    clipped: bool = False  # the interval reached past [0, 100] and was cut there
-
-    @property
-    def half_width(self) -> float | None:
-        return None if self.lo is None else (self.hi - self.lo) / 2
-
-    def text(self) -> str:
-        s = f"{self.value:.2f}"
-        if self.lo is not None:
-            if self.clipped:  # cut at the metric's range: shown as the interval itself
-                s += f" [{self.lo:.2f}, {self.hi:.2f}]"
-            else:
-                s += f" ± {self.half_width:.2f}"
-        if self.kind in ("t-seeds", "t-runs"):
-            s += f" (n={self.n})"
-        return s + KIND_MARK.get(self.kind, "")
-
-
-def _interval_kind(ci_method: object) -> str:
-    if not isinstance(ci_method, str) or not ci_method:
-        return ""
-    if ci_method == "bootstrap-test":
-        return "bootstrap"
-    return "t-episodes" if "episode" in ci_method else "t-draws"
-
-
-def _clip(lo: float, hi: float, metric: str = HEADLINE) -> tuple[float, float, bool]:
-    if metric in LOWER_IS_BETTER:  # an error: at least 0, no upper end
-        return max(lo, 0.0), hi, lo < 0.0
-    return max(lo, 0.0), min(hi, 1.0), lo < 0.0 or hi > 1.0
-
-
-def _scale(metric: str) -> float:
-    """Fractions are shown in percent; errors (RMSE in metres, AbsRel) as they are."""
-    return 1.0 if metric in LOWER_IS_BETTER else 100.0
-
-
-def _present(v: object) -> bool:
-    return v is not None and v == v  # NaN is a value the frame lacks
-
-
-def cell_columns(metric: str = HEADLINE) -> list[str]:
-    """The frame columns a cell of ``metric`` is made of (``make_cell`` reads no other)."""
-    return [
-        "setting.row.weights",
-        "seed",
-        "seed_dependent",
-        "time",
-        "run_id",
-        "file",
-        metric,
-        *(f"{metric}.{k}" for k in ("lo", "hi", "n", "ci_method")),
-    ]
-
-
-def narrow(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Only ``columns`` (those present) of ``frame``: pandas copies every column on each
-    sort and selection, and a results folder's frame has hundreds."""
-    return frame[[c for c in dict.fromkeys(columns) if c in frame.columns]]
-
-
-def make_cell(rows: pd.DataFrame, metric: str = HEADLINE) -> Cell:
-    """The cell of one setting's frame rows (any seeds): the newest row per seed, then the t
-    interval over seeds where the setting depends on the seed, else the newest row's own.
-    Rows of several training runs of one recipe (other trained weights, same everything
-    else) give the mean over the runs (each run's mean over its seeds) and the t interval over
-    the runs: a retrained model is another model, and the runs' spread is the honest one."""
-    rows = narrow(rows, cell_columns(metric))
-    k = _scale(metric)
-    weights = rows.get("setting.row.weights")
-    if weights is not None and weights.nunique(dropna=False) >= 2:
-        per_run = [make_cell(g, metric) for _, g in rows.groupby(weights.astype(str), sort=False)]
-        m, _, lo, hi = mean_ci(np.array([c.value / k for c in per_run]))
-        lo, hi, cut = _clip(lo, hi, metric)
-        files = [f for c in per_run for f in c.files]
-        return Cell(k * m, k * lo, k * hi, "t-runs", len(per_run), files, cut)
-    if len(rows) == 1:  # most cells: one record, newest of its seed by itself
-        newest = rows
-    else:
-        rows = rows.assign(_seed=rows["seed"].where(rows["seed_dependent"].astype(bool), None))
-        newest = (
-            rows.sort_values(["time", "run_id"], kind="stable")
-            .groupby("_seed", dropna=False, sort=False)
-            .tail(1)
-            .sort_values(["seed", "time"], kind="stable")
-        )
-    files = newest["file"].astype(str).tolist()
-    if len(newest) >= 2:
-        m, _, lo, hi = mean_ci(newest[metric].astype(float).to_numpy())
-        lo, hi, cut = _clip(lo, hi, metric)
-        return Cell(k * m, k * lo, k * hi, "t-seeds", len(newest), files, cut)
-    r = newest.iloc[0]
-    value = k * float(r[metric])
-    lo, hi = r.get(f"{metric}.lo"), r.get(f"{metric}.hi")
-    if not (_present(lo) and _present(hi)):
-        return Cell(value, None, None, "", 1, files)
-    lo, hi, cut = _clip(float(lo), float(hi), metric)
-    n = r.get(f"{metric}.n")
-    n = int(n) if _present(n) else 1
-    kind = _interval_kind(r.get(f"{metric}.ci_method"))
-    return Cell(value, k * lo, k * hi, kind, n, files, cut)
 
 
 @dataclass
@@ -562,10 +370,6 @@ def probe_markdown(table) -> list[str]:
     for b, row in table.iterrows():
         lines.append(f"| {_md(b)} | " + " | ".join(fmt(c, row[c]) for c in table.columns) + " |")
     return lines
-
-
-def _summary_text(s: dict) -> str:
-    return "; ".join(f"{k}={_short(v)}" for k, v in sorted(_flat(s).items()))
 
 
 def single_line(text: str) -> str:

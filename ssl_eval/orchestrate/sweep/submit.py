@@ -39,7 +39,7 @@ def submit_sweep(cfg: RunConfig, opts: ClusterOptions) -> SweepOutcome:
     ``opts.wait``, wait for them and return every unit's state."""
     import torch
 
-    from ..evaluate import plan
+    from ..units import plan
 
     kind = EXECUTORS.get(opts.executor)
     device = kind.device(cfg.device, opts)
