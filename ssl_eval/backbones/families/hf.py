@@ -20,6 +20,10 @@ models give ``pooler_output`` when they have one, else the mean patch token. ``m
 ``pooler_output``; ``cls`` and ``avgpool`` read ``last_hidden_state`` (registers skipped).
 ``layers:N`` reads ``output_hidden_states`` through the model's own final norm (a model without
 a class token refuses it).
+
+Why one file of ~410 lines of code: it is one source, read one way (where the files are, what the
+processor says, what the tower gives, what loading left over), and its tables of model types
+(``FEATURE``, ``NO_CLASS_TOKEN``, ``FINAL_NORM``, ``DROPPABLE``) are read by every part.
 """
 
 from __future__ import annotations
