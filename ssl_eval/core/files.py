@@ -235,6 +235,31 @@ def read_checked(path: Path, legacy: bool = False) -> bytes:
     return payload
 
 
+def write_torch_checked(path: Path, obj) -> None:
+    """``obj`` through ``torch.save``, written atomically behind ``write_checked``'s header."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_checked(path, buf.getvalue())
+
+
+def read_torch_checked(path: Path, map_location, legacy: bool = False):
+    """What ``write_torch_checked`` wrote, verified (the checksum, then torch's own reading,
+    tensors only); any damage is a ``DamagedFile``. ``legacy``: as ``read_checked``."""
+    import io
+
+    import torch
+
+    payload = read_checked(path, legacy=legacy)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types on a damaged file (IndexError among them)
+        raise DamagedFile(f"not a readable torch file ({type(e).__name__})") from e
+
+
 # ---------------------------------------------------------------- locks
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,7 +32,14 @@ from torch import nn
 
 from ..core import distributed
 from ..core.errors import UserError
-from ..core.files import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
+from ..core.files import (
+    DamagedFile,
+    file_lock,
+    lock_path,
+    read_torch_checked,
+    sha256_json,
+    write_torch_checked,
+)
 from ..core.registry import Registry
 from ..core.runtime import warn
 from ..features.extraction import default_cache_dir
@@ -221,9 +227,7 @@ def _token_set(t: torch.Tensor, pre: torch.Tensor | None, p: AttentiveParams, de
 
 def _save(path: Path | None, state: dict) -> None:
     if path is not None and distributed.is_main():
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        write_checked(path, buf.getvalue())
+        write_torch_checked(path, state)
 
 
 def _load(path: Path | None, fingerprint: str, total: int) -> dict | None:
@@ -232,11 +236,7 @@ def _load(path: Path | None, fingerprint: str, total: int) -> dict | None:
     if path is None or not path.is_file():
         return None
     try:
-        payload = read_checked(path)
-        try:
-            st = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types on a damaged file
-            raise DamagedFile(f"not a readable torch file ({type(e).__name__})") from e
+        st = read_torch_checked(path, "cpu")
         if not isinstance(st, dict) or st.get("fingerprint") != fingerprint:
             return None
         if not 0 < st.get("step", 0) < total or not {"heads", "opt", "generator"} <= set(st):

@@ -25,7 +25,6 @@ left for later.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import time
@@ -39,7 +38,14 @@ from torch.utils.data import DataLoader
 
 from ..core import distributed
 from ..core.errors import UserError
-from ..core.files import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
+from ..core.files import (
+    DamagedFile,
+    file_lock,
+    lock_path,
+    read_torch_checked,
+    sha256_json,
+    write_torch_checked,
+)
 from ..core.provenance import autocast_dtype
 from ..core.runtime import warn
 from ..features.accel import Accel, prepared
@@ -202,9 +208,7 @@ _HEAD_STATE = ("W", "b", "mW", "mb", "rmean", "rvar")
 def _save(path: Path | None, state: dict) -> None:
     """The unit's state after an epoch, atomically behind a length and crc32 header (rank 0)."""
     if path is not None and distributed.is_main():
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        write_checked(path, buf.getvalue())
+        write_torch_checked(path, state)
 
 
 def _load(path: Path | None, fingerprint: str, p: AugmentedParams, device) -> dict | None:
@@ -213,11 +217,7 @@ def _load(path: Path | None, fingerprint: str, p: AugmentedParams, device) -> di
     if path is None or not path.is_file():
         return None
     try:
-        payload = read_checked(path)
-        try:
-            st = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
-        except Exception as e:  # torch raises many types on a damaged file
-            raise DamagedFile(f"not a readable torch file ({type(e).__name__})") from e
+        st = read_torch_checked(path, device)
         if not isinstance(st, dict) or st.get("fingerprint") != fingerprint:
             return None
         if not 0 <= st.get("epoch", -1) < p.epochs or set(st.get("heads", {})) != set(_HEAD_STATE):

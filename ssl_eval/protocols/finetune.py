@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,14 @@ from torch.utils.data import DataLoader
 from ..backbones.base import FEATURE_KINDS
 from ..core import distributed
 from ..core.errors import UserError
-from ..core.files import DamagedFile, file_lock, lock_path, read_checked, sha256_json, write_checked
+from ..core.files import (
+    DamagedFile,
+    file_lock,
+    lock_path,
+    read_torch_checked,
+    sha256_json,
+    write_torch_checked,
+)
 from ..core.runtime import warn
 from . import _finetune_dist
 from ._images import TrainImages, rand_augment, random_erase
@@ -284,9 +290,7 @@ def _save_state(path: Path | None, state: dict) -> None:
     ``path``: another rank's, which rank 0 writes."""
     if path is None:
         return
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_checked(path, buf.getvalue())
+    write_torch_checked(path, state)
 
 
 _STATE_FIELDS = {
@@ -301,11 +305,7 @@ _STATE_FIELDS = {
 
 def _read_state(path: Path, device) -> dict:
     """A saved fine-tune state, verified (checksum, then its shape); ``DamagedFile`` otherwise."""
-    payload = read_checked(path, legacy=True)  # legacy: states written before checksums
-    try:
-        st = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
-    except Exception as e:  # torch raises many types on a damaged file (IndexError among them)
-        raise DamagedFile(f"not a readable torch file ({type(e).__name__})") from e
+    st = read_torch_checked(path, device, legacy=True)  # legacy: written before checksums
     if not isinstance(st, dict) or any(
         not isinstance(st.get(k), t) for k, t in _STATE_FIELDS.items()
     ):
