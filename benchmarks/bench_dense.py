@@ -145,6 +145,8 @@ def bench_memory(n: int, batch: int) -> dict:
             with ctx.Pool(1) as pool:
                 added, secs = pool.apply(_pass, (m, batch, frac, cache))
             out[mode] = {"images": m, "added_peak_mb": added, "seconds": secs}
+            # each pass as it ends: at VOC size on a 2-core CPU a pass takes half an hour
+            print(f"   ({mode} pass done: {m} images, +{added:.0f} MiB, {secs:.0f} s)", flush=True)
     # bounded memory: the streamed pass over n images adds at most 1.25x what the pass over
     # n/4 (at least one batch) adds: its memory does not grow with the set (at VOC size the
     # 1,464-image bank alone, 1.1 GiB, is far past that)
