@@ -68,16 +68,8 @@ class JobSuite:
                 raise UserError(
                     f"suite {self.name}: model name {n!r} may hold only letters, digits, - and _"
                 )
-        if not isinstance(self.arch_protocols, dict):
-            raise UserError(
-                f"suite {self.name}: arch_protocols maps an arch pattern to protocols, e.g. "
-                "{'vit_*': [attentive@capi]}"
-            )
+        self._check_mapping("arch_protocols", "an arch pattern", "{'vit_*': [attentive@capi]}")
         for pattern, cards in self.arch_protocols.items():
-            if not isinstance(cards, list | tuple) or not cards:
-                raise UserError(
-                    f"suite {self.name}: arch_protocols[{pattern!r}] must list at least one protocol"
-                )
             both = sorted(set(cards) & set(self.protocols))
             if both:
                 raise UserError(
@@ -85,20 +77,25 @@ class JobSuite:
                     f"arch_protocols[{pattern!r}]; name it once"
                 )
 
-        if not isinstance(self.dataset_protocols, dict):
-            raise UserError(
-                f"suite {self.name}: dataset_protocols maps a dataset to protocols, e.g. "
-                "{'shapes-seg': [knnseg@capi]}"
-            )
-        for ds, cards in self.dataset_protocols.items():
-            if not isinstance(cards, list | tuple) or not cards:
-                raise UserError(
-                    f"suite {self.name}: dataset_protocols[{ds!r}] must list at least one protocol"
-                )
+        self._check_mapping("dataset_protocols", "a dataset", "{'shapes-seg': [knnseg@capi]}")
+        for ds in self.dataset_protocols:
             if ds in self.datasets:
                 raise UserError(
                     f"suite {self.name}: {ds!r} is in datasets (every protocol) and in "
                     "dataset_protocols (its own); name it once"
+                )
+
+    def _check_mapping(self, field_name: str, key: str, example: str) -> None:
+        """``field_name`` maps ``key`` to a non-empty list of protocols, or a one-line error."""
+        mapping = getattr(self, field_name)
+        if not isinstance(mapping, dict):
+            raise UserError(
+                f"suite {self.name}: {field_name} maps {key} to protocols, e.g. {example}"
+            )
+        for k, cards in mapping.items():
+            if not isinstance(cards, list | tuple) or not cards:
+                raise UserError(
+                    f"suite {self.name}: {field_name}[{k!r}] must list at least one protocol"
                 )
 
     def arch_extra(self, arch: str) -> tuple[str, ...]:
