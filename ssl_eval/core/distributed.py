@@ -123,6 +123,28 @@ def shard(n: int, r: int | None = None, w: int | None = None) -> slice:
     return slice(r * n // w, (r + 1) * n // w)
 
 
+def in_rounds(count: int, mine: Iterator[T]) -> Iterator[T]:
+    """Items 0 .. count-1, every one on every rank, in item order, where this rank computes
+    only items r, r + W, r + 2W ... (``mine`` yields them in that order, lazily). Each round of
+    W items is gathered to every rank before the next is computed, so a rank holds at most W
+    items at a time. A UserError raised by ``mine`` on any rank is raised on every rank at the
+    end of that round (``agree``), never a wait. One process: ``mine`` itself."""
+    w, r = world(), rank()
+    if w == 1:
+        yield from mine
+        return
+    for start in range(0, count, w):
+        item, error = None, None
+        if start + r < count:
+            try:
+                item = next(mine)
+            except UserError as e:
+                error = str(e)
+        parts = all_gather((item, error))
+        agree(next((e for _, e in parts if e), None))
+        yield from (x for x, _ in parts[: count - start])
+
+
 def follow_main(claim: Callable, items, *args) -> Iterator[tuple[object, bool]]:
     """``claim(items, *args)`` (``fsutil.claim_each``: each item with its lock held, and
     whether it is still this run's to do) run by rank 0 alone, each verdict handed to every

@@ -17,9 +17,14 @@ embedded once. After every epoch every head is scored on validation; the (epoch,
 the best validation top-1 (the first on ties) is the one reported on test. ``details`` also
 keeps MAE's own rule for comparison with the paper: the best test top-1 over epochs of the
 selected setting (chosen on test, so not ssl-eval's number). The state is saved after every
-epoch and a rerun of the unit resumes from it. Under torchrun every rank runs the whole probe
-(the same draws, the same numbers) and rank 0 alone writes; sharing out the forward passes is
-left for later.
+epoch and a rerun of the unit resumes from it.
+
+Under torchrun the forward passes are shared out (_shared_forward.py): rank r embeds the cuts
+r, r + W ... of one process's cuts (the same images in the same batches, so the same feature
+bits), the features are gathered round by round to every rank in cut order, and every rank
+runs the same head steps on them, so every rank holds the single process's heads. Rank 0
+alone holds the state folder's lock and writes the state; on a rerun rank 0 decides whether
+to resume (a damaged or foreign state is discarded) and every rank reads the file it wrote.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from ..core import distributed
 from ..core.errors import UserError
@@ -49,9 +53,9 @@ from ..core.files import (
 from ..core.provenance import autocast_dtype
 from ..core.runtime import warn
 from ..features.accel import Accel, prepared
-from ..features.loading import worker_errors
 from ._images import TrainImages, check_crop
 from ._lars import OPTIMISERS, mae_lr
+from ._shared_forward import SharedForward
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
 
@@ -190,14 +194,6 @@ def frozen_forward(backbone, device, accel: Accel):
         yield embed
 
 
-def _embed_all(embed, ds, batch: int, loading: dict):
-    feats, labels = [], []
-    for x, y in worker_errors(DataLoader(ds, batch_size=batch, **loading)):
-        feats.append(embed(x))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
 def _after_epoch(epoch: int, heads: Heads) -> None:
     """Hook called after each epoch's validation (tests look at the heads here)."""
 
@@ -206,9 +202,15 @@ _HEAD_STATE = ("W", "b", "mW", "mb", "rmean", "rvar")
 
 
 def _save(path: Path | None, state: dict) -> None:
-    """The unit's state after an epoch, atomically behind a length and crc32 header (rank 0)."""
+    """The unit's state after an epoch, atomically behind a length and crc32 header, written
+    by rank 0; its failure is every rank's one-line error."""
+    error = None
     if path is not None and distributed.is_main():
-        write_torch_checked(path, state)
+        try:
+            write_torch_checked(path, state)
+        except OSError as e:
+            error = f"linear_aug: cannot write its state {path}: {str(e).splitlines()[0]}"
+    distributed.agree(error)
 
 
 def _load(path: Path | None, fingerprint: str, p: AugmentedParams, device) -> dict | None:
@@ -226,6 +228,27 @@ def _load(path: Path | None, fingerprint: str, p: AugmentedParams, device) -> di
         warn(f"linear_aug state {path} is damaged ({e}); discarding it, the unit starts over")
         path.unlink(missing_ok=True)
         return None
+    return st
+
+
+def _resume(path: Path | None, fingerprint: str, p: AugmentedParams, device) -> dict | None:
+    """The state to resume from, on every rank: rank 0 decides (``_load``), then every other
+    rank reads the file rank 0 read; one that cannot stops every rank in one line."""
+    st = _load(path, fingerprint, p, device) if distributed.is_main() else None
+    if distributed.world() == 1 or not distributed.broadcast(st is not None):
+        return st
+    error = None
+    if not distributed.is_main():
+        try:
+            st = read_torch_checked(path, device)
+            if st.get("fingerprint") != fingerprint:
+                raise DamagedFile("another setting's state")
+        except DamagedFile as e:
+            error = (
+                f"rank {distributed.rank()} cannot read the linear_aug state {path} rank 0 read "
+                f"({e}); put --cache-dir on a filesystem every node shares"
+            )
+    distributed.agree(error)
     return st
 
 
@@ -272,9 +295,10 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
     # pinned host batches (--pin-memory) travel to the GPU while the previous one computes
     loading = {"num_workers": workers, "pin_memory": accel.pin_memory and dev.type == "cuda"}
     with frozen_forward(bb, dev, accel) as embed:
-        val_x, val_y = _embed_all(embed, TrainImages(bundle.train, va, pre, 0, False), fb, loading)
+        shared = SharedForward(embed, loading, dev)  # under torchrun: cuts r, r + W ... here
+        val_x, val_y = shared.all(TrainImages(bundle.train, va, pre, 0, False), fb)
         test_ds = TrainImages(bundle.test, np.arange(len(bundle.test)), pre, 0, False)
-        test_x, test_y = _embed_all(embed, test_ds, fb, loading)
+        test_x, test_y = shared.all(test_ds, fb)
         val_y, test_y = val_y.to(dev), test_y.to(dev)
         torch.manual_seed(inp.seed)
         heads = Heads(len(settings), val_x.shape[1], C, p, dev)
@@ -283,14 +307,16 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
         fingerprint = sha256_json(
             {"params": asdict(p), "seed": inp.seed, "n": n, "backbone": bb.weights.sha256}
         )
-        st = _load(state_path, fingerprint, p, dev)
+        st = _resume(state_path, fingerprint, p, dev)
         if st is not None:
             for k in _HEAD_STATE:
                 setattr(heads, k, st["heads"][k])
             finite, step, best = st["finite"], st["step"], st["best"]
             history, per_epoch_test, start = st["history"], list(st["test"]), st["epoch"] + 1
+            on = f" on rank {distributed.rank()}" if distributed.world() > 1 else ""
             print(
-                f"[resume] linear_aug from epoch {start} of {p.epochs} ({state_path})", flush=True
+                f"[resume] linear_aug from epoch {start} of {p.epochs}{on} ({state_path})",
+                flush=True,
             )
         for epoch in range(start, p.epochs):
             t0 = time.perf_counter()
@@ -300,11 +326,10 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             rows = [order[s : s + batch] for s in range(0, len(order), batch)]  # one per step
             # each step's rows, cut into backbone forwards of at most forward_batch images
             cuts = [r[c : c + fb] for r in rows for c in range(0, len(r), fb)]
-            loader = DataLoader(train_ds, batch_sampler=cuts, **loading)
             feats, labels, losses, want = [], [], [], iter([len(r) for r in rows])
             need = next(want, 0)
-            for x, y in worker_errors(loader):
-                feats.append(embed(x))
+            for f, y in shared.cuts(train_ds, cuts):  # every rank: every cut, in order
+                feats.append(f)
                 labels.append(y)
                 if sum(len(f) for f in feats) < need:
                     continue
@@ -357,9 +382,11 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
                 },
             )
             _after_epoch(epoch, heads)
+        by_rank = shared.by_rank()
     z = heads.norm(test_x, best["stats"])
     hits = topk_hits(z @ best["W"].T + best["b"], test_y)
     h = best["head"]
+    shares = {} if by_rank is None else {"images_embedded_by_rank": by_rank}  # provenance
     return ProtocolOutput(
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
         {
@@ -379,6 +406,7 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             "diverged_heads": int((~finite).sum()),
             "train_size": n,
             "val_size": len(va),
+            **shares,
         },
         per_sample={"top1": hits[1], "top5": hits[5]},
     )
