@@ -295,6 +295,20 @@ def _agree_worker(rank: int, port: int, out: str) -> None:
     except UserError as e:
         seen.append(str(e))
     seen.append(distributed.broadcast(f"from rank {rank}"))
+    # in_rounds: 5 items, rank r computes r, r + 2 ...; every rank gets all of them, in order
+    seen.append(list(distributed.in_rounds(5, (10 * i for i in range(rank, 5, 2)))))
+
+    def mine():  # item 3, rank 1's second, is a corrupt image
+        for i in range(rank, 5, 2):
+            if i == 3:
+                raise UserError("3.png is not an image")
+            yield i
+
+    got = []
+    try:  # the round before it reaches every rank, then its error
+        got.extend(distributed.in_rounds(5, mine()))
+    except UserError as e:
+        seen.append([got, str(e)])
     dist.destroy_process_group()
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(seen, f)
@@ -318,4 +332,5 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     spawn_two(_agree_worker, tmp_path)
     for r in range(2):
         seen = json.loads((tmp_path / f"{r}.json").read_text())
-        assert seen == ["photo.jpg is not an image", "disk full", "from rank 0"], (r, seen)
+        rounds = [[0, 10, 20, 30, 40], [[0, 1], "3.png is not an image"]]
+        assert seen == ["photo.jpg is not an image", "disk full", "from rank 0", *rounds], (r, seen)
