@@ -12,7 +12,9 @@ then runs whole under torchrun."""
 
 import json
 import os
+import signal
 import subprocess
+from subprocess import PIPE
 
 import numpy as np
 import pytest
@@ -37,9 +39,18 @@ def _dirs(out, name: str) -> list[str]:
 
 
 def _torchrun(out, **env) -> subprocess.CompletedProcess:
+    """The torchrun launch; on a hang (ranks out of step in a collective) its workers are
+    killed with it, and the test fails."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")} | env
     cmd = [*TORCHRUN, "-m", "ssl_eval", *ARGS, *_dirs(out, "2")]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail("torchrun did not end in 300 s")
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ frozen backbone's patch tokens, a grid of learning rates x weight decays at once
 Every step reads one batch of tokens (from the token cache when the bank fits the card's
 budget, computed from the images otherwise: features/tokens.py) and trains every head of the
 grid on it: the heads' losses are summed, so each head gets exactly the gradient it would get
-alone (tests/test_attentive.py trains a grid and its heads one by one). Each head starts from
-its own seeded initialisation, a function of (seed, lr, weight decay). The head with the best
-top-1 on the validation rows (the first on ties) alone is scored on test, with per-image hits
-for bootstrap intervals. The learning-rate schedules are those of the official scripts
-(``SCHEDULES``), the step counted from 0.
+alone, and each has its own optimiser (tests/test_attentive.py trains a grid and its heads one
+by one). Each head starts from its own seeded initialisation, a function of (seed, lr, weight
+decay). The head with the best top-1 on the validation rows (the first on ties) alone is
+scored on test, with per-image hits for bootstrap intervals. The learning-rate schedules are
+those of the official scripts (``SCHEDULES``), the step counted from 0.
 
 The training state (heads, optimiser, step, the shuffling generator) is saved at the end of an
 epoch, at most every total / 20 steps, in the unit's state folder (atomically, behind a length
