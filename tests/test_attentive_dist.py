@@ -113,18 +113,33 @@ def _tokens_worker(rank: int, port: int, out: str) -> None:
 
     from ssl_eval.core.errors import UserError
     from ssl_eval.features import tokens
+    from ssl_eval.protocols.attentive import AttentiveParams, run_attentive
+    from ssl_eval.protocols.base import ImageInputs
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     bb, ds, out = _backbone(), _bundle(n=11), Path(out)
     cpu = torch.device("cpu")
+    # a grid of one head over two ranks (rank 0's share is empty), streamed tokens, 4 test
+    # batches: first in one process (before the group exists), then across the two
+    p = AttentiveParams(
+        iterations=3, batch_size=4, eval_batch_size=3, lrs=(0.05,), token_budget_gb=0.0
+    )
+
+    def attentive(name):
+        inp = ImageInputs(bb, ds, np.arange(8), np.arange(8, 11), cpu, 0, out / name, 0, out)
+        got = run_attentive(inp, p)
+        return got.details, got.per_sample["top1"].tolist()
+
+    one = attentive(f"one{rank}")  # each rank a world of one, its own state folder
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    two = attentive("two")
 
     def source(folder, budget=10**8, **kw):
         return tokens.token_source(
             bb, ds, "train", budget_bytes=budget, device=cpu, batch_size=3, cache_dir=folder, **kw
         )
 
-    seen = {}
+    seen = {"one head": [two[0] == one[0], two[1] == one[1], one[0]["steps"]]}
     # streamed, shared: every rank gets every batch, the bits of the unshared batches
     src = source(out, budget=0)
     order = np.random.default_rng(0).permutation(11)
@@ -168,10 +183,11 @@ def _tokens_worker(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_token_entry_failures_stop_every_rank_with_one_line(tmp_path):
+def test_token_sharing_and_its_failures_across_two_processes(tmp_path):
     spawn_two(_tokens_worker, tmp_path)
     for r in range(2):
         seen = json.loads((tmp_path / f"{r}.json").read_text())
+        assert seen["one head"] == [True, True, 3], (r, seen)
         assert seen["shared"] == [[True, True]] * 3 + [3], (r, seen)
         assert seen["unseen"].startswith("rank 1 cannot read the token cache entry "), (r, seen)
         assert seen["unseen"].endswith("; put --cache-dir on a filesystem every node shares")
