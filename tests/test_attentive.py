@@ -243,7 +243,8 @@ def test_a_grid_trained_together_equals_its_heads_one_by_one(tmp_path, kw):
         for (name, a), b in zip(
             head.state_dict().items(), alone.state_dict().values(), strict=True
         ):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+            # to the bit: a torchrun world trains shares of the grid (protocols/_grid_share.py)
+            assert torch.equal(a, b), name
     moved = [
         not torch.equal(a, b)
         for a, b in zip(together[0].parameters(), together[1].parameters(), strict=True)

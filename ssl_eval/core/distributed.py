@@ -1,6 +1,6 @@
 """Several processes under torchrun (``torchrun --nproc-per-node N -m ssl_eval run|train ...``):
 the rank, the world size, the process group (``setup``), and the few collectives extraction,
-the protocols and the trainer need.
+the token cache, the protocols and the trainer need.
 
 A plain ``python`` launch is a world of one and every helper is then the identity, so the
 single-process code path is the multi-process one with W = 1. ``setup`` starts the process group
@@ -76,12 +76,31 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast(obj: T) -> T:
-    """Rank 0's ``obj`` on every rank (picklable objects)."""
+def broadcast(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (picklable objects)."""
     if world() == 1:
         return obj
-    box = [obj if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather(obj: object) -> list | None:
+    """Every rank's ``obj``, in rank order, on rank 0 alone (None elsewhere): what rank 0
+    writes, without sending every rank's part to every rank."""
+    if world() == 1:
+        return [obj]
+    out: list | None = [None] * world() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def scatter(objs: list | None) -> object:
+    """Item r of rank 0's ``objs`` (one per rank) on rank r; the others pass None."""
+    if world() == 1:
+        return objs[0]
+    box: list = [None]
+    dist.scatter_object_list(box, objs if is_main() else None, src=0)
     return box[0]
 
 

@@ -11,7 +11,15 @@ different batch composition can change on some kernels: rows embedded in the sam
 the cache's are bit-equal, tests/test_token_source.py). ``TokenSource.record()`` says which
 path ran and how many bytes the bank takes, for the result record.
 
-One process: a torchrun world is not shared out here (each rank would compute its own).
+Under torchrun (docs/distributed.md) the entry is built once and shared: the rows are cut into
+the batches one process cuts, rank r embeds batches r, r + W, ... (each image in the batch one
+process puts it in: the same bits), each round's batches are gathered to rank 0, which writes
+the entry as one process does; the others wait for it and open it. A step that can fail on one
+rank ends with ``distributed.agree`` (every rank raises the same one line, none waits for ever).
+Streamed batches are computed by every rank unless the caller asks for ``shared`` batches
+(the attentive probe, whose ranks read the same batches): rank r then computes batch kW + r of
+round k and the round's tokens are gathered to every rank; ``numbers`` picks some of the
+batches (a rank's share of the scoring).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..backbones.base import Backbone
+from ..core import distributed
 from ..core.errors import UserError
 from ..core.files import atomic_directory, atomic_write_json, file_lock, lock_path, sha256_json
 from ..core.provenance import autocast_dtype, source_hash
@@ -83,16 +92,26 @@ class TokenSource:
         }
 
     def batches(
-        self, order: np.ndarray | None = None, batch_size: int | None = None
+        self,
+        order: np.ndarray | None = None,
+        batch_size: int | None = None,
+        *,
+        numbers=None,
+        shared: bool = False,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]:
         """(split rows, tokens float32 (B, h, w, D), prefix float32 (B, P, D) or None) for
-        ``order`` (split rows, each one of ``rows``; default: ``rows``) cut into batches."""
+        ``order`` (split rows, each one of ``rows``; default: ``rows``) cut into batches;
+        ``numbers``: only these batches of the cut. ``shared`` (every rank of a torchrun world
+        asks for the same batches): streamed batches are computed one per rank and round and
+        gathered to every rank, each the bits one process computes."""
         order = self.rows if order is None else np.asarray(order, dtype=np.int64)
         bs = batch_size or self.batch_size
+        cuts = [order[s : s + bs] for s in range(0, len(order), bs)]
+        if numbers is not None:
+            cuts = [cuts[k] for k in numbers]
         if self.cached:
             tokens, prefix = self._bank
-            for s in range(0, len(order), bs):
-                take = order[s : s + bs]
+            for take in cuts:
                 pos = np.array([self._pos[int(r)] for r in take], dtype=np.int64)
                 srt = np.argsort(pos, kind="stable")  # memmaps read fastest in file order
                 back = np.empty_like(srt)
@@ -103,8 +122,13 @@ class TokenSource:
                     p = torch.from_numpy(np.asarray(prefix[pos[srt]], dtype=np.float32)[back])
                 yield take, t, p
             return
+        if shared and distributed.world() > 1:
+            for parts in _rounds(self, cuts, to_all=True):
+                for take, t, p in parts:
+                    yield take, t.float(), None if p is None else p.float()
+            return
         with _grids(self.backbone, self.device) as embed:
-            for take, batch in _image_batches(self, order, bs):
+            for take, batch in _image_batches(self, cuts):
                 t, p = embed(batch)
                 yield take, _half(t), None if p is None else _half(p)
 
@@ -130,14 +154,36 @@ def _grids(backbone: Backbone, device: torch.device):
     yield embed
 
 
-def _image_batches(src: TokenSource, order: np.ndarray, bs: int):
+def _image_batches(src: TokenSource, cuts: list[np.ndarray]):
     images = Images(src.bundle.split(src.split), src.backbone.preprocessing)
     nw = src.num_workers
     if nw is None:
         nw = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
-    cuts = [order[s : s + bs] for s in range(0, len(order), bs)]
     loader = DataLoader(images, batch_sampler=[c.tolist() for c in cuts], num_workers=nw)
     yield from zip(cuts, worker_errors(loader), strict=True)
+
+
+def _rounds(src: TokenSource, cuts: list[np.ndarray], to_all: bool):
+    """The streamed batches ``cuts`` computed across a torchrun world, round by round: in
+    round k rank r computes batch kW + r (float16, the cache's values), and each round yields
+    its batches, in batch order, on every rank (``to_all``) or on rank 0 alone (the others get
+    an empty round). A batch that fails on one rank (a corrupt image) stops every rank with
+    its message."""
+    W, r = distributed.world(), distributed.rank()
+    mine = iter(_image_batches(src, cuts[r::W]))
+    with _grids(src.backbone, src.device) as embed:
+        for k in range(0, len(cuts), W):
+            got, error = None, None
+            if k + r < len(cuts):
+                try:
+                    take, batch = next(mine)
+                    t, p = embed(batch)
+                    got = (t.half(), None if p is None else p.half())
+                except UserError as e:
+                    error = str(e)
+            distributed.agree(error)
+            parts = distributed.all_gather(got) if to_all else distributed.gather(got) or []
+            yield [(cuts[k + j], *part) for j, part in enumerate(parts) if part is not None]
 
 
 def token_key(
@@ -188,11 +234,12 @@ def token_source(
     if src.nbytes <= src.budget_bytes:
         _attach_cache(src, Path(cache_dir))
     what = "cached" if src.cached else "streamed (over the budget)"
-    log(
-        f"{backbone.tag} patch tokens of {bundle.name}/{split} ({len(rows)} rows, "
-        f"{src.nbytes / 2**20:.1f} MiB float16, budget {src.budget_bytes / 2**20:.1f} MiB): {what}",
-        "tokens",
-    )
+    if distributed.is_main():
+        log(
+            f"{backbone.tag} patch tokens of {bundle.name}/{split} ({len(rows)} rows, "
+            f"{src.nbytes / 2**20:.1f} MiB float16, budget {src.budget_bytes / 2**20:.1f} MiB): {what}",
+            "tokens",
+        )
     return src
 
 
@@ -200,15 +247,18 @@ def _attach_cache(src: TokenSource, cache_dir: Path) -> None:
     key_obj = token_key(src.backbone, src.bundle, src.split, src.rows, src.device, src.batch_size)
     entry = cache_dir / "tokens" / sha256_json(key_obj)[:32]
     what = f"{src.backbone.tag} patch tokens of {src.bundle.name}/{src.split}"
-    bank = cached_entry(entry, lambda: _open(entry), what, discard=False)
-    hit = bank is not None
-    if bank is None:
-        with file_lock(lock_path(entry), f"the token cache entry {entry} ({what})"):
-            bank = cached_entry(entry, lambda: _open(entry), what, discard=True)
-            hit = bank is not None
-            if bank is None:
-                _write(src, entry, key_obj)
-                bank = _open(entry, verify=False)
+    if distributed.world() > 1:
+        hit, bank = _attach_ranks(src, entry, key_obj, what)
+    else:
+        bank = cached_entry(entry, lambda: _open(entry), what, discard=False)
+        hit = bank is not None
+        if bank is None:
+            with file_lock(lock_path(entry), f"the token cache entry {entry} ({what})"):
+                bank = cached_entry(entry, lambda: _open(entry), what, discard=True)
+                hit = bank is not None
+                if bank is None:
+                    _write(src, entry, key_obj)
+                    bank = _open(entry, verify=False)
     rows, tokens, prefix = bank
     if not np.array_equal(rows, src.rows):
         raise UserError(f"the token cache entry {entry} holds other rows; remove it")
@@ -216,37 +266,125 @@ def _attach_cache(src: TokenSource, cache_dir: Path) -> None:
     src._pos = {int(r): i for i, r in enumerate(rows)}
 
 
+def _attach_ranks(src: TokenSource, entry: Path, key_obj: dict, what: str):
+    """(hit, bank) in a torchrun world: rank 0 holds the entry's lock and decides; a missing
+    entry is computed by every rank (``_rounds``) and written by rank 0; then every rank opens
+    the entry rank 0 left (refused in one line where a rank cannot see it)."""
+    main = distributed.is_main()
+    with contextlib.ExitStack() as held:
+        error = None
+        if main:
+            try:
+                held.enter_context(
+                    file_lock(lock_path(entry), f"the token cache entry {entry} ({what})")
+                )
+            except UserError as e:
+                error = str(e)
+        distributed.agree(error)
+        hit = distributed.on_main(
+            lambda: cached_entry(entry, lambda: _open(entry), what, discard=True) is not None
+        )
+        if not hit:
+            _write(src, entry, key_obj)
+    distributed.barrier()  # rank 0 has released the entry
+    bank, error = None, None
+    try:
+        bank = _open(entry, verify=False)
+    except Damaged as e:
+        error = (
+            f"rank {distributed.rank()} cannot read the token cache entry {entry} rank 0 wrote "
+            f"({e}); put --cache-dir on a filesystem every node shares"
+        )
+    distributed.agree(error)
+    return hit, bank
+
+
 def _write(src: TokenSource, entry: Path, key_obj: dict) -> None:
+    """The entry, written by one process, or by rank 0 from every rank's batches (every rank
+    runs this): batches of ``batch_size`` in row order, the float16 values one process
+    writes; an error on any rank, or rank 0's (a full disk, tokens that overflow float16),
+    stops every rank with the same line."""
     t0 = time.perf_counter()
-    n, (h, w), d, p = len(src.rows), src.grid, src.dim, src.num_prefix
-    hint = "free space, pass --cache-dir on another disk, or lower the token budget"
-    with atomic_directory(entry) as tmp:
-        toks = reserved_memmap(tmp / "tokens.npy", np.float16, (n, h, w, d), str(entry), hint)
-        pre = None
+    if distributed.world() == 1:
+        with atomic_directory(entry) as tmp:
+            out = _Bank(src, entry, tmp)
+            for take, t, pf in src.batches():
+                out.add(take, t, pf)
+            out.finish(key_obj, t0)
+    else:
+        _write_ranks(src, entry, key_obj, t0)
+    if distributed.is_main():
+        log(f"wrote patch tokens to {entry} in {time.perf_counter() - t0:.1f}s", "cache")
+
+
+def _write_ranks(src: TokenSource, entry: Path, key_obj: dict, t0: float) -> None:
+    main, bs = distributed.is_main(), src.batch_size
+    cuts = [src.rows[s : s + bs] for s in range(0, len(src.rows), bs)]
+    error, rounds_done = None, False
+
+    def line(e: Exception) -> str:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return text if isinstance(e, UserError) else f"could not write {entry}: {text}"
+
+    try:
+        with atomic_directory(entry) if main else contextlib.nullcontext() as tmp:
+            out = None
+            try:
+                out = _Bank(src, entry, tmp) if main else None
+            except (UserError, OSError) as e:
+                error = line(e)
+            for parts in _rounds(src, cuts, to_all=False):
+                try:
+                    for part in parts if error is None else ():
+                        out.add(*part)  # rank 0 alone receives the round's batches
+                except (UserError, OSError) as e:
+                    error = line(e)
+                distributed.agree(error)  # raises on every rank together
+            rounds_done = True
+            if main:
+                out.finish(key_obj, t0)
+    except (UserError, OSError) as e:
+        if not rounds_done:
+            raise
+        error = line(e)
+    distributed.agree(error)
+
+
+class _Bank:
+    """The float16 memory maps of an entry being written, filled batch by batch in row order."""
+
+    def __init__(self, src: TokenSource, entry: Path, tmp: Path):
+        n, (h, w), d, p = len(src.rows), src.grid, src.dim, src.num_prefix
+        hint = "free space, pass --cache-dir on another disk, or lower the token budget"
+        self.src, self.tmp, self.done = src, tmp, 0
+        self.toks = reserved_memmap(tmp / "tokens.npy", np.float16, (n, h, w, d), str(entry), hint)
+        self.pre = None
         if p:
-            pre = reserved_memmap(tmp / "prefix.npy", np.float16, (n, p, d), str(entry), hint)
+            self.pre = reserved_memmap(tmp / "prefix.npy", np.float16, (n, p, d), str(entry), hint)
         else:  # a CNN map: an empty prefix (a memory map cannot be empty)
             np.save(tmp / "prefix.npy", np.zeros((n, 0, d), dtype=np.float16))
-        done = 0
-        for take, t, pf in src.batches(src.rows, src.batch_size):
-            toks[done : done + len(take)] = t.numpy()
-            if pf is not None:
-                pre[done : done + len(take)] = pf.numpy()
-            if not np.isfinite(toks[done : done + len(take)]).all():
-                raise UserError(
-                    f"{src.backbone.tag} patch tokens overflow float16 (or are NaN) on "
-                    f"{src.bundle.name}/{src.split}; lower the token budget to 0 to stream them"
-                )
-            done += len(take)
-        toks.flush()
-        if pre is not None:
-            pre.flush()
-        del toks, pre  # closed before the checksums read the files
-        np.save(tmp / "rows.npy", src.rows)
-        sums = {f: file_checksum(tmp / f) for f in _FILES}
-        meta = {"key": key_obj, "n": n, "seconds": time.perf_counter() - t0}
-        atomic_write_json(tmp / "meta.json", meta | {"checksum": CHECKSUM, "checksums": sums})
-    log(f"wrote patch tokens to {entry} in {time.perf_counter() - t0:.1f}s", "cache")
+
+    def add(self, take: np.ndarray, t: torch.Tensor, pf: torch.Tensor | None) -> None:
+        a, b, src = self.done, self.done + len(take), self.src
+        self.toks[a:b] = t.numpy()
+        if pf is not None:
+            self.pre[a:b] = pf.numpy()
+        if not np.isfinite(self.toks[a:b]).all():
+            raise UserError(
+                f"{src.backbone.tag} patch tokens overflow float16 (or are NaN) on "
+                f"{src.bundle.name}/{src.split}; lower the token budget to 0 to stream them"
+            )
+        self.done = b
+
+    def finish(self, key_obj: dict, t0: float) -> None:
+        self.toks.flush()
+        if self.pre is not None:
+            self.pre.flush()
+        self.toks = self.pre = None  # closed before the checksums read the files
+        np.save(self.tmp / "rows.npy", self.src.rows)
+        sums = {f: file_checksum(self.tmp / f) for f in _FILES}
+        meta = {"key": key_obj, "n": len(self.src.rows), "seconds": time.perf_counter() - t0}
+        atomic_write_json(self.tmp / "meta.json", meta | {"checksum": CHECKSUM, "checksums": sums})
 
 
 def _open(entry: Path, verify: bool = True):

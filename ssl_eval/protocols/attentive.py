@@ -4,16 +4,25 @@ frozen backbone's patch tokens, a grid of learning rates x weight decays at once
 Every step reads one batch of tokens (from the token cache when the bank fits the card's
 budget, computed from the images otherwise: features/tokens.py) and trains every head of the
 grid on it: the heads' losses are summed, so each head gets exactly the gradient it would get
-alone (tests/test_attentive.py trains a grid and its heads one by one). Each head starts from
-its own seeded initialisation, a function of (seed, lr, weight decay). The head with the best
-top-1 on the validation rows (the first on ties) alone is scored on test, with per-image hits
-for bootstrap intervals. The learning-rate schedules are those of the official scripts
-(``SCHEDULES``), the step counted from 0.
+alone, and each has its own optimiser (tests/test_attentive.py trains a grid and its heads one
+by one). Each head starts from its own seeded initialisation, a function of (seed, lr, weight
+decay). The head with the best top-1 on the validation rows (the first on ties) alone is
+scored on test, with per-image hits for bootstrap intervals. The learning-rate schedules are
+those of the official scripts (``SCHEDULES``), the step counted from 0.
 
 The training state (heads, optimiser, step, the shuffling generator) is saved at the end of an
 epoch, at most every total / 20 steps, in the unit's state folder (atomically, behind a length
 and crc32 header); a rerun of a killed unit resumes from it and ends where an uninterrupted run
 ends (tests/test_kill.py). The folder is removed when the unit finishes.
+
+Under torchrun (docs/distributed.md, protocols/_grid_share.py) the grid is shared out: each
+rank trains a contiguous share of the heads on every batch (the same heads, bit for bit, as
+one process trains), streamed tokens are computed one batch per rank and round and gathered
+to every rank, the validation scores are gathered in grid order, the selected head is sent
+from the rank that trained it and each rank scores a share of the test batches. Rank 0 writes
+the state, every head of the grid in it (gathered first); every rank resumes its share of it.
+The record is one process's, but for the provenance that names the processes
+(tests/test_attentive_dist.py).
 """
 
 from __future__ import annotations
@@ -32,18 +41,11 @@ from torch import nn
 
 from ..core import distributed
 from ..core.errors import UserError
-from ..core.files import (
-    DamagedFile,
-    file_lock,
-    lock_path,
-    read_torch_checked,
-    sha256_json,
-    write_torch_checked,
-)
+from ..core.files import file_lock, lock_path, sha256_json
 from ..core.registry import Registry
-from ..core.runtime import warn
 from ..features.extraction import default_cache_dir
 from ..features.tokens import token_source
+from . import _grid_share
 from ._poolers import POOLERS
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
@@ -225,29 +227,6 @@ def _token_set(t: torch.Tensor, pre: torch.Tensor | None, p: AttentiveParams, de
     return x.to(device)
 
 
-def _save(path: Path | None, state: dict) -> None:
-    if path is not None and distributed.is_main():
-        write_torch_checked(path, state)
-
-
-def _load(path: Path | None, fingerprint: str, total: int) -> dict | None:
-    """This run's saved state; None when there is none or it is another setting's; a damaged
-    one is reported in one line, removed, and the run starts over."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        st = read_torch_checked(path, "cpu")
-        if not isinstance(st, dict) or st.get("fingerprint") != fingerprint:
-            return None
-        if not 0 < st.get("step", 0) < total or not {"heads", "opt", "generator"} <= set(st):
-            raise DamagedFile("not an attentive state of the form ssl-eval writes")
-    except DamagedFile as e:
-        warn(f"attentive state {path} is damaged ({e}); discarding it, the unit starts over")
-        path.unlink(missing_ok=True)
-        return None
-    return st
-
-
 def train_heads(
     src,
     rows,
@@ -260,11 +239,13 @@ def train_heads(
     state_path: Path | None = None,
 ):
     """The grid's heads trained together on ``rows`` of ``src``; ``labels`` maps row -> class.
+    Returns this rank's share of the heads (all of them in one process: ``_grid_share``).
     With ``state_path``, the state is saved there after an epoch (at most every total / 20
     steps) and a saved state of the same run is resumed."""
     pl = plan(len(rows), p)
-    heads = [_head(src.dim, classes, s, seed, p).to(device).train() for s in settings]
-    opt = _optimizer(heads, settings, p)
+    part = _grid_share.share(len(settings))
+    heads = [_head(src.dim, classes, s, seed, p).to(device).train() for s in settings[part]]
+    opts = [_optimizer([h], [s], p) for h, s in zip(heads, settings[part], strict=True)]
     g = torch.Generator().manual_seed(seed)
     step = saved = 0
     fingerprint = sha256_json(
@@ -276,48 +257,54 @@ def train_heads(
             "rows": hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest(),
             "labels": [labels[int(r)] for r in rows],
             "dim": src.dim,
+            "layout": _grid_share.STATE_LAYOUT,
         }
     )
-    st = _load(state_path, fingerprint, pl.total)
+    st = _grid_share.load(state_path, fingerprint, pl.total, len(settings))
     if st is not None:
-        for h, w in zip(heads, st["heads"], strict=True):
+        for h, w, o, s in zip(heads, st["heads"], opts, st["opt"], strict=True):
             h.load_state_dict(w)
-        opt.load_state_dict(st["opt"])
+            o.load_state_dict(s)
         g.set_state(st["generator"])
         torch.set_rng_state(st["rng"])
         step = saved = st["step"]
-        print(f"[resume] attentive from step {step} of {pl.total} ({state_path})", flush=True)
+        if distributed.is_main():
+            print(f"[resume] attentive from step {step} of {pl.total} ({state_path})", flush=True)
     while step < pl.total:
         perm = np.asarray(rows)[torch.randperm(len(rows), generator=g).numpy()]
         order = perm[: pl.per_epoch * pl.batch]
-        for take, t, pre in src.batches(order, pl.batch):
-            for group in opt.param_groups:
-                group["lr"] = pl.lr(step, group["peak"], p)
-            x = _token_set(t, pre, p, device)
-            y = torch.as_tensor([labels[int(r)] for r in take], device=device)
-            loss = sum(F.cross_entropy(h(x), y) for h in heads)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        for take, t, pre in src.batches(order, pl.batch, shared=True):
+            if heads:  # a rank with no head (more ranks than heads) still computes its tokens
+                for opt in opts:
+                    for group in opt.param_groups:
+                        group["lr"] = pl.lr(step, group["peak"], p)
+                x = _token_set(t, pre, p, device)
+                y = torch.as_tensor([labels[int(r)] for r in take], device=device)
+                loss = sum(F.cross_entropy(h(x), y) for h in heads)
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in opts:
+                    opt.step()
             step += 1
             if step == pl.total:
                 break
         if step < pl.total and step - saved >= pl.total / 20:
             state = {"fingerprint": fingerprint, "step": step, "generator": g.get_state()}
-            state |= {"rng": torch.get_rng_state(), "opt": opt.state_dict()}
-            _save(state_path, state | {"heads": [h.state_dict() for h in heads]})
+            _grid_share.save(state_path, state | {"rng": torch.get_rng_state()}, heads, opts)
             saved = step
     return [h.eval() for h in heads], pl
 
 
 @torch.no_grad()
-def _scores(heads, src, rows, p: AttentiveParams, device) -> list[torch.Tensor]:
+def _logits(heads, src, rows, p: AttentiveParams, device, **which) -> list[list[torch.Tensor]]:
+    """Each head's logits, batch by batch (``which``: the batches' numbers, shared)."""
     out = [[] for _ in heads]
-    for _, t, pre in src.batches(rows, p.eval_batch_size):
+    for _, t, pre in src.batches(rows, p.eval_batch_size, **which):
         x = _token_set(t, pre, p, device)
         for o, h in zip(out, heads, strict=True):
             o.append(h(x).float().cpu())
-    return [torch.cat(o) for o in out]
+    return out
 
 
 def run_attentive(inp: ImageInputs, p: AttentiveParams) -> ProtocolOutput:
@@ -350,16 +337,28 @@ def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> Proto
     te = token_source(bb, bundle, "test", None, budget_bytes=budget - tr.nbytes * tr.cached, **kw)
     labels = {int(r): int(bundle.train.labels[r]) for r in rows}
     settings = p.settings()
-    heads, pl = train_heads(
-        tr, inp.train_idx, labels, bundle.num_classes, p, settings, inp.seed, device, state_path
+    classes, seed = bundle.num_classes, inp.seed
+    mine, pl = train_heads(
+        tr, inp.train_idx, labels, classes, p, settings, seed, device, state_path
     )
     y_val = torch.as_tensor(bundle.train.labels[inp.val_idx])
-    val = [
-        float((s.argmax(1) == y_val).float().mean())
-        for s in _scores(heads, tr, inp.val_idx, p, device)
-    ]
+    val = _grid_share.in_grid_order(
+        [
+            float((torch.cat(s).argmax(1) == y_val).float().mean())
+            for s in _logits(mine, tr, inp.val_idx, p, device, shared=True)
+        ]
+    )
     best = int(np.argmax(val))  # the first of equal scores
-    (test_scores,) = _scores([heads[best]], te, None, p, device)
+    head = _grid_share.selected_head(
+        best,
+        len(settings),
+        mine,
+        lambda: _head(tr.dim, classes, settings[best], seed, p).to(device),
+    )
+    test_scores = _grid_share.batch_shares(
+        lambda numbers: _logits([head], te, None, p, device, numbers=numbers)[0],
+        _grid_share.batch_count(len(te.rows), p.eval_batch_size),
+    )
     hits = topk_hits(test_scores, torch.as_tensor(bundle.test.labels), (1, 5))
     lr, wd = settings[best]
     return ProtocolOutput(
@@ -377,7 +376,7 @@ def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> Proto
             "steps": pl.total,
             "steps_per_epoch": pl.per_epoch,
             "batch_size": pl.batch,
-            "head_params": sum(w.numel() for w in heads[best].parameters()),
+            "head_params": sum(w.numel() for w in head.parameters()),
             "tokens_train": tr.record(),
             "tokens_test": te.record(),
             "train_size": len(inp.train_idx),
