@@ -273,3 +273,50 @@ def test_browser_sorts_and_filters(report):
         assert not severe, severe
     finally:
         d.quit()
+
+
+def _rgb(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)), np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), int)
+
+
+@pytest.mark.slow
+def test_figures_are_palette_pngs_exact_on_flat_colours():
+    """to_png stores a palette PNG: a figure of flat colours comes back pixel for pixel as
+    matplotlib rendered it; a scatter's anti-aliased edges move to near colours only, in a
+    file smaller than the RGBA one."""
+    import io
+
+    import numpy as np
+
+    from ssl_eval.report.figures import DPI, plt, to_png
+
+    def rgba_png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+        return buf.getvalue()
+
+    p = plt()
+    mask = np.arange(64).reshape(8, 8) % 7  # seven flat classes, as a predicted mask
+    fig, ax = p.subplots(figsize=(2, 2))
+    ax.imshow(mask, cmap="tab10", interpolation="nearest", vmin=0, vmax=9)
+    ax.set_axis_off()
+    want = rgba_png(fig)
+    im, got = _rgb(to_png(fig))
+    assert im.mode == "P"
+    _, ref = _rgb(want)
+    assert np.array_equal(got, ref)
+
+    rng = np.random.default_rng(0)
+    fig, ax = p.subplots(figsize=(4.2, 4.0))
+    ax.scatter(*rng.normal(size=(2, 1000)), c=rng.integers(0, 10, 1000), s=6, cmap="tab10")
+    want = rgba_png(fig)
+    png = to_png(fig)
+    im, got = _rgb(png)
+    _, ref = _rgb(want)
+    assert im.mode == "P" and len(png) < 0.7 * len(want)
+    assert np.abs(got - ref).max() <= 64 and np.abs(got - ref).mean() < 1.0

@@ -51,13 +51,26 @@ def file_name(*parts: object) -> str:
 
 
 DPI = 80  # the page inlines every figure: at 100 dpi a 13-backbone suite's page passed 2 MB
+PALETTE = 256  # colours of the stored PNG (median cut, no dithering)
 
 
 def to_png(fig) -> bytes:
+    """The figure as a palette PNG: matplotlib's RGBA rendering cut to ``PALETTE`` colours.
+    A plot's flat colours stay exact; only anti-aliased edges move to a near palette colour.
+    The page inlines every figure, and the default suite's 39 figures took 1.55 MB as RGBA
+    PNGs (the page 2.23 MB), 0.56 MB as palette PNGs."""
+    from PIL import Image
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt().close(fig)
-    return buf.getvalue()
+    buf.seek(0)
+    rgb = Image.open(buf).convert("RGB")
+    out = io.BytesIO()
+    rgb.quantize(PALETTE, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        out, format="PNG", optimize=True
+    )
+    return out.getvalue()
 
 
 def _f(v: object) -> float:
