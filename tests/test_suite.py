@@ -82,6 +82,30 @@ def test_suite_trains_evaluates_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_the_report_of_a_fresh_suite_run_compares_its_ablation_group(tmp_path, capsys):
+    """The findings read the suite's groups from suite.json: the suite writes it before its
+    report, so the first run's report already sets the ablation's models against each other
+    (it was written after, and a fresh folder's report had no ablation section)."""
+    text = SMALL.replace(
+        "  - {name: simclr, method: simclr}\n  - {name: supervised, method: supervised}\n",
+        "  - {name: simclr, method: simclr, groups: [ablation]}\n"
+        "  - {name: simclr-b, method: simclr, groups: [ablation],"
+        " config: {optim: {base_lr: 0.01}}}\n",
+    )
+    assert "simclr-b" in text
+    code = main(
+        ["suite", str(_suite(tmp_path, text)), "--results-dir", str(tmp_path / "r")]
+        + ["--no-progress", "--reference", "none"]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    findings = (tmp_path / "r" / "report" / "findings.md").read_text()
+    assert "Within the suite group ablation (simclr and simclr-b)" in findings
+    manifest = json.loads((tmp_path / "r" / "suite.json").read_text())
+    assert "tables and report" in manifest["timings_s"] and "total" in manifest["timings_s"]
+
+
+@pytest.mark.slow
 def test_changed_recipe_trains_into_a_new_folder(tmp_path, capsys):
     suite = _suite(tmp_path)
     assert _run(tmp_path, suite, capsys)[0] == 0

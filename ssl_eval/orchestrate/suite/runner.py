@@ -198,6 +198,9 @@ def run_suite(suite: JobSuite, opt: SuiteOptions) -> SuiteOutcome:
     if len(runs) > 1:
         out.timings["evaluation, all"] = round(time.perf_counter() - t_eval, 1)
     t0 = time.perf_counter()
+    # the report's findings read this run's groups from suite.json: written before the report
+    # (its timings so far), and again below with the tables' and report's time
+    _write_manifest(suite, out)
     write_leaderboard(results)
     if opt.report:
         try:
