@@ -13,7 +13,14 @@ from ssl_eval.cli import main
 from ssl_eval.core.errors import UserError
 from ssl_eval.protocols.cards import load_card, shipped_cards
 from ssl_eval.protocols.published import PublishedEntry, check_runnable, load_published
-from ssl_eval.report.published import cells, compare, matches
+from ssl_eval.report.published import (
+    cells,
+    compare,
+    matches,
+    published_html,
+    published_md,
+    text_table,
+)
 
 # the seed lecture's table, as printed in the sources the shipped file cites
 SEED_TABLE = {
@@ -42,6 +49,37 @@ def test_shipped_file_holds_the_seed_table_with_sources():
         assert any(s in e.source for s in ("@", "torchvision 0.")), e.label
     assert "image-net.org" in pub.datasets["imagenet"].download
     assert "--data-root DIR" in pub.datasets["imagenet"].download
+
+
+# the papers' own tables where they print the seed lecture's figures, as printed there
+PAPER_TABLE = {
+    ("simclr_r50", "linear"): (69.3, "arXiv:2002.05709, Table 6"),  # README: 69.1
+    ("simclr_r50_2x", "linear"): (74.2, "arXiv:2002.05709, Table 6"),
+    ("simclr_r50_4x", "linear"): (76.5, "arXiv:2002.05709, Table 6"),  # README: 76.6
+    ("dinov2_vits14", "linear@dinov2"): (81.1, "arXiv:2304.07193, Table 4"),
+    ("dinov2_vits14", "knn"): (79.0, "arXiv:2304.07193, Table 4"),
+    ("dinov2_vitb14", "linear@dinov2"): (84.5, "arXiv:2304.07193, Table 4"),
+    ("dinov2_vitb14", "knn"): (82.1, "arXiv:2304.07193, Table 4"),
+    ("dinov2_vitl14", "linear@dinov2"): (86.3, "arXiv:2304.07193, Table 4"),
+    ("dinov2_vitl14", "knn"): (83.5, "arXiv:2304.07193, Table 4"),
+    ("dinov2_vitg14", "linear@dinov2"): (86.5, "arXiv:2304.07193, Table 4"),
+    ("dinov2_vitg14", "knn"): (83.5, "arXiv:2304.07193, Table 4"),
+}
+
+
+def test_shipped_file_holds_the_papers_own_figures_and_shows_them():
+    pub = load_published()
+    got = {(e.tag, e.recipe): e for e in pub.entries if e.dataset == "imagenet"}
+    for key, (value, where) in PAPER_TABLE.items():
+        assert got[key].paper_value == value and where in got[key].paper_source, key
+    assert {k for k, e in got.items() if e.paper_source} == set(PAPER_TABLE)
+    rec = SimpleNamespace(value=0.69, ci95=[0.68, 0.70], ci_method="bootstrap-test", unit="u")
+    c = compare(got[("simclr_r50", "linear")], rec)
+    assert c.theirs == 69.1  # theirs stays the source's figure; the paper's is shown beside it
+    for text in (text_table([c]), "\n".join(published_md([c])), published_html([c])):
+        assert "the paper: 69.3 (" in text and "Table 6" in text
+    plain = compare(got[("mocov3_vitb16", "linear")], rec)
+    assert "the paper: " not in text_table([plain]) + published_html([plain])
 
 
 def test_published_is_not_a_card():
@@ -80,6 +118,7 @@ ENTRY = """\
     note: raw pixels
 """
 SOURCE = "    source: a test figure, tests/test_published.py\n"
+PAPER = "    paper_value: 97.0\n    paper_source: a test paper, Table 1\n"
 
 
 def _file(tmp_path, entries=ENTRY, head="version: 1\n", name="pub.yaml"):
@@ -109,6 +148,10 @@ def _file(tmp_path, entries=ENTRY, head="version: 1\n", name="pub.yaml"):
         ("version: 1\ndatasets:\n  digits: {}\n", ENTRY, "missing required key(s) download"),
         ("version: 1\n", ENTRY.replace(SOURCE, ""), "entries[0]: missing required key(s) source"),
         ("version: 1\n", "  - 3\n", "entries[0]: expected a mapping, got int"),
+        ("version: 1\n", ENTRY + "    paper_value: 97.0\n", "both or neither"),
+        ("version: 1\n", ENTRY + "    paper_source: Table 1\n", "both or neither"),
+        ("version: 1\n", ENTRY + PAPER.replace("97.0", "101"), "paper_value 101"),
+        ("version: 1\n", ENTRY + PAPER.replace("97.0", "'x'"), "expected float"),
     ],
 )
 def test_schema_refusals_are_one_line(tmp_path, head, entries, says):

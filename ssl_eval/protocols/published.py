@@ -56,6 +56,10 @@ class PublishedEntry:
     value: float  # percent, as printed in the source
     source: str  # a paper's table, or repo@commit + file + table
     note: str = ""  # where the recipe departs from the authors' evaluation
+    # the paper's own figure for this model and evaluation, where the paper prints one (it can
+    # differ from ``value``, e.g. a repository's re-run): both given, or neither
+    paper_value: float | None = None
+    paper_source: str = ""  # the paper (arXiv id), its table, the row and column read
 
     def __post_init__(self) -> None:
         where = f"published entry {self.tag}/{self.dataset}/{self.recipe}"
@@ -69,6 +73,15 @@ class PublishedEntry:
         _line(self.source, "source", where)
         if "\n" in self.note.strip():
             raise UserError(f"{where}: note must be one line (use '>-' in YAML to fold it)")
+        if (self.paper_value is None) != (not self.paper_source.strip()):
+            raise UserError(f"{where}: paper_value and paper_source go together (both or neither)")
+        if self.paper_value is not None:
+            v = self.paper_value
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise UserError(f"{where}: paper_value {v!r} is not a number")
+            if not (math.isfinite(v) and 0 < v <= 100):
+                raise UserError(f"{where}: paper_value {v} is not a percentage in (0, 100]")
+            _line(self.paper_source, "paper_source", where)
 
     @property
     def label(self) -> str:

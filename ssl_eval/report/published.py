@@ -122,6 +122,8 @@ def text_table(comps: list[Comparison]) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for c in comps:
         lines.append(f"theirs ({c.entry.tag}, {c.entry.recipe}): {c.entry.source}")
+        if c.entry.paper_source:
+            lines.append(f"  the paper: {c.entry.paper_value:g} ({c.entry.paper_source})")
         if c.entry.note:
             lines.append(f"  note: {c.entry.note}")
     return "\n".join(lines)
@@ -141,8 +143,16 @@ def published_md(comps: list[Comparison]) -> list[str]:
         lines.append("| " + " | ".join(md(v) for v in cells(c)) + " |")
     lines += ["", LEGEND, ""]
     for c in comps:
-        lines.append(f"- {md(c.entry.tag)}, {md(c.entry.recipe)}: {md(c.entry.source)}")
+        lines.append(
+            f"- {md(c.entry.tag)}, {md(c.entry.recipe)}: {md(c.entry.source)}" + _paper(c, md)
+        )
     return [*lines, ""]
+
+
+def _paper(c: Comparison, esc) -> str:
+    """The paper's own figure, where the entry has one (it may differ from theirs)."""
+    e = c.entry
+    return f"; the paper: {e.paper_value:g} ({esc(e.paper_source)})" if e.paper_source else ""
 
 
 def published_html(comps: list[Comparison]) -> str:
@@ -152,6 +162,7 @@ def published_html(comps: list[Comparison]) -> str:
     )
     sources = "".join(
         f"<li>{escape(c.entry.tag)}, {escape(c.entry.recipe)}: {escape(c.entry.source)}"
+        + _paper(c, escape)
         + (f" <span class='note'>{escape(c.entry.note)}</span>" if c.entry.note else "")
         + "</li>"
         for c in comps
