@@ -64,6 +64,9 @@ PAPER_TABLE = {
     ("dinov2_vitl14", "knn"): (83.5, "arXiv:2304.07193, Table 4"),
     ("dinov2_vitg14", "linear@dinov2"): (86.5, "arXiv:2304.07193, Table 4"),
     ("dinov2_vitg14", "knn"): (83.5, "arXiv:2304.07193, Table 4"),
+    ("mae_vitb16", "finetune@mae"): (83.6, "arXiv:2111.06377, Table 3"),
+    ("mae_vitl16", "finetune@mae"): (85.9, "arXiv:2111.06377, Table 3"),
+    ("mae_vith14", "finetune@mae"): (86.9, "arXiv:2111.06377, Table 3"),
 }
 
 
