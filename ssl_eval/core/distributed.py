@@ -142,15 +142,17 @@ def shard(n: int, r: int | None = None, w: int | None = None) -> slice:
     return slice(r * n // w, (r + 1) * n // w)
 
 
-def in_rounds(count: int, mine: Iterator[T]) -> Iterator[T]:
-    """Items 0 .. count-1, every one on every rank, in item order, where this rank computes
-    only items r, r + W, r + 2W ... (``mine`` yields them in that order, lazily). Each round of
-    W items is gathered to every rank before the next is computed, so a rank holds at most W
-    items at a time. A UserError raised by ``mine`` on any rank is raised on every rank at the
-    end of that round (``agree``), never a wait. One process: ``mine`` itself."""
+def rounds(count: int, mine: Iterator[T], to_all: bool = True) -> Iterator[list[tuple[int, T]]]:
+    """Items 0 .. count-1 computed across the world, round by round: in round k rank r computes
+    item kW + r (``mine`` yields this rank's items r, r + W ... in that order, lazily), and each
+    round yields its (item number, item) pairs in item order, on every rank (``to_all``) or on
+    rank 0 alone (the others get an empty list for the round, so every rank still passes each
+    round together). A rank holds at most one round. A UserError raised by ``mine`` on any rank
+    is raised on every rank at the end of that round (``agree``), never a wait. One process:
+    each item is a round."""
     w, r = world(), rank()
     if w == 1:
-        yield from mine
+        yield from ([(i, x)] for i, x in enumerate(mine))
         return
     for start in range(0, count, w):
         item, error = None, None
@@ -159,9 +161,20 @@ def in_rounds(count: int, mine: Iterator[T]) -> Iterator[T]:
                 item = next(mine)
             except UserError as e:
                 error = str(e)
-        parts = all_gather((item, error))
-        agree(next((e for _, e in parts if e), None))
-        yield from (x for x, _ in parts[: count - start])
+        agree(error)
+        parts = all_gather(item) if to_all else (gather(item) or [])
+        yield list(enumerate(parts[: count - start], start))
+
+
+def in_rounds(count: int, mine: Iterator[T]) -> Iterator[T]:
+    """Items 0 .. count-1, every one on every rank, in item order, where this rank computes
+    only items r, r + W, r + 2W ... (``rounds``, gathered to every rank). One process: ``mine``
+    itself."""
+    if world() == 1:
+        yield from mine
+        return
+    for part in rounds(count, mine):
+        yield from (x for _, x in part)
 
 
 def follow_main(claim: Callable, items, *args) -> Iterator[tuple[object, bool]]:

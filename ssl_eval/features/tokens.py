@@ -164,26 +164,21 @@ def _image_batches(src: TokenSource, cuts: list[np.ndarray]):
 
 
 def _rounds(src: TokenSource, cuts: list[np.ndarray], to_all: bool):
-    """The streamed batches ``cuts`` computed across a torchrun world, round by round: in
-    round k rank r computes batch kW + r (float16, the cache's values), and each round yields
-    its batches, in batch order, on every rank (``to_all``) or on rank 0 alone (the others get
-    an empty round). A batch that fails on one rank (a corrupt image) stops every rank with
-    its message."""
+    """The streamed batches ``cuts`` computed across a torchrun world (``distributed.rounds``):
+    in round k rank r computes batch kW + r (float16, the cache's values), and each round
+    yields its (rows, tokens, prefix) in batch order, on every rank (``to_all``) or on rank 0
+    alone (the others get an empty round). A batch that fails on one rank (a corrupt image)
+    stops every rank with its message."""
     W, r = distributed.world(), distributed.rank()
-    mine = iter(_image_batches(src, cuts[r::W]))
     with _grids(src.backbone, src.device) as embed:
-        for k in range(0, len(cuts), W):
-            got, error = None, None
-            if k + r < len(cuts):
-                try:
-                    take, batch = next(mine)
-                    t, p = embed(batch)
-                    got = (t.half(), None if p is None else p.half())
-                except UserError as e:
-                    error = str(e)
-            distributed.agree(error)
-            parts = distributed.all_gather(got) if to_all else distributed.gather(got) or []
-            yield [(cuts[k + j], *part) for j, part in enumerate(parts) if part is not None]
+
+        def mine():
+            for _, batch in _image_batches(src, cuts[r::W]):
+                t, p = embed(batch)
+                yield t.half(), None if p is None else p.half()
+
+        for part in distributed.rounds(len(cuts), mine(), to_all):
+            yield [(cuts[k], t, p) for k, (t, p) in part]
 
 
 def token_key(
