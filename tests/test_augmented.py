@@ -231,3 +231,61 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, ful
     assert resumed.details["mae_rule_test_top1"] == full.details["mae_rule_test_top1"]
     np.testing.assert_array_equal(resumed.per_sample["top1"], full.per_sample["top1"])
     assert not (tmp_path / "state").exists()
+
+
+class _MixedSplit:
+    """Images of several sizes (a folder of photos), HWC uint8, as ImageSplit.load gives them."""
+
+    def __init__(self, n=40, seed=0):
+        rng = np.random.default_rng(seed)
+        sizes = [(40, 40), (37, 52), (64, 48), (40, 40), (23, 31)]
+        self.images = [
+            rng.integers(0, 256, (*sizes[i % len(sizes)], 3), np.uint8) for i in range(n)
+        ]
+        self.labels = np.arange(n) % 3
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, j):
+        return self.images[j]
+
+
+@pytest.mark.parametrize(
+    "interp, crop, scale, policy",
+    [
+        ("bilinear", "torchvision", (0.8, 1.0), "none"),
+        ("bicubic", "mae", (0.08, 1.0), "none"),
+        ("bilinear", "torchvision", (0.08, 1.0), "rand-m9-mstd0.5-inc1"),
+        ("bicubic", "torchvision", (1.0, 1.0), "none"),  # the centred-box fallback
+    ],
+)
+def test_a_batch_fetch_is_the_one_by_one_images_byte_for_byte(interp, crop, scale, policy):
+    """The DataLoader's batch fetch (``__getitems__``: draws per image, resizes of one size
+    together) gives exactly what ``__getitem__`` gives image by image, training crops and
+    evaluation images, on images of mixed sizes; a loader fetches through it."""
+    split = _MixedSplit()
+    order = [5, 0, 17, 3, 3, 39, 12, 8, 21, 30, 1, 2, 26, 14, 9, 33, 20]  # a shuffled batch
+    for pre in (
+        Preprocessing(resize=36, crop=32, interpolation=interp),
+        Preprocessing(resize=None, crop=None, interpolation=interp),
+    ):
+        for augment in (True, False):
+            ds = TrainImages(split, np.arange(40), pre, 7, augment, scale, True, crop, policy)
+            for epoch in (0, 3):
+                ds.epoch = epoch
+                got = ds.__getitems__(order)
+                want = [ds[i] for i in order]
+                assert [y for _, y in got] == [y for _, y in want]
+                for (a, _), (b, _) in zip(got, want, strict=True):
+                    assert a.dtype == b.dtype and a.is_contiguous() and torch.equal(a, b)
+    ds = TrainImages(split, np.arange(40), Preprocessing(resize=36, crop=32), 0, True)
+    calls = []
+    one = TrainImages.__getitem__
+    TrainImages.__getitem__ = lambda self, i: calls.append(i) or one(self, i)
+    try:
+        x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=16)))
+    finally:
+        TrainImages.__getitem__ = one
+    assert calls == [] and x.shape == (16, 3, 32, 32)
+    assert torch.equal(x, torch.stack([ds[i][0] for i in range(16)]))

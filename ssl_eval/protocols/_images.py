@@ -173,7 +173,7 @@ class TrainImages(Dataset):
         label = int(self.split.labels[j])
         if not self.augment:
             return self.pre.geometric(full).contiguous(), label
-        draw = (self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31)
+        draw = self._draw(j)
         g = torch.Generator().manual_seed(draw)
         # the input size is what evaluation feeds the backbone
         size = [self.pre.crop] * 2 if self.pre.crop else list(self.pre.geometric(full).shape[-2:])
@@ -182,11 +182,56 @@ class TrainImages(Dataset):
         img = TF.resized_crop(full, top, left, h, w, size, interpolation=interp, antialias=True)
         if self.hflip and torch.rand(1, generator=g).item() < 0.5:
             img = TF.horizontal_flip(img)
+        return self._finish(img, draw), label
+
+    def _draw(self, j: int) -> int:
+        return (self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31)
+
+    def _finish(self, img: torch.Tensor, draw: int) -> torch.Tensor:
         if self.rand_augment != "none":
             if self._ra is None:
                 self._ra = rand_augment(self.rand_augment, self.pre)
             img = _seeded_call(self._ra, img, draw)
-        return img.contiguous(), label
+        return img.contiguous()
+
+    def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """``[self[i] for i in items]``, the same bytes (the DataLoader fetches a batch with
+        it): each image's draws come from its own generator in the same order, but the images
+        that need the same resize (the same decoded shape, and while training the same crop
+        box size) are resized in one call, in a single image's memory layout (channels last,
+        as decoded). Without a fixed crop size the training crops' sizes follow each image: one
+        by one. (Fine-tuning's loader on the suite's 16-px shapes: 81 against 40 us an image.)"""
+        if self.augment and not self.pre.crop:
+            return [self[i] for i in items]
+        js = [int(self.indices[i]) for i in items]
+        arrays = [np.ascontiguousarray(self.split.load(j)) for j in js]
+        out: list[torch.Tensor | None] = [None] * len(js)
+        groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        draws, flips = [0] * len(js), [False] * len(js)
+        for k, (j, a) in enumerate(zip(js, arrays, strict=True)):
+            if not self.augment:
+                groups.setdefault(a.shape, []).append((k, a))
+                continue
+            draws[k] = self._draw(j)
+            g = torch.Generator().manual_seed(draws[k])
+            top, left, h, w = self.box(a.shape[:2], self.crop_scale, g)
+            flips[k] = self.hflip and torch.rand(1, generator=g).item() < 0.5
+            groups.setdefault((a.shape, h, w), []).append((k, a[top : top + h, left : left + w]))
+        interp = InterpolationMode(self.pre.interpolation)
+        for members in groups.values():
+            # N x H x W x C stacked, viewed N x C x H x W: channels last, as one decoded image
+            x = torch.from_numpy(np.stack([a for _, a in members])).permute(0, 3, 1, 2)
+            if not self.augment:
+                y = self.pre.geometric(x)
+            else:
+                size = [self.pre.crop] * 2
+                y = TF.resize(x, size, interpolation=interp, antialias=True)
+            for (k, _), img in zip(members, y, strict=True):
+                if not self.augment:
+                    out[k] = img.contiguous()
+                    continue
+                out[k] = self._finish(TF.horizontal_flip(img) if flips[k] else img, draws[k])
+        return [(img, int(self.split.labels[j])) for img, j in zip(out, js, strict=True)]
 
 
 def random_erase(x: torch.Tensor, prob: float, rng: np.random.Generator) -> torch.Tensor:
