@@ -112,3 +112,47 @@ def test_probes_from_the_cli_reach_the_leaderboard(tmp_path, capsys):
     row = next(line for line in md.splitlines() if line.startswith("| pixels |"))
     assert len(row.split("|")) == 2 + 1 + 12  # 4 decode + 5 inv + 3 diagnostics
     assert (r / "probes.csv").is_file()
+
+
+def test_augmented_probe_images_are_kept_per_input_and_handed_out_as_copies():
+    """augment_all keeps its last results for the next backbone: a repeat is the image-by-image
+    augmentation's bytes, a caller writing into its array leaves the next caller's intact, and
+    each input the output depends on (bytes, indices, augmentation, seed, strength) is a new
+    computation."""
+    from ssl_eval.data import views
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (12, 20, 20, 3), np.uint8)
+    idx = np.arange(100, 112)
+    s = {"crop_scale": (0.3, 1.0), "jitter": 0.6, "hue": 0.4, "blur_sigma": 1.0}
+
+    def by_hand(images, indices, aug, seed, strength):
+        return np.stack(
+            [
+                views.augment(torch.from_numpy(im).permute(2, 0, 1), aug, seed, int(i), strength)
+                .permute(1, 2, 0)
+                .numpy()
+                for im, i in zip(images, indices, strict=True)
+            ]
+        )
+
+    views._MEMO.clear()
+    first = views.augment_all(imgs, idx, "crop", 0, s)
+    assert len(views._MEMO) == 1 and np.array_equal(first, by_hand(imgs, idx, "crop", 0, s))
+    first[:] = 0  # the caller's array is its own (diagnostics flips in place)
+    again = views.augment_all(imgs, idx, "crop", 0, s)
+    assert len(views._MEMO) == 1 and np.array_equal(again, by_hand(imgs, idx, "crop", 0, s))
+    other = imgs.copy()
+    other[3, 5, 5, 0] ^= 1
+    for args in (
+        (other, idx, "crop", 0, s),
+        (imgs, idx + 1, "crop", 0, s),
+        (imgs, idx, "colour", 0, s),
+        (imgs, idx, "crop", 1, s),
+        (imgs, idx, "crop", 0, {**s, "crop_scale": (0.5, 1.0)}),
+    ):
+        assert np.array_equal(views.augment_all(*args), by_hand(*args))
+    assert len(views._MEMO) == 6
+    for n in range(20):  # bounded
+        views.augment_all(imgs, idx, "flip", n, s)
+    assert len(views._MEMO) == views._MEMO_ENTRIES
