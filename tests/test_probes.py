@@ -153,6 +153,14 @@ def test_augmented_probe_images_are_kept_per_input_and_handed_out_as_copies():
     ):
         assert np.array_equal(views.augment_all(*args), by_hand(*args))
     assert len(views._MEMO) == 6
-    for n in range(20):  # bounded
-        views.augment_all(imgs, idx, "flip", n, s)
-    assert len(views._MEMO) == views._MEMO_ENTRIES
+    views._MEMO_BYTES, budget = 3 * imgs.nbytes, views._MEMO_BYTES  # bounded in bytes
+    try:
+        for n in range(5):
+            views.augment_all(imgs, idx, "flip", n, s)
+        assert len(views._MEMO) == 3 and list(views._MEMO.values())[0].nbytes == imgs.nbytes
+        big = np.zeros((48, 20, 20, 3), np.uint8)  # more than the budget: computed, not kept
+        assert np.array_equal(views.augment_all(big, np.arange(48), "flip", 0, s), big[:, :, ::-1])
+        assert len(views._MEMO) == 3
+    finally:
+        views._MEMO_BYTES = budget
+        views._MEMO.clear()

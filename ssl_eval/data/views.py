@@ -54,7 +54,10 @@ def augment(img: torch.Tensor, aug: str, seed: int, index: int, strength: dict) 
 
 
 _MEMO: OrderedDict[str, np.ndarray] = OrderedDict()
-_MEMO_ENTRIES = 16  # a suite's probes ask for 9 (5 invariance, 4 diagnostics) per dataset
+# what the kept results may hold: the default suite's probes keep 9 of 1.8 MB (5 invariance
+# and 4 diagnostics sets of 600 32-px images); 1,000 ImageNet crops are 150 MB, so a large set
+# is kept alone or not at all
+_MEMO_BYTES = 256 * 2**20
 
 
 def augment_all(
@@ -64,7 +67,7 @@ def augment_all(
     index ``indices[k]``. The probes ask for the same augmented images for every backbone, so
     the last few results are kept in this process, keyed on everything the output depends on:
     the images' bytes, shape and type, the indices, the augmentation, the seed and the
-    strengths."""
+    strengths; at most ``_MEMO_BYTES`` of them, the oldest dropped first."""
     images, indices = np.ascontiguousarray(images), np.asarray(indices, dtype=np.int64)
     h = hashlib.sha256()
     h.update(repr((images.shape, str(images.dtype), aug, seed, sorted(strength.items()))).encode())
@@ -78,7 +81,8 @@ def augment_all(
     for k, (im, i) in enumerate(zip(images, indices, strict=True)):
         t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
         out[k] = augment(t, aug, seed, int(i), strength).permute(1, 2, 0).numpy()
-    _MEMO[key] = out.copy()
-    while len(_MEMO) > _MEMO_ENTRIES:
-        _MEMO.popitem(last=False)
+    if out.nbytes <= _MEMO_BYTES:
+        _MEMO[key] = out.copy()
+        while sum(a.nbytes for a in _MEMO.values()) > _MEMO_BYTES:
+            _MEMO.popitem(last=False)
     return out
