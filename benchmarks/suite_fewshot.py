@@ -41,7 +41,7 @@ def rows_of(results: Path) -> list[dict]:
             dec = max(x for c, x in zip(grid, v, strict=True) if c in DECADES)
             out.append(
                 {
-                    "backbone": r.backbone if isinstance(r.backbone, str) else r.backbone["name"],
+                    "backbone": r.backbone,
                     "seed": r.seed,
                     "shots": k,
                     "best_of_grid": best,

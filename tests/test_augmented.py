@@ -260,7 +260,9 @@ class _MixedSplit:
         ("bicubic", "torchvision", (1.0, 1.0), "none"),  # the centred-box fallback
     ],
 )
-def test_a_batch_fetch_is_the_one_by_one_images_byte_for_byte(interp, crop, scale, policy):
+def test_a_batch_fetch_is_the_one_by_one_images_byte_for_byte(
+    interp, crop, scale, policy, monkeypatch
+):
     """The DataLoader's batch fetch (``__getitems__``: draws per image, resizes of one size
     together) gives exactly what ``__getitem__`` gives image by image, training crops and
     evaluation images, on images of mixed sizes; a loader fetches through it."""
@@ -280,12 +282,9 @@ def test_a_batch_fetch_is_the_one_by_one_images_byte_for_byte(interp, crop, scal
                 for (a, _), (b, _) in zip(got, want, strict=True):
                     assert a.dtype == b.dtype and a.is_contiguous() and torch.equal(a, b)
     ds = TrainImages(split, np.arange(40), Preprocessing(resize=36, crop=32), 0, True)
-    calls = []
-    one = TrainImages.__getitem__
-    TrainImages.__getitem__ = lambda self, i: calls.append(i) or one(self, i)
-    try:
-        x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=16)))
-    finally:
-        TrainImages.__getitem__ = one
+    calls, one = [], TrainImages.__getitem__
+    monkeypatch.setattr(TrainImages, "__getitem__", lambda self, i: calls.append(i) or one(self, i))
+    x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=16)))
+    monkeypatch.undo()
     assert calls == [] and x.shape == (16, 3, 32, 32)
     assert torch.equal(x, torch.stack([ds[i][0] for i in range(16)]))

@@ -72,14 +72,14 @@ def augment_all(
     h = hashlib.sha256()
     h.update(repr((images.shape, str(images.dtype), aug, seed, sorted(strength.items()))).encode())
     h.update(images.tobytes())
-    h.update(np.ascontiguousarray(indices).tobytes())
+    h.update(indices.tobytes())
     key = h.hexdigest()
     if key in _MEMO:
         _MEMO.move_to_end(key)
         return _MEMO[key].copy()
     out = np.empty_like(images)
     for k, (im, i) in enumerate(zip(images, indices, strict=True)):
-        t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
+        t = torch.from_numpy(im).permute(2, 0, 1)
         out[k] = augment(t, aug, seed, int(i), strength).permute(1, 2, 0).numpy()
     if out.nbytes <= _MEMO_BYTES:
         _MEMO[key] = out.copy()

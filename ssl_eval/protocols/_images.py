@@ -173,19 +173,20 @@ class TrainImages(Dataset):
         label = int(self.split.labels[j])
         if not self.augment:
             return self.pre.geometric(full).contiguous(), label
-        draw = self._draw(j)
-        g = torch.Generator().manual_seed(draw)
+        draw, (top, left, h, w), flip = self._draws(j, full.shape[-2:])
         # the input size is what evaluation feeds the backbone
         size = [self.pre.crop] * 2 if self.pre.crop else list(self.pre.geometric(full).shape[-2:])
-        top, left, h, w = self.box(full.shape[-2:], self.crop_scale, g)
         interp = InterpolationMode(self.pre.interpolation)
         img = TF.resized_crop(full, top, left, h, w, size, interpolation=interp, antialias=True)
-        if self.hflip and torch.rand(1, generator=g).item() < 0.5:
-            img = TF.horizontal_flip(img)
-        return self._finish(img, draw), label
+        return self._finish(TF.horizontal_flip(img) if flip else img, draw), label
 
-    def _draw(self, j: int) -> int:
-        return (self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31)
+    def _draws(self, j: int, hw) -> tuple[int, tuple[int, int, int, int], bool]:
+        """Image ``j``'s draws this epoch, from its own generator: the seed it was made from
+        (RandAugment's too), the crop box (top, left, height, width) and the flip."""
+        draw = (self.seed * 1_000_003 + self.epoch * 10_007 + j) % (2**31)
+        g = torch.Generator().manual_seed(draw)
+        box = self.box(hw, self.crop_scale, g)
+        return draw, box, bool(self.hflip and torch.rand(1, generator=g).item() < 0.5)
 
     def _finish(self, img: torch.Tensor, draw: int) -> torch.Tensor:
         if self.rand_augment != "none":
@@ -196,7 +197,7 @@ class TrainImages(Dataset):
 
     def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, int]]:
         """``[self[i] for i in items]``, the same bytes (the DataLoader fetches a batch with
-        it): each image's draws come from its own generator in the same order, but the images
+        it): each image's draws are ``_draws``, as one by one, but the images
         that need the same resize (the same decoded shape, and while training the same crop
         box size) are resized in one call, in a single image's memory layout (channels last,
         as decoded). Without a fixed crop size the training crops' sizes follow each image: one
@@ -212,10 +213,7 @@ class TrainImages(Dataset):
             if not self.augment:
                 groups.setdefault(a.shape, []).append((k, a))
                 continue
-            draws[k] = self._draw(j)
-            g = torch.Generator().manual_seed(draws[k])
-            top, left, h, w = self.box(a.shape[:2], self.crop_scale, g)
-            flips[k] = self.hflip and torch.rand(1, generator=g).item() < 0.5
+            draws[k], (top, left, h, w), flips[k] = self._draws(j, a.shape[:2])
             groups.setdefault((a.shape, h, w), []).append((k, a[top : top + h, left : left + w]))
         interp = InterpolationMode(self.pre.interpolation)
         for members in groups.values():
