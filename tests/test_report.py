@@ -42,6 +42,9 @@ def _clone(src: Path, name: str, edit) -> None:
 def _as(backbone: str, value: float | None = None, cache_key: str | None = None):
     def edit(r):
         r["backbone"] = backbone
+        s = r["setting"]  # the setting is the named backbone's (a row of its own), as run writes it
+        s["summary"]["row"]["backbone"] = backbone
+        s["row"], s["hash"] = sha256_json(s["summary"]["row"])[:16], sha256_json(s["summary"])[:16]
         if cache_key is not None:
             r["details"]["feature_cache"] = {"test": cache_key, "train": cache_key}
         if value is not None and r["metric"] == "top1":
@@ -320,3 +323,48 @@ def test_figures_are_palette_pngs_exact_on_flat_colours():
     _, ref = _rgb(want)
     assert im.mode == "P" and len(png) < 0.7 * len(want)
     assert np.abs(got - ref).max() <= 64 and np.abs(got - ref).mean() < 1.0
+
+
+def test_the_report_shows_the_leaderboards_table(tmp_path):
+    """The report's leaderboard is leaderboard.md's: a recipe trained twice (other weights,
+    one recipe) is one row with the t interval over its training runs, never a row per
+    training run with one run's bootstrap interval; the best cell is bold in both."""
+    from test_results import _rec
+
+    from ssl_eval.core.files import atomic_write_json
+    from ssl_eval.records.schema import make_setting
+    from ssl_eval.report.leaderboard import write_leaderboard
+
+    recs = [_rec("base", "d", "linear", 0.5, ci95=[0.48, 0.52])]
+    for i, v in enumerate((0.64, 0.66)):
+        r = _rec("m", "d", "linear", v, run_id=f"t{i}", ci95=[v - 0.02, v + 0.02])
+        r["weights"] = {"source": "file", "sha256": f"trained-{i}"}
+        r["load_report"] = {"training": {"recipe": "recipe-m", "seed": i}}
+        features = {"dtype": "float16", "image_size": None, "feature_kind": None}
+        r["setting"] = make_setting(
+            "m",
+            r["weights"],
+            {"crop": 32},
+            "model",
+            r["protocol"],
+            r["dataset"],
+            r["split"],
+            features,
+        )
+        recs.append(r)
+    for i, r in enumerate(recs):
+        doc = {"schema_version": 2, "records": [r], "sha256": sha256_json([r])}
+        atomic_write_json(tmp_path / "records" / f"u{i}-r.json", doc)
+    _, md_path = write_leaderboard(tmp_path)
+    board = md_path.read_text()
+    assert (
+        "| m | **65.00 ± 12.71 (n=2)ʳ** |" in board
+    )  # t(0.975, 1) = 12.706 x the standard error 0.01
+    index = write_report(tmp_path, cache_dir=tmp_path / "no-cache", progress=False)
+    page, md = index.read_text(), (index.parent / "report.md").read_text()
+    assert "| m | **65.00 ± 12.71 (n=2)ʳ** |" in md and md.count("| m") == 1
+    assert "| base | 50.00 ± 2.00ᵇ |" in md
+    cell = re.search(r"<td>m</td><td data-v=\"65\" title=\"([^\"]*)\"><b>([^<]*)</b></td>", page)
+    assert cell and cell.group(2) == "65.00 ± 12.71 (n=2)ʳ", page
+    assert "interval=95% t interval over training runs" in html.unescape(cell.group(1))
+    assert page.count("<td>m") == 1  # one row for the recipe, not one per training run

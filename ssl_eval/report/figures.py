@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .table import Table
-
 if TYPE_CHECKING:
     import pandas as pd
+
+    from .leaderboard import Table
 
 _SHOT = re.compile(r"^top1@(?P<clf>[^/]+)/(?P<k>\d+)shot$")
 _METRIC_PARTS = (".lo", ".hi", ".ci_method", ".std", ".n", ".per_sample_correct", ".n_test")
@@ -84,34 +84,50 @@ def _f(v: object) -> float:
 
 
 def bar_jobs(table: Table) -> Iterator[tuple[str, Callable[[], Figure]]]:
-    """One bar chart per protocol: a bar per backbone and column, whiskers the 95% interval."""
-    for protocol in table.protocols:
-        cols = [c for c in table.columns if c.protocol == protocol]
-        yield f"bars {protocol}", lambda cols=cols, protocol=protocol: _bars(table, cols, protocol)
+    """One bar chart per protocol and headline metric (the leaderboard's columns: top-1, mIoU,
+    RMSE): a bar per row and column, whiskers the cell's 95% interval."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for c in table.cols:
+        groups.setdefault((table.protocol_of(c), table.metric_of(c)), []).append(c)
+    for (protocol, metric), cols in sorted(groups.items()):
+        yield (
+            f"bars {protocol}",
+            lambda cols=cols, protocol=protocol, metric=metric: _bars(
+                table, cols, protocol, metric
+            ),
+        )
 
 
-def _bars(table: Table, cols, protocol: str) -> Figure:
+def _bars(table: Table, cols: list[str], protocol: str, metric: str) -> Figure:
+    from .leaderboard import HEADLINE, UNITS
+
     p = plt()
-    rows = [r for r in table.rows if any((r, c.key) in table.cells for c in cols)]
+    rows = [r for r in table.rows if any((r, c) in table.cells for c in cols)]
     fig, ax = p.subplots(figsize=(max(4.0, 1.2 * len(rows) * max(1, len(cols)) ** 0.5 + 2), 3.2))
     width = 0.8 / max(1, len(cols))
     for j, col in enumerate(cols):
         xs, ys, err = [], [], [[], []]
         for i, r in enumerate(rows):
-            cell = table.cells.get((r, col.key))
+            cell = table.cells.get((r, col))
             if cell is None:
                 continue
             xs.append(i + (j - (len(cols) - 1) / 2) * width)
             ys.append(cell.value)
             err[0].append(cell.value - cell.lo if cell.lo is not None else 0.0)
             err[1].append(cell.hi - cell.value if cell.hi is not None else 0.0)
-        ax.bar(xs, ys, width=width, yerr=err, capsize=3, label=mpl_text(col.label))
-    ax.set_xticks(range(len(rows)), [mpl_text(r) for r in rows], rotation=20, ha="right")
-    ax.set_ylabel("top-1 (%), 95% interval")
-    ax.set_ylim(0, 100)
-    ax.set_title(mpl_text(f"{protocol}: headline top-1"))
+        ax.bar(xs, ys, width=width, yerr=err, capsize=3, label=mpl_text(table.col_label[col]))
+    labels = [mpl_text(table.row_label[r]) for r in rows]
+    ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right")
+    unit = UNITS.get(metric, metric)
+    ax.set_ylabel(f"{unit}, 95% interval")
+    if metric in (HEADLINE, "miou"):
+        ax.set_ylim(0, 100)
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set_title(mpl_text(f"{protocol}: {unit}"))
     ax.legend(fontsize=7, loc="lower right")
-    return Figure(file_name("bars", protocol), f"{protocol}: top-1 per backbone", to_png(fig))
+    name = protocol if metric == HEADLINE else f"{protocol}-{metric}"
+    return Figure(file_name("bars", name), f"{protocol}: {unit} per backbone", to_png(fig))
 
 
 def fewshot_jobs(frame: pd.DataFrame) -> Iterator[tuple[str, Callable[[], Figure]]]:

@@ -8,9 +8,10 @@ import base64
 from html import escape
 from typing import TYPE_CHECKING
 
+from .cells import KIND_MARK, KIND_TEXT
 from .figures import Figure
+from .leaderboard import NOTE, Table
 from .maps import Diagnostics
-from .table import Table
 
 if TYPE_CHECKING:
     from .findings import Findings
@@ -96,36 +97,45 @@ def _select(id_: str, label: str, values: list[str]) -> str:
 
 
 def leaderboard_html(table: Table) -> str:
-    if not table.columns:
-        return '<p class="note">No records with a top-1 metric.</p>'
+    """The leaderboard as ``leaderboard.md`` has it (``leaderboard.headline_table``: the same
+    rows, cells and intervals), sortable and filtered by dataset and protocol; each cell's
+    hover title is its whole setting."""
+    if not table.cols:
+        return '<p class="note">No records with a top-1, mIoU or RMSE metric.</p>'
     head = "<th>backbone</th>" + "".join(
-        f'<th data-dataset="{escape(c.dataset)}" data-protocol="{escape(c.protocol)}" '
-        f'title="{escape(c.protocol_type)} protocol; click to sort">{escape(c.label)}</th>'
-        for c in table.columns
+        f'<th data-dataset="{escape(table.dataset_of(c))}" '
+        f'data-protocol="{escape(table.protocol_of(c))}" '
+        f'title="{escape(table.protocol_type_of(c))} protocol; click to sort">'
+        f"{escape(table.col_label[c])}</th>"
+        for c in table.cols
     )
     body = []
     for r in table.rows:
-        tds = [f"<td>{escape(r)}</td>"]
-        for c in table.columns:
-            cell = table.cells.get((r, c.key))
+        tds = [f"<td>{escape(table.row_label[r])}</td>"]
+        for c in table.cols:
+            cell = table.cells.get((r, c))
             if cell is None:
                 tds.append('<td class="na">&ndash;</td>')
-            else:
-                tds.append(
-                    f'<td data-v="{cell.value:.6g}" title="{escape(cell.setting)}">'
-                    f"{escape(cell.text())}</td>"
-                )
+                continue
+            text = escape(cell.text())
+            if cell.value == table.best(c):
+                text = f"<b>{text}</b>"
+            tds.append(
+                f'<td data-v="{cell.value:.6g}" title="{escape(table.cell_title(r, c))}">'
+                f"{text}</td>"
+            )
         body.append("<tr>" + "".join(tds) + "</tr>")
     filters = (
-        _select("filter-dataset", "dataset", table.datasets)
+        _select("filter-dataset", "dataset", sorted({table.dataset_of(c) for c in table.cols}))
         + " "
-        + _select("filter-protocol", "protocol", table.protocols)
+        + _select("filter-protocol", "protocol", sorted({table.protocol_of(c) for c in table.cols}))
     )
+    marks = "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in table.kinds)
     return (
         f'<p class="filters">{filters}</p>'
         f'<table id="leaderboard"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
-        '<p class="note">Top-1 (%) with its 95% interval; hover a cell for its setting; '
+        f'<p class="note">{escape(NOTE)} {escape(marks)}. Hover a cell for its setting; '
         "click a header to sort.</p>"
     )
 

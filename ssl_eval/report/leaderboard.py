@@ -32,7 +32,7 @@ from ..records.frame import load_frame
 from ..records.schema import DENSE_HEADLINES, LOWER_IS_BETTER
 from .cells import HEADLINE, KIND_MARK, KIND_TEXT, Cell, cell_columns, make_cell, narrow
 from .cells import _clip as _clip
-from .labels import _summary_text, difference_labels
+from .labels import _flat, _short, _summary_text, difference_labels
 
 # more sections of leaderboard.md: (title, frame -> markdown lines, [] for none), registered by
 # the modules that build them on this module's tables (the transfer table, report/transfer.py)
@@ -57,6 +57,29 @@ class Table:
     def best(self, col: str) -> float:
         pick = min if self.metric_of(col) in LOWER_IS_BETTER else max
         return pick(c.value for (_, k), c in self.cells.items() if k == col)
+
+    def dataset_of(self, col: str) -> str:
+        return str(self.col_summary[col]["dataset"]["name"])
+
+    def protocol_of(self, col: str) -> str:
+        return str(self.col_summary[col]["protocol"]["name"])
+
+    def protocol_type_of(self, col: str) -> str:
+        return str(self.col_summary[col]["protocol"].get("type") or "")
+
+    def cell_title(self, row: str, col: str) -> str:
+        """A cell's whole setting as ``key=value`` lines (``column.*`` and ``row.*``), then its
+        interval and the record files behind it: the report's hover title."""
+        cell = self.cells[(row, col)]
+        flat = _flat({"column": self.col_summary[col], "row": self.row_summary[row]})
+        lines = [f"{k}={_short(v)}" for k, v in sorted(flat.items())]
+        lines.append(f"interval={KIND_TEXT.get(cell.kind, 'none')}")
+        return "\n".join([*lines, f"records={len(cell.files)}"])
+
+    @property
+    def kinds(self) -> list[str]:
+        """The interval kinds of the table's cells (their marks are explained under it)."""
+        return sorted({c.kind for c in self.cells.values() if c.kind})
 
 
 def _row_keys(frame: pd.DataFrame, rows: list[dict]) -> list[str]:
@@ -156,6 +179,12 @@ def build_table(frame: pd.DataFrame, metric: str = HEADLINE) -> Table:
 
 
 METRIC_LABEL = {"miou": "mIoU %", "rmse": "RMSE m"}
+NOTE = (
+    "Best per column in bold. Top-1 and mIoU in %, RMSE in metres (lower is better), each with "
+    "the half-width of its 95% interval; a model of ssl-eval's trainer is one row per recipe "
+    "(its training runs together)."
+)
+UNITS = {HEADLINE: "top-1 (%)", "miou": "mIoU (%)", "rmse": "RMSE (m, lower is better)"}
 
 
 def headline_table(frame: pd.DataFrame) -> Table:
@@ -245,7 +274,7 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
     csv_path = results_dir / "leaderboard.csv"
     atomic_write_text(csv_path, leaderboard_frame(t).to_csv(index=False, lineterminator="\n"))
 
-    kinds = sorted({cell.kind for cell in t.cells.values() if cell.kind})
+    kinds = t.kinds
     lines = [
         f"# Leaderboard ({metric}, %, ± half-width of the 95% interval)"
         if not t.col_metric or set(t.col_metric.values()) == {metric}

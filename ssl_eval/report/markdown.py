@@ -6,10 +6,10 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING
 
+from .cells import KIND_MARK, KIND_TEXT
 from .figures import Figure
-from .leaderboard import single_line
+from .leaderboard import NOTE, Table, single_line
 from .maps import Diagnostics
-from .table import Table
 
 if TYPE_CHECKING:
     pass
@@ -27,21 +27,22 @@ def _row(cells: list[str]) -> str:
 
 
 def leaderboard_md(table: Table) -> list[str]:
-    if not table.columns:
-        return ["No records with a top-1 metric.", ""]
+    """The leaderboard as ``leaderboard.md`` has it (the same rows, cells and intervals)."""
+    if not table.cols:
+        return ["No records with a top-1, mIoU or RMSE metric.", ""]
     lines = [
-        _row(["backbone", *(md(c.label) for c in table.columns)]),
-        _row(["---", *("---:" for _ in table.columns)]),
+        _row(["backbone", *(md(table.col_label[c]) for c in table.cols)]),
+        _row(["---", *("---:" for _ in table.cols)]),
     ]
     for r in table.rows:
-        cells = [table.cells.get((r, c.key)) for c in table.columns]
-        lines.append(_row([md(r), *("–" if x is None else md(x.text()) for x in cells)]))
-    lines += [
-        "",
-        "Top-1 (%) with its 95% interval (the HTML report shows each cell's setting).",
-        "",
-    ]
-    return lines
+        out = []
+        for c in table.cols:
+            cell = table.cells.get((r, c))
+            text = "–" if cell is None else md(cell.text())
+            out.append(f"**{text}**" if cell is not None and cell.value == table.best(c) else text)
+        lines.append(_row([md(table.row_label[r]), *out]))
+    marks = "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in table.kinds)
+    return [*lines, "", md(f"{NOTE} {marks}.") + " The HTML report shows each cell's setting.", ""]
 
 
 def figures_md(figs: list[Figure]) -> list[str]:
