@@ -116,13 +116,13 @@ def test_linseg_scores_the_original_targets(tmp_path, monkeypatch):
     """What the scorer receives is each test image's own target, untouched, and a prediction
     of its shape; the reported mIoU is numpy's over those pairs."""
     seen = []
-    add = dense_metrics.SegmentationScorer.add
+    row = dense_metrics.SegmentationScorer.row
 
     def spy(self, pred, target):
         seen.append((pred.copy(), target.copy()))
-        add(self, pred, target)
+        return row(self, pred, target)
 
-    monkeypatch.setattr(dense_metrics.SegmentationScorer, "add", spy)
+    monkeypatch.setattr(dense_metrics.SegmentationScorer, "row", spy)
     bundle = _bundle()
     p = LinsegParams(samples=200, batch_size=8, warmup_samples=16, lr=0.01, examples=1)
     out = run_linseg(_inputs(_tiny_vit(), bundle, tmp_path), p)

@@ -159,7 +159,10 @@ def _image_batches(src: TokenSource, cuts: list[np.ndarray]):
     nw = src.num_workers
     if nw is None:
         nw = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
-    loader = DataLoader(images, batch_sampler=[c.tolist() for c in cuts], num_workers=nw)
+    # the loader's own generator (its workers' base seed): loading tokens never moves the
+    # global RNG, so a dense head's dropout draws the same whichever batches a rank loads
+    cut = [c.tolist() for c in cuts]
+    loader = DataLoader(images, batch_sampler=cut, num_workers=nw, generator=torch.Generator())
     yield from zip(cuts, worker_errors(loader), strict=True)
 
 

@@ -65,7 +65,7 @@ def _tokens_and_shares(inp, p, dense, rows, size, classes):
     src = train_tokens(inp, size, rows, p.token_budget_mb)
     targets = TargetBank(dense.train, rows, size, False, p.target_budget_mb * 2**20)
     feats, shares, crops = [], [], []
-    for take, tokens, _ in src.batches(rows):
+    for take, tokens, _ in src.batches(rows, shared=True):
         n, h, w, d = tokens.shape
         t = targets.get(take)
         onehot = F.one_hot(torch.where(t == IGNORE, classes, t), classes + 1).float()
@@ -115,7 +115,7 @@ def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
         )  # fmt: skip
         vt = TargetBank(dense.train, val_rows, size, False, p.target_budget_mb * 2**20)
         scorers = {k: SegmentationScorer(classes, IGNORE) for k in p.ks}
-        for take, tokens, _ in vsrc.batches(val_rows):
+        for take, tokens, _ in vsrc.batches(val_rows, shared=True):
             t = vt.get(take)
             for k, sc in vote(tokens, p.ks).items():
                 up = F.interpolate(sc, size=t.shape[-2:], mode="bilinear", align_corners=False)

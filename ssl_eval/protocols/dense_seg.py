@@ -33,7 +33,7 @@ from .dense.common import (
     image_png,
     lr_at,
     mask_png,
-    predict_test,
+    score_test,
     train_tokens,
 )
 from .dense.metrics import SegmentationScorer
@@ -127,7 +127,7 @@ def train_head(inp: ImageInputs, p: DenseTrainParams, head: nn.Module, loss_fn, 
     warm = round(p.warmup_samples / p.batch_size)
     step, losses = 0, []
     for order in epoch_orders(rows, steps, p.batch_size, inp.seed):
-        for take, tokens, prefix in src.batches(order, p.batch_size):
+        for take, tokens, prefix in src.batches(order, p.batch_size, shared=True):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, warm, p.lr, p.final_lr_fraction)
             out = head(tokens.to(device), None if prefix is None else prefix.to(device))
@@ -182,19 +182,25 @@ def score_segmentation(inp, p, dense, head, details: dict) -> ProtocolOutput:
     scorer = SegmentationScorer(len(dense.classes), IGNORE)
     examples = []
     test = inp.bundle.test
-    for r, out in predict_test(inp, head, size, crop, stride):
+
+    def one(r: int, out: torch.Tensor):
+        """What is kept of test image ``r``: its areas, and its pictures for the first few."""
         pred = out.argmax(0).cpu().numpy()
         target = dense.test.load(r)
-        scorer.add(pred, target)
+        example = None
         if r < p.examples:
-            examples.append(
-                {
-                    "row": r,
-                    "image": image_png(test.load(r)),
-                    "pred": mask_png(pred),
-                    "truth": mask_png(target),
-                }  # fmt: skip
-            )
+            example = {
+                "row": r,
+                "image": image_png(test.load(r)),
+                "pred": mask_png(pred),
+                "truth": mask_png(target),
+            }
+        return scorer.row(pred, target), example
+
+    for _, (areas, example) in score_test(inp, head, size, crop, stride, one):
+        scorer.rows.append(areas)
+        if example is not None:
+            examples.append(example)
     res = scorer.results(inp.bootstrap_resamples, inp.seed)
     return ProtocolOutput(
         metrics={"miou": res["miou"], "pixel_acc": res["pixel_acc"]},

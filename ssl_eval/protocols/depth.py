@@ -24,7 +24,7 @@ from torch import nn
 
 from ..core.errors import UserError
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
-from .dense.common import dense_targets, predict_test
+from .dense.common import dense_targets, score_test
 from .dense.metrics import DepthScorer
 from .dense_seg import DenseTrainParams, _token_dim, geometry, train_head
 
@@ -97,8 +97,12 @@ def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
     record, losses = train_head(inp, p, head, loss_fn, "depth")
     size, crop, stride = geometry(inp, p)
     scorer = DepthScorer(dense.depth_range, dense.eval_box)
-    for r, out in predict_test(inp, head, size, crop, stride):
-        scorer.add(out[0].cpu().numpy(), dense.test.load(r))
+
+    def one(r: int, out: torch.Tensor):
+        return scorer.row(out[0].cpu().numpy(), dense.test.load(r))
+
+    for _, row in score_test(inp, head, size, crop, stride, one):
+        scorer.add_row(row)
     res = scorer.results(inp.bootstrap_resamples, inp.seed)
     n_valid = len(res["per_image"]["rmse"])
     return ProtocolOutput(

@@ -23,6 +23,7 @@ import io
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,9 +31,12 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from ...core import distributed
 from ...core.errors import UserError
 from ...core.provenance import autocast_dtype
 from ...data.transforms import Preprocessing
+
+T = TypeVar("T")
 
 
 def dense_targets(inp, task: str):
@@ -200,20 +204,40 @@ def slide_predict(
             yield r, F.interpolate(avg, size=(h0, w0), mode="bilinear", align_corners=False)[0]
 
 
-def predict_test(inp, head, size: int, crop: int, stride: int):
-    """(row, output) of ``head`` slid over every test image at the given geometry."""
+def score_test(
+    inp, head, size: int, crop: int, stride: int, score: Callable[[int, torch.Tensor], T]
+) -> Iterator[tuple[int, T]]:
+    """(row, ``score(row, output)``) for every test image in row order, ``output`` being
+    ``head`` slid over the image at the given geometry (``slide_predict``).
+
+    Under torchrun the test images are shared out by chunks, the ``batch_size`` images one
+    process slides over together: rank r predicts chunks r, r + W, r + 2W ... and each round
+    of W chunks' scores (small: what the scorer keeps of an image) is gathered to every rank
+    (``distributed.in_rounds``). A chunk's windows are batched as one process batches them,
+    so each image's output, and its score, is the single process's to the bit."""
     test = inp.bundle.test
-    return slide_predict(
-        inp.backbone,
-        test,
-        range(len(test)),
-        size=size,
-        crop=crop,
-        stride=stride,
-        head=head,
-        device=inp.device,
-        batch_size=inp.batch_size,
-    )
+    rows = list(range(len(test)))
+    per = max(1, inp.batch_size)  # slide_predict's chunk: these boundaries keep its batches
+    chunks = [rows[c : c + per] for c in range(0, len(rows), per)]
+    w, r = distributed.world(), distributed.rank()
+
+    def mine():
+        for chunk in chunks[r::w]:
+            outputs = slide_predict(
+                inp.backbone,
+                test,
+                chunk,
+                size=size,
+                crop=crop,
+                stride=stride,
+                head=head,
+                device=inp.device,
+                batch_size=inp.batch_size,
+            )
+            yield [(row, score(row, out)) for row, out in outputs]
+
+    for part in distributed.in_rounds(len(chunks), mine()):
+        yield from part
 
 
 def lr_at(step: int, steps: int, warmup: int, lr: float, final_fraction: float) -> float:

@@ -41,6 +41,10 @@ class SegmentationScorer:
     rows: list = field(default_factory=list)  # per image: intersect, pred area, label area (C)
 
     def add(self, pred: np.ndarray, target: np.ndarray) -> None:
+        self.rows.append(self.row(pred, target))
+
+    def row(self, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """One test image's areas (intersection, predicted, labelled; C each), for ``rows``."""
         _check_full_resolution(pred, target)
         keep = target != self.ignore_index
         p, t = pred[keep].astype(np.int64), target[keep].astype(np.int64)
@@ -51,10 +55,8 @@ class SegmentationScorer:
             )
         c = self.num_classes
         inter = np.bincount(t[p == t], minlength=c)[:c]
-        self.rows.append(
-            np.concatenate(
-                [inter, np.bincount(p, minlength=c)[:c], np.bincount(t, minlength=c)[:c]]
-            )
+        return np.concatenate(
+            [inter, np.bincount(p, minlength=c)[:c], np.bincount(t, minlength=c)[:c]]
         )
 
     def parts(self) -> np.ndarray:
@@ -118,16 +120,28 @@ class DepthScorer:
     per_image: dict = field(default_factory=lambda: {"rmse": [], "abs_rel": [], "delta1": []})
 
     def add(self, pred: np.ndarray, target: np.ndarray) -> None:
+        self.add_row(self.row(pred, target))
+
+    def row(self, pred: np.ndarray, target: np.ndarray) -> dict | None:
+        """One test image's metrics on its valid pixels; None when it has none (an image
+        without a valid pixel scores nothing, as the official metric)."""
         _check_full_resolution(pred, target)
         valid = valid_depth(target, self.depth_range, self.eval_box)
         if not valid.any():
-            return  # an image without a valid pixel scores nothing (as the official metric)
+            return None
         gt = target[valid].astype(np.float64)
         pr = np.maximum(pred[valid].astype(np.float64), 1e-6)
         err = pr - gt
-        self.per_image["rmse"].append(np.sqrt(np.mean(err**2)))
-        self.per_image["abs_rel"].append(np.mean(np.abs(err) / gt))
-        self.per_image["delta1"].append(np.mean(np.maximum(pr / gt, gt / pr) < 1.25))
+        return {
+            "rmse": np.sqrt(np.mean(err**2)),
+            "abs_rel": np.mean(np.abs(err) / gt),
+            "delta1": np.mean(np.maximum(pr / gt, gt / pr) < 1.25),
+        }
+
+    def add_row(self, row: dict | None) -> None:
+        if row is not None:
+            for k, v in row.items():
+                self.per_image[k].append(v)
 
     def results(self, resamples: int = 1000, seed: int = 0) -> dict:
         if not self.per_image["rmse"]:

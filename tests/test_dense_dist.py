@@ -1,0 +1,111 @@
+"""The dense probes under torchrun (two gloo processes against one): the same metrics,
+intervals, details and per-image scores, with the work shared out rather than repeated. Test
+images go to the ranks by chunks (rank r slides over chunks r, r + W ...; each chunk batched
+as one process batches it); streamed training tokens are computed one batch per rank and
+round and gathered (``TokenSource.batches(shared=True)``)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_eval_dist import spawn_two
+
+SLOW_FIXTURES = ()
+UNITS = ("linseg", "linseg-whole", "knnseg", "lindepth")
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from test_dense_probes import _bundle, _inputs, _pixels, _tiny_vit
+
+    from ssl_eval.features import tokens
+    from ssl_eval.protocols.dense import common
+    from ssl_eval.protocols.dense_knn import KnnsegParams, run_knnseg
+    from ssl_eval.protocols.dense_seg import LinsegParams, run_linseg
+    from ssl_eval.protocols.depth import LindepthParams, run_lindepth
+
+    torch.set_num_threads(1)
+    out = Path(out)
+    slid, loaded = [], []  # the test rows this process slid over; training rows it embedded
+    slide, batches = common.slide_predict, tokens._image_batches
+
+    def slide_spy(backbone, split, rows, **kw):
+        slid.extend(int(r) for r in rows)
+        yield from slide(backbone, split, rows, **kw)
+
+    def batches_spy(src, cuts):
+        loaded.extend(int(r) for c in cuts for r in c)
+        yield from batches(src, cuts)
+
+    common.slide_predict, tokens._image_batches = slide_spy, batches_spy
+    # 7 test images in chunks of 3 (batch_size 3): [0-2], [3-5], [6], an odd count
+    seg, depth = _bundle(n_test=7), _bundle("depth", n_test=7)
+    linseg = LinsegParams(samples=60, batch_size=6, warmup_samples=6, examples=2,
+                          token_budget_mb=0)  # fmt: skip
+    lindepth = LindepthParams(samples=60, batch_size=6, warmup_samples=6, bins=8, max_depth=4.0,
+                              sigloss_warmup_samples=6, token_budget_mb=0)  # fmt: skip
+    units = {
+        "linseg": lambda d: run_linseg(_inp(_tiny_vit(), seg, d), linseg),
+        # one batch a pass: rank 1 loads nothing, and its dropout must draw as rank 0's
+        "linseg-whole": lambda d: run_linseg(
+            _inp(_tiny_vit(), seg, d), replace(linseg, batch_size=20, warmup_samples=20)
+        ),
+        "knnseg": lambda d: run_knnseg(_inp(_pixels(), seg, d), KnnsegParams(ks=(1, 3))),
+        "lindepth": lambda d: run_lindepth(_inp(_tiny_vit(), depth, d), lindepth),
+    }
+
+    def _inp(bb, bundle, d):
+        inp = _inputs(bb, bundle, d)
+        inp.batch_size = 3
+        return inp
+
+    def run(world: str) -> dict:
+        got = {}
+        for name, unit in units.items():
+            slid.clear(), loaded.clear()
+            o = unit(out / f"{world}{rank if world == 'one' else ''}" / name)
+            got[name] = {
+                "metrics": o.metrics,
+                "intervals": {k: list(v) for k, v in (o.intervals or {}).items()},
+                "details": o.details,
+                "per_sample": {k: np.asarray(v).tolist() for k, v in (o.per_sample or {}).items()},
+                "slid": sorted(slid),
+                "loaded": len(loaded),
+            }
+        return got
+
+    one = run("one")  # each rank a world of one
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    two = run("two")
+    dist.destroy_process_group()
+    (out / f"{rank}.json").write_text(json.dumps({"one": one, "two": two}, default=float))
+
+
+@pytest.mark.slow
+def test_two_processes_score_as_one_with_the_work_shared(tmp_path):
+    spawn_two(_worker, tmp_path)
+    seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    for r in range(2):
+        one, two = seen[r]["one"], seen[r]["two"]
+        for unit in UNITS:
+            a, b = one[unit], two[unit]
+            for key in ("metrics", "intervals", "details", "per_sample"):
+                assert a[key] == b[key], (r, unit, key)
+            assert a["slid"] == list(range(7)), (r, unit)
+            # rank 0: chunks 0 and 2, rank 1: chunk 1, each image slid over once
+            assert b["slid"] == ([0, 1, 2, 6] if r == 0 else [3, 4, 5]), (r, unit, b["slid"])
+        assert one["linseg"]["details"]["tokens"] == "streamed"
+        assert one["lindepth"]["details"]["tokens"] == "streamed"
+        # streamed: 3 passes over 20 rows in batches of 6, 6, 6, 2 (+ 1 row, the size probe);
+        # across two ranks rank 0 embeds batches 0 and 2 of each pass, rank 1 batches 1 and 3
+        for unit in ("linseg", "lindepth"):
+            assert one[unit]["loaded"] == 1 + 60, (r, unit)
+            assert two[unit]["loaded"] == 1 + (36 if r == 0 else 24), (r, unit)
+    for unit in UNITS:  # every rank ends with the same output
+        for key in ("metrics", "intervals", "details", "per_sample"):
+            assert seen[0]["two"][unit][key] == seen[1]["two"][unit][key], (unit, key)
+    assert len(seen[0]["two"]["linseg"]["details"]["examples"]) == 2
