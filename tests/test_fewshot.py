@@ -91,6 +91,7 @@ def test_logreg_c_is_chosen_on_val_as_scikit_learn_would(monkeypatch):
     test = F.normalize(torch.from_numpy(inp.test_x), dim=1).numpy()
     sel = out.details["logreg_c"]
     assert sel["selected_on"] == "val" and sel["grid"] == list(cs)
+    bests = []
     for j, (k, s) in enumerate((k, s) for k in (1, 3) for s in range(3)):
         rows = inp.train_idx[drawn[j]]
         # newton-cg: at C = 0.01 the logits are ~1e-2 and lbfgs stops early on its relative f tolerance
@@ -106,6 +107,12 @@ def test_logreg_c_is_chosen_on_val_as_scikit_learn_would(monkeypatch):
         assert out.spread[f"top1@logreg/{k}shot"][s] == pytest.approx(
             fits[best].score(test, inp.test_y), abs=2 / 300
         )
+        bests.append(cs[best])
+    # the draws whose C is the grid's smallest or largest, counted from scikit-learn's choices
+    lo, hi = bests.count(cs[0]), bests.count(cs[-1])
+    assert lo + hi > 0  # this data's choices reach an edge: the record must say so
+    (e,) = out.details["grid_edges"]
+    assert (e["param"], e["lowest"], e["highest"], e["choices"]) == ("logreg_cs", lo, hi, 6)
 
 
 @pytest.mark.slow

@@ -19,10 +19,11 @@ from ..core import distributed
 from ..core.config import RunConfig
 from ..core.files import claim_each, ensure_writable_dir, lock_path, sweep_leftovers
 from ..core.provenance import device_name, peak_memory_mb
-from ..core.runtime import log, resolve_device, seed_everything
+from ..core.runtime import log, resolve_device, seed_everything, warn
 from ..features.extraction import default_cache_dir, extract
 from ..features.layers import layout
 from ..protocols import ImageInputs, ProtocolInputs
+from ..protocols._edges import describe as describe_edge
 from ..protocols._metrics import with_dataset_metric
 from ..records.build import Unit, build_records
 from ..records.store import new_run_id, records_dir, unit_done, write_unit
@@ -313,5 +314,11 @@ def _evaluate(
             + ", ".join(f"{m}={metrics[m]:.4f}" for m in SHOWN_METRICS if m in metrics)
             + f" ({wall:.1f}s) -> {path}"
         )
+        for e in result.details.get("grid_edges", ()):
+            warn(
+                f"{bb.tag} x {bundle.name} x {card.name}: chosen at the edge of its grid "
+                f"({describe_edge(e)}); the best may lie beyond it: widen the grid "
+                f"(the card's {e['widen']}: --set {card.name}.{e['widen'].split(',')[0]}=...)"
+            )
         out.append(UnitOutcome(bb.tag, bundle.name, card.name, "done", metrics, path, key))
     return out

@@ -46,6 +46,7 @@ from ..core.registry import Registry
 from ..features.extraction import default_cache_dir
 from ..features.tokens import token_source
 from . import _grid_share
+from ._edges import edge, grid_edges
 from ._poolers import POOLERS
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
@@ -366,6 +367,9 @@ def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> Proto
         {
             "best_lr": lr,
             "best_weight_decay": wd,
+            **grid_edges(
+                edge("lrs", p.lrs, [lr]), edge("weight_decays", p.weight_decays, [wd], floor=0.0)
+            ),
             "peak_lr": lr * pl.scale,
             "best_val_top1": val[best],
             "grid": [

@@ -53,6 +53,7 @@ from ..core.files import (
 from ..core.provenance import autocast_dtype
 from ..core.runtime import warn
 from ..features.accel import Accel, prepared
+from ._edges import edge, grid_edges
 from ._images import TrainImages, check_crop
 from ._lars import OPTIMISERS, mae_lr
 from ._shared_forward import SharedForward
@@ -397,6 +398,10 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
                 "epoch": best["epoch"],
             },
             "best_val_top1": best["val"],
+            **grid_edges(
+                edge("lrs", [a for a, _ in settings], [settings[h][0]]),
+                edge("weight_decays", [w for _, w in settings], [settings[h][1]], floor=0.0),
+            ),
             "settings": [{"base_lr": a, "weight_decay": w} for a, w in settings],
             "history": history,
             "mae_rule_test_top1": float(torch.stack(per_epoch_test)[:, h].max()),

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..core.errors import UserError
 from ..data.dense import IGNORE
 from ..features.tokens import token_source
+from ._edges import edge, grid_edges
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
 from .dense.common import (
     TargetBank,
@@ -133,6 +134,7 @@ def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
         src.record()
         | {
             "k": best_k,
+            **(grid_edges(edge("ks", p.ks, [best_k], floor=1)) if val_miou else {}),
             "val_miou_at_crop": {str(k): v for k, v in val_miou.items()},
             "bank_patches": len(bank),
         },

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..core.errors import UserError
 from ..core.registry import Registry
+from ._edges import edge, grid_edges
 from .base import PROTOCOL_TYPES, DataShape, ProtocolInputs, ProtocolOutput, ProtocolType
 
 LOGREG_CS = (0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0, 31.6, 100.0)  # 10^-2 .. 10^2, half-decades
@@ -293,6 +294,8 @@ def run_fewshot(inp: ProtocolInputs, p: FewShotParams) -> ProtocolOutput:
             if select
             else {"fixed": p.logreg_c}
         )
+        if select:  # every draw's C at every K
+            details |= grid_edges(edge("logreg_cs", cs, [c for v in chosen.values() for c in v]))
     return ProtocolOutput(metrics, details, spread=spread)
 
 

@@ -18,6 +18,7 @@ import torch
 from ..core import distributed
 from ..core.errors import UserError
 from ..features.stream import FeatureRows
+from ._edges import edge, grid_edges
 from .base import (
     PROTOCOL_TYPES,
     DataShape,
@@ -162,6 +163,7 @@ def run_knn(inp: ProtocolInputs, p: KnnParams) -> ProtocolOutput:
         metrics,
         {
             "selected_k": best_k,
+            **(grid_edges(edge("ks", ks, [best_k], floor=1)) if p.select_k == "val" else {}),
             "val_top1": {str(k): v for k, v in val_acc.items()},
             "backend": backend,
             "bank_size": len(train_y),

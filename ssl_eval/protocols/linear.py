@@ -34,11 +34,13 @@ import torch
 from ..core import distributed
 from ..core.errors import UserError
 from ..features.stream import FeatureRows, as_rows
+from ._edges import edge, grid_edges
 from ._linear_grid import (
     column_plan,
     feature_kind,
     initial_weights,
     num_heads,
+    scaled_lrs,
     setting_dict,
     setting_name,
     settings_of,
@@ -374,6 +376,7 @@ def linear_output(inp: ProtocolInputs, p: LinearParams, fit: Fitted) -> Protocol
         extra
         | {
             "selected": setting_dict(heads.settings[best], p),
+            **_grid_edges(heads.settings[best], p),
             "val_top1": {
                 setting_name(s): float(v) for s, v in zip(heads.settings, fit.val_acc, strict=False)
             },
@@ -385,6 +388,14 @@ def linear_output(inp: ProtocolInputs, p: LinearParams, fit: Fitted) -> Protocol
             "chunks": {**chunks, "batch": min(p.batch_size, fit.train_size)},
         },
         per_sample={"top1": hits[1], "top5": hits[5]},
+    )
+
+
+def _grid_edges(chosen: tuple, p: LinearParams) -> dict:
+    """The chosen head's learning rate and weight decay against their grids (``_edges``)."""
+    return grid_edges(
+        edge("lrs", scaled_lrs(p), [chosen[-2]]),
+        edge("weight_decays", p.weight_decays, [chosen[-1]], floor=0.0),
     )
 
 

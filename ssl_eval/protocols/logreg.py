@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..core.errors import UserError
+from ._edges import edge, grid_edges
 from ._lbfgs import Memory, kron_for, make_loss, minimise, one_blas_thread
 from .base import PROTOCOL_TYPES, DataShape, ProtocolInputs, ProtocolOutput, ProtocolType, topk_hits
 
@@ -180,7 +181,8 @@ def run_logreg(inp: ProtocolInputs, p: LogregParams) -> ProtocolOutput:
         raise UserError(
             "logreg: the validation split is empty (C is chosen on it); raise --val-fraction"
         )
-    x_all = torch.from_numpy(np.asarray(inp.train_x)).to(dev, f64)
+    # a float64 copy of its own (the cache's map is read-only: torch warned on a view of it)
+    x_all = torch.from_numpy(np.array(inp.train_x, dtype=np.float64)).to(dev)
     y_all = torch.from_numpy(np.asarray(inp.train_y)).to(dev).long()
     tr = torch.from_numpy(np.asarray(inp.train_idx)).to(dev).long()
     va = torch.from_numpy(np.asarray(inp.val_idx)).to(dev).long()
@@ -205,6 +207,7 @@ def run_logreg(inp: ProtocolInputs, p: LogregParams) -> ProtocolOutput:
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
         {
             "selected": {"C": sel.C, "C_index": best},
+            **grid_edges(edge("C", cs, [sel.C], widen="c_exp_min, c_exp_max")),
             "val_top1": {f"C={c:.6g}": v for c, v in zip(cs, val_top1, strict=True)},
             "iterations": [f.iterations for f in fits],
             "grad_max": [f.grad_max for f in fits],

@@ -28,6 +28,7 @@ import pandas as pd
 
 from ..core.errors import UserError
 from ..core.files import atomic_write_text, sha256_json
+from ..protocols._edges import describe as describe_edge
 from ..records.frame import load_frame
 from ..records.schema import DENSE_HEADLINES, LOWER_IS_BETTER
 from .cells import HEADLINE, KIND_MARK, KIND_TEXT, Cell, cell_columns, make_cell, narrow
@@ -178,6 +179,41 @@ def build_table(frame: pd.DataFrame, metric: str = HEADLINE) -> Table:
     return Table(rows, cols, row_label, col_label, col_summary, row_summary, cells, metric)
 
 
+def edge_lines(t: Table, frame: pd.DataFrame) -> list[str]:
+    """The cells some of whose records chose a hyperparameter at the edge of its grid
+    (``details.grid_edges``, protocols/_edges.py), as a markdown section; [] when none did."""
+    col = "details.grid_edges"
+    if col not in frame.columns:
+        return []
+    by_file = {
+        str(f): json.loads(e)
+        for f, e in zip(frame["file"], frame[col], strict=True)
+        if isinstance(e, str) and e
+    }
+    lines = []
+    for r in t.rows:
+        for c in t.cols:
+            cell = t.cells.get((r, c))
+            found = [by_file[f] for f in (cell.files if cell else []) if f in by_file]
+            if not found:
+                continue
+            words = "; ".join(sorted({describe_edge(e) for edges in found for e in edges}))
+            n = f" ({len(found)} of {len(cell.files)} records)" if len(cell.files) > 1 else ""
+            lines.append(f"- **{_md(t.row_label[r])}** / {_md(t.col_label[c])}{n}: {_md(words)}")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Chosen at the edge of the grid",
+        "",
+        "These cells chose a hyperparameter on validation at its grid's smallest or largest "
+        "value: the best may lie beyond the grid, so each is the best of the grid searched. "
+        "Widen the card's grid (`--set`) to know more.",
+        "",
+        *lines,
+    ]
+
+
 METRIC_LABEL = {"miou": "mIoU %", "rmse": "RMSE m"}
 NOTE = (
     "Best per column in bold. Top-1 and mIoU in %, RMSE in metres (lower is better), each with "
@@ -298,6 +334,7 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
             )
         lines.append(f"| {_md(t.row_label[b])} | " + " | ".join(out) + " |")
     lines += ["", "Intervals: " + "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in kinds) + "."]
+    lines += edge_lines(t, frame)
     lines += [
         "",
         "## Settings",
