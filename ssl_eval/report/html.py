@@ -109,7 +109,7 @@ def leaderboard_html(table: Table) -> str:
         f"{escape(table.col_label[c])}</th>"
         for c in table.cols
     )
-    body = []
+    body, best = [], {c: table.best(c) for c in table.cols}
     for r in table.rows:
         tds = [f"<td>{escape(table.row_label[r])}</td>"]
         for c in table.cols:
@@ -118,7 +118,7 @@ def leaderboard_html(table: Table) -> str:
                 tds.append('<td class="na">&ndash;</td>')
                 continue
             text = escape(cell.text())
-            if cell.value == table.best(c):
+            if cell.value == best[c]:
                 text = f"<b>{text}</b>"
             tds.append(
                 f'<td data-v="{cell.value:.6g}" title="{escape(table.cell_title(r, c))}">'

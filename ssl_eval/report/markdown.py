@@ -34,12 +34,13 @@ def leaderboard_md(table: Table) -> list[str]:
         _row(["backbone", *(md(table.col_label[c]) for c in table.cols)]),
         _row(["---", *("---:" for _ in table.cols)]),
     ]
+    best = {c: table.best(c) for c in table.cols}
     for r in table.rows:
         out = []
         for c in table.cols:
             cell = table.cells.get((r, c))
             text = "–" if cell is None else md(cell.text())
-            out.append(f"**{text}**" if cell is not None and cell.value == table.best(c) else text)
+            out.append(f"**{text}**" if cell is not None and cell.value == best[c] else text)
         lines.append(_row([md(table.row_label[r]), *out]))
     marks = "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in table.kinds)
     return [*lines, "", md(f"{NOTE} {marks}.") + " The HTML report shows each cell's setting.", ""]
