@@ -10,6 +10,7 @@ from ssl_eval.protocols._edges import describe, edge, grid_edges
 from ssl_eval.protocols.base import ProtocolInputs
 from ssl_eval.protocols.knn import KnnParams, run_knn
 from ssl_eval.protocols.linear import LinearParams, run_linear
+from ssl_eval.report import write_report
 
 
 def test_edge_counts_the_choices_at_either_end_and_skips_a_floor():
@@ -97,3 +98,11 @@ def test_run_warns_and_the_leaderboard_lists_the_edge(tmp_path, capsys):
     board = (tmp_path / "b" / "leaderboard.md").read_text()
     section = board.split("## Chosen at the edge of the grid", 1)[1].split("## Settings")[0]
     assert "- **pixels** / digits / knn: ks: 3, the lowest of the grid [3 .. 50]" in section
+    # the report holds the same list after its leaderboard, the one without an edge none
+    index = write_report(tmp_path / "b", cache_dir=tmp_path / "cache", progress=False)
+    page, md = index.read_text(), (index.parent / "report.md").read_text()
+    assert "<li><b>pixels</b> / digits / knn: ks: 3, the lowest of the grid [3 .. 50]</li>" in page
+    assert "- **pixels** / digits / knn: ks: 3, the lowest of the grid \\[3 .. 50\\]" in md
+    assert md.index("## Chosen at the edge") < md.index("## What the numbers say")
+    clean = write_report(tmp_path / "a", cache_dir=tmp_path / "cache", progress=False)
+    assert "edge of the grid" not in clean.read_text()

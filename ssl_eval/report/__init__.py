@@ -30,7 +30,7 @@ from .dense_figures import dense_jobs
 from .figures import Figure, bar_jobs, fewshot_jobs, invariance_jobs
 from .findings import TITLE as FINDINGS_TITLE
 from .findings import findings
-from .leaderboard import headline_table
+from .leaderboard import EDGES_TITLE, grid_edge_cells, headline_table
 from .maps import diagnostics, tsne_jobs
 from .published import comparisons, published_html, published_md
 from .transfer import transfer_html, transfer_md, transfer_tables
@@ -119,6 +119,10 @@ def write_report(
         ("Leaderboard", markdown.leaderboard_md(table)),
         (FINDINGS_TITLE, markdown.findings_md(found.blocks())),
     ]
+    edges = grid_edge_cells(table, frame)
+    if edges:  # right after the leaderboard, as leaderboard.md has them
+        html_sections.insert(1, (EDGES_TITLE, html.edges_html(edges)))
+        md_sections.insert(1, (EDGES_TITLE, markdown.edges_md(edges)))
     transfer = transfer_tables(frame)
     if transfer:
         html_sections.append(("Transfer", transfer_html(transfer)))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from .cells import KIND_MARK, KIND_TEXT
 from .figures import Figure
-from .leaderboard import NOTE, Table
+from .leaderboard import EDGES_TEXT, NOTE, Table
 from .maps import Diagnostics
 
 if TYPE_CHECKING:
@@ -138,6 +138,15 @@ def leaderboard_html(table: Table) -> str:
         f'<p class="note">{escape(NOTE)} {escape(marks)}. Hover a cell for its setting; '
         "click a header to sort.</p>"
     )
+
+
+def edges_html(cells: list[tuple[str, str, str, str]]) -> str:
+    """The leaderboard's cells chosen at the edge of their grid (``grid_edge_cells``)."""
+    items = "".join(
+        f"<li><b>{escape(r)}</b> / {escape(c)}{escape(f' ({n})') if n else ''}: {escape(what)}</li>"
+        for r, c, n, what in cells
+    )
+    return f'<p class="note">{escape(EDGES_TEXT)}</p><ul>{items}</ul>'
 
 
 def figures_html(figs: list[Figure]) -> str:

@@ -179,9 +179,18 @@ def build_table(frame: pd.DataFrame, metric: str = HEADLINE) -> Table:
     return Table(rows, cols, row_label, col_label, col_summary, row_summary, cells, metric)
 
 
-def edge_lines(t: Table, frame: pd.DataFrame) -> list[str]:
-    """The cells some of whose records chose a hyperparameter at the edge of its grid
-    (``details.grid_edges``, protocols/_edges.py), as a markdown section; [] when none did."""
+EDGES_TITLE = "Chosen at the edge of the grid"
+EDGES_TEXT = (
+    "These cells chose a hyperparameter on validation at its grid's smallest or largest value: "
+    "the best may lie beyond the grid, so each is the best of the grid searched. Widen the "
+    "card's grid (--set) to know more."
+)
+
+
+def grid_edge_cells(t: Table, frame: pd.DataFrame) -> list[tuple[str, str, str, str]]:
+    """(row label, column label, records, what) of each cell some of whose records chose a
+    hyperparameter at the edge of its grid (``details.grid_edges``, protocols/_edges.py);
+    ``records`` is "k of n records" where the cell holds several."""
     col = "details.grid_edges"
     if col not in frame.columns:
         return []
@@ -190,28 +199,27 @@ def edge_lines(t: Table, frame: pd.DataFrame) -> list[str]:
         for f, e in zip(frame["file"], frame[col], strict=True)
         if isinstance(e, str) and e
     }
-    lines = []
+    out = []
     for r in t.rows:
         for c in t.cols:
             cell = t.cells.get((r, c))
             found = [by_file[f] for f in (cell.files if cell else []) if f in by_file]
-            if not found:
-                continue
-            words = "; ".join(sorted({describe_edge(e) for edges in found for e in edges}))
-            n = f" ({len(found)} of {len(cell.files)} records)" if len(cell.files) > 1 else ""
-            lines.append(f"- **{_md(t.row_label[r])}** / {_md(t.col_label[c])}{n}: {_md(words)}")
-    if not lines:
+            if found:
+                what = "; ".join(sorted({describe_edge(e) for edges in found for e in edges}))
+                n = f"{len(found)} of {len(cell.files)} records" if len(cell.files) > 1 else ""
+                out.append((t.row_label[r], t.col_label[c], n, what))
+    return out
+
+
+def edge_lines(t: Table, frame: pd.DataFrame) -> list[str]:
+    """``grid_edge_cells`` as a markdown section; [] when there are none."""
+    cells = grid_edge_cells(t, frame)
+    if not cells:
         return []
-    return [
-        "",
-        "## Chosen at the edge of the grid",
-        "",
-        "These cells chose a hyperparameter on validation at its grid's smallest or largest "
-        "value: the best may lie beyond the grid, so each is the best of the grid searched. "
-        "Widen the card's grid (`--set`) to know more.",
-        "",
-        *lines,
+    lines = [
+        f"- **{_md(r)}** / {_md(c)}{f' ({n})' if n else ''}: {_md(what)}" for r, c, n, what in cells
     ]
+    return ["", f"## {EDGES_TITLE}", "", EDGES_TEXT, "", *lines]
 
 
 METRIC_LABEL = {"miou": "mIoU %", "rmse": "RMSE m"}
