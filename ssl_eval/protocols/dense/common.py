@@ -141,6 +141,13 @@ def _resized(img: np.ndarray, size: int, interpolation: str) -> torch.Tensor:
     return TF.resize(x, [size], interpolation=mode, antialias=True)
 
 
+def chunks_of(rows: list[int], batch_size: int) -> list[list[int]]:
+    """The images ``slide_predict`` slides over together: consecutive ``batch_size`` rows (the
+    windows of one chunk are batched across its images)."""
+    per = max(1, batch_size)
+    return [rows[c : c + per] for c in range(0, len(rows), per)]
+
+
 def slide_predict(
     backbone,
     split,
@@ -162,9 +169,7 @@ def slide_predict(
     backbone.model.to(device).eval()
     amp = autocast_dtype(device) == "bfloat16"  # as the token source embeds
     rows = [int(r) for r in rows]
-    per_chunk = max(1, batch_size)
-    for c in range(0, len(rows), per_chunk):
-        chunk = rows[c : c + per_chunk]
+    for chunk in chunks_of(rows, batch_size):
         images = {r: split.load(r) for r in chunk}
         resized = {r: _resized(images[r], size, pre.interpolation) for r in chunk}
         jobs = []  # (row, y, x, window)
@@ -216,9 +221,7 @@ def score_test(
     (``distributed.in_rounds``). A chunk's windows are batched as one process batches them,
     so each image's output, and its score, is the single process's to the bit."""
     test = inp.bundle.test
-    rows = list(range(len(test)))
-    per = max(1, inp.batch_size)  # slide_predict's chunk: these boundaries keep its batches
-    chunks = [rows[c : c + per] for c in range(0, len(rows), per)]
+    chunks = chunks_of(list(range(len(test))), inp.batch_size)  # slide_predict's own chunks
     w, r = distributed.world(), distributed.rank()
 
     def mine():
