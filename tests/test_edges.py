@@ -106,3 +106,31 @@ def test_run_warns_and_the_leaderboard_lists_the_edge(tmp_path, capsys):
     assert md.index("## Chosen at the edge") < md.index("## What the numbers say")
     clean = write_report(tmp_path / "a", cache_dir=tmp_path / "cache", progress=False)
     assert "edge of the grid" not in clean.read_text()
+
+
+def test_logreg_records_the_top_of_a_c_grid_too_strong_to_fit():
+    from ssl_eval.protocols.logreg import LogregParams, run_logreg
+
+    (x, y), (xt, yt) = _sheared(400, 0), _sheared(400, 1)
+    inp = ProtocolInputs(x, y, xt, yt, np.arange(300), np.arange(300, 400), 2)
+    # C from 1e-4 to 1e-2: the weakest regularisation (the largest C) fits best on validation
+    strong = LogregParams(c_exp_min=-4.0, c_exp_max=-2.0, c_num=3, max_iter=200)
+    out, cs = run_logreg(inp, strong), strong.grid()
+    assert out.details["selected"]["C"] == cs[-1]
+    assert out.details["grid_edges"] == [edge("C", cs, [cs[-1]], widen="c_exp_min, c_exp_max")]
+    # C from 1e-4 to 1e4: 1 and above separate the classes, the tie goes to C = 1, inside
+    wide = run_logreg(inp, LogregParams(c_exp_min=-4.0, c_exp_max=4.0, c_num=5, max_iter=200))
+    assert wide.details["selected"]["C"] == 1.0 and "grid_edges" not in wide.details
+
+
+def test_knnseg_records_its_k_at_an_edge_unless_it_is_one(tmp_path):
+    from test_dense_probes import _bundle, _inputs, _pixels
+
+    from ssl_eval.protocols.dense_knn import KnnsegParams, run_knnseg
+
+    # pixel tokens: every k is exact on validation, and the tie goes to the smaller k
+    one = run_knnseg(_inputs(_pixels(), _bundle(), tmp_path / "a"), KnnsegParams(ks=(1, 3)))
+    assert one.details["k"] == 1 and "grid_edges" not in one.details
+    three = run_knnseg(_inputs(_pixels(), _bundle(), tmp_path / "b"), KnnsegParams(ks=(3, 5)))
+    assert three.details["k"] == 3
+    assert three.details["grid_edges"] == [edge("ks", (3, 5), [3], floor=1)]
