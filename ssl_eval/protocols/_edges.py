@@ -44,8 +44,8 @@ def grid_edges(*found: dict | None) -> dict:
 
 
 def describe(e: dict) -> str:
-    """One edge in words: ``lrs: 0.1, the highest of [0.003, 0.1]`` (with how many of the
-    choices where there are several)."""
+    """One edge in words: ``lrs: 0.1, the highest of the grid [0.003 .. 0.1]`` (with how many
+    of the choices sat there, where there are several)."""
     parts = []
     for side in ("lowest", "highest"):
         n = e.get(side, 0)

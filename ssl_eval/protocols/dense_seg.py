@@ -198,7 +198,7 @@ def score_segmentation(inp, p, dense, head, details: dict) -> ProtocolOutput:
         return scorer.row(pred, target), example
 
     for _, (areas, example) in score_test(inp, head, size, crop, stride, one):
-        scorer.rows.append(areas)
+        scorer.add_row(areas)
         if example is not None:
             examples.append(example)
     res = scorer.results(inp.bootstrap_resamples, inp.seed)

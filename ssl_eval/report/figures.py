@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..records.schema import LOWER_IS_BETTER
+from .leaderboard import HEADLINE, UNITS, Table
+
 if TYPE_CHECKING:
     import pandas as pd
-
-    from .leaderboard import Table
 
 _SHOT = re.compile(r"^top1@(?P<clf>[^/]+)/(?P<k>\d+)shot$")
 _METRIC_PARTS = (".lo", ".hi", ".ci_method", ".std", ".n", ".per_sample_correct", ".n_test")
@@ -99,8 +100,6 @@ def bar_jobs(table: Table) -> Iterator[tuple[str, Callable[[], Figure]]]:
 
 
 def _bars(table: Table, cols: list[str], protocol: str, metric: str) -> Figure:
-    from .leaderboard import HEADLINE, UNITS
-
     p = plt()
     rows = [r for r in table.rows if any((r, c) in table.cells for c in cols)]
     fig, ax = p.subplots(figsize=(max(4.0, 1.2 * len(rows) * max(1, len(cols)) ** 0.5 + 2), 3.2))
@@ -120,10 +119,10 @@ def _bars(table: Table, cols: list[str], protocol: str, metric: str) -> Figure:
     ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right")
     unit = UNITS.get(metric, metric)
     ax.set_ylabel(f"{unit}, 95% interval")
-    if metric in (HEADLINE, "miou"):
-        ax.set_ylim(0, 100)
-    else:
+    if metric in LOWER_IS_BETTER:  # an error: from 0, no upper end (percentages: 0 to 100)
         ax.set_ylim(bottom=0)
+    else:
+        ax.set_ylim(0, 100)
     ax.set_title(mpl_text(f"{protocol}: {unit}"))
     ax.legend(fontsize=7, loc="lower right")
     name = protocol if metric == HEADLINE else f"{protocol}-{metric}"

@@ -8,7 +8,6 @@ import base64
 from html import escape
 from typing import TYPE_CHECKING
 
-from .cells import KIND_MARK, KIND_TEXT
 from .figures import Figure
 from .leaderboard import EDGES_TEXT, NOTE, Table
 from .maps import Diagnostics
@@ -130,12 +129,11 @@ def leaderboard_html(table: Table) -> str:
         + " "
         + _select("filter-protocol", "protocol", sorted({table.protocol_of(c) for c in table.cols}))
     )
-    marks = "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in table.kinds)
     return (
         f'<p class="filters">{filters}</p>'
         f'<table id="leaderboard"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
-        f'<p class="note">{escape(NOTE)} {escape(marks)}. Hover a cell for its setting; '
+        f'<p class="note">{escape(NOTE)} {escape(table.legend)}. Hover a cell for its setting; '
         "click a header to sort.</p>"
     )
 

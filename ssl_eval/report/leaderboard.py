@@ -82,6 +82,11 @@ class Table:
         """The interval kinds of the table's cells (their marks are explained under it)."""
         return sorted({c.kind for c in self.cells.values() if c.kind})
 
+    @property
+    def legend(self) -> str:
+        """What each interval mark of the table's cells means (``ᵇ 95% bootstrap ...; ...``)."""
+        return "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in self.kinds)
+
 
 def _row_keys(frame: pd.DataFrame, rows: list[dict]) -> list[str]:
     """The row key of each frame row. A row is a backbone (tag and weights; for a model of
@@ -211,15 +216,21 @@ def grid_edge_cells(t: Table, frame: pd.DataFrame) -> list[tuple[str, str, str, 
     return out
 
 
+def edge_items(cells: list[tuple[str, str, str, str]], esc: Callable[[str], str]) -> list[str]:
+    """``grid_edge_cells`` as markdown list items, each text through ``esc`` (leaderboard.md's
+    escaping or the report's)."""
+    return [
+        f"- **{esc(r)}** / {esc(c)}{esc(f' ({n})') if n else ''}: {esc(what)}"
+        for r, c, n, what in cells
+    ]
+
+
 def edge_lines(t: Table, frame: pd.DataFrame) -> list[str]:
     """``grid_edge_cells`` as a markdown section; [] when there are none."""
     cells = grid_edge_cells(t, frame)
     if not cells:
         return []
-    lines = [
-        f"- **{_md(r)}** / {_md(c)}{f' ({n})' if n else ''}: {_md(what)}" for r, c, n, what in cells
-    ]
-    return ["", f"## {EDGES_TITLE}", "", EDGES_TEXT, "", *lines]
+    return ["", f"## {EDGES_TITLE}", "", EDGES_TEXT, "", *edge_items(cells, _md)]
 
 
 METRIC_LABEL = {"miou": "mIoU %", "rmse": "RMSE m"}
@@ -318,7 +329,6 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
     csv_path = results_dir / "leaderboard.csv"
     atomic_write_text(csv_path, leaderboard_frame(t).to_csv(index=False, lineterminator="\n"))
 
-    kinds = t.kinds
     lines = [
         f"# Leaderboard ({metric}, %, ± half-width of the 95% interval)"
         if not t.col_metric or set(t.col_metric.values()) == {metric}
@@ -341,7 +351,7 @@ def write_leaderboard(results_dir: Path, metric: str = HEADLINE) -> tuple[Path, 
                 else (f"**{cell.text()}**" if cell.value == best[c] else cell.text())
             )
         lines.append(f"| {_md(t.row_label[b])} | " + " | ".join(out) + " |")
-    lines += ["", "Intervals: " + "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in kinds) + "."]
+    lines += ["", f"Intervals: {t.legend}."]
     lines += edge_lines(t, frame)
     lines += [
         "",

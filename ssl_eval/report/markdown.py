@@ -6,9 +6,8 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING
 
-from .cells import KIND_MARK, KIND_TEXT
 from .figures import Figure
-from .leaderboard import EDGES_TEXT, NOTE, Table, single_line
+from .leaderboard import EDGES_TEXT, NOTE, Table, edge_items, single_line
 from .maps import Diagnostics
 
 if TYPE_CHECKING:
@@ -42,15 +41,17 @@ def leaderboard_md(table: Table) -> list[str]:
             text = "–" if cell is None else md(cell.text())
             out.append(f"**{text}**" if cell is not None and cell.value == best[c] else text)
         lines.append(_row([md(table.row_label[r]), *out]))
-    marks = "; ".join(f"{KIND_MARK[k]} {KIND_TEXT[k]}" for k in table.kinds)
-    return [*lines, "", md(f"{NOTE} {marks}.") + " The HTML report shows each cell's setting.", ""]
+    return [
+        *lines,
+        "",
+        md(f"{NOTE} {table.legend}.") + " The HTML report shows each cell's setting.",
+        "",
+    ]
 
 
 def edges_md(cells: list[tuple[str, str, str, str]]) -> list[str]:
     """The leaderboard's cells chosen at the edge of their grid (``grid_edge_cells``)."""
-    lines = [f"- **{md(r)}** / {md(c)}{md(f' ({n})') if n else ''}: {md(what)}"
-             for r, c, n, what in cells]  # fmt: skip
-    return [md(EDGES_TEXT), "", *lines, ""]
+    return [md(EDGES_TEXT), "", *edge_items(cells, md), ""]
 
 
 def figures_md(figs: list[Figure]) -> list[str]:

@@ -41,7 +41,10 @@ class SegmentationScorer:
     rows: list = field(default_factory=list)  # per image: intersect, pred area, label area (C)
 
     def add(self, pred: np.ndarray, target: np.ndarray) -> None:
-        self.rows.append(self.row(pred, target))
+        self.add_row(self.row(pred, target))
+
+    def add_row(self, areas: np.ndarray) -> None:
+        self.rows.append(areas)
 
     def row(self, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
         """One test image's areas (intersection, predicted, labelled; C each), for ``rows``."""
