@@ -185,3 +185,25 @@ def test_decoded_batches_come_in_order_in_the_asked_layout(tmp_path, channels_la
     np.testing.assert_array_equal(x.permute(0, 2, 3, 1).numpy(), np.asarray(got.images))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert all(p.is_contiguous(memory_format=fmt) for p in parts)
+
+
+def test_loading_images_leaves_the_global_rng_alone(tmp_path):
+    """A DataLoader without its own generator draws its workers' base seed from the global RNG
+    each time it is iterated: extraction, the decode cache's build and the augmented probe's
+    shared forwards would each move the draws of whatever runs after them."""
+    from ssl_eval.protocols._shared_forward import SharedForward
+
+    ds = _noisy_folder(tmp_path / "imgs")
+    bb = build_backbone("random:cifar_resnet_tiny", BuildOptions(image_size=16))
+    kw = dict(device=CPU, progress=False, batch_size=4, num_workers=0)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    extract(bb, ds, "train", cache_dir=tmp_path / "a", **kw)
+    assert torch.equal(torch.get_rng_state(), before), "per-image extraction moved the RNG"
+    extract(bb, ds, "train", cache_dir=tmp_path / "b", decode_cache=True, **kw)
+    assert torch.equal(torch.get_rng_state(), before), "the decode cache moved the RNG"
+    fwd = SharedForward(lambda x: x.float().mean((1, 2, 3)), {"num_workers": 0}, CPU)
+    data = [(torch.full((3, 2, 2), i, dtype=torch.uint8), i) for i in range(6)]
+    got = [y.tolist() for _, y in fwd.cuts(data, [[0, 1], [2, 3], [4, 5]])]
+    assert got == [[0, 1], [2, 3], [4, 5]]
+    assert torch.equal(torch.get_rng_state(), before), "the shared forward moved the RNG"

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ..core import distributed
 from ..core.errors import UserError
@@ -53,7 +52,7 @@ from .entries import (
     reserved_memmap,
     verify_checksums,
 )
-from .loading import Images, progress_bar, worker_errors
+from .loading import Images, loader, progress_bar, worker_errors
 
 DECODE_FORMAT_VERSION = 1
 DECODE_LIBRARIES = ("torch", "torchvision", "numpy", "pillow")  # decoding and resizing
@@ -275,12 +274,12 @@ def _build(bundle, split, pre, entry, key, key_obj, num_workers, progress) -> De
     images = Images(src, pre)  # the very code the per-image extraction path runs
     if num_workers is None:
         num_workers = 0 if src.images is not None else min(4, _cpus())
-    loader = DataLoader(images, batch_size=256, shuffle=False, num_workers=num_workers)
+    batches = loader(images, batch_size=256, shuffle=False, num_workers=num_workers)
     n = len(images)
     with atomic_directory(entry) as tmp:
         out, done = None, 0
         bar = progress_bar(n, f"decode {bundle.name}/{split}", progress)
-        for batch in worker_errors(loader):
+        for batch in worker_errors(batches):
             if out is None:
                 out = reserved_memmap(
                     tmp / "images.npy",

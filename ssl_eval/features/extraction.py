@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ..backbones.base import Backbone
 from ..core import distributed
@@ -45,7 +44,7 @@ from .entries import (
     verify_checksums,
 )
 from .layers import layout
-from .loading import Images, progress_bar, worker_errors
+from .loading import Images, loader, progress_bar, worker_errors
 
 FEATURE_FORMAT_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -251,8 +250,8 @@ def _batches(
         cut = {
             "batch_sampler": [range(b * batch_size, min(n, (b + 1) * batch_size)) for b in numbers]
         }
-    loader = DataLoader(images, num_workers=num_workers, pin_memory=pin, **cut)
-    return worker_errors(loader), n
+    batches = loader(images, num_workers=num_workers, pin_memory=pin, **cut)
+    return worker_errors(batches), n
 
 
 class _EntryWriter:

@@ -1,7 +1,7 @@
 """The image loading extraction and the decode cache both run: ``Images`` (uint8 CHW images,
 resized and cropped by the preprocessing's geometry: the one decoding path, so a decoded entry holds
-the pixels extraction would see), ``worker_errors`` (a DataLoader worker's UserError as one line)
-and ``progress_bar``."""
+the pixels extraction would see), ``loader`` (a DataLoader that leaves the global RNG alone),
+``worker_errors`` (a DataLoader worker's UserError as one line) and ``progress_bar``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..core.errors import UserError
 from ..data.datasets import ImageSplit
@@ -46,6 +46,15 @@ class Images(Dataset):
                 ).shape
             )
         return self._first
+
+
+def loader(dataset, **kw) -> DataLoader:
+    """``DataLoader(dataset, **kw)`` with its own generator unless one is given. A DataLoader
+    without one draws its workers' base seed from the global RNG each time it is iterated, so
+    loading images would move the draws of whatever runs next (a head's initialisation, its
+    dropout) by how many loaders ran before, and by which batches a torchrun rank loaded."""
+    kw.setdefault("generator", torch.Generator())
+    return DataLoader(dataset, **kw)
 
 
 def worker_errors(loader):

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ..backbones.base import Backbone
 from ..core import distributed
@@ -52,7 +51,7 @@ from .entries import (
     verify_checksums,
 )
 from .extraction import cache_key
-from .loading import Images, worker_errors
+from .loading import Images, loader, worker_errors
 
 TOKEN_FORMAT_VERSION = 1
 _FILES = ("tokens.npy", "prefix.npy", "rows.npy")
@@ -159,11 +158,11 @@ def _image_batches(src: TokenSource, cuts: list[np.ndarray]):
     nw = src.num_workers
     if nw is None:
         nw = 0 if images.split.images is not None else min(4, os.cpu_count() or 1)
-    # the loader's own generator (its workers' base seed): loading tokens never moves the
-    # global RNG, so a dense head's dropout draws the same whichever batches a rank loads
+    # loading tokens never moves the global RNG (loading.loader), so a dense head's dropout
+    # draws the same whichever batches a rank loads
     cut = [c.tolist() for c in cuts]
-    loader = DataLoader(images, batch_sampler=cut, num_workers=nw, generator=torch.Generator())
-    yield from zip(cuts, worker_errors(loader), strict=True)
+    batches = loader(images, batch_sampler=cut, num_workers=nw)
+    yield from zip(cuts, worker_errors(batches), strict=True)
 
 
 def _rounds(src: TokenSource, cuts: list[np.ndarray], to_all: bool):

@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..core import distributed
-from ..features.loading import worker_errors
+from ..features.loading import loader, worker_errors
 
 
 class SharedForward:
@@ -36,7 +35,7 @@ class SharedForward:
         mine = cuts[distributed.rank() :: w]
 
         def embedded():
-            for x, y in worker_errors(DataLoader(ds, batch_sampler=mine, **self.loading)):
+            for x, y in worker_errors(loader(ds, batch_sampler=mine, **self.loading)):
                 self.images += len(y)
                 f = self.embed(x)
                 yield (f, y) if w == 1 else (f.cpu(), y)  # gathered through host memory

@@ -40,6 +40,7 @@ from ..core.files import (
     write_torch_checked,
 )
 from ..core.runtime import warn
+from ..features.loading import loader as quiet_loader
 from . import _finetune_dist
 from ._images import TrainImages, rand_augment, random_erase
 from ._images import crop_box as _crop_box  # noqa: F401  (its tests call it here)
@@ -273,7 +274,7 @@ def _evaluate(clf, split, idx, pre, p, device, amp, workers) -> tuple[torch.Tens
     error = None
     try:  # a UserError (an image that does not decode) in one rank's share stops every rank
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            for x, y in DataLoader(mine, batch_size=b, num_workers=workers):
+            for x, y in quiet_loader(mine, batch_size=b, num_workers=workers):
                 scores.append(clf(pre.normalise(x.to(device))).float().cpu())
                 labels.append(y)
     except UserError as e:
