@@ -145,3 +145,35 @@ def test_nyu_eigen_layout_reads_millimetres(tmp_path):
     (tmp_path / "nyu_test.txt").unlink()
     with pytest.raises(UserError, match="nyu_test.txt is missing"):
         get_dataset("nyu-depth", DatasetOptions(data_root=tmp_path))
+
+
+def _ade_base(tmp_path):
+    base = tmp_path / "ADEChallengeData2016"
+    for folder, stem in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
+        _jpg(base / "images" / folder / f"{stem}.jpg")
+        _png(base / "annotations" / folder / f"{stem}.png", np.ones((24, 32), np.uint8))
+    return base
+
+
+def test_ade20k_class_names_from_the_official_txt_and_the_csail_csv(tmp_path):
+    """objectInfo150.txt as ADEChallengeData2016.zip ships it (tab-separated, header Idx Ratio
+    Train Val Name, synonyms after commas) and the CSAIL repository's objectInfo150.csv
+    (comma-separated with a Stuff column, synonyms after semicolons): the first synonym."""
+    base = _ade_base(tmp_path)
+    rest = [f"thing{i}" for i in range(3, 151)]
+    txt = ["Idx\tRatio\tTrain\tVal\tName", "1\t0.1576\t11664\t1172\twall",
+           "2\t0.1072\t6046\t612\tbuilding, edifice"]  # fmt: skip
+    txt += [f"{i}\t0.001\t10\t1\t{n}, other name" for i, n in enumerate(rest, 3)]
+    (base / "objectInfo150.txt").write_text("\n".join(txt) + "\n")
+    b = get_dataset("ade20k", DatasetOptions(data_root=tmp_path))
+    assert b.dense.classes[:3] == ("wall", "building", "thing3") and len(b.dense.classes) == 150
+    (base / "objectInfo150.txt").unlink()
+    csv = ["Idx,Ratio,Train,Val,Stuff,Name", "1,0.1576,11664,1172,1,wall",
+           "2,0.1072,6046,612,1,building;edifice"]  # fmt: skip
+    csv += [f"{i},0.001,10,1,0,{n};other" for i, n in enumerate(rest, 3)]
+    (base / "objectInfo150.csv").write_text("\n".join(csv) + "\n")
+    b = get_dataset("ade20k", DatasetOptions(data_root=tmp_path))
+    assert b.dense.classes[:3] == ("wall", "building", "thing3") and len(b.dense.classes) == 150
+    (base / "objectInfo150.csv").write_text("\n".join(csv[:-1]) + "\n")
+    with pytest.raises(UserError, match="lists 149 classes"):
+        get_dataset("ade20k", DatasetOptions(data_root=tmp_path))

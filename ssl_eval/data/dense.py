@@ -251,11 +251,30 @@ def _load_ade20k(opt: DatasetOptions) -> DatasetBundle:
 
 
 def _ade_classes(base: Path) -> tuple[str, ...]:
-    """The 150 class names from objectInfo150.csv (Idx, Ratio, Train, Val, Name), when shipped."""
-    info = base / "objectInfo150.csv"
-    if not info.is_file():
+    """The 150 class names, when a class list is shipped: ``objectInfo150.txt`` (what the
+    ADEChallengeData2016 download holds: tab-separated, a header ``Idx Ratio Train Val Name``,
+    names listing synonyms after commas, "building, edifice") or ``objectInfo150.csv`` (the
+    CSAIL repository's comma-separated copy, synonyms after semicolons, "building;edifice").
+    Each class is named by its first synonym, as mmseg's ADE20K class list does."""
+    for fname, sep, syn in (("objectInfo150.txt", "\t", ","), ("objectInfo150.csv", ",", ";")):
+        info = base / fname
+        if info.is_file():
+            break
+    else:
         return tuple(f"class{i}" for i in range(1, 151))
-    rows = [r.split(",")[-1].split(";")[0].strip() for r in info.read_text().splitlines()[1:]]
+    lines = [ln for ln in info.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    header = [h.strip().lower() for h in lines[0].split(sep)] if lines else []
+    if "name" not in header:
+        raise UserError(f"{info} has no Name column in its header (Idx, Ratio, Train, Val, Name)")
+    col = header.index("name")
+    rows = []
+    for ln in lines[1:]:
+        cells = ln.split(sep)
+        if sep == "," and len(cells) > len(header):  # a name with commas: the rest of the line
+            cells = [*cells[:col], sep.join(cells[col:])]
+        if len(cells) <= col:
+            raise UserError(f"{info}: a row without a name: {ln.strip()!r}")
+        rows.append(cells[col].split(syn)[0].strip())
     if len(rows) != 150:
         raise UserError(f"{info} lists {len(rows)} classes, ADE20K SceneParsing has 150")
     return tuple(rows)
