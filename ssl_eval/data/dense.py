@@ -256,12 +256,11 @@ def _ade_classes(base: Path) -> tuple[str, ...]:
     names listing synonyms after commas, "building, edifice") or ``objectInfo150.csv`` (the
     CSAIL repository's comma-separated copy, synonyms after semicolons, "building;edifice").
     Each class is named by its first synonym, as mmseg's ADE20K class list does."""
-    for fname, sep, syn in (("objectInfo150.txt", "\t", ","), ("objectInfo150.csv", ",", ";")):
-        info = base / fname
-        if info.is_file():
-            break
-    else:
+    layouts = (("objectInfo150.txt", "\t", ","), ("objectInfo150.csv", ",", ";"))
+    found = [(base / f, sep, syn) for f, sep, syn in layouts if (base / f).is_file()]
+    if not found:
         return tuple(f"class{i}" for i in range(1, 151))
+    info, sep, syn = found[0]
     lines = [ln for ln in info.read_text(encoding="utf-8").splitlines() if ln.strip()]
     header = [h.strip().lower() for h in lines[0].split(sep)] if lines else []
     if "name" not in header:
