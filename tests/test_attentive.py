@@ -378,15 +378,23 @@ def test_streamed_tokens_train_and_score_as_cached_ones(tmp_path):
 
 def test_each_cards_lr_at_step_s_is_its_scripts():
     steps = [0, 1, 249, 250, 251, 999, 1249, 1250, 6000, 12_499]
-    # attentive@capi: base_lr = lr * 128 / 256; warmup linspace(0, 1, 1250), then the cosine
+    # attentive@capi: eval_model's batch_size=128 is per rank; benchmark.py launches it through
+    # train_distributed.launch_jobs(num_nodes=1), whose ntasks_per_node defaults to 8 ranks,
+    # each drawing its own rows (InfiniteSampler's rank::world_size share), and its base_lr is
+    # lr * (batch_size * world_size) / 256; n_iters 12_500 of that global batch, warmup
+    # linspace(0, 1, 1250), then the cosine
+    per_rank, ranks, n_iters = 128, 1 * 8, 12_500
     card = load_card("attentive@capi").params
-    pl = plan(10_000, card)
+    pl = plan(2_000_000, card)
+    assert (pl.batch, pl.total) == (per_rank * ranks, n_iters)
+    assert pl.total * pl.batch == 12_800_000  # images the script's run reads
     sched = np.concatenate(
-        [np.linspace(0.0, 1.0, 1250), (np.cos(np.linspace(0, np.pi, 12_500 - 1250)) + 1) / 2]
+        [np.linspace(0.0, 1.0, 1250), (np.cos(np.linspace(0, np.pi, n_iters - 1250)) + 1) / 2]
     )
     for lr in card.lrs:
         np.testing.assert_allclose(
-            [pl.lr(s, lr, card) for s in steps], [lr * 128 / 256 * sched[s] for s in steps]
+            [pl.lr(s, lr, card) for s in steps],
+            [lr * (per_rank * ranks) / 256 * sched[s] for s in steps],
         )
     # attentive@vjepa2 at the script's batch (1024) with 50 iterations an epoch: 1000 steps,
     # int(5 * 50) warmup steps from 2e-4, the schedule stepped once before iteration s
