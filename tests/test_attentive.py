@@ -417,3 +417,31 @@ def test_each_cards_lr_at_step_s_is_its_scripts():
         e = s / 10
         want = 1.6 * e / 10 if e < 10 else 1.6 * 0.5 * (1 + math.cos(math.pi * (e - 10) / 80))
         assert pl.lr(s, 0.1, card) == pytest.approx(want, rel=1e-12)
+
+
+def test_the_default_suite_resolves_attentive_capi_as_its_reference_records():
+    """The card follows CAPI's global batch (1024) since the default suite's references were
+    made at 128: the suite pins the old value, so its resolved params (the setting the gate
+    compares) are the reference records' own, name, version and type included."""
+    import json
+    from pathlib import Path
+
+    from ssl_eval.orchestrate.suite.spec import load_job_suite
+    from ssl_eval.protocols.cards import load_cards
+
+    suite = load_job_suite("default")
+    names = suite.all_protocols()
+    card = dict(zip(names, load_cards(list(names), list(suite.set)), strict=True))["attentive@capi"]
+    refs = Path(__file__).parents[1] / "results" / "reference" / "default" / "records"
+    seen = [
+        r["protocol"]
+        for f in sorted(refs.glob("*.json"))
+        for r in json.loads(f.read_text())["records"]
+        if r["protocol"]["name"] == "attentive@capi"
+    ]
+    assert seen, "the default reference holds attentive@capi records"
+    mine = card.to_record()
+    for ref in seen:
+        assert {k: ref[k] for k in ("name", "version", "type", "params")} == {
+            k: mine[k] for k in ("name", "version", "type", "params")
+        }
