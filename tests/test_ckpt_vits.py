@@ -285,11 +285,14 @@ def test_dinov2_giant_swiglu_w12_w3_keys(tmp_path):
 # ---------------------------------------------------------------- DINOv3
 
 
-def to_dinov3(sd: dict) -> dict:
-    """timm Eva names -> DINOv3's (written from its vision_transformer.py and layers)."""
+def to_dinov3(sd: dict, head_dim: int = 64) -> dict:
+    """timm Eva names -> DINOv3's (written from its vision_transformer.py and layers). The
+    RoPE periods are the official base-100 schedule (rope_position_encoding.py), which the
+    timm reference recomputes: ssl-eval reads the file's (tests/test_variants_dinov3.py)."""
+    k = torch.arange(head_dim // 4, dtype=torch.float32)
     out = {
         "mask_token": torch.zeros(1, sd["cls_token"].shape[-1]),
-        "rope_embed.periods": torch.rand(16),
+        "rope_embed.periods": 100.0 ** (2 * k / (head_dim // 2)),
     }
     swiglu = any(".mlp.fc1_g." in k for k in sd)
     for k, v in sd.items():
@@ -329,10 +332,9 @@ def test_dinov3_vits16_official_layout(tmp_path):
     )
     close(bb.embed(X16), cls(ref, X16))
     assert bb.preprocessing.interpolation == "bicubic" and "bias_mask" in bb.load_report["note"]
-    assert (
-        "mask_token" in bb.load_report["dropped"]
-        and "rope_embed.periods" in bb.load_report["dropped"]
-    )
+    assert "mask_token" in bb.load_report["dropped"]
+    assert "rope_embed.periods" not in bb.load_report["dropped"]  # used: timm's RoPE holds them
+    assert bb.load_report["rope_periods"] == "the file's (equal to the base-100 schedule)"
 
 
 @pytest.mark.slow

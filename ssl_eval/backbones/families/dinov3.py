@@ -3,13 +3,18 @@ through timm's implementations (``vit_*_patch16_dinov3``, ``convnext_*``).
 
 Official ViT files (``dinov3_vits16_pretrain_lvd1689m-08c60483.pth`` ...) are flat:
 ``cls_token``, ``storage_tokens`` (4 registers), ``mask_token`` (pre-training only),
-``rope_embed.periods`` (RoPE frequencies timm recomputes), ``blocks.N.{norm1, attn.qkv,
+``rope_embed.periods`` (the RoPE periods, a persistent buffer the official model reads from the
+file: the released files hold the base-100 schedule rounded to bfloat16, so they are put into
+timm's RoPE, which would otherwise recompute the exact schedule), ``blocks.N.{norm1, attn.qkv,
 attn.qkv.bias_mask, attn.proj, ls1.gamma, norm2, mlp.{fc1,fc2} or mlp.{w1,w2,w3}, ls2.gamma}``
 and ``norm``. The q/k/v bias is one vector whose k third ``bias_mask`` zeroes, which is timm's
-``*_qkvb`` models (q and v biases, no k bias); files without biases load into the plain models.
+``*_qkvb`` models (q and v biases, no k bias); a file whose mask is anything else is refused.
+Files without biases load into the plain models.
 SwiGLU (S+, H+): ``w1`` gate, ``w2`` value, ``w3`` out = timm's ``fc1_g``, ``fc1_x``, ``fc2``.
 Official ConvNeXt files: ``downsample_layers.{0..3}``, ``stages.i.j.{dwconv, norm, pwconv1,
-pwconv2, gamma}`` and a final ``norm`` applied to the average pool (timm's ``head.norm``).
+pwconv2, gamma}`` and a final ``norm`` applied to the average pool (timm's ``head.norm``);
+``norms.3`` is the same module as ``norm`` in DINOv3's ConvNeXt, so its state dict (and the
+file) holds that norm twice: the copy must equal ``norm`` and is dropped.
 timm's Hugging Face copies (timm names) load as they are.
 
 Evaluation as DINOv3's classification eval: resize 256 bicubic, centre crop 224, ImageNet
@@ -35,6 +40,7 @@ DINOV3_EVAL = Preprocessing(
     resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic"
 )
 _VIT_DROP = (r"^mask_token$", r".*\.bias_mask$", r"^rope_embed\.", r"^local_cls_norm\.")
+_PERIODS = "rope_embed.periods"
 # (width, SwiGLU?) -> timm arch, for files read through ckpt:PATH
 _VITS = {
     (384, False): "vit_small_patch16_dinov3",
@@ -132,7 +138,52 @@ def _vit_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return out, any(k.endswith(".attn.q_bias") for k in out)
 
 
+def _check_bias_masks(ckpt: Checkpoint) -> None:
+    """LinearKMaskedBias multiplies the q/k/v bias by the file's ``bias_mask``; timm's
+    ``*_qkvb`` models hold q and v biases only, which is that mask when it zeroes the k third
+    and keeps the rest."""
+    for k, mask in ckpt.flat.items():
+        if not k.endswith(".attn.qkv.bias_mask"):
+            continue
+        want = torch.ones(mask.shape[0])
+        third = mask.shape[0] // 3
+        want[third : 2 * third] = 0
+        if not torch.equal(mask.float().cpu(), want):
+            raise UserError(
+                f"{ckpt.path.name}: {k} is not DINOv3's mask (ones, the k third zero); a file "
+                "whose k bias acts cannot be read as timm's q/v-bias DINOv3"
+            )
+
+
+def _use_file_periods(model, ckpt: Checkpoint) -> str:
+    """Put the file's RoPE periods into timm's RoPE (which recomputes the base-100 schedule at
+    construction): the official model reads them from the file. Says what was done."""
+    rope = getattr(model, "rope", None)
+    periods = ckpt.flat.get(_PERIODS)
+    if rope is None or not hasattr(rope, "periods"):
+        return "no RoPE in the model"
+    if periods is None:
+        return "recomputed by timm (base-100 schedule): the file holds no rope_embed.periods"
+    own = rope.periods
+    file = periods.detach().to(dtype=torch.float32, device=own.device)
+    if file.shape != own.shape or not bool(torch.isfinite(file).all() and (file > 0).all()):
+        raise UserError(
+            f"{ckpt.path.name}: rope_embed.periods of shape {tuple(file.shape)} is not "
+            f"{tuple(own.shape)} positive finite periods (head width / 4)"
+        )
+    gap = ((file - own).abs() / own).max().item()
+    with torch.no_grad():
+        own.copy_(file)
+    if gap == 0:
+        return "the file's (equal to the base-100 schedule)"
+    return (
+        f"the file's ({str(periods.dtype).removeprefix('torch.')}; at most {gap:.2g} relative "
+        "from the base-100 schedule timm computes)"
+    )
+
+
 def _build_vit(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
+    _check_bias_masks(ckpt)
     sd, dropped = split_keys(dict(ckpt.flat), *_VIT_DROP)
     sd, biased = _vit_to_timm(sd)
     kw: dict = {}
@@ -147,6 +198,9 @@ def _build_vit(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
     arch = variant + ("_qkvb" if biased else "")
     model = create_timm(arch, opt.image_size or 224, global_pool="token", **kw)
     report = strict_load(model, sd, fmt="dinov3")
+    report["rope_periods"] = _use_file_periods(model, ckpt)
+    if report["rope_periods"].startswith("the file's"):
+        dropped = [k for k in dropped if k != _PERIODS]  # used, not dropped
     if biased and any(k.endswith("attn.qkv.bias") for k in ckpt.flat):
         report["note"] = (
             "the k third of each attn.qkv.bias is zeroed by bias_mask in DINOv3: not loaded"
@@ -154,8 +208,23 @@ def _build_vit(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
     return model, report, dropped, "cls", f"DINOv3 ViT ({model.embed_dim}-d class token)"
 
 
+def _drop_norm_copy(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict without ``norms.3.*``, DINOv3's ConvNeXt's second name for ``norm``
+    (its ``norms`` list holds three identities and ``norm`` itself); refused if it differs."""
+    sd, copies = split_keys(dict(ckpt.flat), r"^norms\.\d+\.")
+    for k in copies:
+        final = "norm." + k.split(".", 2)[2]
+        if not (k.startswith("norms.3.") and final in sd and torch.equal(sd[final], ckpt.flat[k])):
+            raise UserError(
+                f"{ckpt.path.name}: {k} is not a copy of {final} (DINOv3's ConvNeXt saves its "
+                "final norm under both names); this is not an official DINOv3 ConvNeXt file"
+            )
+    return sd, copies
+
+
 def _build_convnext(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
-    sd = _rename(dict(ckpt.flat), _CNX_RENAMES)
+    sd, copies = _drop_norm_copy(ckpt)
+    sd = _rename(sd, _CNX_RENAMES)
     if variant is None:
         key = (
             sd["stem.0.weight"].shape[0],
@@ -171,7 +240,7 @@ def _build_convnext(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
     return (
         model,
         report,
-        [],
+        copies,
         "model",
         f"DINOv3 ConvNeXt ({model.num_features}-d normed average pool)",
     )
