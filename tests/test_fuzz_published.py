@@ -15,10 +15,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ssl_eval.core.errors import UserError
-from ssl_eval.protocols.published import METRICS, load_published, published_path
+from ssl_eval.protocols.published import EVALUATIONS, METRICS, load_published, published_path
 
 SHIPPED = yaml.safe_load(published_path().read_text())
-# three entries carry every field and the datasets section: the mutations reach all of them
+# three entries carry every field (the first two an own-head evaluation, the third a paper's
+# figure) and the datasets section: the mutations reach all of them
 # at a tenth of the whole file's cost per example
 SMALL = SHIPPED | {"entries": SHIPPED["entries"][:3]}
 
@@ -31,6 +32,7 @@ def _load_or_one_line(p) -> None:
         return
     for e in pub.entries:  # what loads is what the schema promises
         assert e.metric in METRICS and math.isfinite(e.value) and 0 < e.value <= 100
+        assert e.evaluation in EVALUATIONS
         assert e.source.strip() and "\n" not in e.source.strip()
     keys = [(e.tag, e.dataset, e.recipe, e.metric) for e in pub.entries]
     assert len(keys) == len(set(keys))
@@ -40,6 +42,8 @@ def _load_or_one_line(p) -> None:
 @FEW
 @given(doc=mutated_docs(SMALL))
 @example(doc=SMALL | {"entries": [{"dataset": "d"}]})  # a missing field was a TypeError
+@example(doc=SMALL | {"entries": [SMALL["entries"][0] | {"evaluation": None}]})
+@example(doc=SMALL | {"entries": [SMALL["entries"][0] | {"evaluation": "own"}]})
 def test_any_edit_of_the_published_file_loads_or_is_one_line(tmp_path, doc):
     p = tmp_path / "published.yaml"
     p.write_text(yaml.safe_dump(doc))

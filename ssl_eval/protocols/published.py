@@ -21,6 +21,11 @@ from .cards import cards_dir, load_card, shipped_cards
 
 PUBLISHED_FILE = "published.yaml"
 METRICS = ("top1", "top5")
+# what their figure scores: ``probe`` (default), the authors' evaluation of the frozen network,
+# which the entry's card follows; ``own-head``, the network's own classifier, trained end to
+# end with it (torchvision's supervised weights): no card reproduces that, the card's number
+# is another evaluation of the same network, and the difference is no reproduction gap
+EVALUATIONS = ("probe", "own-head")
 FILE_KEYS = ("version", "datasets", "entries")
 VERSION = 1
 
@@ -60,6 +65,7 @@ class PublishedEntry:
     # differ from ``value``, e.g. a repository's re-run): both given, or neither
     paper_value: float | None = None
     paper_source: str = ""  # the paper (arXiv id), its table, the row and column read
+    evaluation: str = "probe"  # one of EVALUATIONS
 
     def __post_init__(self) -> None:
         where = f"published entry {self.tag}/{self.dataset}/{self.recipe}"
@@ -71,6 +77,10 @@ class PublishedEntry:
         if not (math.isfinite(self.value) and 0 < self.value <= 100):
             raise UserError(f"{where}: value {self.value} is not a percentage in (0, 100]")
         _line(self.source, "source", where)
+        if self.evaluation not in EVALUATIONS:
+            raise UserError(
+                f"{where}: evaluation {self.evaluation!r} is not one of {', '.join(EVALUATIONS)}"
+            )
         if "\n" in self.note.strip():
             raise UserError(f"{where}: note must be one line (use '>-' in YAML to fold it)")
         if (self.paper_value is None) != (not self.paper_source.strip()):
@@ -82,6 +92,11 @@ class PublishedEntry:
             if not (math.isfinite(v) and 0 < v <= 100):
                 raise UserError(f"{where}: paper_value {v} is not a percentage in (0, 100]")
             _line(self.paper_source, "paper_source", where)
+
+    @property
+    def is_probe(self) -> bool:
+        """Whether theirs is a probe the card follows (not the network's own classifier)."""
+        return self.evaluation == "probe"
 
     @property
     def label(self) -> str:

@@ -39,8 +39,9 @@ class Comparison:
 
     @property
     def inside(self) -> bool | None:
-        """Whether theirs lies in our 95% interval (None without an interval)."""
-        if self.interval is None:
+        """Whether theirs lies in our 95% interval (None without an interval, and where theirs
+        is the network's own classifier: not the evaluation ours repeats)."""
+        if self.interval is None or not self.entry.is_probe:
             return None
         lo, hi = self.interval
         return lo <= self.theirs <= hi
@@ -111,6 +112,8 @@ def cells(c: Comparison) -> list[str]:
     e = c.entry
     interval = "none" if c.interval is None else f"[{c.interval[0]:.2f}, {c.interval[1]:.2f}]"
     inside = {None: "n/a", True: "yes", False: "no"}[c.inside]
+    if not e.is_probe:
+        inside = "n/a (own head)"
     return [e.tag, e.dataset, e.recipe, e.metric, f"{c.ours:.2f}", repr(e.value),
             f"{c.difference:+.2f}", interval, inside]  # fmt: skip
 
@@ -124,11 +127,17 @@ def text_table(comps: list[Comparison]) -> str:
         lines.append(f"theirs ({c.entry.tag}, {c.entry.recipe}): {c.entry.source}")
         if c.entry.paper_source:
             lines.append(f"  the paper: {c.entry.paper_value:g} ({c.entry.paper_source})")
+        if not c.entry.is_probe:
+            lines.append(f"  {OWN_HEAD}")
         if c.entry.note:
             lines.append(f"  note: {c.entry.note}")
     return "\n".join(lines)
 
 
+OWN_HEAD = (
+    "theirs is the network's own classifier, trained end to end with it, not a probe: ours is "
+    "another evaluation of the same network, and the difference is no reproduction gap"
+)
 LEGEND = (
     "Ours and theirs in percent; difference = ours - theirs in points; our interval is the "
     "record's 95% interval; theirs as printed in the source, from protocols/published.yaml."
@@ -150,9 +159,11 @@ def published_md(comps: list[Comparison]) -> list[str]:
 
 
 def _paper(c: Comparison, esc) -> str:
-    """The paper's own figure, where the entry has one (it may differ from theirs)."""
+    """The paper's own figure, where the entry has one (it may differ from theirs), and the
+    warning of an entry whose figure is the network's own classifier."""
     e = c.entry
-    return f"; the paper: {e.paper_value:g} ({esc(e.paper_source)})" if e.paper_source else ""
+    out = f"; the paper: {e.paper_value:g} ({esc(e.paper_source)})" if e.paper_source else ""
+    return out + ("" if e.is_probe else f"; {esc(OWN_HEAD)}")
 
 
 def published_html(comps: list[Comparison]) -> str:
