@@ -285,12 +285,13 @@ def test_resnet50_tag_gives_the_official_builders_features(tmp_path):
     sd = resnet50_state_dict(seed=9)
     path = tmp_path / f"{RESNETS['dino_resnet50']}.pth"
     torch.save(sd, path)
-    bb = build_backbone("dino_resnet50", BuildOptions(weights=path, image_size=112))
+    bb = build_backbone("dino_resnet50", BuildOptions(weights=path))
     assert sum(len(getattr(bb.model, f"layer{i}")) for i in range(1, 5)) == 16  # 3 + 4 + 6 + 3
-    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        got, want = bb.embed(x), official_resnet50_feature(sd, x)
-    assert got.shape == (2, 2048) and rel_diff(got, want) < 1e-5, rel_diff(got, want)
+    for size, n in ((224, 1), (112, 2)):  # the default crop, and another size
+        x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            got, want = bb.embed(x), official_resnet50_feature(sd, x)
+        assert got.shape == (n, 2048) and rel_diff(got, want) < 1e-5, (size, rel_diff(got, want))
 
 
 def test_position_table_at_other_grids(tmp_path, spy):

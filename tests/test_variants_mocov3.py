@@ -151,12 +151,13 @@ def test_resnet50_tag_gives_the_official_builders_features(tmp_path):
     name, arch = RESNETS["mocov3_r50"]
     enc = resnet50_state_dict(seed=11)
     torch.save(release(enc, arch), tmp_path / name)
-    bb = build_backbone("mocov3_r50", BuildOptions(weights=tmp_path / name, image_size=112))
+    bb = build_backbone("mocov3_r50", BuildOptions(weights=tmp_path / name))
     assert sum(len(getattr(bb.model, f"layer{i}")) for i in range(1, 5)) == 16  # 3 + 4 + 6 + 3
-    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        got, want = bb.embed(x), official_resnet50_feature(enc, x)
-    assert got.shape == (2, 2048) and rel_diff(got, want) < 1e-5, rel_diff(got, want)
+    for size, n in ((224, 1), (112, 2)):  # the default crop, and another size
+        x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            got, want = bb.embed(x), official_resnet50_feature(enc, x)
+        assert got.shape == (n, 2048) and rel_diff(got, want) < 1e-5, (size, rel_diff(got, want))
 
 
 def test_the_table_is_vits_sincos_at_every_grid(tmp_path, spy):
