@@ -383,7 +383,7 @@ def test_convnext_norms_copy_must_be_the_final_norm(tmp_path, shallow):
     sd = convnext_state_dict("dinov3_convnext_tiny", (1, 1, 1, 1), seed=6)
     sd["norms.3.weight"] = sd["norm.weight"] + 1  # the model would load this one last
     torch.save(sd, tmp_path / "odd.pth")
-    with pytest.raises(UserError, match="norms.3"):
+    with pytest.raises(UserError, match=r"norms\.3\.weight is not a copy of norm\.weight"):
         build_backbone(
             "dinov3_convnext_tiny", BuildOptions(weights=tmp_path / "odd.pth", image_size=32)
         )
