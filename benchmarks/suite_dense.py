@@ -4,110 +4,217 @@ segmentation head (``linseg@dinov3``) tell the suite's models apart on shapes-se
 16 px, at any learning rate or budget? (Test images are never read here.)
 
     python benchmarks/suite_dense.py --ckpt mae=RUN/checkpoints/mae-s0-... \\
-        --ckpt simclr=RUN/checkpoints/simclr-s0-... [--lrs 1e-3,1e-2,1e-1] [--samples 18000]
+        --ckpt simclr=RUN/checkpoints/simclr-s0-... [--lrs 1e-3,1e-2,1e-1] [--samples 18000,72000]
+    python benchmarks/suite_dense.py --samples 800 --lrs 1e-3      # the random network alone
 
 For each backbone (the checkpoints a suite trained, and ``random:cifar_resnet_tiny``), each
-learning rate and each sample budget, the head is trained as ``linseg@dinov3`` trains it (on
-the cached patch tokens of the training rows minus the validation rows, one centre crop per
-image, AdamW, warm-up and cosine) and scored on the validation rows' crops at the crop's
-resolution: mIoU and the per-class IoU (background first). A head that predicts the background
+learning rate and each sample budget, the shipped ``linseg@dinov3`` card runs through its own
+entry point (``card.protocol.run``) with ``samples``, ``warmup_samples`` (a twentieth) and
+``lr`` set, and ``size``/``crop``/``stride`` 0 (the models' 16 px), on a view of shapes-seg
+whose training images are the training rows (train minus the run's validation split:
+``RunConfig``'s fraction and seed) and whose "test" images are the validation rows: the
+head trains on the first and is scored on the second exactly as the protocol scores a test
+set (sliding windows, the masks' full 32x32 resolution): mIoU with its bootstrap interval,
+pixel accuracy and the per-class IoU (background first). A head that predicts the background
 everywhere scores the background's IoU over 7 classes (about 12%), whatever the backbone.
+Writes ``results/sizing/dense.{json,md}`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from ssl_eval.backbones.base import BuildOptions  # noqa: E402
 from ssl_eval.backbones.catalog import build_backbone  # noqa: E402
 from ssl_eval.core.config import RunConfig  # noqa: E402
-from ssl_eval.data.datasets import DatasetOptions, get_dataset  # noqa: E402
-from ssl_eval.data.dense import IGNORE  # noqa: E402
+from ssl_eval.core.files import atomic_write_json, atomic_write_text  # noqa: E402
+from ssl_eval.data.datasets import DatasetBundle, DatasetOptions, ImageSplit, get_dataset  # noqa: E402
+from ssl_eval.data.dense import DenseSplit, DenseTargets  # noqa: E402
 from ssl_eval.data.splits import stratified_val_split  # noqa: E402
-from ssl_eval.features.tokens import token_source  # noqa: E402
 from ssl_eval.protocols.base import ImageInputs  # noqa: E402
-from ssl_eval.protocols.dense.common import TargetBank, crop_backbone  # noqa: E402
-from ssl_eval.protocols.dense.metrics import SegmentationScorer  # noqa: E402
-from ssl_eval.protocols.dense_seg import (  # noqa: E402
-    LinearSegHead,
-    LinsegParams,
-    _token_dim,
-    _WithPrefix,
-    train_head,
-)
+from ssl_eval.protocols.cards import load_card  # noqa: E402
+
+DATASET = "shapes-seg"
+CARD = "linseg@dinov3"
 
 
-def val_scores(head, src, rows, targets, classes: int) -> dict:
-    scorer = SegmentationScorer(classes, IGNORE)
-    for take, tokens, _ in src.batches(rows):
-        with torch.no_grad():
-            out = head(tokens, None)
-        t = targets.get(take)
-        up = F.interpolate(out, size=t.shape[-2:], mode="bilinear", align_corners=False)
-        for pred, truth in zip(up.argmax(1).numpy(), t.numpy(), strict=True):
-            scorer.add(pred, truth)
-    return scorer.results(resamples=0)
+def validation_view(bundle: DatasetBundle, train_idx, val_idx) -> DatasetBundle:
+    """``bundle`` with the training rows as its train split and the validation rows as its
+    test split (images, labels and per-pixel targets); the test images are left out."""
+    tr, d = bundle.train, bundle.dense
+
+    def images(rows):
+        return ImageSplit(tr.labels[rows], tr.images[rows])
+
+    def targets(rows):
+        return DenseSplit(d.train.targets[rows])
+
+    return DatasetBundle(
+        name=f"{bundle.name}[val]",
+        classes=bundle.classes,
+        train=images(train_idx),
+        test=images(val_idx),
+        fingerprint=bundle.fingerprint
+        | {
+            "view": "train minus val / val",
+            "val_fraction": RunConfig.val_fraction,
+            "split_seed": RunConfig.split_seed,
+        },  # fmt: skip
+        dense=DenseTargets(
+            d.task,
+            targets(train_idx),
+            targets(val_idx),
+            classes=d.classes,
+            image_labels=d.image_labels,
+        ),  # fmt: skip
+    )
 
 
-def main() -> None:
+def machine() -> dict:
+    cpu = "?"
+    for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if ln.startswith("Model name:"):
+            cpu = ln.split(":", 1)[1].strip()
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": code_state(),
+    }
+
+
+def code_state() -> dict:
+    """The commit the protocol code was read at, and the files that differ from it."""
+    git = lambda *c: subprocess.run(  # noqa: E731
+        ["git", "-C", str(ROOT), *c], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "ssl_eval", "protocols")
+    return {"commit": git("rev-parse", "HEAD"), "modified": dirty.splitlines()}
+
+
+def iou(v) -> str:
+    return "-" if v is None else f"{v:.2f}"  # None: a class absent from the validation rows
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        "# linseg@dinov3 on shapes-seg's validation rows",
+        "",
+        f"Generated by `{' '.join(res['argv'])}` ({m['started']}, {m['cpu']}, {m['cpus']} "
+        f"CPU(s), torch {m['torch']}, load average {m['load_average'][0]:.2f} at start, "
+        f"{m['load_average_end'][0]:.2f} at end; {res['total_s']} s; code at "
+        f"{m['code']['commit'][:7]}{' (modified)' if m['code']['modified'] else ''}). "
+        f"`{CARD}` version "
+        f"{res['card_version']}; {res['train_rows']:,} training rows, {res['val_rows']} "
+        f"validation rows scored as the protocol scores a test set (the masks' "
+        f"{res['mask_size']}x{res['mask_size']}), images at {res['image_size']} px; the test "
+        "split is never read. Per-class IoU: background first.",
+        "",
+        "| backbone | samples | lr | last loss | val mIoU (%) | 95% interval | pixel acc. (%) "
+        "| per-class IoU | s |",
+        "|---|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
+    for r in res["rows"]:
+        lo, hi = r["miou_interval"]
+        loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
+        lines.append(
+            f"| {r['backbone']} | {r['samples']:,} | {r['lr']:g} | {loss} | "
+            f"{100 * r['miou']:.2f} | [{100 * lo:.2f}, {100 * hi:.2f}] | "
+            f"{100 * r['pixel_acc']:.2f} | {', '.join(iou(v) for v in r['per_class_iou'])} "
+            f"| {r['seconds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", action="append", default=[], help="LABEL=PATH of a trained model")
     ap.add_argument("--lrs", default="1e-3,1e-2,1e-1")
     ap.add_argument("--samples", default="18000", help="training samples, comma-separated")
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--work", type=Path, default=Path("runs/suite-dense"))
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "sizing")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    info = machine()
     cache = args.work / "cache"
-    bundle = get_dataset("shapes-seg", DatasetOptions(None, False, cache / "manifests"))
+    bundle = get_dataset(DATASET, DatasetOptions(None, False, cache / "manifests"))
     train_idx, val_idx = stratified_val_split(
         bundle.train.labels, RunConfig.val_fraction, RunConfig.split_seed
     )
-    classes = len(bundle.dense.classes)
+    view = validation_view(bundle, train_idx, val_idx)
     size = args.image_size
     names = [c.split("=", 1) for c in args.ckpt] + [["random", "random:cifar_resnet_tiny"]]
-    print(f"linseg on shapes-seg at {size} px, validation rows {len(val_idx)} (crop resolution)")
-    print("| backbone | samples | lr | last loss | val mIoU (%) | per-class IoU (bg first) | s |")
-    print("|---|---:|---:|---:|---:|---|---:|")
+    print(f"{CARD} on {DATASET} at {size} px: {len(train_idx)} training rows, "
+          f"{len(val_idx)} validation rows", flush=True)  # fmt: skip
+    rows, version = [], None
     for label, name in names:
         tag = f"ckpt:{name}" if not name.startswith(("random:", "ckpt:")) else name
         bb = build_backbone(tag, BuildOptions(image_size=size))
         inp = ImageInputs(
-            bb, bundle, train_idx, val_idx, torch.device("cpu"), 0, args.work / "state",
-            cache_dir=cache, batch_size=256,
+            bb, view, np.arange(len(train_idx)), np.arange(0), torch.device("cpu"), 0,
+            args.work / "state", cache_dir=cache, batch_size=256,
         )  # fmt: skip
-        rows = np.sort(np.asarray(val_idx))
-        src = token_source(
-            crop_backbone(bb, size), bundle, "train", rows, budget_bytes=2**30,
-            device=inp.device, batch_size=256, cache_dir=cache,
-        )  # fmt: skip
-        targets = TargetBank(bundle.dense.train, rows, size, False, 2**30)
         for samples in (int(s) for s in args.samples.split(",")):
             for lr in (float(x) for x in args.lrs.split(",")):
-                p = LinsegParams(samples=samples, warmup_samples=samples // 20, lr=lr)
-                head = _WithPrefix(LinearSegHead(_token_dim(inp), classes, p.dropout))
+                sets = [f"samples={samples}", f"warmup_samples={samples // 20}", f"lr={lr}"]
+                card = load_card(CARD, sets + ["size=0", "crop=0", "stride=0", "examples=0"])
+                version = card.version
                 t0 = time.perf_counter()
-                _, losses = train_head(
-                    inp, p, head,
-                    lambda out, t, step: F.cross_entropy(out, t, ignore_index=IGNORE),
-                    "segmentation",
-                )  # fmt: skip
-                r = val_scores(head, src, rows, targets, classes)
-                iou = ", ".join(f"{v:.2f}" for v in r["per_class_iou"])
-                print(
-                    f"| {label} | {samples} | {lr:g} | {np.mean(losses[-50:]):.3f} | "
-                    f"{100 * r['miou']:.2f} | {iou} | {time.perf_counter() - t0:.1f} |",
-                    flush=True,
-                )
+                out = card.protocol.run(inp, card.params)
+                iou = out.details["per_class_iou"]
+                row = {
+                    "backbone": label,
+                    "spec": tag,
+                    "samples": samples,
+                    "lr": lr,
+                    "final_loss": out.details.get("final_loss"),
+                    "miou": out.metrics["miou"],
+                    "miou_interval": list(out.intervals["miou"]),
+                    "pixel_acc": out.metrics["pixel_acc"],
+                    "per_class_iou": list(iou.values()),
+                    "classes": list(iou),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+                rows.append(row)
+                print(row, flush=True)
+    info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    res = {
+        "dataset": DATASET,
+        "card": CARD,
+        "card_version": version,
+        "image_size": size,
+        "mask_size": int(view.dense.test.load(0).shape[0]),
+        "train_rows": len(train_idx),
+        "val_rows": len(val_idx),
+        "split": {"val_fraction": RunConfig.val_fraction, "seed": RunConfig.split_seed},
+        "machine": info,
+        "argv": ["python", "benchmarks/suite_dense.py", *(sys.argv[1:] if argv is None else argv)],
+        "total_s": round(time.perf_counter() - t_start),
+        "rows": rows,
+    }
+    md = markdown(res)
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "dense.json", res)
+    atomic_write_text(args.out / "dense.md", md)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
