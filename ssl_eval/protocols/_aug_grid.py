@@ -1,0 +1,136 @@
+"""The augmented probe's grid over layers and poolings: DINOv2's and DINOv3's linear heads on
+the last blocks of a frozen ViT, trained on augmented crops from one backbone forward a batch.
+
+The official scripts (facebookresearch/dinov2 dinov2/eval/linear.py, facebookresearch/dinov3
+dinov3/eval/linear.py) build one classifier per ``for n in n_last_blocks_list: for avgpool in
+...: for lr in learning_rates``, each reading ``create_linear_input(x, n, avgpool)`` of the
+tokens ``get_intermediate_layers(max n, return_class_token=True)`` gives once per batch: the
+class tokens of the last n blocks (oldest first), then, with avgpool, the mean patch token of
+the last block. Here the forward reads the backbone's ``layers:N`` feature kind (the rows of
+the cached multi-layer features, ``features/layers.py``: per block its class token and patch
+mean, after the final norm) online, keeps the columns some head reads, and every (n, avgpool)
+group of heads trains on its own columns of that row, in the script's order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ..backbones.tokens import block_reader
+from ..core.errors import UserError
+from ..features.layers import block_dim, head_columns, layers_kind, layout
+from ._linear_grid import cosine_lr
+
+
+def grid_settings(p) -> list[tuple]:
+    """Every head's setting in grid order (ties in the validation score go to the first):
+    (base lr, wd), or (n last blocks, avgpool, base lr, wd) for a multi-layer grid, in the
+    official scripts' loop order (blocks, then avgpool, then learning rate)."""
+    plain = [(lr, wd) for lr in p.base_lrs for wd in p.weight_decays]
+    if not p.n_last_blocks:
+        return plain
+    return [(n, a, lr, wd) for n in p.n_last_blocks for a in p.avgpool for lr, wd in plain]
+
+
+def setting_dict(s: tuple, scale: float) -> dict:
+    """A head's setting as the record names it (``lr``: the rate it trained with)."""
+    head = {"n_last_blocks": s[0], "avgpool": s[1]} if len(s) == 4 else {}
+    return head | {"base_lr": s[-2], "lr": s[-2] * scale, "weight_decay": s[-1]}
+
+
+def schedule(n_steps_per_epoch: int, p) -> tuple[int, int]:
+    """(passes over the training rows, optimiser steps in all): ``p.epochs`` passes, or with
+    ``p.iterations`` (the scripts' epochs x epoch_length, whatever the data size) the passes
+    begun to make that many steps, the last one cut short."""
+    if p.iterations:
+        return math.ceil(p.iterations / n_steps_per_epoch), p.iterations
+    return p.epochs, p.epochs * n_steps_per_epoch
+
+
+def iteration_lr(step: int, peak: float, p) -> float:
+    """torch's CosineAnnealingLR(T_max=iterations, eta_min=0) stepped after every iteration,
+    as both scripts schedule their heads: the rate of (0-based) step ``step``."""
+    return cosine_lr(peak, step, p.iterations)
+
+
+@dataclass(frozen=True)
+class Group:
+    """The heads reading one input: their slice of the grid and the columns of the kept row
+    they read (None: the whole row, the backbone's own feature)."""
+
+    heads: slice
+    columns: torch.Tensor | None
+
+
+def check_blocks(model, p) -> None:
+    """One-line refusals, before any forward, of a grid over blocks the model does not have."""
+    if not p.n_last_blocks:
+        return
+    want = max(p.n_last_blocks)
+    reader = block_reader(model)
+    if reader is None:
+        raise UserError(
+            f"linear_aug: n_last_blocks reads the class tokens of a ViT's last blocks; a "
+            f"{type(model).__name__} has no blocks with a class token: run linear_aug without "
+            "n_last_blocks (e.g. linear@mae), or pick a ViT"
+        )
+    depth = reader.block_count()
+    if want > depth:
+        raise UserError(
+            f"linear_aug: n_last_blocks asks for the last {want} blocks, but this "
+            f"{type(model).__name__} has {depth}; --set n_last_blocks=[...] with values "
+            f"at most {depth}"
+        )
+
+
+class LayerInput:
+    """What the heads read of a backbone: its own feature (a plain grid), or the columns of
+    its ``layers:N`` row some head reads, N the most blocks a head uses."""
+
+    def __init__(self, p):
+        self.p = p
+        self.n = max(p.n_last_blocks) if p.n_last_blocks else 0
+        self.kind = layers_kind(self.n) if self.n else None
+        self.columns: torch.Tensor | None = None  # of the layers:N row, set by the first row
+        self.group_cols: list[np.ndarray] = []
+
+    def reader(self, backbone):
+        """The backbone reading the heads' input (the same model)."""
+        return backbone if self.kind is None else replace(backbone, feature_kind=self.kind)
+
+    def select(self, row: torch.Tensor) -> torch.Tensor:
+        """A ``layers:N`` row -> the kept columns (the plain grid's row unchanged)."""
+        if self.kind is None:
+            return row
+        if self.columns is None:
+            self._plan(row.shape[1])
+        return row.index_select(1, self.columns.to(row.device))
+
+    def _plan(self, width: int) -> None:
+        dim = block_dim(width, self.n)
+        per = [
+            head_columns(self.n, dim, n, a) for n in self.p.n_last_blocks for a in self.p.avgpool
+        ]
+        kept = np.unique(np.concatenate(per))
+        where = {int(c): i for i, c in enumerate(kept)}
+        self.columns = torch.from_numpy(kept)
+        self.group_cols = [np.array([where[int(c)] for c in cols]) for cols in per]
+
+    def groups(self, n_settings: int) -> list[Group]:
+        """The (n, avgpool) groups of heads, in grid order, with their columns of the kept row
+        (call after the first row is selected)."""
+        if self.kind is None:
+            return [Group(slice(0, n_settings), None)]
+        size = n_settings // len(self.group_cols)
+        return [
+            Group(slice(i * size, (i + 1) * size), torch.from_numpy(cols))
+            for i, cols in enumerate(self.group_cols)
+        ]
+
+    def record(self) -> dict:
+        """What the heads read, for the record (the multi-layer grid only)."""
+        return {"feature_kind": self.kind, "layout": layout(self.kind)}
