@@ -501,3 +501,11 @@ def test_an_own_head_figure_is_said_to_be_no_reproduction():
     assert probe.inside is True and "own classifier" not in text_table([probe])
     with pytest.raises(UserError, match="evaluation 'own' is not one of probe, own-head"):
         PublishedEntry("t", "d", "knn", "top1", 76.0, "src", evaluation="own")
+
+
+def test_every_card_a_note_names_is_shipped():
+    """A note pointing at another card (DINOv2's at linear_aug@dinov2) names a shipped one."""
+    names = set(shipped_cards())
+    for e in load_published().entries:
+        for name in re.findall(r"\b(?:linear|linear_aug|knn|finetune|logreg)@[\w-]+", e.note):
+            assert name in names, (e.label, name)
