@@ -86,3 +86,19 @@ def test_a_pass_over_its_bound_exits_1(tmp_path, monkeypatch):
         assert ("**NO**" in md) is (rc == 1)
         cpu = [ln.split(":", 1)[1].strip() for ln in res["machine"]["lscpu"] if "Model" in ln]
         assert cpu and cpu[0] in md and "torch_threads" in res["machine"]
+
+
+def test_a_pass_through_the_cut_vit_is_judged_with_the_whole_models_difference():
+    mod = _load()
+    b = mod.bounds(32)
+    passes = [p | {"blocks": 1} for p in _passes({"probe": b["probe"] - 50})]
+    passes += [
+        {"what": "forward_whole", "blocks": 12, "added_mb": 600.0},
+        {"what": "forward_cut", "blocks": 1, "added_mb": 500.0},
+    ]
+    mod.judge(passes, b)
+    probe = next(p for p in passes if p["what"] == "probe")
+    # within on its own figure, over once the whole model's 100 MiB more is added
+    assert probe["whole_model_added_mb"] == round(b["probe"] + 50, 1)
+    assert probe["within_bound"] is False
+    assert all(p["within_bound"] for p in passes if p["what"] in ("tokens", "forward_whole"))
