@@ -2,6 +2,8 @@
 DINOv3's depth metrics), the bootstrap over test images, and the refusal of a prediction that
 is not at the target's full resolution."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -78,16 +80,21 @@ def test_depth_metrics_match_numpy_on_valid_pixels():
     for _ in range(3):
         gt = g.uniform(0.5, 12.0, (8, 6)).astype(np.float32)
         gt[1, 1] = 0.0
+        gt[3, :2] = 10.0, 1e-3  # the range's ends: not valid (DINOv3's bounds are exclusive)
         pr = (gt * g.uniform(0.7, 1.4, gt.shape)).astype(np.float32)
+        pr[4, :2] = 11.5, 1e-4  # beyond the range: clamped before scoring
         s.add(pr, gt)
         gts.append(gt)
         preds.append(pr)
     r = s.results(100, 0)
     rm, ar, d1 = [], [], []
     for gt, pr in zip(gts, preds, strict=True):
-        v = (gt > 0) & (gt <= 10.0)
+        # eval/depth/eval.py: targets >= max or <= min set to the ignored 0, the mask of the
+        # box and of non-zero targets, the prediction clamped to [min, max]
+        gt = np.where((gt >= 10.0) | (gt <= 1e-3), 0.0, gt)
+        v = gt > 0
         v[:2], v[6:] = False, False  # rows 2..5 of 8: the box
-        e, t = pr[v].astype(float), gt[v].astype(float)
+        e, t = np.clip(pr, 1e-3, 10.0)[v].astype(float), gt[v].astype(float)
         rm.append(np.sqrt(np.mean((e - t) ** 2)))
         ar.append(np.mean(np.abs(e - t) / t))
         d1.append(np.mean(np.maximum(e / t, t / e) < 1.25))
@@ -127,3 +134,46 @@ def test_depth_head_and_sigloss_follow_the_official_formulas():
     assert float(sigloss(pred, gt, valid, variance=True)) == pytest.approx(full, rel=1e-5)
     warm = np.sqrt(0.15 * g.mean() ** 2)
     assert float(sigloss(pred, gt, valid, variance=False)) == pytest.approx(warm, rel=1e-5)
+
+
+def _official_one_cycle(s, max_lr, total, warmup, ratio, div, final_div, momenta):
+    """WarmupOneCycleLR._compute_lr_momentum's arithmetic at scheduler step ``s``
+    (facebookresearch/dinov3 @ 6876159, eval/segmentation/schedulers.py; the same lines in
+    eval/depth/schedulers.py), written out here on its own: (lr, momentum)."""
+    min_lr = max_lr / div / final_div  # group["min_lr"] = group["initial_lr"] / final_div
+    if s < warmup:
+        if ratio:
+            k = (1 - s / warmup) * (1 - ratio)
+            return max_lr * (1 - k) * (1 - s / total), 0
+        gmax = max_lr * (1 + math.cos(math.pi * s / float(total))) / 2
+        return max_lr / final_div + gmax * s / float(warmup), 0
+    pct = (s - warmup) / float(total - warmup)
+    base, top = momenta
+    momentum = top + (base - top) / 2.0 * (math.cos(math.pi * pct) + 1)
+    lr = min_lr + (max_lr - min_lr) / 2.0 * (math.cos(math.pi * (s + 1) / float(total)) + 1)
+    return lr, momentum
+
+
+def test_dense_schedules_are_dinov3s_warmup_one_cycle():
+    """linseg's (config-ade20k-linear-training: warmup_ratio 1e-6, final_div_factor inf, beta1
+    untouched) and lindepth's (config-nyu: final_div_factor 1000, use_beta1 true: Adam's beta1
+    0 in the warm-up, then 0.85 -> 0.95) schedules at their published lengths."""
+    from ssl_eval.protocols.dense_seg import LinsegParams
+    from ssl_eval.protocols.depth import LindepthParams
+
+    seg = LinsegParams().schedule()
+    assert (seg.total, seg.warmup, seg.use_beta1) == (40_000, 1_500, False)
+    for s in (0, 1, 750, 1_499, 1_500, 1_501, 20_000, 39_999):
+        lr, _ = _official_one_cycle(s, 1e-3, 40_000, 1_500, 1e-6, 25.0, math.inf, (0.85, 0.95))
+        assert seg.at(s) == (pytest.approx(lr, rel=1e-12, abs=1e-300), None), s
+    assert seg.at(0)[0] == pytest.approx(1e-9) and seg.at(39_999)[0] == 0.0
+    dep = LindepthParams().schedule()
+    assert (dep.total, dep.warmup, dep.use_beta1) == (38_400, 12_800, True)
+    for s in (0, 1, 6_400, 12_799, 12_800, 12_801, 25_600, 38_399):
+        lr, m = _official_one_cycle(s, 3e-4, 38_400, 12_800, 0.0, 25.0, 1000.0, (0.85, 0.95))
+        got = dep.at(s)
+        assert got[0] == pytest.approx(lr, rel=1e-12) and got[1] == pytest.approx(m, abs=1e-15)
+    assert dep.at(0) == (pytest.approx(3e-7), 0.0)  # lr / final_div, beta1 0
+    assert dep.at(12_799)[0] == pytest.approx(0.75 * 3e-4 + 3e-7, rel=1e-3)  # cos(pi/3): 0.75
+    assert dep.at(12_800)[1] == pytest.approx(0.85) and dep.at(38_399)[1] == pytest.approx(0.95)
+    assert dep.at(38_399)[0] == pytest.approx(3e-4 / 25_000)

@@ -124,7 +124,8 @@ def test_linseg_scores_the_original_targets(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dense_metrics.SegmentationScorer, "row", spy)
     bundle = _bundle()
-    p = LinsegParams(samples=200, batch_size=8, warmup_samples=16, lr=0.01, examples=1)
+    p = LinsegParams(size=0, crop=0, stride=0, samples=200, batch_size=8, warmup_samples=16,
+                     lr=0.01, examples=1)  # fmt: skip
     out = run_linseg(_inputs(_tiny_vit(), bundle, tmp_path), p)
     assert len(seen) == len(bundle.test)
     for r, (pred, target) in enumerate(seen):
@@ -145,8 +146,8 @@ def test_linseg_scores_the_original_targets(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_lindepth_learns_depth_from_pixel_tokens(tmp_path):
-    p = LindepthParams(samples=1600, batch_size=8, warmup_samples=80, lr=0.05, grad_clip=35,
-                       sigloss_warmup_samples=80, bins=64, max_depth=4.0)  # fmt: skip
+    p = LindepthParams(size=0, samples=1600, batch_size=8, warmup_samples=80, lr=0.05,
+                       grad_clip=35, sigloss_warmup_samples=80, bins=64, max_depth=4.0)  # fmt: skip
     out = run_lindepth(_inputs(_pixels(), _bundle("depth"), tmp_path), p)
     m = out.metrics
     # red 1 m, grey 3 m: a constant guess of 2 m would give AbsRel ~0.6 and delta1 0
@@ -187,8 +188,11 @@ def test_cli_dense_run_on_shapes_leaderboard_and_check(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     common = ["--backbone", "random:vit_tiny_patch16_224", "--image-size", "32", "--no-progress",
               "--results-dir", "r", "--cache-dir", "c"]  # fmt: skip
-    sets = ["--set", "linseg@dinov3.samples=64", "--set", "linseg@dinov3.warmup_samples=16"]
     argv = ["run", "--dataset", "shapes-seg", "--protocol", "linseg@dinov3,knnseg@capi"]
+    assert main(argv + common) != 0  # the card's 512 crops: refused in one line
+    assert "does not take 512x512 inputs" in capsys.readouterr().err
+    sets = ["--set", "linseg@dinov3.samples=64", "--set", "linseg@dinov3.warmup_samples=16"]
+    sets += [a for k in ("size", "crop", "stride") for a in ("--set", f"linseg@dinov3.{k}=0")]
     assert main(argv + common + sets) == 0
     recs = {(r.protocol["name"], r.metric): r for r in load_records(tmp_path / "r")}
     for proto in ("linseg@dinov3", "knnseg@capi"):
@@ -226,3 +230,156 @@ def test_leaderboard_best_rmse_is_the_smallest():
     assert t.best("seg") == 50.0 and t.best("depth") == 0.4
     assert _clip(0.3, 1.7, "rmse") == (0.3, 1.7, False)  # an error in metres: no cut at 1
     assert _clip(0.3, 1.7, "miou") == (0.3, 1.0, True)
+
+
+def test_knnseg_bank_memory_is_bounded_by_the_bank_not_the_training_set(tmp_path, monkeypatch):
+    """The largest tensor knnseg allocates outside the search itself (whose working memory is
+    ``memory_mb``) stays far below the training set's tokens: the bank is cut to
+    ``max_bank_patches`` while the batches are read, and no crop target is kept."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ssl_eval.protocols import dense_knn
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest, self.paused = 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not self.paused:
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        self.largest = max(self.largest, t.numel() * t.element_size())
+            return out
+
+    spy = Largest()
+    search = dense_knn.knn_search
+
+    def unwatched(*a, **k):
+        spy.paused = True
+        try:
+            return search(*a, **k)
+        finally:
+            spy.paused = False
+
+    monkeypatch.setattr(dense_knn, "knn_search", unwatched)
+    bundle = _bundle(n_train=400, n_test=2)
+    inp = _inputs(_pixels(), bundle, tmp_path)
+    whole = (len(bundle.train) - 4) * 16 * 16 * 4 * 4  # the training patches' float32 tokens
+    with spy:
+        out = run_knnseg(inp, KnnsegParams(ks=(1, 3), max_bank_patches=1000, token_budget_mb=1))
+    assert out.details["bank_patches"] == 1000
+    assert spy.largest < whole / 8, (spy.largest, whole)
+
+
+def _seg_params(**kw):
+    """linseg at the toy's own size (the card's 512 is ADE20K's), a short schedule."""
+    return LinsegParams(**({"size": 0, "crop": 0, "stride": 0, "samples": 400, "batch_size": 8,
+                            "warmup_samples": 16, "lr": 0.01, "examples": 0} | kw))  # fmt: skip
+
+
+def test_linseg_learns_pixel_tokens_to_miou_one(tmp_path, monkeypatch):
+    """Each pixel its own token, red against grey: a linear head separates them exactly, so a
+    trained head reaches mIoU 1.0 at the original resolution; with the schedule's lr at 0 the
+    head keeps its random initialisation and does not."""
+    from ssl_eval.protocols.dense import common
+
+    out = run_linseg(_inputs(_pixels(), _bundle(), tmp_path / "a"), _seg_params())
+    assert out.metrics["miou"] == 1.0 and out.metrics["pixel_acc"] == 1.0
+    assert out.details["trained_on"].startswith("all 24 training images")
+    monkeypatch.setattr(common.OneCycle, "at", lambda self, s: (0.0, None))
+    out = run_linseg(_inputs(_pixels(), _bundle(), tmp_path / "b"), _seg_params())
+    assert out.metrics["miou"] < 0.9
+
+
+def test_linseg_head_is_dinov3s_dropout_then_batchnorm_then_conv():
+    """DINOv3's LinearHead.forward: channel dropout (Dropout2d: whole channels zeroed), then
+    BatchNorm, then the 1x1 convolution; in eval mode no dropout."""
+    from ssl_eval.protocols.dense_seg import LinearSegHead
+
+    torch.manual_seed(0)
+    head = LinearSegHead(6, 3, dropout=0.5).train()
+    x = torch.randn(4, 5, 5, 6)
+    torch.manual_seed(1)
+    out = head(x)
+    torch.manual_seed(1)
+    keep = torch.empty(4, 6, 1, 1).bernoulli_(0.5) / 0.5  # Dropout2d's draw: one per channel
+    dropped = x.permute(0, 3, 1, 2) * keep
+    mean, var = (
+        dropped.mean((0, 2, 3), keepdim=True),
+        dropped.var((0, 2, 3), unbiased=False, keepdim=True),
+    )
+    normed = (dropped - mean) / torch.sqrt(var + head.bn.eps)
+    expect = torch.nn.functional.conv2d(normed, head.conv.weight, head.conv.bias)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
+    assert isinstance(head.drop, nn.Dropout2d)
+    head.eval()
+    bn = head.bn
+    normed = (x.permute(0, 3, 1, 2) - bn.running_mean[:, None, None]) / torch.sqrt(
+        bn.running_var[:, None, None] + bn.eps
+    )
+    expect = torch.nn.functional.conv2d(normed, head.conv.weight, head.conv.bias)
+    torch.testing.assert_close(head(x), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_trainers_step_as_dinov3s(tmp_path, monkeypatch):
+    """What the optimiser runs with at each iteration: one AdamW group, weight decay on every
+    head parameter (BatchNorm and bias included); linseg's iteration i at the schedule's step
+    max(0, i - 1) (the segmentation trainer skips scheduler.step() after iteration 0), beta1
+    as the card says; lindepth's at step i with Adam's beta1 set by the schedule."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        (g,) = self.param_groups
+        seen.append((g["lr"], g["betas"], g["weight_decay"], len(g["params"])))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    p = _seg_params(samples=80, warmup_samples=24)  # 10 iterations, 3 of warm-up
+    run_linseg(_inputs(_pixels(), _bundle(n_test=1), tmp_path / "s"), p)
+    sched = p.schedule()
+    assert [x[0] for x in seen] == [sched.at(max(0, i - 1))[0] for i in range(10)]
+    assert {(x[1], x[2], x[3]) for x in seen} == {((0.9, 0.999), 1e-3, 4)}  # bn w, b; conv w, b
+    seen.clear()
+    p = LindepthParams(size=0, samples=80, batch_size=8, warmup_samples=24, bins=8, max_depth=4.0)
+    run_lindepth(_inputs(_pixels(), _bundle("depth", n_test=1), tmp_path / "d"), p)
+    sched = p.schedule()
+    want = [sched.at(i) for i in range(10)]
+    assert [x[0] for x in seen] == [w[0] for w in want]
+    assert [x[1] for x in seen] == [(w[1], 0.99) for w in want]
+    assert [x[1][0] for x in seen[:3]] == [0.0] * 3 and seen[3][1][0] == pytest.approx(0.85)
+    assert {(x[2], x[3]) for x in seen} == {(1e-4, 4)}
+
+
+def test_whole_image_and_flip_averaging_as_dinov3s_depth_eval():
+    """mode whole: each test image at its native resolution in one forward (DINOv3's depth
+    evaluation); flip: the output averaged with the flipped-back output of the mirror image
+    (LeftRightFlipAug's inverse). A head adding the column index to the red channel gives
+    red + x alone and red + (w - 1) / 2 with the flip averaging."""
+    from ssl_eval.protocols.dense.common import slide_predict
+
+    bundle = _bundle(n_test=2)
+    bb, calls = _pixels(), []
+
+    def head(tokens, prefix):
+        calls.append(tuple(tokens.shape))
+        x = torch.arange(tokens.shape[2], dtype=torch.float32)
+        return (tokens[..., 0] + x)[:, None]
+
+    def run(flip):
+        calls.clear()
+        kw = dict(size=None, crop=None, stride=0, head=head, device=CPU, batch_size=8)
+        return dict(slide_predict(bb, bundle.test, [0, 1], flip=flip, **kw))
+
+    red = {r: bb.preprocessing.normalise(torch.from_numpy(bundle.test.load(r)).permute(2, 0, 1)
+                                         [None])[0, 0].half().float() for r in (0, 1)}  # fmt: skip
+    plain = run(False)
+    assert calls == [(2, 16, 27, 4)]  # both images whole, native 16 x 27, one forward
+    for r in (0, 1):
+        torch.testing.assert_close(plain[r][0], red[r] + torch.arange(27.0))
+    flipped = run(True)
+    assert calls == [(2, 16, 27, 4)] * 2  # the image and its mirror
+    for r in (0, 1):
+        torch.testing.assert_close(flipped[r][0], red[r] + 13.0)

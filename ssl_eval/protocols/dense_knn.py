@@ -60,23 +60,64 @@ class KnnsegParams:
             raise UserError("knnseg: max_bank_patches, token_budget_mb, memory_mb must be >= 1")
 
 
-def _tokens_and_shares(inp, p, dense, rows, size, classes):
-    """L2-normalised patch tokens (P, D) of ``rows``' crops and each patch's class shares
-    (P, C) among its labelled pixels, with the crop targets (for validation)."""
+def _shares(t: torch.Tensor, h: int, w: int, classes: int) -> torch.Tensor:
+    """(n, S, S) crop targets -> (n, h, w, C): each patch's share of each class among its
+    labelled pixels (all 0: no labelled pixel)."""
+    onehot = F.one_hot(torch.where(t == IGNORE, classes, t), classes + 1).float()
+    onehot = onehot[..., :classes].permute(0, 3, 1, 2)  # ignored pixels count for none
+    share = F.adaptive_avg_pool2d(onehot, (h, w))
+    share = share / share.sum(1, keepdim=True).clamp_min(1e-12)
+    return share.permute(0, 2, 3, 1)
+
+
+def _grid(inp, size: int) -> tuple[int, int, int]:
+    """(h, w, D) of the patch-token grid of a ``size`` x ``size`` crop."""
+    p = next(inp.backbone.model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    with torch.no_grad():
+        g = inp.backbone.patch_grid(torch.zeros(1, 3, size, size, device=device))
+    return tuple(int(v) for v in g.tokens.shape[1:])  # type: ignore[return-value]
+
+
+def _bank(inp, p, dense, rows, size, classes):
+    """The k-NN bank of ``rows``' crops, streamed in bounded memory: L2-normalised patch
+    tokens (P, D) float32 and each patch's class shares (P, C), only for the patches kept.
+
+    A patch without a labelled pixel is never kept; beyond ``max_bank_patches`` labelled
+    patches, a seeded subsample (numpy's generator of seed 0 choosing among the labelled
+    patches in row order) is. Memory: the bank itself plus one batch, never the training
+    set: when the crops could hold more patches than the bank, a first pass over the
+    targets alone counts the labelled patches, so the subsample is chosen before any token
+    is kept, and the second pass writes each kept patch into the preallocated bank."""
     src = train_tokens(inp, size, rows, p.token_budget_mb)
     targets = TargetBank(dense.train, rows, size, False, p.target_budget_mb * 2**20)
-    feats, shares, crops = [], [], []
+    h, w, d = _grid(inp, size)
+    bs = src.batch_size
+    keep = None  # positions among the labelled patches that stay; None: all of them
+    capacity = len(rows) * h * w
+    if capacity > p.max_bank_patches:
+        labelled = 0
+        for s in range(0, len(rows), bs):
+            share = _shares(targets.get(rows[s : s + bs]), h, w, classes)
+            labelled += int((share.sum(-1) > 0).sum())
+        capacity = min(labelled, p.max_bank_patches)
+        if labelled > p.max_bank_patches:
+            keep = np.sort(np.random.default_rng(0).choice(labelled, p.max_bank_patches, False))
+    bank = torch.empty(capacity, d)
+    shares = torch.empty(capacity, classes)
+    n = seen = 0  # patches written; labelled patches passed
     for take, tokens, _ in src.batches(rows, shared=True):
-        n, h, w, d = tokens.shape
-        t = targets.get(take)
-        onehot = F.one_hot(torch.where(t == IGNORE, classes, t), classes + 1).float()
-        onehot = onehot[..., :classes].permute(0, 3, 1, 2)  # ignored pixels count for none
-        share = F.adaptive_avg_pool2d(onehot, (h, w))
-        share = share / share.sum(1, keepdim=True).clamp_min(1e-12)
-        feats.append(F.normalize(tokens.reshape(-1, d), dim=1))
-        shares.append(share.permute(0, 2, 3, 1).reshape(-1, classes))
-        crops.append(t)
-    return torch.cat(feats), torch.cat(shares), torch.cat(crops), src
+        share = _shares(targets.get(take), h, w, classes).reshape(-1, classes)
+        lab = share.sum(1) > 0  # patches with no labelled pixel carry nothing
+        pos = torch.nonzero(lab)[:, 0]
+        if keep is not None:
+            ordinal = np.arange(seen, seen + len(pos))
+            pos = pos[torch.from_numpy(np.isin(ordinal, keep, assume_unique=True))]
+        seen += int(lab.sum())
+        feats = F.normalize(tokens.reshape(-1, d)[pos], dim=1)
+        bank[n : n + len(pos)], shares[n : n + len(pos)] = feats, share[pos]
+        n += len(pos)
+    return bank[:n], shares[:n], src
 
 
 def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
@@ -84,13 +125,7 @@ def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
     classes = len(dense.classes)
     size = dense_size(inp.backbone, p.size)
     train_rows = np.sort(np.asarray(inp.train_idx, dtype=np.int64))
-    bank, shares, _, src = _tokens_and_shares(inp, p, dense, train_rows, size, classes)
-    labelled = shares.sum(1) > 0  # patches with no labelled pixel carry nothing
-    bank, shares = bank[labelled], shares[labelled]
-    if len(bank) > p.max_bank_patches:
-        keep = np.random.default_rng(0).choice(len(bank), p.max_bank_patches, False)
-        keep = torch.from_numpy(np.sort(keep))
-        bank, shares = bank[keep], shares[keep]
+    bank, shares, src = _bank(inp, p, dense, train_rows, size, classes)
     if len(bank) == 0:
         raise UserError("knnseg: no training patch has a labelled pixel")
     kmax = min(max(p.ks), len(bank))

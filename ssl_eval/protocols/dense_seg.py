@@ -1,14 +1,23 @@
-"""Linear semantic segmentation on frozen patch tokens (DINOv2/DINOv3's linear head).
+"""Linear semantic segmentation on frozen patch tokens (DINOv3's linear head and recipe).
 
-The head is BatchNorm over the token width, dropout and a 1x1 convolution to the classes,
-applied to the last block's patch-token grid; its logits are upsampled bilinearly to the
-label's resolution for the cross-entropy (ignore index 255) and, at test, to each image's
-original resolution, where mIoU, pixel accuracy and per-class IoU are computed
-(dense/metrics.py). Optimiser and schedule are DINOv3's config-ade20k-linear-training.yaml:
-AdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-3), a linear warm-up of 1,500 iterations
-then a cosine to 0 at 40,000 iterations of 16 images (2 per GPU x 8), counted here in samples;
-test images by sliding windows (crop 512, stride 341 on images resized to a 512 shorter side).
-Training reads cached tokens of one centre crop per image (dense/common.py explains why).
+The head is DINOv3's LinearHead (dinov3/eval/segmentation/models/heads/linear_head.py @
+6876159): channel dropout (``nn.Dropout2d``, 0.1, training only), then BatchNorm over the
+token width, then a 1x1 convolution to the classes, on the last block's patch-token grid.
+(DINOv2's BNHead, dinov2/eval/segmentation/models/decode_heads/linear_head.py @ b8931f7,
+puts BatchNorm first and mmseg's ``cls_seg`` dropout after it: not the same order.) The
+logits are upsampled bilinearly to the label's resolution for the cross-entropy (ignore index
+255) and, at test, to each image's original resolution, where mIoU, pixel accuracy and
+per-class IoU are computed (dense/metrics.py). Optimiser and schedule are DINOv3's
+segmentation trainer (eval/segmentation/train.py) with config-ade20k-linear-training.yaml:
+AdamW over every head parameter in one group (lr 1e-3, betas 0.9/0.999, weight decay 1e-3 on
+all of them, BatchNorm and biases included), no gradient clip, WarmupOneCycleLR (1,500
+warm-up iterations of warmup_ratio 1e-6, final_div_factor inf: the cosine ends at 0; beta1
+left alone) over 40,000 iterations of 16 images (2 per GPU x 8), counted here in samples.
+The trainer steps the scheduler after every iteration but the first, so iterations 0 and 1
+both run at the scheduler's step 0 (mmcv's inheritance); the same here. Test images by
+sliding windows (crop 512, stride 341 on images resized to a 512 shorter side). Training
+reads cached tokens of one centre crop per image (dense/common.py explains why), of every
+training image: the recipe chooses nothing on validation.
 """
 
 from __future__ import annotations
@@ -26,33 +35,42 @@ from ..core.runtime import log
 from ..data.dense import IGNORE
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
 from .dense.common import (
+    OneCycle,
     TargetBank,
     dense_size,
     dense_targets,
     epoch_orders,
     image_png,
-    lr_at,
     mask_png,
     score_test,
     train_tokens,
 )
 from .dense.metrics import SegmentationScorer
 
+MODES = ("slide", "whole")
+
 
 @dataclass(frozen=True)
 class DenseTrainParams:
-    """What the linear dense probes share (sizes in pixels, schedules in samples)."""
+    """What the linear dense probes share (sizes in pixels, schedules in samples). The
+    schedule is DINOv3's WarmupOneCycleLR (dense/common.py ``OneCycle``)."""
 
     size: int = 0  # shorter side images are resized to; 0: the backbone's input size
     crop: int = 0  # test window side; 0: ``size``
     stride: int = 0  # test window stride; 0: two thirds of the window
+    mode: str = "slide"  # test: "slide" (windows on the resized image) or "whole" (native)
+    flip: bool = False  # test: average with the flipped image's output (DINOv3's use_tta)
     samples: int = 640_000  # training samples (iterations x batch)
     batch_size: int = 16
     lr: float = 1e-3
-    weight_decay: float = 1e-3
+    weight_decay: float = 1e-3  # on every head parameter (one AdamW group, as DINOv3's)
     betas: tuple[float, ...] = (0.9, 0.999)
     warmup_samples: int = 24_000
-    final_lr_fraction: float = 0.0  # the cosine ends at lr x this
+    warmup_ratio: float = 0.0  # WarmupOneCycleLR's: > 0 mmcv's linear warm-up form
+    div_factor: float = 25.0
+    final_div_factor: float = 1000.0  # 0: infinite, DINOv3's .inf (the cosine ends at 0)
+    use_beta1: bool = False  # the scheduler sets Adam's beta1 (0 in warm-up, then a cosine)
+    momentum: tuple[float, ...] = (0.85, 0.95)  # base_momentum, max_momentum (use_beta1)
     grad_clip: float = 0.0  # max gradient norm; 0: none
     token_budget_mb: int = 2048  # cache the training tokens when their float16 bank fits
     target_budget_mb: int = 1024  # hold the training targets in memory when they fit
@@ -62,18 +80,41 @@ class DenseTrainParams:
         sizes = (self.size, self.crop, self.stride, self.token_budget_mb, self.target_budget_mb)
         if min(sizes) < 0 or self.examples < 0:
             raise UserError(f"{name}: sizes, budgets and examples must be >= 0")
+        if self.mode not in MODES:
+            raise UserError(f"{name}: mode is one of {', '.join(MODES)}, not {self.mode!r}")
         if self.samples < 1 or self.batch_size < 1:
             raise UserError(f"{name}: samples and batch_size must be at least 1")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise UserError(f"{name}: lr > 0, weight_decay and grad_clip >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"{name}: betas are two values in [0, 1)")
-        if not 0 <= self.warmup_samples < self.samples or not 0 <= self.final_lr_fraction <= 1:
-            raise UserError(f"{name}: 0 <= warmup_samples < samples, final_lr_fraction in [0, 1]")
+        if len(self.momentum) != 2 or not all(0 <= b < 1 for b in self.momentum):
+            raise UserError(f"{name}: momentum is two values in [0, 1) (base, max)")
+        if not 0 <= self.warmup_samples < self.samples or not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"{name}: 0 <= warmup_samples < samples, warmup_ratio in [0, 1)")
+        if self.div_factor <= 0 or self.final_div_factor < 0:
+            raise UserError(f"{name}: div_factor > 0, final_div_factor > 0 (0: infinite)")
+
+    def schedule(self) -> OneCycle:
+        return OneCycle(
+            self.lr,
+            math.ceil(self.samples / self.batch_size),
+            round(self.warmup_samples / self.batch_size),
+            self.warmup_ratio,
+            self.div_factor,
+            self.final_div_factor,
+            self.use_beta1,
+            (self.momentum[0], self.momentum[1]),
+        )
 
 
 @dataclass(frozen=True)
 class LinsegParams(DenseTrainParams):
+    size: int = 512
+    crop: int = 512
+    stride: int = 341
+    warmup_ratio: float = 1e-6
+    final_div_factor: float = 0.0  # .inf
     dropout: float = 0.1
 
     def __post_init__(self):
@@ -83,7 +124,8 @@ class LinsegParams(DenseTrainParams):
 
 
 class LinearSegHead(nn.Module):
-    """(N, h, w, D) tokens -> (N, C, h, w) logits: BatchNorm, dropout, 1x1 convolution."""
+    """(N, h, w, D) tokens -> (N, C, h, w) logits: channel dropout, BatchNorm, 1x1
+    convolution (DINOv3's LinearHead order; eval mode: no dropout)."""
 
     def __init__(self, dim: int, classes: int, dropout: float):
         super().__init__()
@@ -95,41 +137,53 @@ class LinearSegHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = tokens.permute(0, 3, 1, 2).contiguous()  # BatchNorm on a permuted view: 20x slower
-        return self.conv(self.drop(self.bn(x)))
+        return self.conv(self.bn(self.drop(x)))
 
 
-def geometry(inp: ImageInputs, p: DenseTrainParams) -> tuple[int, int, int]:
+def geometry(inp: ImageInputs, p: DenseTrainParams) -> tuple[int, int | None, int | None, int]:
+    """(training crop side, test resize side or None: native, test window or None: whole
+    image, stride)."""
     size = dense_size(inp.backbone, p.size)
+    if getattr(p, "mode", "slide") == "whole":  # knnseg's params have no mode: it slides
+        return size, None, None, 0
     crop = p.crop or size
-    return size, crop, p.stride or max(1, round(crop * 2 / 3))
+    return size, size, crop, p.stride or max(1, round(crop * 2 / 3))
 
 
-def train_head(inp: ImageInputs, p: DenseTrainParams, head: nn.Module, loss_fn, task: str):
-    """Train ``head`` on the cached crop tokens of the training rows (train minus val);
-    ``loss_fn(output at label size, targets)``. Returns (token record, last losses)."""
+def training_rows(inp: ImageInputs) -> np.ndarray:
+    """Every training image (train and val rows together): the linear dense recipes choose
+    nothing on validation, so nothing is held out."""
+    rows = np.concatenate([np.asarray(inp.train_idx), np.asarray(inp.val_idx)])
+    return np.sort(rows.astype(np.int64))
+
+
+def train_head(
+    inp: ImageInputs, p: DenseTrainParams, head: nn.Module, loss_fn, task: str, lag: int = 0
+):
+    """Train ``head`` on the cached crop tokens of every training image (``training_rows``);
+    ``loss_fn(output at label size, targets, step)``. Iteration i runs at the schedule's step
+    max(0, i - ``lag``) (DINOv3's segmentation trainer: lag 1; its depth trainer: 0), lr and,
+    with ``use_beta1``, Adam's beta1 set before each step. Returns (details, last losses)."""
     dense = dense_targets(inp, task)
-    size, _, _ = geometry(inp, p)
-    rows = np.sort(np.asarray(inp.train_idx, dtype=np.int64))
+    size = geometry(inp, p)[0]
+    rows = training_rows(inp)
     src = train_tokens(inp, size, rows, p.token_budget_mb)
     targets = TargetBank(dense.train, rows, size, task == "depth", p.target_budget_mb * 2**20)
     device = inp.device
     torch.manual_seed(inp.seed)
     head.to(device).train()
-    decay = [q for q in head.parameters() if q.ndim > 1]
-    rest = [q for q in head.parameters() if q.ndim <= 1]
     opt = torch.optim.AdamW(
-        [{"params": decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=p.lr,
-        betas=tuple(p.betas),
-        weight_decay=p.weight_decay,
+        head.parameters(), lr=p.lr, betas=tuple(p.betas), weight_decay=p.weight_decay
     )
-    steps = math.ceil(p.samples / p.batch_size)
-    warm = round(p.warmup_samples / p.batch_size)
+    sched = p.schedule()
     step, losses = 0, []
-    for order in epoch_orders(rows, steps, p.batch_size, inp.seed):
+    for order in epoch_orders(rows, sched.total, p.batch_size, inp.seed):
         for take, tokens, prefix in src.batches(order, p.batch_size, shared=True):
+            lr, beta1 = sched.at(max(0, step - lag))
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, warm, p.lr, p.final_lr_fraction)
+                g["lr"] = lr
+                if beta1 is not None:
+                    g["betas"] = (beta1, g["betas"][1])
             out = head(tokens.to(device), None if prefix is None else prefix.to(device))
             out = F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False)
             loss = loss_fn(out, targets.get(take).to(device), step)
@@ -142,7 +196,12 @@ def train_head(inp: ImageInputs, p: DenseTrainParams, head: nn.Module, loss_fn, 
             step += 1
     head.eval()
     log(f"{task} head: {step} steps of {p.batch_size}, last loss {np.mean(losses[-20:]):.4f}")
-    return src.record(), losses
+    details = src.record() | {
+        "trained_on": f"all {len(rows)} training images (train and val rows: nothing is "
+        "chosen on val)",
+        "steps": step,
+    }
+    return details, losses
 
 
 class _WithPrefix(nn.Module):
@@ -159,26 +218,40 @@ class _WithPrefix(nn.Module):
 def run_linseg(inp: ImageInputs, p: LinsegParams) -> ProtocolOutput:
     dense = dense_targets(inp, "segmentation")
     classes = len(dense.classes)
-    head = _WithPrefix(LinearSegHead(_token_dim(inp), classes, p.dropout))
+    head = _WithPrefix(LinearSegHead(_token_dim(inp, p, "linseg"), classes, p.dropout))
 
     def loss_fn(out, target, step):
         return F.cross_entropy(out, target, ignore_index=IGNORE)
 
-    record, losses = train_head(inp, p, head, loss_fn, "segmentation")
+    record, losses = train_head(inp, p, head, loss_fn, "segmentation", lag=1)
     return score_segmentation(inp, p, dense, head, record | {"final_loss": losses[-1]})
 
 
-def _token_dim(inp: ImageInputs) -> int:
-    size = dense_size(inp.backbone, 0)
-    p = next(inp.backbone.model.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
-    x = torch.zeros(1, 3, size, size, device=device)
-    return int(inp.backbone.patch_grid(x).tokens.shape[-1])
+def _token_dim(inp: ImageInputs, p: DenseTrainParams, name: str) -> int:
+    """The token width, read from a forward of one blank training crop (``size`` x ``size``)
+    and, when the test slides windows of another side, one blank window: a backbone that
+    cannot take them (a ViT of fixed input size) is refused in one line before any work."""
+    size, _, crop, _ = geometry(inp, p)
+    q = next(inp.backbone.model.parameters(), None)
+    device = q.device if q is not None else torch.device("cpu")
+    dim = 0
+    for side in dict.fromkeys([size, crop or size]):
+        try:
+            with torch.no_grad():
+                x = torch.zeros(1, 3, side, side, device=device)
+                dim = int(inp.backbone.patch_grid(x).tokens.shape[-1])
+        except (RuntimeError, AssertionError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(
+                f"{name}: {inp.backbone.tag} does not take {side}x{side} inputs ({first}); "
+                "set size, crop and stride (--set size=0 ...: the backbone's input size)"
+            ) from None
+    return dim
 
 
 def score_segmentation(inp, p, dense, head, details: dict) -> ProtocolOutput:
     """Slide ``head`` over every test image, score at the original resolution."""
-    size, crop, stride = geometry(inp, p)
+    _, size, crop, stride = geometry(inp, p)
     scorer = SegmentationScorer(len(dense.classes), IGNORE)
     examples = []
     test = inp.bundle.test
@@ -197,7 +270,9 @@ def score_segmentation(inp, p, dense, head, details: dict) -> ProtocolOutput:
             }
         return scorer.row(pred, target), example
 
-    for _, (areas, example) in score_test(inp, head, size, crop, stride, one):
+    for _, (areas, example) in score_test(
+        inp, head, size, crop, stride, one, getattr(p, "flip", False)
+    ):
         scorer.add_row(areas)
         if example is not None:
             examples.append(example)

@@ -7,12 +7,20 @@ config leaves it out), a 1x1 convolution to 256 depth bins spread linearly over
 [min_depth, max_depth]; the bin scores go through ReLU + 0.1 and are normalised ("linear"
 norm), the depth is their weighted sum of the bins (AdaBins' classification into bins);
 ``bins: 1`` regresses the depth instead (ReLU + min_depth). Loss: the scale-invariant log loss
-(SigLoss, eps 1e-3: sqrt(var(g) + 0.15 mean(g)^2), g = log(pred) - log(gt), over valid pixels,
-the variance term off for the first 100 iterations). Recipe of DINOv3's config-nyu.yaml:
-AdamW lr 3e-4, betas 0.9/0.99, weight decay 1e-4, gradient clip 35, 38,400 iterations of 16
-with 12,800 warm-up, counted here in samples, depth range 1e-3..10 m. Test images by sliding
-windows, the depth upsampled bilinearly to the original resolution and scored there (RMSE,
-AbsRel, delta<1.25 on the valid pixels inside the dataset's evaluation box: NYU's Eigen crop).
+(SigLoss, eps 1e-3: sqrt(var(g) + 0.15 mean(g)^2), g = log(pred) - log(gt), over the pixels
+with a depth (gt != 0, as the official trainer's mask), the variance term off for the first
+100 iterations). Recipe of DINOv3's depth trainer (eval/depth/train.py) with config-nyu.yaml:
+AdamW over the head's parameters in one group (lr 3e-4, beta2 0.99, weight decay 1e-4),
+gradient clip 35, 38,400 iterations of 16, WarmupOneCycleLR with 12,800 warm-up iterations,
+final_div_factor 1000 and use_beta1 left at its default (true): the scheduler sets Adam's
+beta1 every step, 0 during the warm-up, then a cosine from 0.85 to 0.95 (the config's beta1
+0.9 is never used); the lr ramps as lr/1000 + lr (1 + cos(pi s/T))/2 x s/W (about 0.75 lr at
+the end of the warm-up, W = T/3), then a cosine to lr/25,000; the scheduler steps after every
+iteration. Test (eval/depth/eval.py): each test image whole at its native resolution, one
+forward, averaged with its mirror image's flipped-back output (use_tta), the depth upsampled
+bilinearly to the target, clamped to the evaluation range and scored on the valid pixels
+(eval/depth/metrics.py: depths strictly inside the range, inside the dataset's evaluation
+box, NYU's Eigen crop): RMSE, AbsRel, delta<1.25.
 """
 
 from __future__ import annotations
@@ -31,6 +39,16 @@ from .dense_seg import DenseTrainParams, _token_dim, geometry, train_head
 
 @dataclass(frozen=True)
 class LindepthParams(DenseTrainParams):
+    size: int = 480  # NYU's native shorter side: training crops at the test images' scale
+    mode: str = "whole"
+    flip: bool = True
+    samples: int = 614_400
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.99)
+    warmup_samples: int = 204_800
+    use_beta1: bool = True
+    grad_clip: float = 35.0
     bins: int = 256  # 1: regression
     min_depth: float = 1e-3
     max_depth: float = 10.0
@@ -86,22 +104,21 @@ def sigloss(pred, target, valid, variance: bool, eps: float = 1e-3) -> torch.Ten
 
 def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
     dense = dense_targets(inp, "depth")
-    head = LinearDepthHead(_token_dim(inp), p)
-    lo, hi = dense.depth_range or (p.min_depth, p.max_depth)
+    head = LinearDepthHead(_token_dim(inp, p, "lindepth"), p)
     warm_steps = p.sigloss_warmup_samples // p.batch_size
 
     def loss_fn(out, target, step):
-        valid = (target > 0) & (target >= lo) & (target <= hi)
+        valid = target != 0  # the official trainer's mask: every pixel with a depth
         return sigloss(out[:, 0], target, valid, variance=step >= warm_steps)
 
     record, losses = train_head(inp, p, head, loss_fn, "depth")
-    size, crop, stride = geometry(inp, p)
-    scorer = DepthScorer(dense.depth_range, dense.eval_box)
+    _, size, crop, stride = geometry(inp, p)
+    scorer = DepthScorer(dense.depth_range or (p.min_depth, p.max_depth), dense.eval_box)
 
     def one(r: int, out: torch.Tensor):
         return scorer.row(out[0].cpu().numpy(), dense.test.load(r))
 
-    for _, row in score_test(inp, head, size, crop, stride, one):
+    for _, row in score_test(inp, head, size, crop, stride, one, p.flip):
         scorer.add_row(row)
     res = scorer.results(inp.bootstrap_resamples, inp.seed)
     n_valid = len(res["per_image"]["rmse"])
@@ -110,8 +127,9 @@ def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
         details=record
         | {
             "final_loss": losses[-1],
-            "geometry": {"size": size, "crop": crop, "stride": stride},
+            "geometry": {"size": size, "crop": crop, "stride": stride, "flip": p.flip},
             "scored_at": "each test image's original resolution, valid pixels only",
+            "depth_range": list(scorer.depth_range),
             "scored_images": n_valid,
             "eval_box": dense.eval_box,
         },

@@ -13,7 +13,11 @@ average upsampled bilinearly to the image's original size, where it is scored):
   a cache of frozen tokens cannot hold: ssl-eval's dense probes train on one fixed crop per
   image and say so in their cards;
 * test images are never cropped: the windows cover the resized image, and scores are
-  computed against the original target (metrics.py refuses any other shape).
+  computed against the original target (metrics.py refuses any other shape). ``size`` None
+  keeps each test image at its native resolution and ``crop`` None makes the whole image one
+  window (DINOv3's depth evaluation: one forward of the full image); ``flip`` averages each
+  window's output with the flipped-back output of its mirror image (DINOv3's depth
+  ``use_tta``: LeftRightFlipAug, averaged before the upsampling).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import base64
 import io
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -135,8 +139,10 @@ def windows(length: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, length - crop) for i in range(n)]
 
 
-def _resized(img: np.ndarray, size: int, interpolation: str) -> torch.Tensor:
+def _resized(img: np.ndarray, size: int | None, interpolation: str) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    if size is None:  # the native resolution
+        return x
     mode = getattr(InterpolationMode, interpolation.upper())
     return TF.resize(x, [size], interpolation=mode, antialias=True)
 
@@ -153,18 +159,21 @@ def slide_predict(
     split,
     rows,
     *,
-    size: int,
-    crop: int,
+    size: int | None,
+    crop: int | None,
     stride: int,
     head: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
     device: torch.device,
     batch_size: int,
+    flip: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(row, (C, H, W) float32 output at the image's original size) for each of ``rows``:
-    the image's shorter side resized to ``size``, windows of ``crop`` every ``stride``, the
-    patch tokens (rounded through float16, the values the training cache holds) of each
-    window through ``head`` ((n, h, w, D), prefix -> (n, C, h, w)), each window's output
-    upsampled bilinearly to the window, overlaps averaged, upsampled to the original size."""
+    the image's shorter side resized to ``size`` (None: kept), windows of ``crop`` (None: the
+    whole image) every ``stride``, the patch tokens (rounded through float16, the values the
+    training cache holds) of each window through ``head`` ((n, h, w, D), prefix -> (n, C, h,
+    w)); ``flip``: averaged with the head's output on the mirrored window, mirrored back; each
+    window's output upsampled bilinearly to the window, overlaps averaged, upsampled to the
+    original size."""
     pre = backbone.preprocessing
     backbone.model.to(device).eval()
     amp = autocast_dtype(device) == "bfloat16"  # as the token source embeds
@@ -175,7 +184,7 @@ def slide_predict(
         jobs = []  # (row, y, x, window)
         for r in chunk:
             _, h, w = resized[r].shape
-            cy, cx = min(crop, h), min(crop, w)
+            cy, cx = (h, w) if crop is None else (min(crop, h), min(crop, w))
             for y in windows(h, cy, stride):
                 for x in windows(w, cx, stride):
                     jobs.append((r, y, x, resized[r][:, y : y + cy, x : x + cx]))
@@ -187,12 +196,10 @@ def slide_predict(
             groups = [[j for j in part if tuple(j[3].shape) == sh] for sh in shapes]
             for group in groups:
                 batch = torch.stack([j[3] for j in group]).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    g = backbone.patch_grid(pre.normalise(batch))
-                tokens = g.tokens.float().half().float()
-                prefix = None if g.prefix is None else g.prefix.float().half().float()
-                with torch.no_grad():
-                    out = head(tokens, prefix).float()
+                out = _window_output(backbone, pre.normalise(batch), head, amp)
+                if flip:
+                    mirrored = _window_output(backbone, pre.normalise(batch.flip(-1)), head, amp)
+                    out = (out + mirrored.flip(-1)) / 2
                 out = F.interpolate(
                     out, size=batch.shape[-2:], mode="bilinear", align_corners=False
                 )
@@ -209,8 +216,24 @@ def slide_predict(
             yield r, F.interpolate(avg, size=(h0, w0), mode="bilinear", align_corners=False)[0]
 
 
+def _window_output(backbone, x: torch.Tensor, head, amp: bool) -> torch.Tensor:
+    """``head`` on the patch tokens of a batch of normalised windows, (n, C, h, w) float32."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        g = backbone.patch_grid(x)
+    tokens = g.tokens.float().half().float()
+    prefix = None if g.prefix is None else g.prefix.float().half().float()
+    with torch.no_grad():
+        return head(tokens, prefix).float()
+
+
 def score_test(
-    inp, head, size: int, crop: int, stride: int, score: Callable[[int, torch.Tensor], T]
+    inp,
+    head,
+    size: int | None,
+    crop: int | None,
+    stride: int,
+    score: Callable[[int, torch.Tensor], T],
+    flip: bool = False,
 ) -> Iterator[tuple[int, T]]:
     """(row, ``score(row, output)``) for every test image in row order, ``output`` being
     ``head`` slid over the image at the given geometry (``slide_predict``).
@@ -236,6 +259,7 @@ def score_test(
                 head=head,
                 device=inp.device,
                 batch_size=inp.batch_size,
+                flip=flip,
             )
             yield [(row, score(row, out)) for row, out in outputs]
 
@@ -243,14 +267,48 @@ def score_test(
         yield from part
 
 
-def lr_at(step: int, steps: int, warmup: int, lr: float, final_fraction: float) -> float:
-    """Linear warm-up from 0 to ``lr`` over ``warmup`` steps, then a cosine to
-    ``lr * final_fraction`` at the last step (WarmupOneCycleLR's shape)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))
-    end = lr * final_fraction
-    return end + (lr - end) * 0.5 * (1 + math.cos(math.pi * t))
+@dataclass(frozen=True)
+class OneCycle:
+    """DINOv3's ``WarmupOneCycleLR`` (dinov3/eval/segmentation/schedulers.py, the same in
+    eval/depth/schedulers.py @ 6876159) for one parameter group of peak ``lr``, ``total``
+    scheduler steps and ``warmup`` warm-up steps; ``final_div_factor`` 0 stands for the
+    segmentation config's ``.inf`` (a card cannot hold an infinite number). ``at(s)`` is (lr, beta1) at scheduler step ``s``; beta1 is
+    None unless ``use_beta1``, when the scheduler sets Adam's beta1 itself: 0 during the
+    warm-up (its momentum starts at 0 and only the annealing phase sets it), then a cosine
+    from ``momentum[0]`` (base_momentum) to ``momentum[1]`` (max_momentum).
+
+    Warm-up (s < warmup): with ``warmup_ratio`` > 0 (mmcv's form), lr x (1 - k) x (1 - s/T),
+    k = (1 - s/warmup)(1 - warmup_ratio); with 0, lr/final_div + lr (1 + cos(pi s/T))/2 x
+    s/warmup. Afterwards a cosine over the whole run from lr to lr/div/final_div at
+    (s + 1)/T."""
+
+    lr: float
+    total: int
+    warmup: int
+    warmup_ratio: float = 0.0
+    div_factor: float = 25.0
+    final_div_factor: float = 1000.0  # 0: infinite
+    use_beta1: bool = False
+    momentum: tuple[float, float] = (0.85, 0.95)
+
+    def at(self, s: int) -> tuple[float, float | None]:
+        lr, total, warm = self.lr, self.total, self.warmup
+        inf = self.final_div_factor == 0
+        min_lr = 0.0 if inf else lr / self.div_factor / self.final_div_factor
+        beta1 = 0.0
+        if s < warm:
+            if self.warmup_ratio:
+                k = (1 - s / warm) * (1 - self.warmup_ratio)
+                out = lr * (1 - k) * (1 - s / total)
+            else:
+                start = 0.0 if inf else lr / self.final_div_factor
+                out = start + lr * (1 + math.cos(math.pi * s / total)) / 2 * s / warm
+        else:
+            pct = (s - warm) / (total - warm)
+            lo, hi = self.momentum
+            beta1 = hi + (lo - hi) / 2 * (math.cos(math.pi * pct) + 1)
+            out = min_lr + (lr - min_lr) / 2 * (math.cos(math.pi * (s + 1) / total) + 1)
+        return out, (beta1 if self.use_beta1 else None)
 
 
 def epoch_orders(rows: np.ndarray, steps: int, batch: int, seed: int) -> Iterator[np.ndarray]:

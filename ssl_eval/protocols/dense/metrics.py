@@ -6,10 +6,13 @@ labelled ``ignore`` left out; IoU = intersection / union; mIoU the mean over the
 union is not empty; pixel accuracy (mmseg's aAcc) = correct / labelled pixels. The interval
 resamples test images and recomputes mIoU from their summed areas.
 
-Depth (the metrics of DINOv3's eval/depth/metrics.py, per image, then averaged over images):
-on the valid pixels (inside ``depth_range`` and the evaluation box, a target of 0 never
-valid): RMSE, AbsRel = mean |pred - gt| / gt, delta1 = share with max(pred/gt, gt/pred) < 1.25.
-Intervals: the bootstrap over test images of the per-image values.
+Depth (DINOv3's eval/depth/eval.py and metrics.py, per image, then averaged over images): the
+prediction clamped to ``depth_range``; the valid pixels are those whose target lies strictly
+inside ``depth_range`` (the official evaluation sets targets >= max or <= min to its ignored
+value 0) and inside the evaluation box, a target of 0 never valid: RMSE, AbsRel =
+mean |pred - gt| / gt, delta1 = share with max(pred/gt, gt/pred) < 1.25. Intervals: the
+bootstrap over test images of the per-image values. Which metrics are errors (lower is
+better) is ``records.schema.LOWER_IS_BETTER``, the one list the gate and the reports read.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import numpy as np
 
 from ...core.errors import UserError
 from ...core.stats import bootstrap_ci, bootstrap_sum_ci
-
-LOWER_IS_BETTER = frozenset({"rmse", "abs_rel"})  # every other dense metric: higher is better
 
 
 def _check_full_resolution(pred: np.ndarray, target: np.ndarray) -> None:
@@ -102,11 +103,12 @@ class SegmentationScorer:
 def valid_depth(
     target: np.ndarray, depth_range: tuple[float, float] | None, eval_box=None
 ) -> np.ndarray:
-    """The pixels a depth score counts: a measured depth within ``depth_range``, inside
-    ``eval_box`` (y1, y2, x1, x2 as fractions, scaled to the target's size as DINOv3 does)."""
+    """The pixels a depth score counts: a measured depth strictly inside ``depth_range``,
+    inside ``eval_box`` (y1, y2, x1, x2 as fractions, scaled to the target's size as DINOv3
+    does)."""
     valid = target > 0
     if depth_range is not None:
-        valid &= (target >= depth_range[0]) & (target <= depth_range[1])
+        valid &= (target > depth_range[0]) & (target < depth_range[1])
     if eval_box is not None:
         h, w = target.shape
         y1, y2, x1, x2 = eval_box
@@ -133,7 +135,10 @@ class DepthScorer:
         if not valid.any():
             return None
         gt = target[valid].astype(np.float64)
-        pr = np.maximum(pred[valid].astype(np.float64), 1e-6)
+        pr = pred[valid].astype(np.float64)
+        if self.depth_range is not None:  # the official clamp to the evaluation range
+            pr = np.clip(pr, self.depth_range[0], self.depth_range[1])
+        pr = np.maximum(pr, 1e-6)  # without a range: a depth is positive
         err = pr - gt
         return {
             "rmse": np.sqrt(np.mean(err**2)),
