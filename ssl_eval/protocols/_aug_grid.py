@@ -134,3 +134,34 @@ class LayerInput:
     def record(self) -> dict:
         """What the heads read, for the record (the multi-layer grid only)."""
         return {"feature_kind": self.kind, "layout": layout(self.kind)}
+
+
+def width(g: Group, x: torch.Tensor) -> int:
+    return x.shape[1] if g.columns is None else len(g.columns)
+
+
+def columns_of(x: torch.Tensor, g: Group) -> torch.Tensor:
+    """A group's input: its columns of the kept row (create_linear_input's order)."""
+    return x if g.columns is None else x.index_select(1, g.columns.to(x.device))
+
+
+def locate(groups: list[Group], h: int) -> tuple[int, int]:
+    """(group, index within it) of head ``h`` of the grid."""
+    for i, g in enumerate(groups):
+        if g.heads.start <= h < g.heads.stop:
+            return i, h - g.heads.start
+    raise IndexError(h)
+
+
+def script_choice(test_acc: torch.Tensor, finite, settings: list, scale: float) -> dict:
+    """The head the official scripts report: the best top-1 of the final heads on the set
+    they evaluate (ImageNet val; the test split here), the first on ties. Recorded beside the
+    number chosen on validation, never in its place: it is optimistic by the choice."""
+    acc = torch.where(finite, test_acc, -1.0)
+    best = int(torch.argmax(acc))
+    return {
+        "rule": "best test top-1 over the final heads, as the official script selects; "
+        "optimistic, not the reported number (which is chosen on validation)",
+        "selected": setting_dict(settings[best], scale),
+        "top1": float(acc[best]),
+    }

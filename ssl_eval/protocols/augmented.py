@@ -4,8 +4,9 @@ numbers are trained (MAE's main_linprobe.py, MoCo v3, DINO), instead of one fixe
 
 Each training batch goes through the backbone once (eval mode, no gradient; bf16 autocast on
 a GPU, the channels-last layout and pinned host batches where ``--channels-last`` and
-``--pin-memory`` ask; images from the decode cache when it is on), and every head of the grid (base learning rate x weight decay) trains on
-those same features: one GEMM gives all heads' logits. Before the heads, optionally, MAE's
+``--pin-memory`` ask; images from the decode cache when it is on), and every head of the
+grid (base learning rate x weight decay) trains on those same features: one GEMM gives all
+heads' logits. Before the heads, optionally, MAE's
 BatchNorm1d(affine=False, eps=1e-6): in training each group of ``bn_rows`` rows is normalised
 by its own statistics (MAE's BatchNorm is per GPU, 512 rows, not synchronised) and the running
 statistics follow the first group (DDP broadcasts rank 0's buffers); evaluation uses the
@@ -23,8 +24,19 @@ Under torchrun the forward passes are shared out (_shared_forward.py): rank r em
 r, r + W ... of one process's cuts (the same images in the same batches, so the same feature
 bits), the features are gathered round by round to every rank in cut order, and every rank
 runs the same head steps on them, so every rank holds the single process's heads. Rank 0
-alone holds the state folder's lock and writes the state; on a rerun rank 0 decides whether
-to resume (a damaged or foreign state is discarded) and every rank reads the file it wrote.
+alone holds the state folder's lock and writes the state (_aug_state.py); on a rerun rank 0
+decides whether to resume (a damaged or foreign state is discarded) and every rank reads the
+file it wrote.
+
+DINOv2's and DINOv3's recipes (linear_aug@dinov2, linear_aug@dinov3; _aug_grid.py) add a grid
+over the last n blocks x avgpool: the forward reads the backbone's ``layers:N`` kind (class
+token and mean patch token of each of the last N blocks, the cached multi-layer features'
+rows) online, and each (n, avgpool) stack of heads trains on its own columns of it, in the
+layout of the scripts' ``create_linear_input``; a fixed iteration count under torch's
+CosineAnnealingLR (``iterations``), heads drawn as nn.Linear.weight.normal_ (``head_init``),
+and the best of the final heads on validation (``select: final``), with the script's own
+test-chosen head recorded beside it (``report_test_choice``). At their neutral values these
+params leave the probe as it was.
 """
 
 from __future__ import annotations
@@ -43,26 +55,23 @@ import torch.nn.functional as F
 
 from ..core import distributed
 from ..core.errors import UserError
-from ..core.files import (
-    DamagedFile,
-    file_lock,
-    lock_path,
-    read_torch_checked,
-    sha256_json,
-    write_torch_checked,
-)
+from ..core.files import file_lock, lock_path, sha256_json
 from ..core.provenance import autocast_dtype
-from ..core.runtime import warn
 from ..features.accel import Accel, prepared
 from ._aug_grid import (
     Group,
     LayerInput,
     check_blocks,
+    columns_of,
     grid_settings,
     iteration_lr,
+    locate,
     schedule,
+    script_choice,
     setting_dict,
+    width,
 )
+from ._aug_state import HEAD_STATE, resume, save
 from ._edges import edge, grid_edges
 from ._images import TrainImages, check_crop
 from ._lars import OPTIMISERS, mae_lr
@@ -278,70 +287,6 @@ def _after_epoch(epoch: int, heads) -> None:
     :class:`Heads`, or for a multi-layer grid the list of them, one per (n, avgpool)."""
 
 
-_HEAD_STATE = ("W", "b", "mW", "mb", "rmean", "rvar")
-
-
-def _save(path: Path | None, state: dict) -> None:
-    """The unit's state after an epoch, atomically behind a length and crc32 header, written
-    by rank 0; its failure is every rank's one-line error."""
-    error = None
-    if path is not None and distributed.is_main():
-        try:
-            write_torch_checked(path, state)
-        except OSError as e:
-            error = f"linear_aug: cannot write its state {path}: {str(e).splitlines()[0]}"
-    distributed.agree(error)
-
-
-def _load(
-    path: Path | None, fingerprint: str, p: AugmentedParams, epochs: int, device
-) -> dict | None:
-    """This unit's saved state; None when there is none or it is another setting's; a damaged
-    one is reported in one line, removed, and the unit starts over."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        st = read_torch_checked(path, device)
-        if not isinstance(st, dict) or st.get("fingerprint") != fingerprint:
-            return None
-        heads = st.get("heads")
-        if (
-            not 0 <= st.get("epoch", -1) < epochs
-            or not isinstance(heads, list)
-            or len(heads) != n_groups(p)
-            or any(not isinstance(h, dict) or set(h) != set(_HEAD_STATE) for h in heads)
-        ):
-            raise DamagedFile("not a linear_aug state of the form ssl-eval writes")
-    except DamagedFile as e:
-        warn(f"linear_aug state {path} is damaged ({e}); discarding it, the unit starts over")
-        path.unlink(missing_ok=True)
-        return None
-    return st
-
-
-def _resume(
-    path: Path | None, fingerprint: str, p: AugmentedParams, epochs: int, device
-) -> dict | None:
-    """The state to resume from, on every rank: rank 0 decides (``_load``), then every other
-    rank reads the file rank 0 read; one that cannot stops every rank in one line."""
-    st = _load(path, fingerprint, p, epochs, device) if distributed.is_main() else None
-    if distributed.world() == 1 or not distributed.broadcast(st is not None):
-        return st
-    error = None
-    if not distributed.is_main():
-        try:
-            st = read_torch_checked(path, device)
-            if st.get("fingerprint") != fingerprint:
-                raise DamagedFile("another setting's state")
-        except DamagedFile as e:
-            error = (
-                f"rank {distributed.rank()} cannot read the linear_aug state {path} rank 0 read "
-                f"({e}); put --cache-dir on a filesystem every node shares"
-            )
-    distributed.agree(error)
-    return st
-
-
 def run_augmented(inp: ImageInputs, p: AugmentedParams) -> ProtocolOutput:
     """The probe, with the unit's state folder locked; the state is saved after every epoch
     and a rerun of the unit resumes from it, ending where an uninterrupted run ends (every
@@ -399,16 +344,16 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
         val_y, test_y = val_y.to(dev), test_y.to(dev)
         torch.manual_seed(inp.seed)
         groups = source.groups(len(settings))
-        stacks = [Heads(g.heads.stop - g.heads.start, _width(g, val_x), C, p, dev) for g in groups]
+        stacks = [Heads(g.heads.stop - g.heads.start, width(g, val_x), C, p, dev) for g in groups]
         finite = torch.ones(len(settings), dtype=torch.bool, device=dev)
         step, start = 0, 0
         fingerprint = sha256_json(
             {"params": asdict(p), "seed": inp.seed, "n": n, "backbone": bb.weights.sha256}
         )
-        st = _resume(state_path, fingerprint, p, epochs, dev)
+        st = resume(state_path, fingerprint, n_groups(p), epochs, dev)
         if st is not None:
             for heads, saved in zip(stacks, st["heads"], strict=True):
-                for k in _HEAD_STATE:
+                for k in HEAD_STATE:
                     setattr(heads, k, saved[k])
             finite, step, best = st["finite"], st["step"], st["best"]
             history, per_epoch_test, start = st["history"], list(st["test"]), st["epoch"] + 1
@@ -439,7 +384,7 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
                 x, yb = torch.cat(feats), torch.cat(labels).to(dev)
                 loss = torch.cat(
                     [
-                        heads.step(_cols(x, grp), yb, lr[grp.heads], wd[grp.heads])
+                        heads.step(columns_of(x, grp), yb, lr[grp.heads], wd[grp.heads])
                         for grp, heads in zip(groups, stacks, strict=True)
                     ]
                 )
@@ -457,7 +402,7 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             h = int(torch.argmax(sel))
             # select=final: the heads as training ends, as the DINOv2/v3 scripts report them
             if float(sel[h]) > best["val"] and (p.select == "epoch" or epoch == epochs - 1):
-                gi, local = _locate(groups, h)
+                gi, local = locate(groups, h)
                 best = {
                     "val": float(sel[h]),
                     "epoch": epoch,
@@ -475,12 +420,12 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
             )
-            _save(
+            save(
                 state_path,
                 {
                     "fingerprint": fingerprint,
                     "epoch": epoch,
-                    "heads": [{k: getattr(heads, k) for k in _HEAD_STATE} for heads in stacks],
+                    "heads": [{k: getattr(heads, k) for k in HEAD_STATE} for heads in stacks],
                     "finite": finite,
                     "step": step,
                     "best": best,
@@ -491,8 +436,8 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             _after_epoch(epoch, stacks if source.kind else stacks[0])
         by_rank = shared.by_rank()
     h = best["head"]
-    gi, _ = _locate(groups, h)
-    z = stacks[gi].norm(_cols(test_x, groups[gi]), best["stats"])
+    gi, _ = locate(groups, h)
+    z = stacks[gi].norm(columns_of(test_x, groups[gi]), best["stats"])
     hits = topk_hits(z @ best["W"].T + best["b"], test_y)
     shares = {} if by_rank is None else {"images_embedded_by_rank": by_rank}  # provenance
     tests = torch.stack(per_epoch_test)  # (epochs, heads)
@@ -500,7 +445,7 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
     if p.select == "epoch":
         extra["mae_rule_test_top1"] = float(tests[:, h].max())
     if p.report_test_choice:
-        extra["script_choice"] = _test_choice(tests[-1], finite.cpu(), settings, scale)
+        extra["script_choice"] = script_choice(tests[-1], finite.cpu(), settings, scale)
     if source.kind is not None:
         extra["features_read"] = source.record()
     if p.iterations:
@@ -531,45 +476,14 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
     )
 
 
-def _width(g: Group, x: torch.Tensor) -> int:
-    return x.shape[1] if g.columns is None else len(g.columns)
-
-
-def _cols(x: torch.Tensor, g: Group) -> torch.Tensor:
-    """A group's input: its columns of the kept row (create_linear_input's order)."""
-    return x if g.columns is None else x.index_select(1, g.columns.to(x.device))
-
-
-def _locate(groups: list[Group], h: int) -> tuple[int, int]:
-    """(group, index within it) of head ``h`` of the grid."""
-    for i, g in enumerate(groups):
-        if g.heads.start <= h < g.heads.stop:
-            return i, h - g.heads.start
-    raise IndexError(h)
-
-
 def _top1(stacks: list[Heads], groups: list[Group], x: torch.Tensor, y: torch.Tensor):
     """Top-1 of every head of the grid on (x, y), in grid order."""
     return torch.cat(
         [
-            (h.logits(h.norm(_cols(x, g))).argmax(2) == y.view(-1, 1)).float().mean(0)
+            (h.logits(h.norm(columns_of(x, g))).argmax(2) == y.view(-1, 1)).float().mean(0)
             for g, h in zip(groups, stacks, strict=True)
         ]
     )
-
-
-def _test_choice(test_acc: torch.Tensor, finite, settings: list, scale: float) -> dict:
-    """The head the official scripts report: the best top-1 of the final heads on the set
-    they evaluate (ImageNet val; the test split here), the first on ties. Recorded beside the
-    number chosen on validation, never in its place: it is optimistic by the choice."""
-    acc = torch.where(finite, test_acc, -1.0)
-    best = int(torch.argmax(acc))
-    return {
-        "rule": "best test top-1 over the final heads, as the official script selects; "
-        "optimistic, not the reported number (which is chosen on validation)",
-        "selected": setting_dict(settings[best], scale),
-        "top1": float(acc[best]),
-    }
 
 
 PROTOCOL_TYPES.register(
