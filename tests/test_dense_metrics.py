@@ -177,3 +177,26 @@ def test_dense_schedules_are_dinov3s_warmup_one_cycle():
     assert dep.at(12_799)[0] == pytest.approx(0.75 * 3e-4 + 3e-7, rel=1e-3)  # cos(pi/3): 0.75
     assert dep.at(12_800)[1] == pytest.approx(0.85) and dep.at(38_399)[1] == pytest.approx(0.95)
     assert dep.at(38_399)[0] == pytest.approx(3e-4 / 25_000)
+
+
+def test_linseg_loss_and_test_resize_are_dinov3s():
+    """The cross-entropy averaged over every pixel, ignored ones counting 0 (DINOv3's
+    CrossEntropyLoss, avg_non_ignore false), and the test resize's longer side rounded half
+    up (its FixedSideResize: 300x400 at 512 is 512x683)."""
+    import torch
+
+    from ssl_eval.protocols.dense.common import shorter_side
+    from ssl_eval.protocols.dense_seg import seg_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 4, 4))
+    target[0, :2] = 255
+    logp = torch.log_softmax(logits, 1)
+    keep = target != 255
+    picked = logp.gather(1, torch.where(keep, target, 0)[:, None])[:, 0]
+    expect = -(picked * keep).sum() / target.numel()
+    assert float(seg_loss(logits, target)) == pytest.approx(float(expect), rel=1e-6)
+    assert shorter_side(300, 400, 512) == (512, 683)
+    assert shorter_side(400, 300, 512) == (683, 512)
+    assert shorter_side(32, 32, 16) == (16, 16)

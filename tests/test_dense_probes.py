@@ -383,3 +383,9 @@ def test_whole_image_and_flip_averaging_as_dinov3s_depth_eval():
     assert calls == [(2, 16, 27, 4)] * 2  # the image and its mirror
     for r in (0, 1):
         torch.testing.assert_close(flipped[r][0], red[r] + 13.0)
+    # resized (size 20) and whole: 16x27 becomes 20x34, the longer side rounded half up as
+    # DINOv3's FixedSideResize (27 x 20 / 16 = 33.75; torchvision's [20] would give 33)
+    calls.clear()
+    kw = dict(crop=None, stride=0, head=head, device=CPU, batch_size=8)
+    out = dict(slide_predict(bb, bundle.test, [0], size=20, **kw))
+    assert calls == [(1, 20, 34, 4)] and out[0].shape == (1, 16, 27)

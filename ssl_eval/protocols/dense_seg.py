@@ -6,7 +6,7 @@ token width, then a 1x1 convolution to the classes, on the last block's patch-to
 (DINOv2's BNHead, dinov2/eval/segmentation/models/decode_heads/linear_head.py @ b8931f7,
 puts BatchNorm first and mmseg's ``cls_seg`` dropout after it: not the same order.) The
 logits are upsampled bilinearly to the label's resolution for the cross-entropy (ignore index
-255) and, at test, to each image's original resolution, where mIoU, pixel accuracy and
+255, averaged over every pixel, ignored ones counting 0: DINOv3's loss.py) and, at test, to each image's original resolution, where mIoU, pixel accuracy and
 per-class IoU are computed (dense/metrics.py). Optimiser and schedule are DINOv3's
 segmentation trainer (eval/segmentation/train.py) with config-ade20k-linear-training.yaml:
 AdamW over every head parameter in one group (lr 1e-3, betas 0.9/0.999, weight decay 1e-3 on
@@ -221,10 +221,18 @@ def run_linseg(inp: ImageInputs, p: LinsegParams) -> ProtocolOutput:
     head = _WithPrefix(LinearSegHead(_token_dim(inp, p, "linseg"), classes, p.dropout))
 
     def loss_fn(out, target, step):
-        return F.cross_entropy(out, target, ignore_index=IGNORE)
+        return seg_loss(out, target)
 
     record, losses = train_head(inp, p, head, loss_fn, "segmentation", lag=1)
     return score_segmentation(inp, p, dense, head, record | {"final_loss": losses[-1]})
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DINOv3's segmentation CrossEntropyLoss (eval/segmentation/loss.py, avg_non_ignore
+    false): the per-pixel cross-entropy, 0 on pixels of the ignore index, averaged over every
+    pixel of the batch, ignored ones included (torch's own mean would divide by the labelled
+    pixels only)."""
+    return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none").mean()
 
 
 def _token_dim(inp: ImageInputs, p: DenseTrainParams, name: str) -> int:

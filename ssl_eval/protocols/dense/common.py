@@ -139,12 +139,22 @@ def windows(length: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, length - crop) for i in range(n)]
 
 
+def shorter_side(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h, w) with the shorter side ``size`` and the longer one rounded half up, as DINOv3's
+    FixedSideResize computes it (eval/segmentation/transforms.py: a 300x400 image at 512 is
+    512x683; torchvision's own [size] would truncate to 682)."""
+    if h > w:
+        return int(size * h / w + 0.5), size
+    return size, int(size * w / h + 0.5)
+
+
 def _resized(img: np.ndarray, size: int | None, interpolation: str) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
     if size is None:  # the native resolution
         return x
     mode = getattr(InterpolationMode, interpolation.upper())
-    return TF.resize(x, [size], interpolation=mode, antialias=True)
+    out = list(shorter_side(x.shape[1], x.shape[2], size))
+    return TF.resize(x, out, interpolation=mode, antialias=True)
 
 
 def chunks_of(rows: list[int], batch_size: int) -> list[list[int]]:
