@@ -1,10 +1,11 @@
 """The logreg protocol: the official C grid, and agreement with scikit-learn fitted cold at each C.
 
-The reference for every fit is ``sklearn.linear_model.LogisticRegression(lbfgs)`` run to
-convergence (tol 1e-10, max_iter 20,000) from zeros at each C, float64: the same selected C
-(best validation top-1, smallest on ties), the same validation top-1 at every C up to 10x the
-selected one (within one image beyond, where both solvers may stop at their iteration cap), the same test
-predictions of the final fit on train + val, and coefficients within a relative tolerance.
+The reference for every fit is ``sklearn.linear_model.LogisticRegression(lbfgs)`` (tol 1e-10,
+max_iter 20,000: every fit ends on scipy's relative reduction of the loss) from zeros at each of
+the cards' 45 values of C, float64, against the cards' warm-started path: the same selected C
+(best validation top-1, smallest on ties), the same validation top-1 at every one of the 45 C,
+the same test predictions of the final fit on train + val, and coefficients within a relative
+tolerance up to 10x the selected C.
 Breaking the intercept's exemption from the penalty, the C of a warm-started fit or the warm
 start itself fails these tests.
 """
@@ -97,10 +98,9 @@ def _agree(inp: ProtocolInputs, p: LogregParams, coef_rtol: float):
     assert out.details["selected"]["C"] == cs[ref_best]
     near = [c <= 10 * cs[ref_best] for c in cs]  # up to 10x the selected C
     ours_val = list(out.details["val_top1"].values())
-    for c, a, b, close in zip(cs, ours_val, ref_val, near, strict=True):
-        # every C up to 10x the winner: the same top-1; beyond, where the minimiser is flat and
-        # both solvers may end at max_iter (CIFAR: torch at 1,000, sklearn past 3,000), one image
-        assert a == b if close else abs(a - b) <= 1.0 / len(yva) + 1e-12, (c, a, b)
+    assert len(ours_val) == len(cs) == len(ref_val)
+    for c, a, b in zip(cs, ours_val, ref_val, strict=True):
+        assert a == b, (c, a, b)  # every C of the grid: the same validation top-1
     worst = 0.0
     for c, f, m, close in zip(cs, fits, ref, near, strict=True):
         if not close:
@@ -240,9 +240,10 @@ def test_cifar10_resnet56_features_agree_with_sklearn_cold():
         val_idx=np.arange(960, 1200),
         num_classes=10,
     )
-    # every fourth C of the cards' grid (12 of 45, one per decade): each C still checked against
-    # a cold scikit-learn fit; the full grid's 45 cold fits cost minutes on 2 cores
-    out, best_c, top1, worst = _agree(inp, LogregParams(c_num=12), coef_rtol=1e-3)
+    # the cards' whole grid, 45 values of C, each against a cold scikit-learn fit (about 20 s of
+    # scikit-learn on one core for these 960 rows; its fits at the largest C take 3,000+ steps)
+    out, best_c, top1, worst = _agree(inp, LogregParams(), coef_rtol=1e-3)
+    assert out.details["selected"]["C_index"] not in (0, 44)  # a choice inside the grid
     assert top1 > 0.6  # a supervised ResNet-56's features: far above chance
     print(f"cifar10 resnet56: C={best_c:.4g} top1={top1:.4f} max rel coef diff {worst:.1e}")
 
