@@ -330,3 +330,87 @@ def test_select_final_reports_the_heads_as_training_ends(
     assert len(calls) == 4 and sel["epoch"] == epoch
     assert (sel["n_last_blocks"], sel["avgpool"], sel["base_lr"]) == settings[head][:3]
     assert out.details["best_val_top1"] == pytest.approx(0.5 if select == "final" else 0.9)
+
+
+# ---------------------------------------------------------------- DINO's eval_linear.py
+
+
+def _dino_linear_input(tokens: list, n: int, avgpool: bool) -> torch.Tensor:
+    """facebookresearch/dino@7c446df eval_linear.py's head input, written out from its train()
+    over get_intermediate_layers(x, n) (every block's tokens through the final norm): the class
+    tokens of the n blocks concatenated; with avgpool the (B, n x D) class tokens and the last
+    block's (B, D) mean patch token stacked on a new last axis and flattened row by row (the
+    script's shapes allow n = 1 only)."""
+    out = torch.cat([cls for _, cls in tokens[-n:]], dim=-1)
+    if avgpool:
+        mean = tokens[-1][0].mean(dim=1)
+        out = torch.stack((out, mean), dim=-1).reshape(out.shape[0], -1)
+    return out.float()
+
+
+@pytest.mark.parametrize(
+    "card, n, avgpool", [("linear@dino", 4, False), ("linear@dino-vitb", 1, True)]
+)
+def test_dino_cards_heads_read_eval_linears_input(card, n, avgpool):
+    bb = _vit()
+    p = load_card(card).params
+    assert (p.n_last_blocks, p.avgpool) == ((n,), (avgpool,))  # the README's flags
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    source = LayerInput(p)
+    with frozen_forward(source.reader(bb), torch.device("cpu"), Accel()) as read:
+        row = source.select(read(images))
+    (g,) = source.groups(len(grid_settings(p)))
+    tokens = _official_tokens(bb.model, bb.preprocessing.normalise(images), n)
+    want = _dino_linear_input(tokens, n, avgpool)
+    assert want.shape[1] == 64 * (n + int(avgpool))  # the script's embed_dim
+    torch.testing.assert_close(row[:, g.columns], want, rtol=1e-5, atol=1e-5)
+    if avgpool:  # not DINOv2's create_linear_input, which puts the patch mean after
+        assert not torch.allclose(want, _create_linear_input(tokens, n, avgpool), atol=1e-3)
+    assert source.record()["feature_kind"] == f"layers:{n}"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"avgpool_layout": "dino"}, "avgpool_layout is one of"),
+        ({"avgpool_layout": "interleave"}, "orders the heads with avgpool true"),
+        (
+            {"avgpool_layout": "interleave", "n_last_blocks": (4,), "avgpool": (True,)},
+            "n_last_blocks must be [1], not [4]",
+        ),
+        (
+            {"avgpool_layout": "interleave", "n_last_blocks": (1, 4), "avgpool": (False, True)},
+            "n_last_blocks must be [1], not [1, 4]",
+        ),
+        (
+            {"avgpool_layout": "interleave", "n_last_blocks": (4,), "avgpool": (False,)},
+            "orders the heads with avgpool true",
+        ),
+    ],
+)
+def test_bad_avgpool_layouts_are_one_line(change, message):
+    with pytest.raises(UserError) as e:
+        AugmentedParams(**{"epochs": 2, "warmup_epochs": 0.0} | change)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("card", ["linear@dino", "linear@dino-vitb"])
+def test_dino_vit_cards_refuse_a_resnet_in_one_line(card, tmp_path, capsys):
+    args = ["run", "--backbone", "random:resnet10t", "--image-size", "16", "--dataset", "digits"]
+    args += ["--protocol", card, "--results-dir", str(tmp_path / "r")]
+    assert main([*args, "--cache-dir", str(tmp_path / "c"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error" in x]
+    assert "a ResNet has no blocks with a class token" in line and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", augmented.HEAD_INITS)
+def test_head_init_std_zero_starts_every_kind_at_zero(kind):
+    # SimCLR's zero_init_logits_layer; trunc_normal_ divides by the std (ZeroDivisionError)
+    p = AugmentedParams(epochs=2, warmup_epochs=0.0, head_init=kind, head_init_std=0.0)
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    heads = augmented.Heads(3, 7, 5, p, "cpu")
+    assert heads.W.shape == (3, 5, 7) and not heads.W.any() and not heads.b.any()
+    assert torch.equal(torch.rand(1), before)  # no draw made

@@ -399,12 +399,17 @@ LINEAR_CARDS = {
     "mocov3_vit": "linear@mocov3",  # facebookresearch/moco-v3 main_lincls.py, --lr=3
     "mocov3_r50": "linear@mocov3-r50",  # main_lincls.py's defaults (lr 0.1)
     "mae": "linear@mae",  # facebookresearch/mae main_linprobe.py
-    "dino": "linear@dino",  # facebookresearch/dino eval_linear.py
+    # facebookresearch/dino eval_linear.py, the README's command for each network
+    "dino_vits": "linear@dino",  # the defaults: the class tokens of the last 4 blocks
+    "dino_vitb": "linear@dino-vitb",  # --n_last_blocks 1 --avgpool_patchtokens true
+    "dino_resnet50": "linear@dino-r50",  # --arch resnet50: the average pool
     "dinov2": "linear@dinov2",  # facebookresearch/dinov2 eval/linear.py
 }
 
 
 def _family(tag: str) -> str:
+    if tag.startswith("dino_"):
+        return tag.rstrip("0123456789") if tag.startswith("dino_vit") else tag
     if tag.startswith("mocov3_"):
         return "mocov3_r50" if tag == "mocov3_r50" else "mocov3_vit"
     return tag.split("_")[0]
@@ -509,3 +514,35 @@ def test_every_card_a_note_names_is_shipped():
     for e in load_published().entries:
         for name in re.findall(r"\b(?:linear|linear_aug|knn|finetune|logreg)@[\w-]+", e.note):
             assert name in names, (e.label, name)
+
+
+# facebookresearch/dino@7c446df README.md, "Evaluation: Linear classification on ImageNet": the
+# eval_linear.py command given for each network's released linear weights (their flags; the
+# ViT-S commands pass none: eval_linear.py's defaults --n_last_blocks 4
+# --avgpool_patchtokens false), written out from the README
+DINO_README_COMMANDS = {
+    "dino_vits16": "--arch vit_small --patch_size 16",
+    "dino_vits8": "--arch vit_small --patch_size 8",
+    "dino_vitb16": "--arch vit_base --patch_size 16 --n_last_blocks 1 --avgpool_patchtokens true",
+    "dino_vitb8": "--arch vit_base --patch_size 8 --n_last_blocks 1 --avgpool_patchtokens true",
+    "dino_resnet50": "--arch resnet50",
+}
+
+
+def test_each_dino_linear_entry_runs_the_card_of_its_readme_command():
+    entries = [e for e in load_published().entries if e.tag.startswith("dino_")]
+    linear = {e.tag: e.recipe for e in entries if e.recipe.startswith("linear")}
+    assert set(linear) == set(DINO_README_COMMANDS)
+    for tag, command in DINO_README_COMMANDS.items():
+        words = command.split()
+        flags = dict(zip(words[::2], words[1::2], strict=True))
+        p = load_card(linear[tag]).params
+        if "vit" not in flags["--arch"]:  # eval_linear.py's non-ViT branch: model(inp)
+            assert (p.n_last_blocks, p.avgpool) == ((), ()), tag
+            assert load_card(linear[tag]).name == "linear@dino-r50"
+            continue
+        n = int(flags.get("--n_last_blocks", 4))
+        avgpool = flags.get("--avgpool_patchtokens", "false") == "true"
+        assert (p.n_last_blocks, p.avgpool) == ((n,), (avgpool,)), tag
+        # the script stacks the class token and the patch mean value by value
+        assert p.avgpool_layout == ("interleave" if avgpool else "concat"), tag

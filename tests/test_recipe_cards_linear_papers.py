@@ -93,8 +93,10 @@ def test_simclr_card_holds_the_readme_linear_eval_command():
     assert (p.min_lr, len(p.settings())) == (0.0, 1)
     # supervised_head: linear_layer(use_bn=False); the backbone's BN in inference mode
     assert p.batchnorm is False
-    # --zero_init_logits_layer: zeros; the card's stated stand-in, a draw of std 1e-6
-    assert 0 < p.head_init_std <= 1e-6
+    # --zero_init_logits_layer: the head's weights start at zero (std 0: no draw), bias 0
+    assert p.head_init_std == 0.0
+    heads = augmented.Heads(1, 4, 3, p, "cpu")
+    assert not heads.W.any() and not heads.b.any()
     # data.py: batch(drop_remainder=is_training); crop_and_resize: area 0.08-1; flip
     assert (p.drop_last, p.crop_scale, p.hflip) == (True, (0.08, 1.0), True)
 
@@ -150,20 +152,34 @@ def test_simclr_weight_decay_is_the_l2_loss_on_weights_and_bias():
 # ---------------------------------------------------------------- DINO, eval_linear.py
 
 
-def test_dino_card_holds_eval_linear_defaults():
-    p = load_card("linear@dino").params
+DINO_CARDS = ["linear@dino", "linear@dino-vitb", "linear@dino-r50"]
+
+
+@pytest.mark.parametrize("card", DINO_CARDS)
+def test_dino_card_holds_eval_linear_defaults(card):
+    p = load_card(card).params
     # --lr 0.001 per 256, --batch_size_per_gpu 128 on the README's 8 GPUs, --epochs 100,
     # SGD(momentum=0.9, weight_decay=0), CosineAnnealingLR(epochs, eta_min=0), no warmup
     assert (p.base_lrs, p.batch_size, p.lr_batch_scaling, p.epochs) == ((0.001,), 1024, True, 100)
     assert (p.optimizer, p.momentum, p.weight_decays, len(p.settings())) == ("sgd", 0.9, (0.0,), 1)
     assert (p.warmup_epochs, p.min_lr) == (0.0, 0.0)
     # LinearClassifier: weight normal_(0, 0.01), bias zero_(); no BatchNorm
-    assert (p.batchnorm, p.head_init_std) == (False, 0.01)
+    assert (p.batchnorm, p.head_init, p.head_init_std) == (False, "normal", 0.01)
     assert (p.crop, p.crop_scale, p.hflip, p.drop_last) == ("torchvision", (0.08, 1.0), True, False)
+    # the epoch chosen on validation each epoch (the script's best_acc over epochs, on val)
+    assert (p.iterations, p.select) == (0, "epoch")
+    # the head's input: the README's command for the card's networks (test_published.py)
+    want = {
+        "linear@dino": ((4,), (False,), "concat"),  # ViT-S: the defaults
+        "linear@dino-vitb": ((1,), (True,), "interleave"),  # ViT-B: 1 block + avgpool
+        "linear@dino-r50": ((), (), "concat"),  # ResNet-50: model(inp), the average pool
+    }[card]
+    assert (p.n_last_blocks, p.avgpool, p.avgpool_layout) == want
 
 
-def test_dino_lr_is_cosine_annealing_stepped_per_epoch():
-    p = load_card("linear@dino").params
+@pytest.mark.parametrize("card", DINO_CARDS)
+def test_dino_lr_is_cosine_annealing_stepped_per_epoch(card):
+    p = load_card(card).params
     init_lr = 0.001 * (128 * 8) / 256.0  # "linear scaling rule"
     head = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(head.parameters(), init_lr, momentum=0.9, weight_decay=0)

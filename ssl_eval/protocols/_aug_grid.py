@@ -10,6 +10,13 @@ the last block. Here the forward reads the backbone's ``layers:N`` feature kind 
 the cached multi-layer features, ``features/layers.py``: per block its class token and patch
 mean, after the final norm) online, keeps the columns some head reads, and every (n, avgpool)
 group of heads trains on its own columns of that row, in the script's order.
+
+DINO's eval_linear.py (facebookresearch/dino, linear@dino-vitb) lays the same values out
+otherwise: its class tokens of the last n blocks come out of ``get_intermediate_layers(n)``
+(each block through the final norm) oldest first, and with ``--avgpool_patchtokens`` it pairs
+that class token with the last block's mean patch token value by value, ``[cls_0, patch_0,
+cls_1, patch_1, ...]`` (a (B, D, 2) stack flattened; n must be 1, the script's shapes fail
+otherwise): ``avgpool_layout: interleave`` reads those columns in that order.
 """
 
 from __future__ import annotations
@@ -24,6 +31,35 @@ from ..backbones.tokens import block_reader
 from ..core.errors import UserError
 from ..features.layers import block_dim, head_columns, layers_kind, layout
 from ._linear_grid import cosine_lr
+
+AVGPOOL_LAYOUTS = {
+    "concat": "class tokens, then the last block's patch mean (DINOv2's create_linear_input)",
+    "interleave": "one block's class token and patch mean alternating (DINO's eval_linear.py)",
+}
+
+
+def check_layout(layout_name: str, n_last_blocks, avgpool) -> None:
+    """One-line refusals of an avgpool layout the grid cannot take."""
+    if layout_name not in AVGPOOL_LAYOUTS:
+        raise UserError(
+            f"linear_aug: avgpool_layout is one of {list(AVGPOOL_LAYOUTS)}, not {layout_name!r}"
+        )
+    if layout_name == "interleave" and True not in avgpool:
+        raise UserError(
+            "linear_aug: avgpool_layout=interleave orders the heads with avgpool true; "
+            "set avgpool=[true] (with n_last_blocks=[1]) or avgpool_layout=concat"
+        )
+    if layout_name == "interleave" and max(n_last_blocks) > 1:
+        raise UserError(
+            "linear_aug: avgpool_layout=interleave pairs one block's class token with its patch "
+            f"mean (DINO's eval_linear.py): n_last_blocks must be [1], not {list(n_last_blocks)}"
+        )
+
+
+def interleaved(cols: np.ndarray, dim: int) -> np.ndarray:
+    """One block's ``[cls (dim), patch mean (dim)]`` columns in DINO's order: the two values
+    of each dimension side by side."""
+    return cols.reshape(2, dim).T.reshape(-1)
 
 
 def grid_settings(p) -> list[tuple]:
@@ -76,7 +112,7 @@ def check_blocks(model, p) -> None:
         raise UserError(
             f"linear_aug: n_last_blocks reads the class tokens of a ViT's last blocks; a "
             f"{type(model).__name__} has no blocks with a class token: run linear_aug without "
-            "n_last_blocks (e.g. linear@mae), or pick a ViT"
+            "n_last_blocks (e.g. linear@mae, linear@dino-r50), or pick a ViT"
         )
     depth = reader.block_count()
     if want > depth:
@@ -112,8 +148,13 @@ class LayerInput:
 
     def _plan(self, width: int) -> None:
         dim = block_dim(width, self.n)
+        dino = self.p.avgpool_layout == "interleave"  # n is 1 there (check_layout)
         per = [
-            head_columns(self.n, dim, n, a) for n in self.p.n_last_blocks for a in self.p.avgpool
+            interleaved(head_columns(self.n, dim, n, a), dim)
+            if a and dino
+            else head_columns(self.n, dim, n, a)
+            for n in self.p.n_last_blocks
+            for a in self.p.avgpool
         ]
         kept = np.unique(np.concatenate(per))
         where = {int(c): i for i, c in enumerate(kept)}
@@ -133,7 +174,10 @@ class LayerInput:
 
     def record(self) -> dict:
         """What the heads read, for the record (the multi-layer grid only)."""
-        return {"feature_kind": self.kind, "layout": layout(self.kind)}
+        out = {"feature_kind": self.kind, "layout": layout(self.kind)}
+        if self.p.avgpool_layout != "concat":
+            out["avgpool_layout"] = AVGPOOL_LAYOUTS[self.p.avgpool_layout]
+        return out
 
 
 def width(g: Group, x: torch.Tensor) -> int:

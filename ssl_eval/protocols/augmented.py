@@ -62,6 +62,7 @@ from ._aug_grid import (
     Group,
     LayerInput,
     check_blocks,
+    check_layout,
     columns_of,
     grid_settings,
     iteration_lr,
@@ -94,6 +95,7 @@ class AugmentedParams:
         "head_init": "trunc_normal",
         "select": "epoch",
         "report_test_choice": False,
+        "avgpool_layout": "concat",
     }
     base_lrs: tuple[float, ...] = (0.1,)  # lr = base_lr * batch / 256 with lr_batch_scaling
     weight_decays: tuple[float, ...] = (0.0,)
@@ -110,7 +112,7 @@ class AugmentedParams:
     bn_eps: float = 1e-6
     bn_momentum: float = 0.1
     bn_rows: int = 512  # rows normalised together in training (MAE: 512 per GPU); 0 = the batch
-    head_init_std: float = 0.01  # trunc_normal weights, zero biases
+    head_init_std: float = 0.01  # trunc_normal weights, zero biases; 0: zero weights
     crop: str = "mae"  # random-resized-crop rule: mae | torchvision
     crop_scale: tuple[float, ...] = (0.08, 1.0)
     hflip: bool = True
@@ -129,6 +131,10 @@ class AugmentedParams:
     # also record the head the official script picks: the best top-1 on the set it reports
     # (the test split here; optimistic, never the reported number)
     report_test_choice: bool = False
+    # how a head with avgpool lays out its input (_aug_grid.AVGPOOL_LAYOUTS): concat, DINOv2's
+    # create_linear_input; interleave, DINO's eval_linear.py (one block's class token and patch
+    # mean alternating value by value)
+    avgpool_layout: str = "concat"
 
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.forward_batch) < 1 or self.bn_rows < 0:
@@ -176,6 +182,7 @@ class AugmentedParams:
             )
         if self.select not in SELECTIONS:
             raise UserError(f"linear_aug: select is one of {list(SELECTIONS)}, not {self.select!r}")
+        check_layout(self.avgpool_layout, self.n_last_blocks, self.avgpool)
 
     def settings(self) -> list[tuple[float, float]]:
         return [(lr, wd) for lr in self.base_lrs for wd in self.weight_decays]
@@ -208,7 +215,10 @@ class Heads:
 
     def __init__(self, H: int, D: int, C: int, p: AugmentedParams, device):
         self.p = p
-        if p.head_init == "normal":
+        if p.head_init_std == 0:
+            # zero weights (SimCLR's zero_init_logits_layer), whatever the kind: no draw
+            self.W = torch.zeros(H, C, D, device=device)
+        elif p.head_init == "normal":
             # the scripts' LinearClassifier: weight.normal_(0, std) per head in grid order,
             # drawn on the CPU (built there, then moved), bias 0
             self.W = torch.empty(H, C, D)
