@@ -35,8 +35,10 @@ rows) online, and each (n, avgpool) stack of heads trains on its own columns of 
 layout of the scripts' ``create_linear_input``; a fixed iteration count under torch's
 CosineAnnealingLR (``iterations``), heads drawn as nn.Linear.weight.normal_ (``head_init``),
 and the best of the final heads on validation (``select: final``), with the script's own
-test-chosen head recorded beside it (``report_test_choice``). At their neutral values these
-params leave the probe as it was.
+test-chosen head recorded beside it (``report_test_choice``). DINO's cards read the same row:
+linear@dino the last 4 class tokens, linear@dino-vitb the last class token and patch mean in
+eval_linear.py's interleaved order (``avgpool_layout``). At their neutral values these params
+leave the probe as it was; ``head_init_std`` 0 starts the heads at zero (SimCLR's).
 """
 
 from __future__ import annotations
