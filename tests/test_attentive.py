@@ -445,3 +445,113 @@ def test_the_default_suite_resolves_attentive_capi_as_its_reference_records():
         assert {k: ref[k] for k in ("name", "version", "type", "params")} == {
             k: mine[k] for k in ("name", "version", "type", "params")
         }
+
+
+class _Snapshots:
+    """A tracker that keeps a copy of every head after every epoch (for the rule's test)."""
+
+    def __init__(self):
+        self.heads = []
+
+    def after_epoch(self, heads):
+        import copy
+
+        self.heads.append([copy.deepcopy(h).eval() for h in heads])
+
+    def state(self):
+        return {}
+
+    def restore(self, st):
+        pass
+
+
+def _top1(head, x, y):
+    with torch.no_grad():
+        return float((head(x).argmax(1) == y).float().mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["mae", "vjepa2"])
+def test_each_cards_epoch_and_script_number_follow_its_scripts_rule(tmp_path, schedule):
+    """attentive@eff (efficient probing's main_linprobe: max_accuracy, the best epoch on its
+    test set) is scored at the (epoch, head) chosen on validation, and the script's own number
+    (the best epoch's test top-1) is recorded beside it; attentive@vjepa2 (eval.py: every
+    epoch's best head on test, no epoch chosen) scores the last epoch and records the last
+    epoch's best head on test. Both recomputed here from every epoch's heads."""
+    from ssl_eval.protocols.attentive import run_attentive
+    from ssl_eval.protocols.base import ImageInputs
+
+    bb, images = tiny_vit(8), _bundle(n=60, size=8).train.images
+    # labels drawn at random: the validation top-1 wanders, so its best epoch is not the last
+    split = ImageSplit(np.random.default_rng(1).integers(0, 3, 60), images)
+    ds = DatasetBundle("toy", ["0", "1", "2"], split, split, {"toy": 1})
+    tr_idx, va_idx = np.arange(36), np.arange(36, 48)
+    kw, lrs = {"pooler": "ep", "queries": 4, "optimizer": "lars", "warmup": 1.0}, (30.0, 300.0)
+    if schedule == "vjepa2":
+        kw, lrs = {"pooler": "capi", "start_lr": 1e-3, "warmup": 1.0}, (0.01, 0.1)
+    p = AttentiveParams(
+        **kw, schedule=schedule, epochs=6.0, batch_size=6, lrs=lrs, weight_decays=(0.0,)
+    )
+    inp = ImageInputs(bb, ds, tr_idx, va_idx, CPU, 0, None, 0, tmp_path)
+    out = run_attentive(inp, p)
+    # the same heads, epoch by epoch (training draws nothing the scoring changes)
+    src = token_source(bb, ds, "train", budget_bytes=10**8, device=CPU, cache_dir=tmp_path)
+    x = torch.cat([t.reshape(len(t), -1, t.shape[-1]) for _, t, _ in src.batches()])
+    y = torch.as_tensor(ds.train.labels)
+    labels = {i: int(ds.train.labels[i]) for i in range(len(ds.train))}
+    snaps = _Snapshots()
+    train_heads(src, tr_idx, labels, 3, p, p.settings(), 0, CPU, None, snaps)
+    val = [[_top1(h, x[va_idx], y[va_idx]) for h in hs] for hs in snaps.heads]
+    test = [[_top1(h, x, y) for h in hs] for hs in snaps.heads]  # the bundle's test = train
+    d = out.details
+    if schedule == "mae":
+        flat = [(v, -e, -k) for e, vs in enumerate(val) for k, v in enumerate(vs)]
+        v, e, k = max(flat)  # the best validation top-1, the first epoch and head on ties
+        e, k = -e, -k
+        assert e < len(val) - 1, "a run whose best epoch is the last one tests nothing"
+        assert (d["best_epoch"], d["best_val_top1"]) == (e, v)
+        assert out.metrics["top1"] == pytest.approx(test[e][k], abs=1e-6)
+        script = max(t[k] for t in test)
+        assert d["script_choice"]["top1"] == pytest.approx(script, abs=1e-6)
+        assert d["script_choice"]["selected"]["epoch"] == int(np.argmax([t[k] for t in test]))
+    else:
+        last = len(val) - 1
+        k = int(np.argmax(val[last]))
+        assert out.metrics["top1"] == pytest.approx(test[last][k], abs=1e-6)
+        assert d["script_choice"]["top1"] == pytest.approx(max(test[last]), abs=1e-6)
+        assert "best_epoch" not in d
+
+
+@pytest.mark.slow
+def test_the_best_epoch_rule_resumes_its_per_epoch_scores(tmp_path, capsys):
+    """A state saved mid-run holds the per-epoch scores of attentive@eff's rule (validation
+    and test top-1 of every epoch so far, the best (epoch, head) and its test hits): a resumed
+    run ends with the uninterrupted run's."""
+    from ssl_eval.protocols.attentive import _EpochTracker
+
+    bb, ds = tiny_vit(8), _bundle(n=24, size=8)
+    src = token_source(bb, ds, "train", budget_bytes=10**8, device=CPU, cache_dir=tmp_path)
+    te = token_source(bb, ds, "test", budget_bytes=10**8, device=CPU, cache_dir=tmp_path)
+    labels = {i: int(ds.train.labels[i]) for i in range(len(ds.train))}
+    rows, val_idx, state = np.arange(16), np.arange(16, 24), tmp_path / "state" / "state.pt"
+    y = torch.as_tensor(ds.train.labels)
+    p = AttentiveParams(
+        pooler="ep", queries=4, optimizer="lars", schedule="mae", epochs=4.0, warmup=1.0,
+        batch_size=8, lrs=(30.0, 300.0), weight_decays=(0.0,),
+    )  # fmt: skip
+
+    def train():
+        t = _EpochTracker(src, te, val_idx, y[val_idx], y, p, CPU)
+        train_heads(src, rows, labels, 3, p, p.settings(), 7, CPU, state, t)
+        return t
+
+    ref = train()  # 2 steps an epoch: states after epochs 1, 2 and 3
+    assert "[resume]" not in capsys.readouterr().out
+    again = train()
+    assert "[resume] attentive from step 6 of 8" in capsys.readouterr().out
+    assert len(again.history) == 4 and again.history == ref.history
+    assert {k: v for k, v in again.best.items() if k != "hits"} == {
+        k: v for k, v in ref.best.items() if k != "hits"
+    }
+    for k in (1, 5):
+        assert torch.equal(again.best["hits"][k], ref.best["hits"][k])

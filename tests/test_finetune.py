@@ -73,7 +73,44 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
         h["val_top1"] for h in full.details["history"]
     ]
     np.testing.assert_array_equal(resumed.per_sample["top1"], full.per_sample["top1"])
+    assert resumed.details["script_choice"] == full.details["script_choice"]
     assert not (tmp_path / "b" / "state" / "state.pt").exists()
+
+
+@pytest.mark.slow
+def test_script_choice_is_the_best_epochs_test_top1(tmp_path, monkeypatch):
+    """MAE's main_finetune.py reports max_accuracy: the best test top-1 over the epochs. The
+    record keeps it beside the number chosen on validation: here each epoch's saved model is
+    scored on test apart, and the recorded number is the best of those."""
+    from ssl_eval.core.files import read_torch_checked
+    from ssl_eval.data.datasets import DatasetBundle, ImageSplit
+
+    p = FinetuneParams(epochs=3, batch_size=32, hflip=False)
+    inp = _inputs(tmp_path)
+    # test labels shuffled: the test top-1 wanders over the epochs, away from the validation's
+    ds = inp.bundle
+    shuffled = ImageSplit(np.random.default_rng(0).permutation(ds.test.labels), ds.test.images)
+    inp.bundle = DatasetBundle(ds.name, ds.classes, ds.train, shuffled, ds.fingerprint)
+    per_epoch = []
+
+    def score_the_saved_model(epoch):
+        st = read_torch_checked(tmp_path / "state" / "state.pt", torch.device("cpu"))
+        with torch.random.fork_rng(devices=[]):
+            clf, _ = finetune._model(inp, p)
+        clf.load_state_dict(st["model"])
+        test = inp.bundle.test
+        _, hits = finetune._evaluate(
+            clf, test, np.arange(len(test)), inp.backbone.preprocessing, p, inp.device, False, 0
+        )
+        per_epoch.append(float(hits[1].mean()))
+
+    monkeypatch.setattr(finetune, "_after_epoch", score_the_saved_model)
+    out = run_finetune(inp, p)
+    choice = out.details["script_choice"]
+    assert len(per_epoch) == 3 and choice["top1"] == max(per_epoch)
+    assert choice["selected"]["epoch"] == int(np.argmax(per_epoch))
+    assert out.metrics["top1"] == per_epoch[out.details["best_epoch"]]  # chosen on validation
+    assert choice["selected"]["epoch"] != out.details["best_epoch"]  # the two rules differ here
 
 
 def test_schedule_counts_samples_not_steps():

@@ -90,6 +90,13 @@ SCHEDULES.register("capi", _capi)
 SCHEDULES.register("vjepa2", _vjepa2)
 SCHEDULES.register("mae", _mae)
 LR_SCALING = {"none": lambda batch: 1.0, "batch/256": lambda batch: batch / 256}
+# What each schedule's official script reports, which decides the epoch ssl-eval scores:
+# ``last`` (CAPI: the head chosen on its held-out split at the last iteration, ssl-eval's own
+# rule; V-JEPA 2: every epoch's best head on its test set is logged, the run ends at the last
+# epoch, no epoch is chosen) scores the last step; ``best_epoch`` (efficient probing's
+# main_linprobe.py, MAE's: max_accuracy, the best epoch on its test set) is followed on the
+# validation split: the (epoch, head) with the best validation top-1 is scored on test.
+SCRIPT_RULES = {"capi": "last", "vjepa2": "last", "mae": "best_epoch"}
 
 
 @dataclass(frozen=True)
@@ -238,11 +245,14 @@ def train_heads(
     seed,
     device,
     state_path: Path | None = None,
+    tracker=None,
 ):
     """The grid's heads trained together on ``rows`` of ``src``; ``labels`` maps row -> class.
     Returns this rank's share of the heads (all of them in one process: ``_grid_share``).
     With ``state_path``, the state is saved there after an epoch (at most every total / 20
-    steps) and a saved state of the same run is resumed."""
+    steps) and a saved state of the same run is resumed. ``tracker`` (``_EpochTracker``) is
+    called after every epoch (the last, partial one included) and its state saved with the
+    heads'."""
     pl = plan(len(rows), p)
     part = _grid_share.share(len(settings))
     heads = [_head(src.dim, classes, s, seed, p).to(device).train() for s in settings[part]]
@@ -259,6 +269,7 @@ def train_heads(
             "labels": [labels[int(r)] for r in rows],
             "dim": src.dim,
             "layout": _grid_share.STATE_LAYOUT,
+            "epoch_rule": None if tracker is None else SCRIPT_RULES[p.schedule],
         }
     )
     st = _grid_share.load(state_path, fingerprint, pl.total, len(settings))
@@ -269,6 +280,8 @@ def train_heads(
         g.set_state(st["generator"])
         torch.set_rng_state(st["rng"])
         step = saved = st["step"]
+        if tracker is not None:
+            tracker.restore(st.get("tracker"))
         if distributed.is_main():
             print(f"[resume] attentive from step {step} of {pl.total} ({state_path})", flush=True)
     while step < pl.total:
@@ -290,8 +303,12 @@ def train_heads(
             step += 1
             if step == pl.total:
                 break
+        if tracker is not None:
+            tracker.after_epoch(heads)
         if step < pl.total and step - saved >= pl.total / 20:
             state = {"fingerprint": fingerprint, "step": step, "generator": g.get_state()}
+            if tracker is not None:
+                state["tracker"] = tracker.state()
             _grid_share.save(state_path, state | {"rng": torch.get_rng_state()}, heads, opts)
             saved = step
     return [h.eval() for h in heads], pl
@@ -306,6 +323,75 @@ def _logits(heads, src, rows, p: AttentiveParams, device, **which) -> list[list[
         for o, h in zip(out, heads, strict=True):
             o.append(h(x).float().cpu())
     return out
+
+
+def _val_top1(heads, src, rows, y: torch.Tensor, p: AttentiveParams, device) -> list[float]:
+    """Each head of the grid's top-1 (argmax, the first class on ties) on ``rows``."""
+    return _grid_share.in_grid_order(
+        [
+            float((torch.cat(s).argmax(1) == y).float().mean())
+            for s in _logits(heads, src, rows, p, device, shared=True)
+        ]
+    )
+
+
+def _test_hits(heads, te, y: torch.Tensor, p: AttentiveParams, device) -> list[dict]:
+    """This rank's heads' top-1 / top-5 hits on every test row."""
+    return [
+        topk_hits(torch.cat(s), y, (1, 5)) for s in _logits(heads, te, None, p, device, shared=True)
+    ]
+
+
+class _EpochTracker:
+    """The ``best_epoch`` rule, after every epoch: every head's validation top-1 (the
+    (epoch, head) with the best one, the first on ties, is the one ssl-eval reports, its test
+    hits kept from that epoch) and every head's test top-1 (for the script's own number, the
+    best epoch on test, recorded beside ssl-eval's, never in its place)."""
+
+    def __init__(self, tr, te, val_idx, y_val, y_test, p: AttentiveParams, device):
+        self.tr, self.te, self.val_idx, self.p, self.device = tr, te, val_idx, p, device
+        self.y_val, self.y_test = y_val, y_test
+        self.epoch = 0
+        self.best = {"val": -1.0, "epoch": -1, "head": -1, "hits": None, "grid": None}
+        self.history: list[dict] = []  # per epoch: every head's validation and test top-1
+
+    def after_epoch(self, heads) -> None:
+        for h in heads:  # scored as the final heads are: BatchNorm on its running statistics
+            h.eval()
+        val = _val_top1(heads, self.tr, self.val_idx, self.y_val, self.p, self.device)
+        mine = _test_hits(heads, self.te, self.y_test, self.p, self.device)
+        for h in heads:
+            h.train()
+        test = _grid_share.in_grid_order([float(x[1].mean()) for x in mine])
+        h = int(np.argmax(val))  # the first of equal scores
+        if val[h] > self.best["val"]:  # an equal score later keeps the earlier epoch
+            first = _grid_share.share(len(val)).start
+            hits = _grid_share.in_grid_order(
+                [x if first + i == h else None for i, x in enumerate(mine)]
+            )[h]
+            hits = {k: torch.from_numpy(v) for k, v in hits.items()}  # a state holds tensors
+            self.best = {"val": val[h], "epoch": self.epoch, "head": h, "hits": hits, "grid": val}
+        self.history.append({"epoch": self.epoch, "val_top1": val, "test_top1": test})
+        self.epoch += 1
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "best": self.best, "history": self.history}
+
+    def restore(self, st: dict | None) -> None:
+        if st is None:  # the fingerprint holds the rule: a state of this run has its scores
+            raise UserError("attentive: a saved state without its per-epoch scores")
+        self.epoch, self.best, self.history = st["epoch"], st["best"], st["history"]
+
+
+def _script_choice(rule: str, settings, tests: list[float], epoch: int) -> dict:
+    """The number the card's official script reports by its own rule: the best test top-1."""
+    h = int(np.argmax(tests))
+    return {
+        "rule": rule + "; chosen on test, so optimistic: not the reported number (chosen on "
+        "validation)",
+        "selected": {"lr": settings[h][0], "weight_decay": settings[h][1], "epoch": epoch},
+        "top1": tests[h],
+    }
 
 
 def run_attentive(inp: ImageInputs, p: AttentiveParams) -> ProtocolOutput:
@@ -339,28 +425,64 @@ def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> Proto
     labels = {int(r): int(bundle.train.labels[r]) for r in rows}
     settings = p.settings()
     classes, seed = bundle.num_classes, inp.seed
-    mine, pl = train_heads(
-        tr, inp.train_idx, labels, classes, p, settings, seed, device, state_path
-    )
     y_val = torch.as_tensor(bundle.train.labels[inp.val_idx])
-    val = _grid_share.in_grid_order(
-        [
-            float((torch.cat(s).argmax(1) == y_val).float().mean())
-            for s in _logits(mine, tr, inp.val_idx, p, device, shared=True)
-        ]
+    y_test = torch.as_tensor(bundle.test.labels)
+    rule = SCRIPT_RULES[p.schedule]
+    tracker = None
+    if rule == "best_epoch":
+        tracker = _EpochTracker(tr, te, inp.val_idx, y_val, y_test, p, device)
+    mine, pl = train_heads(
+        tr, inp.train_idx, labels, classes, p, settings, seed, device, state_path, tracker
     )
-    best = int(np.argmax(val))  # the first of equal scores
-    head = _grid_share.selected_head(
-        best,
-        len(settings),
-        mine,
-        lambda: _head(tr.dim, classes, settings[best], seed, p).to(device),
-    )
-    test_scores = _grid_share.batch_shares(
-        lambda numbers: _logits([head], te, None, p, device, numbers=numbers)[0],
-        _grid_share.batch_count(len(te.rows), p.eval_batch_size),
-    )
-    hits = topk_hits(test_scores, torch.as_tensor(bundle.test.labels), (1, 5))
+    extra = {}
+    if tracker is not None:  # the (epoch, head) chosen on validation, scored at that epoch
+        b = tracker.best
+        best, val, hits = b["head"], b["grid"], {k: v.numpy() for k, v in b["hits"].items()}
+        head = _head(tr.dim, classes, settings[best], seed, p)  # its size, for the record
+        per_head = [[e["test_top1"][k] for e in tracker.history] for k in range(len(settings))]
+        e = int(np.argmax(per_head[best]))
+        extra = {
+            "best_epoch": b["epoch"],
+            "epochs_run": len(tracker.history),
+            "history": [{"epoch": h["epoch"], "val_top1": h["val_top1"]} for h in tracker.history],
+            # efficient probing's main_linprobe.py: the best epoch's test top-1 of the run
+            # (its one head; here the setting chosen on validation)
+            "script_choice": {
+                "rule": "the best epoch's test top-1 of the selected setting (main_linprobe.py's "
+                "max_accuracy); chosen on test, so optimistic: not the reported number (chosen "
+                "on validation)",
+                "selected": {
+                    "lr": settings[best][0],
+                    "weight_decay": settings[best][1],
+                    "epoch": e,
+                },
+                "top1": per_head[best][e],
+            },
+        }
+    else:
+        val = _val_top1(mine, tr, inp.val_idx, y_val, p, device)
+        best = int(np.argmax(val))  # the first of equal scores
+        head = _grid_share.selected_head(
+            best,
+            len(settings),
+            mine,
+            lambda: _head(tr.dim, classes, settings[best], seed, p).to(device),
+        )
+        test_scores = _grid_share.batch_shares(
+            lambda numbers: _logits([head], te, None, p, device, numbers=numbers)[0],
+            _grid_share.batch_count(len(te.rows), p.eval_batch_size),
+        )
+        hits = topk_hits(test_scores, y_test, (1, 5))
+        if p.schedule == "vjepa2":  # every head's last-epoch test top-1: the script logs the best
+            mine_test = _test_hits(mine, te, y_test, p, device)
+            tests = _grid_share.in_grid_order([float(x[1].mean()) for x in mine_test])
+            extra["script_choice"] = _script_choice(
+                "the last epoch's best head on test (eval.py logs max over its classifiers of "
+                "the test top-1 every epoch)",
+                settings,
+                tests,
+                math.ceil(pl.total / pl.per_epoch) - 1,
+            )
     lr, wd = settings[best]
     return ProtocolOutput(
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
@@ -385,6 +507,7 @@ def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> Proto
             "tokens_test": te.record(),
             "train_size": len(inp.train_idx),
             "val_size": len(inp.val_idx),
+            **extra,
         },
         per_sample={"top1": hits[1], "top5": hits[5]},
     )
