@@ -100,6 +100,27 @@ def test_ep_pooler_reads_one_value_slice_per_query_by_hand():
     assert sum(p.numel() for p in pooler.parameters()) == m * d + d * d + d * c + c
 
 
+def test_ep_pooler_normalises_each_512_rows_apart_in_training():
+    """efficient probing's BatchNorm is per GPU (512 rows each, not synchronised) and its
+    running statistics are rank 0's: a batch of 1,100 rows is normalised as 512 + 512 + 76
+    rows, each by its own mean and biased variance, and the running statistics follow the
+    first 512 rows alone (momentum 0.1, unbiased variance)."""
+    torch.manual_seed(3)
+    d, m = 8, 4
+    pooler = EfficientPooler(d, 3, m).train()
+    x = torch.randn(1100, 2, d) + 3 * torch.rand(1100, 1, 1)  # groups with other statistics
+    pooled = _np(pooler.pool(x))
+    want = np.concatenate(
+        [(g - g.mean(0)) / np.sqrt(g.var(0) + 1e-6) for g in np.split(pooled, [512, 1024])]
+    )
+    np.testing.assert_allclose(_np(pooler(x)), _lin(want, pooler.linear), atol=1e-4)
+    first = pooled[:512]
+    np.testing.assert_allclose(_np(pooler.norm.running_mean), 0.1 * first.mean(0), atol=1e-5)
+    np.testing.assert_allclose(
+        _np(pooler.norm.running_var), 0.9 + 0.1 * first.var(0, ddof=1), atol=1e-5
+    )
+
+
 def _attend(q, k, v, heads):
     d = q.shape[-1]
     out = np.zeros(q.shape)

@@ -7,8 +7,8 @@ protocol type): a registry of pooler kinds, each a head from tokens (B, L, D) to
 - ``ep``: efficient probing's M learned queries with no query or key projection (the keys are
   the tokens), one attention head scaled by D^-1/2, and a value projection without bias whose
   D channels are cut in M slices: query m reads slice m, so the pooled vector is D wide; then a
-  non-affine BatchNorm and a linear classifier (billpsomas/efficient-probing, poolings/ep.py and
-  probe_heads.py).
+  non-affine BatchNorm (in training over each 512 rows apart, as the script's per-GPU one) and a
+  linear classifier (billpsomas/efficient-probing, poolings/ep.py and probe_heads.py).
 - ``vjepa2``: V-JEPA 2's attentive classifier: ``depth - 1`` pre-norm self-attention blocks over
   the tokens, then a cross-attention block whose single query attends to the normed tokens
   (query and key/value projections, no output projection) with a residual MLP, then a linear
@@ -80,8 +80,16 @@ class CapiPooler(nn.Module):
         return self.linear(self.pool(x))
 
 
+# efficient probing's --batch_size, per GPU: its BatchNorm is not synchronised (main_linprobe.py
+# converts no SyncBatchNorm), so in training each GPU's 512 rows are normalised apart, and the
+# running statistics that score validation and test are rank 0's (DistributedDataParallel
+# broadcasts rank 0's buffers before each forward): here the batch's first 512 rows'
+EP_BN_ROWS = 512
+
+
 class EfficientPooler(nn.Module):
-    """M queries, keys = tokens, one head: pooled[m-th slice] = softmax(q_m X^T / sqrt(D)) V_m."""
+    """M queries, keys = tokens, one head: pooled[m-th slice] = softmax(q_m X^T / sqrt(D)) V_m;
+    then BatchNorm over groups of ``EP_BN_ROWS`` rows in training, as the script's per GPU."""
 
     def __init__(self, dim: int, num_classes: int, queries: int):
         super().__init__()
@@ -104,7 +112,13 @@ class EfficientPooler(nn.Module):
         return (attn.unsqueeze(2) @ v).reshape(b, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(self.pool(x)))
+        z = self.pool(x)
+        if not self.training or len(z) <= EP_BN_ROWS:
+            return self.linear(self.norm(z))
+        first, *rest = z.split(EP_BN_ROWS)
+        parts = [self.norm(first)]  # the running statistics follow these rows alone
+        parts += [F.batch_norm(g, None, None, training=True, eps=self.norm.eps) for g in rest]
+        return self.linear(torch.cat(parts))
 
 
 class _Mlp(nn.Sequential):
