@@ -102,3 +102,19 @@ def test_a_pass_through_the_cut_vit_is_judged_with_the_whole_models_difference()
     assert probe["whole_model_added_mb"] == round(b["probe"] + 50, 1)
     assert probe["within_bound"] is False
     assert all(p["within_bound"] for p in passes if p["what"] in ("tokens", "forward_whole"))
+
+
+def test_suite_dense_scores_the_validation_rows_and_never_the_test_split():
+    spec = importlib.util.spec_from_file_location(
+        "suite_dense", ROOT / "benchmarks" / "suite_dense.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    b = get_dataset("shapes-seg", DatasetOptions())
+    train_idx, val_idx = np.array([0, 2, 3, 5]), np.array([1, 4])
+    view = mod.validation_view(b, train_idx, val_idx)
+    assert np.array_equal(view.train.images, b.train.images[train_idx])
+    assert np.array_equal(view.test.images, b.train.images[val_idx])
+    assert np.array_equal(view.dense.train.targets, b.dense.train.targets[train_idx])
+    assert np.array_equal(view.dense.test.targets, b.dense.train.targets[val_idx])
+    assert view.fingerprint != b.fingerprint  # no cache entry of the whole split is reused
