@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Speed and memory of the linear segmentation probe (issue 21, point 7) on a VOC-size set.
 
-    python benchmarks/bench_dense.py                # VOC 2012 size: 1,464 train images
+    python benchmarks/bench_dense.py --depth 1 --streamed-steps 2   # VOC 2012 size (~8 min)
+    python benchmarks/bench_dense.py                # the same through the whole ViT (~40 min)
     python benchmarks/bench_dense.py --quick        # smoke run: 48 train images
     python benchmarks/bench_dense.py --images 200 --test-images 2 --steps 8
 
@@ -20,7 +21,7 @@ the protocol's own entry point. Every measurement runs in a fresh process of thi
    cache's memory-mapped entry.
 2. ``step``: the probe's training loop (``train_head``, the card's head) reading that on-disk
    entry, timed per step (batch read from the memory map, head, bilinear upsampling of the
-   logits to 448x448, cross-entropy, backward, AdamW) against the matmul of the head on the
+   logits to 448x448, the probe's loss ``seg_loss``, backward, AdamW) against the matmul of the head on the
    same batch, ``(16*32*32, 384) @ (384, 21)``, timed just before that step (median of 3):
    the ratio per step, and its median, quartiles and range over the measured steps.
 3. ``probe``: a whole ``linseg@dinov3`` run (``card.protocol.run``): the token source (the
@@ -355,19 +356,16 @@ def step_times(log: list, warm: int) -> tuple[list, list, list]:
 
 
 def child_step(a, inp) -> dict:
-    """The probe's own training loop on the cached entry, each step timed (see the module)."""
-    import torch.nn.functional as F
-
-    from ssl_eval.data.dense import IGNORE
-    from ssl_eval.protocols.dense_seg import train_head
+    """The probe's own training loop on the cached entry, its head and loss, each step timed
+    (see the module)."""
+    from ssl_eval.protocols.dense_seg import seg_loss, train_head
 
     warm = STEP_WARM
     c = card((warm + a.steps + 1) * 16)
     log: list = []
     head = timed_head(seg_head(DIM, c.params.dropout), log)
     record, _ = train_head(
-        inp, c.params, head, lambda o, t, s: F.cross_entropy(o, t, ignore_index=IGNORE),
-        "segmentation",
+        inp, c.params, head, lambda o, t, s: seg_loss(o, t), "segmentation",
     )  # fmt: skip
     steps, mms, ratios = step_times(log, warm)
     q = lambda v: [round(float(x), 1) for x in np.percentile(v, [0, 25, 50, 75, 100])]  # noqa: E731
