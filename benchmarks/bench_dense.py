@@ -21,8 +21,9 @@ the protocol's own entry point. Every measurement runs in a fresh process of thi
    cache's memory-mapped entry.
 2. ``step``: the probe's training loop (``train_head``, the card's head) reading that on-disk
    entry, timed per step (batch read from the memory map, head, bilinear upsampling of the
-   logits to 448x448, the probe's loss ``seg_loss``, backward, AdamW) against the matmul of the head on the
-   same batch, ``(16*32*32, 384) @ (384, 21)``, timed just before that step (median of 3):
+   logits to 448x448, the probe's loss ``seg_loss``, backward, AdamW) against the matmul of
+   the head on the same batch, ``(16*32*32, 384) @ (384, 21)``, timed just before that step
+   (median of 3):
    the ratio per step, and its median, quartiles and range over the measured steps.
 3. ``probe``: a whole ``linseg@dinov3`` run (``card.protocol.run``): the token source (the
    entry of 1., now a cache hit), the training targets held in memory, ``--probe-steps``
