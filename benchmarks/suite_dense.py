@@ -45,6 +45,9 @@ from ssl_eval.data.splits import stratified_val_split  # noqa: E402
 from ssl_eval.protocols.base import ImageInputs  # noqa: E402
 from ssl_eval.protocols.cards import load_card  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_dense import code_state  # noqa: E402  (the commit and the files that differ)
+
 DATASET = "shapes-seg"
 CARD = "linseg@dinov3"
 
@@ -95,15 +98,6 @@ def machine() -> dict:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code": code_state(),
     }
-
-
-def code_state() -> dict:
-    """The commit the protocol code was read at, and the files that differ from it."""
-    git = lambda *c: subprocess.run(  # noqa: E731
-        ["git", "-C", str(ROOT), *c], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = git("status", "--porcelain", "--untracked-files=no", "ssl_eval", "protocols")
-    return {"commit": git("rev-parse", "HEAD"), "modified": dirty.splitlines()}
 
 
 def iou(v) -> str:
