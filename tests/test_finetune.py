@@ -287,3 +287,63 @@ def test_crop_box_fallback_keeps_the_aspect_ratio_in_range():
     for _ in range(50):
         top, left, h, w = finetune._crop_box((30, 90), (0.08, 1.0), g)
         assert top >= 0 and left >= 0 and top + h <= 30 and left + w <= 90
+
+
+class _Legacy:
+    """numpy's legacy RandomState behind the Generator methods ``_mix`` calls, so ``_mix`` and
+    timm's ``Mixup`` (which draws from ``np.random``) can be fed the same stream."""
+
+    def __init__(self, seed):
+        self.rs = np.random.RandomState(seed)
+
+    def random(self):
+        return self.rs.rand()
+
+    def beta(self, a, b):
+        return self.rs.beta(a, b)
+
+    def integers(self, lo, hi):
+        return self.rs.randint(lo, hi)
+
+
+def test_mix_is_timms_mixup_in_batch_mode_as_mae_runs_it():
+    """MAE's main_finetune.py mixes with timm's Mixup (batch mode, prob 1, switch prob 0.5):
+    each image with the batch reversed (x.flip(0)), not a random permutation, the draws in
+    timm's order. Checked against timm's own Mixup on the same stream; for cutmix only where
+    the box's sides are even (timm after 0.3.2, which MAE pins, rounds an odd side's lower half
+    up: ``(cut + 1) // 2``)."""
+    from timm.data.mixup import Mixup
+
+    from ssl_eval.protocols.finetune import FinetuneParams, _mix
+
+    p = FinetuneParams(mixup_alpha=0.8, cutmix_alpha=1.0)
+    n, classes = 6, 5
+    x = torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    kinds = {"mixup": 0, "cutmix": 0}
+    for seed in range(40):
+        theirs = Mixup(
+            mixup_alpha=0.8,
+            cutmix_alpha=1.0,
+            prob=1.0,
+            switch_prob=0.5,
+            mode="batch",
+            label_smoothing=0.1,
+            num_classes=classes,
+        )
+        np.random.seed(seed)
+        xt, yt = theirs(x.clone(), target.clone())
+        np.random.seed(seed)  # the same draws again, to see which branch timm took
+        np.random.rand()
+        cut = np.random.rand() < 0.5
+        lam = np.random.beta(1.0, 1.0) if cut else np.random.beta(0.8, 0.8)
+        side = int(12 * np.sqrt(1 - lam))
+        if cut and side % 2:
+            continue
+        y_soft = torch.full((n, classes), 0.1 / classes)
+        y_soft[torch.arange(n), target] = 1 - 0.1 + 0.1 / classes
+        xo, yo = _mix(x.clone(), y_soft, p, _Legacy(seed))
+        torch.testing.assert_close(xo, xt)
+        torch.testing.assert_close(yo, yt)
+        kinds["cutmix" if cut else "mixup"] += 1
+    assert min(kinds.values()) >= 3, kinds

@@ -128,13 +128,18 @@ class _TrainImages(TrainImages):
 
 
 def _mix(x, y_soft, p: FinetuneParams, rng: np.random.Generator):
-    """Mixup or cutmix (one of them per batch when both are on)."""
+    """Mixup or cutmix (one of them per batch when both are on), as timm's ``Mixup`` in batch
+    mode, which MAE's main_finetune.py runs (timm 0.3.2; prob 1, switch prob 0.5): its draws in
+    its order (the mix probability, the switch, lambda, then the box's centre row and column),
+    each image mixed with the batch's reversed order (``x.flip(0)``), the box's sides
+    ``int(side * sqrt(1 - lam))`` centred with ``// 2`` either side and clipped, lambda then
+    corrected to the box's share."""
     use_mix, use_cut = p.mixup_alpha > 0, p.cutmix_alpha > 0
     if not (use_mix or use_cut):
         return x, y_soft
+    rng.random()  # timm's draw against mix_prob (1.0: every batch is mixed)
     cut = use_cut and (not use_mix or rng.random() < 0.5)
     lam = float(rng.beta(*(2 * [p.cutmix_alpha if cut else p.mixup_alpha])))
-    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
     if cut:
         H, W = x.shape[-2:]
         rh, rw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
@@ -142,11 +147,11 @@ def _mix(x, y_soft, p: FinetuneParams, rng: np.random.Generator):
         y0, y1 = max(cy - rh // 2, 0), min(cy + rh // 2, H)
         x0, x1 = max(cx - rw // 2, 0), min(cx + rw // 2, W)
         x = x.clone()
-        x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
     else:
-        x = lam * x + (1 - lam) * x[perm]
-    return x, lam * y_soft + (1 - lam) * y_soft[perm]
+        x = lam * x + (1 - lam) * x.flip(0)
+    return x, lam * y_soft + (1 - lam) * y_soft.flip(0)
 
 
 # ---------------------------------------------------------------- model and optimiser
