@@ -31,6 +31,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from test_checkpoint_formats import _one_thread  # noqa: F401
+from test_variants_dino import rel_diff
 
 from ssl_eval.backbones import BuildOptions, build_backbone, list_backbones
 from ssl_eval.backbones.adapters import TAGS
@@ -153,11 +154,6 @@ def official_cls_feature(sd: dict[str, torch.Tensor], x: torch.Tensor, tag: str)
             y = lin(p + "mlp.fc2", F.gelu(lin(p + "mlp.fc1", y)))
         t = t + sd[p + "ls2.gamma"] * y
     return norm("norm", t)[:, 0]
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest per-image relative L2 difference."""
-    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
 
 
 @pytest.fixture

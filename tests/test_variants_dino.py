@@ -233,11 +233,16 @@ class Spy:
         return self.create(arch, img_size, **kw)
 
 
+def spy_on(monkeypatch, family) -> Spy:
+    """A Spy in place of ``family.create_timm`` for the test."""
+    s = Spy(family.create_timm)
+    monkeypatch.setattr(family, "create_timm", s)
+    return s
+
+
 @pytest.fixture
 def spy(monkeypatch):
-    s = Spy(dino_family.create_timm)
-    monkeypatch.setattr(dino_family, "create_timm", s)
-    return s
+    return spy_on(monkeypatch, dino_family)
 
 
 def check_vit_architecture(arch: str, kw: dict, want: tuple, what: str) -> None:

@@ -40,6 +40,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from test_checkpoint_formats import _one_thread  # noqa: F401
+from test_variants_dino import rel_diff
 
 from ssl_eval.backbones import BuildOptions, build_backbone, list_backbones
 from ssl_eval.backbones.adapters import TAGS
@@ -261,11 +262,6 @@ def official_convnext_feature(sd: dict[str, torch.Tensor], x: torch.Tensor) -> t
             x = x + (sd[p + "gamma"] * y).permute(0, 3, 1, 2)
     pool = x.mean([-2, -1])
     return F.layer_norm(pool, (x.shape[1],), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest per-image relative L2 difference."""
-    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
 
 
 @pytest.fixture

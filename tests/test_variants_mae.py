@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_checkpoint_formats import _one_thread  # noqa: F401
-from test_variants_dino import Spy, check_vit_architecture, patch_tokens, rel_diff, vit_blocks
+from test_variants_dino import check_vit_architecture, patch_tokens, rel_diff, spy_on, vit_blocks
 from test_variants_dino import vit_state_dict as plain_vit_state_dict
 
 from ssl_eval.backbones import BuildOptions, build_backbone, list_backbones
@@ -80,9 +80,7 @@ def official_feature(sd: dict[str, torch.Tensor], x: torch.Tensor, tag: str) -> 
 
 @pytest.fixture
 def spy(monkeypatch):
-    s = Spy(mae_family.create_timm)
-    monkeypatch.setattr(mae_family, "create_timm", s)
-    return s
+    return spy_on(monkeypatch, mae_family)
 
 
 def test_every_mae_tag_is_covered():

@@ -30,12 +30,12 @@ import pytest
 import torch
 from test_checkpoint_formats import _one_thread  # noqa: F401
 from test_variants_dino import (
-    Spy,
     check_vit_architecture,
     official_resnet50_feature,
     patch_tokens,
     rel_diff,
     resnet50_state_dict,
+    spy_on,
     vit_blocks,
     vit_state_dict,
 )
@@ -119,9 +119,7 @@ def official_vit_feature(sd: dict[str, torch.Tensor], x: torch.Tensor, tag: str)
 
 @pytest.fixture
 def spy(monkeypatch):
-    s = Spy(mocov3_family.create_timm)
-    monkeypatch.setattr(mocov3_family, "create_timm", s)
-    return s
+    return spy_on(monkeypatch, mocov3_family)
 
 
 def test_every_mocov3_tag_is_covered():
