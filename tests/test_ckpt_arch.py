@@ -280,7 +280,7 @@ def test_dino_args_arch_and_patch_size_are_the_architecture(tmp_path):
     with pytest.raises(UserError, match="does not match the architecture"):
         ckpt(training_file("base.pth", sd, arch="vit_base", patch_size=16), image_size=32)
     with pytest.raises(
-        UserError, match="says 'xcit_small_12_p16': DINO's XCiT backbones are not supported"
+        UserError, match="holds a ViT, but the file's args.arch says 'xcit_small_12_p16'"
     ):
         ckpt(training_file("xcit.pth", sd, arch="xcit_small_12_p16", patch_size=16), image_size=32)
     with pytest.raises(

@@ -195,7 +195,9 @@ def describe(model: nn.Module) -> dict:
     """The architecture actually built, read from the module itself (not from what was
     asked for): for the load report of every record."""
     n_params = sum(p.numel() for p in model.parameters())
-    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
+    if callable(getattr(model, "describe_architecture", None)):  # a family's own (DINO's XCiT)
+        out = model.describe_architecture()
+    elif hasattr(model, "patch_embed") and hasattr(model, "blocks"):
         out = _vit(model)
     elif all(hasattr(model, f"layer{i}") for i in (1, 2, 3, 4)) and hasattr(model, "conv1"):
         out = _resnet(model, 4)
