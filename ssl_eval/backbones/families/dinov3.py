@@ -1,5 +1,7 @@
-"""DINOv3 (Simeoni et al. 2025): ViT-S/16, S+/16, B/16, L/16, H+/16 and ConvNeXt T/S/B/L,
-through timm's implementations (``vit_*_patch16_dinov3``, ``convnext_*``).
+"""DINOv3 (Simeoni et al. 2025): ViT-S/16, S+/16, B/16, L/16, L+/16, H+/16, 7B/16 and ConvNeXt
+T/S/B/L on LVD-1689M, ViT-L/16 and 7B/16 on SAT-493M, through timm's implementations
+(``vit_*_patch16_dinov3``, ``convnext_*``; the L+/16, which timm does not register, as timm's
+``Eva`` with the hub's arguments).
 
 Official ViT files (``dinov3_vits16_pretrain_lvd1689m-08c60483.pth`` ...) are flat:
 ``cls_token``, ``storage_tokens`` (4 registers), ``mask_token`` (pre-training only),
@@ -17,14 +19,26 @@ pwconv2, gamma}`` and a final ``norm`` applied to the average pool (timm's ``hea
 file) holds that norm twice: the copy must equal ``norm`` and is dropped.
 timm's Hugging Face copies (timm names) load as they are.
 
+The hub's builders (``hub/backbones.py``) are the architecture table below (``_HUB``): width,
+depth, heads, ``ffn_ratio``, ``ffn_layer`` (``swiglu`` rounds the SwiGLU hidden width
+``int(2/3 int(width * ffn_ratio))`` up to a multiple of 8, ``swiglu64`` to 64), ``qkv_bias``
+(False for the 7B: no ``attn.qkv.bias`` nor ``bias_mask`` in its files) and
+``untie_global_and_local_cls_norm`` (the 7B, and ViT-L/16 with SAT-493M weights): those files
+also hold ``local_cls_norm.{weight,bias}``, a norm the official model applies to the local
+crops' class and storage tokens in training only; at evaluation ``norm`` normalises every token
+as in the other models, so it is checked to be there (the hub loads strictly) and not used.
+
 Evaluation as DINOv3's classification eval: resize 256 bicubic, centre crop 224, ImageNet
-mean/std. Feature: the class token after the final norm (ViTs), the normed average pool
-(ConvNeXts, DINOv3's own "class token" for them).
+mean/std; the SAT-493M weights with the mean/std of the README's transform for them
+("For models using the SAT-493M weights", mean (0.430, 0.411, 0.296), std (0.213, 0.156,
+0.143)); the repository's own eval code states no other. Feature: the class token after the
+final norm (ViTs), the normed average pool (ConvNeXts, DINOv3's own "class token" for them).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -39,16 +53,94 @@ from ..weights import WeightsSource
 DINOV3_EVAL = Preprocessing(
     resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic"
 )
+# README.md, "For models using the SAT-493M weights": its transform's mean and std
+SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
+DINOV3_SAT_EVAL = Preprocessing(
+    resize=256, crop=224, mean=SAT_MEAN, std=SAT_STD, interpolation="bicubic"
+)
 _VIT_DROP = (r"^mask_token$", r".*\.bias_mask$", r"^rope_embed\.", r"^local_cls_norm\.")
 _PERIODS = "rope_embed.periods"
-# (width, SwiGLU?) -> timm arch, for files read through ckpt:PATH
-_VITS = {
-    (384, False): "vit_small_patch16_dinov3",
-    (384, True): "vit_small_plus_patch16_dinov3",
-    (768, False): "vit_base_patch16_dinov3",
-    (1024, False): "vit_large_patch16_dinov3",
-    (1280, True): "vit_huge_plus_patch16_dinov3",
+_LOCAL_NORM = ("local_cls_norm.bias", "local_cls_norm.weight")
+_SWIGLU_ALIGN = {"swiglu": 8, "swiglu64": 64}  # models/vision_transformer.py ffn_layer_dict
+
+
+@dataclass(frozen=True)
+class DinoV3ViT:
+    """One of the hub's ViT builders, with the arguments that shape it, and the timm
+    architecture it is built as (``_qkvb`` added for files with q/k/v biases). ``untied``:
+    ``untie_global_and_local_cls_norm``, whose file holds ``local_cls_norm``; ``None`` for the
+    tags that accepted such a file before the hub's untied builders were read (either)."""
+
+    hub: str
+    timm: str
+    embed_dim: int
+    depth: int
+    heads: int
+    ffn_ratio: float
+    ffn: str = "mlp"  # mlp, swiglu (hidden rounded up to 8) or swiglu64 (to 64)
+    qkv_bias: bool = True
+    untied: bool | None = None
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SelfAttentionBlock's ``int(dim * ffn_ratio)``, through SwiGLUFFN's rounding."""
+        hidden = int(self.embed_dim * self.ffn_ratio)
+        if self.ffn == "mlp":
+            return hidden
+        d = int(hidden * 2 / 3)
+        return d + (-d % _SWIGLU_ALIGN[self.ffn])
+
+    def timm_args(self, biased: bool) -> tuple[str, dict]:
+        """(timm architecture, its arguments) for this builder; ``biased``: q/v biases."""
+        if biased and not self.qkv_bias:
+            raise UserError(f"{self.hub} has no q/k/v bias (qkv_bias=False)")
+        kw = {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.heads}
+        if self.ffn == "mlp":
+            kw |= {"swiglu_mlp": False, "mlp_ratio": self.ffn_ratio}
+        else:  # timm's SwiGLU: int(dim * mlp_ratio) rounded up to swiglu_align_to
+            align = _SWIGLU_ALIGN[self.ffn]
+            kw |= {"swiglu_mlp": True, "swiglu_align_to": align}
+            kw["mlp_ratio"] = self.mlp_hidden / self.embed_dim
+        return self.timm + ("_qkvb" if biased else ""), kw
+
+
+# hub/backbones.py: the ViT builders' arguments (all: patch 16, 4 storage tokens, layer scale
+# 1e-5, layernormbf16, mask_k_bias, RoPE base 100 "separate")
+_HUB = {
+    v.hub: v
+    for v in (
+        DinoV3ViT("dinov3_vits16", "vit_small_patch16_dinov3", 384, 12, 6, 4.0),
+        DinoV3ViT("dinov3_vits16plus", "vit_small_plus_patch16_dinov3", 384, 12, 6, 6.0, "swiglu"),
+        DinoV3ViT("dinov3_vitb16", "vit_base_patch16_dinov3", 768, 12, 12, 4.0),
+        DinoV3ViT("dinov3_vitl16", "vit_large_patch16_dinov3", 1024, 24, 16, 4.0),
+        DinoV3ViT(
+            "dinov3_vitl16plus",
+            "vit_large_patch16_dinov3",  # timm has no L+; its L with the hub's SwiGLU
+            1024,
+            24,
+            16,
+            6.0,
+            "swiglu",
+            untied=False,
+        ),
+        DinoV3ViT("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3", 1280, 32, 20, 6.0, "swiglu"),
+        DinoV3ViT(
+            "dinov3_vit7b16",
+            "vit_7b_patch16_dinov3",
+            4096,
+            40,
+            32,
+            3.0,
+            "swiglu64",
+            qkv_bias=False,
+            untied=True,
+        ),
+    )
 }
+# dinov3_vitl16 with Weights.SAT493M (or a file named -eadcf0ff): untie_global_and_local_cls_norm
+_VITL16_SAT = DinoV3ViT("dinov3_vitl16", "vit_large_patch16_dinov3", 1024, 24, 16, 4.0, untied=True)
+# (width, SwiGLU?) -> the hub's builder, for files read through ckpt:PATH
+_VITS = {(v.embed_dim, v.ffn != "mlp"): v.hub for v in _HUB.values()}
 # (stem width, stage-3 depth) -> timm ConvNeXt
 _CONVNEXTS = {
     (96, 9): "convnext_tiny",
@@ -72,7 +164,8 @@ _CNX_RENAMES = (
     (r"\.pwconv(\d)\.", r".mlp.fc\1."),
     (r"^norm\.", "head.norm."),
 )
-# (tag, timm architecture, the hub's name, file hash, what)
+# (tag, the tag's variant: timm's architecture (.weights where not LVD-1689M) or, where timm has
+# none, the hub's name; the hub's name, file hash, what)
 _RELEASES = (
     ("dinov3_vits16", "vit_small_patch16_dinov3", "dinov3_vits16", "08c60483", "ViT-S/16"),
     (
@@ -84,6 +177,7 @@ _RELEASES = (
     ),
     ("dinov3_vitb16", "vit_base_patch16_dinov3", "dinov3_vitb16", "73cec8be", "ViT-B/16"),
     ("dinov3_vitl16", "vit_large_patch16_dinov3", "dinov3_vitl16", "8aa4cbdd", "ViT-L/16"),
+    ("dinov3_vitl16p", "dinov3_vitl16plus", "dinov3_vitl16plus", "46503df0", "ViT-L+/16"),
     (
         "dinov3_vith16p",
         "vit_huge_plus_patch16_dinov3",
@@ -91,18 +185,40 @@ _RELEASES = (
         "7c1da9a5",
         "ViT-H+/16",
     ),
+    ("dinov3_vit7b16", "vit_7b_patch16_dinov3", "dinov3_vit7b16", "a955f4ea", "ViT-7B/16"),
+    (
+        "dinov3_vitl16_sat",
+        "vit_large_patch16_dinov3.sat493m",
+        "dinov3_vitl16",
+        "eadcf0ff",
+        "ViT-L/16 distilled",
+    ),
+    (
+        "dinov3_vit7b16_sat",
+        "vit_7b_patch16_dinov3.sat493m",
+        "dinov3_vit7b16",
+        "a6675841",
+        "ViT-7B/16",
+    ),
     ("dinov3_convnext_tiny", "convnext_tiny", "dinov3_convnext_tiny", "21b726bb", "ConvNeXt-T"),
     ("dinov3_convnext_small", "convnext_small", "dinov3_convnext_small", "296db49d", "ConvNeXt-S"),
     ("dinov3_convnext_base", "convnext_base", "dinov3_convnext_base", "801f2ba9", "ConvNeXt-B"),
     ("dinov3_convnext_large", "convnext_large", "dinov3_convnext_large", "61fa432d", "ConvNeXt-L"),
 )
+_SAT = ".sat493m"  # the SAT-493M tags' variants end so (timm's pretrained tag)
 # --arch takes the hub's names (hub/backbones.py dinov3_vits16 ...); tags give timm's
 ARCHS = ArchTable(
     "dinov3",
-    {official: arch for _, arch, official, _, _ in _RELEASES},
-    aliases={arch: official for _, arch, official, _, _ in _RELEASES},
+    {official: _HUB.get(official, arch) for _, arch, official, _, _ in _RELEASES},
+    aliases={
+        arch: _VITL16_SAT if arch == "vit_large_patch16_dinov3" + _SAT else official
+        for _, arch, official, _, _ in _RELEASES
+        if arch != official
+    },
 )
-_BASE = "https://dl.fbaipublicfiles.com/dinov3/{0}/{0}_pretrain_lvd1689m-{1}.pth"
+# hub/backbones.py _make_dinov3_vit_model_url: <hub>/<hub>_pretrain_<weights>-<hash>.pth
+_BASE = "https://dl.fbaipublicfiles.com/dinov3/{0}/{0}_pretrain_{2}-{1}.pth"
+_WEIGHTS_IN_NAME = re.compile(r"_pretrain_(lvd1689m|sat493m)(?=[-_.]|$)")
 _HOW = (
     "Meta hands out DINOv3 weights after a request form (github.com/facebookresearch/dinov3); "
     "timm's Hugging Face copy works too"
@@ -182,21 +298,56 @@ def _use_file_periods(model, ckpt: Checkpoint) -> str:
     )
 
 
-def _build_vit(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
+def _check_local_cls_norm(ckpt: Checkpoint, spec: DinoV3ViT) -> str | None:
+    """An official file of an untied builder holds ``local_cls_norm`` (the hub loads strictly),
+    one of a tied builder none; timm's copies drop it. Says what the file's one is, if any."""
+    held = sorted(k for k in ckpt.flat if k.startswith("local_cls_norm."))
+    official = "storage_tokens" in ckpt.flat
+    if spec.untied is False and held:
+        raise UserError(
+            f"{ckpt.path.name}: {spec.hub} has no local_cls_norm (its builder does not untie "
+            f"the local crops' class-token norm), but the file holds {held}"
+        )
+    if spec.untied and official:
+        width = ckpt.flat["cls_token"].shape[-1] if "cls_token" in ckpt.flat else None
+        shapes = {k: tuple(ckpt.flat[k].shape) for k in held}
+        if held != list(_LOCAL_NORM) or any(v != (width,) for v in shapes.values()):
+            raise UserError(
+                f"{ckpt.path.name}: {spec.hub}'s official file holds local_cls_norm.weight and "
+                f".bias of shape ({width},) (untie_global_and_local_cls_norm), this one "
+                f"{shapes or 'none'}; this is not that builder's file"
+            )
+    if not held:
+        return None
+    return (
+        "in the file, not used: DINOv3 applies local_cls_norm to the local crops' class and "
+        "storage tokens in training only; at evaluation norm normalises every token"
+    )
+
+
+def _build_vit(ckpt: Checkpoint, spec: DinoV3ViT | None, opt) -> tuple:
     _check_bias_masks(ckpt)
     sd, dropped = split_keys(dict(ckpt.flat), *_VIT_DROP)
     sd, biased = _vit_to_timm(sd)
     kw: dict = {}
-    if variant is None:
+    if spec is None:
         shape = vit_shape(
             sd, "mlp.fc1_g.weight" if "blocks.0.mlp.fc1_g.weight" in sd else "mlp.fc1.weight"
         )
         swiglu = "blocks.0.mlp.fc1_g.weight" in sd
         if (shape.embed_dim, swiglu) not in _VITS:
             raise UserError(f"no DINOv3 ViT is {shape.embed_dim} wide with swiglu={swiglu}")
-        variant, kw = _VITS[(shape.embed_dim, swiglu)], {"depth": shape.depth}
-    arch = variant + ("_qkvb" if biased else "")
-    model = create_timm(arch, opt.image_size or 224, global_pool="token", **kw)
+        spec, kw = _HUB[_VITS[(shape.embed_dim, swiglu)]], {"depth": shape.depth}
+    if not spec.qkv_bias:
+        bias = sorted(k for k in ckpt.flat if re.search(r"\.attn\.(qkv\.bias|q_bias|v_bias)", k))
+        if bias:
+            raise UserError(
+                f"{ckpt.path.name}: {spec.hub} has no q/k/v bias (qkv_bias=False), but the "
+                f"file holds {bias[:3]}; this is not that builder's file"
+            )
+    local = _check_local_cls_norm(ckpt, spec)
+    arch, args = spec.timm_args(biased)
+    model = create_timm(arch, opt.image_size or 224, global_pool="token", **(args | kw))
     report = strict_load(model, sd, fmt="dinov3")
     report["rope_periods"] = _use_file_periods(model, ckpt)
     if report["rope_periods"].startswith("the file's"):
@@ -205,6 +356,8 @@ def _build_vit(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
         report["note"] = (
             "the k third of each attn.qkv.bias is zeroed by bias_mask in DINOv3: not loaded"
         )
+    if local:
+        report["local_cls_norm"] = local
     return model, report, dropped, "cls", f"DINOv3 ViT ({model.embed_dim}-d class token)"
 
 
@@ -246,24 +399,54 @@ def _build_convnext(ckpt: Checkpoint, variant: str | None, opt) -> tuple:
     )
 
 
+def _weights(ckpt: Checkpoint, variant: str | None) -> tuple[str, str]:
+    """(the pre-training data, why): a tag's own; for ckpt:PATH the official file name's
+    ``_pretrain_<weights>`` (the hub's builders read the file name too), else LVD-1689M. A
+    tag given a file whose official name says the other data set is refused."""
+    named = _WEIGHTS_IN_NAME.search(ckpt.path.name)
+    in_name = named.group(1) if named else None
+    if variant is None:
+        if in_name:
+            return in_name, f"the file name's _pretrain_{in_name}"
+        return "lvd1689m", "no _pretrain_sat493m in the file name"
+    own = "sat493m" if variant.endswith(_SAT) else "lvd1689m"
+    if in_name and in_name != own:
+        hub = next(o for _, a, o, _, _ in _RELEASES if a == variant)
+        sat = in_name == "sat493m"
+        tags = [t for t, a, o, _, _ in _RELEASES if o == hub and a.endswith(_SAT) == sat]
+        raise UserError(
+            f"{ckpt.path.name} is named as DINOv3's {in_name.upper()} weights, but this tag is "
+            f"for the {own.upper()} ones; read it through "
+            + (f"{' or '.join(tags)}" if tags else f"ckpt:{ckpt.path}")
+        )
+    return own, "the tag"
+
+
 def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     pick = ARCHS.choose(ckpt.path.name, variant=variant, flag=opt.arch)
-    variant = pick.spec if pick else None
+    spec = pick.spec if pick else None
     arch_from = (
         f"{pick.source}: {pick.name!r}"
         if pick
         else "the tensor shapes, and DINOv3's only architecture of that width and MLP (ViT) "
         "or stem width and depth (ConvNeXt)"
     )
-    convnext = variant.startswith("convnext") if variant else _is_convnext(ckpt)
+    convnext = isinstance(spec, str) if spec is not None else _is_convnext(ckpt)
     if convnext:
-        model, report, dropped, kind, what = _build_convnext(ckpt, variant, opt)
-    elif _is_vit(ckpt) or variant:
-        model, report, dropped, kind, what = _build_vit(ckpt, variant, opt)
+        model, report, dropped, kind, what = _build_convnext(ckpt, spec, opt)
+    elif _is_vit(ckpt) or spec is not None:
+        model, report, dropped, kind, what = _build_vit(ckpt, spec, opt)
     else:
         raise UserError(f"{ckpt.path.name} holds neither a DINOv3 ViT nor a DINOv3 ConvNeXt")
+    pre = DINOV3_EVAL
+    weights, why = _weights(ckpt, variant)
+    if weights == "sat493m":
+        pre = DINOV3_SAT_EVAL
+        report["normalisation"] = (
+            f"SAT-493M ({why}): the README's mean {SAT_MEAN} and std {SAT_STD} for them"
+        )
     return Loaded(
-        model, finish_report(report, report["format"], dropped), DINOV3_EVAL, kind, what, arch_from
+        model, finish_report(report, report["format"], dropped), pre, kind, what, arch_from
     )
 
 
@@ -277,19 +460,29 @@ register_family(
 )
 
 for _tag, _arch, _official, _hash, _desc in _RELEASES:
-    _url = _BASE.format(_official, _hash)
-    _vit = _arch.startswith("vit")
-    _timm = f"{_arch}_qkvb.lvd1689m" if _vit else f"{_arch}.dinov3_lvd1689m"
+    _sat = _arch.endswith(_SAT)
+    _url = _BASE.format(_official, _hash, "sat493m" if _sat else "lvd1689m")
+    _vit = _arch.startswith("vit") or _official in _HUB
+    _base = _arch.removesuffix(_SAT)
+    _pretrained = "sat493m" if _sat else "lvd1689m"
+    if _arch == _official:  # no timm architecture, no timm copy
+        _names, _hf, _extra = (_url.rsplit("/", 1)[1],), None, ()
+    else:
+        _qkvb = _HUB[_official].qkv_bias if _vit else False
+        _timm = (
+            f"{_base}{'_qkvb' if _qkvb else ''}.{_pretrained}"
+            if _vit
+            else f"{_base}.dinov3_lvd1689m"
+        )
+        _names = (_url.rsplit("/", 1)[1], f"{_timm}.safetensors")
+        _hf = f"timm/{_timm}"
+        _extra = (f"timm/{_base}.{_pretrained}",) if _vit and _qkvb else ()
     register_tag(
         _tag,
         "dinov3",
         _arch,
-        WeightsSource(
-            (_url.rsplit("/", 1)[1], f"{_timm}.safetensors"),
-            hf_repo=f"timm/{_timm}",
-            extra_hf_repos=(f"timm/{_arch}.lvd1689m",) if _vit else (),
-            url=_url,
-            how=_HOW,
-        ),
-        f"DINOv3 {_desc}, LVD-1689M" + (" (class token)" if _vit else " (normed average pool)"),
+        WeightsSource(_names, hf_repo=_hf, extra_hf_repos=_extra, url=_url, how=_HOW),
+        f"DINOv3 {_desc}, {'SAT-493M' if _sat else 'LVD-1689M'}"
+        + (" (class token" if _vit else " (normed average pool")
+        + ("; the README's SAT-493M mean/std)" if _sat else ")"),
     )
