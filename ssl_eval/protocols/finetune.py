@@ -6,7 +6,9 @@ the position embedding), otherwise a lower learning rate for the encoder; warmup
 counted in training samples, so the schedule does not depend on the number of devices or the
 batch size; label smoothing; as MAE, training crops are random resized crops of the full image
 (evaluation: the backbone's resize and centre crop; _images.py); optional mixup / cutmix, drop path,
-timm's RandAugment and random erasing;
+timm's RandAugment and random erasing; the head reads the backbone's feature kind, or
+(``pool=mean_patch_fc_norm``, the finetune@mae cards) MAE's global pool: the mean patch token
+before the final norm, which is dropped, through a new LayerNorm ``fc_norm``;
 selection and early stopping on the validation split; bf16 autocast on GPU. The test split is
 scored after every epoch too, for the official scripts' own number alone (MAE's max_accuracy:
 the best epoch's test top-1, ``details.script_choice``); no choice reads it.
@@ -31,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..backbones.base import FEATURE_KINDS
+from ..backbones.tokens import forward_tokens, num_prefix_tokens
 from ..core import distributed
 from ..core.errors import UserError
 from ..core.files import (
@@ -48,6 +51,14 @@ from ._images import TrainImages, rand_augment, random_erase
 from ._images import crop_box as _crop_box  # noqa: F401  (its tests call it here)
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
+# what the new head reads (the ``pool`` param)
+POOLS = {
+    "feature_kind": "the backbone's feature kind",
+    "mean_patch_fc_norm": "MAE's global pool (models_vit.py, global_pool=True): the mean of the "
+    "last block's patch tokens (class and register tokens left out), the final norm dropped, "
+    "through a new LayerNorm fc_norm (weight 1, bias 0, the final norm's eps)",
+}
+
 
 @dataclass(frozen=True)
 class FinetuneParams:
@@ -58,6 +69,7 @@ class FinetuneParams:
         "rand_augment": "none",
         "random_erase": 0.0,
         "vit_depth": 0,
+        "pool": "feature_kind",
     }
     epochs: int = 10
     batch_size: int = 64
@@ -78,6 +90,9 @@ class FinetuneParams:
     random_erase: float = 0.0  # probability of timm's pixel-mode random erasing (MAE: 0.25)
     min_lr: float = 0.0  # the cosine schedule's floor, an absolute lr (MAE: 1e-6)
     vit_depth: int = 0  # a recipe for one ViT size: refuse a backbone of another depth; 0 = any
+    # what the head reads: the backbone's feature kind, or MAE's global_pool (models_vit.py):
+    # the mean patch token before the final norm, through a new LayerNorm fc_norm (POOLS)
+    pool: str = "feature_kind"
 
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.eval_batch_size) < 1:
@@ -101,6 +116,8 @@ class FinetuneParams:
             from ..data.transforms import Preprocessing
 
             rand_augment(self.rand_augment, Preprocessing())  # an unknown policy: UserError
+        if self.pool not in POOLS:
+            raise UserError(f"fine-tune: pool is one of {', '.join(POOLS)}, not {self.pool!r}")
         if self.vit_depth < 0:
             raise UserError(f"fine-tune: vit_depth is a block count or 0, not {self.vit_depth}")
         if not 0 <= self.random_erase <= 1 or not 0 <= self.min_lr <= self.lr:
@@ -158,15 +175,67 @@ def _mix(x, y_soft, p: FinetuneParams, rng: np.random.Generator):
 
 
 class _Classifier(nn.Module):
-    def __init__(self, backbone_model: nn.Module, read, dim: int, num_classes: int):
+    """The encoder's features (``read``), through ``fc_norm`` when there is one, into a new
+    linear head (trunc_normal std 2e-5, bias 0: main_finetune.py's)."""
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        read,
+        dim: int,
+        num_classes: int,
+        fc_norm: nn.LayerNorm | None = None,
+    ):
         super().__init__()
         self.encoder, self.read = backbone_model, read
+        self.fc_norm = fc_norm  # None: not a module, so the state dict is the plain one
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x):
-        return self.head(self.read(self.encoder, x).float())
+        z = self.read(self.encoder, x)
+        if self.fc_norm is not None:
+            z = self.fc_norm(z)
+        return self.head(z.float())
+
+
+def _mean_patch_token(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mean of the last block's patch tokens, prefix (class, register) tokens left out:
+    models_vit.py's ``x[:, 1:, :].mean(dim=1)`` (its ViTs have one prefix token). The model's
+    final norm is an Identity here (``_global_pool``), as MAE deletes it."""
+    return forward_tokens(model, x)[:, num_prefix_tokens(model) :].mean(dim=1)
+
+
+def _has_params(model: nn.Module, name: str) -> bool:
+    sub = getattr(model, name, None)
+    return isinstance(sub, nn.Module) and any(p.numel() for p in sub.parameters())
+
+
+def _global_pool(encoder: nn.Module, tag: str) -> nn.LayerNorm:
+    """MAE's ``global_pool=True`` on ``encoder`` (a copy): its final norm replaced by an
+    Identity (MAE's ``del self.norm``: the checkpoint's norm is neither used nor trained), and
+    the new ``fc_norm``, a LayerNorm of the final norm's width and eps (``norm_layer(embed_dim)``
+    in models_vit.py), at PyTorch's initialisation (weight 1, bias 0), returned. Refused in one
+    line for a model without patch tokens and a final LayerNorm before any pooling."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    norm = getattr(encoder, "norm", None)
+    why = None
+    if not isinstance(encoder, VisionTransformer):
+        why = f"is a {type(encoder).__name__}"
+    elif not isinstance(norm, nn.LayerNorm):
+        why = "has no final LayerNorm (a fine-tuned file?)"
+    else:  # a pooling head of its own (timm's avg / map pooling): not a pre-trained encoder
+        own = [m for m in ("fc_norm", "attn_pool", "head") if _has_params(encoder, m)]
+        why = f"has its own {own[0]}" if own else None
+    if why:
+        raise UserError(
+            f"fine-tune: pool=mean_patch_fc_norm averages the patch tokens of a timm ViT with a "
+            f"final LayerNorm; {tag} {why}: use pool=feature_kind"
+        )
+    encoder.norm = nn.Identity()
+    return nn.LayerNorm(norm.normalized_shape, eps=norm.eps)
 
 
 def _set_drop_path(model: nn.Module, rate: float) -> int:
@@ -236,6 +305,8 @@ def _param_groups(clf: _Classifier, p: FinetuneParams) -> list[dict]:
     else:
         scale = {n: p.encoder_lr_scale for n, _ in named}
     named += [("<new head>." + n, t) for n, t in clf.head.named_parameters()]  # layer L + 1
+    if clf.fc_norm is not None:  # MAE's fc_norm: layer L + 1 too (not one of the blocks)
+        named += [("<new head>.fc_norm." + n, t) for n, t in clf.fc_norm.named_parameters()]
     scale.update({n: 1.0 for n, _ in named if n.startswith("<new head>.")})
     groups: dict[tuple[float, float], list[torch.Tensor]] = {}
     for n, t in named:
@@ -377,11 +448,15 @@ def _model(inp: ImageInputs, p: FinetuneParams):
             f"{bb.tag} has {depth or 'no'} blocks; use its size's card or --set vit_depth=0"
         )
     torch.manual_seed(inp.seed)
-    read = FEATURE_KINDS.get(bb.feature_kind)
     encoder = copy.deepcopy(bb.model).to(device)  # the shared backbone stays untouched
+    if p.pool == "mean_patch_fc_norm":
+        fc_norm = _global_pool(encoder, bb.tag)
+        read, dim = _mean_patch_token, fc_norm.normalized_shape[0]
+    else:
+        fc_norm, read, dim = None, FEATURE_KINDS.get(bb.feature_kind), bb.embed_dim()
     if p.drop_path > 0 and _set_drop_path(encoder, p.drop_path) == 0:
         raise UserError(f"fine-tune: {bb.tag} has no drop-path layers; set drop_path=0")
-    clf = _Classifier(encoder, read, bb.embed_dim(), inp.bundle.num_classes).to(device)
+    clf = _Classifier(encoder, read, dim, inp.bundle.num_classes, fc_norm).to(device)
     return clf, torch.optim.AdamW(_param_groups(clf, p), lr=p.lr)
 
 
@@ -509,6 +584,7 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
             "epochs_run": len(history),
             "train_size": n,
             "val_size": len(inp.val_idx),
+            **({} if p.pool == "feature_kind" else {"head_reads": POOLS[p.pool]}),
             "script_choice": {
                 "rule": "the best epoch's test top-1 (MAE's main_finetune.py: max_accuracy over "
                 "the epochs on its test set); chosen on test, so optimistic: not the reported "
