@@ -402,6 +402,10 @@ def test_every_dinov3_tag_is_covered_with_its_builders_architecture():
         assert (m.norm.eps, blk.norm1.eps) == (1e-5, 1e-5), tag
         assert blk.gamma_1 is not None and blk.gamma_2 is not None, tag
         assert (blk.attn.q_bias is not None) == (tag not in NO_QKV_BIAS), tag
+        spec = family_spec(tag)
+        assert (spec.hub, spec.qkv_bias) == (VITS[tag][0], tag not in NO_QKV_BIAS), tag
+        assert spec.untied is (True if tag in UNTIED else spec.untied), tag  # True: required
+        assert tag in UNTIED or not spec.untied, tag
         if ffn == "mlp":
             assert blk.mlp.fc1.out_features == int(dim * ratio), tag
         else:
