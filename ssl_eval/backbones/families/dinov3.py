@@ -12,7 +12,7 @@ attn.qkv.bias_mask, attn.proj, ls1.gamma, norm2, mlp.{fc1,fc2} or mlp.{w1,w2,w3}
 and ``norm``. The q/k/v bias is one vector whose k third ``bias_mask`` zeroes, which is timm's
 ``*_qkvb`` models (q and v biases, no k bias); a file whose mask is anything else is refused.
 Files without biases load into the plain models.
-SwiGLU (S+, H+): ``w1`` gate, ``w2`` value, ``w3`` out = timm's ``fc1_g``, ``fc1_x``, ``fc2``.
+SwiGLU (S+, L+, H+, 7B): ``w1`` gate, ``w2`` value, ``w3`` out = timm's ``fc1_g``, ``fc1_x``, ``fc2``.
 Official ConvNeXt files: ``downsample_layers.{0..3}``, ``stages.i.j.{dwconv, norm, pwconv1,
 pwconv2, gamma}`` and a final ``norm`` applied to the average pool (timm's ``head.norm``);
 ``norms.3`` is the same module as ``norm`` in DINOv3's ConvNeXt, so its state dict (and the
@@ -29,10 +29,13 @@ crops' class and storage tokens in training only; at evaluation ``norm`` normali
 as in the other models, so it is checked to be there (the hub loads strictly) and not used.
 
 Evaluation as DINOv3's classification eval: resize 256 bicubic, centre crop 224, ImageNet
-mean/std; the SAT-493M weights with the mean/std of the README's transform for them
-("For models using the SAT-493M weights", mean (0.430, 0.411, 0.296), std (0.213, 0.156,
-0.143)); the repository's own eval code states no other. Feature: the class token after the
-final norm (ViTs), the normed average pool (ConvNeXts, DINOv3's own "class token" for them).
+mean/std. The SAT-493M weights: the same geometry, with the mean/std of the README's transform
+for them ("For models using the SAT-493M weights": mean (0.430, 0.411, 0.296), std (0.213,
+0.156, 0.143)); the repository's code states no other SAT-493M normalisation. Through
+ckpt:PATH a file named as the hub names them (``_pretrain_sat493m``) is read as SAT-493M, and
+the load report says so; a tag given a file named as the other data set's weights is refused.
+Feature: the class token after the final norm (ViTs), the normed average pool (ConvNeXts,
+DINOv3's own "class token" for them).
 """
 
 from __future__ import annotations
@@ -68,8 +71,10 @@ _SWIGLU_ALIGN = {"swiglu": 8, "swiglu64": 64}  # models/vision_transformer.py ff
 class DinoV3ViT:
     """One of the hub's ViT builders, with the arguments that shape it, and the timm
     architecture it is built as (``_qkvb`` added for files with q/k/v biases). ``untied``:
-    ``untie_global_and_local_cls_norm``, whose file holds ``local_cls_norm``; ``None`` for the
-    tags that accepted such a file before the hub's untied builders were read (either)."""
+    ``untie_global_and_local_cls_norm``, whose official file holds ``local_cls_norm`` (True:
+    required; False: refused); ``None``: either, for ``dinov3_vitl16`` (the hub unties it for
+    the SAT-493M file only) and the builders registered before the untied ones, whose reading
+    of a file with one (dropped) is kept as it was."""
 
     hub: str
     timm: str
