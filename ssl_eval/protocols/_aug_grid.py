@@ -78,13 +78,39 @@ def setting_dict(s: tuple, scale: float) -> dict:
     return head | {"base_lr": s[-2], "lr": s[-2] * scale, "weight_decay": s[-1]}
 
 
-def schedule(n_steps_per_epoch: int, p) -> tuple[int, int]:
+def schedule(n_steps_per_epoch: int, p, n: int = 0, batch: int = 0) -> tuple[int, int]:
     """(passes over the training rows, optimiser steps in all): ``p.epochs`` passes, or with
     ``p.iterations`` (the scripts' epochs x epoch_length, whatever the data size) the passes
-    begun to make that many steps, the last one cut short."""
+    begun to make that many steps, the last one cut short, or with ``p.stream`` SimCLR's
+    get_train_steps over ``n`` rows in batches of ``batch``: n x epochs // batch + 1 steps."""
     if p.iterations:
         return math.ceil(p.iterations / n_steps_per_epoch), p.iterations
+    if getattr(p, "stream", False):
+        return p.epochs, n * p.epochs // batch + 1
     return p.epochs, p.epochs * n_steps_per_epoch
+
+
+def stream_steps(epoch: int, n: int, batch: int, total: int, epochs: int) -> int:
+    """The steps done when pass ``epoch`` of a stream ends (steps ``[0, this)``): those whose
+    batch's last row lies in a pass up to ``epoch`` (every step for the last pass, whose final
+    batch reaches into the next)."""
+    return total if epoch == epochs - 1 else (epoch + 1) * n // batch
+
+
+def stream_rows(step: int, end: int, batch: int, n: int, perm) -> list[list[int]]:
+    """Steps ``step`` to ``end`` of a stream: the passes' permutations ``perm(q)`` of the ``n``
+    rows one after another, cut into batches of ``batch`` across their boundaries; a row of
+    pass q is given as ``q * n + row`` (its pass sets its crop's draws)."""
+    out, orders = [], {}
+    for k in range(step, end):
+        rows = []
+        for pos in range(k * batch, (k + 1) * batch):
+            q, i = divmod(pos, n)
+            if q not in orders:
+                orders[q] = perm(q)
+            rows.append(q * n + orders[q][i])
+        out.append(rows)
+    return out
 
 
 def iteration_lr(step: int, peak: float, p) -> float:

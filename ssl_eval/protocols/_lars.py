@@ -40,12 +40,17 @@ def lars_step(p, grad, mu, lr, weight_decay, momentum=0.9, trust=0.001, heads=Fa
 
 
 @torch.no_grad()
-def sgd_step(p, grad, mu, lr, weight_decay, momentum=0.9, trust=0.0, heads=False) -> None:
-    """torch.optim.SGD's update (weight decay on every parameter, no dampening, no Nesterov),
-    per head with ``heads``; ``trust`` is unused."""
+def sgd_step(
+    p, grad, mu, lr, weight_decay, momentum=0.9, trust=0.0, heads=False, nesterov=False
+) -> None:
+    """torch.optim.SGD's update (weight decay on every parameter, no dampening), per head with
+    ``heads``; ``trust`` is unused. ``nesterov``: torch's SGD(nesterov=True), d = grad + wd p,
+    mu <- m mu + d, p <- p - lr (d + m mu), which is also TF1's MomentumOptimizer with
+    use_nesterov (accum <- m accum + d, var <- var - lr d - lr m accum)."""
     lr, wd = _per_head(lr, p, heads), _per_head(weight_decay, p, heads)
-    mu.mul_(momentum).add_(grad + wd * p)
-    p.sub_(lr * mu)
+    d = grad + wd * p
+    mu.mul_(momentum).add_(d)
+    p.sub_(lr * (d + momentum * mu) if nesterov else lr * mu)
 
 
 OPTIMISERS = {"lars": lars_step, "sgd": sgd_step}

@@ -39,6 +39,16 @@ test-chosen head recorded beside it (``report_test_choice``). DINO's cards read 
 linear@dino the last 4 class tokens, linear@dino-vitb the last class token and patch mean in
 eval_linear.py's interleaved order (``avgpool_layout``). At their neutral values these params
 leave the probe as it was; ``head_init_std`` 0 starts the heads at zero (SimCLR's).
+
+The other recipes' own rules, each neutral by default: ``lr_update: epoch`` sets the schedule
+once before each epoch at its integer index (MoCo v3's main_lincls.py adjust_learning_rate,
+DINO's eval_linear.py CosineAnnealingLR stepped per epoch); ``nesterov`` is torch's
+SGD(nesterov=True), which is TF1's MomentumOptimizer(use_nesterov=True) (SimCLR's);
+``crop_interpolation`` and ``eval_interpolation`` resize the training crops and the evaluation
+images with the script's interpolation instead of the backbone's; ``stream`` runs SimCLR's
+input stream: the passes' permutations one after another, cut into full batches across their
+boundaries, for n x epochs // batch + 1 steps under a per-step cosine over that many, the
+heads scored when each pass's last batch is done (a row of pass q gets pass q's crop).
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -72,6 +82,8 @@ from ._aug_grid import (
     schedule,
     script_choice,
     setting_dict,
+    stream_rows,
+    stream_steps,
     width,
 )
 from ._aug_state import HEAD_STATE, resume, save
@@ -83,6 +95,8 @@ from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, top
 
 HEAD_INITS = ("trunc_normal", "normal")
 SELECTIONS = ("epoch", "final")
+LR_UPDATES = ("step", "epoch")
+INTERPOLATIONS = ("backbone", "bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,11 @@ class AugmentedParams:
         "select": "epoch",
         "report_test_choice": False,
         "avgpool_layout": "concat",
+        "lr_update": "step",
+        "nesterov": False,
+        "crop_interpolation": "backbone",
+        "eval_interpolation": "backbone",
+        "stream": False,
     }
     base_lrs: tuple[float, ...] = (0.1,)  # lr = base_lr * batch / 256 with lr_batch_scaling
     weight_decays: tuple[float, ...] = (0.0,)
@@ -137,6 +156,21 @@ class AugmentedParams:
     # create_linear_input; interleave, DINO's eval_linear.py (one block's class token and patch
     # mean alternating value by value)
     avgpool_layout: str = "concat"
+    # step: the schedule at each step's fractional epoch (MAE's lr_sched); epoch: set once
+    # before each epoch at its integer index, constant within it (MoCo v3's
+    # adjust_learning_rate, DINO's CosineAnnealingLR stepped per epoch)
+    lr_update: str = "step"
+    # SGD's Nesterov form (torch's SGD(nesterov=True), TF1's MomentumOptimizer(use_nesterov))
+    nesterov: bool = False
+    # the resize of the training crops and of the evaluation images: backbone (its own
+    # preprocessing's), or bilinear | bicubic | nearest (the recipe's script's)
+    crop_interpolation: str = "backbone"
+    eval_interpolation: str = "backbone"
+    # SimCLR's input stream (data.py: shuffle, repeat, batch with drop_remainder): each pass's
+    # permutation follows the last, cut into full batches across the passes' boundaries, for
+    # n x epochs // batch + 1 steps (get_train_steps), the cosine over that many, set every
+    # step; the heads are scored when each pass's last batch is done
+    stream: bool = False
 
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.forward_batch) < 1 or self.bn_rows < 0:
@@ -185,6 +219,33 @@ class AugmentedParams:
         if self.select not in SELECTIONS:
             raise UserError(f"linear_aug: select is one of {list(SELECTIONS)}, not {self.select!r}")
         check_layout(self.avgpool_layout, self.n_last_blocks, self.avgpool)
+        if self.lr_update not in LR_UPDATES:
+            raise UserError(
+                f"linear_aug: lr_update is one of {list(LR_UPDATES)}, not {self.lr_update!r}"
+            )
+        if self.lr_update == "epoch" and (self.iterations or self.warmup_epochs):
+            raise UserError(
+                "linear_aug: lr_update=epoch sets the cosine once per epoch, without warmup and "
+                "over epochs: set iterations=0 and warmup_epochs=0, or lr_update=step"
+            )
+        if not isinstance(self.nesterov, bool) or (self.nesterov and self.optimizer != "sgd"):
+            raise UserError("linear_aug: nesterov is true or false, and true only with sgd")
+        if not isinstance(self.stream, bool):
+            raise UserError(f"linear_aug: stream is true or false, not {self.stream!r}")
+        if self.stream and (
+            self.iterations or self.warmup_epochs or self.lr_update != "step" or not self.drop_last
+        ):
+            raise UserError(
+                "linear_aug: stream=true cuts full batches from the repeated passes with a "
+                "per-step cosine and no warmup: set iterations=0, warmup_epochs=0, "
+                "lr_update=step, drop_last=true"
+            )
+        for name in ("crop_interpolation", "eval_interpolation"):
+            if getattr(self, name) not in INTERPOLATIONS:
+                raise UserError(
+                    f"linear_aug: {name} is one of {list(INTERPOLATIONS)}, "
+                    f"not {getattr(self, name)!r}"
+                )
 
     def settings(self) -> list[tuple[float, float]]:
         return [(lr, wd) for lr in self.base_lrs for wd in self.weight_decays]
@@ -197,13 +258,56 @@ def plan(n: int, p: AugmentedParams) -> tuple[int, int, float]:
     return batch, steps, (batch / 256 if p.lr_batch_scaling else 1.0)
 
 
-def lr_at(step: int, steps_per_epoch: int, base_lr: float, scale: float, p: AugmentedParams):
+def lr_at(
+    step: int, steps_per_epoch: int, base_lr: float, scale: float, p: AugmentedParams, total=0
+):
     """The learning rate of optimiser step ``step`` (from 0), peak base_lr * scale: MAE's
-    schedule at the fractional epoch step / steps_per_epoch, or with ``p.iterations`` torch's
-    CosineAnnealingLR over that many steps (DINOv2's and DINOv3's)."""
+    schedule at the fractional epoch step / steps_per_epoch (at the epoch's integer index with
+    ``lr_update`` epoch), or with ``p.iterations`` torch's CosineAnnealingLR over that many
+    steps (DINOv2's and DINOv3's), or with ``p.stream`` the cosine over the stream's ``total``
+    steps (SimCLR's tf.train.cosine_decay(peak, step, total), down to min_lr)."""
     if p.iterations:
         return iteration_lr(step, base_lr * scale, p)
-    return mae_lr(step / steps_per_epoch, base_lr * scale, p.warmup_epochs, p.epochs, p.min_lr)
+    if p.stream:
+        if total < 1:
+            raise ValueError("lr_at: a stream's lr needs its total steps")
+        peak = base_lr * scale
+        return p.min_lr + (peak - p.min_lr) * 0.5 * (1 + math.cos(math.pi * step / total))
+    epoch = step // steps_per_epoch if p.lr_update == "epoch" else step / steps_per_epoch
+    return mae_lr(epoch, base_lr * scale, p.warmup_epochs, p.epochs, p.min_lr)
+
+
+def pass_order(seed: int, q: int, n: int) -> list[int]:
+    """The order of the ``n`` training rows in pass (epoch) ``q``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + q)).tolist()
+
+
+class PassImages(torch.utils.data.Dataset):
+    """A stream's training images: item ``q * n + i`` is row ``i`` with the crop and flip
+    draws of pass ``q`` (a batch may hold rows of two passes)."""
+
+    def __init__(self, images: TrainImages, n: int):
+        self.images, self.n = images, n
+
+    def __getitem__(self, k: int):
+        return self.__getitems__([k])[0]
+
+    def __getitems__(self, ks: list[int]) -> list:
+        out = [None] * len(ks)
+        by_pass: dict[int, list[int]] = {}
+        for j, k in enumerate(ks):
+            by_pass.setdefault(k // self.n, []).append(j)
+        for q, js in by_pass.items():
+            self.images.epoch = q
+            got = self.images.__getitems__([ks[j] % self.n for j in js])
+            for j, item in zip(js, got, strict=True):
+                out[j] = item
+        return out
+
+
+def resampled(pre, interpolation: str):
+    """The backbone's preprocessing with the recipe's interpolation (``backbone``: its own)."""
+    return pre if interpolation == "backbone" else replace(pre, interpolation=interpolation)
 
 
 def n_groups(p: AugmentedParams) -> int:
@@ -271,8 +375,9 @@ class Heads:
         per_head.sum().backward()  # each head's gradient is that of its own mean loss
         self.W, self.b = W.detach(), b.detach()
         upd, p = OPTIMISERS[self.p.optimizer], self.p
-        upd(self.W, W.grad, self.mW, lr, wd, p.momentum, p.trust_coefficient, heads=True)
-        upd(self.b, b.grad, self.mb, lr, wd, p.momentum, p.trust_coefficient, heads=True)
+        kw = {"nesterov": True} if p.nesterov else {}  # sgd only (checked)
+        upd(self.W, W.grad, self.mW, lr, wd, p.momentum, p.trust_coefficient, heads=True, **kw)
+        upd(self.b, b.grad, self.mb, lr, wd, p.momentum, p.trust_coefficient, heads=True, **kw)
         return per_head.detach()
 
 
@@ -333,10 +438,13 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0
     batch, per_epoch, scale = plan(n, p)
-    epochs, total = schedule(per_epoch, p)
+    epochs, total = schedule(per_epoch, p, n, batch)
     settings = grid_settings(p)
     wd = torch.tensor([s[-1] for s in settings], device=dev)
-    train_ds = TrainImages(bundle.train, tr, pre, inp.seed, True, p.crop_scale, p.hflip, p.crop)
+    pre_train, pre_eval = resampled(pre, p.crop_interpolation), resampled(pre, p.eval_interpolation)
+    train_ds = TrainImages(
+        bundle.train, tr, pre_train, inp.seed, True, p.crop_scale, p.hflip, p.crop
+    )
     fb = p.forward_batch
     history, best = [], {"val": -1.0}
     per_epoch_test = []
@@ -350,8 +458,8 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             return source.select(read(batch))
 
         shared = SharedForward(embed, loading, dev)  # under torchrun: cuts r, r + W ... here
-        val_x, val_y = shared.all(TrainImages(bundle.train, va, pre, 0, False), fb)
-        test_ds = TrainImages(bundle.test, np.arange(len(bundle.test)), pre, 0, False)
+        val_x, val_y = shared.all(TrainImages(bundle.train, va, pre_eval, 0, False), fb)
+        test_ds = TrainImages(bundle.test, np.arange(len(bundle.test)), pre_eval, 0, False)
         test_x, test_y = shared.all(test_ds, fb)
         val_y, test_y = val_y.to(dev), test_y.to(dev)
         torch.manual_seed(inp.seed)
@@ -376,22 +484,27 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             )
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            train_ds.epoch = epoch
-            g = torch.Generator().manual_seed(inp.seed * 1000 + epoch)
-            order = torch.randperm(n, generator=g)[: per_epoch * batch].tolist()
-            rows = [order[s : s + batch] for s in range(0, len(order), batch)]  # one per step
-            rows = rows[: total - step]  # a fixed iteration count ends within the last pass
+            if p.stream:  # the steps whose batch ends in this pass (the last: every one left)
+                end = stream_steps(epoch, n, batch, total, epochs)
+                rows = stream_rows(step, end, batch, n, lambda q: pass_order(inp.seed, q, n))
+                images = PassImages(train_ds, n)
+            else:
+                train_ds.epoch, images = epoch, train_ds
+                order = pass_order(inp.seed, epoch, n)[: per_epoch * batch]
+                rows = [order[s : s + batch] for s in range(0, len(order), batch)]  # one a step
+                rows = rows[: total - step]  # a fixed iteration count ends within the last pass
             # each step's rows, cut into backbone forwards of at most forward_batch images
             cuts = [r[c : c + fb] for r in rows for c in range(0, len(r), fb)]
             feats, labels, losses, want = [], [], [], iter([len(r) for r in rows])
             need = next(want, 0)
-            for f, y in shared.cuts(train_ds, cuts):  # every rank: every cut, in order
+            for f, y in shared.cuts(images, cuts):  # every rank: every cut, in order
                 feats.append(f)
                 labels.append(y)
                 if sum(len(f) for f in feats) < need:
                     continue
                 lr = torch.tensor(
-                    [lr_at(step, per_epoch, s[-2], scale, p) for s in settings], device=dev
+                    [lr_at(step, per_epoch, s[-2], scale, p, total) for s in settings],
+                    device=dev,
                 )
                 x, yb = torch.cat(feats), torch.cat(labels).to(dev)
                 loss = torch.cat(
