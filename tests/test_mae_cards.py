@@ -170,7 +170,12 @@ def test_finetune_mae_trains_through_rand_augment_and_random_erasing(tmp_path, m
     ds = dataclasses.replace(ds, train=cut(ds.train, 80), test=cut(ds.test, 40))
     inp = ImageInputs(bb, ds, np.arange(64), np.arange(64, 80), torch.device("cpu"), 0, tmp_path)
     p = dataclasses.replace(
-        load_card("finetune@mae").params, epochs=1, batch_size=32, layer_decay=0.0, vit_depth=0
+        load_card("finetune@mae").params,
+        epochs=1,
+        batch_size=32,
+        layer_decay=0.0,
+        vit_depth=0,
+        pool="feature_kind",  # a ResNet has no patch tokens to average
     )
     calls = {"ra": 0, "erase": []}
     ra, erase = _images._seeded_call, finetune.random_erase
