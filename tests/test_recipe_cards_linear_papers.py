@@ -3,8 +3,9 @@ google-research/simclr@383d414 (run.py, model_util.py, README.md's ImageNet line
 command), facebookresearch/moco-v3@c349e6e (main_lincls.py, CONFIG.md) and
 facebookresearch/dino@7c446df (eval_linear.py, README.md). Each card's numbers against the
 script's defaults and commands, and its learning rate at every step against the script's
-schedule written out here from the script (not from ssl-eval), with the departures the cards
-state (a per-step cosine where MoCo v3 and DINO set it per epoch; SimCLR's step count)."""
+schedule written out here from the script (not from ssl-eval): MoCo v3's and DINO's set once
+per epoch (lr_update epoch), SimCLR's over its stream's n x epochs // batch + 1 steps
+(stream)."""
 
 import math
 
@@ -49,7 +50,7 @@ def test_mocov3_cards_hold_main_lincls_numbers(card, lr):
 
 
 @pytest.mark.parametrize("card, lr", MOCOV3)
-def test_mocov3_lr_is_main_lincls_at_every_epoch_start_and_between_its_epochs(card, lr):
+def test_mocov3_lr_is_main_lincls_at_every_step(card, lr):
     p = load_card(card).params
     init_lr = lr * 1024 / 256  # "infer learning rate before changing batch size"
     batch, per_epoch, scale = augmented.plan(IMAGENET_TRAIN, p)
@@ -57,15 +58,10 @@ def test_mocov3_lr_is_main_lincls_at_every_epoch_start_and_between_its_epochs(ca
     assert (batch, per_epoch) == (1024, _per_rank_loader_len(IMAGENET_TRAIN, 8, 128))
     assert lr * scale == pytest.approx(init_lr, rel=1e-15)
     for epoch in range(p.epochs):
-        theirs = mocov3_adjust_learning_rate(init_lr, epoch, p.epochs)
-        after = mocov3_adjust_learning_rate(init_lr, epoch + 1, p.epochs)
+        theirs = mocov3_adjust_learning_rate(init_lr, epoch, p.epochs)  # set once, before it
         for it in range(per_epoch):
             ours = augmented.lr_at(epoch * per_epoch + it, per_epoch, lr, scale, p)
-            if it == 0:  # the script's value, set once before the epoch
-                assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15), epoch
-            else:  # the card's stated departure: per step, between this epoch's and the next's
-                assert after - 1e-12 <= ours <= theirs + 1e-12, (epoch, it)
-            assert theirs - ours <= init_lr * math.pi / 180 + 1e-12  # "at most 1.8% of the peak"
+            assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15), (epoch, it)
 
 
 # ---------------------------------------------------------------- SimCLR, run.py
@@ -103,30 +99,19 @@ def test_simclr_card_holds_the_readme_linear_eval_command():
 
 @pytest.mark.parametrize("n", [IMAGENET_TRAIN, 40_000])
 def test_simclr_lr_is_model_util_schedule_over_the_cards_steps(n):
+    from ssl_eval.protocols._aug_grid import schedule
+
     p = load_card("linear@simclr").params
     batch, per_epoch, scale = augmented.plan(n, p)
-    assert (batch, per_epoch) == (4096, n // 4096)  # every step a full 4096
-    ours_total = p.epochs * per_epoch
-    theirs_total = n * p.epochs // 4096 + 1  # get_train_steps: no epoch boundaries
-    # the card's stated departure: ImageNet is 28080 steps against SimCLR's 28151
+    assert (batch, p.stream) == (4096, True)  # every step a full 4096, across the passes
+    passes, total = schedule(per_epoch, p, n, batch)
+    assert (passes, total) == (90, n * 90 // 4096 + 1)  # get_train_steps
     if n == IMAGENET_TRAIN:
-        assert (ours_total, theirs_total) == (28080, 28151)
-    assert 0 <= theirs_total - ours_total <= p.epochs  # at most one step per epoch fewer
-    peak = 0.1 * scale
-    assert peak == pytest.approx(simclr_learning_rate(0, n, 4096, 0.1, 90, 0.0), rel=1e-15)
-    # the schedule itself is SimCLR's, over the card's horizon: the formula with n * 90 // 4096
-    # + 1 steps replaced by ours (n a multiple of 4096 and one step fewer gives ours exactly)
-    n_same = per_epoch * 4096
-    for step in range(0, ours_total, 7):
-        ours = augmented.lr_at(step, per_epoch, 0.1, scale, p)
-        theirs_here = simclr_learning_rate(step, n_same, 4096, 0.1, 90, 0.0)
-        # with n_same, SimCLR's total is ours + 1: the cosine's argument differs by step/T^2
-        stretch = ours_total / (ours_total + 1)
-        want = peak * 0.5 * (1 + math.cos(math.pi * step / ours_total))
-        assert ours == pytest.approx(want, rel=1e-12, abs=1e-15), step
-        assert abs(ours - theirs_here) <= peak * math.pi / 2 * (1 - stretch) + 1e-12, step
+        assert total == 28151
+    for step in list(range(0, total, 7)) + [total - 1]:
+        ours = augmented.lr_at(step, per_epoch, 0.1, scale, p, total)
         theirs = simclr_learning_rate(step, n, 4096, 0.1, 90, 0.0)
-        assert abs(ours - theirs) <= peak * math.pi / 2 * (1 - ours_total / theirs_total) + 1e-12
+        assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15), step
 
 
 def test_simclr_weight_decay_is_the_l2_loss_on_weights_and_bias():
@@ -192,10 +177,6 @@ def test_dino_lr_is_cosine_annealing_stepped_per_epoch(card):
         opt.step()
         sched.step()
     for epoch in range(p.epochs):
-        for it in range(0, per_epoch, 5):
+        for it in list(range(0, per_epoch, 5)) + [per_epoch - 1]:
             ours = augmented.lr_at(epoch * per_epoch + it, per_epoch, 0.001, scale, p)
-            if it == 0:
-                assert ours == pytest.approx(theirs[epoch], rel=1e-9, abs=1e-15), epoch
-            else:  # per step: between this epoch's lr and the next's ("at most 1.6%")
-                assert theirs[epoch + 1] - 1e-12 <= ours <= theirs[epoch] + 1e-12, (epoch, it)
-            assert theirs[epoch] - ours <= init_lr * math.pi / 200 + 1e-12
+            assert ours == pytest.approx(theirs[epoch], rel=1e-9, abs=1e-15), (epoch, it)
