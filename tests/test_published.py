@@ -29,7 +29,7 @@ SEED_TABLE = {
     ("mocov3_vitb16", "linear@mocov3"): 76.7,  # moco-v3 README, ViT-Base linear acc
     ("simclr_r50", "linear@simclr"): 69.1,  # simclr README (the paper's Table 6: 69.3)
     ("mae_vith14", "linear@mae"): 76.6,  # mae FINETUNE.md, paper (TF/TPU) row
-    ("mae_vith14", "finetune@mae"): 86.9,  # mae README, ImageNet-1K ViT-H
+    ("mae_vith14", "finetune@mae-h"): 86.9,  # mae README, ImageNet-1K ViT-H
     ("dinov2_vits14", "linear@dinov2"): 81.1,  # dinov2 README, ImageNet linear
     ("dinov2_vits14", "knn"): 79.0,  # dinov2 README, ImageNet k-NN
     ("dinov2_vitb14", "linear@dinov2"): 84.5,
@@ -68,8 +68,8 @@ PAPER_TABLE = {
     ("dinov2_vitg14", "linear@dinov2"): (86.5, "arXiv:2304.07193v2, Table 4"),
     ("dinov2_vitg14", "knn"): (83.5, "arXiv:2304.07193v2, Table 4"),
     ("mae_vitb16", "finetune@mae"): (83.6, "arXiv:2111.06377, Table 3"),
-    ("mae_vitl16", "finetune@mae"): (85.9, "arXiv:2111.06377, Table 3"),
-    ("mae_vith14", "finetune@mae"): (86.9, "arXiv:2111.06377, Table 3"),
+    ("mae_vitl16", "finetune@mae-l"): (85.9, "arXiv:2111.06377, Table 3"),
+    ("mae_vith14", "finetune@mae-h"): (86.9, "arXiv:2111.06377, Table 3"),
     # 300 epochs, as the released ViTs (§6.2's unnumbered training-length table: 600-ep 73.4, 76.7)
     ("mocov3_vits16", "linear@mocov3"): (72.5, "arXiv:2104.02057, Table 4"),
     ("mocov3_vitb16", "linear@mocov3"): (76.5, "arXiv:2104.02057, Table 4"),
@@ -557,3 +557,97 @@ def test_each_dino_linear_entry_runs_the_card_of_its_readme_command():
         assert (p.n_last_blocks, p.avgpool) == ((n,), (avgpool,)), tag
         # the script stacks the class token and the patch mean value by value
         assert p.avgpool_layout == ("interleave" if avgpool else "concat"), tag
+
+
+def _meta_model(tag: str, monkeypatch):
+    """The network ``tag`` builds, from its family's registered architecture (the tag's
+    variant in the family's ARCHS table), with the family's own constructor, on the meta
+    device: no weights, no memory."""
+    import importlib
+
+    import torch
+
+    from ssl_eval.backbones import list_backbones, vit
+    from ssl_eval.backbones import resnet as resnet_mod
+    from ssl_eval.backbones.adapters import TAGS
+    from ssl_eval.backbones.families import dino as dino_family
+    from ssl_eval.backbones.vit import ViTArch
+
+    list_backbones()
+    family, variant = TAGS[tag]
+    for module in (vit, resnet_mod, dino_family):  # the constructors, kept on the meta device
+        monkeypatch.setattr(module, "uninitialised", lambda factory: factory())
+    spec = importlib.import_module(f"ssl_eval.backbones.families.{family}").ARCHS
+    spec = spec.pick(variant, "the tag", tag).spec
+    with torch.device("meta"):
+        if isinstance(spec, ViTArch):
+            return vit.create_timm(spec.timm, 224, **spec.kwargs())
+        if isinstance(spec, dino_family.XCiTArch):
+            return dino_family.create_xcit(spec)
+        if family == "dinov2":  # (width, heads, depth); the variant is timm's own name
+            return vit.create_timm(variant, 224)
+        layers, width = spec  # a torchvision-layout ResNet: (blocks per stage, width)
+        return resnet_mod.ResNet(layers, width)
+
+
+def _accepts(card, tag: str, model) -> None:
+    """The card's own refusals of a backbone, run on ``model`` (raise UserError where it
+    refuses): a fine-tune card's vit_depth and pool (the classifier built as the run does),
+    a linear_aug card's n_last_blocks, and the feature kind a card reads instead of the
+    backbone's own (linear@dinov2's layers:4), computed on a meta image."""
+    import torch
+
+    from ssl_eval.backbones.base import FEATURE_KINDS
+    from ssl_eval.protocols import finetune
+    from ssl_eval.protocols._aug_grid import check_blocks
+
+    p = card.params
+    if card.type == "finetune":
+        bb = SimpleNamespace(model=model, tag=tag, feature_kind="cls", embed_dim=lambda: 0)
+        inp = SimpleNamespace(
+            backbone=bb,
+            device=torch.device("meta"),
+            seed=0,
+            bundle=SimpleNamespace(num_classes=1000),
+        )
+        with torch.device("meta"):
+            finetune._model(inp, p)
+    if card.type == "linear_aug":
+        check_blocks(model, p)
+    kind = card.protocol.features_of(p)
+    if kind is not None:
+        x = torch.empty(1, 3, 224, 224, device="meta")
+        assert FEATURE_KINDS.get(kind)(model, x).shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    "tag, recipe", sorted({(e.tag, e.recipe) for e in load_published().entries})
+)
+def test_each_entrys_card_accepts_its_tags_architecture(tag, recipe, monkeypatch):
+    """A published figure whose card refuses the tag can never be reproduced: finetune@mae
+    is ViT-B's (vit_depth 12), linear@dino reads 4 ViT blocks, linear@dinov2 layers:4. The
+    tag's network (its registered architecture on the meta device) goes through the card's
+    own checks."""
+    model = _meta_model(tag, monkeypatch)
+    try:
+        _accepts(load_card(recipe), tag, model)
+    except UserError as e:
+        pytest.fail(f"{tag} / {recipe}: the card refuses the tag: {e}")
+
+
+@pytest.mark.parametrize(
+    "tag, recipe, says",
+    [
+        ("mae_vitl16", "finetune@mae", "a ViT of 12 blocks, but mae_vitl16 has 24"),
+        ("mae_vitb16", "finetune@mae-h", "a ViT of 32 blocks, but mae_vitb16 has 12"),
+        ("dino_resnet50", "linear@dino", "n_last_blocks reads the class tokens"),
+        ("dino_xcit_small_12_p16", "linear@dino", "class-attention blocks"),
+        ("dino_xcit_small_12_p16", "linear@dinov2", "class-attention blocks"),
+        ("dino_xcit_small_12_p16", "finetune@mae", "averages the patch tokens"),
+        ("mocov3_r50", "finetune@mae", "has no blocks"),
+    ],
+)
+def test_the_card_checks_refuse_a_tag_of_another_architecture(tag, recipe, says, monkeypatch):
+    """The check above is not vacuous: each of the cards' refusals fires on the meta model."""
+    with pytest.raises(UserError, match=re.escape(says)):
+        _accepts(load_card(recipe), tag, _meta_model(tag, monkeypatch))
