@@ -33,7 +33,7 @@ from ssl_eval.protocols.base import ImageInputs
 from ssl_eval.protocols.cards import load_card
 
 MOCOV3_CARDS = ["linear@mocov3", "linear@mocov3-r50"]
-DINO_CARDS = ["linear@dino", "linear@dino-vitb", "linear@dino-r50"]
+DINO_CARDS = ["linear@dino", "linear@dino-vitb", "linear@dino-r50", "linear@dino-xcit"]
 
 
 def _inputs(tmp_path, n_train=96):

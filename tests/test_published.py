@@ -409,11 +409,14 @@ LINEAR_CARDS = {
     "dino_vits": "linear@dino",  # the defaults: the class tokens of the last 4 blocks
     "dino_vitb": "linear@dino-vitb",  # --n_last_blocks 1 --avgpool_patchtokens true
     "dino_resnet50": "linear@dino-r50",  # --arch resnet50: the average pool
+    "dino_xcit": "linear@dino-xcit",  # --arch xcit_*: model(inp), the normed class token
     "dinov2": "linear@dinov2",  # facebookresearch/dinov2 eval/linear.py
 }
 
 
 def _family(tag: str) -> str:
+    if tag.startswith("dino_xcit_"):
+        return "dino_xcit"
     if tag.startswith("dino_"):
         return tag.rstrip("0123456789") if tag.startswith("dino_vit") else tag
     if tag.startswith("mocov3_"):
@@ -530,14 +533,22 @@ def test_every_card_a_note_names_is_shipped():
 # facebookresearch/dino@7c446df README.md, "Evaluation: Linear classification on ImageNet": the
 # eval_linear.py command given for each network's released linear weights (their flags; the
 # ViT-S commands pass none: eval_linear.py's defaults --n_last_blocks 4
-# --avgpool_patchtokens false), written out from the README
+# --avgpool_patchtokens false), written out from the README. The README prints no command for
+# its XCiTs: --arch is the name in its XCiT table (hubconf.py's), every other flag the default
 DINO_README_COMMANDS = {
     "dino_vits16": "--arch vit_small --patch_size 16",
     "dino_vits8": "--arch vit_small --patch_size 8",
     "dino_vitb16": "--arch vit_base --patch_size 16 --n_last_blocks 1 --avgpool_patchtokens true",
     "dino_vitb8": "--arch vit_base --patch_size 8 --n_last_blocks 1 --avgpool_patchtokens true",
     "dino_resnet50": "--arch resnet50",
+    "dino_xcit_small_12_p16": "--arch xcit_small_12_p16",
+    "dino_xcit_small_12_p8": "--arch xcit_small_12_p8",
+    "dino_xcit_medium_24_p16": "--arch xcit_medium_24_p16",
+    "dino_xcit_medium_24_p8": "--arch xcit_medium_24_p8",
 }
+# eval_linear.py's branches for an --arch that is not one of its ViTs: an XCiT from torch.hub
+# ("xcit" in the name), else a torchvision model; both feed the head model(inp)
+NON_VIT_CARDS = {"xcit": "linear@dino-xcit", "resnet50": "linear@dino-r50"}
 
 
 def test_each_dino_linear_entry_runs_the_card_of_its_readme_command():
@@ -548,9 +559,10 @@ def test_each_dino_linear_entry_runs_the_card_of_its_readme_command():
         words = command.split()
         flags = dict(zip(words[::2], words[1::2], strict=True))
         p = load_card(linear[tag]).params
-        if "vit" not in flags["--arch"]:  # eval_linear.py's non-ViT branch: model(inp)
+        if "vit" not in flags["--arch"]:  # eval_linear.py's non-ViT branches: model(inp)
             assert (p.n_last_blocks, p.avgpool) == ((), ()), tag
-            assert load_card(linear[tag]).name == "linear@dino-r50"
+            branch = "xcit" if "xcit" in flags["--arch"] else flags["--arch"]
+            assert linear[tag] == NON_VIT_CARDS[branch], tag
             continue
         n = int(flags.get("--n_last_blocks", 4))
         avgpool = flags.get("--avgpool_patchtokens", "false") == "true"

@@ -137,7 +137,7 @@ def test_simclr_weight_decay_is_the_l2_loss_on_weights_and_bias():
 # ---------------------------------------------------------------- DINO, eval_linear.py
 
 
-DINO_CARDS = ["linear@dino", "linear@dino-vitb", "linear@dino-r50"]
+DINO_CARDS = ["linear@dino", "linear@dino-vitb", "linear@dino-r50", "linear@dino-xcit"]
 
 
 @pytest.mark.parametrize("card", DINO_CARDS)
@@ -158,6 +158,7 @@ def test_dino_card_holds_eval_linear_defaults(card):
         "linear@dino": ((4,), (False,), "concat"),  # ViT-S: the defaults
         "linear@dino-vitb": ((1,), (True,), "interleave"),  # ViT-B: 1 block + avgpool
         "linear@dino-r50": ((), (), "concat"),  # ResNet-50: model(inp), the average pool
+        "linear@dino-xcit": ((), (), "concat"),  # XCiT: model(inp), the normed class token
     }[card]
     assert (p.n_last_blocks, p.avgpool, p.avgpool_layout) == want
 
