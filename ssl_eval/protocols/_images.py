@@ -112,6 +112,37 @@ def rand_augment(policy: str, pre) -> Callable | None:
     return ra
 
 
+def timm_augment(policy: str, pre) -> Callable | None:
+    """The transform timm's create_transform builds for its ``auto_augment`` string: 'rand-*'
+    RandAugment (``rand_augment``), any other AutoAugment (``auto_augment_transform``: a
+    policy original | originalr | v0 | v0r, e.g. V-JEPA 2's 'original'), with the same
+    hparams; None for 'none'."""
+    if policy == "none" or policy.startswith("rand"):
+        return rand_augment(policy, pre)
+    if policy.startswith("augmix"):
+        raise UserError(f"auto_augment {policy!r}: timm's AugMix is not supported")
+    from timm.data.auto_augment import auto_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    hparams = {
+        "translate_const": int((pre.crop or 224) * 0.45),
+        "img_mean": tuple(min(255, round(255 * x)) for x in pre.mean),
+        "interpolation": str_to_pil_interp(pre.interpolation),
+    }
+    try:
+        aa = auto_augment_transform(policy, hparams)
+    except Exception as e:  # timm asserts (or raises KeyError) on an unknown policy
+        raise UserError(
+            f"auto_augment {policy!r} is not a timm AutoAugment or RandAugment policy "
+            "(e.g. original, v0, rand-m9-mstd0.5-inc1)"
+        ) from e
+    for sub in aa.policy:
+        for op in sub:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return aa
+
+
 def _posterize(img, bits_to_keep, **_):
     """timm's posterize with the Pillow the recipes ran on: keeping 0 bits (the top level of
     'inc' policies) makes the image black, where Pillow 10+ refuses 0 bits."""
@@ -144,7 +175,8 @@ class TrainImages(Dataset):
     """uint8 CHW images of ``split`` at ``indices``, with their labels. Evaluation: the
     backbone's preprocessing (resize, centre crop). Training (``augment``): a random resized
     crop of the full decoded image to the backbone's input size, then a flip, then
-    RandAugment if given; set ``epoch`` before each epoch for new draws."""
+    timm's RandAugment (or AutoAugment: ``timm_augment``) if given; set ``epoch`` before each
+    epoch for new draws."""
 
     def __init__(
         self,
@@ -190,8 +222,8 @@ class TrainImages(Dataset):
 
     def _finish(self, img: torch.Tensor, draw: int) -> torch.Tensor:
         if self.rand_augment != "none":
-            if self._ra is None:
-                self._ra = rand_augment(self.rand_augment, self.pre)
+            if self._ra is None:  # a timm policy: RandAugment's rand-* or an AutoAugment
+                self._ra = timm_augment(self.rand_augment, self.pre)
             img = _seeded_call(self._ra, img, draw)
         return img.contiguous()
 
