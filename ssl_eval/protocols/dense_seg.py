@@ -16,14 +16,17 @@ left alone) over 40,000 iterations of 16 images (2 per GPU x 8), counted here in
 The trainer steps the scheduler after every iteration but the first, so iterations 0 and 1
 both run at the scheduler's step 0 (mmcv's inheritance); the same here. Test images by
 sliding windows (crop 512, stride 341 on images resized to a 512 shorter side). Training
-reads cached tokens of one centre crop per image (dense/common.py explains why), of every
-training image: the recipe chooses nothing on validation.
+reads, with ``augment: none``, cached tokens of one centre crop per image (dense/common.py
+explains why); with ``augment: dinov3`` the tokens of DINOv3's random training views, drawn
+and embedded online at every step (dense/augment.py). Every training image is used: the
+recipe chooses nothing on validation.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from ..core.errors import UserError
 from ..core.runtime import log
 from ..data.dense import IGNORE
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
+from .dense.augment import AUGMENTS, OnlineViews
 from .dense.common import (
     OneCycle,
     TargetBank,
@@ -55,6 +59,10 @@ class DenseTrainParams:
     """What the linear dense probes share (sizes in pixels, schedules in samples). The
     schedule is DINOv3's WarmupOneCycleLR (dense/common.py ``OneCycle``)."""
 
+    # params added after version 2 of the cards; at these values a card trains exactly as
+    # before them (the same records), so they stay out of its setting (cards.py)
+    NEUTRAL: ClassVar[dict] = {"augment": "none"}
+
     size: int = 0  # shorter side images are resized to; 0: the backbone's input size
     crop: int = 0  # test window side; 0: ``size``
     stride: int = 0  # test window stride; 0: two thirds of the window
@@ -75,6 +83,7 @@ class DenseTrainParams:
     token_budget_mb: int = 2048  # cache the training tokens when their float16 bank fits
     target_budget_mb: int = 1024  # hold the training targets in memory when they fit
     examples: int = 3  # test images whose predicted masks the record keeps for the report
+    augment: str = "none"  # training views: "none" (cached centre crops) or "dinov3" (online)
 
     def _check(self, name: str) -> None:
         sizes = (self.size, self.crop, self.stride, self.token_budget_mb, self.target_budget_mb)
@@ -82,6 +91,10 @@ class DenseTrainParams:
             raise UserError(f"{name}: sizes, budgets and examples must be >= 0")
         if self.mode not in MODES:
             raise UserError(f"{name}: mode is one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.augment not in AUGMENTS:
+            raise UserError(
+                f"{name}: augment is one of {', '.join(AUGMENTS)}, not {self.augment!r}"
+            )
         if self.samples < 1 or self.batch_size < 1:
             raise UserError(f"{name}: samples and batch_size must be at least 1")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -158,17 +171,38 @@ def training_rows(inp: ImageInputs) -> np.ndarray:
 
 
 def train_head(
-    inp: ImageInputs, p: DenseTrainParams, head: nn.Module, loss_fn, task: str, lag: int = 0
+    inp: ImageInputs,
+    p: DenseTrainParams,
+    head: nn.Module,
+    loss_fn,
+    task: str,
+    lag: int = 0,
+    crop: tuple[int, int] | None = None,
 ):
-    """Train ``head`` on the cached crop tokens of every training image (``training_rows``);
-    ``loss_fn(output at label size, targets, step)``. Iteration i runs at the schedule's step
-    max(0, i - ``lag``) (DINOv3's segmentation trainer: lag 1; its depth trainer: 0), lr and,
-    with ``use_beta1``, Adam's beta1 set before each step. Returns (details, last losses)."""
+    """Train ``head`` on every training image (``training_rows``): with ``augment`` "none"
+    the cached tokens of each image's centre crop, else the tokens of the recipe's random
+    views drawn and embedded at every step (dense/augment.py; ``crop``: the depth views' (h,
+    w)); ``loss_fn(output at label size, targets, step)``. Iteration i runs at the schedule's
+    step max(0, i - ``lag``) (DINOv3's segmentation trainer: lag 1; its depth trainer: 0), lr
+    and, with ``use_beta1``, Adam's beta1 set before each step. Returns (details, last
+    losses)."""
     dense = dense_targets(inp, task)
     size = geometry(inp, p)[0]
     rows = training_rows(inp)
-    src = train_tokens(inp, size, rows, p.token_budget_mb)
-    targets = TargetBank(dense.train, rows, size, task == "depth", p.target_budget_mb * 2**20)
+    if p.augment == "none":
+        src = train_tokens(inp, size, rows, p.token_budget_mb)
+        targets = TargetBank(dense.train, rows, size, task == "depth", p.target_budget_mb * 2**20)
+
+        def batches(order):
+            for take, tokens, prefix in src.batches(order, p.batch_size, shared=True):
+                yield take, tokens, prefix, targets.get(take)
+
+    else:
+        src = OnlineViews(inp, dense, task, p.augment, size, crop)
+
+        def batches(order):
+            yield from src.batches(order, p.batch_size)
+
     device = inp.device
     torch.manual_seed(inp.seed)
     head.to(device).train()
@@ -178,15 +212,15 @@ def train_head(
     sched = p.schedule()
     step, losses = 0, []
     for order in epoch_orders(rows, sched.total, p.batch_size, inp.seed):
-        for take, tokens, prefix in src.batches(order, p.batch_size, shared=True):
+        for _, tokens, prefix, target in batches(order):
             lr, beta1 = sched.at(max(0, step - lag))
             for g in opt.param_groups:
                 g["lr"] = lr
                 if beta1 is not None:
                     g["betas"] = (beta1, g["betas"][1])
             out = head(tokens.to(device), None if prefix is None else prefix.to(device))
-            out = F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False)
-            loss = loss_fn(out, targets.get(take).to(device), step)
+            out = F.interpolate(out, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            loss = loss_fn(out, target.to(device), step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if p.grad_clip:
@@ -235,24 +269,30 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none").mean()
 
 
-def _token_dim(inp: ImageInputs, p: DenseTrainParams, name: str) -> int:
+def _token_dim(inp: ImageInputs, p: DenseTrainParams, name: str, view=None) -> int:
     """The token width, read from a forward of one blank training crop (``size`` x ``size``)
-    and, when the test slides windows of another side, one blank window: a backbone that
-    cannot take them (a ViT of fixed input size) is refused in one line before any work."""
+    and, when the test slides windows of another side, one blank window, and of one blank
+    training view of ``view`` (h, w) when given: a backbone that cannot take them (a ViT of
+    fixed input size) is refused in one line before any work."""
     size, _, crop, _ = geometry(inp, p)
     q = next(inp.backbone.model.parameters(), None)
     device = q.device if q is not None else torch.device("cpu")
     dim = 0
-    for side in dict.fromkeys([size, crop or size]):
+    shapes = [(size, size), (crop or size, crop or size)] + ([tuple(view)] if view else [])
+    for h, w in dict.fromkeys(shapes):
         try:
             with torch.no_grad():
-                x = torch.zeros(1, 3, side, side, device=device)
+                x = torch.zeros(1, 3, h, w, device=device)
                 dim = int(inp.backbone.patch_grid(x).tokens.shape[-1])
         except (RuntimeError, AssertionError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            what = (
+                "set train_crop (--set train_crop=[h,w])"
+                if view and (h, w) == tuple(view)
+                else "set size, crop and stride (--set size=0 ...: the backbone's input size)"
+            )
             raise UserError(
-                f"{name}: {inp.backbone.tag} does not take {side}x{side} inputs ({first}); "
-                "set size, crop and stride (--set size=0 ...: the backbone's input size)"
+                f"{name}: {inp.backbone.tag} does not take {h}x{w} inputs ({first}); {what}"
             ) from None
     return dim
 

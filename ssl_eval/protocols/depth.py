@@ -20,12 +20,17 @@ iteration. Test (eval/depth/eval.py): each test image whole at its native resolu
 forward, averaged with its mirror image's flipped-back output (use_tta), the depth upsampled
 bilinearly to the target, clamped to the evaluation range and scored on the valid pixels
 (eval/depth/metrics.py: depths strictly inside the range, inside the dataset's evaluation
-box, NYU's Eigen crop): RMSE, AbsRel, delta<1.25.
+box, NYU's Eigen crop): RMSE, AbsRel, delta<1.25. Training views: with ``augment: none``
+the cached tokens of one centre crop per image (shorter side ``size``); with ``augment:
+dinov3`` DINOv3's random NYU views (NYU crop, rotation, flip, a random ``train_crop`` at the
+native resolution, colour changes), drawn and embedded online at every step
+(dense/augment.py), the loss at the view's resolution.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -54,9 +59,19 @@ class LindepthParams(DenseTrainParams):
     max_depth: float = 10.0
     use_cls_token: bool = False
     sigloss_warmup_samples: int = 1600  # 100 iterations of 16: the variance term off
+    train_crop: tuple[int, ...] = ()  # augment dinov3: the random crop (h, w), native scale
+
+    NEUTRAL: ClassVar[dict] = DenseTrainParams.NEUTRAL | {"train_crop": ()}
 
     def __post_init__(self):
         self._check("lindepth")
+        if self.augment == "none" and self.train_crop:
+            raise UserError("lindepth: train_crop is the augmented views' crop; set augment")
+        if self.augment != "none" and (len(self.train_crop) != 2 or min(self.train_crop) < 1):
+            raise UserError(
+                f"lindepth: augment {self.augment} needs train_crop [h, w] "
+                "(DINOv3's NYU: [416, 544])"
+            )
         if self.bins < 1 or not 0 < self.min_depth < self.max_depth:
             raise UserError("lindepth: bins >= 1 and 0 < min_depth < max_depth")
         if self.sigloss_warmup_samples < 0:
@@ -104,14 +119,15 @@ def sigloss(pred, target, valid, variance: bool, eps: float = 1e-3) -> torch.Ten
 
 def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
     dense = dense_targets(inp, "depth")
-    head = LinearDepthHead(_token_dim(inp, p, "lindepth"), p)
+    view = tuple(p.train_crop) if p.augment != "none" else None
+    head = LinearDepthHead(_token_dim(inp, p, "lindepth", view), p)
     warm_steps = p.sigloss_warmup_samples // p.batch_size
 
     def loss_fn(out, target, step):
         valid = target != 0  # the official trainer's mask: every pixel with a depth
         return sigloss(out[:, 0], target, valid, variance=step >= warm_steps)
 
-    record, losses = train_head(inp, p, head, loss_fn, "depth")
+    record, losses = train_head(inp, p, head, loss_fn, "depth", crop=view)
     _, size, crop, stride = geometry(inp, p)
     scorer = DepthScorer(dense.depth_range or (p.min_depth, p.max_depth), dense.eval_box)
 
