@@ -432,7 +432,6 @@ def test_interrupted_and_resumed_stream_equals_uninterrupted(tmp_path, stream_ru
 def test_stream_refuses_what_simclr_does_not_run():
     for bad in (
         {"warmup_epochs": 1.0},
-        {"iterations": 10},
         {"lr_update": "epoch"},
         {"drop_last": False},
     ):

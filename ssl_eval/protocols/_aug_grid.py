@@ -79,22 +79,32 @@ def setting_dict(s: tuple, scale: float) -> dict:
 
 
 def schedule(n_steps_per_epoch: int, p, n: int = 0, batch: int = 0) -> tuple[int, int]:
-    """(passes over the training rows, optimiser steps in all): ``p.epochs`` passes, or with
+    """(scorings of the heads, optimiser steps in all): ``p.epochs`` passes, or with
     ``p.iterations`` (the scripts' epochs x epoch_length, whatever the data size) the passes
-    begun to make that many steps, the last one cut short, or with ``p.stream`` SimCLR's
-    get_train_steps over ``n`` rows in batches of ``batch``: n x epochs // batch + 1 steps."""
+    begun to make that many steps, the last one cut short, or with ``p.stream`` the segments
+    of :func:`stream_ends` over ``n`` rows in batches of ``batch``."""
+    if getattr(p, "stream", False):
+        ends = stream_ends(p, n, batch)
+        return len(ends), ends[-1]
     if p.iterations:
         return math.ceil(p.iterations / n_steps_per_epoch), p.iterations
-    if getattr(p, "stream", False):
-        return p.epochs, n * p.epochs // batch + 1
     return p.epochs, p.epochs * n_steps_per_epoch
 
 
-def stream_steps(epoch: int, n: int, batch: int, total: int, epochs: int) -> int:
-    """The steps done when pass ``epoch`` of a stream ends (steps ``[0, this)``): those whose
-    batch's last row lies in a pass up to ``epoch`` (every step for the last pass, whose final
-    batch reaches into the next)."""
-    return total if epoch == epochs - 1 else (epoch + 1) * n // batch
+def stream_ends(p, n: int, batch: int) -> list[int]:
+    """The steps done at each scoring of a stream's heads (segment e runs steps
+    ``[ends[e-1], ends[e])``). The stream has ``p.iterations`` steps (DINOv2's and DINOv3's
+    epochs x epoch_length from their infinite samplers), or SimCLR's get_train_steps, n x epochs
+    // batch + 1. Scored every ``p.eval_period`` steps and at the end (the DINO scripts'
+    eval_period_iterations), or, with eval_period 0, when a pass's last batch is done: after the
+    steps whose batch's last row lies in a pass up to q, the last scoring at the end (SimCLR's
+    final batch reaches into the next pass)."""
+    total = p.iterations or n * p.epochs // batch + 1
+    period = getattr(p, "eval_period", 0)
+    if period:
+        return [min(k, total) for k in range(period, total + period, period)]
+    passes = math.ceil(total * batch / n) if p.iterations else p.epochs
+    return [(q + 1) * n // batch for q in range(passes - 1)] + [total]
 
 
 def stream_rows(step: int, end: int, batch: int, n: int, perm) -> list[list[int]]:

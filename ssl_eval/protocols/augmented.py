@@ -48,7 +48,11 @@ SGD(nesterov=True), which is TF1's MomentumOptimizer(use_nesterov=True) (SimCLR'
 images with the script's interpolation instead of the backbone's; ``stream`` runs SimCLR's
 input stream: the passes' permutations one after another, cut into full batches across their
 boundaries, for n x epochs // batch + 1 steps under a per-step cosine over that many, the
-heads scored when each pass's last batch is done (a row of pass q gets pass q's crop).
+heads scored when each pass's last batch is done (a row of pass q gets pass q's crop). With
+``iterations`` the stream is DINOv2's and DINOv3's infinite sampler (one process: a new
+permutation each pass, batches across the passes' boundaries) for exactly that many steps
+under CosineAnnealingLR, and ``eval_period`` scores the heads every so many steps and at the
+end (the scripts' eval_period_iterations) instead of after each pass.
 """
 
 from __future__ import annotations
@@ -82,8 +86,8 @@ from ._aug_grid import (
     schedule,
     script_choice,
     setting_dict,
+    stream_ends,
     stream_rows,
-    stream_steps,
     width,
 )
 from ._aug_state import HEAD_STATE, resume, save
@@ -117,6 +121,7 @@ class AugmentedParams:
         "crop_interpolation": "backbone",
         "eval_interpolation": "backbone",
         "stream": False,
+        "eval_period": 0,
     }
     base_lrs: tuple[float, ...] = (0.1,)  # lr = base_lr * batch / 256 with lr_batch_scaling
     weight_decays: tuple[float, ...] = (0.0,)
@@ -169,8 +174,13 @@ class AugmentedParams:
     # SimCLR's input stream (data.py: shuffle, repeat, batch with drop_remainder): each pass's
     # permutation follows the last, cut into full batches across the passes' boundaries, for
     # n x epochs // batch + 1 steps (get_train_steps), the cosine over that many, set every
-    # step; the heads are scored when each pass's last batch is done
+    # step; the heads are scored when each pass's last batch is done. With ``iterations`` the
+    # stream runs that many steps under CosineAnnealingLR (DINOv2's and DINOv3's infinite
+    # samplers: a new permutation each pass, batches across the passes' boundaries)
     stream: bool = False
+    # with stream: score the heads every this many steps and at the end (the DINO scripts'
+    # eval_period_iterations); 0: when each pass's last batch is done
+    eval_period: int = 0
 
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.forward_batch) < 1 or self.bn_rows < 0:
@@ -232,13 +242,18 @@ class AugmentedParams:
             raise UserError("linear_aug: nesterov is true or false, and true only with sgd")
         if not isinstance(self.stream, bool):
             raise UserError(f"linear_aug: stream is true or false, not {self.stream!r}")
-        if self.stream and (
-            self.iterations or self.warmup_epochs or self.lr_update != "step" or not self.drop_last
-        ):
+        if self.stream and (self.warmup_epochs or self.lr_update != "step" or not self.drop_last):
             raise UserError(
                 "linear_aug: stream=true cuts full batches from the repeated passes with a "
-                "per-step cosine and no warmup: set iterations=0, warmup_epochs=0, "
-                "lr_update=step, drop_last=true"
+                "per-step cosine and no warmup: set warmup_epochs=0, lr_update=step, "
+                "drop_last=true"
+            )
+        if not isinstance(self.eval_period, int) or self.eval_period < 0:
+            raise UserError(f"linear_aug: eval_period is an integer >= 0, not {self.eval_period!r}")
+        if self.eval_period and not self.stream:
+            raise UserError(
+                "linear_aug: eval_period scores a stream's heads every so many steps; set "
+                "stream=true, or eval_period=0 (scored after each epoch)"
             )
         for name in ("crop_interpolation", "eval_interpolation"):
             if getattr(self, name) not in INTERPOLATIONS:
@@ -439,6 +454,7 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
         workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0
     batch, per_epoch, scale = plan(n, p)
     epochs, total = schedule(per_epoch, p, n, batch)
+    ends = stream_ends(p, n, batch) if p.stream else []
     settings = grid_settings(p)
     wd = torch.tensor([s[-1] for s in settings], device=dev)
     pre_train, pre_eval = resampled(pre, p.crop_interpolation), resampled(pre, p.eval_interpolation)
@@ -484,9 +500,10 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             )
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
-            if p.stream:  # the steps whose batch ends in this pass (the last: every one left)
-                end = stream_steps(epoch, n, batch, total, epochs)
-                rows = stream_rows(step, end, batch, n, lambda q: pass_order(inp.seed, q, n))
+            if p.stream:  # the steps up to this scoring (stream_ends)
+                rows = stream_rows(
+                    step, ends[epoch], batch, n, lambda q: pass_order(inp.seed, q, n)
+                )
                 images = PassImages(train_ds, n)
             else:
                 train_ds.epoch, images = epoch, train_ds
@@ -540,6 +557,7 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             history.append(
                 {
                     "epoch": epoch,
+                    **({"steps_done": step} if p.stream else {}),
                     "loss": [float(v) for v in torch.stack(losses).mean(0)] if losses else [],
                     "val_top1": [float(v) for v in val_acc],
                     "seconds": round(time.perf_counter() - t0, 3),
@@ -573,7 +591,9 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
         extra["script_choice"] = script_choice(tests[-1], finite.cpu(), settings, scale)
     if source.kind is not None:
         extra["features_read"] = source.record()
-    if p.iterations:
+    if p.stream:  # passes of the training rows begun; the heads scored after `scored_at` steps
+        extra["stream"] = {"passes": math.ceil(step * batch / n), "scored_at": ends}
+    elif p.iterations:
         extra["epochs_run"] = epochs
     return ProtocolOutput(
         {"top1": float(hits[1].mean()), "top5": float(hits[5].mean())},
