@@ -23,6 +23,19 @@ from the rank that trained it and each rank scores a share of the test batches. 
 the state, every head of the grid in it (gathered first); every rank resumes its share of it.
 The record is one process's, but for the provenance that names the processes
 (tests/test_attentive_dist.py).
+
+Training views (``train_crop`` and the params after it; neutral by default, when the training
+tokens are the backbone's resize and centre crop, cached as above): the scripts' training
+transforms, a random resized crop (``_images.CROPS``: torchvision's rule or MAE's), a flip,
+timm's AutoAugment or RandAugment and timm's random erasing. Each training image then gets a
+new random view every epoch, drawn from (seed, epoch, image index) (``_images.TrainImages``;
+the erasing from (seed, epoch, batch number)), and its tokens are computed online, batch by
+batch (never cached: memory stays bounded by a batch; bf16 autocast on a GPU, as the token
+cache embeds), every head of the grid trained on that one forward. Under torchrun rank r
+embeds batches r, r + W ... of the one process's batches, gathered to every rank in batch
+order (as ``shared`` streamed tokens). Validation and test tokens stay the deterministic ones
+(the validation rows' own token source, cached when it fits the budget). The record says
+which (``tokens_train``).
 """
 
 from __future__ import annotations
@@ -30,9 +43,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,12 +57,17 @@ from torch import nn
 from ..core import distributed
 from ..core.errors import UserError
 from ..core.files import file_lock, lock_path, sha256_json
+from ..core.provenance import autocast_dtype
 from ..core.registry import Registry
+from ..data.transforms import Preprocessing
 from ..features.extraction import default_cache_dir
+from ..features.loading import loader, worker_errors
 from ..features.tokens import token_source
 from . import _grid_share
 from ._edges import edge, grid_edges
+from ._images import CROPS, TrainImages, check_crop, random_erase, timm_augment
 from ._poolers import POOLERS
+from .augmented import INTERPOLATIONS, resampled
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
 # ------------------------------------------------------------------ the official schedules
@@ -101,6 +121,17 @@ SCRIPT_RULES = {"capi": "last", "vjepa2": "last", "mae": "best_epoch"}
 
 @dataclass(frozen=True)
 class AttentiveParams:
+    # the training views, added after the suites' references were made: at these values the
+    # heads train on the backbone's resize and centre crop as before (the same numbers), so
+    # they stay out of the cards' settings (cards.py)
+    NEUTRAL: ClassVar[dict] = {
+        "train_crop": "none",
+        "crop_scale": (0.08, 1.0),
+        "hflip": False,
+        "crop_interpolation": "backbone",
+        "auto_augment": "none",
+        "random_erase": 0.0,
+    }
     pooler: str = "capi"  # POOLERS: capi | ep | vjepa2
     heads: int = 0  # attention heads (0: width / 64, CAPI's rule)
     depth: int = 1  # vjepa2: depth - 1 self-attention blocks + the cross-attention block
@@ -123,6 +154,18 @@ class AttentiveParams:
     eval_batch_size: int = 256
     token_budget_gb: float = 4.0  # cache the float16 tokens when they fit, stream otherwise
     reference: str = ""  # the official script this card follows
+    # the training views: none, the backbone's resize and centre crop (tokens cached within
+    # the budget); torchvision | mae (_images.CROPS), a random resized crop of each training
+    # image, new every epoch, its tokens computed online
+    train_crop: str = "none"
+    crop_scale: tuple[float, ...] = (0.08, 1.0)  # the crop's share of the image's area
+    hflip: bool = False  # a horizontal flip with probability 0.5
+    # the crop's resize: backbone (its preprocessing's) | bilinear | bicubic | nearest
+    crop_interpolation: str = "backbone"
+    # timm's policy string, as create_transform's auto_augment: rand-* RandAugment, any other
+    # AutoAugment (original, v0 ...); none
+    auto_augment: str = "none"
+    random_erase: float = 0.0  # timm's RandomErasing probability (pixel mode, one box)
 
     def __post_init__(self):
         POOLERS.get(self.pooler)
@@ -149,6 +192,46 @@ class AttentiveParams:
             bad.append("betas must be two values in [0, 1), momentum in [0, 1)")
         if bad:
             raise UserError(f"attentive: {bad[0]}")
+        self._check_views()
+
+    def _check_views(self) -> None:
+        if self.train_crop not in ("none", *CROPS):
+            raise UserError(
+                f"attentive: train_crop is one of {['none', *sorted(CROPS)]}, not {self.train_crop!r}"
+            )
+        if not isinstance(self.hflip, bool):
+            raise UserError(f"attentive: hflip is true or false, not {self.hflip!r}")
+        if self.crop_interpolation not in INTERPOLATIONS:
+            raise UserError(
+                f"attentive: crop_interpolation is one of {list(INTERPOLATIONS)}, "
+                f"not {self.crop_interpolation!r}"
+            )
+        if not 0 <= self.random_erase <= 1:
+            raise UserError(f"attentive: random_erase is in [0, 1], not {self.random_erase}")
+        if not self.augmented:
+            moved = [
+                k
+                for k, v in self.NEUTRAL.items()
+                if k != "train_crop"
+                and (
+                    list(getattr(self, k)) != list(v)
+                    if isinstance(v, tuple)
+                    else getattr(self, k) != v
+                )
+            ]
+            if moved:
+                raise UserError(
+                    f"attentive: {', '.join(moved)} shape the random training views: set "
+                    f"train_crop (one of {sorted(CROPS)}) with them, or leave them out"
+                )
+            return
+        check_crop("attentive", self.train_crop, self.crop_scale)
+        timm_augment(self.auto_augment, Preprocessing())  # an unknown policy: one line
+
+    @property
+    def augmented(self) -> bool:
+        """Whether the training tokens come from random views computed online."""
+        return self.train_crop != "none"
 
     def settings(self) -> list[tuple[float, float]]:
         return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
@@ -228,6 +311,76 @@ def _optimizer(heads, settings, p: AttentiveParams):
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(p.betas))
 
 
+# images per backbone call of the online views (a batch's tokens are the calls' together)
+FORWARD_CHUNK = 256
+
+
+class OnlineViews:
+    """The training tokens of the random views (``p.train_crop`` ...): ``batches`` as a token
+    source's, each batch's images drawn for ``epoch`` (set it before each epoch), loaded,
+    normalised, randomly erased and embedded (no gradient, bf16 autocast where the device runs
+    it), never cached. Under torchrun rank r embeds batches r, r + W ... and every rank gets
+    every batch, in order. ``images`` counts the images this process embedded."""
+
+    def __init__(self, bb, split, p: AttentiveParams, seed: int, device, workers, pin, dim):
+        self.bb, self.p, self.seed, self.device, self.dim = bb, p, seed, device, dim
+        pre = resampled(bb.preprocessing, p.crop_interpolation)
+        everything = np.arange(len(split))  # item i is row i: a batch of rows is a cut
+        self.views = TrainImages(
+            split, everything, pre, seed, True, p.crop_scale, p.hflip, p.train_crop, p.auto_augment
+        )
+        self.loading = {"num_workers": workers, "pin_memory": pin}
+        self.epoch = self.images = 0
+
+    def batches(self, order, batch_size: int, *, shared: bool = True):
+        """(rows, tokens (B, h, w, D), prefix (B, P, D) or None) of ``order`` cut in batches."""
+        order = np.asarray(order, dtype=np.int64)
+        cuts = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        self.views.epoch = self.epoch
+        W, r = distributed.world(), distributed.rank()
+        self.bb.model.to(self.device).eval()
+
+        def mine():
+            mine = [c.tolist() for c in cuts[r::W]]
+            batches = loader(self.views, batch_sampler=mine, **self.loading)
+            for k, (x, _) in zip(range(r, len(cuts), W), worker_errors(batches), strict=True):
+                self.images += len(x)
+                t, pre = self._embed(x, k)
+                yield (t, pre) if W == 1 else (t.cpu(), None if pre is None else pre.cpu())
+
+        for take, (t, pre) in zip(cuts, distributed.in_rounds(len(cuts), mine()), strict=True):
+            yield take, t, pre
+
+    @torch.no_grad()
+    def _embed(self, x: torch.Tensor, k: int):
+        dev, p = self.device, self.p
+        x = self.bb.preprocessing.normalise(x.to(dev, non_blocking=True))
+        if p.random_erase:  # timm's, after the normalisation, as its loader erases
+            random_erase(x, p.random_erase, np.random.default_rng([self.seed, self.epoch, k]))
+        amp = autocast_dtype(dev) == "bfloat16"
+        grids = []
+        for chunk in x.split(FORWARD_CHUNK):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                grids.append(self.bb.patch_grid(chunk))
+        t = torch.cat([g.tokens.float() for g in grids])
+        pre = None if grids[0].prefix is None else torch.cat([g.prefix.float() for g in grids])
+        return t, pre
+
+    def record(self) -> dict:
+        p = self.p
+        return {
+            "tokens": "augmented online",
+            "train_crop": p.train_crop,
+            "crop_scale": list(p.crop_scale),
+            "hflip": p.hflip,
+            "crop_interpolation": p.crop_interpolation,
+            "auto_augment": p.auto_augment,
+            "random_erase": p.random_erase,
+            "images_embedded": self.images,  # by this process
+            "token_dim": self.dim,
+        }
+
+
 def _token_set(t: torch.Tensor, pre: torch.Tensor | None, p: AttentiveParams, device):
     x = t.reshape(t.shape[0], -1, t.shape[-1])
     if p.with_prefix and pre is not None:
@@ -285,6 +438,8 @@ def train_heads(
         if distributed.is_main():
             print(f"[resume] attentive from step {step} of {pl.total} ({state_path})", flush=True)
     while step < pl.total:
+        if isinstance(src, OnlineViews):  # the epoch's random views (a resumed run's too)
+            src.epoch = step // pl.per_epoch
         perm = np.asarray(rows)[torch.randperm(len(rows), generator=g).numpy()]
         order = perm[: pl.per_epoch * pl.batch]
         for take, t, pre in src.batches(order, pl.batch, shared=True):
@@ -414,7 +569,9 @@ def run_attentive(inp: ImageInputs, p: AttentiveParams) -> ProtocolOutput:
 def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> ProtocolOutput:
     bb, bundle, device = inp.backbone, inp.bundle, inp.device
     budget = int(p.token_budget_gb * 2**30)
-    rows = np.sort(np.concatenate([inp.train_idx, inp.val_idx]))
+    # the deterministic tokens: the training and validation rows', or the validation rows'
+    # alone where the training rows' come from random views computed online
+    rows = np.sort(inp.val_idx if p.augmented else np.concatenate([inp.train_idx, inp.val_idx]))
     cache = inp.cache_dir or default_cache_dir()
     kw = {"device": device, "batch_size": 64, "cache_dir": cache, "num_workers": inp.num_workers}
     try:
@@ -431,8 +588,16 @@ def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> Proto
     tracker = None
     if rule == "best_epoch":
         tracker = _EpochTracker(tr, te, inp.val_idx, y_val, y_test, p, device)
+    src = tr
+    if p.augmented:
+        labels |= {int(r): int(bundle.train.labels[r]) for r in inp.train_idx}
+        workers = inp.num_workers
+        if workers is None:  # the views are drawn per image (seeded): workers change no number
+            workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+        pin = bool(getattr(inp.accel, "pin_memory", False)) and device.type == "cuda"
+        src = OnlineViews(bb, bundle.train, p, seed, device, workers, pin, tr.dim)
     mine, pl = train_heads(
-        tr, inp.train_idx, labels, classes, p, settings, seed, device, state_path, tracker
+        src, inp.train_idx, labels, classes, p, settings, seed, device, state_path, tracker
     )
     extra = {}
     if tracker is not None:  # the (epoch, head) chosen on validation, scored at that epoch
@@ -503,7 +668,11 @@ def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> Proto
             "steps_per_epoch": pl.per_epoch,
             "batch_size": pl.batch,
             "head_params": sum(w.numel() for w in head.parameters()),
-            "tokens_train": tr.record(),
+            **(
+                {"tokens_train": src.record(), "tokens_val": tr.record()}
+                if p.augmented
+                else {"tokens_train": tr.record()}
+            ),
             "tokens_test": te.record(),
             "train_size": len(inp.train_idx),
             "val_size": len(inp.val_idx),
