@@ -167,12 +167,15 @@ def _inputs(tmp_path, bb):
 
 
 # 96 rows, batch 40, drop_last: 2 steps a pass; 5 iterations: 3 passes, the last cut short
+# (the grid over passes; the card's stream, DINOv2's sampler, is test_augmented_scripts.py's)
 P = dataclasses.replace(
     load_card("linear_aug@dinov2").params,
     base_lrs=(0.5, 5.0),
     batch_size=40,
     iterations=5,
     forward_batch=16,
+    stream=False,
+    eval_period=0,
 )
 
 
@@ -297,9 +300,11 @@ def test_cli_runs_linear_aug_dinov2_on_a_tiny_vit(tmp_path):
     assert params["n_last_blocks"] == [1, 4] and params["select"] == "final"
     d = rec.details
     assert d["features_read"]["feature_kind"] == "layers:4"
-    assert d["steps"] == 6 and d["epochs_run"] == math.ceil(6 / d["steps_per_epoch"])
+    # the card's stream (DINOv2's sampler): 6 steps, scored at the end (eval_period 1250)
+    assert d["steps"] == 6 and d["stream"]["scored_at"] == [6]
+    assert d["stream"]["passes"] == math.ceil(6 * 256 / d["train_size"])
     assert all(len(e["val_top1"]) == 52 for e in d["history"])
-    assert d["selected"]["epoch"] == d["epochs_run"] - 1  # the final heads
+    assert d["selected"]["epoch"] == len(d["history"]) - 1 == 0  # the final heads
     assert d["selected"]["lr"] == pytest.approx(d["selected"]["base_lr"] * d["batch"] / 256)
     lo, hi = rec.ci95
     assert lo <= rec.value <= hi and "script_choice" in d

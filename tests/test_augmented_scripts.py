@@ -133,6 +133,21 @@ def test_scoring_points_of_a_stream(iterations, period, ends):
     assert schedule(n // batch, p, n, batch) == (len(ends), iterations)
 
 
+def test_a_stream_fills_every_batch_on_fewer_rows_than_a_batch(tmp_path):
+    """InfiniteSampler fills the script's 1024 rows whatever the dataset's size: a batch larger
+    than the 96 training rows spans passes, and the lr scales with the full batch."""
+    p = dataclasses.replace(
+        DINO_STREAM, batch_size=200, forward_batch=200, iterations=2, eval_period=0
+    )
+    rows, lrs, out = _stream_run(tmp_path, p)
+    perms = [augmented.pass_order(0, q, 96) for q in range(5)]
+    assert rows == [list(b) for b in infinite_sampler_batches(perms, 200, 2)]
+    assert out.details["batch"] == 200 and {q for q, _ in rows[1]} == {2, 3, 4}
+    assert float(lrs[0][0]) == pytest.approx(p.base_lrs[0] * 200 / 256, rel=1e-6)
+    # one scoring where a batch ends two passes (pass ends after steps 0, 0, 1, 1, 2 -> 1, 2)
+    assert out.details["stream"]["scored_at"] == [1, 2]
+
+
 def test_eval_period_needs_a_stream():
     with pytest.raises(UserError, match="eval_period"):
         AugmentedParams(eval_period=10)

@@ -97,14 +97,16 @@ def stream_ends(p, n: int, batch: int) -> list[int]:
     epochs x epoch_length from their infinite samplers), or SimCLR's get_train_steps, n x epochs
     // batch + 1. Scored every ``p.eval_period`` steps and at the end (the DINO scripts'
     eval_period_iterations), or, with eval_period 0, when a pass's last batch is done: after the
-    steps whose batch's last row lies in a pass up to q, the last scoring at the end (SimCLR's
-    final batch reaches into the next pass)."""
+    steps whose batch's last row lies in a pass up to q (once where one batch ends several
+    passes), the last scoring at the end (SimCLR's final batch reaches into the next pass)."""
     total = p.iterations or n * p.epochs // batch + 1
     period = getattr(p, "eval_period", 0)
     if period:
         return [min(k, total) for k in range(period, total + period, period)]
     passes = math.ceil(total * batch / n) if p.iterations else p.epochs
-    return [(q + 1) * n // batch for q in range(passes - 1)] + [total]
+    # a batch larger than the rows may finish several passes: one scoring after it
+    ends = sorted({(q + 1) * n // batch for q in range(passes - 1)} - {0, total})
+    return ends + [total]
 
 
 def stream_rows(step: int, end: int, batch: int, n: int, perm) -> list[list[int]]:

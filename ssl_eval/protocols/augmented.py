@@ -267,8 +267,10 @@ class AugmentedParams:
 
 
 def plan(n: int, p: AugmentedParams) -> tuple[int, int, float]:
-    """(rows per step, steps per epoch, lr scale) for ``n`` training rows."""
-    batch = min(p.batch_size, n)
+    """(rows per step, steps per epoch, lr scale) for ``n`` training rows. A stream's batches
+    are always full (cut from the repeated passes, as the scripts' samplers and SimCLR's
+    repeated dataset fill them), other batches hold at most the ``n`` rows."""
+    batch = p.batch_size if p.stream else min(p.batch_size, n)
     steps = n // batch if p.drop_last else math.ceil(n / batch)
     return batch, steps, (batch / 256 if p.lr_batch_scaling else 1.0)
 
