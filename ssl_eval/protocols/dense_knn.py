@@ -7,7 +7,8 @@ drops the training patches whose most common pixel label (``torch.mode``: ties t
 smallest) is ignored, finds each patch's k nearest training patches (cosine: 1 - the product
 of unit vectors; L2: ``torch.cdist``) and predicts, for each pixel position of the patch, the
 most common label among the neighbours' labels at that position (``torch.mode`` over the
-neighbours: ties to the smallest label; an ignored label votes like any other). k in (1, 3,
+neighbours: ties to the smallest label; an ignored label votes like any other: ADE20K's
+ignored 0 wins ties there, where this protocol's ignored 255 loses them). k in (1, 3,
 10, 30) x distance in (cosine, L2) is chosen on a validation split by mIoU, the first best in
 ``itertools.product`` order (k outer, distance inner).
 
