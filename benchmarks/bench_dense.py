@@ -261,6 +261,7 @@ def card(samples: int, budget_mb: int | None = None, sets_only: bool = False):
 
     sets = [f"samples={samples}", f"warmup_samples={max(0, samples // 4 - 1)}"]
     sets += [f"size={SIZE}", f"crop={SIZE}", f"stride={STRIDE}"]  # whatever the card's default
+    sets.append("augment=none")  # the token cache's path (version 3 of the card augments)
     if budget_mb is not None:
         sets.append(f"token_budget_mb={budget_mb}")
     if sets_only:

@@ -167,7 +167,9 @@ def main(argv=None) -> int:
         for samples in (int(s) for s in args.samples.split(",")):
             for lr in (float(x) for x in args.lrs.split(",")):
                 sets = [f"samples={samples}", f"warmup_samples={samples // 20}", f"lr={lr}"]
-                card = load_card(CARD, sets + ["size=0", "crop=0", "stride=0", "examples=0"])
+                card = load_card(
+                    CARD, sets + ["size=0", "crop=0", "stride=0", "examples=0", "augment=none"]
+                )
                 version = card.version
                 t0 = time.perf_counter()
                 out = card.protocol.run(inp, card.params)
