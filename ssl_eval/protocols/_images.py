@@ -3,9 +3,11 @@ uint8 CHW crops drawn afresh each epoch, and evaluation images through the backb
 resize and centre crop.
 
 Every random draw comes from a generator seeded by (seed, epoch, image index), never from
-global state, so a resumed or repeated run draws the same crops. Two random-resized-crop
-rules: ``torchvision`` (10 tries, then the largest centred box within the aspect range) and
-``mae`` (MAE's util/crop.py, after BYOL's TF code: one draw, the box clipped to the image).
+global state, so a resumed or repeated run draws the same crops. Three random-resized-crop
+rules: ``torchvision`` (10 tries, then the largest centred box within the aspect range),
+``mae`` (MAE's util/crop.py, after BYOL's TF code: one draw, the box clipped to the image) and
+``simclr`` (TensorFlow's sample_distorted_bounding_box as SimCLR calls it: 100 tries, then the
+whole image).
 RandAugment is timm's (``rand_augment_transform``, the policy string MAE passes as ``--aa``),
 run on a PIL image with Python's and NumPy's generators seeded per image and restored after.
 Random erasing follows timm's ``RandomErasing`` (DeiT's, MAE's ``--reprob``) on the normalised
@@ -72,7 +74,69 @@ def crop_box_mae(hw, scale, g: torch.Generator, ratio=RATIO) -> tuple[int, int, 
     return top, left, h, w
 
 
-CROPS: dict[str, Callable] = {"torchvision": crop_box, "mae": crop_box_mae}
+def _tf_crop(W: int, H: int, lo, hi, ratio, g: torch.Generator):
+    """One try of TensorFlow's GenerateRandomCrop (sample_distorted_bounding_box_op.cc): the
+    height uniform over the integers from the one of the smallest area to the one of the
+    largest (that fits), the width its rounded multiple by ``ratio``, then the corner; None
+    if the rounded box misses the area range or the image. float32 as TF's (lrintf: half to
+    even, as np.rint)."""
+    f32 = np.float32
+    min_area, max_area = f32(lo) * f32(W) * f32(H), f32(hi) * f32(W) * f32(H)
+    h = int(np.rint(np.sqrt(min_area / ratio)))
+    max_h = int(np.rint(np.sqrt(max_area / ratio)))
+    if np.rint(f32(max_h) * ratio) > W:  # the tallest box whose rounded width fits
+        max_h = int((W + 0.5 - float(f32(1e-7))) / float(ratio))
+        if np.rint(f32(max_h) * ratio) > W:
+            max_h -= 1
+    max_h = min(max_h, H)
+    h = min(h, max_h)
+    if h < max_h:
+        h += int(torch.randint(0, max_h - h + 1, (1,), generator=g))
+    w = int(np.rint(f32(h) * ratio))
+    area = f32(w * h)
+    if area < min_area:  # rounding: one taller, then one shorter
+        h += 1
+        w = int(np.rint(f32(h) * ratio))
+        area = f32(w * h)
+    if area > max_area:
+        h -= 1
+        w = int(np.rint(f32(h) * ratio))
+        area = f32(w * h)
+    if area < min_area or area > max_area or not (0 < w <= W and 0 < h <= H):
+        return None
+    top = int(torch.randint(0, H - h, (1,), generator=g)) if h < H else 0
+    left = int(torch.randint(0, W - w, (1,), generator=g)) if w < W else 0
+    return top, left, h, w
+
+
+def crop_box_simclr(hw, scale, g: torch.Generator, ratio=RATIO) -> tuple[int, int, int, int]:
+    """SimCLR's crop (google-research/simclr data_util.crop_and_resize): TensorFlow's
+    sample_distorted_bounding_box with the whole image as the one bounding box,
+    min_object_covered 0.1, area_range ``scale``, aspect_ratio_range ``ratio`` and 100
+    attempts: each attempt an aspect ratio uniform (not log-uniform) in the range, then
+    :func:`_tf_crop`, kept if it covers at least 10% of the image (so crops under 10% of the
+    area are tries lost); after 100 misses the whole image. The corner is uniform over
+    [0, H - h) (TF's Uniform(n) excludes n: a box never touches the bottom or right edge
+    unless it spans the image)."""
+    H, W = int(hw[0]), int(hw[1])
+    lo, hi = float(scale[0]), float(scale[-1])
+    r_lo, r_hi = np.float32(ratio[0]), np.float32(ratio[1])
+    for _ in range(100):
+        r = np.float32(_uniform(g)) * (r_hi - r_lo) + r_lo
+        box = _tf_crop(W, H, lo, hi, r, g)
+        if box is None or box[2] * box[3] < 1:
+            continue
+        # SatisfiesOverlapConstraints: the share of the image box covered, in float32
+        if np.float32(box[2] * box[3]) / np.float32(H * W) >= np.float32(0.1):
+            return box
+    return 0, 0, H, W
+
+
+CROPS: dict[str, Callable] = {
+    "torchvision": crop_box,
+    "mae": crop_box_mae,
+    "simclr": crop_box_simclr,
+}
 
 
 def check_crop(where: str, crop: str, scale) -> None:

@@ -95,12 +95,13 @@ from ._edges import edge, grid_edges
 from ._images import TrainImages, check_crop
 from ._lars import OPTIMISERS, mae_lr
 from ._shared_forward import SharedForward
+from ._tf_crops import ScriptImages
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
 HEAD_INITS = ("trunc_normal", "normal")
 SELECTIONS = ("epoch", "final")
 LR_UPDATES = ("step", "epoch")
-INTERPOLATIONS = ("backbone", "bilinear", "bicubic", "nearest")
+INTERPOLATIONS = ("backbone", "bilinear", "bicubic", "nearest", "tf1_bicubic")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class AugmentedParams:
         "eval_interpolation": "backbone",
         "stream": False,
         "eval_period": 0,
+        "eval_crop_fraction": 0.0,
     }
     base_lrs: tuple[float, ...] = (0.1,)  # lr = base_lr * batch / 256 with lr_batch_scaling
     weight_decays: tuple[float, ...] = (0.0,)
@@ -168,9 +170,14 @@ class AugmentedParams:
     # SGD's Nesterov form (torch's SGD(nesterov=True), TF1's MomentumOptimizer(use_nesterov))
     nesterov: bool = False
     # the resize of the training crops and of the evaluation images: backbone (its own
-    # preprocessing's), or bilinear | bicubic | nearest (the recipe's script's)
+    # preprocessing's), or bilinear | bicubic | nearest (the recipe's script's, torchvision's
+    # antialiased resize), or tf1_bicubic (TF1's tf.image.resize_bicubic, SimCLR's: _tf_crops)
     crop_interpolation: str = "backbone"
     eval_interpolation: str = "backbone"
+    # > 0: evaluation images are SimCLR's center_crop: a centred square of this fraction of
+    # the shorter side (0.875: CROP_PROPORTION), resized with eval_interpolation to the input
+    # size; 0: the backbone's resize and centre crop
+    eval_crop_fraction: float = 0.0
     # SimCLR's input stream (data.py: shuffle, repeat, batch with drop_remainder): each pass's
     # permutation follows the last, cut into full batches across the passes' boundaries, for
     # n x epochs // batch + 1 steps (get_train_steps), the cosine over that many, set every
@@ -261,6 +268,16 @@ class AugmentedParams:
                     f"linear_aug: {name} is one of {list(INTERPOLATIONS)}, "
                     f"not {getattr(self, name)!r}"
                 )
+        if not 0 <= self.eval_crop_fraction <= 1:
+            raise UserError(
+                f"linear_aug: eval_crop_fraction is in [0, 1] (0: the backbone's centre crop), "
+                f"not {self.eval_crop_fraction}"
+            )
+        if self.eval_interpolation == "tf1_bicubic" and not self.eval_crop_fraction:
+            raise UserError(
+                "linear_aug: eval_interpolation=tf1_bicubic resizes SimCLR's centre crop: set "
+                "eval_crop_fraction (e.g. 0.875), or another eval_interpolation"
+            )
 
     def settings(self) -> list[tuple[float, float]]:
         return [(lr, wd) for lr in self.base_lrs for wd in self.weight_decays]
@@ -323,8 +340,38 @@ class PassImages(torch.utils.data.Dataset):
 
 
 def resampled(pre, interpolation: str):
-    """The backbone's preprocessing with the recipe's interpolation (``backbone``: its own)."""
-    return pre if interpolation == "backbone" else replace(pre, interpolation=interpolation)
+    """The backbone's preprocessing with the recipe's interpolation (``backbone``: its own;
+    ``tf1_bicubic`` is applied by ScriptImages)."""
+    if interpolation in ("backbone", "tf1_bicubic"):
+        return pre
+    return replace(pre, interpolation=interpolation)
+
+
+def probe_images(split, idx, pre, seed: int, augment: bool, p: AugmentedParams):
+    """The training (``augment``) or evaluation images of ``split`` at ``idx``: TrainImages,
+    or ScriptImages where the recipe resizes with TF1's bicubic or cuts SimCLR's centre box."""
+    kw = {"crop_scale": p.crop_scale, "hflip": p.hflip, "crop": p.crop} if augment else {}
+    script = p.crop_interpolation == "tf1_bicubic" if augment else bool(p.eval_crop_fraction)
+    if not script:
+        return TrainImages(split, idx, pre, seed, augment, **kw)
+    if not pre.crop:
+        raise UserError(
+            "linear_aug: tf1_bicubic and eval_crop_fraction resize to the backbone's input "
+            "size, and this backbone's preprocessing has no crop size"
+        )
+    return ScriptImages(
+        split,
+        idx,
+        pre,
+        seed,
+        augment,
+        train_resize=p.crop_interpolation if augment else "",
+        eval_fraction=0.0 if augment else p.eval_crop_fraction,
+        eval_resize=pre.interpolation
+        if p.eval_interpolation == "backbone"
+        else p.eval_interpolation,
+        **kw,
+    )
 
 
 def n_groups(p: AugmentedParams) -> int:
@@ -460,9 +507,7 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
     settings = grid_settings(p)
     wd = torch.tensor([s[-1] for s in settings], device=dev)
     pre_train, pre_eval = resampled(pre, p.crop_interpolation), resampled(pre, p.eval_interpolation)
-    train_ds = TrainImages(
-        bundle.train, tr, pre_train, inp.seed, True, p.crop_scale, p.hflip, p.crop
-    )
+    train_ds = probe_images(bundle.train, tr, pre_train, inp.seed, True, p)
     fb = p.forward_batch
     history, best = [], {"val": -1.0}
     per_epoch_test = []
@@ -476,8 +521,8 @@ def _run(inp: ImageInputs, p: AugmentedParams, state_path: Path | None) -> Proto
             return source.select(read(batch))
 
         shared = SharedForward(embed, loading, dev)  # under torchrun: cuts r, r + W ... here
-        val_x, val_y = shared.all(TrainImages(bundle.train, va, pre_eval, 0, False), fb)
-        test_ds = TrainImages(bundle.test, np.arange(len(bundle.test)), pre_eval, 0, False)
+        val_x, val_y = shared.all(probe_images(bundle.train, va, pre_eval, 0, False, p), fb)
+        test_ds = probe_images(bundle.test, np.arange(len(bundle.test)), pre_eval, 0, False, p)
         test_x, test_y = shared.all(test_ds, fb)
         val_y, test_y = val_y.to(dev), test_y.to(dev)
         torch.manual_seed(inp.seed)
