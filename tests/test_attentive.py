@@ -325,8 +325,12 @@ def test_attentive_capi_from_the_command_line_selects_on_val(tmp_path):
     best = max(d["grid"], key=lambda g: g["val_top1"])  # max() keeps the first of equals
     assert (d["best_lr"], d["best_weight_decay"]) == (best["lr"], best["weight_decay"])
     assert d["peak_lr"] == pytest.approx(d["best_lr"] * 64 / 256)
-    assert d["tokens_train"]["tokens"] == "cached" and d["tokens_train"]["grid"] == [2, 2]
-    assert top1.value > 0.3  # ten classes: a head that learned something
+    # the card's training views (CAPI's random resized crop and flip) are embedded online; the
+    # validation rows' tokens are cached
+    assert d["tokens_train"]["tokens"] == "augmented online"
+    assert d["tokens_train"]["images_embedded"] == 25 * 64
+    assert d["tokens_val"]["tokens"] == "cached" and d["tokens_val"]["grid"] == [2, 2]
+    assert top1.value > 0.2  # ten classes: a head that learned something
 
 
 @pytest.mark.slow
