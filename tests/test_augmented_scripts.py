@@ -246,11 +246,15 @@ TF1_3X4 = [[12.0, 131.1562, 90.0, 144.4688], [206.8849, 2.5115, 178.3589, 66.321
 
 
 def test_tf1_bicubic_is_tensorflows_legacy_resize():
-    from ssl_eval.protocols._tf_crops import tf1_weights
+    from ssl_eval.protocols._tf_crops import tf1_bicubic, tf1_weights
 
     x = torch.tensor(SMALL, dtype=torch.float64) / 255
     got = tf1_weights(5, 3) @ x @ tf1_weights(6, 4).T * 255
     np.testing.assert_allclose(got.numpy(), TF1_3X4, atol=1e-3)
+    # the uint8 path: TF's values rounded (none within 0.01 of a tie)
+    img = torch.tensor(SMALL, dtype=torch.uint8)[None].expand(3, 5, 6)
+    want = torch.tensor(np.clip(np.rint(TF1_3X4), 0, 255), dtype=torch.uint8)
+    assert torch.equal(tf1_bicubic(img, (3, 4)), want.expand(3, 3, 4))
     # the rule: output i reads input i x in / out (no half-pixel offset), Keys' kernel with
     # a = -0.75, edge taps clamped. Doubling: even outputs copy, odd ones are at 1/2
     w = tf1_weights(6, 12).numpy()

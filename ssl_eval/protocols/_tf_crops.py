@@ -15,6 +15,8 @@ bicubic (as above) to the input size.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
@@ -38,31 +40,43 @@ def _cubic_table(a: float = -0.75) -> np.ndarray:
 _TABLE = _cubic_table()
 
 
-def tf1_weights(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) float64 matrix of TF1's legacy bicubic resize along one axis."""
+@functools.lru_cache(maxsize=4096)
+def tf1_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TF1's legacy bicubic resize along one axis, as GetWeightsAndIndices computes it:
+    (n_out, 4) input indices (clamped to the image) and float32 weights."""
     scale = np.float32(n_in) / np.float32(n_out)
-    W = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        pos = np.float32(i) * scale  # LegacyScaler
-        base = int(np.floor(pos))
-        off = int(np.rint(np.float32(pos - np.float32(base)) * np.float32(TABLE)))
-        taps = (
-            _TABLE[off, 1],
-            _TABLE[off, 0],
-            _TABLE[TABLE - off, 0],
-            _TABLE[TABLE - off, 1],
-        )
-        for k, w in zip(range(base - 1, base + 3), taps, strict=True):
-            W[i, min(n_in - 1, max(0, k))] += float(w)
-    return torch.from_numpy(W)
+    pos = np.arange(n_out, dtype=np.float32) * scale  # LegacyScaler: no half-pixel offset
+    base = np.floor(pos).astype(np.int64)
+    off = np.rint((pos - base.astype(np.float32)) * np.float32(TABLE)).astype(np.int64)
+    w = np.stack(
+        [_TABLE[off, 1], _TABLE[off, 0], _TABLE[TABLE - off, 0], _TABLE[TABLE - off, 1]], 1
+    )
+    idx = np.clip(base[:, None] + np.arange(-1, 3), 0, n_in - 1)
+    return torch.from_numpy(idx), torch.from_numpy(w)
+
+
+def tf1_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """The same resize as an (n_out, n_in) float64 matrix (a clamped tap adds to the edge)."""
+    idx, w = tf1_taps(n_in, n_out)
+    W = torch.zeros(n_out, n_in, dtype=torch.float64)
+    W.scatter_add_(1, idx, w.double())
+    return W
 
 
 def tf1_bicubic(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 CHW -> uint8 CHW at ``size`` (h, w): TF1's resize_bicubic of img / 255, times
-    255, rounded and clipped."""
-    x = img.double() / 255.0
-    out = tf1_weights(img.shape[-2], size[0]) @ x @ tf1_weights(img.shape[-1], size[1]).T
-    return (out * 255.0).round().clamp(0, 255).to(torch.uint8)
+    """uint8 CHW -> uint8 CHW at ``size`` (h, w): TF1's resize_bicubic of img / 255 in
+    float32, rows first and then columns as TF, times 255, rounded and clipped."""
+    x = img.permute(1, 2, 0).float().div_(255.0)  # (H, W, C), rows gathered whole
+    iy, wy = tf1_taps(img.shape[-2], size[0])
+    ix, wx = tf1_taps(img.shape[-1], size[1])
+    rows = x[iy[:, 0]] * wy[:, 0, None, None]
+    for k in range(1, 4):
+        rows.add_(x[iy[:, k]] * wy[:, k, None, None])  # (h, W, C)
+    cols = rows.transpose(0, 1).contiguous()  # (W, h, C)
+    out = cols[ix[:, 0]] * wx[:, 0, None, None]
+    for k in range(1, 4):
+        out.add_(cols[ix[:, k]] * wx[:, k, None, None])  # (w, h, C)
+    return out.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(2, 1, 0).contiguous()
 
 
 def simclr_centre_box(H: int, W: int, fraction: float) -> tuple[int, int, int, int]:
