@@ -52,7 +52,10 @@ heads scored when each pass's last batch is done (a row of pass q gets pass q's 
 ``iterations`` the stream is DINOv2's and DINOv3's infinite sampler (one process: a new
 permutation each pass, batches across the passes' boundaries) for exactly that many steps
 under CosineAnnealingLR, and ``eval_period`` scores the heads every so many steps and at the
-end (the scripts' eval_period_iterations) instead of after each pass.
+end (the scripts' eval_period_iterations) instead of after each pass. SimCLR's images
+(_tf_crops.py): ``crop: simclr`` (TensorFlow's sample_distorted_bounding_box rule),
+``tf1_bicubic`` as crop or eval interpolation (TF1's resize_bicubic) and
+``eval_crop_fraction`` (data_util.center_crop's centred square, 0.875).
 """
 
 from __future__ import annotations
