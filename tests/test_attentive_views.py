@@ -10,6 +10,7 @@ are refused in one line."""
 
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -167,6 +168,16 @@ def test_vjepa2_views_add_autoaugment_original_and_random_erasing_at_the_scripts
     assert 0.17 < erased / n < 0.33, erased
     # 2%-33% of the area, each side rounded (on 8 x 8 px up to 6 x 4 = 37.5%)
     assert min(areas) > 0 and max(areas) <= 0.375
+    # the boxes are drawn anew each epoch (and for each batch of it)
+    src = OnlineViews(bb, ds.train, replace(card, random_erase=1.0), seed, CPU, 0, False, 32)
+    x = torch.full((4, 3, 8, 8), 128, dtype=torch.uint8)
+    boxes = []
+    for epoch, k in ((0, 0), (1, 0), (0, 1)):
+        src.epoch = epoch
+        seen = _seen(bb, lambda: src._embed(x, k))  # noqa: B023
+        boxes.append(seen != pre.normalise(x))  # where each image was erased
+    assert all(b.flatten(1).any(1).all() for b in boxes)  # every image erased (p 1)
+    assert not torch.equal(boxes[0], boxes[1]) and not torch.equal(boxes[0], boxes[2])
 
 
 def test_each_epoch_of_training_reads_its_own_views_and_a_resumed_run_too(tmp_path):
