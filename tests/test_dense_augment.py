@@ -272,6 +272,28 @@ def test_training_views_change_at_every_step(tmp_path, monkeypatch):
     assert out.details["tokens"] == "cached" and "train_views" not in out.details
 
 
+def test_same_seed_same_views_other_seed_other_views(tmp_path):
+    """The views come from one generator seeded by the run's seed, drawn in order by the
+    prefetching thread: a rerun gives the same head to the bit, another seed another."""
+    from dataclasses import replace
+
+    p = LinsegParams(size=0, crop=0, stride=0, samples=48, batch_size=8, warmup_samples=8,
+                     augment="dinov3", dropout=0.0)  # fmt: skip
+    runs = []
+    for k, seed in enumerate((0, 0, 1)):
+        inp = replace(_inputs(_pixels(), _bundle(n_test=2), tmp_path / str(k)), seed=seed)
+        torch.manual_seed(0)  # the head's initialisation (the runner seeds it per run)
+        runs.append(run_linseg(inp, p).details["final_loss"])
+    assert runs[0] == runs[1] != runs[2]
+    bundle = _bundle(n_test=1)
+    views = {}
+    for seed in (0, 0, 1):
+        inp = replace(_inputs(_pixels(), bundle, tmp_path / "v"), seed=seed)
+        src = A.OnlineViews(inp, bundle.dense, "segmentation", "dinov3", 16)
+        views.setdefault(seed, []).append(src.views(np.arange(8))[0])
+    assert torch.equal(*views[0]) and not torch.equal(views[0][0], views[1][0])
+
+
 def test_augmented_runs_learn(tmp_path):
     """On pixel tokens, the augmented linear heads beat the same heads left untrained."""
     kw = dict(size=0, crop=0, stride=0, samples=480, batch_size=8, warmup_samples=16,

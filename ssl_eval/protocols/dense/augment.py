@@ -4,8 +4,9 @@ A cache of frozen tokens holds one fixed crop per image; the official recipes dr
 random view of every image at every step. With ``augment`` other than "none" the linear dense
 probes read no cache: each step's batch is decoded from the dataset's full-resolution images
 and targets, put through the recipe's random transforms, and embedded by the frozen backbone
-(no gradient; bf16 autocast on a GPU, the token source's own choice), so memory holds one
-batch of images, views and tokens. The transforms, read from facebookresearch/dinov3 @ 6876159
+(no gradient; bf16 autocast on a GPU, the token source's own choice), so memory holds a
+few batches of images, views and tokens (a thread draws the next batches while the backbone
+embeds one). The transforms, read from facebookresearch/dinov3 @ 6876159
 (own code, the same rules):
 
 Segmentation (eval/segmentation/transforms.py ``make_segmentation_train_transforms`` with
@@ -47,6 +48,9 @@ same views, and every rank of a torchrun world draws (and embeds) the same batch
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -258,19 +262,51 @@ class OnlineViews:
         return torch.stack(xs), torch.stack(ts)
 
     def batches(self, order, batch_size: int) -> Iterator[tuple]:
+        """The batches of ``order``, each drawn by a thread one or two batches ahead of the
+        backbone's forward (decoding and transforms overlap the embedding; the draws stay in
+        order, one generator, so the views are the same as drawn in line); memory holds at
+        most three batches of views and one of tokens."""
         device = self.inp.device
         bb = self.inp.backbone
         bb.model.to(device).eval()
         amp = autocast_dtype(device) == "bfloat16"
-        for s in range(0, len(order), batch_size):
-            take = order[s : s + batch_size]
-            x, t = self.views(take)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                g = bb.patch_grid(x.to(device))
-            tokens = g.tokens.float().half().float()  # the values the test windows give
-            prefix = None if g.prefix is None else g.prefix.float().half().float()
-            self.grid, self.dim = list(tokens.shape[1:3]), int(tokens.shape[-1])
-            yield take, tokens, prefix, t
+        cuts = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        ready: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for take in cuts:
+                    if stop.is_set():
+                        return
+                    ready.put((take, self.views(take)))
+            except BaseException as e:  # noqa: BLE001  (raised again by the consumer)
+                ready.put(e)
+                return
+            ready.put(None)
+
+        worker = threading.Thread(target=produce, daemon=True)
+        worker.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                take, (x, t) = item
+                with (
+                    torch.no_grad(),
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp),
+                ):
+                    g = bb.patch_grid(x.to(device))
+                tokens = g.tokens.float().half().float()  # the values the test windows give
+                prefix = None if g.prefix is None else g.prefix.float().half().float()
+                self.grid, self.dim = list(tokens.shape[1:3]), int(tokens.shape[-1])
+                yield take, tokens, prefix, t
+        finally:
+            stop.set()
+            while worker.is_alive():  # a producer blocked on a full queue: let it finish
+                with contextlib.suppress(queue.Empty):
+                    ready.get_nowait()
+                worker.join(0.01)
 
     def record(self) -> dict:
         side = [self.size, self.size] if self.crop is None else list(self.crop)
