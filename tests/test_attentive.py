@@ -328,7 +328,7 @@ def test_attentive_capi_from_the_command_line_selects_on_val(tmp_path):
     # the card's training views (CAPI's random resized crop and flip) are embedded online; the
     # validation rows' tokens are cached
     assert d["tokens_train"]["tokens"] == "augmented online"
-    assert d["tokens_train"]["images_embedded"] == 25 * 64
+    assert d["tokens_train"]["views"] == 25 * 64
     assert d["tokens_val"]["tokens"] == "cached" and d["tokens_val"]["grid"] == [2, 2]
     assert top1.value > 0.2  # ten classes: a head that learned something
 

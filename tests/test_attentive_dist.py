@@ -4,10 +4,11 @@ resumes, under torchrun, to them.
 
 One module fixture launches the runs once: one process (in this process), then
 ``torchrun --nproc-per-node 2`` killed by rank 0 right after its first state write, then the
-same command again. Two units: attentive@capi on cached tokens (the token entries are built
-by both ranks and written by rank 0) and attentive@vjepa2 on streamed tokens (budget 0: each
-batch's tokens computed by one rank and gathered to both), each a grid of 3 heads (shares of
-1 and 2 heads). The killed run dies in the capi unit, which the rerun resumes; the vjepa2 unit
+same command again. Two units: attentive@capi on cached tokens (its training views set to
+none; the token entries are built by both ranks and written by rank 0) and attentive@vjepa2 on
+its card's training views (crop, flip, AutoAugment, random erasing: each batch's views
+embedded by one rank and gathered to both) and streamed validation and test tokens (budget
+0), each a grid of 3 heads (shares of 1 and 2 heads). The killed run dies in the capi unit, which the rerun resumes; the vjepa2 unit
 then runs whole under torchrun."""
 
 import json
@@ -30,6 +31,8 @@ ARGS = ["run", "--backbone", "random:test_vit", "--dataset", "digits", "--image-
 ARGS += ["--protocol", "attentive@capi,attentive@vjepa2", "--no-progress", "--no-leaderboard"]
 SETS = ["epochs=0", "iterations=6", "warmup=1", "batch_size=512", "lrs=[0.01,0.1,0.3]"]
 SETS += ["weight_decays=[0.0]", "attentive@vjepa2.depth=1", "attentive@vjepa2.token_budget_gb=0"]
+SETS += ["attentive@capi.train_crop=none", "attentive@capi.hflip=false"]
+SETS += ["attentive@capi.crop_interpolation=backbone"]
 ARGS += [a for s in SETS for a in ("--set", s)]
 # 1132 training rows, batches of 512: 2 steps an epoch, a state after steps 2 and 4 of 6
 
@@ -86,7 +89,11 @@ def test_two_processes_resumed_write_the_records_one_process_writes(runs):
     details = {
         p: two[("random:test_vit", f"attentive@{p}", "top1")]["details"] for p in ("capi", "vjepa2")
     }
-    assert [d["tokens_train"]["tokens"] for d in details.values()] == ["cached", "streamed"]
+    assert [d["tokens_train"]["tokens"] for d in details.values()] == [
+        "cached",
+        "augmented online",
+    ]
+    assert details["vjepa2"]["tokens_val"]["tokens"] == "streamed"
     assert all(len(d["grid"]) == 3 for d in details.values())
     # nothing left behind: no temporary file, no lock, the state folder removed
     left = [p for p in (out / "c2").rglob("*") if p.name.endswith((".tmp", ".lock"))]

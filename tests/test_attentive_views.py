@@ -286,7 +286,7 @@ def test_a_probe_on_views_learns_an_easy_set(tmp_path):
     out = run_attentive(inp, p)
     d = out.details
     assert d["tokens_train"]["tokens"] == "augmented online"
-    assert d["tokens_train"]["images_embedded"] == 10 * 45  # 3 batches of 15 a pass, 10 passes
+    assert d["tokens_train"]["views"] == 10 * 45  # 3 batches of 15 a pass, 10 passes
     assert d["tokens_val"]["tokens"] == "cached" and d["steps"] == 30
     assert out.metrics["top1"] >= 0.9  # three classes: chance is 1/3
 

@@ -320,7 +320,7 @@ class OnlineViews:
     source's, each batch's images drawn for ``epoch`` (set it before each epoch), loaded,
     normalised, randomly erased and embedded (no gradient, bf16 autocast where the device runs
     it), never cached. Under torchrun rank r embeds batches r, r + W ... and every rank gets
-    every batch, in order. ``images`` counts the images this process embedded."""
+    every batch, in order."""
 
     def __init__(self, bb, split, p: AttentiveParams, seed: int, device, workers, pin, dim):
         self.bb, self.p, self.seed, self.device, self.dim = bb, p, seed, device, dim
@@ -330,7 +330,7 @@ class OnlineViews:
             split, everything, pre, seed, True, p.crop_scale, p.hflip, p.train_crop, p.auto_augment
         )
         self.loading = {"num_workers": workers, "pin_memory": pin}
-        self.epoch = self.images = 0
+        self.epoch = 0
 
     def batches(self, order, batch_size: int, *, shared: bool = True):
         """(rows, tokens (B, h, w, D), prefix (B, P, D) or None) of ``order`` cut in batches."""
@@ -344,7 +344,6 @@ class OnlineViews:
             mine = [c.tolist() for c in cuts[r::W]]
             batches = loader(self.views, batch_sampler=mine, **self.loading)
             for k, (x, _) in zip(range(r, len(cuts), W), worker_errors(batches), strict=True):
-                self.images += len(x)
                 t, pre = self._embed(x, k)
                 yield (t, pre) if W == 1 else (t.cpu(), None if pre is None else pre.cpu())
 
@@ -366,7 +365,9 @@ class OnlineViews:
         pre = None if grids[0].prefix is None else torch.cat([g.prefix.float() for g in grids])
         return t, pre
 
-    def record(self) -> dict:
+    def record(self, views: int) -> dict:
+        """The views' transform, for the result record; ``views``: how many the heads read
+        (steps x batch: the same in one process, under torchrun and after a resume)."""
         p = self.p
         return {
             "tokens": "augmented online",
@@ -376,7 +377,7 @@ class OnlineViews:
             "crop_interpolation": p.crop_interpolation,
             "auto_augment": p.auto_augment,
             "random_erase": p.random_erase,
-            "images_embedded": self.images,  # by this process
+            "views": views,
             "token_dim": self.dim,
         }
 
@@ -669,7 +670,7 @@ def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> Proto
             "batch_size": pl.batch,
             "head_params": sum(w.numel() for w in head.parameters()),
             **(
-                {"tokens_train": src.record(), "tokens_val": tr.record()}
+                {"tokens_train": src.record(pl.total * pl.batch), "tokens_val": tr.record()}
                 if p.augmented
                 else {"tokens_train": tr.record()}
             ),
