@@ -319,3 +319,20 @@ def test_a_bad_view_from_the_command_line_is_one_line(tmp_path, capsys):
     assert main(args) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'v9' is not a timm AutoAugment" in err[0], err
+
+
+def test_a_batch_embedded_in_chunks_is_the_batch_embedded_whole(monkeypatch):
+    """The views go through the backbone FORWARD_CHUNK images at a time (memory bounded by a
+    chunk): the erasing and the tokens are those of the whole batch at once."""
+    from ssl_eval.protocols import attentive
+
+    bb, ds = tiny_vit(8), _images(n=24, hw=(12, 12))
+    p = AttentiveParams(iterations=1, train_crop="torchvision", hflip=True, random_erase=0.5)
+    out = {}
+    for chunk in (256, 5):
+        monkeypatch.setattr(attentive, "FORWARD_CHUNK", chunk)
+        src = OnlineViews(bb, ds.train, p, 0, CPU, 0, False, 32)
+        out[chunk] = [(t, pre) for _, t, pre in src.batches(np.arange(24), 12)]
+    for (a, pa), (b, pb) in zip(out[256], out[5], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)

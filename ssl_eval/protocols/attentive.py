@@ -352,15 +352,20 @@ class OnlineViews:
 
     @torch.no_grad()
     def _embed(self, x: torch.Tensor, k: int):
+        """Batch number ``k``'s uint8 views -> tokens and prefix on the device, a chunk of
+        images at a time (the float images and the forward's activations bounded by a chunk)."""
         dev, p = self.device, self.p
-        x = self.bb.preprocessing.normalise(x.to(dev, non_blocking=True))
-        if p.random_erase:  # timm's, after the normalisation, as its loader erases
-            random_erase(x, p.random_erase, np.random.default_rng([self.seed, self.epoch, k]))
         amp = autocast_dtype(dev) == "bfloat16"
+        # timm's erasing after the normalisation, as its loader erases; drawn image by image
+        # in batch order, so the chunks erase as the whole batch would
+        rng = np.random.default_rng([self.seed, self.epoch, k])
         grids = []
         for chunk in x.split(FORWARD_CHUNK):
+            z = self.bb.preprocessing.normalise(chunk.to(dev, non_blocking=True))
+            if p.random_erase:
+                random_erase(z, p.random_erase, rng)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                grids.append(self.bb.patch_grid(chunk))
+                grids.append(self.bb.patch_grid(z))
         t = torch.cat([g.tokens.float() for g in grids])
         pre = None if grids[0].prefix is None else torch.cat([g.prefix.float() for g in grids])
         return t, pre
