@@ -301,6 +301,8 @@ def test_a_probe_on_views_learns_an_easy_set(tmp_path):
         ({"train_crop": "mae", "random_erase": 1.5}, "random_erase is in [0, 1]"),
         ({"train_crop": "mae", "crop_scale": (0.5, 0.1)}, "crop_scale is [min, max]"),
         ({"train_crop": "mae", "crop_interpolation": "lanczos"}, "crop_interpolation is one"),
+        # linear_aug's TF1 resize is not applied to these views: refused, not recorded unused
+        ({"train_crop": "mae", "crop_interpolation": "tf1_bicubic"}, "crop_interpolation is one"),
         ({"train_crop": "mae", "hflip": "yes"}, "hflip is true or false"),
     ],
 )

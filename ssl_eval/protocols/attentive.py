@@ -117,6 +117,9 @@ LR_SCALING = {"none": lambda batch: 1.0, "batch/256": lambda batch: batch / 256}
 # main_linprobe.py, MAE's: max_accuracy, the best epoch on its test set) is followed on the
 # validation split: the (epoch, head) with the best validation top-1 is scored on test.
 SCRIPT_RULES = {"capi": "last", "vjepa2": "last", "mae": "best_epoch"}
+# the training views' resize: linear_aug's but tf1_bicubic, which only its ScriptImages
+# applies (resampled() leaves the backbone's own for it)
+VIEW_INTERPOLATIONS = tuple(i for i in INTERPOLATIONS if i != "tf1_bicubic")
 
 
 @dataclass(frozen=True)
@@ -201,9 +204,9 @@ class AttentiveParams:
             )
         if not isinstance(self.hflip, bool):
             raise UserError(f"attentive: hflip is true or false, not {self.hflip!r}")
-        if self.crop_interpolation not in INTERPOLATIONS:
+        if self.crop_interpolation not in VIEW_INTERPOLATIONS:
             raise UserError(
-                f"attentive: crop_interpolation is one of {list(INTERPOLATIONS)}, "
+                f"attentive: crop_interpolation is one of {list(VIEW_INTERPOLATIONS)}, "
                 f"not {self.crop_interpolation!r}"
             )
         if not 0 <= self.random_erase <= 1:
