@@ -389,3 +389,32 @@ def test_whole_image_and_flip_averaging_as_dinov3s_depth_eval():
     kw = dict(crop=None, stride=0, head=head, device=CPU, batch_size=8)
     out = dict(slide_predict(bb, bundle.test, [0], size=20, **kw))
     assert calls == [(1, 20, 34, 4)] and out[0].shape == (1, 16, 27)
+
+
+def test_slide_predict_yields_each_image_when_done_within_a_bounded_batch(monkeypatch):
+    """Memory on real data (ADE20K's 150 classes at 512 px: 157 MB of upsampled output a
+    window): an image's output is yielded as soon as its own windows are done, not after the
+    whole chunk's, and with ``channels`` a forward batch holds no more windows than keep their
+    upsampled outputs within WINDOW_OUTPUT_MB; the outputs are those of unbounded batches."""
+    from ssl_eval.protocols.dense import common
+
+    bundle = _bundle(n_test=3)  # 16 x 27 images: 2 x 4 windows of 8 each
+    bb, calls = _pixels(), []
+
+    def head(tokens, prefix):
+        calls.append(tokens.shape[0])
+        return tokens.permute(0, 3, 1, 2)[:, :3] * 2.0
+
+    kw = dict(size=None, crop=8, stride=8, head=head, device=CPU, batch_size=64)
+    whole = dict(common.slide_predict(bb, bundle.test, [0, 1, 2], **kw))
+    assert calls == [24]  # one forward of the chunk's 24 windows
+    calls.clear()
+    per = 3 * 8 * 8 * 4  # one window's upsampled output, bytes
+    monkeypatch.setattr(common, "WINDOW_OUTPUT_MB", 4 * per / 2**20)
+    gen = common.slide_predict(bb, bundle.test, [0, 1, 2], channels=3, **kw)
+    row, first = next(gen)
+    assert row == 0 and calls == [4, 4]  # image 0's 8 windows, then image 0 out
+    bounded = {row: first, **dict(gen)}
+    assert max(calls) == 4 and sum(calls) == 24 and list(bounded) == [0, 1, 2]
+    for r in (0, 1, 2):
+        torch.testing.assert_close(bounded[r], whole[r])

@@ -213,14 +213,24 @@ def pixel_mode(neighbour_labels: torch.Tensor, chunk: int = 4096) -> torch.Tenso
     return out
 
 
-def _one_hot_map(labels: torch.Tensor, n: int, h: int, w: int, block, classes: int):
-    """(n h w, ph pw) pixel labels of the patches -> (n, C + 1, h ph, w pw) one-hot scores,
-    each patch's block in place; the ignored label in channel C (an ignored prediction is
-    wrong wherever the truth is labelled)."""
+def _label_map(labels: torch.Tensor, n: int, h: int, w: int, block, classes: int):
+    """(n h w, ph pw) pixel labels of the patches -> (n, h ph, w pw) label maps, each patch's
+    block in place, the ignored label as C (an ignored prediction is wrong wherever the truth
+    is labelled)."""
     ph, pw = block
     m = labels.long().reshape(n, h, w, ph, pw).permute(0, 1, 3, 2, 4).reshape(n, h * ph, w * pw)
-    m = torch.where(m == IGNORE, classes, m)
-    return torch.zeros(n, classes + 1, h * ph, w * pw).scatter_(1, m[:, None], 1.0)
+    return torch.where(m == IGNORE, classes, m)
+
+
+def _one_hot(m: torch.Tensor, classes: int) -> torch.Tensor:
+    """(n, H, W) label maps (0..C) -> (n, C + 1, H, W) one-hot scores."""
+    return torch.zeros(m.shape[0], classes + 1, *m.shape[1:]).scatter_(1, m[:, None], 1.0)
+
+
+def _one_hot_map(labels: torch.Tensor, n: int, h: int, w: int, block, classes: int):
+    """(n h w, ph pw) pixel labels of the patches -> (n, C + 1, h ph, w pw) one-hot scores,
+    each patch's block in place; the ignored label in channel C."""
+    return _one_hot(_label_map(labels, n, h, w, block, classes), classes)
 
 
 def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
@@ -236,10 +246,13 @@ def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
     kmax = min(max(p.ks), len(carried))
     grid = [(k, dist) for k in p.ks for dist in p.distances]  # CAPI's itertools.product order
 
-    def vote(tokens: torch.Tensor, choices) -> dict[tuple[int, str], torch.Tensor]:
+    def vote(tokens: torch.Tensor, choices, labels: bool = False):
+        """(choice, scores) for each choice in turn, one cell's scores alive at a time:
+        (n, C, h, w) shares, or with pixel_mode (n, C + 1, h ph, w pw) one-hot maps, or with
+        ``labels`` the (n, h ph, w pw) label maps those one-hot maps encode (channel C: the
+        ignored label), their argmax without the one-hot's C + 1 floats a pixel."""
         n, h, w, d = tokens.shape
         q = tokens.reshape(-1, d).float().cpu()
-        out = {}
         for dist in dict.fromkeys(dist for _, dist in choices):
             idx = _search(banks[dist], q, kmax, dist, p.memory_mb)
             neigh = carried[idx]  # (Q, k, C) shares or (Q, k, L) pixel labels, best first
@@ -247,10 +260,12 @@ def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
                 kk = min(k, kmax)
                 if p.vote == "share":
                     sc = neigh[:, :kk].mean(1).reshape(n, h, w, classes).permute(0, 3, 1, 2)
+                elif labels:
+                    sc = _label_map(pixel_mode(neigh[:, :kk]), n, h, w, block, classes)
                 else:
                     sc = _one_hot_map(pixel_mode(neigh[:, :kk]), n, h, w, block, classes)
-                out[(k, dist)] = sc
-        return out
+                yield (k, dist), sc
+                del sc
 
     # the grid chosen on the validation rows' crops (at the crop resolution: a choice only)
     val_rows = np.sort(np.asarray(inp.val_idx, dtype=np.int64))
@@ -265,9 +280,14 @@ def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
         scorers = {c: SegmentationScorer(classes, IGNORE) for c in grid}
         for take, tokens, _ in vsrc.batches(val_rows, shared=True):
             t = vt.get(take)
-            for c, sc in vote(tokens, grid).items():
-                up = F.interpolate(sc, size=t.shape[-2:], mode="bilinear", align_corners=False)
-                for pr, tg in zip(up.argmax(1).numpy(), t.numpy(), strict=True):
+            for c, sc in vote(tokens, grid, labels=True):
+                for i, tg in enumerate(t.numpy()):  # one image's upsampled scores at a time
+                    if sc.dim() == 3 and tuple(sc.shape[-2:]) == tg.shape:
+                        pr = sc[i].numpy()  # the one-hot map's argmax; the resize: identity
+                    else:
+                        one = sc[i : i + 1] if sc.dim() == 4 else _one_hot(sc[i : i + 1], classes)
+                        up = F.interpolate(one, size=tg.shape, mode="bilinear", align_corners=False)
+                        pr = up.argmax(1)[0].numpy()
                     scorers[c].add(pr, tg)
         val_miou = {c: s.results(resamples=0)["miou"] for c, s in scorers.items()}
         # the best mIoU; ties: the smaller k, then the distance listed first (CAPI: the first
@@ -285,7 +305,7 @@ def run_knnseg(inp: ImageInputs, p: KnnsegParams) -> ProtocolOutput:
         inp,
         p,
         dense,
-        lambda tokens, prefix: vote(tokens, [best])[best],
+        lambda tokens, prefix: next(vote(tokens, [best]))[1],
         src.record()
         | {
             "k": best_k,

@@ -318,8 +318,9 @@ def score_segmentation(inp, p, dense, head, details: dict) -> ProtocolOutput:
             }
         return scorer.row(pred, target), example
 
+    channels = len(dense.classes) + 1  # knnseg's pixel vote adds the ignored channel
     for _, (areas, example) in score_test(
-        inp, head, size, crop, stride, one, getattr(p, "flip", False)
+        inp, head, size, crop, stride, one, getattr(p, "flip", False), channels
     ):
         scorer.add_row(areas)
         if example is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -41,6 +42,8 @@ from ...core.provenance import autocast_dtype
 from ...data.transforms import Preprocessing
 
 T = TypeVar("T")
+# what a forward batch's upsampled window outputs may hold (slide_predict with ``channels``)
+WINDOW_OUTPUT_MB = 1024
 
 
 def dense_targets(inp, task: str):
@@ -176,6 +179,7 @@ def slide_predict(
     device: torch.device,
     batch_size: int,
     flip: bool = False,
+    channels: int = 0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(row, (C, H, W) float32 output at the image's original size) for each of ``rows``:
     the image's shorter side resized to ``size`` (None: kept), windows of ``crop`` (None: the
@@ -183,7 +187,13 @@ def slide_predict(
     training cache holds) of each window through ``head`` ((n, h, w, D), prefix -> (n, C, h,
     w)); ``flip``: averaged with the head's output on the mirrored window, mirrored back; each
     window's output upsampled bilinearly to the window, overlaps averaged, upsampled to the
-    original size."""
+    original size.
+
+    Memory: each image is yielded as soon as its last window is done (its canvas freed), and
+    with ``channels`` (the head's output channels) a forward batch holds at most as many
+    windows as keep their upsampled outputs within WINDOW_OUTPUT_MB (ADE20K's 150 classes
+    at 512 px: 157 MB a window), never more than ``batch_size``; below that bound the batches
+    are ``batch_size`` windows, as before."""
     pre = backbone.preprocessing
     backbone.model.to(device).eval()
     amp = autocast_dtype(device) == "bfloat16"  # as the token source embeds
@@ -200,8 +210,15 @@ def slide_predict(
                     jobs.append((r, y, x, resized[r][:, y : y + cy, x : x + cx]))
         canvas: dict[int, torch.Tensor] = {}
         count: dict[int, torch.Tensor] = {}
-        for s in range(0, len(jobs), batch_size):
-            part = jobs[s : s + batch_size]
+        left = Counter(j[0] for j in jobs)  # windows still to do, per image
+        pending = list(chunk)  # images not yet yielded, in row order
+        step = batch_size
+        if channels:
+            largest = max(j[3].shape[1] * j[3].shape[2] for j in jobs)
+            per = channels * largest * 4 * (2 if flip else 1)
+            step = max(1, min(batch_size, int(WINDOW_OUTPUT_MB * 2**20 // per)))
+        for s in range(0, len(jobs), step):
+            part = jobs[s : s + step]
             shapes = {tuple(j[3].shape) for j in part}
             groups = [[j for j in part if tuple(j[3].shape) == sh] for sh in shapes]
             for group in groups:
@@ -220,10 +237,14 @@ def slide_predict(
                         count[r] = torch.zeros(1, h, w, device=o.device)
                     canvas[r][:, y : y + win.shape[1], x : x + win.shape[2]] += o
                     count[r][:, y : y + win.shape[1], x : x + win.shape[2]] += 1
-        for r in chunk:
-            avg = (canvas[r] / count[r])[None]
-            h0, w0 = images[r].shape[:2]
-            yield r, F.interpolate(avg, size=(h0, w0), mode="bilinear", align_corners=False)[0]
+                    left[r] -= 1
+                del out
+            while pending and left[pending[0]] == 0:  # done images, in row order
+                r = pending.pop(0)
+                avg = (canvas.pop(r) / count.pop(r))[None]
+                h0, w0 = images.pop(r).shape[:2]
+                resized.pop(r)
+                yield r, F.interpolate(avg, size=(h0, w0), mode="bilinear", align_corners=False)[0]
 
 
 def _window_output(backbone, x: torch.Tensor, head, amp: bool) -> torch.Tensor:
@@ -244,6 +265,7 @@ def score_test(
     stride: int,
     score: Callable[[int, torch.Tensor], T],
     flip: bool = False,
+    channels: int = 0,
 ) -> Iterator[tuple[int, T]]:
     """(row, ``score(row, output)``) for every test image in row order, ``output`` being
     ``head`` slid over the image at the given geometry (``slide_predict``).
@@ -270,6 +292,7 @@ def score_test(
                 device=inp.device,
                 batch_size=inp.batch_size,
                 flip=flip,
+                channels=channels,
             )
             yield [(row, score(row, out)) for row, out in outputs]
 
