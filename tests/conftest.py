@@ -73,3 +73,15 @@ def image_folder(
                 img = np.full((*shape(c, i), 3), pixel(c, i), dtype=np.uint8)
                 Image.fromarray(img).save(d / f"{i}{suffix}")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread (two threads on a loaded 2-core machine wait on each
+    other); a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch  # here: pytest_configure sets the workers' threads before torch is imported
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

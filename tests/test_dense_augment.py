@@ -25,12 +25,7 @@ from test_dense_probes import _bundle, _inputs, _pixels, _tiny_vit  # noqa: E402
 SEG, DEPTH = A.SegAugment(), A.DepthAugment()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def _label(h, w, seed=0):

@@ -22,13 +22,7 @@ from ssl_eval.protocols.depth import LindepthParams, run_lindepth
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny heads: one thread (two threads on a loaded 2-core machine wait on each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 GREY, RED = (128, 128, 128), (220, 40, 40)

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_checkpoint_formats import _one_thread  # noqa: F401
-from test_variants_dino import patch_tokens, rel_diff
+from test_variants_dino import patch_tokens, rel_diff, vit_blocks
 from test_variants_dino import vit_state_dict as plain_vit_state_dict
 from test_variants_mae import VITS, mae_sincos, official_pos_embed
 
@@ -42,23 +42,7 @@ SIZE = 64  # input pixels: a 4 x 4 grid of 16-px patches, the 14 x 14 table resi
 
 def mae_blocks(sd: dict, t: torch.Tensor, heads: int) -> torch.Tensor:
     """timm's pre-norm Block (models_vit.py's blocks) over (B, N, D) tokens; no final norm."""
-    b, n, dim = t.shape
-    hd = dim // heads
-
-    def lin(p, y):
-        return F.linear(y, sd[p + ".weight"], sd[p + ".bias"])
-
-    def norm(p, y):
-        return F.layer_norm(y, (dim,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
-
-    for i in range(DEPTH):
-        p = f"blocks.{i}."
-        qkv = lin(p + "attn.qkv", norm(p + "norm1", t)).reshape(b, n, 3, heads, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        attn = ((q @ k.transpose(-2, -1)) * hd**-0.5).softmax(dim=-1)
-        t = t + lin(p + "attn.proj", (attn @ v).transpose(1, 2).reshape(b, n, dim))
-        t = t + lin(p + "mlp.fc2", F.gelu(lin(p + "mlp.fc1", norm(p + "norm2", t))))
-    return t
+    return vit_blocks(sd, t, heads, final_norm=False)
 
 
 def mae_finetune_logits(sd, x, tag, head_weight, head_bias) -> torch.Tensor:

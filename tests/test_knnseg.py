@@ -26,12 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IGNORE = 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def capi_mode(labels: list[int]) -> int:

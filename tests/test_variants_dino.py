@@ -104,9 +104,12 @@ def vit_state_dict(
     return sd
 
 
-def vit_blocks(sd: dict[str, torch.Tensor], t: torch.Tensor, heads: int) -> torch.Tensor:
+def vit_blocks(
+    sd: dict[str, torch.Tensor], t: torch.Tensor, heads: int, final_norm: bool = True
+) -> torch.Tensor:
     """The pre-norm blocks of DINO's vision_transformer.py Block (also timm's, under MAE's
-    models_vit.py and MoCo v3's vits.py), then the final norm: (B, N, D) -> (B, N, D)."""
+    models_vit.py and MoCo v3's vits.py), then the final norm (``final_norm``; MAE's global
+    pool drops it): (B, N, D) -> (B, N, D)."""
     b, n, dim = t.shape
     hd = dim // heads
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
@@ -124,7 +127,7 @@ def vit_blocks(sd: dict[str, torch.Tensor], t: torch.Tensor, heads: int) -> torc
         attn = ((q @ k.transpose(-2, -1)) * hd**-0.5).softmax(dim=-1)
         t = t + lin(p + "attn.proj", (attn @ v).transpose(1, 2).reshape(b, n, dim))
         t = t + lin(p + "mlp.fc2", F.gelu(lin(p + "mlp.fc1", norm(p + "norm2", t))))
-    return norm("norm", t)
+    return norm("norm", t) if final_norm else t
 
 
 def patch_tokens(sd: dict[str, torch.Tensor], x: torch.Tensor, patch: int) -> torch.Tensor:
