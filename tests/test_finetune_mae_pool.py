@@ -206,3 +206,48 @@ def test_global_pool_trains_fc_norm_and_records_what_the_head_reads(tmp_path, mo
     assert out.details["head_reads"] == finetune.POOLS["mean_patch_fc_norm"]
     assert not torch.equal(clf.fc_norm.weight.detach(), torch.ones_like(clf.fc_norm.weight))
     assert len(out.per_sample["top1"]) == 48
+
+
+def test_lr_clock_iterations_is_maes_schedule_at_data_iter_step_over_len_loader(tmp_path):
+    """lr_clock iterations (the MAE cards): the lr of every step is MAE's
+    util/lr_sched.adjust_learning_rate at engine_finetune.py's epoch + data_iter_step /
+    len(data_loader), written out here; 40 rows in batches of 16, the last partial batch
+    dropped (main_finetune.py: drop_last): 2 steps an epoch, so the samples clock (16 / 40 of
+    an epoch after one step, not 1 / 2) differs from it."""
+    import math
+
+    from ssl_eval.data.datasets import ImageSplit
+
+    bb = build_backbone("random:vit_micro_p4", BuildOptions(image_size=16))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (56, 16, 16, 3), np.uint8)
+    split = ImageSplit(np.arange(56) % 3, images)
+    ds = SimpleNamespace(num_classes=3, train=split, test=split)
+    inp = ImageInputs(bb, ds, np.arange(40), np.arange(40, 56), torch.device("cpu"), 0, tmp_path)
+    base = load_card("finetune@mae").params
+    p = dataclasses.replace(
+        base, epochs=3, batch_size=16, warmup_epochs=1.0, vit_depth=0, rand_augment="none",
+        mixup_alpha=0.0, cutmix_alpha=0.0, eval_batch_size=56, drop_path=0.0,
+    )  # fmt: skip
+    assert base.lr_clock == "iterations"
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(max(g["lr"] for g in self.param_groups))  # the head's group: scale 1
+        return step(self, *a, **k)
+
+    def mae_lr(epoch):  # util/lr_sched.py, as written there
+        if epoch < p.warmup_epochs:
+            return p.lr * epoch / p.warmup_epochs
+        return p.min_lr + (p.lr - p.min_lr) * 0.5 * (
+            1.0 + math.cos(math.pi * (epoch - p.warmup_epochs) / (p.epochs - p.warmup_epochs))
+        )
+
+    torch.optim.AdamW.step = spy
+    try:
+        finetune.run_finetune(inp, p)
+    finally:
+        torch.optim.AdamW.step = step
+    want = [mae_lr(it / 2 + epoch) for epoch in range(3) for it in range(2)]
+    assert seen == pytest.approx(want, rel=1e-12)

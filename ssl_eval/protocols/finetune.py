@@ -51,6 +51,8 @@ from ._images import TrainImages, rand_augment, random_erase
 from ._images import crop_box as _crop_box  # noqa: F401  (its tests call it here)
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType, topk_hits
 
+LR_CLOCKS = ("samples", "iterations")
+
 # what the new head reads (the ``pool`` param)
 POOLS = {
     "feature_kind": "the backbone's feature kind",
@@ -70,6 +72,7 @@ class FinetuneParams:
         "random_erase": 0.0,
         "vit_depth": 0,
         "pool": "feature_kind",
+        "lr_clock": "samples",
     }
     epochs: int = 10
     batch_size: int = 64
@@ -93,6 +96,11 @@ class FinetuneParams:
     # what the head reads: the backbone's feature kind, or MAE's global_pool (models_vit.py):
     # the mean patch token before the final norm, through a new LayerNorm fc_norm (POOLS)
     pool: str = "feature_kind"
+    # where the schedule stands at a step: samples (training samples seen / rows: the same
+    # schedule on any number of devices or batch size) or iterations (MAE's
+    # engine_finetune.py: epoch + data_iter_step / len(data_loader), the last partial batch
+    # dropped); they differ within an epoch when the batch does not divide the rows
+    lr_clock: str = "samples"
 
     def __post_init__(self):
         if min(self.epochs, self.batch_size, self.eval_batch_size) < 1:
@@ -116,6 +124,10 @@ class FinetuneParams:
             from ..data.transforms import Preprocessing
 
             rand_augment(self.rand_augment, Preprocessing())  # an unknown policy: UserError
+        if self.lr_clock not in LR_CLOCKS:
+            raise UserError(
+                f"fine-tune: lr_clock is one of {', '.join(LR_CLOCKS)}, not {self.lr_clock!r}"
+            )
         if self.pool not in POOLS:
             raise UserError(f"fine-tune: pool is one of {', '.join(POOLS)}, not {self.pool!r}")
         if self.vit_depth < 0:
@@ -313,6 +325,16 @@ def _param_groups(clf: _Classifier, p: FinetuneParams) -> list[dict]:
         wd = 0.0 if _no_weight_decay(n, t) else p.weight_decay
         groups.setdefault((scale[n], wd), []).append(t)
     return [{"params": ts, "lr_scale": s, "weight_decay": wd} for (s, wd), ts in groups.items()]
+
+
+def _lr_at_epoch(epoch: float, p: FinetuneParams) -> float:
+    """MAE's util/lr_sched.adjust_learning_rate at the fractional ``epoch``: lr x epoch /
+    warmup_epochs during the warmup, then min_lr + (lr - min_lr) x a half cosine over the
+    remaining epochs."""
+    if epoch < p.warmup_epochs:
+        return p.lr * epoch / p.warmup_epochs
+    cos = 0.5 * (1 + math.cos(math.pi * (epoch - p.warmup_epochs) / (p.epochs - p.warmup_epochs)))
+    return p.min_lr + (p.lr - p.min_lr) * cos
 
 
 def _lr_at(samples: int, total: int, warmup: int, base: float, floor: float = 0.0) -> float:
@@ -514,7 +536,10 @@ def _run_finetune(inp: ImageInputs, p: FinetuneParams, state_path: Path) -> Prot
         rng = np.random.default_rng([inp.seed, epoch, 1])
         seen, loss_sum, steps = epoch * n, 0.0, 0
         for x, y in loader:
-            lr = _lr_at(seen, total, warmup, p.lr, p.min_lr)
+            if p.lr_clock == "iterations":
+                lr = _lr_at_epoch(epoch + steps / len(loader), p)
+            else:
+                lr = _lr_at(seen, total, warmup, p.lr, p.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             x = pre.normalise(x.to(device))
