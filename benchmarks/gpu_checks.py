@@ -69,17 +69,23 @@ class Sizes:
     head_test: int
     head_classes: int
     head_scale: int  # the full size is this many times the run's
+    probe_backbone: str  # check probes: the backbone and its input size, and the first
+    probe_size: int  # probe_train train and probe_test test images of each dataset
+    probe_train: int
+    probe_test: int
 
 
 FULL = Sizes(
     8192, 2048, (375, 500), "random:vit_base_patch16_224", 224, 16384, 512,
     1_281_167, 50_000, 768, 200, 128,
     "random:vit_small_patch14_dinov2", 224, 128_116, 5_000, 1000, 10,
+    "random:vit_tiny_p4", 64, 600, 200,
 )  # fmt: skip
 SMOKE = Sizes(
     64, 12, (40, 48), "random:vit_micro_p4", 32, 24, 8,
     2_000, 100, 64, 20, 4,
     "random:vit_micro_p4", 32, 120, 40, 4, 10,
+    "random:vit_micro_p4", 32, 240, 60,
 )  # fmt: skip
 
 CHECKS: Registry = Registry("GPU check")
@@ -395,8 +401,266 @@ def check_headline(ctx) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One sub-probe of check ``probes``: a shipped card run at a small budget (``full`` on
+    the GPU, ``smoke`` with --smoke; both through ``dataclasses.replace`` of the card's
+    params) on a built-in dataset. ``reference``: "cpu", the same run on the CPU in float32
+    beside the GPU's bf16 autocast (the top-1 difference is reported, not asserted); "numpy",
+    logistic regression's CPU path (numpy) on the same features as its GPU path (torch); "":
+    none."""
+
+    card: str
+    dataset: str
+    metric: str
+    full: dict
+    smoke: dict
+    reference: str = ""
+
+
+_DENSE = dict(size=0, crop=0, stride=0, batch_size=16)
+PROBES: dict[str, Probe] = {
+    "linear_aug": Probe(
+        "linear_aug@dinov2", "digits", "top1",
+        dict(iterations=20, batch_size=128, forward_batch=256),
+        dict(iterations=3, batch_size=32, forward_batch=64, n_last_blocks=[1, 2]), "cpu",
+    ),
+    "attentive_capi": Probe(
+        "attentive@capi", "digits", "top1",
+        dict(iterations=20, warmup=2, batch_size=128),
+        dict(iterations=3, warmup=1, batch_size=32, lrs=[1e-3], weight_decays=[5e-4]), "cpu",
+    ),
+    "attentive_vjepa2": Probe(
+        "attentive@vjepa2", "digits", "top1",
+        dict(epochs=0.0, iterations=20, warmup=2, batch_size=128),
+        dict(epochs=0.0, iterations=3, warmup=1, batch_size=32, lrs=[1e-3],
+             weight_decays=[1e-3], heads=2, depth=2), "cpu",
+    ),
+    "logreg": Probe(
+        "logreg@dinov2", "digits", "top1",
+        dict(c_num=12, max_iter=300), dict(c_num=4, max_iter=50), "numpy",
+    ),
+    "linseg": Probe(
+        "linseg@dinov3", "shapes-seg", "miou",
+        dict(**_DENSE, samples=320, warmup_samples=32),
+        dict(**_DENSE, samples=16, warmup_samples=8) | {"batch_size": 8},
+    ),
+    "lindepth": Probe(
+        "lindepth@dinov3", "shapes-depth", "rmse",
+        dict(**_DENSE, samples=320, warmup_samples=64, sigloss_warmup_samples=32,
+             train_crop=(28, 28), max_depth=4.0),
+        dict(**_DENSE, samples=16, warmup_samples=8, sigloss_warmup_samples=8, bins=16,
+             train_crop=(28, 28), max_depth=4.0) | {"batch_size": 8},
+    ),
+    "knnseg": Probe("knnseg@capi", "shapes-seg", "miou", {}, dict(ks=[1, 3], max_bank_patches=4000)),
+}  # fmt: skip
+
+
+def _probe_dataset(ctx, name: str) -> str:
+    """``name`` cut to its first probe_train / probe_test images (dense targets too),
+    registered under a name of its own (so no cache mixes it with the whole set)."""
+    import dataclasses
+
+    from ssl_eval.data.datasets import DATASETS, DatasetOptions, DatasetSpec, get_dataset
+
+    z = ctx["sizes"]
+    cut_name = f"{name}-first{z.probe_train}-{z.probe_test}"
+    if cut_name in DATASETS:
+        return cut_name
+
+    def cut(split, n):
+        return dataclasses.replace(split, labels=split.labels[:n], images=split.images[:n])
+
+    def load(_):
+        b = get_dataset(name, DatasetOptions())
+        dense = b.dense
+        if dense is not None:
+            dense = dataclasses.replace(
+                dense,
+                train=dataclasses.replace(
+                    dense.train, targets=dense.train.targets[: z.probe_train]
+                ),
+                test=dataclasses.replace(dense.test, targets=dense.test.targets[: z.probe_test]),
+            )
+        return dataclasses.replace(
+            b,
+            name=cut_name,
+            train=cut(b.train, z.probe_train),
+            test=cut(b.test, z.probe_test),
+            fingerprint={**b.fingerprint, "first": [z.probe_train, z.probe_test]},
+            dense=dense,
+        )
+
+    DATASETS.register(cut_name, DatasetSpec(cut_name, load, f"gpu_checks probes: {name}, cut"))
+    return cut_name
+
+
+def _probe_card(probe: Probe, smoke: bool):
+    import dataclasses
+
+    from ssl_eval.protocols.cards import load_card
+
+    card = load_card(probe.card)
+    small = probe.smoke if smoke else probe.full
+    return dataclasses.replace(card, params=dataclasses.replace(card.params, **small))
+
+
+def _peak_reset(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak_mb(dev) -> float | None:
+    if dev.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+
+
+def _run_probe_cli(ctx, probe: Probe, card, dev: torch.device, tag: str) -> dict:
+    """The card through evaluate.run (what ``ssl-eval run`` calls) on ``dev``."""
+    from ssl_eval.core.config import RunConfig
+    from ssl_eval.orchestrate.evaluate import run
+    from ssl_eval.records.store import read_unit_file
+
+    z, work = ctx["sizes"], ctx["work"]
+    cfg = RunConfig(
+        backbones=(z.probe_backbone,),
+        datasets=(_probe_dataset(ctx, probe.dataset),),
+        protocols=(card,),
+        results_dir=work / f"probe-{tag}",
+        cache_dir=work / f"probe-cache-{dev.type}",
+        device=dev.type,
+        batch_size=z.extract_batch,
+        image_size=z.probe_size,
+        progress=False,
+        num_workers=0,
+        bootstrap_resamples=50,
+    )
+    _peak_reset(dev)
+    outcomes, s = _timed(dev, lambda: run(cfg))
+    (o,) = outcomes
+    if o.status != "done":
+        raise RuntimeError(f"{probe.card} on {probe.dataset}: status {o.status}")
+    rec = [r for r in read_unit_file(o.path) if r.metric == probe.metric]
+    return {
+        "seconds": round(s, 2),
+        "peak_gpu_mb": _peak_mb(dev),
+        probe.metric: round(float(o.metrics[probe.metric]), 4),
+        "tokens": (rec[0].details.get("tokens") or rec[0].details.get("tokens_train"))
+        if rec
+        else None,
+    }
+
+
+def _logreg_inputs(ctx, dev: torch.device):
+    """Digits embedded once by the probe backbone (float32, on ``dev``): the same features for
+    logistic regression's two paths; validation every 5th training row."""
+    from ssl_eval.backbones import BuildOptions, build_backbone
+    from ssl_eval.data.datasets import DatasetOptions, get_dataset
+    from ssl_eval.protocols.base import ProtocolInputs, embed_images
+
+    z = ctx["sizes"]
+    ds = get_dataset(_probe_dataset(ctx, "digits"), DatasetOptions())
+    bb = build_backbone(z.probe_backbone, BuildOptions(image_size=z.probe_size))
+    with torch.no_grad():
+        tr = embed_images(bb, ds.train.images, dev, z.extract_batch)
+        te = embed_images(bb, ds.test.images, dev, z.extract_batch)
+    n = len(tr)
+    return ProtocolInputs(
+        tr, np.asarray(ds.train.labels), te, np.asarray(ds.test.labels),
+        np.setdiff1d(np.arange(n), np.arange(0, n, 5)), np.arange(0, n, 5), len(ds.classes),
+    )  # fmt: skip
+
+
+def _run_logreg(ctx, probe: Probe, card) -> dict:
+    """The protocol type's run (what evaluate.run calls on cached features) on the GPU (torch
+    path) and on the CPU (numpy path), on the same features: the selected C and the test top-1
+    must be the same."""
+    import dataclasses
+
+    dev = ctx["device"]
+    inp = _logreg_inputs(ctx, dev)
+    _peak_reset(dev)
+    gpu, s = _timed(
+        dev, lambda: card.protocol.run(dataclasses.replace(inp, device=dev), card.params)
+    )
+    row = {
+        "seconds": round(s, 2),
+        "peak_gpu_mb": _peak_mb(dev),
+        "top1": round(gpu.metrics["top1"], 4),
+        "selected_C": gpu.details["selected"]["C"],
+        "device_path": gpu.details["device"],
+    }
+    cpu_dev = torch.device("cpu")
+    ref, s_ref = _timed(
+        cpu_dev, lambda: card.protocol.run(dataclasses.replace(inp, device=cpu_dev), card.params)
+    )
+    same = (
+        ref.details["selected"]["C"] == gpu.details["selected"]["C"]
+        and ref.metrics["top1"] == gpu.metrics["top1"]
+    )
+    row["reference"] = {
+        "path": "numpy on the CPU, the same features",
+        "seconds": round(s_ref, 2),
+        "top1": round(ref.metrics["top1"], 4),
+        "selected_C": ref.details["selected"]["C"],
+        "same_C_and_top1": same,
+    }
+    if not same:
+        raise RuntimeError(
+            f"logreg: the GPU path chose C={gpu.details['selected']['C']:.6g} "
+            f"(top-1 {gpu.metrics['top1']:.4f}), the numpy path C={ref.details['selected']['C']:.6g} "
+            f"(top-1 {ref.metrics['top1']:.4f})"
+        )
+    return row
+
+
+def _probe_one(ctx, name: str, probe: Probe) -> dict:
+    card = _probe_card(probe, ctx["smoke"])
+    if probe.reference == "numpy":
+        return _run_logreg(ctx, probe, card)
+    row = _run_probe_cli(ctx, probe, card, ctx["device"], name)
+    if probe.reference == "cpu":
+        ref = _run_probe_cli(ctx, probe, card, torch.device("cpu"), f"{name}-cpu")
+        row["reference"] = {
+            "path": "the same run on the CPU in float32",
+            "seconds": ref["seconds"],
+            probe.metric: ref[probe.metric],
+            f"{probe.metric}_difference_device_minus_cpu": round(
+                row[probe.metric] - ref[probe.metric], 4
+            ),
+        }
+    return row
+
+
+def check_probes(ctx) -> dict:
+    """Each newer protocol's device path end to end at a small fixed size: wall seconds, peak
+    GPU memory, the metric and, where cheap, the agreement with a CPU reference. A failing
+    sub-probe is recorded (what failed, one line) and the others still run; any failure makes
+    the check an error (so the script's exit code says so)."""
+    z = ctx["sizes"]
+    out: dict = {"backbone": z.probe_backbone, "image_size": z.probe_size}
+    failed = []
+    for name, probe in PROBES.items():
+        t0 = time.perf_counter()
+        try:
+            row = {"card": probe.card, "dataset": probe.dataset, **_probe_one(ctx, name, probe)}
+            row["ok"] = True
+        except Exception as e:  # one failing sub-probe must not cost the others
+            msg = (str(e).strip().splitlines() or [""])[0]
+            row = {"card": probe.card, "ok": False, "error": f"{type(e).__name__}: {msg}"}
+            failed.append(name)
+        row["probe_seconds"] = round(time.perf_counter() - t0, 1)
+        out[name] = row
+        print(json.dumps({f"probes.{name}": row}), flush=True)
+    if failed:
+        out["error"] = f"sub-probes failed: {', '.join(failed)}"
+    return out
+
+
 for _name, _fn in [("env", check_env), ("decode", check_decode), ("extract", check_extract),
-                   ("knn", check_knn), ("finetune", check_finetune), ("headline", check_headline)]:  # fmt: skip
+                   ("knn", check_knn), ("finetune", check_finetune), ("headline", check_headline),
+                   ("probes", check_probes)]:  # fmt: skip
     CHECKS.register(_name, _fn)
 
 
