@@ -48,6 +48,72 @@ def test_gpu_checks_smoke_runs_every_check_on_the_cpu(tmp_path):
     assert "x 100" in head["extrapolation_rule"]
 
 
+PROBE_METRICS = {
+    "linear_aug": "top1",
+    "attentive_capi": "top1",
+    "attentive_vjepa2": "top1",
+    "logreg": "top1",
+    "linseg": "miou",
+    "lindepth": "rmse",
+    "knnseg": "miou",
+}
+
+
+@pytest.mark.slow
+def test_probes_smoke_runs_every_newer_protocol_with_its_cpu_reference(tmp_path):
+    mod = _script()
+    assert "probes" in mod.CHECKS.names()
+    out = tmp_path / "gpu.json"
+    assert mod.main(["--smoke", "--only", "probes", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"smoke", "device", "probes"}
+    probes = res["probes"]
+    assert "error" not in probes, probes
+    assert set(PROBE_METRICS) <= set(probes) and set(mod.PROBES) == set(PROBE_METRICS)
+    for name, metric in PROBE_METRICS.items():
+        row = probes[name]
+        assert row["ok"] is True and row["card"] == mod.PROBES[name].card, row
+        assert row["peak_gpu_mb"] is None  # a CPU has no GPU memory to report
+        assert row["seconds"] > 0 and metric in row
+        if metric == "rmse":
+            assert row[metric] > 0
+        else:
+            assert 0 <= row[metric] <= 1
+    # the online training views ran for the dense recipes; knnseg reads cached tokens
+    assert probes["linseg"]["tokens"] == probes["lindepth"]["tokens"] == "online"
+    assert probes["knnseg"]["tokens"] == "cached"
+    # logistic regression's two paths on the same features: here both on the CPU (numpy)
+    ref = probes["logreg"]["reference"]
+    assert ref["same_C_and_top1"] is True and ref["selected_C"] == probes["logreg"]["selected_C"]
+    # on the CPU the "GPU" run and its float32 CPU reference are the same computation twice
+    for name in ("linear_aug", "attentive_capi", "attentive_vjepa2"):
+        ref = probes[name]["reference"]
+        assert ref["top1"] == probes[name]["top1"]
+        assert ref["top1_difference_device_minus_cpu"] == 0.0
+
+
+def test_a_failing_probe_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    mod = _script()
+    keep = {n: mod.PROBES[n] for n in ("logreg", "linseg", "knnseg")}
+    monkeypatch.setattr(mod, "PROBES", keep)
+    real = mod._probe_one
+
+    def planted(ctx, name, probe):
+        if name == "linseg":
+            raise RuntimeError("planted failure\nsecond line of the message")
+        return real(ctx, name, probe)
+
+    monkeypatch.setattr(mod, "_probe_one", planted)
+    out = tmp_path / "gpu.json"
+    assert mod.main(["--smoke", "--only", "probes", "--out", str(out)]) == 1  # a failure shows
+    probes = json.loads(out.read_text())["probes"]
+    assert probes["linseg"]["ok"] is False
+    assert probes["linseg"]["error"] == "RuntimeError: planted failure"  # one line
+    assert probes["logreg"]["ok"] is True and probes["knnseg"]["ok"] is True  # before and after
+    assert "miou" in probes["knnseg"] and "top1" in probes["logreg"]
+    assert probes["error"] == "sub-probes failed: linseg"
+
+
 def test_gpu_checks_refuses_to_pretend_without_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
