@@ -16,10 +16,16 @@ failing check is recorded and the rest still run; everything lands in one JSON f
               synthetic set (128,116 train + 5,000 test, 1,000 classes) read from the decode
               cache, end to end through evaluate.run; extrapolated to the full size, phase by
               phase, with the rule stated in the output
+  probes      the newer protocols' device paths at small fixed sizes (PROBES): linear_aug@dinov2,
+              attentive@capi, attentive@vjepa2, logreg@dinov2 (GPU torch path vs CPU numpy
+              path), linseg@dinov3, lindepth@dinov3, knnseg@capi: seconds, peak GPU memory,
+              the metric, a CPU reference where cheap; a failing sub-probe is recorded and the
+              others still run
 
 Usage (on the GPU machine; from the repository root):
   PYTHONPATH=. python benchmarks/gpu_checks.py --out $OUT/gpu_checks.json
   python benchmarks/gpu_checks.py --smoke            # tiny sizes on the CPU (tests run this)
+  PYTHONPATH=. python benchmarks/gpu_checks.py --only probes --out $OUT/probes.json
 Targets (issue 13): k-NN < 1 s; extraction >= 50% of bf16 peak; headline < 5 minutes.
 """
 
