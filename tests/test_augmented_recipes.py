@@ -20,30 +20,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_augmented import _inputs  # 96 train, 60 val, 100 test digits, a 16-px ResNet
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ssl_eval.backbones import BuildOptions, build_backbone
 from ssl_eval.core.errors import UserError
-from ssl_eval.data.datasets import DatasetOptions, ImageSplit, get_dataset
+from ssl_eval.data.datasets import ImageSplit
 from ssl_eval.data.transforms import Preprocessing
 from ssl_eval.protocols import augmented
 from ssl_eval.protocols.augmented import AugmentedParams, Heads, run_augmented
-from ssl_eval.protocols.base import ImageInputs
 from ssl_eval.protocols.cards import load_card
 
 MOCOV3_CARDS = ["linear@mocov3", "linear@mocov3-r50"]
 DINO_CARDS = ["linear@dino", "linear@dino-vitb", "linear@dino-r50", "linear@dino-xcit"]
-
-
-def _inputs(tmp_path, n_train=96):
-    """96 training and 60 validation images of digits, 100 test images, a 16-px ResNet."""
-    bb = build_backbone("random:resnet10t", BuildOptions(image_size=16))
-    ds = get_dataset("digits", DatasetOptions())
-    cut = lambda s, n: ImageSplit(s.labels[:n], s.images[:n])  # noqa: E731
-    ds = dataclasses.replace(ds, train=cut(ds.train, n_train + 60), test=cut(ds.test, 100))
-    tr, va = np.arange(n_train), np.arange(n_train, n_train + 60)
-    return ImageInputs(bb, ds, tr, va, torch.device("cpu"), 0, tmp_path / "state")
 
 
 def _lrs_of_a_run(tmp_path, p: AugmentedParams) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from test_augmented_recipes import EPOCHWISE, _stream_run
+from test_augmented_recipes import eval_linear_lrs as script_lrs  # CosineAnnealingLR per step
 
 from ssl_eval.core.errors import UserError
 from ssl_eval.protocols import augmented
@@ -43,20 +44,6 @@ def script_eval_points(max_iter: int, eval_period: int) -> list[int]:
         if eval_period > 0 and (i + 1) % eval_period == 0 and i != max_iter - 1
     ]
     return inside + [max_iter]
-
-
-def script_lrs(peak: float, max_iter: int) -> list[float]:
-    """The lr of each iteration: SGD at ``peak``, CosineAnnealingLR(optimizer, max_iter,
-    eta_min=0), scheduler.step() after every optimizer.step()."""
-    head = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(head.parameters(), peak, momentum=0.9, weight_decay=0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max_iter, eta_min=0)
-    out = []
-    for _ in range(max_iter):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
 
 
 # 96 training rows, batches of 40: 7 iterations read 280 rows, the end of pass 2
