@@ -173,17 +173,24 @@ def test_global_pool_is_refused_in_one_line_without_patch_tokens(tmp_path):
         finetune.FinetuneParams(pool="mean")
 
 
-def test_global_pool_trains_fc_norm_and_records_what_the_head_reads(tmp_path, monkeypatch):
-    """A tiny run through run_finetune: fc_norm (a new parameter) is trained at the head's
-    lr, and the record says what the head read."""
+def _tiny_inputs(tmp_path, n_train: int, n_val: int) -> ImageInputs:
+    """A random micro ViT at 16 px on n_train + n_val random images of 3 classes (the same
+    images as the test split), for a tiny run_finetune."""
     from ssl_eval.data.datasets import ImageSplit
 
     bb = build_backbone("random:vit_micro_p4", BuildOptions(image_size=16))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (48, 16, 16, 3), np.uint8)
-    split = ImageSplit(np.arange(48) % 3, images)
+    n = n_train + n_val
+    images = np.random.default_rng(0).integers(0, 255, (n, 16, 16, 3), np.uint8)
+    split = ImageSplit(np.arange(n) % 3, images)
     ds = SimpleNamespace(num_classes=3, train=split, test=split)
-    inp = ImageInputs(bb, ds, np.arange(32), np.arange(32, 48), torch.device("cpu"), 0, tmp_path)
+    tr, va = np.arange(n_train), np.arange(n_train, n)
+    return ImageInputs(bb, ds, tr, va, torch.device("cpu"), 0, tmp_path)
+
+
+def test_global_pool_trains_fc_norm_and_records_what_the_head_reads(tmp_path, monkeypatch):
+    """A tiny run through run_finetune: fc_norm (a new parameter) is trained at the head's
+    lr, and the record says what the head read."""
+    inp = _tiny_inputs(tmp_path, n_train=32, n_val=16)
     p = dataclasses.replace(
         load_card("finetune@mae").params,
         epochs=1,
@@ -216,14 +223,7 @@ def test_lr_clock_iterations_is_maes_schedule_at_data_iter_step_over_len_loader(
     an epoch after one step, not 1 / 2) differs from it."""
     import math
 
-    from ssl_eval.data.datasets import ImageSplit
-
-    bb = build_backbone("random:vit_micro_p4", BuildOptions(image_size=16))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (56, 16, 16, 3), np.uint8)
-    split = ImageSplit(np.arange(56) % 3, images)
-    ds = SimpleNamespace(num_classes=3, train=split, test=split)
-    inp = ImageInputs(bb, ds, np.arange(40), np.arange(40, 56), torch.device("cpu"), 0, tmp_path)
+    inp = _tiny_inputs(tmp_path, n_train=40, n_val=16)
     base = load_card("finetune@mae").params
     p = dataclasses.replace(
         base, epochs=3, batch_size=16, warmup_epochs=1.0, vit_depth=0, rand_augment="none",
