@@ -2,7 +2,9 @@
 intervals, details and per-image scores, with the work shared out rather than repeated. Test
 images go to the ranks by chunks (rank r slides over chunks r, r + W ...; each chunk batched
 as one process batches it); streamed training tokens are computed one batch per rank and
-round and gathered (``TokenSource.batches(shared=True)``)."""
+round and gathered (``TokenSource.batches(shared=True)``); augmented training views (augment
+dinov3) are drawn by every rank and embedded one batch per rank and round
+(``OnlineViews.batches``)."""
 
 import json
 
@@ -12,7 +14,7 @@ import torch
 from test_eval_dist import spawn_two
 
 SLOW_FIXTURES = ()
-UNITS = ("linseg", "linseg-whole", "knnseg", "lindepth")
+UNITS = ("linseg", "linseg-whole", "knnseg", "lindepth", "linseg-aug", "lindepth-aug")
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -23,7 +25,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     from test_dense_probes import _bundle, _inputs, _pixels, _tiny_vit
 
     from ssl_eval.features import tokens
-    from ssl_eval.protocols.dense import common
+    from ssl_eval.protocols.dense import augment, common
     from ssl_eval.protocols.dense_knn import KnnsegParams, run_knnseg
     from ssl_eval.protocols.dense_seg import LinsegParams, run_linseg
     from ssl_eval.protocols.depth import LindepthParams, run_lindepth
@@ -31,7 +33,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     out = Path(out)
     slid, loaded = [], []  # the test rows this process slid over; training rows it embedded
-    slide, batches = common.slide_predict, tokens._image_batches
+    embedded = []  # the augmented views this process embedded, a batch's count each
+    slide, batches, embed = common.slide_predict, tokens._image_batches, augment.OnlineViews._embed
 
     def slide_spy(backbone, split, rows, **kw):
         slid.extend(int(r) for r in rows)
@@ -41,7 +44,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         loaded.extend(int(r) for c in cuts for r in c)
         yield from batches(src, cuts)
 
+    def embed_spy(self, x):
+        embedded.append(len(x))
+        return embed(self, x)
+
     common.slide_predict, tokens._image_batches = slide_spy, batches_spy
+    augment.OnlineViews._embed = embed_spy
     # 7 test images in chunks of 3 (batch_size 3): [0-2], [3-5], [6], an odd count
     seg, depth = _bundle(n_test=7), _bundle("depth", n_test=7)
     linseg = LinsegParams(size=0, crop=0, stride=0, samples=60, batch_size=6, warmup_samples=6,
@@ -58,6 +66,14 @@ def _worker(rank: int, port: int, out: str) -> None:
         ),
         "knnseg": lambda d: run_knnseg(_inp(_pixels(), seg, d), KnnsegParams(ks=(1, 3))),
         "lindepth": lambda d: run_lindepth(_inp(_tiny_vit(), depth, d), lindepth),
+        # DINOv3's training views drawn online: the ViT's class token gathered beside the grid
+        "linseg-aug": lambda d: run_linseg(
+            _inp(_tiny_vit(), seg, d), replace(linseg, augment="dinov3")
+        ),
+        # NYU's views on pixel tokens (the NYU box leaves less than the ViT's 16 px)
+        "lindepth-aug": lambda d: run_lindepth(
+            _inp(_pixels(), depth, d), replace(lindepth, augment="dinov3", train_crop=(12, 12))
+        ),
     }
 
     def _inp(bb, bundle, d):
@@ -68,7 +84,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     def run(world: str) -> dict:
         got = {}
         for name, unit in units.items():
-            slid.clear(), loaded.clear()
+            slid.clear(), loaded.clear(), embedded.clear()
             o = unit(out / f"{world}{rank if world == 'one' else ''}" / name)
             got[name] = {
                 "metrics": o.metrics,
@@ -77,6 +93,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                 "per_sample": {k: np.asarray(v).tolist() for k, v in (o.per_sample or {}).items()},
                 "slid": sorted(slid),
                 "loaded": len(loaded),
+                "embedded": sum(embedded),
             }
         return got
 
@@ -108,6 +125,11 @@ def test_two_processes_score_as_one_with_the_work_shared(tmp_path):
         for unit in ("linseg", "lindepth"):
             assert one[unit]["loaded"] == 1 + 60, (r, unit)
             assert two[unit]["loaded"] == 1 + 30, (r, unit)
+        # augmented: every rank draws the 60 views, each embeds its batches alone (as above)
+        for unit in ("linseg-aug", "lindepth-aug"):
+            assert one[unit]["details"]["tokens"] == "online", (r, unit)
+            assert one[unit]["embedded"] == 60, (r, unit)
+            assert two[unit]["embedded"] == 30, (r, unit)
     for unit in UNITS:  # every rank ends with the same output
         for key in ("metrics", "intervals", "details", "per_sample"):
             assert seen[0]["two"][unit][key] == seen[1]["two"][unit][key], (unit, key)

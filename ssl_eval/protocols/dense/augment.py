@@ -43,7 +43,10 @@ fixed_crop NYU, random_crop [416, 544], brightness_range [0.75, 1.25], rotation 
 6. normalisation. The depth is kept at the crop's resolution (no resize).
 
 The draws come from one numpy generator seeded by the run's seed: the same seed gives the
-same views, and every rank of a torchrun world draws (and embeds) the same batches.
+same views. Under torchrun every rank draws every batch's views (the one generator's sequence,
+so each rank's views are the single process's), but embeds only its share: in round k of W
+batches rank r embeds batch kW + r, and the round's tokens (float16, the values a single
+process trains on) are gathered to every rank, which then runs the same head steps.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import torch
 import torchvision.transforms.functional as Fv
 from torchvision.transforms import InterpolationMode
 
+from ...core import distributed
 from ...core.errors import UserError
 from ...core.provenance import autocast_dtype
 from ...data.dense import IGNORE
@@ -265,12 +269,40 @@ class OnlineViews:
         """The batches of ``order``, each drawn by a thread one or two batches ahead of the
         backbone's forward (decoding and transforms overlap the embedding; the draws stay in
         order, one generator, so the views are the same as drawn in line); memory holds at
-        most three batches of views and one of tokens."""
-        device = self.inp.device
-        bb = self.inp.backbone
-        bb.model.to(device).eval()
-        amp = autocast_dtype(device) == "bfloat16"
+        most three batches of views and one of tokens (under torchrun: a round's targets and
+        tokens, one batch of views embedded by each rank)."""
+        self.inp.backbone.model.to(self.inp.device).eval()
         cuts = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        drawn = self._drawn(cuts)
+        try:
+            if distributed.world() == 1:
+                for take, (x, t) in drawn:
+                    tokens, prefix = self._embed(x)
+                    yield take, tokens, prefix, t
+                return
+            w, r = distributed.world(), distributed.rank()
+            for start in range(0, len(cuts), w):
+                part = [next(drawn) for _ in range(start, min(start + w, len(cuts)))]
+                mine, error = None, None
+                if r < len(part):
+                    try:
+                        mine = tuple(
+                            v if v is None else v.half().cpu() for v in self._embed(part[r][1][0])
+                        )
+                    except UserError as e:
+                        error = str(e)
+                part = [(take, t) for take, (_, t) in part]  # the views: embedded or not ours
+                distributed.agree(error)
+                for (take, t), (tokens, prefix) in zip(
+                    part, distributed.all_gather(mine)[: len(part)], strict=True
+                ):
+                    yield take, tokens.float(), None if prefix is None else prefix.float(), t
+        finally:
+            drawn.close()
+
+    def _drawn(self, cuts) -> Iterator[tuple]:
+        """(rows, (views, targets)) of each cut in order, drawn by a thread at most two cuts
+        ahead of the consumer."""
         ready: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
@@ -291,22 +323,25 @@ class OnlineViews:
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                take, (x, t) = item
-                with (
-                    torch.no_grad(),
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp),
-                ):
-                    g = bb.patch_grid(x.to(device))
-                tokens = g.tokens.float().half().float()  # the values the test windows give
-                prefix = None if g.prefix is None else g.prefix.float().half().float()
-                self.grid, self.dim = list(tokens.shape[1:3]), int(tokens.shape[-1])
-                yield take, tokens, prefix, t
+                yield item
         finally:
             stop.set()
             while worker.is_alive():  # a producer blocked on a full queue: let it finish
                 with contextlib.suppress(queue.Empty):
                     ready.get_nowait()
                 worker.join(0.01)
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen backbone's (tokens, prefix) of a batch of views, float32 holding
+        float16 values (the values the test windows give)."""
+        device = self.inp.device
+        amp = autocast_dtype(device) == "bfloat16"
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            g = self.inp.backbone.patch_grid(x.to(device))
+        tokens = g.tokens.float().half().float()
+        prefix = None if g.prefix is None else g.prefix.float().half().float()
+        self.grid, self.dim = list(tokens.shape[1:3]), int(tokens.shape[-1])
+        return tokens, prefix
 
     def record(self) -> dict:
         side = [self.size, self.size] if self.crop is None else list(self.crop)
