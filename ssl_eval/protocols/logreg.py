@@ -5,6 +5,9 @@ several classes (multinomial), divided by C n as scikit-learn 1.x divides it:
 
     f(W, b) = mean_i CE(x_i W + b, y_i) + ||W||^2 / (2 C n)       (the intercept b unpenalised)
 
+(for two classes, with ``two_classes: logistic``, the scripts' binary logistic regression,
+whose objective is the multinomial's at C / 2: ``TWO_CLASSES``).
+
 It is strictly convex in W and its minimiser is the one a cold fit at each C reaches, so a fit
 that starts from the previous C's solution ends at the same point in fewer steps: the grid is
 walked from small C (strong penalty, an easy problem) to large. The solver (_lbfgs.py) is
@@ -34,6 +37,7 @@ C on train + val, which alone is scored on test. Features are held in float64 (t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -44,10 +48,20 @@ from ._lbfgs import Memory, kron_for, make_loss, minimise, one_blas_thread
 from .base import PROTOCOL_TYPES, DataShape, ProtocolInputs, ProtocolOutput, ProtocolType, topk_hits
 
 FINAL_FITS = ("train+val", "train")
+# how a two-class problem is fitted: ``softmax``, the multinomial (two weight vectors, both
+# penalised; ssl-eval's objective before this param); ``logistic``, one binary logistic
+# regression, as scikit-learn's LogisticRegression(lbfgs) and cuML's fit two classes (a sigmoid
+# loss on x v + c, ||v||^2 / (2 C n)). Their minimisers agree at another C: at the optimum of the
+# multinomial the two vectors are v / 2 and -v / 2 (the loss reads only their difference), so
+# its penalty is ||v||^2 / (4 C n), the binary one's at 2C; ``logistic`` fits the multinomial
+# at C / 2, whose logit difference is the binary fit's decision function.
+TWO_CLASSES = ("softmax", "logistic")
 
 
 @dataclass(frozen=True)
 class LogregParams:
+    # added after the cards' first records: at this value every fit is the one before it
+    NEUTRAL: ClassVar[dict] = {"two_classes": "softmax"}
     # the grid: C = 10 ** linspace(c_exp_min, c_exp_max, c_num), computed as the scripts do
     c_exp_min: float = -6.0
     c_exp_max: float = 5.0
@@ -62,6 +76,7 @@ class LogregParams:
     warm_start: bool = True  # each C starts from the previous C's solution
     final_fit: str = "train+val"  # the rows of the reported fit at the selected C
     reference: str = ""  # the official script (repository, commit, path) the card follows
+    two_classes: str = "softmax"  # TWO_CLASSES: a two-class problem as a softmax or a logistic
 
     def __post_init__(self):
         if self.c_num < 1 or self.max_iter < 1 or self.history_size < 1:
@@ -77,10 +92,20 @@ class LogregParams:
             raise UserError(
                 f"logreg: final_fit is {self.final_fit!r}; use one of {', '.join(FINAL_FITS)}"
             )
+        if self.two_classes not in TWO_CLASSES:
+            raise UserError(
+                f"logreg: two_classes is {self.two_classes!r}; use one of {', '.join(TWO_CLASSES)}"
+            )
 
     @property
     def tol(self) -> float:
         return 10.0**self.tol_log10
+
+    def penalty(self, C: float, n: int, num_classes: int) -> float:
+        """The L2 coefficient r of f = mean CE + r ||W||^2 / 2 that fits C on ``n`` rows:
+        1 / (C n), or 2 / (C n) for two classes fitted as the scripts' binary logistic."""
+        binary = num_classes == 2 and self.two_classes == "logistic"
+        return (2.0 if binary else 1.0) / (C * n)
 
     def grid(self) -> list[float]:
         """The C values, ascending. ``10 ** torch.linspace(lo, hi, n)`` in float32, then as Python
@@ -107,7 +132,7 @@ class Fit:
 def _fit(loss, theta, C: float, p: LogregParams, mem: Memory, moment) -> tuple[Fit, object]:
     """Minimise f_C from ``theta`` with a fresh L-BFGS memory shaped by the Kronecker
     preconditioner at ``theta`` (``moment``: the features' second moment, once per path)."""
-    r = 1.0 / (C * loss.n)
+    r = p.penalty(C, loss.n, loss.k)
     mem.precond = kron_for(loss, theta, r, moment)
     res = minimise(loss, theta, r, mem, p.tol, p.tol_change, p.max_iter)
     th = torch.as_tensor(res.theta)
