@@ -231,6 +231,54 @@ def test_cards_heads_and_lengths_follow_their_scripts():
     assert eff.settings() == [(0.1, 0.0)] and plan(4096 * 3, eff).scale == 16.0  # lr 1.6
 
 
+def test_vjepa2_steps_an_epoch_count_its_last_partial_batch():
+    # V-JEPA 2's make_dataloader(training=True) passes drop_last=False (eval.py) to a loader of
+    # 16 rows per rank over DistributedSampler's 64 shares: ipe = len(train_loader) =
+    # ceil(ceil(n / 64) / 16) = ceil(n / 1024) iterations an epoch, the last one partial;
+    # T_max = int(20 x ipe), warmup int(5 x ipe). CAPI's and efficient probing's loaders drop
+    # it (drop_last=True). Fails with the card's drop_last left at true (n // 1024 an epoch).
+    vj = load_card("attentive@vjepa2").params
+    assert vj.drop_last is False
+    for n in (1024 * 50, 1024 * 50 + 100, 1_281_167):
+        ipe = math.ceil(math.ceil(n / 64) / 16)
+        pl = plan(n, vj)
+        assert (pl.per_epoch, pl.total, int(pl.warmup)) == (ipe, 20 * ipe, int(5 * ipe)), n
+        assert pl.rows == n and pl.rows_read() == 20 * n
+    eff = load_card("attentive@eff").params
+    assert eff.drop_last and plan(4096 * 3 + 100, eff).per_epoch == 3  # main_linprobe: True
+    capi = load_card("attentive@capi").params
+    assert capi.drop_last and plan(1024 * 3 + 100, capi).rows == 1024 * 3  # drop_last=True
+    # the neutral value is the type's rule before the param, and stays out of the settings
+    assert AttentiveParams.NEUTRAL["drop_last"] is True
+    assert "drop_last" not in load_card("attentive@capi").params_dict()
+    assert load_card("attentive@vjepa2").params_dict()["drop_last"] is False
+
+
+class _CountingSource:
+    """A token source that records the rows of every training batch it yields."""
+
+    def __init__(self, src):
+        self.src, self.dim, self.sizes = src, src.dim, []
+
+    def batches(self, order, batch_size, **kw):
+        for take, t, pre in self.src.batches(order, batch_size, **kw):
+            self.sizes.append(len(take))
+            yield take, t, pre
+
+
+@pytest.mark.parametrize("drop_last, sizes", [(True, [8, 8] * 2), (False, [8, 8, 4] * 2)])
+def test_an_epochs_partial_batch_is_a_step_without_drop_last(tmp_path, drop_last, sizes):
+    bb, ds = tiny_vit(8), _bundle(n=24, size=8)
+    src = token_source(
+        bb, ds, "train", budget_bytes=10**8, device=CPU, batch_size=8, cache_dir=tmp_path
+    )
+    labels = {i: int(ds.train.labels[i]) for i in range(len(ds.train))}
+    p = AttentiveParams(epochs=2.0, batch_size=8, lrs=(1e-2,), drop_last=drop_last)
+    spy = _CountingSource(src)
+    heads, pl = train_heads(spy, np.arange(20), labels, 3, p, p.settings(), 7, CPU)
+    assert spy.sizes == sizes and pl.total == len(sizes) and pl.rows_read() == sum(sizes)
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -34,7 +34,8 @@ SETS += ["weight_decays=[0.0]", "attentive@vjepa2.depth=1", "attentive@vjepa2.to
 SETS += ["attentive@capi.train_crop=none", "attentive@capi.hflip=false"]
 SETS += ["attentive@capi.crop_interpolation=backbone"]
 ARGS += [a for s in SETS for a in ("--set", s)]
-# 1132 training rows, batches of 512: 2 steps an epoch, a state after steps 2 and 4 of 6
+# 1132 training rows, batches of 512: 2 steps an epoch for capi, a state after steps 2 and 4
+# of 6; 3 for vjepa2 (drop_last false: the last of 108 rows), a state after step 3
 
 
 def _dirs(out, name: str) -> list[str]:

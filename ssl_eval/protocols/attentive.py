@@ -134,6 +134,8 @@ class AttentiveParams:
         "crop_interpolation": "backbone",
         "auto_augment": "none",
         "random_erase": 0.0,
+        # added later too: true (every script before V-JEPA 2's) drops the last partial batch
+        "drop_last": True,
     }
     pooler: str = "capi"  # POOLERS: capi | ep | vjepa2
     heads: int = 0  # attention heads (0: width / 64, CAPI's rule)
@@ -169,6 +171,10 @@ class AttentiveParams:
     # AutoAugment (original, v0 ...); none
     auto_augment: str = "none"
     random_erase: float = 0.0  # timm's RandomErasing probability (pixel mode, one box)
+    # an epoch's last partial batch: dropped (CAPI's and efficient probing's loaders,
+    # drop_last=True), or trained on as a step of its own (V-JEPA 2's make_dataloader,
+    # drop_last=False: len(loader) = ceil(rows / batch) steps an epoch, every row each epoch)
+    drop_last: bool = True
 
     def __post_init__(self):
         POOLERS.get(self.pooler)
@@ -193,6 +199,8 @@ class AttentiveParams:
             bad.append("optimizer must be adamw or lars, no_decay none or bias")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in (*self.betas, self.momentum)):
             bad.append("betas must be two values in [0, 1), momentum in [0, 1)")
+        if not isinstance(self.drop_last, bool):
+            bad.append(f"drop_last is true or false, not {self.drop_last!r}")
         if bad:
             raise UserError(f"attentive: {bad[0]}")
         self._check_views()
@@ -215,7 +223,7 @@ class AttentiveParams:
             moved = [
                 k
                 for k, v in self.NEUTRAL.items()
-                if k != "train_crop"
+                if k not in ("train_crop", "drop_last")
                 and (
                     list(getattr(self, k)) != list(v)
                     if isinstance(v, tuple)
@@ -249,23 +257,33 @@ class Plan:
     total: int
     warmup: float  # in steps (a float: the schedules round it as their script does)
     scale: float  # the lr multiplier of the batch rule
+    rows: int = 0  # training rows an epoch reads (per_epoch x batch, or all with a partial)
 
     def lr(self, i: int, peak: float, p: AttentiveParams) -> float:
         return SCHEDULES.get(p.schedule)(i, self.total, self.warmup, peak * self.scale, p)
 
+    def rows_read(self) -> int:
+        """Training rows the heads read in the ``total`` steps (steps x batch without a
+        partial batch; an epoch's last batch counts its own rows)."""
+        epochs, rest = divmod(self.total, self.per_epoch)
+        return epochs * self.rows + min(rest * self.batch, self.rows)
+
 
 def plan(n: int, p: AttentiveParams) -> Plan:
-    """Full batches only (the scripts drop the last partial batch); a batch larger than the
-    training rows shrinks to them (tiny data), and the lr rule follows the batch used."""
+    """Full batches only where the script drops the last partial batch (``drop_last``: CAPI,
+    efficient probing), else ceil(n / batch) steps an epoch, the last one partial (V-JEPA 2);
+    a batch larger than the training rows shrinks to them (tiny data), and the lr rule follows
+    the batch used."""
     batch = min(p.batch_size, n)
-    per_epoch = n // batch
+    per_epoch = n // batch if p.drop_last else math.ceil(n / batch)
     if p.iterations:
         total, warm = p.iterations, float(p.warmup)
     else:
         total, warm = int(p.epochs * per_epoch), p.warmup * per_epoch
     if total < 1:
         raise UserError(f"attentive: {p.epochs} epochs of {n} rows is no step; raise epochs")
-    return Plan(batch, per_epoch, total, warm, LR_SCALING[p.lr_scaling](batch))
+    rows = min(per_epoch * batch, n)
+    return Plan(batch, per_epoch, total, warm, LR_SCALING[p.lr_scaling](batch), rows)
 
 
 class _Lars(torch.optim.Optimizer):
@@ -450,7 +468,7 @@ def train_heads(
         if isinstance(src, OnlineViews):  # the epoch's random views (a resumed run's too)
             src.epoch = step // pl.per_epoch
         perm = np.asarray(rows)[torch.randperm(len(rows), generator=g).numpy()]
-        order = perm[: pl.per_epoch * pl.batch]
+        order = perm[: pl.rows]
         for take, t, pre in src.batches(order, pl.batch, shared=True):
             if heads:  # a rank with no head (more ranks than heads) still computes its tokens
                 for opt in opts:
@@ -678,7 +696,7 @@ def _run(inp: ImageInputs, p: AttentiveParams, state_path: Path | None) -> Proto
             "batch_size": pl.batch,
             "head_params": sum(w.numel() for w in head.parameters()),
             **(
-                {"tokens_train": src.record(pl.total * pl.batch), "tokens_val": tr.record()}
+                {"tokens_train": src.record(pl.rows_read()), "tokens_val": tr.record()}
                 if p.augmented
                 else {"tokens_train": tr.record()}
             ),
