@@ -3,6 +3,8 @@ linear depth, scored on each test image's original target (never a resized one),
 whose "patch tokens" are its pixels making k-NN exact; the gate reading a rise of RMSE as the
 regression; the leaderboard's mIoU / RMSE columns beside top-1."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
@@ -345,6 +347,28 @@ def test_dense_trainers_step_as_dinov3s(tmp_path, monkeypatch):
     assert [x[1] for x in seen] == [(w[1], 0.99) for w in want]
     assert [x[1][0] for x in seen[:3]] == [0.0] * 3 and seen[3][1][0] == pytest.approx(0.85)
     assert {(x[2], x[3]) for x in seen} == {(1e-4, 4)}
+
+
+def test_dense_heads_start_from_the_runs_seed_not_the_processs(tmp_path):
+    """The heads' initialisation (the convolution's normal draw) comes from the run's seed:
+    whatever the process drew before (another protocol of the same run, another import), the
+    same run gives the same losses and numbers; another seed, another start."""
+    seg = _seg_params(samples=32)
+    dep = LindepthParams(size=0, samples=32, batch_size=8, warmup_samples=8, bins=8, max_depth=4.0)
+    for k, (run, task, p) in enumerate(
+        ((run_linseg, "segmentation", seg), (run_lindepth, "depth", dep))
+    ):
+        losses = []
+        for before in (1, 2):
+            torch.manual_seed(before)  # what the process drew before this run
+            inp = _inputs(_pixels(), _bundle(task, n_test=1), tmp_path / f"{k}{before}")
+            losses.append(run(inp, p).details["final_loss"])
+        assert losses[0] == losses[1]
+        torch.manual_seed(1)
+        inp = dataclasses.replace(
+            _inputs(_pixels(), _bundle(task, n_test=1), tmp_path / f"{k}s"), seed=1
+        )
+        assert run(inp, p).details["final_loss"] != losses[0]
 
 
 def test_whole_image_and_flip_averaging_as_dinov3s_depth_eval():

@@ -252,7 +252,9 @@ class _WithPrefix(nn.Module):
 def run_linseg(inp: ImageInputs, p: LinsegParams) -> ProtocolOutput:
     dense = dense_targets(inp, "segmentation")
     classes = len(dense.classes)
-    head = _WithPrefix(LinearSegHead(_token_dim(inp, p, "linseg"), classes, p.dropout))
+    dim = _token_dim(inp, p, "linseg")
+    torch.manual_seed(inp.seed)  # the head's initialisation: the run's seed, not the process's
+    head = _WithPrefix(LinearSegHead(dim, classes, p.dropout))
 
     def loss_fn(out, target, step):
         return seg_loss(out, target)

@@ -120,7 +120,9 @@ def sigloss(pred, target, valid, variance: bool, eps: float = 1e-3) -> torch.Ten
 def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
     dense = dense_targets(inp, "depth")
     view = tuple(p.train_crop) if p.augment != "none" else None
-    head = LinearDepthHead(_token_dim(inp, p, "lindepth", view), p)
+    dim = _token_dim(inp, p, "lindepth", view)
+    torch.manual_seed(inp.seed)  # the head's initialisation: the run's seed, not the process's
+    head = LinearDepthHead(dim, p)
     warm_steps = p.sigloss_warmup_samples // p.batch_size
 
     def loss_fn(out, target, step):
