@@ -352,5 +352,5 @@ def test_augment_none_leaves_the_setting_as_it_was():
     card = load_card("lindepth@dinov3", ["augment=none", "train_crop=[]"])
     assert not {"augment", "train_crop"} & set(card.params_dict())
     seg, depth = load_card("linseg@dinov3"), load_card("lindepth@dinov3")
-    assert seg.params_dict()["augment"] == "dinov3" and seg.version == 3
-    assert depth.params_dict()["train_crop"] == [416, 544] and depth.version == 3
+    assert seg.params_dict()["augment"] == "dinov3" and seg.version == 4
+    assert depth.params_dict()["train_crop"] == [416, 544] and depth.version == 4

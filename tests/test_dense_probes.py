@@ -349,6 +349,88 @@ def test_dense_trainers_step_as_dinov3s(tmp_path, monkeypatch):
     assert {(x[2], x[3]) for x in seen} == {(1e-4, 4)}
 
 
+def test_drop_last_trains_whole_batches_for_exactly_the_schedule(tmp_path, monkeypatch):
+    """DINOv3's dense loaders drop the last partial batch of each pass (drop_last: the
+    segmentation trainer's make_data_loader default, the depth trainer's is_train), so every
+    iteration is a full batch and the run is exactly total_iter iterations. With drop_last
+    (the shipped cards) 22 training images in batches of 8 give passes of 2 full batches and
+    the 80 samples are 10 steps of 8; without it (the neutral value, the records before it)
+    each pass ends on a batch of 6, and the run takes 11 steps, past the schedule's 10."""
+    from ssl_eval.core.errors import UserError
+    from ssl_eval.protocols import dense_seg, depth
+    from ssl_eval.protocols.cards import load_card
+
+    sizes = []
+    seg_loss = dense_seg.seg_loss
+    monkeypatch.setattr(dense_seg, "seg_loss", lambda o, t: sizes.append(len(t)) or seg_loss(o, t))
+    bundle = _bundle(n_train=22, n_test=1)
+    out = run_linseg(
+        _inputs(_pixels(), bundle, tmp_path / "a"), _seg_params(samples=80, drop_last=True)
+    )
+    assert sizes == [8] * 10 and out.details["steps"] == 10
+    sizes.clear()
+    out = run_linseg(_inputs(_pixels(), bundle, tmp_path / "b"), _seg_params(samples=80))
+    assert sizes == [8, 8, 6] * 3 + [8, 6] and out.details["steps"] == 11
+    sizes.clear()
+    sig = depth.sigloss
+    monkeypatch.setattr(
+        depth, "sigloss", lambda o, *a, **k: sizes.append(len(o)) or sig(o, *a, **k)
+    )
+    p = LindepthParams(size=0, samples=80, batch_size=8, warmup_samples=8, bins=8, max_depth=4.0,
+                       drop_last=True)  # fmt: skip
+    out = run_lindepth(
+        _inputs(_pixels(), _bundle("depth", n_train=22, n_test=1), tmp_path / "d"), p
+    )
+    assert sizes == [8] * 10 and out.details["steps"] == 10
+    with pytest.raises(UserError, match="whole batches of 8, and there are 6 training") as e:
+        run_linseg(_inputs(_pixels(), _bundle(n_train=6, n_test=1), tmp_path / "e", n_val=2),
+                   _seg_params(drop_last=True))  # fmt: skip
+    assert "\n" not in str(e.value)
+    # the shipped cards drop the last batch; false is neutral (out of a card's setting)
+    assert load_card("linseg@dinov3").params.drop_last is True
+    assert load_card("lindepth@dinov3").params.drop_last is True
+    assert "drop_last" not in load_card("linseg@dinov3", ["drop_last=false"]).params_dict()
+
+
+def test_sigloss_is_each_gpus_pair_averaged_as_dinov3s_trainer(tmp_path, monkeypatch):
+    """config-nyu.yaml trains on 8 GPUs of 2 images (bs 2, n_gpus 8): each GPU's criterion is
+    the SigLoss of its own 2 images and DDP averages the gradients, so the batch's loss is the
+    mean of the pairs' SigLoss, not one SigLoss over the 16 images pooled (whose log-error
+    variance and mean are the pool's). Written out in numpy from eval/depth/loss.py."""
+    from ssl_eval.protocols import depth
+    from ssl_eval.protocols.cards import load_card
+    from ssl_eval.protocols.depth import batch_sigloss
+
+    g = np.random.default_rng(0)
+    pred = torch.from_numpy(g.uniform(0.5, 4.0, (4, 3, 5)).astype(np.float32))
+    target = torch.from_numpy(g.uniform(0.5, 4.0, (4, 3, 5)).astype(np.float32))
+    target[1, 0] = 0.0  # no measurement: out of the loss
+    target[2] *= 3.0  # one pair's errors unlike the other's: pooled and paired differ
+
+    def official(pr, gt):
+        v = gt > 0
+        e = np.log(pr[v] + 1e-3) - np.log(gt[v] + 1e-3)
+        return np.sqrt(0.15 * e.mean() ** 2 + np.var(e, ddof=1))
+
+    pr, gt = pred.numpy(), target.numpy()
+    pairs = np.mean([official(pr[i : i + 2], gt[i : i + 2]) for i in (0, 2)])
+    assert float(batch_sigloss(pred, target, True, group=2)) == pytest.approx(pairs, rel=1e-5)
+    assert float(batch_sigloss(pred, target, True)) == pytest.approx(official(pr, gt), rel=1e-5)
+    assert abs(official(pr, gt) - pairs) > 0.01
+    # the run computes it per pair; the card says so (0, one loss over the batch, is neutral)
+    sizes = []
+    sig = depth.sigloss
+    monkeypatch.setattr(
+        depth, "sigloss", lambda o, *a, **k: sizes.append(len(o)) or sig(o, *a, **k)
+    )
+    p = LindepthParams(size=0, samples=16, batch_size=8, warmup_samples=8, bins=8, max_depth=4.0,
+                       sigloss_group=2)  # fmt: skip
+    run_lindepth(_inputs(_pixels(), _bundle("depth", n_test=1), tmp_path), p)
+    assert sizes == [2] * 8
+    assert load_card("lindepth@dinov3").params.sigloss_group == 2
+    assert "sigloss_group" not in load_card("lindepth@dinov3", ["sigloss_group=0"]).params_dict()
+
+
 def test_dense_heads_start_from_the_runs_seed_not_the_processs(tmp_path):
     """The heads' initialisation (the convolution's normal draw) comes from the run's seed:
     whatever the process drew before (another protocol of the same run, another import), the

@@ -12,7 +12,8 @@ segmentation trainer (eval/segmentation/train.py) with config-ade20k-linear-trai
 AdamW over every head parameter in one group (lr 1e-3, betas 0.9/0.999, weight decay 1e-3 on
 all of them, BatchNorm and biases included), no gradient clip, WarmupOneCycleLR (1,500
 warm-up iterations of warmup_ratio 1e-6, final_div_factor inf: the cosine ends at 0; beta1
-left alone) over 40,000 iterations of 16 images (2 per GPU x 8), counted here in samples.
+left alone) over 40,000 iterations of 16 images (2 per GPU x 8), counted here in samples; every
+iteration a full batch (the loaders' drop_last: ``drop_last`` true).
 The trainer steps the scheduler after every iteration but the first, so iterations 0 and 1
 both run at the scheduler's step 0 (mmcv's inheritance); the same here. Test images by
 sliding windows (crop 512, stride 341 on images resized to a 512 shorter side). Training
@@ -61,7 +62,7 @@ class DenseTrainParams:
 
     # params added after version 2 of the cards; at these values a card trains exactly as
     # before them (the same records), so they stay out of its setting (cards.py)
-    NEUTRAL: ClassVar[dict] = {"augment": "none"}
+    NEUTRAL: ClassVar[dict] = {"augment": "none", "drop_last": False}
 
     size: int = 0  # shorter side images are resized to; 0: the backbone's input size
     crop: int = 0  # test window side; 0: ``size``
@@ -84,6 +85,10 @@ class DenseTrainParams:
     target_budget_mb: int = 1024  # hold the training targets in memory when they fit
     examples: int = 3  # test images whose predicted masks the record keeps for the report
     augment: str = "none"  # training views: "none" (cached centre crops) or "dinov3" (online)
+    # whole batches only: each pass over the training images drops its last len % batch_size
+    # (DINOv3's loaders: drop_last), so the run is exactly samples / batch_size full steps;
+    # false: a pass's last batch is partial, and the run takes one more step per pass
+    drop_last: bool = False
 
     def _check(self, name: str) -> None:
         sizes = (self.size, self.crop, self.stride, self.token_budget_mb, self.target_budget_mb)
@@ -211,7 +216,7 @@ def train_head(
     )
     sched = p.schedule()
     step, losses = 0, []
-    for order in epoch_orders(rows, sched.total, p.batch_size, inp.seed):
+    for order in epoch_orders(rows, sched.total, p.batch_size, inp.seed, p.drop_last):
         for _, tokens, prefix, target in batches(order):
             lr, beta1 = sched.at(max(0, step - lag))
             for g in opt.param_groups:

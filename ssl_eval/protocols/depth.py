@@ -9,10 +9,13 @@ norm), the depth is their weighted sum of the bins (AdaBins' classification into
 ``bins: 1`` regresses the depth instead (ReLU + min_depth). Loss: the scale-invariant log loss
 (SigLoss, eps 1e-3: sqrt(var(g) + 0.15 mean(g)^2), g = log(pred) - log(gt), over the pixels
 with a depth (gt != 0, as the official trainer's mask), the variance term off for the first
-100 iterations). Recipe of DINOv3's depth trainer (eval/depth/train.py) with config-nyu.yaml:
-AdamW over the head's parameters in one group (lr 3e-4, beta2 0.99, weight decay 1e-4),
-gradient clip 35, 38,400 iterations of 16, WarmupOneCycleLR with 12,800 warm-up iterations,
-final_div_factor 1000 and use_beta1 left at its default (true): the scheduler sets Adam's
+100 iterations); ``sigloss_group`` 2 takes it per pair of images and averages (the trainer's
+8 GPUs of 2 images each compute their own SigLoss, DDP averaging the gradients: a pooled loss
+over 16 images is another loss, the log-error's variance and mean being those of the pool).
+Recipe of DINOv3's depth trainer (eval/depth/train.py) with config-nyu.yaml: AdamW over the
+head's parameters in one group (lr 3e-4, beta2 0.99, weight decay 1e-4), gradient clip 35,
+38,400 iterations of 16 (full batches: ``drop_last``), WarmupOneCycleLR with 12,800 warm-up
+iterations, final_div_factor 1000 and use_beta1 left at its default (true): the scheduler sets Adam's
 beta1 every step, 0 during the warm-up, then a cosine from 0.85 to 0.95 (the config's beta1
 0.9 is never used); the lr ramps as lr/1000 + lr (1 + cos(pi s/T))/2 x s/W (about 0.75 lr at
 the end of the warm-up, W = T/3), then a cosine to lr/25,000; the scheduler steps after every
@@ -60,8 +63,12 @@ class LindepthParams(DenseTrainParams):
     use_cls_token: bool = False
     sigloss_warmup_samples: int = 1600  # 100 iterations of 16: the variance term off
     train_crop: tuple[int, ...] = ()  # augment dinov3: the random crop (h, w), native scale
+    # images per SigLoss: the batch's loss is the mean of the SigLoss of each group of this
+    # many images (DINOv3's NYU trainer: 2 per GPU on 8 GPUs, each GPU's loss on its own 2
+    # images, DDP averaging the gradients); 0: one SigLoss over the whole batch
+    sigloss_group: int = 0
 
-    NEUTRAL: ClassVar[dict] = DenseTrainParams.NEUTRAL | {"train_crop": ()}
+    NEUTRAL: ClassVar[dict] = DenseTrainParams.NEUTRAL | {"train_crop": (), "sigloss_group": 0}
 
     def __post_init__(self):
         self._check("lindepth")
@@ -76,6 +83,11 @@ class LindepthParams(DenseTrainParams):
             raise UserError("lindepth: bins >= 1 and 0 < min_depth < max_depth")
         if self.sigloss_warmup_samples < 0:
             raise UserError("lindepth: sigloss_warmup_samples must be >= 0")
+        if self.sigloss_group < 0 or (self.sigloss_group and self.batch_size % self.sigloss_group):
+            raise UserError(
+                f"lindepth: sigloss_group {self.sigloss_group} must divide batch_size "
+                f"{self.batch_size} (0: one loss over the whole batch)"
+            )
 
 
 class LinearDepthHead(nn.Module):
@@ -117,6 +129,18 @@ def sigloss(pred, target, valid, variance: bool, eps: float = 1e-3) -> torch.Ten
     return torch.sqrt(d.clamp_min(1e-12))
 
 
+def batch_sigloss(pred, target, variance: bool, group: int = 0) -> torch.Tensor:
+    """A batch's loss (N, H, W): SigLoss on every pixel with a depth (target != 0, the
+    official trainer's mask), over the whole batch (``group`` 0) or the mean of the SigLoss
+    of each ``group`` images (DINOv3's GPUs each take their own images' SigLoss and DDP
+    averages the gradients: the gradient of this mean)."""
+    valid = target != 0
+    if not group:
+        return sigloss(pred, target, valid, variance=variance)
+    parts = zip(*(x.split(group) for x in (pred, target, valid)), strict=True)
+    return torch.stack([sigloss(o, t, v, variance=variance) for o, t, v in parts]).mean()
+
+
 def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
     dense = dense_targets(inp, "depth")
     view = tuple(p.train_crop) if p.augment != "none" else None
@@ -126,8 +150,7 @@ def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
     warm_steps = p.sigloss_warmup_samples // p.batch_size
 
     def loss_fn(out, target, step):
-        valid = target != 0  # the official trainer's mask: every pixel with a depth
-        return sigloss(out[:, 0], target, valid, variance=step >= warm_steps)
+        return batch_sigloss(out[:, 0], target, step >= warm_steps, p.sigloss_group)
 
     record, losses = train_head(inp, p, head, loss_fn, "depth", crop=view)
     _, size, crop, stride = geometry(inp, p)

@@ -344,12 +344,27 @@ class OneCycle:
         return out, (beta1 if self.use_beta1 else None)
 
 
-def epoch_orders(rows: np.ndarray, steps: int, batch: int, seed: int) -> Iterator[np.ndarray]:
-    """Shuffled passes over ``rows`` (seeded), cut so the run takes ``steps`` batches."""
+def epoch_orders(
+    rows: np.ndarray, steps: int, batch: int, seed: int, drop_last: bool = False
+) -> Iterator[np.ndarray]:
+    """Shuffled passes over ``rows`` (seeded) holding ``steps`` x ``batch`` samples in all.
+    ``drop_last`` (DINOv3's dense trainers: their loaders' drop_last): each pass is cut to
+    whole batches, its last len(rows) % batch rows left out, so the run is exactly ``steps``
+    full batches; without it a pass keeps every row and its last batch is a partial one (more
+    batches than ``steps`` when len(rows) % batch is not 0). The generator's draws are the
+    same either way."""
+    if drop_last and len(rows) < batch:
+        raise UserError(
+            f"drop_last keeps whole batches of {batch}, and there are {len(rows)} training "
+            "images; set batch_size lower or drop_last=false"
+        )
     rng = np.random.default_rng(seed)
     need = steps * batch
     while need > 0:
-        order = rng.permutation(rows)[: min(len(rows), need)]
+        order = rng.permutation(rows)
+        if drop_last:
+            order = order[: len(order) // batch * batch]
+        order = order[: min(len(order), need)]
         need -= len(order)
         yield order
 
