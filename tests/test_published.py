@@ -6,6 +6,7 @@ and its refusals, the comparison's arithmetic, an end-to-end reproduce on a test
 import json
 import re
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -663,3 +664,25 @@ def test_the_card_checks_refuse_a_tag_of_another_architecture(tag, recipe, says,
     """The check above is not vacuous: each of the cards' refusals fires on the meta model."""
     with pytest.raises(UserError, match=re.escape(says)):
         _accepts(load_card(recipe), tag, _meta_model(tag, monkeypatch))
+
+
+def test_imagenet_download_hint_lays_out_what_the_loader_reads(tmp_path):
+    """A folder laid out exactly as the published file's ImageNet hint says (and as
+    docs/reproduce.md quotes it) loads: the hint's paths are the loader's (imagenet/train/,
+    imagenet/val/ under --data-root), not DIR/train/."""
+    from transfer_fakes import jpeg
+
+    from ssl_eval.data.datasets import DatasetOptions, get_dataset
+
+    hint = load_published().datasets["imagenet"].download
+    layouts = re.findall(r"DIR/(\S+)/<wnid>/\*\.JPEG", hint)
+    assert len(layouts) == 2, hint  # the train and the val folders
+    wnids = ["n01440764", "n01443537"]
+    for k, folder in enumerate(layouts):
+        for c, w in enumerate(wnids):
+            jpeg(tmp_path / folder / w / f"{w}_{k}.JPEG", c, k)
+    b = get_dataset("imagenet", DatasetOptions(tmp_path))
+    assert b.classes == wnids and (len(b.train), len(b.test)) == (2, 2)
+    doc = (Path(__file__).parents[1] / "docs" / "reproduce.md").read_text()
+    for folder in layouts:
+        assert f"`DIR/{folder}/<wnid>/*.JPEG`" in doc
