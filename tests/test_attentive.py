@@ -628,3 +628,26 @@ def test_the_best_epoch_rule_resumes_its_per_epoch_scores(tmp_path, capsys):
     }
     for k in (1, 5):
         assert torch.equal(again.best["hits"][k], ref.best["hits"][k])
+
+
+def test_shortening_a_card_as_the_docs_say_loads_and_a_too_long_warmup_says_what_to_set():
+    """docs/protocols.md's way to shorten each attentive card loads (a run shorter than the
+    card's warmup is refused, so the docs' line sets both); the refusal names the warmup, the
+    run's length and the param to set."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "protocols.md").read_text()
+    para = doc[doc.index("Shorten a card with") :].split("\n\n")[0]
+    shortened = re.findall(r"`((?:--set \S+ ?)+)` \((attentive@\w+)", para)
+    assert {card for _, card in shortened} == {
+        "attentive@capi",
+        "attentive@vjepa2",
+        "attentive@eff",
+    }
+    for sets, card in shortened:
+        load_card(card, sets.replace("--set ", "").split())
+    with pytest.raises(UserError) as e:
+        load_card("attentive@capi", ["iterations=20"])
+    assert "warmup 1250" in str(e.value) and "20 iterations" in str(e.value)
+    assert "--set warmup=" in str(e.value)

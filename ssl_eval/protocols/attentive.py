@@ -184,7 +184,11 @@ class AttentiveParams:
             bad.append("exactly one of epochs and iterations must be > 0")
         length = self.epochs or self.iterations
         if not 0 <= self.warmup < max(length, 1e-12):
-            bad.append("warmup must be >= 0 and shorter than the run")
+            unit = "epochs" if self.epochs > 0 else "iterations"
+            bad.append(
+                f"warmup {self.warmup:g} must be >= 0 and shorter than the run ({length:g} "
+                f"{unit}): set it with the length (--set warmup=N, in {unit})"
+            )
         if not self.lrs or not self.weight_decays or min(self.lrs) <= 0:
             bad.append("lrs (each > 0) and weight_decays must list at least one value")
         if self.weight_decays and min(self.weight_decays) < 0:
