@@ -230,3 +230,27 @@ def test_invalid_trainer_settings_are_refused(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "dataset, protocol, listed, not_listed",
+    [
+        ("shapes-depth", "knnseg@capi", ["shapes-seg", "voc2012-seg", "ade20k"], ["nyu-depth"]),
+        ("shapes-seg", "lindepth@dinov3", ["shapes-depth", "nyu-depth"], ["voc2012-seg"]),
+    ],
+)
+def test_dense_protocol_on_another_task_names_datasets_of_its_own_task(
+    tmp_path, capsys, monkeypatch, dataset, protocol, listed, not_listed
+):
+    """A segmentation card on a depth dataset (and the other way round) is refused in one line
+    naming the datasets it can score, not those of the other task."""
+    from ssl_eval.data import dense
+
+    monkeypatch.setattr(dense, "SHAPES_DENSE_TRAIN", 20)
+    monkeypatch.setattr(dense, "SHAPES_DENSE_TEST", 10)
+    argv = ["run", "--backbone", "random:cifar_resnet_tiny", "--dataset", dataset,
+            "--protocol", protocol, "--no-progress", "--results-dir", str(tmp_path / "r"),
+            "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert all(d in line for d in listed) and not any(d in line for d in not_listed), line

@@ -319,12 +319,18 @@ def _load_nyu(opt: DatasetOptions) -> DatasetBundle:
     )  # fmt: skip
 
 
-for _name, _load, _desc in [
-    ("shapes-seg", _shapes_dense_loader("segmentation"), "shapes with masks (7 classes), offline"),
-    ("shapes-depth", _shapes_dense_loader("depth"), "shapes with synthetic depth, offline"),
-    ("voc2012-seg", _load_voc, "Pascal VOC 2012 segmentation, 21 classes (--data-root)"),
-    ("ade20k", _load_ade20k, "ADE20K SceneParsing, 150 classes (--data-root)"),
-    ("cityscapes", _load_cityscapes, "Cityscapes fine, 19 train ids (--data-root)"),
-    ("nyu-depth", _load_nyu, "NYU Depth v2, Eigen split (--data-root)"),
-]:
+_SEG, _DEPTH = "segmentation", "depth"
+_DENSE = [
+    ("shapes-seg", _SEG, _shapes_dense_loader(_SEG), "shapes with masks (7 classes), offline"),
+    ("shapes-depth", _DEPTH, _shapes_dense_loader(_DEPTH), "shapes with synthetic depth, offline"),
+    ("voc2012-seg", _SEG, _load_voc, "Pascal VOC 2012 segmentation, 21 classes (--data-root)"),
+    ("ade20k", _SEG, _load_ade20k, "ADE20K SceneParsing, 150 classes (--data-root)"),
+    ("cityscapes", _SEG, _load_cityscapes, "Cityscapes fine, 19 train ids (--data-root)"),
+    ("nyu-depth", _DEPTH, _load_nyu, "NYU Depth v2, Eigen split (--data-root)"),
+]
+# the built-in datasets of each dense task, for the refusals that name them
+DENSE_DATASETS: dict[str, tuple[str, ...]] = {
+    task: tuple(n for n, t, _, _ in _DENSE if t == task) for task in (_SEG, _DEPTH)
+}
+for _name, _task, _load, _desc in _DENSE:
     DATASETS.register(_name, DatasetSpec(_name, _load, _desc), _desc)

@@ -19,6 +19,7 @@ from ..core.errors import UserError
 from ..core.files import sha256_json
 from ..core.provenance import PROTOCOL_LIBRARIES, autocast_dtype, library_versions, source_hash
 from ..data.datasets import DatasetBundle, DatasetOptions, get_dataset
+from ..data.dense import DENSE_DATASETS
 from ..data.splits import stratified_val_split
 from ..data.transfer import label_kind
 from ..features.accel import Accel
@@ -228,8 +229,8 @@ def _dense_preflight(bundle: DatasetBundle, cfg: RunConfig) -> None:
         if need and (dense is None or dense.task != need):
             raise UserError(
                 f"{card.name} scores {need} per pixel, but dataset {bundle.name} has no {need} "
-                "targets; use a dense dataset (ssl-eval list datasets: shapes-seg, voc2012-seg, "
-                "shapes-depth, nyu-depth ...)"
+                f"targets; use a {need} dataset ({', '.join(DENSE_DATASETS.get(need, ()))}: "
+                "ssl-eval list datasets)"
             )
         if not need and dense is not None and not dense.image_labels:
             raise UserError(
