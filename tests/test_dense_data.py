@@ -177,3 +177,32 @@ def test_ade20k_class_names_from_the_official_txt_and_the_csail_csv(tmp_path):
     (base / "objectInfo150.csv").write_text("\n".join(csv[:-1]) + "\n")
     with pytest.raises(UserError, match="lists 149 classes"):
         get_dataset("ade20k", DatasetOptions(data_root=tmp_path))
+
+
+def test_voc2012_download_only_when_absent_and_a_failed_download_in_one_line(tmp_path, monkeypatch):
+    """--download on a VOC folder already in place reads it (torchvision's VOCSegmentation
+    fetches the 2 GB archive again whenever download=True); on an empty folder a download that
+    fails (no network) is one line naming the folder and what to place there."""
+    import urllib.error
+
+    import torchvision.datasets
+
+    calls = []
+
+    def offline_voc(root, **kw):
+        calls.append(root)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "VOCSegmentation", offline_voc)
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for split, n in (("train", "2007_000032"), ("val", "2007_000033")):
+        (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(n + "\n")
+        _jpg(voc / "JPEGImages" / f"{n}.jpg")
+        _png(voc / "SegmentationClass" / f"{n}.png", np.zeros((24, 32), np.uint8))
+    b = get_dataset("voc2012-seg", DatasetOptions(data_root=tmp_path, download=True))
+    assert len(b.train) == 1 and calls == []
+    empty = tmp_path / "empty"
+    with pytest.raises(UserError, match="could not download VOC 2012 into") as e:
+        get_dataset("voc2012-seg", DatasetOptions(data_root=empty, download=True))
+    assert "\n" not in str(e.value) and str(empty) in str(e.value) and len(calls) == 1

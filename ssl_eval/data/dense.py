@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import UserError
+from ..core.errors import UserError, one_line
 from . import shapes as shapes_gen
 from .datasets import (
     DATASETS,
@@ -222,11 +222,21 @@ VOC_CLASSES = (
 def _load_voc(opt: DatasetOptions) -> DatasetBundle:
     name = "voc2012-seg"
     root = _root(opt, name, "VOCdevkit/VOC2012/")
-    if opt.download:
-        from torchvision.datasets import VOCSegmentation
-
-        VOCSegmentation(str(root), year="2012", image_set="train", download=True)
     voc = root / "VOCdevkit" / "VOC2012"
+    # torchvision fetches the 2 GB archive whenever download=True: only when it is not here
+    if opt.download and not (voc / "ImageSets" / "Segmentation" / "val.txt").is_file():
+        import torchvision.datasets
+
+        try:
+            torchvision.datasets.VOCSegmentation(
+                str(root), year="2012", image_set="train", download=True
+            )
+        except (OSError, RuntimeError) as e:  # URLError is an OSError
+            raise UserError(
+                f"dataset {name!r}: could not download VOC 2012 into {root} "
+                f"({type(e).__name__}: {one_line(e, limit=120)}); place the official files "
+                "there (VOCdevkit/VOC2012/) and run without --download"
+            ) from e
     splits = {}
     for split, listed in (("train", "train"), ("test", "val")):  # the val split is the test
         lst = _need(voc / "ImageSets" / "Segmentation" / f"{listed}.txt", name)
