@@ -81,9 +81,11 @@ def test_images_of_different_sizes_without_resize_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_folder_run_gives_no_warning(tmp_path):
+@pytest.mark.parametrize("protocol", [["knn", "--set", "ks=[1]"], ["logreg@dinov3"]])
+def test_folder_run_gives_no_warning(tmp_path, protocol):
     """No 'numpy array is not writable' (or any other) warning on a folder run: warnings are
-    errors in this subprocess."""
+    errors in this subprocess (logreg read the cached test features through a view of the
+    read-only map)."""
     _folder(tmp_path / "data")
     r = _cli(
         [
@@ -93,9 +95,7 @@ def test_folder_run_gives_no_warning(tmp_path):
             "--dataset",
             f"folder:{tmp_path / 'data'}",
             "--protocol",
-            "knn",
-            "--set",
-            "ks=[1]",
+            *protocol,
             "--no-progress",
             "--results-dir",
             str(tmp_path / "r"),

@@ -204,7 +204,7 @@ def _top1(fit: Fit, x: torch.Tensor, y: torch.Tensor, chunk: int = 65536) -> flo
 
 
 def run_logreg(inp: ProtocolInputs, p: LogregParams) -> ProtocolOutput:
-    dev, f64 = inp.device, torch.float64
+    dev = inp.device
     if len(inp.val_idx) == 0:
         raise UserError(
             "logreg: the validation split is empty (C is chosen on it); raise --val-fraction"
@@ -228,7 +228,7 @@ def run_logreg(inp: ProtocolInputs, p: LogregParams) -> ProtocolOutput:
     else:
         final_fit, n_final = sel, len(tr)
     del x_all
-    test_x = torch.from_numpy(np.asarray(inp.test_x)).to(dev, f64)
+    test_x = torch.from_numpy(np.array(inp.test_x, dtype=np.float64)).to(dev)  # a copy too
     test_y = torch.from_numpy(np.asarray(inp.test_y)).to(dev).long()
     hits = topk_hits(final_fit.logits(test_x), test_y)
     return ProtocolOutput(
