@@ -254,3 +254,28 @@ def test_dense_protocol_on_another_task_names_datasets_of_its_own_task(
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert all(d in line for d in listed) and not any(d in line for d in not_listed), line
+
+
+@pytest.mark.slow
+def test_lindepth_views_that_cannot_fit_say_how_to_train_without_them(
+    tmp_path, capsys, monkeypatch
+):
+    """shapes-depth's 32 px images are 28x28 after the NYU crop, and a ViT at 32 px takes only
+    32x32: no train_crop serves both. Each refusal names the way out (train on the cached crops,
+    augment none, train_crop unset), and that way loads."""
+    from ssl_eval.data import dense
+    from ssl_eval.protocols.cards import load_card
+
+    monkeypatch.setattr(dense, "SHAPES_DENSE_TRAIN", 20)
+    monkeypatch.setattr(dense, "SHAPES_DENSE_TEST", 10)
+    way_out = "--set augment=none --set 'train_crop=[]'"
+    for backbone, crop in (("random:cifar_resnet_tiny", 32), ("random:vit_tiny_patch16_224", 16)):
+        argv = ["run", "--backbone", backbone, "--image-size", "32", "--dataset", "shapes-depth",
+                "--protocol", "lindepth@dinov3", "--set", "size=0", "--set",
+                f"train_crop=[{crop},{crop}]", "--no-progress", "--results-dir",
+                str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("ssl-eval: error")]
+        assert way_out in line and "Traceback" not in err, line
+    load_card("lindepth@dinov3", ["augment=none", "train_crop=[]"])

@@ -276,6 +276,10 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none").mean()
 
 
+# the way out when no training view fits the backbone or the images: the cached crops
+NO_VIEWS = "train on cached crops without the views (--set augment=none --set 'train_crop=[]')"
+
+
 def _token_dim(inp: ImageInputs, p: DenseTrainParams, name: str, view=None) -> int:
     """The token width, read from a forward of one blank training crop (``size`` x ``size``)
     and, when the test slides windows of another side, one blank window, and of one blank
@@ -294,7 +298,7 @@ def _token_dim(inp: ImageInputs, p: DenseTrainParams, name: str, view=None) -> i
         except (RuntimeError, AssertionError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             what = (
-                "set train_crop (--set train_crop=[h,w])"
+                f"set train_crop (--set train_crop=[h,w]), or {NO_VIEWS}"
                 if view and (h, w) == tuple(view)
                 else "set size, crop and stride (--set size=0 ...: the backbone's input size)"
             )

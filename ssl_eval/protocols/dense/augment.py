@@ -221,7 +221,9 @@ def depth_view(image: np.ndarray, depth: np.ndarray, crop: tuple[int, int], pre,
     if h < th or w < tw:
         raise UserError(
             f"lindepth: a training image is {h}x{w} after the NYU crop, smaller than "
-            f"train_crop {th}x{tw}; set train_crop (--set train_crop=[h,w])"
+            f"train_crop {th}x{tw}; set train_crop (--set train_crop=[h,w]) to at most "
+            f"{h}x{w}, or train on cached crops without the views (--set augment=none "
+            "--set 'train_crop=[]')"
         )
     top, left = int(rng.integers(0, h - th + 1)), int(rng.integers(0, w - tw + 1))
     img, d = img[:, top : top + th, left : left + tw], d[0, top : top + th, left : left + tw]
