@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import cli_env, image_folder
 
@@ -279,3 +280,42 @@ def test_lindepth_views_that_cannot_fit_say_how_to_train_without_them(
         (line,) = [ln for ln in err.splitlines() if ln.startswith("ssl-eval: error")]
         assert way_out in line and "Traceback" not in err, line
     load_card("lindepth@dinov3", ["augment=none", "train_crop=[]"])
+
+
+def _nyu(root, n=2, h=48, w=64):
+    from PIL import Image
+
+    for listed, scene in (("nyu_train.txt", "kitchen"), ("nyu_test.txt", "bathroom")):
+        lines = []
+        for i in range(n):
+            img, dep = f"{scene}/rgb_{i:05d}.jpg", f"{scene}/sync_depth_{i:05d}.png"
+            (root / scene).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(root / img)
+            Image.fromarray(np.full((h, w), 2500, np.uint16)).save(root / dep)
+            lines.append(f"/{img} /{dep} 518.8579")
+        (root / listed).write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_fixed_size_backbones_under_the_dense_cards_say_what_to_set(tmp_path, capsys):
+    """A ViT of fixed input size: lindepth's test runs each image whole at its native 48x64,
+    which the ViT at 32 px does not take: refused in one line before training (it was a
+    traceback after it), naming mode slide; linseg's 512 px crops: the line names
+    --image-size 512 (the card's own geometry) beside size=0."""
+    _nyu(tmp_path / "nyu")
+    common = ["--backbone", "random:vit_tiny_patch16_224", "--image-size", "32",
+              "--no-progress", "--results-dir", str(tmp_path / "r"),
+              "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    argv = ["run", "--dataset", "nyu-depth", "--data-root", str(tmp_path / "nyu"),
+            "--protocol", "lindepth@dinov3", "--set", "size=0", "--set", "augment=none",
+            "--set", "train_crop=[]", "--set", "batch_size=2", "--set", "samples=4",
+            "--set", "warmup_samples=2", *common]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("ssl-eval: error")]
+    assert "48x64" in line and "--set mode=slide" in line and "Traceback" not in err, line
+    assert "depth head" not in err  # before any training
+    argv = ["run", "--dataset", "shapes-seg", "--protocol", "linseg@dinov3", *common]
+    assert main(argv) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert "--image-size 512" in line and "--set size=0" in line, line

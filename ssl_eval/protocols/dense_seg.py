@@ -282,14 +282,19 @@ NO_VIEWS = "train on cached crops without the views (--set augment=none --set 't
 
 def _token_dim(inp: ImageInputs, p: DenseTrainParams, name: str, view=None) -> int:
     """The token width, read from a forward of one blank training crop (``size`` x ``size``)
-    and, when the test slides windows of another side, one blank window, and of one blank
-    training view of ``view`` (h, w) when given: a backbone that cannot take them (a ViT of
-    fixed input size) is refused in one line before any work."""
+    and, when the test slides windows of another side, one blank window, of one blank
+    training view of ``view`` (h, w) when given, and, when the test runs each image whole
+    (``mode: whole``), one blank input of the first test image's native size: a backbone that
+    cannot take them (a ViT of fixed input size) is refused in one line before any work."""
     size, _, crop, _ = geometry(inp, p)
     q = next(inp.backbone.model.parameters(), None)
     device = q.device if q is not None else torch.device("cpu")
     dim = 0
     shapes = [(size, size), (crop or size, crop or size)] + ([tuple(view)] if view else [])
+    native = None
+    if crop is None and len(inp.bundle.test):  # mode whole: the test images' own sizes
+        native = tuple(int(n) for n in inp.bundle.test.load(0).shape[:2])
+        shapes.append(native)
     for h, w in dict.fromkeys(shapes):
         try:
             with torch.no_grad():
@@ -297,11 +302,18 @@ def _token_dim(inp: ImageInputs, p: DenseTrainParams, name: str, view=None) -> i
                 dim = int(inp.backbone.patch_grid(x).tokens.shape[-1])
         except (RuntimeError, AssertionError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            what = (
-                f"set train_crop (--set train_crop=[h,w]), or {NO_VIEWS}"
-                if view and (h, w) == tuple(view)
-                else "set size, crop and stride (--set size=0 ...: the backbone's input size)"
-            )
+            if view and (h, w) == tuple(view):
+                what = f"set train_crop (--set train_crop=[h,w]), or {NO_VIEWS}"
+            elif (h, w) == native and native != (size, size):
+                what = (
+                    "mode whole runs each test image at its native resolution: slide windows "
+                    "of the training size over it instead (--set mode=slide)"
+                )
+            else:
+                what = (
+                    f"build the backbone at the card's size (--image-size {h}), or set size, "
+                    "crop and stride (--set size=0 ...: the backbone's input size)"
+                )
             raise UserError(
                 f"{name}: {inp.backbone.tag} does not take {h}x{w} inputs ({first}); {what}"
             ) from None
