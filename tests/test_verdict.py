@@ -248,3 +248,14 @@ def test_frame_rows_carry_training_seed_and_weights(ref):
     assert sorted(r["train_seed"] for r in rows) == [0, 1, 2, 3]
     assert all(r["recipe"] and r["weights"] for r in rows)
     assert len({r["recipe"] for r in rows}) == 1  # the seed is not part of the recipe
+
+
+def test_the_one_sided_question_says_a_rise_of_an_error_fails():
+    """The gate's verdict names its question; with RMSE rows, a 'drop fails, a rise is listed'
+    read backwards (a rise of RMSE is the regression): the words say worsening."""
+    row = {"backbone": "b", "dataset": "nyu-depth", "protocol": "lindepth@dinov3", "seed": 0,
+           "metric": "rmse", "value": 0.5, "ci95": [0.495, 0.505],
+           "setting": {"hash": "h", "summary": {}}, "time": "t"}  # fmt: skip
+    res = check([row], [row | {"value": 0.6, "ci95": [0.595, 0.605]}])
+    assert res.findings[0].kind == "regression"
+    assert "a rise is listed" not in res.verdict() and "a rise of RMSE" in res.verdict()

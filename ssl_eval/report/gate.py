@@ -117,7 +117,8 @@ class CheckResult:
         return (
             "reproduction, two-sided: a significant change either way fails"
             if self.two_sided
-            else "regression gate, one-sided: a significant drop fails, a rise is listed"
+            else "regression gate, one-sided: a significant worsening fails (a drop; a rise of "
+            "RMSE or AbsRel), an improvement is listed"
         )
 
     def verdict(self) -> str:
