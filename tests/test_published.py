@@ -686,3 +686,20 @@ def test_imagenet_download_hint_lays_out_what_the_loader_reads(tmp_path):
     doc = (Path(__file__).parents[1] / "docs" / "reproduce.md").read_text()
     for folder in layouts:
         assert f"`DIR/{folder}/<wnid>/*.JPEG`" in doc
+
+
+def test_reproduce_on_data_too_small_for_the_recipe_does_not_advise_a_set(tmp_path, capsys):
+    """reproduce takes no --set: a recipe's own refusal that advises one (knn's k beyond a
+    small bank) says that reproduce runs the card as shipped and which command changes it."""
+    from test_robustness import fake_imagenet
+
+    fake_imagenet(tmp_path / "data")
+    head = "version: 1\ndatasets:\n  imagenet:\n    download: get ImageNet\n"
+    pub = _file(tmp_path, ENTRY.replace("digits", "imagenet"), head)
+    argv = ["reproduce", "pixels", "--dataset", "imagenet", "--published", str(pub),
+            "--data-root", str(tmp_path / "data"), "--results-dir", str(tmp_path / "r"),
+            "--cache-dir", str(tmp_path / "c"), "--no-progress"]  # fmt: skip
+    rc, _, err = _run(argv, capsys)
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("ssl-eval: error")]
+    assert rc == 2 and "exceeds" in line and "as shipped" in line, line
+    assert "ssl-eval run --backbone pixels --dataset imagenet --protocol knn --set" in line

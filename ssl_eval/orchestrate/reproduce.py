@@ -113,7 +113,18 @@ def reproduce(rc: ReproduceConfig) -> list[Comparison]:
             cards[e.recipe] = check_runnable(e)
     _need_weights(rc.tag, rc.offline)
     _need_data(published, entries[0], rc)
-    outcomes = run_units(run_config(rc, tuple(cards.values())))
+    try:
+        outcomes = run_units(run_config(rc, tuple(cards.values())))
+    except UserError as e:
+        if "--set" not in str(e):
+            raise
+        # a card's own refusal advising an override, which reproduce does not take
+        names = ",".join(cards)
+        raise UserError(
+            f"{one_line(e)} (reproduce runs {names} as shipped, without --set: is the data "
+            f"complete? `ssl-eval run --backbone {rc.tag} --dataset {rc.dataset} --protocol "
+            f"{names} --set ...` runs it changed, another setting than the published one)"
+        ) from e
     if not launched_main():  # torchrun: rank 0 wrote the records and compares
         return []
     by_card = {o.protocol: o for o in outcomes}
