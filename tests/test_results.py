@@ -281,3 +281,15 @@ def test_a_damaged_record_does_not_count_as_done(tmp_path, capsys):
     p = tmp_path / "records" / "u1-r1.json"
     p.write_bytes(p.read_bytes()[:40])  # truncated
     assert not unit_done(tmp_path, "u1") and "counts as not done" in capsys.readouterr().err
+
+
+def test_a_column_at_the_backbones_own_size_is_labelled_so(tmp_path):
+    """When most records of a protocol ran at --image-size N, the column at the backbone's own
+    size is labelled 'native size' (the label read 'size None')."""
+    recs = [
+        _rec("a", "d", "knn", 0.70, ci95=[0.68, 0.72], seeded=False, image_size=4),
+        _rec("b", "d", "knn", 0.60, ci95=[0.58, 0.62], seeded=False, image_size=4),
+        _rec("c", "d", "knn", 0.50, ci95=[0.48, 0.52], seeded=False),
+    ]
+    _, md = _board(tmp_path, recs)
+    assert md.splitlines()[4] == "| backbone | d / knn | d / knn [native size] |"

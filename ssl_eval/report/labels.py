@@ -29,6 +29,8 @@ def _describe(path: str, v: object) -> str:
     """One difference of a setting, readably: ``lrs=30``, ``@64px``, ``v1``."""
     leaf = path.rsplit(".", 1)[-1]
     if path == "features.image_size":
+        if v is None:  # no --image-size: the backbone's own preprocessing
+            return "native size"
         return f"@{v}px" if isinstance(v, int) else f"size {v}"
     if path == "features.feature_kind":
         return f"feature={v}"
