@@ -14,7 +14,14 @@ from torch import nn
 from ..core.errors import UserError
 from ..core.registry import Registry
 from ..data.transforms import Preprocessing
-from .tokens import PatchGrid, block_reader, forward_tokens, num_prefix_tokens, patch_grid
+from .tokens import (
+    PatchGrid,
+    block_reader,
+    forward_tokens,
+    has_tokens,
+    num_prefix_tokens,
+    patch_grid,
+)
 
 # ---------------------------------------------------------------- feature kinds
 
@@ -50,11 +57,17 @@ def _normed_last_blocks(model: nn.Module, x: torch.Tensor, n: int, kind: str) ->
     blocks, without a class token, or with fewer than ``n`` blocks."""
     reader = block_reader(model)
     if reader is None:
+        # the kinds this model gives: a CNN's map has no class token, a plain module no tokens
+        kinds = "model, cls, avgpool or cls+avgpool"
+        if not has_tokens(model):
+            kinds = "model"
+        elif forward_tokens(model, x[:1]).ndim == 4:
+            kinds = "model or avgpool"
         raise UserError(
             f"feature kind '{kind}' reads the class token and mean patch token of a ViT's last "
             "blocks (a timm ViT, or a Hugging Face or open_clip tower with a class token); a "
             f"{type(model).__name__} has no such blocks: use a single-layer card (linear, knn) "
-            "with feature kind model, cls, avgpool or cls+avgpool"
+            f"with feature kind {kinds}"
         )
     depth = reader.block_count()  # a tower without a class token refuses here
     if n > depth:
