@@ -293,3 +293,18 @@ def test_a_column_at_the_backbones_own_size_is_labelled_so(tmp_path):
     ]
     _, md = _board(tmp_path, recs)
     assert md.splitlines()[4] == "| backbone | d / knn | d / knn [native size] |"
+
+
+def test_compare_of_backbones_with_dense_records_only_says_it_pairs_top1(tmp_path):
+    """compare pairs top-1 on the same test images: two backbones with only mIoU records were
+    'no results for backbone ...; have: []'; the line says they have mIoU records, which
+    compare does not pair, and where their numbers are."""
+    from ssl_eval.core.errors import UserError
+    from ssl_eval.report.compare import compare
+
+    recs = [_rec(b, "shapes-seg", "knnseg@capi", 0.2) | {"metric": "miou"} for b in "ab"]
+    atomic_write_json(tmp_path / "records" / "x-r1.json", {"schema_version": 2, "records": recs})
+    with pytest.raises(UserError) as e:
+        compare(tmp_path, "a", "b")
+    assert "have: []" not in str(e.value) and "miou" in str(e.value), str(e.value)
+    assert "top-1" in str(e.value) and "leaderboard" in str(e.value)

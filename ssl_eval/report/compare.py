@@ -23,10 +23,18 @@ def compare(
     under the same setting; where the two backbones ran the same protocol under different
     settings, that is an error naming what differs, unless ``allow_different_settings`` (then
     the row says so)."""
-    recs = [r for r in load_records(results_dir) if r.metric == HEADLINE]
+    every = load_records(results_dir)
+    recs = [r for r in every if r.metric == HEADLINE]
     known = sorted({r.backbone for r in recs})
     for name in (a, b):
         if name not in known:
+            other = sorted({r.metric for r in every if r.backbone == name})
+            if other:  # mIoU, RMSE ...: no per-image hits to pair
+                raise UserError(
+                    f"backbone {name!r} has no top-1 results in {results_dir}, only "
+                    f"{', '.join(other)}: compare pairs top-1 on the same test images (those "
+                    "are in the leaderboard, with their 95% intervals)"
+                )
             raise UserError(f"no results for backbone {name!r} in {results_dir}; have: {known}")
     table = build_table(load_frame(results_dir))
 
