@@ -206,3 +206,13 @@ def test_voc2012_download_only_when_absent_and_a_failed_download_in_one_line(tmp
     with pytest.raises(UserError, match="could not download VOC 2012 into") as e:
         get_dataset("voc2012-seg", DatasetOptions(data_root=empty, download=True))
     assert "\n" not in str(e.value) and str(empty) in str(e.value) and len(calls) == 1
+
+
+def test_the_dense_datasets_listing_says_which_download():
+    """`ssl-eval list datasets` says --download where it fetches (VOC 2012 through torchvision)
+    and nowhere else among the dense sets (ADE20K, Cityscapes and NYU are placed by hand)."""
+    from ssl_eval.data.datasets import DATASETS
+
+    help_of = {e.name: e.help for e in DATASETS.entries()}
+    assert "--download" in help_of["voc2012-seg"]
+    assert not any("--download" in help_of[n] for n in ("ade20k", "cityscapes", "nyu-depth"))

@@ -333,7 +333,12 @@ _SEG, _DEPTH = "segmentation", "depth"
 _DENSE = [
     ("shapes-seg", _SEG, _shapes_dense_loader(_SEG), "shapes with masks (7 classes), offline"),
     ("shapes-depth", _DEPTH, _shapes_dense_loader(_DEPTH), "shapes with synthetic depth, offline"),
-    ("voc2012-seg", _SEG, _load_voc, "Pascal VOC 2012 segmentation, 21 classes (--data-root)"),
+    (
+        "voc2012-seg",
+        _SEG,
+        _load_voc,
+        "Pascal VOC 2012 segmentation, 21 classes (--data-root, --download)",
+    ),
     ("ade20k", _SEG, _load_ade20k, "ADE20K SceneParsing, 150 classes (--data-root)"),
     ("cityscapes", _SEG, _load_cityscapes, "Cityscapes fine, 19 train ids (--data-root)"),
     ("nyu-depth", _DEPTH, _load_nyu, "NYU Depth v2, Eigen split (--data-root)"),
