@@ -651,3 +651,13 @@ def test_shortening_a_card_as_the_docs_say_loads_and_a_too_long_warmup_says_what
         load_card("attentive@capi", ["iterations=20"])
     assert "warmup 1250" in str(e.value) and "20 iterations" in str(e.value)
     assert "--set warmup=" in str(e.value)
+
+
+def test_cached_tokens_on_a_card_with_views_says_which_params_to_reset():
+    """train_crop=none on attentive@capi (whose card sets hflip and a bicubic crop): the
+    refusal gives the --set of each view param at its neutral value, and those load."""
+    with pytest.raises(UserError) as e:
+        load_card("attentive@capi", ["train_crop=none"])
+    msg = str(e.value)
+    assert "--set hflip=false" in msg and "--set crop_interpolation=backbone" in msg, msg
+    load_card("attentive@capi", ["train_crop=none", "hflip=false", "crop_interpolation=backbone"])

@@ -235,9 +235,17 @@ class AttentiveParams:
                 )
             ]
             if moved:
+
+                def value(v: object) -> str:  # as --set reads it back
+                    if isinstance(v, bool):
+                        return str(v).lower()
+                    return f"[{','.join(map(str, v))}]" if isinstance(v, tuple) else str(v)
+
+                neutral = " ".join(f"--set {k}={value(self.NEUTRAL[k])}" for k in moved)
                 raise UserError(
                     f"attentive: {', '.join(moved)} shape the random training views: set "
-                    f"train_crop (one of {sorted(CROPS)}) with them, or leave them out"
+                    f"train_crop (one of {sorted(CROPS)}) with them, or set them back to no "
+                    f"views ({neutral})"
                 )
             return
         check_crop("attentive", self.train_crop, self.crop_scale)
