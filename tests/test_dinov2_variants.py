@@ -233,3 +233,28 @@ def test_detected_files_take_the_settings_of_their_registers(tmp_path):
         with torch.no_grad():
             got, want = bb.embed(x), official_cls_feature(sd, x, tag)
         assert rel_diff(got, want) < 1e-5, f"ckpt: {tag}: {rel_diff(got, want):.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", FULL_DEPTH)
+def test_a_model_built_at_224_takes_any_patch_multiple_as_the_hub_model(tag, tmp_path):
+    """The hub's models resize their table in every forward (interpolate_pos_encoding), so
+    they take any input whose sides are multiples of 14, square or not: a tag built at 224 px
+    gives the official features at other sizes, non-square ones and the file's own 518 px
+    (the table untouched) included, and its patch grid at each."""
+    from ssl_eval.core.errors import UserError
+
+    sd = official_state_dict(tag, OFFICIAL[tag][1], seed=3)
+    path = tmp_path / official_file_name(tag)
+    torch.save(sd, path)
+    bb = build_backbone(tag, BuildOptions(weights=path))
+    for h, w in ((98, 126), (140, 70), (518, 518), (224, 224), (42, 252)):
+        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+        with torch.no_grad():
+            got, want = bb.embed(x), official_cls_feature(sd, x, tag)
+            grid = bb.patch_grid(x).grid
+        assert rel_diff(got, want) < 1e-5, f"{tag} at {h}x{w}: {rel_diff(got, want):.3g}"
+        assert grid == (h // PATCH, w // PATCH)
+    # a table being trained (fine-tuning) is trained at the built grid only
+    with pytest.raises(UserError, match="built"):
+        bb.model(torch.zeros(1, 3, 98, 126))

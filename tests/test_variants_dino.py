@@ -318,3 +318,22 @@ def test_position_table_at_other_grids(tmp_path, spy):
         ).model
         want = official_pos_encoding(sd["pos_embed"], size, size, patch)
         torch.testing.assert_close(model.pos_embed.detach(), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_model_built_at_224_takes_any_patch_multiple_as_the_hub_model(tmp_path):
+    """DINO's ViTs resize their table in every forward (interpolate_pos_encoding): a tag built
+    at 224 px gives the official features at other sizes, square or not (DINOv3's dense
+    recipes' 416 x 544 views and 480 x 640 test images among them), and its patch grid."""
+    tag = "dino_vits16"
+    hub, dim, depth, _, patch = VITS[tag]
+    sd = vit_state_dict(dim, depth, patch, seed=5)
+    torch.save(sd, tmp_path / f"{hub}.pth")
+    bb = build_backbone(tag, BuildOptions(weights=tmp_path / f"{hub}.pth"))
+    for h, w in ((416, 544), (480, 640), (96, 160), (224, 224)):
+        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+        with torch.no_grad():
+            got, want = bb.embed(x), official_vit_feature(sd, x, tag)
+            grid = bb.patch_grid(x).grid
+        assert rel_diff(got, want) < 1e-5, f"{tag} at {h}x{w}: {rel_diff(got, want):.3g}"
+        assert grid == (h // patch, w // patch)

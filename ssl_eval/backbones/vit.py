@@ -241,3 +241,62 @@ def load_vit(model: nn.Module, sd: dict[str, torch.Tensor], fmt: str, rule: PosE
     if pos is not None:
         report["pos_embed"] = pos
     return report
+
+
+# ---------------------------------------------------------------- inputs of any size
+#
+# DINO's and DINOv2's ViTs resize their position table in every forward pass
+# (``interpolate_pos_encoding``), so the official models take any input whose sides are
+# multiples of the patch, square or not. ``follow_input_size`` gives a timm ViT built at one
+# size the same behaviour: at its built grid it adds the table loaded for that grid (resized
+# once at load, as before); at any other grid it resizes the file's own table by the family's
+# rule, as the official forward does, and at the file's own grid uses that table untouched.
+
+
+def follow_input_size(model: nn.Module, file_table: torch.Tensor, rule: PosEmbedResize) -> None:
+    """Let ``model`` (a timm ViT created with ``dynamic_img_size=True``) take inputs of any
+    patch multiple, its position table resized per input by ``rule`` from ``file_table`` (the
+    checkpoint's, timm-named: (1, [prefix +] old*old, D)). The table is held as a
+    non-persistent buffer (moved with the model, never in its state dict)."""
+    if not getattr(model, "dynamic_img_size", False) or getattr(model, "pos_embed", None) is None:
+        raise ValueError("follow_input_size needs a timm ViT built with dynamic_img_size=True")
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    old = math.isqrt(file_table.shape[1] - prefix)
+    model.register_buffer("file_pos_embed", file_table.detach().clone(), persistent=False)
+    model.pos_embed_rule = (rule, old, prefix)
+    model._pos_embed = _pos_embed_by_rule.__get__(model)
+
+
+def _table_for(model: nn.Module, h: int, w: int) -> torch.Tensor:
+    """The position table an input of an h x w patch grid gets."""
+    rule, old, prefix = model.pos_embed_rule
+    if (h, w) == tuple(model.patch_embed.grid_size):
+        return model.pos_embed
+    if torch.is_grad_enabled() and model.pos_embed.requires_grad:
+        raise UserError(
+            f"a ViT being trained takes its built {model.patch_embed.grid_size} patch grid only "
+            f"(here {h}x{w}): its position table is being trained at that grid"
+        )
+    table = model.file_pos_embed
+    if (h, w) != (old, old):
+        patch = rule.resize(table[:, prefix:], old, (h, w))
+        table = torch.cat([table[:, :prefix].float(), patch], dim=1)
+    return table.to(model.pos_embed.dtype)
+
+
+def _pos_embed_by_rule(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``VisionTransformer._pos_embed`` for an (N, h, w, D) patch grid, its table from
+    ``_table_for`` (the family's resize) instead of timm's own resampling."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    pos = _table_for(self, h, w)
+    extra = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+    if self.no_embed_class:
+        x = x + pos
+        if extra:
+            x = torch.cat(extra + [x], dim=1)
+    else:
+        if extra:
+            x = torch.cat(extra + [x], dim=1)
+        x = x + pos
+    return self.pos_drop(x)

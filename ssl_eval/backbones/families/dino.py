@@ -59,6 +59,7 @@ from ..vit import (
     bicubic_with_offset,
     block_indices,
     create_timm,
+    follow_input_size,
     from_shape,
     load_vit,
     vit_shape,
@@ -241,8 +242,11 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         else:
             spec = pick.spec.filled(shape)  # a patch size not declared is the file's
             arch_from = f"{pick.source}: {pick.name!r} ({pick.spec.where})"
-        model = create_timm(spec.timm, opt.image_size or 224, **spec.kwargs())
+        model = create_timm(
+            spec.timm, opt.image_size or 224, dynamic_img_size=True, **spec.kwargs()
+        )
         report = load_vit(model, sd, "dino", POS_EMBED)
+        follow_input_size(model, sd["pos_embed"], POS_EMBED)  # any size, as the hub's models
         kind, what = "cls", f"DINO ViT ({model.embed_dim}-d class token)"
     else:
         model, report = load_resnet(sd, "dino", pick.spec if pick else None)

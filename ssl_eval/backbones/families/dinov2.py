@@ -58,6 +58,7 @@ from ..vit import (
     PosEmbedResize,
     bicubic_with_offset,
     create_timm,
+    follow_input_size,
     load_vit,
     split_keys,
     vit_shape,
@@ -187,8 +188,10 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
         if shape.registers:
             kw["reg_tokens"] = shape.registers
     arch = variant or f"vit_{_TIMM_SIZE[name]}_patch14_{'reg4_' if shape.registers else ''}dinov2"
-    model = create_timm(arch, opt.image_size or 224, **kw)
-    report = load_vit(model, sd, "dinov2", pos_embed_rule(getattr(model, "num_reg_tokens", 0)))
+    model = create_timm(arch, opt.image_size or 224, dynamic_img_size=True, **kw)
+    rule = pos_embed_rule(getattr(model, "num_reg_tokens", 0))
+    report = load_vit(model, sd, "dinov2", rule)
+    follow_input_size(model, sd["pos_embed"], rule)  # any size per forward, as the hub's models
     chunked = any(_CHUNKED.match(k) for k in ckpt.section(prefix))
     fmt = f"dinov2 ({prefix.rstrip('.') or 'flat'}{', chunked blocks' if chunked else ''})"
     return Loaded(
