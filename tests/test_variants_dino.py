@@ -337,3 +337,4 @@ def test_a_model_built_at_224_takes_any_patch_multiple_as_the_hub_model(tmp_path
             grid = bb.patch_grid(x).grid
         assert rel_diff(got, want) < 1e-5, f"{tag} at {h}x{w}: {rel_diff(got, want):.3g}"
         assert grid == (h // patch, w // patch)
+    assert "resized in each forward from the file's 14x14 table" in str(bb.load_report)

@@ -253,11 +253,14 @@ def load_vit(model: nn.Module, sd: dict[str, torch.Tensor], fmt: str, rule: PosE
 # rule, as the official forward does, and at the file's own grid uses that table untouched.
 
 
-def follow_input_size(model: nn.Module, file_table: torch.Tensor, rule: PosEmbedResize) -> None:
+def follow_input_size(
+    model: nn.Module, file_table: torch.Tensor, rule: PosEmbedResize, report: dict
+) -> None:
     """Let ``model`` (a timm ViT created with ``dynamic_img_size=True``) take inputs of any
     patch multiple, its position table resized per input by ``rule`` from ``file_table`` (the
-    checkpoint's, timm-named: (1, [prefix +] old*old, D)). The table is held as a
-    non-persistent buffer (moved with the model, never in its state dict)."""
+    checkpoint's, timm-named: (1, [prefix +] old*old, D)), and say so in the load ``report``'s
+    ``pos_embed``. The table is held as a non-persistent buffer (moved with the model, never in
+    its state dict)."""
     if not getattr(model, "dynamic_img_size", False) or getattr(model, "pos_embed", None) is None:
         raise ValueError("follow_input_size needs a timm ViT built with dynamic_img_size=True")
     prefix = 0 if model.no_embed_class else model.num_prefix_tokens
@@ -265,6 +268,9 @@ def follow_input_size(model: nn.Module, file_table: torch.Tensor, rule: PosEmbed
     model.register_buffer("file_pos_embed", file_table.detach().clone(), persistent=False)
     model.pos_embed_rule = (rule, old, prefix)
     model._pos_embed = _pos_embed_by_rule.__get__(model)
+    report.setdefault("pos_embed", {})["other_grids"] = (
+        f"resized in each forward from the file's {old}x{old} table: {rule.how}"
+    )
 
 
 def _table_for(model: nn.Module, h: int, w: int) -> torch.Tensor:
