@@ -423,3 +423,12 @@ def test_arch_flag_reaches_the_backbone_builder(tmp_path, capsys):
         == 2
     )
     assert "--arch" in capsys.readouterr().err
+
+
+def test_suite_list_names_the_protocols_of_some_models_and_datasets(capsys):
+    """`suite --list` gives every protocol a suite runs: the default suite's ViT probes
+    (arch_protocols) and its mIoU column (dataset_protocols) besides those of every backbone."""
+    assert main(["suite", "--list"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("default:")]
+    assert "; on vit_* models: attentive@capi, linear@dinov2" in line, line
+    assert "; on shapes-seg alone: knnseg@capi" in line, line

@@ -75,9 +75,11 @@ def run(a: argparse.Namespace) -> int:
     if a.list:
         for name in shipped_job_suites():
             s = load_job_suite(name)
+            some = [f"; on {pat} models: {', '.join(c)}" for pat, c in s.arch_protocols.items()]
+            some += [f"; on {ds} alone: {', '.join(c)}" for ds, c in s.dataset_protocols.items()]
             print(
                 f"{name}: {len(s.models)} trained models, baselines {', '.join(s.baselines)}; "
-                f"protocols {', '.join(s.protocols)}  - {s.description}"
+                f"protocols {', '.join(s.protocols)}{''.join(some)}  - {s.description}"
             )
         return 0
     if a.quick and a.suite not in (None, "quick"):
