@@ -193,6 +193,8 @@ def token_key(
     key.pop("feature_kind")
     key["code_tokens"] = source_hash("features/tokens.py", "backbones/tokens.py")
     key["format"] = f"tokens-{TOKEN_FORMAT_VERSION}"
+    if getattr(backbone, "pad_multiple", 0):  # inputs centre-padded before the grid is read
+        key["input_padding"] = {"center": backbone.pad_multiple}
     return key | {"output": "patch-grid", "rows": sha256_json(np.asarray(rows).tolist())}
 
 

@@ -32,7 +32,7 @@ native resolution, colour changes), drawn and embedded online at every step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -40,7 +40,7 @@ from torch import nn
 
 from ..core.errors import UserError
 from .base import PROTOCOL_TYPES, ImageInputs, ProtocolOutput, ProtocolType
-from .dense.common import dense_targets, score_test
+from .dense.common import PADS, center_padded, dense_targets, score_test
 from .dense.metrics import DepthScorer
 from .dense_seg import DenseTrainParams, _token_dim, geometry, train_head
 
@@ -67,8 +67,16 @@ class LindepthParams(DenseTrainParams):
     # many images (DINOv3's NYU trainer: 2 per GPU on 8 GPUs, each GPU's loss on its own 2
     # images, DDP averaging the gradients); 0: one SigLoss over the whole batch
     sigloss_group: int = 0
+    # PADS: "center" zero-pads every input (training views or crops, test images or windows)
+    # to multiples of the ViT's patch, as DINOv3's depth wrapper does (a ViT/14 at 480x640
+    # reads 490x644); "none" feeds them as they are (a side the ViT cannot take is refused)
+    pad: str = "none"
 
-    NEUTRAL: ClassVar[dict] = DenseTrainParams.NEUTRAL | {"train_crop": (), "sigloss_group": 0}
+    NEUTRAL: ClassVar[dict] = DenseTrainParams.NEUTRAL | {
+        "train_crop": (),
+        "sigloss_group": 0,
+        "pad": "none",
+    }
 
     def __post_init__(self):
         self._check("lindepth")
@@ -83,6 +91,8 @@ class LindepthParams(DenseTrainParams):
             raise UserError("lindepth: bins >= 1 and 0 < min_depth < max_depth")
         if self.sigloss_warmup_samples < 0:
             raise UserError("lindepth: sigloss_warmup_samples must be >= 0")
+        if self.pad not in PADS:
+            raise UserError(f"lindepth: pad is one of {', '.join(PADS)}, not {self.pad!r}")
         if self.sigloss_group < 0 or (self.sigloss_group and self.batch_size % self.sigloss_group):
             raise UserError(
                 f"lindepth: sigloss_group {self.sigloss_group} must divide batch_size "
@@ -143,6 +153,16 @@ def batch_sigloss(pred, target, variance: bool, group: int = 0) -> torch.Tensor:
 
 def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
     dense = dense_targets(inp, "depth")
+    padding = {}
+    if p.pad == "center":
+        inp = replace(inp, backbone=center_padded(inp.backbone))
+        m = getattr(inp.backbone, "pad_multiple", 0)
+        padding = {
+            "input_padding": f"centre-padded with zeros to multiples of {m} (DINOv3's depth "
+            "wrapper, CenterPadding)"
+            if m
+            else "none: the backbone has no patch (any size is taken)"
+        }
     view = tuple(p.train_crop) if p.augment != "none" else None
     dim = _token_dim(inp, p, "lindepth", view)
     torch.manual_seed(inp.seed)  # the head's initialisation: the run's seed, not the process's
@@ -166,6 +186,7 @@ def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
     return ProtocolOutput(
         metrics={k: res[k] for k in ("rmse", "abs_rel", "delta1")},
         details=record
+        | padding
         | {
             "final_loss": losses[-1],
             "geometry": {"size": size, "crop": crop, "stride": stride, "flip": p.flip},

@@ -27,7 +27,7 @@ import io
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TypeVar
 
 import numpy as np
@@ -36,6 +36,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from ...backbones.base import Backbone
+from ...backbones.tokens import PatchGrid
 from ...core import distributed
 from ...core.errors import UserError
 from ...core.provenance import autocast_dtype
@@ -96,6 +98,59 @@ def crop_backbone(backbone, size: int):
     return replace(
         backbone, preprocessing=Preprocessing(size, size, pre.mean, pre.std, pre.interpolation)
     )
+
+
+PADS = ("none", "center")
+
+
+def patch_multiple(backbone) -> int:
+    """The patch side a ViT's input sides must be multiples of (timm's ``patch_embed``), 0 for
+    a model without one (a CNN takes any size)."""
+    pe = getattr(backbone.model, "patch_embed", None)
+    ps = getattr(pe, "patch_size", None)
+    if ps is None:
+        return 0
+    ps = tuple(ps) if isinstance(ps, (tuple, list)) else (ps, ps)
+    if ps[0] != ps[1]:
+        raise UserError(f"{backbone.tag}: centre padding needs a square patch, not {ps}")
+    return int(ps[0])
+
+
+@dataclass
+class PaddedBackbone(Backbone):
+    """``backbone`` whose inputs are centre-padded with zeros (after normalisation) to
+    multiples of ``pad_multiple`` before its patch grid is read: DINOv3's depth wrapper
+    (eval/depth/models/encoder.py with embed.py ``CenterPadding``, the default
+    ``PatchSizeAdaptationStrategy``): the left and top pads are half the padding, rounded
+    down. The grid covers the padded image; the head's output is stretched to the target, as
+    the official evaluation stretches it (eval.py: one bilinear resize to the ground truth)."""
+
+    pad_multiple: int = 0
+
+    def patch_grid(self, x: torch.Tensor) -> PatchGrid:
+        return super().patch_grid(center_pad(x, self.pad_multiple))
+
+
+def center_pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(N, C, H, W) zero-padded to sides that are multiples of ``multiple``, the extra split
+    as CenterPadding splits it (left = pad // 2, right = the rest)."""
+    if multiple <= 1:
+        return x
+    pads = []
+    for side in (x.shape[-1], x.shape[-2]):  # F.pad's order: last dimension first
+        extra = math.ceil(side / multiple) * multiple - side
+        pads += [extra // 2, extra - extra // 2]
+    return F.pad(x, pads) if any(pads) else x
+
+
+def center_padded(backbone):
+    """``backbone`` with DINOv3's depth wrapper's centre padding to its patch (a
+    ``PaddedBackbone``), or itself when it has no patch (a CNN)."""
+    m = patch_multiple(backbone)
+    if m <= 1:
+        return backbone
+    return PaddedBackbone(**{f.name: getattr(backbone, f.name) for f in fields(backbone)},
+                          pad_multiple=m)  # fmt: skip
 
 
 def crop_target(target: np.ndarray, size: int) -> np.ndarray:
