@@ -92,7 +92,7 @@ def test_pad_center_leaves_a_cnn_and_a_divisible_size_alone(tmp_path):
     padded = run_lindepth(
         _inputs(_pixels(), _bundle("depth"), tmp_path / "b"), LindepthParams(pad="center", **kw)
     )
-    assert padded.details["input_padding"].startswith("none: the backbone has no patch")
+    assert padded.details["input_padding"].startswith("none: the model has no timm patch embedding")
     assert padded.metrics == plain.metrics
     assert all(np.array_equal(padded.per_sample[k], plain.per_sample[k]) for k in plain.per_sample)
     x = torch.randn(1, 3, 416, 544)

@@ -161,7 +161,7 @@ def run_lindepth(inp: ImageInputs, p: LindepthParams) -> ProtocolOutput:
             "input_padding": f"centre-padded with zeros to multiples of {m} (DINOv3's depth "
             "wrapper, CenterPadding)"
             if m
-            else "none: the backbone has no patch (any size is taken)"
+            else "none: the model has no timm patch embedding to pad to (inputs fed as they are)"
         }
     view = tuple(p.train_crop) if p.augment != "none" else None
     dim = _token_dim(inp, p, "lindepth", view)
