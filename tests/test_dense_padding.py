@@ -113,3 +113,22 @@ def test_the_token_cache_keys_on_the_padding(tmp_path):
 def test_pad_is_checked():
     with pytest.raises(UserError, match="pad is one of none, center, not 'reflect'"):
         LindepthParams(pad="reflect")
+
+
+def test_a_hugging_face_vit_is_padded_to_its_patch_too(tmp_path):
+    """transformers' DINOv2 takes any size but floors a side its patch does not divide (the
+    last pixels dropped, the output then stretched over them): pad center pads it to its
+    config's patch as the official wrapper pads any ViT, the grid of the padded input."""
+    pytest.importorskip("transformers")
+    from test_hf_models import save
+
+    from ssl_eval.backbones.catalog import build_backbone
+
+    bb = build_backbone(f"hf:{save(tmp_path / 'd', 'dinov2')}")  # patch 8
+    padded = center_padded(bb)
+    assert getattr(padded, "pad_multiple", 0) == 8
+    x = torch.randn(1, 3, 36, 44)
+    with torch.no_grad():
+        g = padded.patch_grid(x)
+        assert g.grid == (5, 6) and bb.patch_grid(x).grid == (4, 5)  # 40x48; unpadded: floored
+        assert torch.equal(g.tokens, bb.patch_grid(official_center_padding(x, 8)).tokens)

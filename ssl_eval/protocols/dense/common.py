@@ -104,10 +104,16 @@ PADS = ("none", "center")
 
 
 def patch_multiple(backbone) -> int:
-    """The patch side a ViT's input sides must be multiples of (timm's ``patch_embed``), 0 for
-    a model without one (a CNN takes any size)."""
+    """The patch side a ViT's input sides must be multiples of (timm's ``patch_embed``, or a
+    Hugging Face tower's ``config.patch_size``: transformers' DINOv2 floors a side the patch
+    does not divide, dropping its last pixels), 0 for a model without one (a CNN takes any
+    size)."""
     pe = getattr(backbone.model, "patch_embed", None)
     ps = getattr(pe, "patch_size", None)
+    if ps is None:  # a Hugging Face tower (families/hf.py HFImageTower)
+        ps = getattr(
+            getattr(getattr(backbone.model, "hf", None), "config", None), "patch_size", None
+        )
     if ps is None:
         return 0
     ps = tuple(ps) if isinstance(ps, (tuple, list)) else (ps, ps)
