@@ -119,6 +119,7 @@ def test_views_are_the_scripts_crop_and_flip_new_each_epoch(crop):
     assert all(not torch.equal(a, b) for a, b in zip(*per_epoch, strict=True))
 
 
+@pytest.mark.slow
 def test_vjepa2_views_add_autoaugment_original_and_random_erasing_at_the_scripts_rate():
     from PIL import Image
     from timm.data.auto_augment import auto_augment_transform

@@ -59,6 +59,7 @@ def _create_linear_input(tokens: list, n: int, avgpool: bool) -> torch.Tensor:
     return out.float()
 
 
+@pytest.mark.slow
 def test_each_heads_input_is_the_scripts_create_linear_input():
     bb = _vit()
     p = load_card("linear_aug@dinov2").params
@@ -85,6 +86,7 @@ def _scale_lr(lr: float, batch_per_gpu: int = 128, gpus: int = 8) -> float:
 @pytest.mark.parametrize(
     "card, blocks, avgpools", [("dinov2", [1, 4], [False, True]), ("dinov3", [1], [True])]
 )
+@pytest.mark.slow
 def test_grid_and_lr_of_a_step_are_the_scripts(card, blocks, avgpools):
     p = load_card(f"linear_aug@{card}").params
     # the scripts' classifier names, in setup_linear_classifiers' loop order

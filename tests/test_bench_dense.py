@@ -7,6 +7,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pytest
 from conftest import ROOT
 
 from ssl_eval.data.datasets import DatasetOptions, get_dataset
@@ -104,6 +105,7 @@ def test_a_pass_through_the_cut_vit_is_judged_with_the_whole_models_difference()
     assert all(p["within_bound"] for p in passes if p["what"] in ("tokens", "forward_whole"))
 
 
+@pytest.mark.slow
 def test_suite_dense_scores_the_validation_rows_and_never_the_test_split():
     spec = importlib.util.spec_from_file_location(
         "suite_dense", ROOT / "benchmarks" / "suite_dense.py"

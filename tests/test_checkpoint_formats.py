@@ -283,6 +283,7 @@ def test_simclr_v2_converted_layout(tmp_path, r50):
         build_backbone(f"ckpt:{tmp_path / 'r50_1x_sk1.pth'}", BuildOptions())
 
 
+@pytest.mark.slow
 def test_wide_resnet_shapes_are_read_from_the_keys():
     with torch.device("meta"):
         sd2, sd4 = ResNet(width=2).state_dict(), ResNet((3, 4, 23, 3), width=4).state_dict()

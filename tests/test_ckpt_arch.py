@@ -305,6 +305,7 @@ def test_a_flat_vit_no_dino_model_is_as_wide_is_refused(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_dinov2_arch_flag_fixes_depth_and_registers_come_from_the_file(tmp_path):
     ref, sd = vit("vit_small_patch14_reg4_dinov2", 28, seed=41, depth=2, reg_tokens=8)
     r = 0.1 * torch.randn(1, 1, 384)  # DINOv2's layout: the class token's position in pos_embed

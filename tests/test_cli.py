@@ -177,6 +177,7 @@ def test_list(tmp_path, capsys):
         )
 
 
+@pytest.mark.slow
 def test_validate_and_suite(capsys, tmp_path):
     assert main(["validate"]) == 0
     out = capsys.readouterr().out

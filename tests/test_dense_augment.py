@@ -289,6 +289,7 @@ def test_same_seed_same_views_other_seed_other_views(tmp_path):
     assert torch.equal(*views[0]) and not torch.equal(views[0][0], views[1][0])
 
 
+@pytest.mark.slow
 def test_augmented_runs_learn(tmp_path):
     """On pixel tokens, the augmented linear heads beat the same heads left untrained."""
     kw = dict(size=0, crop=0, stride=0, samples=480, batch_size=8, warmup_samples=16,

@@ -4,6 +4,7 @@ printed by the run and listed under the leaderboard; an edge the parameter canno
 a weight decay of 0) and a choice inside the grid are not."""
 
 import numpy as np
+import pytest
 
 from ssl_eval.cli import main
 from ssl_eval.protocols._edges import describe, edge, grid_edges
@@ -83,6 +84,7 @@ def test_linear_records_an_edge_only_where_the_choice_is_one():
     assert wd.details["selected"]["weight_decay"] == 0.0 and "grid_edges" not in wd.details
 
 
+@pytest.mark.slow
 def test_run_warns_and_the_leaderboard_lists_the_edge(tmp_path, capsys):
     argv = ["run", "--backbone", "pixels", "--dataset", "digits", "--protocol", "knn"]
     argv += ["--image-size", "16", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]

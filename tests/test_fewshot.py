@@ -68,6 +68,7 @@ def _split_inputs(seed=0, test_seed=1):
     return ProtocolInputs(x, y, xt, yt, np.arange(320), np.arange(320, 400), 5)
 
 
+@pytest.mark.slow
 def test_logreg_c_is_chosen_on_val_as_scikit_learn_would(monkeypatch):
     """An independent re-computation: per draw, scikit-learn at every C of the grid, the best
     validation top-1 (smallest C on ties) must be the recorded choice, and the reported test

@@ -56,6 +56,7 @@ def raw_cards(draw):
     return {**raw, **extra} if draw(st.booleans()) else raw
 
 
+@pytest.mark.slow
 @FUZZ
 @given(raw=st.one_of(raw_cards(), values))
 @example(raw={"name": "x", "version": 1, "type": "linear", "params": {"lrs": [float("nan")]}})
@@ -124,6 +125,7 @@ def test_any_set_assignment_is_parsed_or_one_line(assignment):
         one_line(e)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(overrides=st.lists(assignments, max_size=3))
 @example(overrides=["k=.nan"])

@@ -197,6 +197,7 @@ torch.save({"conv1.weight": torch.zeros(2, 3, 1, 1), "fc.weight": torch.zeros(2,
     ),
     suffix=st.sampled_from([".pt", ".pth", ".safetensors", ".bin"]),
 )
+@pytest.mark.slow
 def test_any_bytes_as_a_checkpoint_are_refused_in_one_line_or_read(tmp_path, data, suffix):
     path = tmp_path / f"w{suffix}"
     path.write_bytes(data)

@@ -92,6 +92,7 @@ def test_probes_smoke_runs_every_newer_protocol_with_its_cpu_reference(tmp_path)
         assert ref["top1_difference_device_minus_cpu"] == 0.0
 
 
+@pytest.mark.slow
 def test_a_failing_probe_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
     mod = _script()
     keep = {n: mod.PROBES[n] for n in ("logreg", "linseg", "knnseg")}

@@ -99,6 +99,7 @@ def ours(bb, imgs):
     "kind, size, feature",
     [("dinov2", 36, "cls"), ("mae", 32, "cls"), ("ijepa", 32, "avgpool"), ("siglip", 32, "model")],
 )
+@pytest.mark.slow
 def test_features_equal_the_librarys_forward(tmp_path, kind, size, feature):
     folder = save(tmp_path / kind, kind)
     bb = build_backbone(f"hf:{folder}")

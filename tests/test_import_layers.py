@@ -133,10 +133,12 @@ def test_every_room_has_a_layer():
     assert rooms <= set(LEVEL), f"rooms without a layer in LAYERS: {sorted(rooms - set(LEVEL))}"
 
 
+@pytest.mark.slow
 def test_no_import_circles():
     assert _cycles(_imports(_modules())) == []
 
 
+@pytest.mark.slow
 def test_no_import_runs_back_up():
     assert _upward(_imports(_modules())) == []
 

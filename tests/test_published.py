@@ -458,6 +458,7 @@ def test_each_recipe_card_cites_the_commit_its_entries_cite():
     "tag, recipe",
     sorted({(e.tag, e.recipe) for e in load_published().entries if e.dataset == "imagenet"}),
 )
+@pytest.mark.slow
 def test_reproduce_runs_exactly_the_entrys_card(tag, recipe, monkeypatch, tmp_path):
     """What ``reproduce`` hands to the evaluation is the entry's tag, dataset and card as
     shipped: nothing overridden, no other card."""
@@ -636,6 +637,7 @@ def _accepts(card, tag: str, model) -> None:
 @pytest.mark.parametrize(
     "tag, recipe", sorted({(e.tag, e.recipe) for e in load_published().entries})
 )
+@pytest.mark.slow
 def test_each_entrys_card_accepts_its_tags_architecture(tag, recipe, monkeypatch):
     """A published figure whose card refuses the tag can never be reproduced: finetune@mae
     is ViT-B's (vit_depth 12), linear@dino reads 4 ViT blocks, linear@dinov2 layers:4. The

@@ -49,6 +49,7 @@ def test_mocov3_cards_hold_main_lincls_numbers(card, lr):
     assert (p.crop, p.crop_scale, p.hflip, p.drop_last) == ("torchvision", (0.08, 1.0), True, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("card, lr", MOCOV3)
 def test_mocov3_lr_is_main_lincls_at_every_step(card, lr):
     p = load_card(card).params

@@ -325,6 +325,7 @@ def test_figures_are_palette_pngs_exact_on_flat_colours():
     assert np.abs(got - ref).max() <= 64 and np.abs(got - ref).mean() < 1.0
 
 
+@pytest.mark.slow
 def test_the_report_shows_the_leaderboards_table(tmp_path):
     """The report's leaderboard is leaderboard.md's: a recipe trained twice (other weights,
     one recipe) is one row with the t interval over its training runs, never a row per

@@ -298,6 +298,7 @@ def test_a_dataset_in_datasets_and_dataset_protocols_is_refused(tmp_path, capsys
     assert code == 2 and "name it once" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_a_protocol_of_patch_tokens_refuses_a_tokenless_backbone_before_any_work(tmp_path, capsys):
     code = main(
         ["run", "--backbone", "pixels", "--dataset", "shapes-seg", "--image-size", "16",

@@ -92,6 +92,7 @@ def test_the_reached_modules_are_the_training_code(package):
     )
 
 
+@pytest.mark.slow
 def test_the_file_reader_is_what_is_hashed(package):
     """Monkeypatching the reader (no copy edited) changes the hash of a reached file only."""
     real = fp.source_fingerprint(package)

@@ -274,6 +274,7 @@ def test_every_dino_tag_is_covered():
     assert dino == set(VITS) | set(RESNETS) | set(XCITS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(VITS))
 def test_vit_tag_gives_the_official_builders_features(tag, tmp_path, spy):
     hub, dim, depth, heads, patch = VITS[tag]
@@ -292,6 +293,7 @@ def test_vit_tag_gives_the_official_builders_features(tag, tmp_path, spy):
     check_vit_architecture(arch, kw, (dim, depth, heads, patch), tag)
 
 
+@pytest.mark.slow
 def test_resnet50_tag_gives_the_official_builders_features(tmp_path):
     sd = resnet50_state_dict(seed=9)
     path = tmp_path / f"{RESNETS['dino_resnet50']}.pth"

@@ -281,6 +281,7 @@ def test_every_xcit_of_dinos_hub_is_a_tag():
         assert TAG_WEIGHTS[tag].filenames[0] == f"{hub}.pth"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(XCITS))
 def test_xcit_tag_gives_the_official_builders_features(tag, tmp_path, spy):
     hub, name = XCITS[tag]
@@ -307,6 +308,7 @@ def test_xcit_tag_gives_the_official_builders_features(tag, tmp_path, spy):
     assert (spec.width, spec.depth, spec.heads, spec.patch, spec.tokens_norm) == OFFICIAL[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(XCITS))
 def test_xcit_tag_builds_the_full_official_layout(tag):
     """At full depth (the official shapes on the meta device): the model the tag builds holds exactly the official
@@ -370,6 +372,7 @@ def _training_file(path, sd, arch, head=True):
     return path
 
 
+@pytest.mark.slow
 def test_xcit_files_read_as_ckpt_path(tmp_path):
     """A hub-style flat file (the architecture from its shapes) and a training checkpoint
     (args.arch, the teacher): xcit_nano_12_p16, whose class-attention norm2 sees only the
@@ -392,6 +395,7 @@ def test_xcit_files_read_as_ckpt_path(tmp_path):
         assert rel_diff(got, want) < 1e-5, bb.load_report["architecture"]["from"]
 
 
+@pytest.mark.slow
 def test_xcit_files_refuse_what_disagrees(tmp_path):
     sd = _nano(seed=12)
     flat = tmp_path / "flat.pth"

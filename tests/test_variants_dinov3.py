@@ -369,6 +369,7 @@ def family_model_on_meta(tag: str, biased: bool | None = None):
         return timm.create_model(arch, pretrained=False, num_classes=0, global_pool="token", **kw)
 
 
+@pytest.mark.slow
 def test_every_dinov3_tag_is_covered_with_its_builders_architecture():
     list_backbones()  # registers every family's tags
     assert {t for t, (family, _) in TAGS.items() if family == "dinov3"} == set(VITS) | set(
@@ -417,6 +418,7 @@ def test_every_dinov3_tag_is_covered_with_its_builders_architecture():
         assert tuple(s.blocks[0].conv_dw.in_channels for s in m.stages) == dims, tag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(VITS))
 def test_vit_tag_gives_the_official_builders_features(tag, tmp_path, request):
     dim = heads = None
@@ -445,6 +447,7 @@ def test_vit_tag_gives_the_official_builders_features(tag, tmp_path, request):
         assert "local_cls_norm.weight" in bb.load_report["dropped"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(CONVNEXTS))
 def test_convnext_tag_gives_the_official_builders_features(tag, tmp_path, request):
     depths = CONVNEXTS[tag][2] if tag in FULL_DEPTH else (1, 1, 1, 1)
@@ -461,6 +464,7 @@ def test_convnext_tag_gives_the_official_builders_features(tag, tmp_path, reques
         assert rel_diff(got, want) < 1e-5, f"{tag} at {size} px: {rel_diff(got, want):.3g}"
 
 
+@pytest.mark.slow
 def test_rope_periods_are_the_files(tmp_path, shallow):
     """The official model uses the periods its file holds (a persistent buffer, strict load):
     the exact schedule gives timm's recomputed periods; the released bfloat16 rounding, or
@@ -509,6 +513,7 @@ def test_convnext_norms_copy_must_be_the_final_norm(tmp_path, shallow):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(VITS))
 def test_full_size_official_file_is_exactly_the_familys_architecture(tag):
     """The hub's full-size key set and shapes (the 7B's too, on the meta device) load strictly
@@ -527,6 +532,7 @@ def test_full_size_official_file_is_exactly_the_familys_architecture(tag):
     assert model.rope.periods.shape == official["rope_embed.periods"].shape, tag
 
 
+@pytest.mark.slow
 def test_untied_and_biasless_builders_read_only_their_own_files(tmp_path, small_7b, shallow):
     """The hub loads strictly: an untied builder's file holds local_cls_norm, a tied one's
     none; the 7B's holds no q/k/v bias."""
@@ -552,6 +558,7 @@ def test_untied_and_biasless_builders_read_only_their_own_files(tmp_path, small_
         )
 
 
+@pytest.mark.slow
 def test_tags_urls_and_normalisation_are_the_hubs_and_readmes(tmp_path, shallow):
     list_backbones()
     for tag in [*VITS, *CONVNEXTS]:
@@ -597,6 +604,7 @@ def test_tags_urls_and_normalisation_are_the_hubs_and_readmes(tmp_path, shallow)
         )
 
 
+@pytest.mark.slow
 def test_new_builders_through_ckpt_path_by_hub_name_and_by_shapes(tmp_path, small_7b, shallow):
     """--arch takes the hub's names; without it, the width and MLP pick the builder."""
     x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(3))

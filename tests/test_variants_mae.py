@@ -104,6 +104,7 @@ def _compare(tag, depth, sizes, tmp_path, images=2):
         assert rel_diff(got, want) < 1e-5, f"{tag} at {size} px: {rel_diff(got, want):.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(VITS))
 def test_tag_gives_the_official_builders_features(tag, tmp_path, spy):
     """One block at the tag's real width, heads and patch; the full architecture the tag
@@ -122,6 +123,7 @@ def test_vitb16_at_full_depth(tmp_path):
     _compare("mae_vitb16", VITS["mae_vitb16"][2], (112,), tmp_path, images=1)
 
 
+@pytest.mark.slow
 def test_the_released_table_is_maes_sincos_and_resizes_as_mae_does(tmp_path, spy):
     """The table at 224 px is the file's (MAE's sin-cos); at other grids MAE's resize."""
     spy.shallow = True

@@ -127,6 +127,7 @@ def test_every_mocov3_tag_is_covered():
     assert {t for t, (family, _) in TAGS.items() if family == "mocov3"} == set(VITS) | set(RESNETS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tag", list(VITS))
 def test_vit_tag_gives_the_official_builders_features(tag, tmp_path, spy):
     name, arch, dim, depth, heads = VITS[tag]
@@ -145,6 +146,7 @@ def test_vit_tag_gives_the_official_builders_features(tag, tmp_path, spy):
     check_vit_architecture(timm_arch, kw, (dim, depth, heads, PATCH), tag)
 
 
+@pytest.mark.slow
 def test_resnet50_tag_gives_the_official_builders_features(tmp_path):
     name, arch = RESNETS["mocov3_r50"]
     enc = resnet50_state_dict(seed=11)
