@@ -31,7 +31,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from test_checkpoint_formats import _one_thread  # noqa: F401
-from test_variants_dino import rel_diff
+from test_variants_dino import official_at_sizes, rel_diff
 
 from ssl_eval.backbones import BuildOptions, build_backbone, list_backbones
 from ssl_eval.backbones.adapters import TAGS
@@ -248,13 +248,8 @@ def test_a_model_built_at_224_takes_any_patch_multiple_as_the_hub_model(tag, tmp
     path = tmp_path / official_file_name(tag)
     torch.save(sd, path)
     bb = build_backbone(tag, BuildOptions(weights=path))
-    for h, w in ((98, 126), (140, 70), (518, 518), (224, 224), (42, 252)):
-        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * w))
-        with torch.no_grad():
-            got, want = bb.embed(x), official_cls_feature(sd, x, tag)
-            grid = bb.patch_grid(x).grid
-        assert rel_diff(got, want) < 1e-5, f"{tag} at {h}x{w}: {rel_diff(got, want):.3g}"
-        assert grid == (h // PATCH, w // PATCH)
+    sizes = ((98, 126), (140, 70), (518, 518), (224, 224), (42, 252))
+    official_at_sizes(bb, lambda x: official_cls_feature(sd, x, tag), sizes, PATCH)
     # a table being trained (fine-tuning) is trained at the built grid only
     with pytest.raises(UserError, match="built"):
         bb.model(torch.zeros(1, 3, 98, 126))

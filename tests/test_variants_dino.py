@@ -149,6 +149,18 @@ def official_pos_encoding(pos_embed: torch.Tensor, w: int, h: int, patch: int) -
     return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
+def official_at_sizes(bb, official, sizes, patch: int) -> None:
+    """``bb``'s class feature against ``official(x)`` (< 1e-5) and its patch grid at each
+    input size (h, w)."""
+    for h, w in sizes:
+        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+        with torch.no_grad():
+            got, want = bb.embed(x), official(x)
+            grid = bb.patch_grid(x).grid
+        assert rel_diff(got, want) < 1e-5, f"{bb.tag} at {h}x{w}: {rel_diff(got, want):.3g}"
+        assert grid == (h // patch, w // patch)
+
+
 def official_vit_feature(sd: dict[str, torch.Tensor], x: torch.Tensor, tag: str) -> torch.Tensor:
     """dino_vit*(x): norm(blocks(prepare_tokens(x)))[:, 0]."""
     _, _, _, heads, patch = VITS[tag]
@@ -332,11 +344,6 @@ def test_a_model_built_at_224_takes_any_patch_multiple_as_the_hub_model(tmp_path
     sd = vit_state_dict(dim, depth, patch, seed=5)
     torch.save(sd, tmp_path / f"{hub}.pth")
     bb = build_backbone(tag, BuildOptions(weights=tmp_path / f"{hub}.pth"))
-    for h, w in ((416, 544), (480, 640), (96, 160), (224, 224)):
-        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * w))
-        with torch.no_grad():
-            got, want = bb.embed(x), official_vit_feature(sd, x, tag)
-            grid = bb.patch_grid(x).grid
-        assert rel_diff(got, want) < 1e-5, f"{tag} at {h}x{w}: {rel_diff(got, want):.3g}"
-        assert grid == (h // patch, w // patch)
+    sizes = ((416, 544), (480, 640), (96, 160), (224, 224))
+    official_at_sizes(bb, lambda x: official_vit_feature(sd, x, tag), sizes, patch)
     assert "resized in each forward from the file's 14x14 table" in str(bb.load_report)

@@ -246,9 +246,8 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
             spec.timm, opt.image_size or 224, dynamic_img_size=True, **spec.kwargs()
         )
         report = load_vit(model, sd, "dino", POS_EMBED)
-        follow_input_size(
-            model, sd["pos_embed"], POS_EMBED, report
-        )  # any size, as the hub's models
+        # any input size, the table resized per forward as the hub's models do
+        follow_input_size(model, sd["pos_embed"], POS_EMBED, report)
         kind, what = "cls", f"DINO ViT ({model.embed_dim}-d class token)"
     else:
         model, report = load_resnet(sd, "dino", pick.spec if pick else None)

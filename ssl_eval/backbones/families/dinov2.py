@@ -191,9 +191,8 @@ def _build(ckpt: Checkpoint, variant: str | None, opt) -> Loaded:
     model = create_timm(arch, opt.image_size or 224, dynamic_img_size=True, **kw)
     rule = pos_embed_rule(getattr(model, "num_reg_tokens", 0))
     report = load_vit(model, sd, "dinov2", rule)
-    follow_input_size(
-        model, sd["pos_embed"], rule, report
-    )  # any size per forward, as the hub's models
+    # any input size, the table resized per forward as the hub's models do
+    follow_input_size(model, sd["pos_embed"], rule, report)
     chunked = any(_CHUNKED.match(k) for k in ckpt.section(prefix))
     fmt = f"dinov2 ({prefix.rstrip('.') or 'flat'}{', chunked blocks' if chunked else ''})"
     return Loaded(
